@@ -1,0 +1,36 @@
+"""Placement language: roles × layer selectors × rank, resolved per architecture to exact module paths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loraplace.placement.plan import Plan, PlannedModule, resolve_placement
+from loraplace.placement.presets import PRESETS
+from loraplace.placement.roles import ROLE_GROUPS, ROLES, ArchitectureMap, Site, map_architecture
+from loraplace.placement.selectors import select_layers
+from loraplace.placement.spec import PlacementSpec, SiteGroup, parse_placement
+
+__all__ = [
+    "PRESETS", "ROLES", "ROLE_GROUPS", "ArchitectureMap", "Plan", "PlacementSpec", "PlannedModule", "Site",
+    "SiteGroup", "map_architecture", "parse_placement", "plan_for_model", "resolve_placement", "select_layers",
+    "meta_architecture",
+]
+
+
+def meta_architecture(model_ref: str, model_config: dict[str, Any] | None = None,
+                      model_type: str | None = None) -> ArchitectureMap:
+    """The architecture map of a model built on the meta device from its config: no weights, no memory."""
+    from loraplace import models
+
+    if model_type is not None:
+        config = models.config_from_model_type(model_type, model_config)
+    else:
+        config = models.load_config(model_ref, model_config)
+    return map_architecture(models.meta_model(config), config)
+
+
+def plan_for_model(model_ref: str, placement: Any, *, rank: int | None = None, budget: int | None = None,
+                   model_config: dict[str, Any] | None = None, model_type: str | None = None) -> Plan:
+    """Dry-run plan: resolve ``placement`` on the meta-device model of ``model_ref``."""
+    arch = meta_architecture(model_ref, model_config, model_type)
+    return resolve_placement(arch, placement, model=model_ref, rank=rank, budget=budget)

@@ -1,0 +1,355 @@
+"""Resolve a placement spec against an architecture into an exact plan, and compile it to a PEFT LoraConfig.
+
+A :class:`Plan` lists every adapted module by full path with its rank and alpha, so the LoraConfig it compiles to
+leaves nothing to PEFT's suffix matching: ``target_modules`` are full paths and deviating ranks go to
+``rank_pattern`` / ``alpha_pattern`` keyed by escaped full paths.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraplace.errors import PlacementError
+from loraplace.placement.presets import PRESETS
+from loraplace.placement.roles import (
+    ATTN_ROLES,
+    HEAD_ROLE,
+    MLP_ROLES,
+    ROLE_GROUPS,
+    ROLES,
+    ArchitectureMap,
+    Site,
+)
+from loraplace.placement.selectors import SelectorError, select_layers
+from loraplace.placement.spec import PlacementSpec, SiteGroup
+
+ADAPTER_BYTES_PER_PARAM = 4  # adapters are trained and saved in fp32
+# AdamW keeps two fp32 moments per trainable parameter, plus the fp32 gradient.
+OPTIMIZER_BYTES_PER_PARAM = 8
+GRAD_BYTES_PER_PARAM = 4
+
+
+@dataclass(frozen=True)
+class PlannedModule:
+    path: str
+    layer: int | None
+    role: str
+    in_features: int
+    out_features: int
+    rank: int
+    alpha: float
+    conv1d: bool = False
+
+    @property
+    def params(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The exact set of adapted modules; immutable."""
+
+    model: str
+    family: str
+    num_layers: int
+    placement: dict[str, Any]
+    modules: tuple[PlannedModule, ...]
+    total_params: int
+    roles_present: tuple[str, ...]
+    dropout: float = 0.0
+    budget: int | None = None
+    warnings: tuple[str, ...] = ()
+    heuristic: bool = False
+    unassigned: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(m.params for m in self.modules)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
+
+    @property
+    def rank_by_module(self) -> dict[str, int]:
+        return {m.path: m.rank for m in self.modules}
+
+    @property
+    def budget_deviation(self) -> float | None:
+        """(achieved − budget) / budget; ≤ 0 because the solved rank never exceeds the budget."""
+        return None if self.budget is None else (self.trainable_params - self.budget) / self.budget
+
+    @property
+    def sites(self) -> dict[tuple[int | None, str], int]:
+        """(layer, role) → rank."""
+        return {(m.layer, m.role): m.rank for m in self.modules}
+
+    def memory_estimate(self, base_bytes_per_param: int = 2) -> dict[str, int]:
+        n = self.trainable_params
+        return {
+            "adapter_weights_bytes": n * ADAPTER_BYTES_PER_PARAM,
+            "gradient_bytes": n * GRAD_BYTES_PER_PARAM,
+            "optimizer_state_bytes": n * OPTIMIZER_BYTES_PER_PARAM,
+            "trainable_total_bytes": n * (ADAPTER_BYTES_PER_PARAM + GRAD_BYTES_PER_PARAM + OPTIMIZER_BYTES_PER_PARAM),
+            "base_weights_bytes": self.total_params * base_bytes_per_param,
+        }
+
+    def adapter_size_bytes(self) -> int:
+        """Size of adapter_model.safetensors: fp32 tensors plus the JSON header (≈ 2 entries per module)."""
+        header = sum(2 * (len(m.path) + 90) for m in self.modules) + 16
+        return self.trainable_params * ADAPTER_BYTES_PER_PARAM + header
+
+    def to_lora_config(self, **overrides):
+        """An exact PEFT ``LoraConfig``: full-path targets, per-module rank/alpha patterns where they differ."""
+        from peft import LoraConfig
+
+        ranks = Counter(m.rank for m in self.modules)
+        base_rank = ranks.most_common(1)[0][0]
+        alphas = Counter(m.alpha for m in self.modules if m.rank == base_rank)
+        base_alpha = alphas.most_common(1)[0][0]
+        # PEFT matches pattern keys with re.match(rf"(.*\.)?({key})$", name): escape so a path is literal.
+        rank_pattern = {re.escape(m.path): m.rank for m in self.modules if m.rank != base_rank}
+        alpha_pattern = {re.escape(m.path): m.alpha for m in self.modules if m.alpha != base_alpha}
+        kwargs = dict(
+            r=base_rank,
+            lora_alpha=base_alpha,
+            target_modules=[m.path for m in self.modules],
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+            lora_dropout=self.dropout,
+            bias="none",
+            task_type="CAUSAL_LM",
+            # GPT-2's Conv1D stores weights (in, out); PEFT still flips it per layer for nn.Linear targets.
+            fan_in_fan_out=any(m.conv1d for m in self.modules),
+        )
+        kwargs.update(overrides)
+        return LoraConfig(**kwargs)
+
+    def grid_roles(self) -> list[str]:
+        return [r for r in self.roles_present if r != HEAD_ROLE]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "family": self.family,
+            "num_layers": self.num_layers,
+            "placement": self.placement,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "trainable_percent": round(self.trainable_percent, 6),
+            "budget": self.budget,
+            "budget_deviation": self.budget_deviation,
+            "modules": [m.path for m in self.modules],
+            "rank_by_module": self.rank_by_module,
+            "sites": [
+                {"layer": m.layer, "role": m.role, "path": m.path, "rank": m.rank, "alpha": m.alpha,
+                 "in_features": m.in_features, "out_features": m.out_features, "params": m.params}
+                for m in self.modules
+            ],
+            "adapter_size_bytes": self.adapter_size_bytes(),
+            "memory_estimate": self.memory_estimate(),
+            "warnings": list(self.warnings),
+            "heuristic_roles": self.heuristic,
+            "unassigned_modules": list(self.unassigned),
+        }
+
+
+# --------------------------------------------------------------------------------------------- resolution
+
+
+def _expand_roles(names: list[str], arch: ArchitectureMap, problems: list[str]) -> list[str]:
+    """Role names/groups → roles present in this architecture; every problem is appended, none raised."""
+    present = set(arch.roles_present())
+    out: list[str] = []
+    for name in names:
+        if name in ROLE_GROUPS:
+            expanded = [r for r in ROLE_GROUPS[name] if r in present]
+            if not expanded:
+                problems.append(f"role group {name!r} matches nothing in {arch.family}")
+            out.extend(expanded)
+            continue
+        if name not in ROLES:
+            close = difflib.get_close_matches(name, list(ROLES) + list(ROLE_GROUPS), n=1)
+            problems.append(f"unknown role {name!r}" + (f"; did you mean {close[0]!r}?" if close else
+                                                           f"; roles: {', '.join(ROLES)}; groups: attn, mlp, all"))
+            continue
+        if name not in present:
+            problems.append(_absent_role_message(name, arch, present))
+            continue
+        out.append(name)
+    return list(dict.fromkeys(out))
+
+
+def _absent_role_message(role: str, arch: ArchitectureMap, present: set[str]) -> str:
+    available = ", ".join(r for r in ROLES if r in present)
+    if role in ("attn.q", "attn.k", "attn.v") and "attn.qkv" in present:
+        return (f"{arch.family} fuses q, k and v into one projection: role {role!r} does not exist there; "
+                f"use 'attn.qkv' (roles here: {available})")
+    if role == "attn.qkv" and {"attn.q", "attn.k", "attn.v"} & present:
+        return f"{arch.family} has separate attn.q/attn.k/attn.v, no fused 'attn.qkv' (roles here: {available})"
+    if role in ("mlp.gate", "mlp.up") and "mlp.gate_up" in present:
+        return (f"{arch.family} fuses gate and up into one projection: role {role!r} does not exist there; "
+                f"use 'mlp.gate_up' (roles here: {available})")
+    if role == "mlp.gate_up" and {"mlp.gate", "mlp.up"} & present:
+        return f"{arch.family} has separate mlp.gate/mlp.up, no fused 'mlp.gate_up' (roles here: {available})"
+    if role == HEAD_ROLE:
+        return f"{arch.family} has no adaptable linear LM head"
+    return f"{arch.family} has no {role!r} projection (roles here: {available})"
+
+
+def _site_rank(role: str, group: SiteGroup | None, spec: PlacementSpec, rank: int | None) -> int | None:
+    if group is not None and group.rank is not None:
+        return group.rank
+    if spec.ranks:
+        for key in (role, *[g for g, members in ROLE_GROUPS.items() if role in members]):
+            if key in spec.ranks:
+                return spec.ranks[key]
+    return rank
+
+
+def _preset_spec(spec: PlacementSpec) -> PlacementSpec:
+    if spec.preset is None:
+        return spec
+    preset = PRESETS.get(spec.preset)
+    if preset is None:
+        close = difflib.get_close_matches(spec.preset, list(PRESETS), n=1)
+        raise PlacementError(f"unknown preset {spec.preset!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
+                             f"presets: {', '.join(PRESETS)}")
+    data = spec.model_dump(exclude_none=True, exclude_defaults=True)
+    data.pop("preset")
+    return PlacementSpec.model_validate({**preset.spec, **data})
+
+
+def _select(spec: PlacementSpec, arch: ArchitectureMap, problems: list[str]) -> list[tuple[Site, SiteGroup | None]]:
+    """Every selected site with the group that selected it; a site selected twice is a problem."""
+    groups = spec.groups if spec.groups is not None else [SiteGroup(roles=spec.roles or [], layers=spec.layers)]
+    chosen: dict[str, tuple[Site, SiteGroup | None]] = {}
+    for gi, group in enumerate(groups):
+        label = f"groups[{gi}]" if spec.groups is not None else "placement"
+        roles = _expand_roles(group.roles, arch, problems)
+        layer_roles = [r for r in roles if r != HEAD_ROLE]
+        layers: list[int] = []
+        if layer_roles:
+            try:
+                layers = select_layers(group.layers, arch.num_layers)
+            except SelectorError as exc:
+                problems.append(f"{label}.layers: {exc}")
+        picked: list[Site] = []
+        for role in layer_roles:
+            missing = [layer for layer in layers if (layer, role) not in arch.sites]
+            if missing:
+                problems.append(f"{label}: role {role!r} is absent at layers {missing}")
+            picked.extend(arch.sites[(layer, role)] for layer in layers if (layer, role) in arch.sites)
+        if HEAD_ROLE in roles and arch.head is not None:
+            picked.append(arch.head)
+        for site in picked:
+            if site.path in chosen and chosen[site.path][1] is not group:
+                problems.append(f"{label}: {site.path} ({site.role}, layer {site.layer}) is already selected by "
+                                "another group; a site may belong to one group only")
+            chosen[site.path] = (site, group if spec.groups is not None else None)
+    return list(chosen.values())
+
+
+def _suffix_match(spec: PlacementSpec, arch: ArchitectureMap, problems: list[str],
+                  warnings: list[str]) -> list[Site]:
+    """PEFT's own rule for a list of names: ``name == t or name.endswith('.' + t)`` — reproduced on purpose."""
+    by_path = arch.site_by_path()
+    out: dict[str, Site] = {}
+    for target in spec.target_modules or []:
+        matched = [p for p in arch.linear_paths if p == target or p.endswith("." + target)]
+        if not matched:
+            problems.append(f"target_modules entry {target!r} matches no linear module")
+            continue
+        roles_hit: dict[str, list[str]] = {}
+        for path in matched:
+            site = by_path.get(path)
+            if site is None:
+                problems.append(f"{path} (matched by {target!r}) has no role; it cannot be planned")
+                continue
+            roles_hit.setdefault(site.role, []).append(path)
+            out[path] = site
+        groups_hit = {("attn" if r in ATTN_ROLES else "mlp" if r in MLP_ROLES else r) for r in roles_hit}
+        if len(roles_hit) > 1:
+            detail = "; ".join(f"{role}: {len(paths)} modules, e.g. {paths[0]}" for role, paths in roles_hit.items())
+            cross = " — it crosses attention and MLP" if {"attn", "mlp"} <= groups_hit else ""
+            warnings.append(f"suffix match {target!r} adapts modules of {len(roles_hit)} roles{cross} ({detail}); "
+                            "use roles for an exact placement")
+    warnings.append("target_modules are suffix-matched like PEFT; prefer roles, which resolve to exact paths")
+    return list(out.values())
+
+
+def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *, model: str = "",
+                      rank: int | None = None, budget: int | None = None) -> Plan:
+    """The exact plan of ``spec`` on ``arch``. ``rank``/``budget`` (command line, study axes) override the spec's.
+
+    Raises :class:`PlacementError` with every problem at once when anything is unmatched, empty or ambiguous.
+    """
+    from loraplace.placement.spec import parse_placement
+
+    requested = parse_placement(spec)
+    spec = _preset_spec(requested)
+    if spec.auto is not None:
+        raise PlacementError("auto placements are resolved by loraplace.probe.auto_plan (they need model weights)")
+    problems: list[str] = []
+    warnings: list[str] = []
+    if rank is not None and rank <= 0:
+        problems.append(f"rank must be a positive integer, got {rank}")
+    if budget is not None and budget <= 0:
+        problems.append(f"budget must be a positive integer, got {budget}")
+    budget = budget if budget is not None else spec.budget
+    rank = rank if rank is not None else spec.rank
+    if budget is not None and rank is not None and spec.budget is None:
+        rank = None  # an explicit budget wins over a default/CLI rank: the rank is what it solves
+    if arch.heuristic:
+        warnings.append(f"unknown model family {arch.family!r}: roles assigned by a heuristic on module names")
+    if arch.unassigned:
+        warnings.append(f"{len(arch.unassigned)} linear module(s) in the blocks have no role: "
+                        + ", ".join(arch.unassigned[:6]) + (" …" if len(arch.unassigned) > 6 else ""))
+
+    if not arch.sites:
+        raise PlacementError(f"no linear layer of the {arch.family!r} blocks could be given a role (unknown "
+                             "architecture, and the name heuristic matched nothing)",
+                             "open an issue with `print(model)`, or use target_modules with exact names")
+    if spec.target_modules is not None:
+        picked = [(site, None) for site in _suffix_match(spec, arch, problems, warnings)]
+    else:
+        picked = _select(spec, arch, problems)
+    if not picked and not problems:
+        problems.append("the placement selects no module")
+
+    explicit = {site.path: _site_rank(site.role, group, spec, None) for site, group in picked}
+    if budget is not None:
+        if any(r is not None for r in explicit.values()):
+            problems.append("a budget solves one rank for every site; remove the per-role/per-group ranks")
+        unit = sum(site.in_features + site.out_features for site, _ in picked)
+        solved = budget // unit if unit else 0
+        if unit and solved < 1:
+            problems.append(f"budget {budget:,} is smaller than rank 1 allows for this placement "
+                            f"({unit:,} trainable parameters)")
+        ranks = {site.path: solved for site, _ in picked}
+    else:
+        ranks = {path: r if r is not None else rank for path, r in explicit.items()}
+        if any(r is None for r in ranks.values()):
+            problems.append("no rank given: pass --rank R (or rank/ranks in the placement) or a --budget")
+    if problems:
+        raise PlacementError("placement does not resolve:\n" + "\n".join(f"  - {p}" for p in problems),
+                             "`loraplace plan MODEL --placement ...` shows the roles and layers of a model")
+
+    modules = []
+    for site, group in picked:
+        r = ranks[site.path]
+        alpha = group.alpha if group is not None and group.alpha is not None else spec.alpha
+        modules.append(PlannedModule(site.path, site.layer, site.role, site.in_features, site.out_features, r,
+                                     float(alpha if alpha is not None else spec.alpha_ratio * r), site.conv1d))
+    order = {p: i for i, p in enumerate(arch.linear_paths)}
+    modules.sort(key=lambda m: order.get(m.path, len(order)))
+    return Plan(model=model, family=arch.family, num_layers=arch.num_layers,
+                placement=requested.model_dump(exclude_none=True, exclude_defaults=True)
+                | {"label": requested.describe()},
+                modules=tuple(modules), total_params=arch.total_params, roles_present=tuple(arch.roles_present()),
+                dropout=spec.dropout, budget=budget, warnings=tuple(warnings), heuristic=arch.heuristic,
+                unassigned=tuple(arch.unassigned))

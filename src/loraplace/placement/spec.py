@@ -1,0 +1,122 @@
+"""Placement specs: *where* adapters go (roles × layers) and *how big* (rank, per-role ranks, or a budget).
+
+The same schema is used inline on the command line, in a file, and under ``placements:`` in a study YAML::
+
+    {roles: [attn, mlp.up], layers: "top:50%", rank: 16}
+    {groups: [{roles: [attn], layers: "bottom:50%"}, {roles: [mlp], layers: "top:50%", rank: 8}]}
+    {preset: seed-attn-suffix}
+    {roles: [all], budget: 2_000_000}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from loraplace.errors import ConfigError
+from loraplace.placement.selectors import LayerSelector
+from loraplace.specs import StrictModel, load_yaml, parse_yaml, validate
+
+
+def _split_roles(value: Any) -> Any:
+    if isinstance(value, str):
+        return [r.strip() for r in value.replace("+", ",").split(",") if r.strip()]
+    return value
+
+
+class SiteGroup(StrictModel):
+    """Some roles on some layers, optionally with their own rank/alpha."""
+
+    roles: list[str] = Field(min_length=1)
+    layers: LayerSelector = "all"
+    rank: int | None = Field(default=None, gt=0)
+    alpha: float | None = Field(default=None, gt=0)
+
+    _split = field_validator("roles", mode="before")(_split_roles)
+
+
+class AutoPlacement(StrictModel):
+    """Budget-aware automatic placement from importance-probe scores (see ``loraplace.probe``)."""
+
+    budget: int = Field(gt=0)
+    method: str = "probe"
+    granularity: str = "site"
+    batches: int = Field(default=8, gt=0)
+    rank: int | None = Field(default=None, gt=0)
+
+
+class PlacementSpec(StrictModel):
+    preset: str | None = None
+    roles: list[str] | None = None
+    layers: LayerSelector = "all"
+    groups: list[SiteGroup] | None = None
+    target_modules: list[str] | None = Field(
+        default=None, description="raw PEFT-style names, suffix-matched exactly as PEFT does (flagged)")
+    auto: AutoPlacement | None = None
+    rank: int | None = Field(default=None, gt=0)
+    ranks: dict[str, int] | None = Field(default=None, description="per-role (or role group) ranks")
+    alpha: float | None = Field(default=None, gt=0, description="lora_alpha for every site (default: ratio × rank)")
+    alpha_ratio: float = Field(default=2.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    budget: int | None = Field(default=None, gt=0, description="trainable-parameter budget; the rank is solved")
+
+    _split = field_validator("roles", mode="before")(_split_roles)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> PlacementSpec:
+        kinds = [k for k in ("preset", "roles", "groups", "target_modules", "auto") if getattr(self, k) is not None]
+        problems = []
+        if len(kinds) != 1:
+            problems.append("give exactly one of preset, roles, groups, target_modules, auto"
+                            + (f" (got {', '.join(kinds)})" if kinds else ""))
+        if self.rank is not None and self.budget is not None:
+            problems.append("rank and budget are exclusive: a budget solves the rank")
+        if self.ranks is not None and any(r <= 0 for r in self.ranks.values()):
+            problems.append("ranks must be positive")
+        if self.layers != "all" and self.roles is None:
+            problems.append("layers applies to roles; inside groups, give layers per group")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def describe(self) -> str:
+        """A short human label (used in tables when the placement has no name)."""
+        if self.preset:
+            return self.preset
+        if self.roles:
+            label = "+".join(self.roles)
+            return label if self.layers == "all" else f"{label}@{self.layers}"
+        if self.groups:
+            return " | ".join(f"{'+'.join(g.roles)}@{g.layers}" for g in self.groups)
+        if self.target_modules:
+            return "modules:" + ",".join(self.target_modules)
+        if self.auto:
+            return f"auto@{self.auto.budget}"
+        return "?"
+
+
+def parse_placement(value: str | dict | PlacementSpec, context: str = "invalid placement") -> PlacementSpec:
+    """A placement from a spec object, a dict, a YAML/JSON string, a file path, a preset name or a role list."""
+    from loraplace.placement.presets import PRESETS
+
+    if isinstance(value, PlacementSpec):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise ConfigError(["empty placement"], context)
+        path = Path(text)
+        if not text.startswith(("{", "[")) and path.suffix in (".yaml", ".yml", ".json") and path.is_file():
+            data = load_yaml(path)
+            value = data.get("placement", data) if isinstance(data, dict) else data
+        elif text.startswith("{"):
+            value = parse_yaml(text, "--placement")
+        elif text in PRESETS:
+            value = {"preset": text}
+        else:
+            value = {"roles": text}
+    if not isinstance(value, dict):
+        raise ConfigError([f"a placement is a mapping, got {type(value).__name__}"], context)
+    return validate(PlacementSpec, value, context)

@@ -1,0 +1,53 @@
+"""Rich terminal rendering of plans and results (no logic beyond formatting)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from loraplace.placement.plan import Plan
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def print_plan(plan: Plan, console: Console) -> None:
+    console.print(f"[bold]{plan.model}[/]  family={plan.family}  layers={plan.num_layers}  "
+                  f"placement=[cyan]{plan.placement.get('label')}[/]", highlight=False)
+    roles = plan.grid_roles()
+    grid = Table(title="sites (rank per layer × role)", show_lines=False, pad_edge=False)
+    grid.add_column("layer", justify="right")
+    for role in roles:
+        grid.add_column(role, justify="center")
+    sites = plan.sites
+    for layer in range(plan.num_layers):
+        grid.add_row(str(layer), *[str(sites[(layer, r)]) if (layer, r) in sites else "[dim]·[/]" for r in roles])
+    if (None, "head") in sites:
+        grid.add_row("head", f"r={sites[(None, 'head')]}", *[""] * (len(roles) - 1))
+    console.print(grid)
+
+    mods = Table(title=f"{len(plan.modules)} adapted modules", pad_edge=False)
+    for col, justify in (("path", "left"), ("role", "left"), ("in×out", "right"), ("rank", "right"),
+                         ("alpha", "right"), ("params", "right")):
+        mods.add_column(col, justify=justify)
+    for m in plan.modules:
+        mods.add_row(m.path, m.role, f"{m.in_features}×{m.out_features}", str(m.rank), f"{m.alpha:g}",
+                     f"{m.params:,}")
+    console.print(mods)
+
+    mem = plan.memory_estimate()
+    console.print(f"trainable params: [bold]{plan.trainable_params:,}[/] ({plan.trainable_percent:.4f}% of "
+                  f"{plan.total_params:,} base params)", highlight=False)
+    if plan.budget is not None:
+        console.print(f"budget: {plan.budget:,}  achieved: {plan.trainable_params:,}  "
+                      f"deviation: {100 * (plan.budget_deviation or 0):+.3f}%", highlight=False)
+    console.print(f"adapter on disk ≈ {human_bytes(plan.adapter_size_bytes())}; training memory for adapters ≈ "
+                  f"{human_bytes(mem['trainable_total_bytes'])} (weights + grads + AdamW state); base weights "
+                  f"{human_bytes(mem['base_weights_bytes'])} in bf16", highlight=False)
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)

@@ -1,0 +1,91 @@
+"""Shared spec machinery: strict pydantic base, YAML loading with positions, one error for all problems."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from loraplace.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors (a misspelt key must never be silently ignored); records are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names at the location of an unknown key (walks nested models and lists of models)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or current is None:
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    return list(getattr(current, "model_fields", {}) or [])
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per problem: dotted key path, what is wrong, and a "did you mean" for misspelt keys."""
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else (f"; allowed: {', '.join(allowed)}" if allowed else "")
+            problems.append(f"{path}: unknown key{hint}")
+        else:
+            msg = err["msg"]
+            if err["type"] not in ("missing", "value_error") and "input" in err:
+                msg += f" (got {err['input']!r})"
+            problems.append(f"{path}: {msg.removeprefix('Value error, ')}")
+    return problems
+
+
+def validate(model: type[BaseModel], data: Any, context: str, prefix: str = ""):
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model, prefix), context) from None
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; a syntax error reports file:line:col."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"], "cannot read spec") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"], "cannot read spec") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str = "<inline>") -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        detail = f"{problem} ({context})" if context else problem
+        raise ConfigError([f"{where}: YAML syntax error: {detail}"], "cannot parse YAML") from None

@@ -1,0 +1,252 @@
+"""Our training loop, in plain view.
+
+Per optimizer step: ``batch`` examples, split into micro-batches of ``micro_batch``; the loss is the
+token-weighted mean over *all* label tokens of the step (sum of per-token losses / label count, the count known
+on the host before the forward), so gradient accumulation gives the same gradient as one big batch.
+Frozen base weights are stored in the compute dtype (bf16 on CUDA / bf16-capable CPUs) and adapters in fp32
+under autocast: no per-step weight casts. Losses stay on the device and are read back every ``sync_every`` steps;
+the first non-finite step is still reported exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from loraplace.data import TokenizedSet
+from loraplace.data.batching import Batch, batching_mode, make_batch
+from loraplace.errors import TrialFailed
+from loraplace.specs import StrictModel
+
+
+class TrainSpec(StrictModel):
+    steps: int | None = Field(default=None, gt=0)
+    epochs: float | None = Field(default=None, gt=0)
+    batch: int = Field(default=8, gt=0)
+    micro_batch: int | None = Field(default=None, gt=0, description="examples per forward (default: batch)")
+    lr: float = Field(default=2e-4, gt=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    device: str = "auto"
+    packing: bool = True
+    compile: bool = False
+    sync_every: int | None = Field(default=None, gt=0, description="host sync interval (default 1 CPU, 10 CUDA)")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSpec:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        if self.micro_batch is not None and self.batch % self.micro_batch:
+            raise ValueError(f"batch {self.batch} is not a multiple of micro_batch {self.micro_batch}")
+        return self
+
+    def total_steps(self, n_examples: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil((self.epochs or 1.0) * math.ceil(n_examples / self.batch)))
+
+
+# --------------------------------------------------------------------------------------------- device & precision
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmul on this CPU (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------- loss
+
+
+def _hf_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def loss_sum(model, batch: Batch) -> torch.Tensor:
+    """Σ token cross-entropy over the batch's label positions (fp32), computing logits only there."""
+    causal_lm = _hf_model(model)
+    decoder = causal_lm.base_model  # HF: the transformer body without the LM head
+    hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)  # [N, H]
+    logits = causal_lm.get_output_embeddings()(hidden).float()  # [N, V]
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, batch.targets, reduction="sum")
+
+
+# --------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class TrainOutcome:
+    steps: int
+    train_s: float
+    real_tokens: int
+    label_tokens: int
+    curve: list[dict] = field(default_factory=list)  # {"step", "loss", "tokens", "lr"}
+    evals: list[dict] = field(default_factory=list)  # {"step", "eval_loss"}
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.real_tokens / self.train_s if self.train_s > 0 else 0.0
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return fn
+
+
+def batch_order(n: int, batch: int, steps: int, seed: int) -> list[np.ndarray]:
+    """Example indices per step: seeded permutations back to back (an epoch's remainder opens the next batch),
+    so the same seed always gives the same data order."""
+    rng = np.random.default_rng(seed)
+    pool = np.zeros(0, dtype=np.int64)
+    out: list[np.ndarray] = []
+    for _ in range(steps):
+        while len(pool) < batch:
+            pool = np.concatenate([pool, rng.permutation(n)])
+        out.append(pool[:batch])
+        pool = pool[batch:]
+    return out
+
+
+def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, dtype: torch.dtype, pad_id: int,
+          on_step: Callable[[int, int, float | None, float], None] | None = None,
+          eval_fn: Callable[[], float] | None = None, eval_every: int | None = None,
+          fault: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> TrainOutcome:
+    """Train the trainable parameters of ``model`` (the adapters) in place.
+
+    ``on_step(step, total, loss_or_None, tokens_so_far)`` drives progress bars; ``fault`` lets tests inject a
+    non-finite loss. Raises :class:`TrialFailed` at the first non-finite loss, with its step.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise TrialFailed("the model has no trainable parameters")
+    opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999), eps=1e-8,
+                            foreach=device.type != "cpu" or None)
+    total = spec.total_steps(len(data))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec.schedule, spec.warmup, total))
+    mode = batching_mode(model, spec.packing)
+    micro = spec.micro_batch or spec.batch
+    sync_every = spec.sync_every or (1 if device.type == "cpu" else 10)
+    order = batch_order(len(data), spec.batch, total, spec.seed)
+
+    outcome = TrainOutcome(steps=0, train_s=0.0, real_tokens=0, label_tokens=0)
+    pending: list[tuple[int, torch.Tensor, int, float]] = []  # (step, loss on device, tokens so far, lr)
+    model.train()
+    t0 = time.perf_counter()
+
+    def flush() -> None:
+        if not pending:
+            return
+        values = torch.stack([p[1] for p in pending]).tolist()  # one host sync for many steps
+        for (step, _, tokens, lr), value in zip(pending, values, strict=True):
+            if not math.isfinite(value):
+                pending.clear()
+                raise TrialFailed(f"non-finite training loss ({value}) at step {step}", step=step,
+                                  hint="lower the learning rate, or check the data (precision: try fp32)")
+            outcome.curve.append({"step": step, "loss": value, "tokens": tokens, "lr": lr})
+        pending.clear()
+        if on_step is not None:
+            on_step(outcome.curve[-1]["step"], total, outcome.curve[-1]["loss"], outcome.real_tokens)
+
+    for step, example_index in enumerate(order, start=1):
+        chunks = [example_index[i:i + micro] for i in range(0, len(example_index), micro)]
+        batches = [make_batch(data, c, mode, pad_id) for c in chunks]
+        n_labels = sum(b.label_tokens for b in batches)  # known on the host: no sync needed to normalise
+        step_loss = torch.zeros((), device=device)
+        for b in batches:
+            b = b.to(device)
+            with autocast(device, dtype):
+                part = loss_sum(model, b)
+            if fault is not None:
+                part = fault(step, part)
+            (part / n_labels).backward()
+            step_loss += part.detach() / n_labels
+        if spec.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm, foreach=device.type != "cpu" or None)
+        opt.step()
+        lr = sched.get_last_lr()[0]
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        outcome.steps = step
+        outcome.real_tokens += sum(b.real_tokens for b in batches)
+        outcome.label_tokens += n_labels
+        pending.append((step, step_loss, outcome.real_tokens, lr))
+        if step % sync_every == 0 or step == total:
+            flush()
+        elif on_step is not None:
+            on_step(step, total, None, outcome.real_tokens)
+        if eval_fn is not None and eval_every and step % eval_every == 0 and step != total:
+            flush()
+            outcome.train_s += time.perf_counter() - t0
+            outcome.evals.append({"step": step, "eval_loss": eval_fn()})
+            model.train()
+            t0 = time.perf_counter()
+    flush()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    outcome.train_s += time.perf_counter() - t0
+    model.eval()
+    return outcome

@@ -79,7 +79,125 @@ def plan(
         print_plan(result, out)
 
 
+class TrainProgress:
+    """A rich progress bar over optimizer steps: loss, real tokens/s and ETA; silent when quiet."""
+
+    def __init__(self, quiet: bool, description: str = "train"):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.quiet = quiet
+        self.progress = None if quiet else Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
+            console=err, transient=False)
+        self.task = None
+        self.description = description
+        self.t0 = 0.0
+        self.tokens0 = 0
+        self.last_loss = "…"
+
+    def __enter__(self):
+        import time
+
+        self.t0 = time.perf_counter()
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, step: int, total: int, loss: float | None, tokens: int) -> None:
+        import time
+
+        if self.progress is None:
+            return
+        if self.task is None:  # rate measured from the first step on: model load and tokenising excluded
+            self.task = self.progress.add_task(self.description, total=total, loss="…", tps="…")
+            self.t0, self.tokens0 = time.perf_counter(), tokens
+            return
+        if loss is not None:
+            self.last_loss = f"{loss:.4f}"
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        self.progress.update(self.task, completed=step, loss=self.last_loss,
+                             tps=f"{(tokens - self.tokens0) / elapsed:,.0f}")
+
+
+@app.command()
+def train(
+    model: str = typer.Option("builtin:smollm2-135m", "--model", "-m", help="model reference"),
+    data: str = typer.Option("builtin:arithmetic", "--data", "-d", help="training data source"),
+    eval_data: str | None = typer.Option(None, "--eval-data", help="separate eval source (default: 10% split)"),
+    eval_fraction: float | None = typer.Option(None, "--eval-fraction"),
+    limit: int | None = typer.Option(None, "--limit", help="use the first N training examples"),
+    data_format: str = typer.Option("auto", "--format", help="auto|alpaca|gsm8k|messages|prompt_completion|text"),
+    placement: str = typer.Option("all", "--placement", "-p"),
+    rank: int | None = typer.Option(None, "--rank", "-r"),
+    budget: int | None = typer.Option(None, "--budget"),
+    steps: int | None = typer.Option(None, "--steps"),
+    epochs: float | None = typer.Option(None, "--epochs"),
+    batch: int = typer.Option(8, "--batch"),
+    micro_batch: int | None = typer.Option(None, "--micro-batch"),
+    max_len: int = typer.Option(512, "--max-len"),
+    lr: float = typer.Option(2e-4, "--lr"),
+    schedule: str = typer.Option("linear", "--schedule", help="linear|cosine|constant"),
+    warmup: int = typer.Option(0, "--warmup"),
+    seed: int = typer.Option(0, "--seed"),
+    precision: str = typer.Option("auto", "--precision", help="auto|bf16|fp32"),
+    device: str = typer.Option("auto", "--device"),
+    no_packing: bool = typer.Option(False, "--no-packing", help="pad instead of packing examples"),
+    generate: int = typer.Option(0, "--generate", help="greedy-generate N eval examples for task accuracy"),
+    out_dir: str | None = typer.Option(None, "--out", help="directory for adapter/ and metrics.json"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (no progress bar)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> int:
+    """Run one trial: data → train → evaluate → PEFT adapter."""
+    from loraplace.specs import validate
+    from loraplace.trial import TrialSpec, run_trial
+
+    if steps is None and epochs is None:
+        steps = 20
+    raw = {
+        "model": model,
+        "data": {"train": data, "eval": eval_data, "eval_fraction": eval_fraction, "limit": limit,
+                 "format": data_format, "max_len": max_len},
+        "placement": _placement_dict(placement),
+        "rank": rank if rank is not None or budget is not None else 16,
+        "budget": budget,
+        "train": {"steps": steps, "epochs": epochs, "batch": batch, "micro_batch": micro_batch, "lr": lr,
+                  "schedule": schedule, "warmup": warmup, "seed": seed, "precision": precision, "device": device,
+                  "packing": not no_packing},
+        "eval": {"generate": generate},
+    }
+    if budget is not None:
+        raw["rank"] = None
+    raw["data"] = {k: v for k, v in raw["data"].items() if v is not None}
+    raw["train"] = {k: v for k, v in raw["train"].items() if v is not None}
+    spec = validate(TrialSpec, raw, "invalid trial options")
+    with TrainProgress(quiet or as_json) as progress:
+        result = run_trial(spec, out_dir=out_dir, progress=progress)
+    if as_json:
+        print(json.dumps(result.summary(), default=str))
+    else:
+        from loraplace.report_terminal import print_trial
+
+        print_trial(result, out)
+    return 0 if result.status == "done" else 1
+
+
+def _placement_dict(text: str) -> dict:
+    from loraplace.placement import parse_placement
+
+    return parse_placement(text).model_dump(exclude_none=True, exclude_defaults=True)
+
+
 def main(argv: list[str] | None = None) -> None:
+    import warnings
+
+    # Library deprecation chatter is not the user's business on the command line (pytest still shows it).
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\..*")
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="loraplace")
     except LoraplaceError as exc:

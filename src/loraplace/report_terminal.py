@@ -51,3 +51,31 @@ def print_plan(plan: Plan, console: Console) -> None:
                   f"{human_bytes(mem['base_weights_bytes'])} in bf16", highlight=False)
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+def print_trial(result, console: Console) -> None:
+    if result.status != "done":
+        console.print(f"[bold red]trial failed[/] {result.error}", highlight=False)
+        return
+    table = Table(title="trial", show_header=False, pad_edge=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("eval loss", f"{result.eval_loss:.4f}"),
+        ("perplexity", f"{result.perplexity:.3f}"),
+        ("accuracy", "—" if result.accuracy is None else f"{100 * result.accuracy:.1f}% "
+                                                          f"(n={result.accuracy_detail['n']})"),
+        ("trainable params", f"{result.trainable_params:,} ({result.trainable_percent:.3f}%)"),
+        ("steps / train tokens", f"{result.steps} / {result.train_tokens:,}"),
+        ("tokens/s (non-pad)", f"{result.tokens_per_s:,.0f}"),
+        ("time load / tokenise / train / eval", f"{result.load_s:.1f} / {result.tokenize_s:.1f} / "
+                                                f"{result.train_s:.1f} / {result.eval_s:.1f} s"),
+        ("peak memory", f"{result.peak_mem_mb:,.0f} MiB"),
+        ("device / dtype", f"{result.device} / {result.dtype}"),
+        ("adapter", result.adapter_dir or "not saved (use --out)"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)

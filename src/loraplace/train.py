@@ -113,10 +113,12 @@ def _hf_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def loss_sum(model, batch: Batch) -> torch.Tensor:
-    """Σ token cross-entropy over the batch's label positions (fp32), computing logits only there."""
+def loss_sum(model, batch: Batch, decoder=None) -> torch.Tensor:
+    """Σ token cross-entropy over the batch's label positions (fp32), computing logits only there.
+
+    ``decoder`` replaces the transformer body (e.g. its ``torch.compile``d version)."""
     causal_lm = _hf_model(model)
-    decoder = causal_lm.base_model  # HF: the transformer body without the LM head
+    decoder = decoder if decoder is not None else causal_lm.base_model  # HF: the body without the LM head
     hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)  # [N, H]
     logits = causal_lm.get_output_embeddings()(hidden).float()  # [N, V]
@@ -191,6 +193,8 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
     micro = spec.micro_batch or spec.batch
     sync_every = spec.sync_every or (1 if device.type == "cpu" else 10)
     order = batch_order(len(data), spec.batch, total, spec.seed)
+    # Packed widths are multiples of 8, so dynamic shapes keep recompilations rare.
+    decoder = torch.compile(_hf_model(model).base_model, dynamic=True) if spec.compile else None
 
     outcome = TrainOutcome(steps=0, train_s=0.0, real_tokens=0, label_tokens=0)
     pending: list[tuple[int, torch.Tensor, int, float]] = []  # (step, loss on device, tokens so far, lr)
@@ -219,7 +223,7 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
         for b in batches:
             b = b.to(device)
             with autocast(device, dtype):
-                part = loss_sum(model, b)
+                part = loss_sum(model, b, decoder)
             if fault is not None:
                 part = fault(step, part)
             (part / n_labels).backward()

@@ -207,7 +207,8 @@ def save_adapter_atomic(peft_model, target: Path, base_path: str | None) -> int:
     try:
         if base_path:
             peft_model.peft_config["default"].base_model_name_or_path = base_path
-        peft_model.save_pretrained(tmp, safe_serialization=True)
+        # The head's LoRA does not change the (tied) embedding matrix: never copy the base vocab weights.
+        peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         size = sum(f.stat().st_size for f in tmp.iterdir())
         if target.exists():
             old = target.with_name(f".{target.name}.old")

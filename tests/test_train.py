@@ -1,0 +1,113 @@
+import math
+
+import pytest
+import torch
+
+from loraplace.data import DataSpec
+from loraplace.errors import TrialFailed
+from loraplace.placement import parse_placement
+from loraplace.train import TrainSpec, _lr_lambda, batch_order, train
+from loraplace.trial import Session, TrialSpec, run_trial
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+
+
+def spec(**train_kw):
+    kw = dict(steps=25, batch=8, lr=3e-3, precision="fp32", seed=0) | train_kw
+    return TrialSpec(model="tiny:llama", data=DataSpec(train="builtin:arithmetic?n=120", eval_count=16, max_len=160),
+                     placement=parse_placement("all"), rank=8, train=TrainSpec(**kw))
+
+
+def test_loss_decreases_on_learnable_task():
+    result = run_trial(spec(steps=40))
+    assert result.status == "done"
+    first = sum(p["loss"] for p in result.curve[:5]) / 5
+    last = sum(p["loss"] for p in result.curve[-5:]) / 5
+    assert last < first - 0.3
+    assert result.perplexity == pytest.approx(math.exp(result.eval_loss))
+
+
+def test_same_seed_same_losses_fp32():
+    a, b = run_trial(spec()), run_trial(spec())
+    assert [p["loss"] for p in a.curve] == pytest.approx([p["loss"] for p in b.curve], abs=1e-6)
+    assert a.eval_loss == pytest.approx(b.eval_loss, abs=1e-6)
+    c = run_trial(spec(seed=1))
+    assert c.eval_loss != pytest.approx(a.eval_loss, abs=1e-6)
+
+
+def test_gradient_accumulation_matches_full_batch():
+    full = run_trial(spec(steps=6))
+    accum = run_trial(spec(steps=6, micro_batch=2))
+    assert [p["loss"] for p in accum.curve] == pytest.approx([p["loss"] for p in full.curve], abs=1e-5)
+
+
+def test_packing_matches_padding_in_training():
+    packed = run_trial(spec(steps=6, packing=True))
+    padded = run_trial(spec(steps=6, packing=False))
+    assert [p["loss"] for p in packed.curve] == pytest.approx([p["loss"] for p in padded.curve], abs=1e-4)
+    assert packed.train_tokens == padded.train_tokens
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_stops_the_trial(bad):
+    seen = []
+
+    def fault(step, loss):
+        seen.append(step)
+        return loss * bad if step == 4 else loss
+
+    result = run_trial(spec(steps=20, sync_every=1), fault=fault)
+    assert result.status == "failed" and result.failed_step == 4
+    assert "non-finite" in result.error and "step 4" in result.error
+    assert max(seen) == 4  # stopped at that very step (host sync every step)
+    assert result.eval_loss is None
+
+
+def test_deferred_sync_still_reports_the_exact_step():
+    def fault(step, loss):
+        return loss * float("nan") if step == 7 else loss
+
+    result = run_trial(spec(steps=20, sync_every=5), fault=fault)
+    assert result.status == "failed" and result.failed_step == 7 and "step 7" in result.error
+
+
+def test_exception_inside_training_fails_the_trial():
+    def fault(step, loss):
+        raise RuntimeError("simulated out of memory")
+
+    result = run_trial(spec(), fault=fault)
+    assert result.status == "failed" and "simulated out of memory" in result.error
+
+
+def test_session_reuse_equals_fresh_session():
+    session = Session("tiny:llama", precision="fp32")
+    run_trial(spec(steps=5).model_copy(update={"placement": parse_placement("mlp")}), session=session)
+    reused = run_trial(spec(steps=5), session=session)
+    fresh = run_trial(spec(steps=5))
+    assert reused.eval_loss == pytest.approx(fresh.eval_loss, abs=1e-6)
+    assert not any("lora" in n for n, _ in session.model.named_parameters())
+
+
+def test_schedules():
+    lin = _lr_lambda("linear", 2, 10)
+    assert [round(lin(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    cos = _lr_lambda("cosine", 0, 10)
+    assert cos(0) == 1.0 and cos(5) == pytest.approx(0.5) and cos(10) == pytest.approx(0.0)
+    assert _lr_lambda("constant", 0, 10)(7) == 1.0
+
+
+def test_batch_order_covers_each_epoch():
+    order = batch_order(20, 8, 5, seed=0)
+    first_epoch = [int(i) for b in order for i in b][:20]
+    assert sorted(first_epoch) == list(range(20))
+    assert all(len(b) == 8 for b in order)
+    assert [b.tolist() for b in order] == [b.tolist() for b in batch_order(20, 8, 5, seed=0)]
+
+
+def test_no_trainable_parameters_is_an_error():
+    session = Session("tiny:llama", precision="fp32")
+    with pytest.raises(TrialFailed, match="no trainable"):
+        train(session.model, None, TrainSpec(steps=1), device=torch.device("cpu"), dtype=torch.float32, pad_id=0)

@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Until the study runner lands: plan a placement, then run one real trial on the offline default.
 demo: $(STAMP)
-	$(VENV)/bin/loraplace plan builtin:smollm2-135m --placement all --rank 16
+	$(VENV)/bin/loraplace plan builtin:smollm2-135m --placement '{roles: [attn], layers: "top:50%"}' --rank 16
+	$(VENV)/bin/loraplace train --model builtin:smollm2-135m --data 'builtin:arithmetic?n=400' \
+		--placement '{roles: [attn], layers: "top:50%"}' --rank 16 --steps 12 --batch 8 --max-len 192 \
+		--lr 1e-3 --out runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

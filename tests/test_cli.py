@@ -78,3 +78,21 @@ def test_unknown_architecture_without_fallback(tmp_path):
 def test_debug_shows_traceback():
     proc = run_cli("--debug", "plan", "tiny:gpt2", "--placement", "attn.q")
     assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_train_json_end_to_end(tmp_path):
+    proc = run_cli("train", "--model", "tiny:llama", "--data", "builtin:arithmetic?n=60", "--placement", "attn",
+                   "--rank", "4", "--steps", "3", "--batch", "4", "--max-len", "160", "--precision", "fp32",
+                   "--out", str(tmp_path / "t"), "--json", env_extra={"LORAPLACE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    for key in ("eval_loss", "perplexity", "trainable_params", "train_tokens", "tokens_per_s", "train_s",
+                "peak_mem_mb", "adapter_dir"):
+        assert key in data, key
+    assert data["status"] == "done" and data["steps"] == 3
+    assert (tmp_path / "t" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_train_bad_data_is_one_clear_error(tmp_path):
+    proc = run_cli("train", "--model", "tiny:llama", "--data", str(tmp_path / "missing.jsonl"), "--steps", "1")
+    assert proc.returncode == 2 and "data file not found" in proc.stderr and "Traceback" not in proc.stderr

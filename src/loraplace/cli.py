@@ -186,6 +186,110 @@ def train(
     return 0 if result.status == "done" else 1
 
 
+@app.command()
+def run(
+    spec_path: str = typer.Argument(..., metavar="SPEC", help="study YAML"),
+    store: str | None = typer.Option(None, "--store", help="SQLite store (default runs/NAME.db)"),
+    backend: str = typer.Option("local", "--backend", help="local | ray"),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start one here)"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="re-run failed trials too"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> int:
+    """Run a study: every unfinished trial of the grid, into a crash-safe store (resumable)."""
+    from pathlib import Path
+
+    from loraplace.study import default_store, load_study, run_study
+
+    study = load_study(spec_path)  # invalid spec: error before anything is written
+    store_path = Path(store) if store else default_store(study)
+    bar = TrainProgress(quiet)
+
+    def start(planned, index, total):
+        if not quiet:
+            labels = " ".join(f"{k}={v}" for k, v in planned.labels.items())
+            err.print(f"[bold cyan]trial {index}/{total}[/] {planned.id} {labels}", highlight=False)
+        bar.task = None
+
+    def end(planned, result):
+        if quiet:
+            return
+        status = result.status if hasattr(result, "status") else result["status"]
+        loss = result.eval_loss if hasattr(result, "eval_loss") else result.get("eval_loss")
+        err.print(f"  → {status}" + (f" eval_loss={loss:.4f}" if loss is not None else ""), highlight=False)
+
+    try:
+        with bar:
+            summary = run_study(study, store_path, backend=backend, address=address, retry_failed=retry_failed,
+                                on_trial_start=start, on_trial_end=end, progress_factory=bar)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted:[/] the current trial is marked interrupted; run the same command to resume")
+        return 130
+    if not quiet:
+        err.print(f"ran {summary.ran} trial(s): {summary.done} done, {summary.failed} failed; "
+                  f"{summary.skipped} already done; {len(summary.recovered or [])} recovered from a dead run; "
+                  f"{summary.wall_s:.1f} s", highlight=False)
+    _print_status(store_path, study.name)
+    out.print(f"store: {store_path}", highlight=False)
+    return 1 if summary.failed else 0
+
+
+def _print_status(store_path, name: str | None = None) -> None:
+    from loraplace.report_terminal import print_status
+    from loraplace.store import Store
+
+    with Store(store_path, readonly=True) as store:
+        study = store.study(name)
+        print_status(study, store.trials(study.id), store.counts(study.id), out)
+
+
+@app.command()
+def status(store: str = typer.Argument(..., help="study store (.db)"),
+           name: str | None = typer.Option(None, "--study", help="study name (default: the latest)")) -> None:
+    """Table of a study's trials: status and key metrics. Safe while a study is running."""
+    _print_status(store, name)
+
+
+@app.command()
+def export(store: str = typer.Argument(..., help="study store (.db)"),
+           fmt: str = typer.Option("csv", "--format", help="csv | json | parquet"),
+           output: str | None = typer.Option(None, "--out", "-o", help="file (default: stdout for csv/json)"),
+           name: str | None = typer.Option(None, "--study")) -> None:
+    """Export one row per trial: labels, status and every scalar metric."""
+    from loraplace.store import Store
+
+    if fmt not in ("csv", "json", "parquet"):
+        raise LoraplaceError(f"unknown export format {fmt!r}", "use csv, json or parquet")
+    with Store(store, readonly=True) as st:
+        study = st.study(name)
+        rows = [{"trial_id": t.id, "status": t.status, "attempts": t.attempts, "error": t.error,
+                 **t.config.get("labels", {}), **t.metrics} for t in st.trials(study.id)]
+    if fmt == "json":
+        text = json.dumps(rows, indent=2)
+    elif fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        writer = csv.DictWriter(buf, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buf.getvalue()
+    else:
+        if output is None:
+            raise LoraplaceError("parquet export needs --out FILE")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), output)
+        return
+    if output:
+        with open(output, "w") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+
+
 def _placement_dict(text: str) -> dict:
     from loraplace.placement import parse_placement
 

@@ -79,3 +79,27 @@ def print_trial(result, console: Console) -> None:
     console.print(table)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+def print_status(study, trials, counts, console: Console) -> None:
+    table = Table(title=f"study {study.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v),
+                  pad_edge=False)
+    for col, justify in (("trial", "left"), ("placement", "left"), ("size", "right"), ("seed", "right"),
+                         ("status", "left"), ("eval loss", "right"), ("ppl", "right"), ("params", "right"),
+                         ("tok/s", "right"), ("train s", "right")):
+        table.add_column(col, justify=justify)
+    style = {"done": "green", "failed": "red", "running": "yellow", "interrupted": "magenta", "pending": "dim"}
+    for t in trials:
+        labels, m = t.config.get("labels", {}), t.metrics
+        size = f"r={labels['rank']}" if "rank" in labels else f"B={labels.get('budget', '?'):,}"
+
+        def num(key, fmt, m=m):
+            return format(m[key], fmt) if key in m else "—"
+
+        status = f"[{style.get(t.status, '')}]{t.status}[/]"
+        if t.status == "failed" and t.error:
+            status += f" [dim]({t.error.splitlines()[0][:40]})[/]"
+        table.add_row(t.id[:8], str(labels.get("placement", "?")), size, str(labels.get("seed", "")), status,
+                      num("eval_loss", ".4f"), num("perplexity", ".3f"), num("trainable_params", ",.0f"),
+                      num("tokens_per_s", ",.0f"), num("train_s", ".1f"))
+    console.print(table)

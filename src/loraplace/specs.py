@@ -26,7 +26,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
             continue
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
-            return []
+            continue  # a dict key (e.g. a placement's name): the value type is the model we are already on
         current = _model_in(field.annotation)
     return list(getattr(current, "model_fields", {}) or [])
 

@@ -20,12 +20,9 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# Until the study runner lands: plan a placement, then run one real trial on the offline default.
+# The offline default end to end: a placement study on builtin:smollm2-135m (resumable: re-running is instant).
 demo: $(STAMP)
-	$(VENV)/bin/loraplace plan builtin:smollm2-135m --placement '{roles: [attn], layers: "top:50%"}' --rank 16
-	$(VENV)/bin/loraplace train --model builtin:smollm2-135m --data 'builtin:arithmetic?n=400' \
-		--placement '{roles: [attn], layers: "top:50%"}' --rank 16 --steps 12 --batch 8 --max-len 192 \
-		--lr 1e-3 --out runs/demo
+	$(VENV)/bin/loraplace run examples/quickstart.yaml --store runs/quickstart.db
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -19,8 +20,9 @@ from loraplace.errors import ConfigError, LoraplaceError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Selective LoRA placement studies: where should the adapters go, and at what rank?")
-out = Console()
-err = Console(stderr=True)
+# Piped output (make, CI logs) gets a readable width instead of rich's 80-column fallback.
+out = Console() if sys.stdout.isatty() else Console(width=140)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=140)
 _STATE = {"debug": False}
 
 
@@ -80,26 +82,23 @@ def plan(
 
 
 class TrainProgress:
-    """A rich progress bar over optimizer steps: loss, real tokens/s and ETA; silent when quiet."""
+    """Rich progress: an optional study bar over trials, and a bar over optimizer steps with loss, real tokens/s
+    and ETA (one bar, reset per trial). Silent when quiet. Called as ``progress(step, total, loss, tokens)``."""
 
     def __init__(self, quiet: bool, description: str = "train"):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.quiet = quiet
         self.progress = None if quiet else Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
-            console=err, transient=False)
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err, transient=False)
         self.task = None
+        self.study = None
         self.description = description
         self.t0 = 0.0
         self.tokens0 = 0
         self.last_loss = "…"
 
     def __enter__(self):
-        import time
-
-        self.t0 = time.perf_counter()
         if self.progress is not None:
             self.progress.start()
         return self
@@ -108,20 +107,33 @@ class TrainProgress:
         if self.progress is not None:
             self.progress.stop()
 
-    def __call__(self, step: int, total: int, loss: float | None, tokens: int) -> None:
-        import time
+    def start_study(self, total: int) -> None:
+        if self.progress is not None and self.study is None:
+            self.study = self.progress.add_task("study", total=total, info="")
 
+    def trial_done(self, done: int, failed: int) -> None:
+        if self.progress is not None and self.study is not None:
+            self.progress.update(self.study, completed=done + failed, info=f"{done} done, {failed} failed")
+
+    def new_trial(self, description: str) -> None:
+        self.description = description
+        if self.progress is not None and self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = None
+
+    def __call__(self, step: int, total: int, loss: float | None, tokens: int) -> None:
         if self.progress is None:
             return
         if self.task is None:  # rate measured from the first step on: model load and tokenising excluded
-            self.task = self.progress.add_task(self.description, total=total, loss="…", tps="…")
+            self.task = self.progress.add_task(self.description, total=total, info="loss …")
             self.t0, self.tokens0 = time.perf_counter(), tokens
+            self.progress.update(self.task, completed=step)
             return
         if loss is not None:
             self.last_loss = f"{loss:.4f}"
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        self.progress.update(self.task, completed=step, loss=self.last_loss,
-                             tps=f"{(tokens - self.tokens0) / elapsed:,.0f}")
+        self.progress.update(self.task, completed=step,
+                             info=f"loss {self.last_loss}  {(tokens - self.tokens0) / elapsed:,.0f} tok/s")
 
 
 @app.command()
@@ -204,18 +216,22 @@ def run(
     store_path = Path(store) if store else default_store(study)
     bar = TrainProgress(quiet)
 
+    counts = {"done": 0, "failed": 0}
+
     def start(planned, index, total):
-        if not quiet:
-            labels = " ".join(f"{k}={v}" for k, v in planned.labels.items())
-            err.print(f"[bold cyan]trial {index}/{total}[/] {planned.id} {labels}", highlight=False)
-        bar.task = None
+        bar.start_study(total)
+        labels = " ".join(f"{k}={v}" for k, v in planned.labels.items())
+        bar.new_trial(f"{index}/{total} {labels}")
 
     def end(planned, result):
-        if quiet:
-            return
         status = result.status if hasattr(result, "status") else result["status"]
-        loss = result.eval_loss if hasattr(result, "eval_loss") else result.get("eval_loss")
-        err.print(f"  → {status}" + (f" eval_loss={loss:.4f}" if loss is not None else ""), highlight=False)
+        counts["done" if status == "done" else "failed"] += 1
+        bar.trial_done(counts["done"], counts["failed"])
+        if not quiet:
+            loss = result.eval_loss if hasattr(result, "eval_loss") else result.get("eval_loss")
+            labels = " ".join(f"{k}={v}" for k, v in planned.labels.items())
+            bar.progress.console.print(f"{planned.id} {labels} → {status}"
+                                       + (f" eval_loss={loss:.4f}" if loss is not None else ""), highlight=False)
 
     try:
         with bar:

@@ -245,13 +245,14 @@ def run_trial(spec: TrialSpec, *, session: Session | None = None, out_dir: str |
     reset_peak_memory(device)
     with session.adapter(plan, spec.train.seed) as model:
 
-        def evaluate_now() -> float:
+        def evaluate_now() -> tuple[float, int]:
             return eval_loss(model, splits.eval, device=device, dtype=dtype, pad_id=session.pad_id,
-                             batch=spec.eval.batch, packing=spec.train.packing)[0]
+                             batch=spec.eval.batch, packing=spec.train.packing)
 
         try:
             outcome: TrainOutcome = train(model, splits.train, spec.train, device=device, dtype=dtype,
-                                          pad_id=session.pad_id, on_step=progress, eval_fn=evaluate_now,
+                                          pad_id=session.pad_id, on_step=progress,
+                                          eval_fn=lambda: evaluate_now()[0],
                                           eval_every=spec.eval.every, fault=fault)
         except TrialFailed as exc:
             result.status, result.error, result.failed_step = "failed", str(exc), exc.step
@@ -267,9 +268,7 @@ def run_trial(spec: TrialSpec, *, session: Session | None = None, out_dir: str |
         result.train_tokens, result.label_tokens = outcome.real_tokens, outcome.label_tokens
         result.tokens_per_s, result.evals = outcome.tokens_per_s, outcome.evals
         t0 = time.perf_counter()
-        result.eval_loss, result.eval_tokens = eval_loss(model, splits.eval, device=device, dtype=dtype,
-                                                         pad_id=session.pad_id, batch=spec.eval.batch,
-                                                         packing=spec.train.packing)
+        result.eval_loss, result.eval_tokens = evaluate_now()
         result.perplexity = perplexity(result.eval_loss)
         if spec.eval.generate:
             detail = task_accuracy(model, session.tokenizer, splits.eval, spec.eval.generate, device=device,

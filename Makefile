@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint plan-demo clean
+.PHONY: install demo test lint plan-demo clean browser
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ install: $(STAMP)
 # The offline default end to end: a placement study on builtin:smollm2-135m (resumable: re-running is instant).
 demo: $(STAMP)
 	$(VENV)/bin/loraplace run examples/quickstart.yaml --store runs/quickstart.db
+	$(VENV)/bin/loraplace report runs/quickstart.db --out runs/quickstart_report --quiet
 
-test: $(STAMP)
+# Headless Chromium for the HTML report test; best effort (the test skips, saying why, where none installs).
+browser:
+	@bash scripts/install-browser.sh
+
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 

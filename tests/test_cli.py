@@ -96,3 +96,25 @@ def test_train_json_end_to_end(tmp_path):
 def test_train_bad_data_is_one_clear_error(tmp_path):
     proc = run_cli("train", "--model", "tiny:llama", "--data", str(tmp_path / "missing.jsonl"), "--steps", "1")
     assert proc.returncode == 2 and "data file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_then_report_end_to_end(tmp_path):
+    """The user's path: run a study, then `loraplace report`; run ends with the comparison table."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: e2e\nmodel: tiny:llama\ndata: {train: 'builtin:arithmetic?n=60', eval_count: 8, "
+                    "max_len: 160}\ntrain: {steps: 2, batch: 4, precision: fp32}\nplacements: {all: {preset: all}, "
+                    "attn: {preset: attn}}\nranks: [2]\nseeds: [0, 1]\nbaseline: all\n")
+    env = {"LORAPLACE_CACHE": str(tmp_path / "cache")}
+    ran = run_cli("run", str(spec), "--store", str(tmp_path / "s.db"), "--quiet", env_extra=env)
+    assert ran.returncode == 0, ran.stderr
+    assert "Placements compared" in ran.stdout and "not budget-matched" in ran.stdout
+    rep = run_cli("report", str(tmp_path / "s.db"), "--format", "html,md", env_extra=env)
+    assert rep.returncode == 0, rep.stderr
+    html = tmp_path / "s_report" / "report.html"
+    assert rep.stdout.strip().splitlines()[-1] == f"report: {html}"
+    assert html.is_file() and (tmp_path / "s_report" / "results.md").is_file()
+    assert not (tmp_path / "s_report" / "results.tex").exists()
+    bad = run_cli("report", str(tmp_path / "s.db"), "--format", "docx")
+    assert bad.returncode == 2 and "unknown report format" in bad.stderr and "Traceback" not in bad.stderr
+    missing = run_cli("report", str(tmp_path / "nope.db"))
+    assert missing.returncode == 2 and "no store" in missing.stderr

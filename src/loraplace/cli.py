@@ -245,7 +245,12 @@ def run(
                   f"{summary.skipped} already done; {len(summary.recovered or [])} recovered from a dead run; "
                   f"{summary.wall_s:.1f} s", highlight=False)
     _print_status(store_path, study.name)
-    out.print(f"store: {store_path}", highlight=False)
+    if summary.done or summary.skipped:
+        from loraplace.analysis import analyze_store
+        from loraplace.report_terminal import print_comparison
+
+        print_comparison(analyze_store(store_path, study.name), out)
+    out.print(f"store: {store_path}  (report: loraplace report {store_path})", highlight=False)
     return 1 if summary.failed else 0
 
 
@@ -304,6 +309,36 @@ def export(store: str = typer.Argument(..., help="study store (.db)"),
             fh.write(text)
     else:
         sys.stdout.write(text)
+
+
+@app.command()
+def report(store: str = typer.Argument(..., help="study store (.db)"),
+           out_dir: str | None = typer.Option(None, "--out", "-o", help="directory (default: STORE_report/ beside "
+                                              "the store)"),
+           formats: str = typer.Option("html,md,tex,csv", "--format", help="comma-separated: html,md,tex,csv"),
+           name: str | None = typer.Option(None, "--study", help="study name (default: the latest)"),
+           quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the report's path")) -> None:
+    """Statistics across seeds, baseline comparison, Pareto frontier and figures: HTML, Markdown, LaTeX, CSV.
+    Safe while a study is running (it reads finished trials)."""
+    from pathlib import Path
+
+    from loraplace.analysis import analyze_store
+    from loraplace.analysis.report import parse_formats, write_report
+    from loraplace.report_terminal import print_comparison
+
+    chosen = parse_formats(formats)
+    analysis = analyze_store(store, name)
+    if not analysis.groups:
+        raise LoraplaceError(f"study {analysis.name!r} has no finished trial yet",
+                             f"run it first (loraplace run SPEC --store {store}) or check loraplace status {store}")
+    target = Path(out_dir) if out_dir else Path(store).with_name(Path(store).stem + "_report")
+    written = write_report(analysis, target, chosen)
+    if not quiet:
+        print_comparison(analysis, out)
+        for fmt, path in written.items():
+            err.print(f"{fmt}: {path}", highlight=False)
+    main_file = written.get("html") or next(iter(written.values()))
+    out.print(f"report: {main_file}", highlight=False)
 
 
 def _placement_dict(text: str) -> dict:

@@ -13,9 +13,7 @@ def _trial_task(spec_json: str, out_dir: str) -> dict[str, Any]:
     from loraplace.trial import TrialSpec, run_trial
 
     result = run_trial(TrialSpec.model_validate_json(spec_json), out_dir=out_dir)
-    payload = result.to_dict()
-    payload.pop("plan", None)
-    return payload
+    return result.store_payload()
 
 
 def run_with_ray(study, store: Store, study_id: int, by_id: dict, store_path, summary, retry_failed: bool,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from loraplace.placement.plan import Plan
@@ -103,3 +104,39 @@ def print_status(study, trials, counts, console: Console) -> None:
                       num("eval_loss", ".4f"), num("perplexity", ".3f"), num("trainable_params", ",.0f"),
                       num("tokens_per_s", ",.0f"), num("train_s", ".1f"))
     console.print(table)
+
+
+# The terminal keeps the columns that decide a placement; `loraplace report` writes the full table.
+TERMINAL_COLUMNS = ("placement", "size", "seeds", "trainable params", "eval loss", "Δ eval loss vs baseline",
+                    "p (paired t)", "verdict", "params saved (% of baseline)", "speedup", "Pareto")
+
+
+SHORT_HEADERS = {"trainable params": "params", "Δ eval loss vs baseline": "Δ loss vs base", "p (paired t)": "p",
+                 "params saved (% of baseline)": "saved", "Pareto": "Pareto"}
+
+
+def print_table(table, console: Console, columns: tuple[str, ...] | None = None) -> None:
+    """A :class:`loraplace.analysis.tables.Table` as a rich table (optionally a subset of its columns)."""
+    idx = [table.columns.index(c) for c in (columns or table.columns) if c in table.columns]
+    out = Table(title=table.title, pad_edge=False)
+    for i in idx:
+        out.add_column(SHORT_HEADERS.get(table.columns[i], table.columns[i]),
+                       justify="right" if table.right[i] else "left", no_wrap=True)
+    verdict_style = {"better": "green", "worse": "red", "baseline": "dim"}
+    for row in table.rows:
+        cells = [escape(row[i]) for i in idx]
+        if "verdict" in table.columns and table.columns.index("verdict") in idx:
+            pos = idx.index(table.columns.index("verdict"))
+            style = verdict_style.get(cells[pos])
+            if style:
+                cells[pos] = f"[{style}]{cells[pos]}[/]"
+        out.add_row(*cells)
+    console.print(out)
+
+
+def print_comparison(analysis, console: Console) -> None:
+    from loraplace.analysis.tables import comparison_table
+
+    print_table(comparison_table(analysis), console, TERMINAL_COLUMNS)
+    for warning in analysis.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)

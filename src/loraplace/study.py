@@ -161,12 +161,6 @@ class RunSummary:
     wall_s: float = 0.0
 
 
-def _result_payload(result) -> dict[str, Any]:
-    payload = result.to_dict()
-    payload.pop("plan", None)  # the plan is recomputable from the stored config
-    return payload
-
-
 def run_study(study: StudySpec, store_path: str | Path, *, backend: str = "local", address: str | None = None,
               retry_failed: bool = False, on_trial_start: Callable[[PlannedTrial, int, int], None] | None = None,
               on_trial_end: Callable[[PlannedTrial, Any], None] | None = None, progress_factory=None) -> RunSummary:
@@ -236,7 +230,7 @@ def _run_local(study, store: Store, study_id: int, by_id: dict[str, PlannedTrial
             summary.failed += 1
             continue
         if result.status == "done":
-            store.finish_trial(claimed.id, _result_payload(result), owner)
+            store.finish_trial(claimed.id, result.store_payload(), owner)
             summary.done += 1
         else:
             store.fail_trial(claimed.id, result.error or "failed", result.failed_step, owner)

@@ -178,6 +178,18 @@ class TrialResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def store_payload(self) -> dict[str, Any]:
+        """What a study store keeps: everything but the full plan, which is recomputable from the trial config;
+        a compact site map (layer, role, rank) stays so reports can draw placements without the model."""
+        payload = self.to_dict()
+        plan = payload.pop("plan", None) or {}
+        payload["sites"] = {
+            "num_layers": plan.get("num_layers", 0),
+            "roles": plan.get("roles_present", []),
+            "sites": [[s["layer"], s["role"], s["rank"]] for s in plan.get("sites", [])],
+        }
+        return payload
+
     def summary(self) -> dict[str, Any]:
         """The scalar metrics (no curves, no plan)."""
         skip = {"curve", "evals", "plan", "accuracy_detail"}

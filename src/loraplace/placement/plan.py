@@ -137,6 +137,7 @@ class Plan:
             "model": self.model,
             "family": self.family,
             "num_layers": self.num_layers,
+            "roles_present": list(self.roles_present),
             "placement": self.placement,
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,

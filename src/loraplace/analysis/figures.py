@@ -1,0 +1,213 @@
+"""Publication figures (matplotlib, Agg): each written as PNG (embedded in HTML), SVG and PDF (for LaTeX).
+
+Sizes are a two-column paper's: 3.4 in single column, 7 in full width; 8–9 pt fonts, so a figure dropped into
+a paper at 100 % needs no rescaling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display is ever needed
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from loraplace.analysis.core import Group, StudyAnalysis  # noqa: E402
+from loraplace.analysis.stats import summarize  # noqa: E402
+
+FORMATS = ("png", "svg", "pdf")
+STYLE = {
+    "font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
+    "legend.fontsize": 7, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
+    "grid.alpha": 0.25, "grid.linewidth": 0.5, "lines.linewidth": 1.2, "savefig.bbox": "tight",
+    "savefig.pad_inches": 0.03, "svg.fonttype": "none", "pdf.fonttype": 42, "figure.dpi": 100,
+}
+PNG_DPI = 200
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str  # file stem
+    title: str
+    caption: str
+    files: dict[str, Path]  # format → path
+
+
+def _colors(keys: Sequence[str]) -> dict[str, str]:
+    cmap = plt.get_cmap("tab10" if len(keys) <= 10 else "tab20")
+    return {k: matplotlib.colors.to_hex(cmap(i % cmap.N)) for i, k in enumerate(keys)}
+
+
+def _save(fig, out_dir: Path, name: str, title: str, caption: str) -> Figure:
+    files = {}
+    for fmt in FORMATS:
+        path = out_dir / f"{name}.{fmt}"
+        fig.savefig(path, dpi=PNG_DPI if fmt == "png" else None, metadata={"Date": None} if fmt == "svg" else None)
+        files[fmt] = path
+    plt.close(fig)
+    return Figure(name, title, caption, files)
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def pareto_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
+    groups = [g for g in analysis.groups if "eval_loss" in g.stats and g.trainable_params > 0]
+    if not groups:
+        return None
+    colors = _colors(sorted({g.placement for g in groups}))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(3.4, 2.6))
+        for g in groups:
+            s = g.stats["eval_loss"]
+            ax.errorbar(g.trainable_params, s.mean, yerr=s.ci_half if s.ci_half is not None else None,
+                        fmt="o", mfc=colors[g.placement] if g.dominated_by is None
+                        else "white", mec=colors[g.placement], ecolor=colors[g.placement], ms=4.5, capsize=2,
+                        elinewidth=0.8, label=g.placement)
+            ax.annotate(g.key, (g.trainable_params, s.mean), xytext=(4, 3), textcoords="offset points", fontsize=6)
+        front = analysis.frontier
+        if len(front) > 1:
+            xs = [g.trainable_params for g in front]
+            ys = [g.stats["eval_loss"].mean for g in front]
+            ax.step(xs, ys, where="post", color="0.35", lw=0.9, ls="--", zorder=0, label="Pareto frontier")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log)")
+        ax.set_ylabel("eval loss (mean ± 95% CI)")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        ax.legend(unique.values(), unique.keys(), frameon=False, loc="best")
+        return _save(fig, out_dir, "pareto", "Quality per trainable parameter",
+                     "Eval loss against trainable parameters (log scale), mean over seeds with 95% t-intervals. "
+                     "Filled markers lie on the Pareto frontier (dashed); hollow markers are dominated.")
+
+
+def curves_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
+    groups = [g for g in analysis.groups if any(t.curve for t in g.trials)]
+    if not groups:
+        return None
+    colors = _colors([g.key for g in groups])
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(3.4, 2.6))
+        for g in groups:
+            # Seeds share the step grid; tokens per step differ slightly with packing, so x is their mean.
+            steps = sorted(set.intersection(*[{s for s, _, _ in t.curve} for t in g.trials if t.curve]))
+            xs, means, lows, highs = [], [], [], []
+            for step in steps:
+                points = [(tok, loss) for t in g.trials for s, tok, loss in t.curve if s == step]
+                summary = summarize([loss for _, loss in points])
+                xs.append(sum(tok for tok, _ in points) / len(points))
+                means.append(summary.mean)
+                half = summary.ci_half or 0.0
+                lows.append(summary.mean - half)
+                highs.append(summary.mean + half)
+            ax.plot(xs, means, color=colors[g.key], label=f"{g.key} (n={g.n})")
+            if g.n > 1:
+                ax.fill_between(xs, lows, highs, color=colors[g.key], alpha=0.18, lw=0)
+        ax.set_xlabel("training tokens (non-pad)")
+        ax.set_ylabel("train loss")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _human(v)))
+        ax.legend(frameon=False)
+        return _save(fig, out_dir, "curves", "Training curves",
+                     "Train loss against non-pad training tokens, mean over seeds; bands are 95% t-intervals.")
+
+
+def efficiency_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
+    groups = [g for g in analysis.groups if g.comparison is not None]
+    if not groups:
+        return None
+    panels = (("trainable_params", "trainable params"), ("train_s", "train time"), ("peak_mem_mb", "peak memory"))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 3, figsize=(7.0, 0.45 + 0.28 * len(groups)), sharey=True)
+        labels = [g.key for g in groups]
+        for ax, (metric, title) in zip(axes, panels, strict=True):
+            ratios, errs = [], []
+            for g in groups:
+                base = analysis.group(g.comparison.baseline)
+                if metric == "trainable_params":
+                    ratios.append(g.trainable_params / base.trainable_params if base.trainable_params else math.nan)
+                    errs.append(0.0)
+                    continue
+                s, b = g.stats.get(metric), base.stats.get(metric)
+                if s is None or b is None or b.mean == 0:
+                    ratios.append(math.nan)
+                    errs.append(0.0)
+                    continue
+                ratios.append(s.mean / b.mean)
+                errs.append((s.ci_half or 0.0) / b.mean)
+            colors = ["0.55" if g.is_baseline else "#4c72b0" for g in groups]
+            ax.barh(range(len(groups)), ratios, xerr=errs, color=colors, height=0.6, error_kw={"elinewidth": 0.7})
+            ax.axvline(1.0, color="0.2", lw=0.7, ls=":")
+            finite = [r + e for r, e in zip(ratios, errs, strict=True) if math.isfinite(r)]
+            ax.set_xlim(0, max(finite + [1.0]) * 1.25)  # a wide interval must not drag the axis below zero
+            ax.set_title(f"{title} (× baseline)")
+            ax.grid(axis="y", visible=False)
+            for i, (r, e) in enumerate(zip(ratios, errs, strict=True)):
+                if math.isfinite(r):
+                    ax.text(r + e, i - 0.32, f" {r:.2f}×", va="center", fontsize=6)
+        axes[0].set_yticks(range(len(groups)), labels)
+        axes[0].invert_yaxis()
+        return _save(fig, out_dir, "efficiency", "Cost against the baseline",
+                     "Trainable parameters, train time and peak memory of each placement as a multiple of the "
+                     "baseline at the same size (grey); error bars are the 95% t-interval of the mean over seeds.")
+
+
+def site_heatmap(matrices: dict[str, list[list[float]]], roles: Sequence[str], out_dir: Path, name: str,
+                 title: str, caption: str, value_label: str, binary_cmap: bool = False) -> Figure:
+    """Small multiples of layers (rows) × roles (columns) matrices; used for placements and probe scores."""
+    panels = list(matrices.items())
+    with plt.rc_context(STYLE):
+        n_layers = max(len(m) for _, m in panels)
+        width = min(7.0, 0.35 + len(panels) * (0.22 * len(roles) + 0.45))
+        fig, axes = plt.subplots(1, len(panels), figsize=(width, 0.6 + 0.075 * n_layers + 0.3), squeeze=False,
+                                 sharey=True)
+        vmax = max((v for _, m in panels for row in m for v in row if math.isfinite(v)), default=1.0) or 1.0
+        cmap = ListedColormap(["#f2f2f2", "#c44e52"]) if binary_cmap else plt.get_cmap("viridis")
+        image = None
+        for ax, (label, matrix) in zip(axes[0], panels, strict=True):
+            image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=vmax)
+            ax.set_title(label, fontsize=7)
+            ax.set_xticks(range(len(roles)), [r.split(".")[-1] for r in roles], rotation=90, fontsize=6)
+            ax.grid(False)
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+        axes[0][0].set_ylabel("layer")
+        if not binary_cmap and image is not None:
+            fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=value_label)
+        return _save(fig, out_dir, name, title, caption)
+
+
+def placement_heatmap(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
+    seen: dict[str, Group] = {}
+    for g in analysis.groups:  # one panel per placement (its first size)
+        if g.sites and g.placement not in seen:
+            seen[g.placement] = g
+    if not seen:
+        return None
+    roles = [r for r in next(iter(seen.values())).roles if r != "head"]
+    matrices = {}
+    for placement, g in seen.items():
+        matrix = [[0.0] * len(roles) for _ in range(g.num_layers)]
+        for layer, role, rank in g.sites:
+            if layer is not None and role in roles:
+                matrix[layer][roles.index(role)] = float(rank)
+        matrices[placement] = matrix
+    ranks = {rank for g in seen.values() for _, _, rank in g.sites}
+    uniform = len(ranks) <= 1
+    return site_heatmap(matrices, roles, out_dir, "sites", "Where each placement puts adapters",
+                        "Layers × roles: coloured cells carry a LoRA adapter" +
+                        ("." if uniform else "; colour is the rank."), "rank", binary_cmap=uniform)
+
+
+def study_figures(analysis: StudyAnalysis, out_dir: Path) -> list[Figure]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    makers = (pareto_figure, curves_figure, efficiency_figure, placement_heatmap)
+    return [f for make in makers if (f := make(analysis, out_dir)) is not None]

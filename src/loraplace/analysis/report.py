@@ -1,0 +1,212 @@
+"""Report writers: one self-contained HTML file, Markdown and LaTeX a paper can use as-is, and CSV.
+
+Everything comes from one :class:`StudyAnalysis` and the shared :mod:`tables`, so the formats never disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as _dt
+import html
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from loraplace.analysis.core import StudyAnalysis
+from loraplace.analysis.figures import Figure, study_figures
+from loraplace.analysis.tables import Table, comparison_table, site_table, trial_table
+from loraplace.errors import LoraplaceError
+
+FORMATS = ("html", "md", "tex", "csv")
+WIDE_FIGURES = ("efficiency", "sites")  # full text width; the others are single-column figures
+
+
+def parse_formats(text: str) -> list[str]:
+    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise LoraplaceError(f"unknown report format(s): {', '.join(unknown) or '(none given)'}",
+                             f"use a comma-separated subset of {','.join(FORMATS)}")
+    return formats
+
+
+def write_report(analysis: StudyAnalysis, out_dir: str | Path,
+                 formats: tuple[str, ...] | list[str] = FORMATS) -> dict[str, Path]:
+    """Write the requested formats (and the figures they need) under ``out_dir``; returns format → main file."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = study_figures(analysis, out / "figures") if {"html", "md", "tex"} & set(formats) else []
+    tables = [t for t in (comparison_table(analysis), site_table(analysis)) if t is not None]
+    trials = trial_table(analysis)
+    written: dict[str, Path] = {}
+    if "html" in formats:
+        written["html"] = _write(out / "report.html", render_html(analysis, tables, trials, figures))
+    if "md" in formats:
+        written["md"] = _write(out / "results.md", render_markdown(analysis, tables, figures, out))
+    if "tex" in formats:
+        written["tex"] = _write(out / "results.tex", render_latex(analysis, tables, figures, out))
+    if "csv" in formats:
+        written["csv"] = _write_csv(out / "summary.csv", tables[0])
+        _write_csv(out / "trials.csv", trials)
+    return written
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)  # a reader (a browser reloading) never sees half a report
+    return path
+
+
+def _write_csv(path: Path, table: Table) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(table.columns)
+        writer.writerows(table.rows)
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font:14px/1.45 -apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:#1d1d1f;
+ max-width:1180px;margin:2em auto;padding:0 1.2em;background:#fff}
+h1{font-size:1.6em;margin:.2em 0}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+.meta{color:#555}.warn{background:#fff7e0;border-left:4px solid #f0b400;padding:.5em 1em;margin:1em 0}
+.warn li{margin:.2em 0}table{border-collapse:collapse;font-size:12.5px;margin:.6em 0;display:block;overflow-x:auto}
+th,td{padding:.3em .6em;border-bottom:1px solid #e6e6e6;text-align:left;white-space:nowrap}
+th{background:#f6f6f8;font-weight:600;position:sticky;top:0}td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.baseline td{background:#f3f6fb}tr.dominated td{color:#777}.note{color:#666;font-size:12px;margin:.2em 0}
+.figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:0 1.5em}
+.figs figure.wide{grid-column:1/-1}figure{margin:1.2em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{color:#555;font-size:12.5px;margin-top:.3em}pre{background:#f6f6f8;padding:.8em;overflow-x:auto;
+font-size:12px}.ok{color:#2a7d2a}.bad{color:#b02a2a}
+"""
+
+
+def _html_table(table: Table, row_classes: list[str] | None = None, table_id: str = "") -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
+    body = []
+    for i, row in enumerate(table.rows):
+        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
+        cells = "".join(f'<td class="num">{html.escape(v)}</td>' if right else f"<td>{html.escape(v)}</td>"
+                        for v, right in zip(row, table.right, strict=True))
+        body.append(f"<tr{cls}>{cells}</tr>")
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in table.notes)
+    ident = f' id="{table_id}"' if table_id else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{notes}"
+
+
+def _img(figure: Figure) -> str:
+    data = base64.b64encode(figure.files["png"].read_bytes()).decode()
+    wide = ' class="wide"' if figure.name in WIDE_FIGURES else ""
+    return (f'<figure id="fig-{figure.name}"{wide}><img alt="{html.escape(figure.title)}" '
+            f'src="data:image/png;base64,{data}"><figcaption><b>{html.escape(figure.title)}.</b> '
+            f"{html.escape(figure.caption)}</figcaption></figure>")
+
+
+def render_html(analysis: StudyAnalysis, tables: list[Table], trials: Table, figures: list[Figure]) -> str:
+    counts = ", ".join(f"{v} {k}" for k, v in analysis.counts.items() if v)
+    classes = ["baseline" if g.is_baseline else ("dominated" if g.dominated_by else "") for g in analysis.groups]
+    parts = [f"<h1>Study {html.escape(analysis.name)}</h1>",
+             f'<p class="meta">model <b>{html.escape(analysis.model)}</b> · baseline '
+             f"<b>{html.escape(str(analysis.baseline))}</b> · trials: {html.escape(counts)} · store "
+             f"<code>{html.escape(analysis.store)}</code> · generated "
+             f"{_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}</p>"]
+    if analysis.warnings:
+        parts.append('<div class="warn"><b>Read with care</b><ul>'
+                     + "".join(f"<li>{html.escape(w)}</li>" for w in analysis.warnings) + "</ul></div>")
+    parts.append(f"<h2>{html.escape(tables[0].title)}</h2>" + _html_table(tables[0], classes, "comparison"))
+    front = analysis.frontier
+    if front:
+        parts.append("<p><b>Pareto frontier</b> (fewest params for the loss): "
+                     + " → ".join(html.escape(g.key) for g in front) + "</p>")
+    parts.append('<div class="figs">' + "".join(_img(f) for f in figures) + "</div>")
+    for table in tables[1:]:
+        parts.append(f"<h2>{html.escape(table.title)}</h2>" + _html_table(table))
+    parts.append(f"<h2>{html.escape(trials.title)}</h2>"
+                 + _html_table(trials, [{"done": "", "failed": "dominated"}.get(r[3], "dominated")
+                                        for r in trials.rows], "trials"))
+    spec = {k: v for k, v in analysis.spec.items() if k != "versions"}
+    parts.append("<h2>Study spec</h2><pre>" + html.escape(yaml.safe_dump(spec, sort_keys=False)) + "</pre>")
+    parts.append("<h2>Environment</h2><pre>" + html.escape(json.dumps(analysis.environment, indent=2)) + "</pre>")
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+            f"<title>loraplace · {html.escape(analysis.name)}</title><style>{_CSS}</style></head><body>"
+            + "\n".join(parts) + "</body></html>\n")
+
+
+# --------------------------------------------------------------------------------------------- Markdown
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _md_table(table: Table) -> str:
+    lines = ["| " + " | ".join(map(_md_cell, table.columns)) + " |",
+             "|" + "|".join("---:" if r else ":---" for r in table.right) + "|"]
+    lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in table.rows]
+    return "\n".join(lines) + "\n" + "".join(f"\n_{n}_\n" for n in table.notes)
+
+
+def render_markdown(analysis: StudyAnalysis, tables: list[Table], figures: list[Figure], out: Path) -> str:
+    parts = [f"# Study `{analysis.name}`\n", f"Model `{analysis.model}`; baseline `{analysis.baseline}`.\n"]
+    if analysis.warnings:
+        parts.append("**Read with care:**\n\n" + "\n".join(f"- {w}" for w in analysis.warnings) + "\n")
+    for table in tables:
+        parts.append(f"## {table.title}\n\n{_md_table(table)}")
+    for figure in figures:
+        rel = figure.files["png"].relative_to(out).as_posix()
+        parts.append(f"![{figure.title}]({rel})\n\n*{figure.title}.* {figure.caption}\n")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- LaTeX
+
+_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_TEX_RE = re.compile("|".join(re.escape(k) for k in _TEX_ESCAPES))
+
+
+def tex_escape(text: str) -> str:
+    text = _TEX_RE.sub(lambda m: _TEX_ESCAPES[m.group()], text)
+    return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("×", r"$\times$").replace("—", "--") \
+        .replace("–", "--").replace("→", r"$\to$")
+
+
+# The paper table keeps the columns a results section needs; the HTML and CSV carry the rest.
+_TEX_COLUMNS = ("placement", "size", "seeds", "trainable params", "eval loss", "Δ eval loss vs baseline",
+                "p (paired t)", "params saved (% of baseline)", "Pareto")
+
+
+def render_latex(analysis: StudyAnalysis, tables: list[Table], figures: list[Figure], out: Path) -> str:
+    table = tables[0]
+    idx = [table.columns.index(c) for c in _TEX_COLUMNS]
+    align = "".join("r" if table.right[i] else "l" for i in idx)
+    caption = f"Placements compared on {analysis.model} (study {analysis.name}). {table.notes[0]}"
+    lines = ["% Generated by loraplace from the study store; needs \\usepackage{booktabs,graphicx}.",
+             "\\begin{table}[t]", "\\centering", "\\small", "\\setlength{\\tabcolsep}{4pt}",
+             f"\\caption{{{tex_escape(caption)}}}",
+             f"\\label{{tab:{re.sub(r'[^A-Za-z0-9]+', '-', analysis.name)}}}",
+             "\\resizebox{\\linewidth}{!}{%", f"\\begin{{tabular}}{{{align}}}", "\\toprule",
+             " & ".join(tex_escape(table.columns[i]) for i in idx) + " \\\\", "\\midrule"]
+    for row in table.rows:
+        cells = [tex_escape(row[i]) for i in idx]
+        if row[table.columns.index("Pareto")] == "frontier":
+            cells[-1] = "\\textbf{frontier}"
+        elif cells[-1].startswith("dominated"):
+            cells[-1] = "dominated"
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}}", "\\end{table}", ""]
+    for figure in figures:
+        rel = figure.files["pdf"].relative_to(out).as_posix()
+        lines += ["\\begin{figure}[t]", "\\centering",
+                  f"\\includegraphics[width=\\linewidth]{{{rel}}}",
+                  f"\\caption{{{tex_escape(figure.title)}. {tex_escape(figure.caption)}}}",
+                  f"\\label{{fig:{figure.name}}}", "\\end{figure}", ""]
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""The comparison, per-site and per-trial tables as rows of formatted cells, shared by every output format."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from loraplace.analysis.core import Group, StudyAnalysis, compact_ranges
+from loraplace.analysis.stats import Summary
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    right: tuple[bool, ...]  # right-align (numbers)
+    notes: tuple[str, ...] = ()
+
+
+def fmt_mean(s: Summary | None, spec: str = ".4f") -> str:
+    if s is None:
+        return "—"
+    if s.ci_half is None:
+        return f"{s.mean:{spec}} (n=1)"
+    return f"{s.mean:{spec}} ± {s.ci_half:{spec}}"
+
+
+def fmt_params(n: int) -> str:
+    return f"{n:,}"
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None or not math.isfinite(p):
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _delta(g: Group) -> tuple[str, str, str, str]:
+    c = g.comparison
+    if c is None:
+        return "—", "—", "—", "no baseline at this size"
+    if g.is_baseline:
+        return "0 (baseline)", "—", "—", "baseline"
+    d = c.delta_loss
+    if d is None:
+        return "—", "—", "—", "no shared seeds"
+    text = f"{d.mean_diff:+.4f}" + (f" ± {d.ci_half:.4f}" if d.ci_half is not None else "")
+    pct = f"{c.delta_loss_pct:+.2f}%" if c.delta_loss_pct is not None else "—"
+    return text, pct, fmt_p(d.p_value), d.verdict()
+
+
+def comparison_table(analysis: StudyAnalysis) -> Table:
+    columns = ("placement", "size", "seeds", "trainable params", "% of model", "eval loss", "perplexity",
+               "accuracy", "Δ eval loss vs baseline", "Δ %", "p (paired t)", "verdict",
+               "params saved (% of baseline)", "params saved (% of model)", "speedup", "tokens/s",
+               "peak mem (MiB)", "Pareto")
+    right = (False, False, True, True, True, True, True, True, True, True, True, False, True, True, True, True,
+             True, False)
+    rows = []
+    for g in analysis.groups:
+        delta, pct, p, verdict = _delta(g)
+        c = g.comparison
+        pct_model = 100.0 * g.trainable_params / g.total_params if g.total_params else 0.0
+        acc = g.stats.get("accuracy")
+        rows.append((
+            g.placement, g.size + "".join(f" {k}={v}" for k, v in g.axes), str(g.n), fmt_params(g.trainable_params),
+            f"{pct_model:.3f}%", fmt_mean(g.stats.get("eval_loss")), fmt_mean(g.stats.get("perplexity"), ".3f"),
+            fmt_mean(acc, ".3f") if acc is not None else "—", delta, pct, p, verdict,
+            "—" if c is None or g.is_baseline else f"{c.params_saved_pct_of_baseline:+.1f}%",
+            "—" if c is None or g.is_baseline else f"{c.params_saved_pct_of_model:+.3f}%",
+            "—" if c is None or c.speedup is None or g.is_baseline else f"{c.speedup:.2f}×",
+            fmt_mean(g.stats.get("tokens_per_s"), ",.0f"), fmt_mean(g.stats.get("peak_mem_mb"), ",.0f"),
+            "frontier" if g.dominated_by is None else f"dominated by {g.dominated_by}",
+        ))
+    notes = ("eval loss, perplexity, accuracy, tokens/s and memory: mean ± half-width of the 95% t-interval over "
+             "seeds (n=1: no interval).",
+             "Δ eval loss: seed-paired mean difference to the baseline at the same size, ± 95% t-interval; "
+             "'not distinguishable' when that interval covers 0.",
+             "params saved: (baseline − placement) trainable params, as % of the baseline's adapter and, "
+             "separately, as % of the full model's parameters. speedup: baseline train time / train time.")
+    return Table("Placements compared", columns, tuple(rows), right, notes)
+
+
+def site_table(analysis: StudyAnalysis) -> Table | None:
+    groups = [g for g in analysis.groups if g.sites]
+    if not any(g.layer_selective for g in groups):
+        return None
+    rows = []
+    for g in groups:
+        roles = sorted({role for _, role, _ in g.sites}, key=lambda r: (g.roles.index(r) if r in g.roles else 99))
+        ranks = sorted({rank for _, _, rank in g.sites})
+        rows.append((g.key, compact_ranges(g.layers) + (f" of 0–{g.num_layers - 1}" if g.num_layers else ""),
+                     ", ".join(roles), ", ".join(map(str, ranks)), fmt_params(g.trainable_params),
+                     fmt_mean(g.stats.get("eval_loss"))))
+    return Table("Eval loss by layer range and role", ("placement", "layers", "roles", "rank(s)",
+                                                        "trainable params", "eval loss"),
+                 tuple(rows), (False, False, False, True, True, True))
+
+
+def trial_table(analysis: StudyAnalysis) -> Table:
+    rows = []
+    for t in analysis.trials:
+        m = t.metrics
+
+        def num(key, spec, m=m):
+            return format(m[key], spec) if m.get(key) is not None else "—"
+
+        rows.append((t.id, t.group, str(t.seed), t.status, num("eval_loss", ".4f"), num("perplexity", ".3f"),
+                     num("accuracy", ".3f"), num("trainable_params", ",.0f"), num("tokens_per_s", ",.1f"),
+                     num("train_s", ".1f"), num("peak_mem_mb", ",.0f"),
+                     (t.error or "").splitlines()[0][:160] if t.error else ""))
+    return Table("Every trial", ("trial", "group", "seed", "status", "eval loss", "perplexity", "accuracy",
+                                 "trainable params", "tokens/s", "train s", "peak MiB", "error"),
+                 tuple(rows), (False, False, True, False, True, True, True, True, True, True, True, False))

@@ -1,8 +1,5 @@
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -110,55 +107,6 @@ def test_a_failing_trial_does_not_stop_the_study(tmp_path):
     assert trials["all"].status == "failed" and "smaller than rank 1" in trials["all"].error
     assert trials["attn"].status == "done"
     assert (summary.done, summary.failed) == (1, 1)
-
-
-def _wait_for_running(db: Path, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if db.exists():
-            try:
-                with Store(db) as store:
-                    if any(t.status == "running" for t in store.trials(store.study().id)):
-                        return
-            except Exception:  # noqa: BLE001 - the study row may not exist yet
-                pass
-        time.sleep(0.2)
-    raise AssertionError("no trial started")
-
-
-def test_sigkill_mid_trial_then_resume(tmp_path):
-    path = tiny_spec(tmp_path, steps=60)
-    db = tmp_path / "s.db"
-    env = dict(os.environ, LORAPLACE_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.Popen([sys.executable, "-m", "loraplace", "run", str(path), "--store", str(db), "-q"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_running(db)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    summary = run_study(load_study(path), db)
-    assert summary.recovered  # the dead run's trial was found and re-run
-    with Store(db) as store:
-        trials = store.trials(store.study().id)
-        assert [t.status for t in trials] == ["done"] * 4
-        assert all(t.completions == 1 for t in trials)
-        assert store.integrity_check() == "ok"
-
-
-def test_sigint_marks_interrupted_and_exits_nonzero(tmp_path):
-    path = tiny_spec(tmp_path, steps=200)
-    db = tmp_path / "s.db"
-    env = dict(os.environ, LORAPLACE_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.Popen([sys.executable, "-m", "loraplace", "run", str(path), "--store", str(db), "-q"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_running(db)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and "Traceback" not in stderr
-    with Store(db) as store:
-        statuses = [t.status for t in store.trials(store.study().id)]
-    assert "interrupted" in statuses and "running" not in statuses
 
 
 def test_ray_backend_two_trials(tmp_path):

@@ -6,6 +6,7 @@ code 2; ``--debug`` adds the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -22,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Selective LoRA placement studies: where should the adapters go, and at what rank?")
 # Piped output (make, CI logs) gets a readable width instead of rich's 80-column fallback.
 out = Console() if sys.stdout.isatty() else Console(width=140)
+DEFAULT_PROBE_DATA = "builtin:arithmetic?n=256"  # offline default data for the importance probe
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=140)
 _STATE = {"debug": False}
 
@@ -61,15 +63,27 @@ def plan(
     budget: int | None = typer.Option(None, "--budget", help="trainable-parameter budget: solve the rank"),
     model_config: str | None = typer.Option(
         None, "--model-config", help="config overrides k=v,...; with model_type=NAME no hub is needed"),
+    data: str = typer.Option(DEFAULT_PROBE_DATA, "--data", help="auto placements only: data the probe reads"),
+    max_len: int = typer.Option(512, "--max-len", help="auto placements only: token limit per example"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Dry-run: show every module a placement adapts and the exact trainable-parameter count. Loads no weights."""
+    """Dry-run: show every module a placement adapts and the exact trainable-parameter count. Loads no weights
+    (an auto placement loads the model to run its importance probe first)."""
     from loraplace.placement import parse_placement, plan_for_model
     from loraplace.report_terminal import print_plan
 
     overrides = parse_kv(model_config)
     model_type = overrides.pop("model_type", None)
     spec = parse_placement(placement)
+    if spec.auto is not None:
+        session, tokenized = _probe_session(model, data, max_len, as_json)
+        with _probe_progress(as_json, spec.auto.batches) as progress:
+            result = session.plan(spec, budget=budget, data=tokenized, data_key=data, progress=progress)
+        if as_json:
+            out.print_json(json.dumps(result.to_dict()))
+        else:
+            print_plan(result, out)
+        return
     if rank is None and budget is None and spec.rank is None and spec.budget is None and not spec.ranks \
             and not (spec.groups and all(g.rank for g in spec.groups)):
         rank = 16
@@ -79,6 +93,68 @@ def plan(
         out.print_json(json.dumps(result.to_dict()))
     else:
         print_plan(result, out)
+
+
+def _probe_session(model: str, data: str, max_len: int, quiet: bool):
+    """The loaded model and the tokenised probe data (the whole source: the probe only reads it)."""
+    from loraplace.data import DataSpec, load_tokenized
+    from loraplace.trial import Session
+
+    if not quiet:
+        err.print(f"loading {model} and tokenising {data} for the importance probe …", highlight=False)
+    session = Session(model)
+    tokenized, _ = load_tokenized(data, session.tokenizer, DataSpec(train=data, max_len=max_len))
+    if len(tokenized) == 0:
+        raise LoraplaceError(f"{data}: no usable example for the probe", "check --data and --max-len")
+    return session, tokenized
+
+
+@contextlib.contextmanager
+def _probe_progress(quiet: bool, batches: int):
+    if quiet or not err.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("probe"), BarColumn(), TextColumn("{task.completed}/{task.total} batches"),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("probe", total=batches)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@app.command()
+def probe(
+    model: str = typer.Argument(..., help="hub id, checkpoint dir, builtin:smollm2-135m or tiny:FAMILY"),
+    data: str = typer.Option(DEFAULT_PROBE_DATA, "--data", help="data source (JSONL/CSV/Parquet, hf:, builtin:)"),
+    batches: int = typer.Option(8, "--batches", min=1, help="batches of data to accumulate gradients over"),
+    batch: int = typer.Option(8, "--batch", min=1, help="examples per batch"),
+    rank: int = typer.Option(8, "--rank", min=1, help="rank r of the scored update: score = ‖G_r‖_F"),
+    max_len: int = typer.Option(512, "--max-len", min=8, help="token limit per example"),
+    out_dir: str | None = typer.Option(None, "--out", "-o", help="write probe.json and the heatmap here"),
+    as_json: bool = typer.Option(False, "--json", help="print the scores as one JSON object"),
+) -> None:
+    """Importance probe: score every (layer, role) site by the top-r singular values of its loss gradient on a
+    few batches of your data, and its efficiency per trainable parameter. Trains nothing."""
+    from pathlib import Path
+
+    from loraplace.report_terminal import print_probe
+
+    session, tokenized = _probe_session(model, data, max_len, as_json)
+    with _probe_progress(as_json, batches) as progress:
+        result = session.probe(tokenized, batches=batches, batch=batch, rank=rank, key=data, progress=progress)
+    if out_dir is not None:
+        from loraplace.analysis.figures import probe_heatmap
+        from loraplace.trial import write_json_atomic
+
+        target = Path(out_dir)
+        write_json_atomic(target / "probe.json", result.to_dict())
+        figure = probe_heatmap(result, target)
+        if not as_json:
+            err.print(f"wrote {target / 'probe.json'} and {figure.files['png']}", highlight=False)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+    else:
+        print_probe(result, out)
 
 
 class TrainProgress:

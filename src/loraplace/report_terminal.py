@@ -83,6 +83,8 @@ def print_trial(result, console: Console) -> None:
 
 
 def print_status(study, trials, counts, console: Console) -> None:
+    from loraplace.analysis.core import size_label
+
     table = Table(title=f"study {study.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v),
                   pad_edge=False)
     for col, justify in (("trial", "left"), ("placement", "left"), ("size", "right"), ("seed", "right"),
@@ -92,7 +94,7 @@ def print_status(study, trials, counts, console: Console) -> None:
     style = {"done": "green", "failed": "red", "running": "yellow", "interrupted": "magenta", "pending": "dim"}
     for t in trials:
         labels, m = t.config.get("labels", {}), t.metrics
-        size = f"r={labels['rank']}" if "rank" in labels else f"B={labels.get('budget', '?'):,}"
+        size = size_label(labels) or "?"
 
         def num(key, fmt, m=m):
             return format(m[key], fmt) if key in m else "—"
@@ -140,3 +142,27 @@ def print_comparison(analysis, console: Console) -> None:
     print_table(comparison_table(analysis), console, TERMINAL_COLUMNS)
     for warning in analysis.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+def print_probe(result, console: Console) -> None:
+    """Layers × roles table of probe scores; the best site per role is bold, the top-10 by efficiency starred."""
+    top = sorted(result.sites, key=lambda s: -s.efficiency)[:10]
+    starred = {(s.layer, s.role) for s in top}
+    table = Table(title=f"importance probe · {result.model} · ‖G_r‖_F at r={result.rank} over {result.batches} "
+                        f"batches ({result.label_tokens:,} label tokens, {result.seconds:.1f} s)", pad_edge=False)
+    table.add_column("layer", justify="right")
+    for role in result.roles:
+        table.add_column(role, justify="right")
+    matrix = result.matrix("score")
+    best = {j: max(range(result.num_layers), key=lambda i, j=j: matrix[i][j]) for j in range(len(result.roles))}
+    for i, row in enumerate(matrix):
+        cells = []
+        for j, value in enumerate(row):
+            text = "—" if value != value else f"{value:.3g}"
+            if (i, result.roles[j]) in starred:
+                text += "*"
+            cells.append(f"[bold]{text}[/]" if best[j] == i else text)
+        table.add_row(str(i), *cells)
+    console.print(table)
+    console.print("* = top 10 sites by efficiency (score per trainable parameter at this rank); bold = best layer "
+                  "per role", highlight=False)

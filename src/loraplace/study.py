@@ -140,6 +140,33 @@ def expand_grid(study: StudySpec) -> list[PlannedTrial]:
     return out
 
 
+def check_placements(study: StudySpec) -> None:
+    """Resolve every placement on the meta-device model (no weights) before anything is written or trained:
+    an unknown or absent role, an empty layer selection or a fused-qkv request fails the whole spec at once.
+    A budget too small for rank 1 is not checked here: that is one trial's failure, the others still run."""
+    from loraplace.errors import ConfigError, PlacementError
+    from loraplace.placement import meta_architecture, resolve_placement
+
+    arch = meta_architecture(study.model)
+    problems: list[str] = []
+    for name, placement in study.placements.items():
+        if placement.auto is not None:  # its sites are chosen by the probe when the trial runs
+            if placement.auto.budget is None and study.budget is None and study.budgets is None:
+                problems.append(f"placements.{name}: an auto placement needs a budget (auto: {{budget: N}} or the "
+                                "study's budget:/budgets:)")
+            continue
+        for kind, size in study.sizes():
+            try:
+                resolve_placement(arch, placement, model=study.model, rank=size if kind == "rank" else 1)
+            except PlacementError as exc:
+                problem = f"placements.{name}: {exc}"
+                if problem not in problems:
+                    problems.append(problem)
+    if problems:
+        raise ConfigError(problems, f"placements that do not resolve on {study.model}",
+                          f"see the roles of this model with: loraplace plan {study.model} --placement all")
+
+
 def default_store(study: StudySpec) -> Path:
     return Path("runs") / f"{study.name}.db"
 
@@ -168,6 +195,7 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: str = "local
     and re-raises ``KeyboardInterrupt``."""
     t0 = time.perf_counter()
     store_path = Path(store_path)
+    check_placements(study)
     planned = expand_grid(study)
     by_id = {p.id: p for p in planned}
     summary = RunSummary()

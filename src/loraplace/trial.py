@@ -8,6 +8,7 @@ Adapters are injected for a trial and removed afterwards (``unload``), leaving t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -17,17 +18,20 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
 
-from loraplace.data import DataSpec, Splits, load_splits
-from loraplace.errors import TrialFailed
+from loraplace.data import DataSpec, Splits, TokenizedSet, load_splits
+from loraplace.errors import PlacementError, TrialFailed
 from loraplace.evaluate import eval_loss, perplexity, task_accuracy
 from loraplace.placement import PlacementSpec, Plan, map_architecture, parse_placement, resolve_placement
 from loraplace.specs import StrictModel
 from loraplace.train import TrainOutcome, TrainSpec, resolve_device, resolve_dtype, seed_everything, train
+
+if TYPE_CHECKING:
+    from loraplace.probe import ProbeResult
 
 
 class EvalSpec(StrictModel):
@@ -101,6 +105,7 @@ class Session:
         self.arch = map_architecture(self.model)
         self.load_s = time.perf_counter() - t0
         self._data: dict[str, Splits] = {}
+        self._probes: dict[tuple, ProbeResult] = {}
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -109,8 +114,40 @@ class Session:
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    def plan(self, placement, rank: int | None = None, budget: int | None = None) -> Plan:
-        return resolve_placement(self.arch, placement, model=self.model_ref, rank=rank, budget=budget)
+    def plan(self, placement, rank: int | None = None, budget: int | None = None,
+             data: TokenizedSet | None = None, data_key: str = "", progress=None) -> Plan:
+        """The exact plan; an ``auto`` placement is first scored by the probe on ``data`` (the training split)
+        and compiled to ordinary groups, so it resolves like any other placement."""
+        spec = parse_placement(placement)
+        if spec.auto is None:
+            return resolve_placement(self.arch, spec, model=self.model_ref, rank=rank, budget=budget)
+        from loraplace.probe import compile_auto
+
+        if data is None:
+            raise PlacementError("an auto placement needs training data for its probe", "pass --data (plan) or "
+                                 "run it inside a study or trial")
+        probe = self.probe(data, batches=spec.auto.batches, batch=spec.auto.batch, rank=spec.auto.rank,
+                           key=data_key, progress=progress)
+        target = budget if budget is not None else spec.auto.budget
+        compiled = compile_auto(spec, probe, target)
+        plan = resolve_placement(self.arch, compiled, model=self.model_ref)
+        label = f"auto:{spec.auto.granularity}@{target:,}"
+        return dataclasses.replace(plan, budget=target, placement=spec.model_dump(exclude_none=True,
+                                                                                  exclude_defaults=True)
+                                   | {"label": label, "compiled": compiled.model_dump(exclude_none=True,
+                                                                                      exclude_defaults=True)})
+
+    def probe(self, data: TokenizedSet, *, batches: int = 8, batch: int = 8, rank: int = 8, key: str = "",
+              progress=None) -> ProbeResult:
+        """Importance scores of every site on ``data``; computed once per (data, batches, batch, rank)."""
+        from loraplace.probe import probe_model
+
+        cache_key = (key or str(id(data)), batches, batch, rank)
+        if cache_key not in self._probes:
+            self._probes[cache_key] = probe_model(self.model, self.arch, data, model_ref=self.model_ref,
+                                                  batches=batches, batch=batch, rank=rank, device=self.device,
+                                                  dtype=self.dtype, pad_id=self.pad_id, progress=progress)
+        return self._probes[cache_key]
 
     def data(self, spec: DataSpec) -> tuple[Splits, bool]:
         key = spec.model_dump_json()
@@ -174,6 +211,7 @@ class TrialResult:
     accuracy_detail: dict | None = None
     versions: dict[str, str] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
+    probe: dict[str, Any] | None = None  # importance-probe scores, for auto placements
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -183,6 +221,9 @@ class TrialResult:
         a compact site map (layer, role, rank) stays so reports can draw placements without the model."""
         payload = self.to_dict()
         plan = payload.pop("plan", None) or {}
+        if payload.get("probe"):  # scores stay; the full spectra live in probe.json beside the adapter
+            payload["probe"] = dict(payload["probe"], sites=[{k: v for k, v in site.items() if k != "spectrum"}
+                                                             for site in payload["probe"]["sites"]])
         payload["sites"] = {
             "num_layers": plan.get("num_layers", 0),
             "roles": plan.get("roles_present", []),
@@ -192,7 +233,7 @@ class TrialResult:
 
     def summary(self) -> dict[str, Any]:
         """The scalar metrics (no curves, no plan)."""
-        skip = {"curve", "evals", "plan", "accuracy_detail"}
+        skip = {"curve", "evals", "plan", "accuracy_detail", "probe"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -221,7 +262,11 @@ def save_adapter_atomic(peft_model, target: Path, base_path: str | None) -> int:
             peft_model.peft_config["default"].base_model_name_or_path = base_path
         # The head's LoRA does not change the (tied) embedding matrix: never copy the base vocab weights.
         peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
-        size = sum(f.stat().st_size for f in tmp.iterdir())
+        size = 0
+        for f in tmp.iterdir():  # on disk before the rename, so a crash never exposes an empty file
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            size += f.stat().st_size
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -247,13 +292,18 @@ def run_trial(spec: TrialSpec, *, session: Session | None = None, out_dir: str |
     placement = parse_placement(spec.placement)
     session = session or Session(spec.model, device=spec.train.device, precision=spec.train.precision)
     device, dtype = session.device, session.dtype
-    plan = session.plan(placement, rank=spec.rank, budget=spec.budget)
     splits, _cached = session.data(spec.data)
+    plan = session.plan(placement, rank=spec.rank, budget=spec.budget, data=splits.train,
+                        data_key=spec.data.model_dump_json())
     result = TrialResult(status="running", trainable_params=plan.trainable_params,
                          trainable_percent=plan.trainable_percent, total_params=plan.total_params,
                          load_s=session.load_s, tokenize_s=splits.tokenize_s, device=str(device),
                          dtype=str(dtype).removeprefix("torch."), warnings=list(plan.warnings) + splits.warnings,
                          versions=library_versions(), plan=plan.to_dict())
+    if placement.auto is not None:  # the probe that chose the sites, stored with the trial
+        probe = session.probe(splits.train, batches=placement.auto.batches, batch=placement.auto.batch,
+                              rank=placement.auto.rank, key=spec.data.model_dump_json())
+        result.probe = probe.to_dict()
     reset_peak_memory(device)
     with session.adapter(plan, spec.train.seed) as model:
 
@@ -297,4 +347,6 @@ def run_trial(spec: TrialSpec, *, session: Session | None = None, out_dir: str |
     result.status = "done"
     if out_dir is not None:
         write_json_atomic(Path(out_dir) / "metrics.json", result.to_dict())
+        if result.probe is not None:
+            write_json_atomic(Path(out_dir) / "probe.json", result.probe)
     return result

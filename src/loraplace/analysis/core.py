@@ -74,6 +74,7 @@ class Group:
     sites: tuple[tuple[int | None, str, int], ...]  # (layer, role, rank) of the plan
     num_layers: int
     roles: tuple[str, ...]
+    probe: dict[str, Any] | None = None  # importance-probe scores of an auto placement (first seed)
     comparison: Comparison | None = None
     dominated_by: str | None = None  # the key of a group with ≤ params and ≤ mean eval loss
 
@@ -195,7 +196,8 @@ def analyze_records(name: str, store: str, spec: dict[str, Any], records, counts
         sites, num_layers, roles = _sites_of(done[0][1], configs[done[0][0].id])
         groups[key] = Group(key, placement, size, axes, tuple(r for r, _ in done),
                             int(done[0][0].metrics.get("trainable_params", 0)),
-                            int(done[0][0].metrics.get("total_params", 0)), stats, by_seed, sites, num_layers, roles)
+                            int(done[0][0].metrics.get("total_params", 0)), stats, by_seed, sites, num_layers, roles,
+                            done[0][1].get("probe"))
 
     baseline = spec.get("baseline")
     placements = list(spec.get("placements", {}))

@@ -161,7 +161,8 @@ def efficiency_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
 
 
 def site_heatmap(matrices: dict[str, list[list[float]]], roles: Sequence[str], out_dir: Path, name: str,
-                 title: str, caption: str, value_label: str, binary_cmap: bool = False) -> Figure:
+                 title: str, caption: str, value_label: str, binary_cmap: bool = False,
+                 per_panel_scale: bool = False) -> Figure:
     """Small multiples of layers (rows) × roles (columns) matrices; used for placements and probe scores."""
     panels = list(matrices.items())
     with plt.rc_context(STYLE):
@@ -173,14 +174,18 @@ def site_heatmap(matrices: dict[str, list[list[float]]], roles: Sequence[str], o
         cmap = ListedColormap(["#f2f2f2", "#c44e52"]) if binary_cmap else plt.get_cmap("viridis")
         image = None
         for ax, (label, matrix) in zip(axes[0], panels, strict=True):
-            image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=vmax)
+            top = max((v for row in matrix for v in row if math.isfinite(v)), default=1.0) or 1.0
+            image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=cmap, vmin=0,
+                              vmax=top if per_panel_scale else vmax)
+            if per_panel_scale:
+                fig.colorbar(image, ax=ax, shrink=0.8)
             ax.set_title(label, fontsize=7)
             ax.set_xticks(range(len(roles)), [r.split(".")[-1] for r in roles], rotation=90, fontsize=6)
             ax.grid(False)
             for spine in ax.spines.values():
                 spine.set_visible(False)
         axes[0][0].set_ylabel("layer")
-        if not binary_cmap and image is not None:
+        if not binary_cmap and not per_panel_scale and image is not None:
             fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=value_label)
         return _save(fig, out_dir, name, title, caption)
 
@@ -207,7 +212,27 @@ def placement_heatmap(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
                         ("." if uniform else "; colour is the rank."), "rank", binary_cmap=uniform)
 
 
+def probe_heatmap(probe, out_dir: Path, name: str = "probe") -> Figure:
+    """Probe scores and efficiencies, layers × roles (``probe`` is a :class:`loraplace.probe.ProbeResult`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scale = max(s.efficiency for s in probe.sites) or 1.0
+    matrices = {"score ‖G_r‖_F": probe.matrix("score"),
+                "efficiency (relative)": [[v / scale for v in row] for row in probe.matrix("efficiency")]}
+    return site_heatmap(matrices, probe.roles, out_dir, name, "Importance probe",
+                        f"Left: ‖G_r‖_F, the norm of the best rank-{probe.rank} approximation of each site's loss "
+                        f"gradient over {probe.batches} batches. Right: that score per trainable parameter "
+                        "(r·(d_in+d_out)), relative to the best site.", "score", per_panel_scale=True)
+
+
+def study_probe_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
+    """The probe scores behind the study's auto placement(s), next to where the adapters went."""
+    from loraplace.probe import ProbeResult
+
+    group = next((g for g in analysis.groups if g.probe), None)
+    return None if group is None else probe_heatmap(ProbeResult.from_dict(group.probe), out_dir)
+
+
 def study_figures(analysis: StudyAnalysis, out_dir: Path) -> list[Figure]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    makers = (pareto_figure, curves_figure, efficiency_figure, placement_heatmap)
+    makers = (pareto_figure, curves_figure, efficiency_figure, placement_heatmap, study_probe_figure)
     return [f for make in makers if (f := make(analysis, out_dir)) is not None]

@@ -21,7 +21,7 @@ from loraplace.analysis.tables import Table, comparison_table, site_table, trial
 from loraplace.errors import LoraplaceError
 
 FORMATS = ("html", "md", "tex", "csv")
-WIDE_FIGURES = ("efficiency", "sites")  # full text width; the others are single-column figures
+WIDE_FIGURES = ("efficiency", "sites", "probe")  # full text width; the others are single-column figures
 
 
 def parse_formats(text: str) -> list[str]:

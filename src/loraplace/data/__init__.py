@@ -178,13 +178,25 @@ def _guard_warnings(name: str, stats: dict) -> list[str]:
     return out
 
 
+def _empty_error(name: str, stats: dict, spec: DataSpec) -> DataError:
+    """Why every example was dropped, in words (never a silent empty set trained to a loss of 0.0)."""
+    reasons = []
+    if stats.get("response_truncated_away"):
+        reasons.append(f"{stats['response_truncated_away']} too long: no response token left within "
+                       f"max_len={spec.max_len}")
+    if stats.get("empty"):
+        reasons.append(f"{stats['empty']} empty")
+    why = "; ".join(reasons) or "no examples"
+    return DataError(f"the {name} set is empty after the guards ({why}; format {stats.get('format', '?')})",
+                     "raise max_len, check the format/columns, or provide more data")
+
+
 def load_splits(spec: DataSpec, tokenizer) -> Splits:
     t0 = time.perf_counter()
     train_all, hit_train = load_tokenized(spec.train, tokenizer, spec)
     hits = int(hit_train)
     if len(train_all) == 0:
-        raise DataError(f"the training set is empty after the guards (stats: {train_all.stats})",
-                        "raise max_len, check the format/columns, or provide more data")
+        raise _empty_error("training", train_all.stats, spec)
     if spec.eval is not None:
         eval_set, hit_eval = load_tokenized(spec.eval, tokenizer, spec)
         hits += int(hit_eval)
@@ -205,8 +217,7 @@ def load_splits(spec: DataSpec, tokenizer) -> Splits:
         warnings += _guard_warnings("eval", eval_set.stats)
     for name, part in (("training", train_set), ("eval", eval_set)):
         if len(part) == 0:
-            raise DataError(f"the {name} set is empty after the guards (stats: {part.stats})",
-                            "raise max_len, check the format/columns, or provide more data")
+            raise _empty_error(name, part.stats, spec)
     return Splits(train_set, eval_set, time.perf_counter() - t0, hits, warnings)
 
 

@@ -11,7 +11,7 @@ The same schema is used inline on the command line, in a file, and under ``place
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -38,13 +38,15 @@ class SiteGroup(StrictModel):
 
 
 class AutoPlacement(StrictModel):
-    """Budget-aware automatic placement from importance-probe scores (see ``loraplace.probe``)."""
+    """Budget-aware automatic placement from importance-probe scores (see ``loraplace.probe``): sites are taken
+    greedily by score per trainable parameter until the budget is spent."""
 
-    budget: int = Field(gt=0)
-    method: str = "probe"
-    granularity: str = "site"
-    batches: int = Field(default=8, gt=0)
-    rank: int | None = Field(default=None, gt=0)
+    budget: int | None = Field(default=None, gt=0, description="trainable params (default: the study's/CLI budget)")
+    method: Literal["probe"] = "probe"
+    granularity: Literal["site", "role", "layer"] = "site"
+    batches: int = Field(default=8, gt=0, description="batches of the training data the probe reads")
+    batch: int = Field(default=8, gt=0, description="examples per probe batch")
+    rank: int = Field(default=8, gt=0, description="rank at which sites are scored and priced")
 
 
 class PlacementSpec(StrictModel):

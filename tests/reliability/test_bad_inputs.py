@@ -1,0 +1,135 @@
+"""7. Bad YAML; 8. bad placements; 9. bad data; 10. store versioning — as a user meets them on the command line:
+exit code 2, one clear message (cause + what to do), no traceback, nothing written."""
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from reliability_helpers import cli_in_process
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+GOOD = """\
+name: bad
+model: tiny:llama
+data: {train: "builtin:arithmetic?n=60", eval_count: 8, max_len: 160}
+train: {steps: 2, batch: 4, precision: fp32}
+placements:
+  all: {preset: all}
+ranks: [2]
+"""
+
+
+@pytest.fixture
+def cli(capsys):
+    return lambda *args: cli_in_process(*args, capsys=capsys)
+
+
+def run_spec(cli, tmp_path, text: str):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    return cli("run", spec, "--store", tmp_path / "s.db", "-q")
+
+
+def one_clear_error(done) -> str:
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr and "error:" in done.stderr
+    return done.stderr
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # 7. YAML syntax error → file:line:col
+    (GOOD.replace("ranks: [2]", "ranks: [2"), ["spec.yaml:8:1: YAML syntax error"]),
+    # 7. misspelled keys → key path + suggestion, top level and nested
+    (GOOD.replace("ranks:", "rank:"), ["rank", "did you mean 'ranks'"]),
+    (GOOD.replace("steps: 2", "stpes: 2"), ["train.stpes", "did you mean 'steps'"]),
+    # 7. wrong types → every problem at once
+    (GOOD.replace("steps: 2", "steps: two").replace("ranks: [2]", "ranks: [-1]").replace("max_len: 160",
+                                                                                         "max_len: long"),
+     ["3 problems", "train.steps", "ranks", "data.max_len"]),
+])
+def test_bad_yaml(cli, tmp_path, text, expected):
+    err = one_clear_error(run_spec(cli, tmp_path, text))
+    for needle in expected:
+        assert needle in err
+    assert not (tmp_path / "s.db").exists()  # nothing written
+
+
+@pytest.mark.parametrize(("placement", "model", "expected"), [
+    ("{roles: [attn.qq]}", "tiny:llama", "attn.qq"),                         # unknown role
+    ("{roles: [attn.qkv]}", "tiny:llama", "attn.qkv"),                       # role absent in this architecture
+    ("{roles: [all], layers: '40-45'}", "tiny:llama", "layer"),              # empty layer selection
+    ("{roles: [attn.q]}", "tiny:gpt2", "attn.qkv"),                          # fused qkv: names the right role
+])
+def test_bad_placement_in_a_study_fails_before_anything_loads(cli, tmp_path, placement, model, expected):
+    text = GOOD.replace("model: tiny:llama", f"model: {model}").replace("{preset: all}", placement)
+    err = one_clear_error(run_spec(cli, tmp_path, text))
+    assert expected in err
+    assert not (tmp_path / "s.db").exists()  # refused before the store, the model or the data
+
+
+@pytest.mark.parametrize(("placement", "expected"), [
+    ("{roles: [attn.qq]}", "attn.qq"), ("{roles: [mlp.gate]}", "mlp.gate"), ("{roles: [all], layers: '0-3,9'}",
+                                                                              "layer"),
+])
+def test_bad_placement_in_plan(cli, tmp_path, placement, expected):
+    model = "tiny:gpt2" if "gate" in placement else "tiny:llama"
+    err = one_clear_error(cli("plan", model, "--placement", placement))
+    assert expected in err
+
+
+def _write(path: Path, content: bytes | None) -> Path:
+    if content is not None:
+        path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize(("content", "extra", "expected"), [
+    (None, "", "not found"),                                                 # missing file
+    (b'{"foo": "bar"}\n', "", "cannot detect the data format"),              # wrong columns
+    (b"", "", "holds no records"),                                           # empty file
+    (b"\xff\xfe\x00\x81bad\n", "", "not UTF-8"),                             # not UTF-8
+    ((b'{"question": "' + b"word " * 400 + b'", "answer": "#### 4"}\n') * 20, "", "too long"),  # all too long
+])
+def test_bad_data_is_one_error_per_trial_never_a_success(cli, tmp_path, content, extra, expected):
+    data = _write(tmp_path / "d.jsonl", content)
+    text = GOOD.replace('"builtin:arithmetic?n=60"', f'"{data}"').replace("eval_count: 8", "eval_count: 2")
+    done = run_spec(cli, tmp_path, text + extra)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    exported = cli("export", tmp_path / "s.db", "--format", "json")
+    import json
+
+    rows = json.loads(exported.stdout)
+    assert rows and all(r["status"] == "failed" and expected in r["error"] for r in rows)
+    assert all("eval_loss" not in r for r in rows)  # no 0.0 / NaN loss recorded
+
+
+def test_fully_truncated_responses_are_counted_not_trained_on(cli, tmp_path):
+    # Prompts of ~150 tokens with max_len 160: the answer is cut off for the long ones. Those are dropped and
+    # counted in a warning; never trained on with zero label tokens (a loss of 0.0).
+    long_q = "word " * 40
+    rows = [f'{{"question": "{long_q if i % 2 else "short"} {i}", "answer": "because #### {i}"}}' for i in range(40)]
+    data = _write(tmp_path / "d.jsonl", "\n".join(rows).encode())
+    text = GOOD.replace('"builtin:arithmetic?n=60"', f'"{data}"').replace("max_len: 160", "max_len: 48")
+    done = run_spec(cli, tmp_path, text)
+    assert done.returncode == 0, done.stderr
+    exported = cli("export", tmp_path / "s.db", "--format", "json")
+    import json
+
+    (row,) = json.loads(exported.stdout)
+    assert row["status"] == "done" and row["label_tokens"] > 0 and row["eval_loss"] > 0
+    report = cli("report", tmp_path / "s.db", "--format", "md")
+    assert "dropped" in (tmp_path / "s_report" / "results.md").read_text(), report.stderr
+
+
+def test_old_store_migrates_and_newer_store_is_refused(cli, tmp_path):
+    old = tmp_path / "v1.db"
+    shutil.copy(FIXTURES / "store_v1.db", old)
+    done = cli("status", old)
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(old) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchone()[0] >= 2
+    with sqlite3.connect(old) as db:
+        db.execute("UPDATE schema_version SET version = 99")
+    err = one_clear_error(cli("status", old))
+    assert "newer loraplace" in err and "v99" in err and "upgrade" in err

@@ -1,0 +1,71 @@
+"""5. SIGINT; 6. non-finite loss inside a study; 11. an exception (out of memory) inside a trial."""
+
+import signal
+import subprocess
+
+from reliability_helpers import attempts, cli_env, start_run, wait_for, write_study
+
+from loraplace import study as study_module
+from loraplace.store import Store
+from loraplace.study import load_study, run_study
+
+
+def statuses(db):
+    with Store(db, readonly=True) as store:
+        return {t.id: (t.status, t.result) for t in store.trials(store.study().id)}
+
+
+def test_sigint_interrupts_the_current_trial_and_a_rerun_completes(tmp_path):
+    spec = write_study(tmp_path / "s.yaml", steps=40, seeds=2)
+    db = tmp_path / "s.db"
+    env = cli_env(tmp_path)
+    proc = start_run(spec, db, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: attempts(db) >= 2)  # at least one trial finished, the second one is running
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr and "interrupted" in stderr
+    before = statuses(db)
+    values = [status for status, _ in before.values()]
+    assert values.count("interrupted") == 1 and "running" not in values
+    finished = {tid: result for tid, (status, result) in before.items() if status == "done"}
+    assert finished  # the trial that finished before Ctrl-C is kept…
+    rerun = subprocess.run([*proc.args], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    after = statuses(db)
+    assert all(status == "done" for status, _ in after.values())
+    assert all(after[tid][1] == result for tid, result in finished.items())  # …unchanged by the rerun
+
+
+def _inject(monkeypatch, faults: dict[tuple[str, int], object]):
+    """Wrap the study's run_trial so that the (placement, seed) trials in ``faults`` get that training fault."""
+    real = study_module.run_trial
+
+    def run_trial(spec, **kwargs):
+        return real(spec, fault=faults.get((spec.placement.preset, spec.train.seed)), **kwargs)
+
+    monkeypatch.setattr(study_module, "run_trial", run_trial)
+
+
+def test_non_finite_loss_fails_that_trial_with_its_step_and_the_study_continues(tmp_path, monkeypatch):
+    spec = load_study(write_study(tmp_path / "s.yaml", steps=6, seeds=1))
+    _inject(monkeypatch, {("attn", 0): lambda step, loss: loss * float("nan") if step == 3 else loss})
+    summary = run_study(spec, tmp_path / "s.db")
+    assert (summary.done, summary.failed) == (2, 1)
+    with Store(tmp_path / "s.db") as store:
+        failed = [t for t in store.trials(store.study().id) if t.status == "failed"]
+    assert len(failed) == 1 and failed[0].failed_step == 3
+    assert "non-finite" in failed[0].error and "step 3" in failed[0].error
+    assert not failed[0].metrics  # no eval loss of 0.0 or NaN recorded as a result
+
+
+def test_an_exception_inside_a_trial_fails_it_and_others_go_on(tmp_path, monkeypatch):
+    def out_of_memory(step, loss):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    spec = load_study(write_study(tmp_path / "s.yaml", steps=3, seeds=1))
+    _inject(monkeypatch, {("mlp", 0): out_of_memory})
+    summary = run_study(spec, tmp_path / "s.db")
+    assert (summary.done, summary.failed) == (2, 1)
+    with Store(tmp_path / "s.db") as store:
+        by_status = {t.status: t for t in store.trials(store.study().id)}
+    assert "RuntimeError: CUDA out of memory" in by_status["failed"].error

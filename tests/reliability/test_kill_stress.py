@@ -1,0 +1,63 @@
+"""1. Kill stress: SIGKILL a running study at seeded random moments (≥ 20 kills), resume each time.
+
+At the end every trial is done exactly once (the store counts completions), the database passes
+``PRAGMA integrity_check``, and a result, once finished, never changed afterwards.
+"""
+
+import random
+import time
+
+from reliability_helpers import attempts, cli_env, start_run, wait_for, write_study
+
+from loraplace.store import Store
+from loraplace.study import load_study, run_study
+
+KILLS = 20
+
+
+def snapshot(db) -> dict[str, str]:
+    """trial id → its stored result, for every finished trial."""
+    with Store(db, readonly=True) as store:
+        return {t.id: repr((t.metrics, t.result)) for t in store.trials(store.study().id) if t.status == "done"}
+
+
+def test_twenty_random_kills_lose_and_duplicate_nothing(tmp_path):
+    rng = random.Random(20261123)
+    env = cli_env(tmp_path)
+    kills, rounds, runs = 0, 0, 0
+    while kills < KILLS:
+        rounds += 1  # one store per round; a new round starts when a study finishes before the kills are done
+        spec = write_study(tmp_path / f"s{rounds}.yaml", name=f"stress{rounds}", steps=4, seeds=4)
+        db = tmp_path / f"s{rounds}.db"
+        seen: dict[str, str] = {}
+        while True:
+            before = attempts(db)
+            proc = start_run(spec, db, env)
+            runs += 1
+            # Wait until this run has claimed a trial (past imports and set-up), then kill it at a random moment:
+            # inside training, around finish_trial, or in the next claim.
+            assert wait_for(lambda b=before, p=proc, d=db: attempts(d) > b or p.poll() is not None), "no trial claimed"
+            if proc.poll() is None:
+                time.sleep(rng.uniform(0.0, 1.5))
+            if proc.poll() is None:
+                proc.kill()
+                kills += 1
+            proc.wait()
+            assert proc.returncode in (0, -9), f"run exited with {proc.returncode}"
+            now = snapshot(db)
+            changed = [tid for tid, result in seen.items() if now.get(tid) != result]
+            assert not changed, f"finished trials changed or vanished after a kill: {changed}"
+            seen = now
+            if proc.returncode == 0 or kills >= KILLS:
+                break
+        summary = run_study(load_study(spec), db)  # resume: re-runs what the last kill interrupted
+        assert summary.failed == 0
+        with Store(db) as store:
+            trials = store.trials(store.study().id)
+            assert [t.status for t in trials] == ["done"] * 12
+            assert all(t.completions == 1 for t in trials), [(t.id, t.completions) for t in trials]
+            assert store.integrity_check() == "ok"
+        final = snapshot(db)
+        assert all(final[tid] == result for tid, result in seen.items())
+    print(f"{kills} kills over {runs} runs and {rounds} store(s)")
+    assert kills >= KILLS

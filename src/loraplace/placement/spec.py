@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from loraplace.errors import ConfigError
 from loraplace.placement.selectors import LayerSelector
@@ -49,6 +49,9 @@ class AutoPlacement(StrictModel):
     rank: int = Field(default=8, gt=0, description="rank at which sites are scored and priced")
 
 
+_KINDS = ("preset", "roles", "groups", "target_modules", "auto")  # "auto" last: its validator checks the others
+
+
 class PlacementSpec(StrictModel):
     preset: str | None = None
     roles: list[str] | None = None
@@ -56,7 +59,7 @@ class PlacementSpec(StrictModel):
     groups: list[SiteGroup] | None = None
     target_modules: list[str] | None = Field(
         default=None, description="raw PEFT-style names, suffix-matched exactly as PEFT does (flagged)")
-    auto: AutoPlacement | None = None
+    auto: AutoPlacement | None = Field(default=None, validate_default=True)
     rank: int | None = Field(default=None, gt=0)
     ranks: dict[str, int] | None = Field(default=None, description="per-role (or role group) ranks")
     alpha: float | None = Field(default=None, gt=0, description="lora_alpha for every site (default: ratio × rank)")
@@ -66,22 +69,37 @@ class PlacementSpec(StrictModel):
 
     _split = field_validator("roles", mode="before")(_split_roles)
 
-    @model_validator(mode="after")
-    def _one_kind(self) -> PlacementSpec:
-        kinds = [k for k in ("preset", "roles", "groups", "target_modules", "auto") if getattr(self, k) is not None]
-        problems = []
-        if len(kinds) != 1:
-            problems.append("give exactly one of preset, roles, groups, target_modules, auto"
-                            + (f" (got {', '.join(kinds)})" if kinds else ""))
-        if self.rank is not None and self.budget is not None:
-            problems.append("rank and budget are exclusive: a budget solves the rank")
-        if self.ranks is not None and any(r <= 0 for r in self.ranks.values()):
-            problems.append("ranks must be positive")
-        if self.layers != "all" and self.roles is None:
-            problems.append("layers applies to roles; inside groups, give layers per group")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+    # Field validators (not one model validator), so these problems are reported together with type errors.
+    @field_validator("layers")
+    @classmethod
+    def _layers_need_roles(cls, value, info: ValidationInfo):
+        if value != "all" and "roles" in info.data and info.data["roles"] is None:
+            raise ValueError("layers applies to roles; inside groups, give layers per group")
+        return value
+
+    @field_validator("auto")
+    @classmethod
+    def _one_kind(cls, value, info: ValidationInfo):
+        kinds = [k for k in _KINDS[:-1] if info.data.get(k) is not None] + (["auto"] if value is not None else [])
+        failed = [k for k in _KINDS[:-1] if k not in info.data]  # invalid: reported on its own
+        if len(kinds) > 1 or (not kinds and not failed):
+            raise ValueError(f"give exactly one of {', '.join(_KINDS)}"
+                             + (f" (got {', '.join(kinds)})" if kinds else ""))
+        return value
+
+    @field_validator("budget")
+    @classmethod
+    def _rank_or_budget(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("rank") is not None:
+            raise ValueError("rank and budget are exclusive: a budget solves the rank")
+        return value
+
+    @field_validator("ranks")
+    @classmethod
+    def _positive_ranks(cls, value):
+        if value is not None and any(r <= 0 for r in value.values()):
+            raise ValueError("ranks must be positive")
+        return value
 
     def describe(self) -> str:
         """A short human label (used in tables when the placement has no name)."""

@@ -88,20 +88,23 @@ def main() -> None:
                 train_module.loss_sum = original
     med = {k: statistics.median(v) for k, v in measured.items()}
 
-    # Predictions from FLOP counts. Padding: a padded batch computes max_len_in_batch × B positions for the real
-    # tokens it holds (here from the examples' actual lengths in batches of `batch`).
-    # (The engine's batches are a seeded shuffle; consecutive file-order groups give the same expectation.)
-    padded = sum(max(lengths[j:j + args.batch]) * len(lengths[j:j + args.batch])
-                 for j in range(0, len(lengths), args.batch))
-    pad_factor = padded / sum(lengths)
+    # Predictions from FLOP counts. Packing vs padding: positions each mode computes for the same batches
+    # (packing's own rows are as wide as the longest example, so its fill is not 100 % either).
+    from loraplace.data.batching import make_batch
+    from loraplace.train import batch_order
+
+    order = batch_order(len(splits.train), args.batch, args.steps, 0)
+    positions = {mode: sum(make_batch(splits.train, idx, mode, session.pad_id).input_ids.numel() for idx in order)
+                 for mode in ("pack", "pad")}
+    pad_factor = positions["pad"] / positions["pack"]
     # Head FLOPs per position: 4·V·d with full logits, only at label positions with the lever on.
     head = vocab * d_model
     body = session.arch.total_params - head  # tied embeddings: the head is the embedding matrix
-    label_frac = splits.train.label_tokens / sum(lengths)
+    label_frac = splits.train.label_tokens / sum(lengths)  # labels per real token
     logits_factor = (body + head) / (body + head * label_frac)
     print("\nlever                   measured speedup   predicted")
     print(f"  packing                {med['defaults'] / med['no packing (pad)']:6.2f}×          "
-          f"{pad_factor:6.2f}×  (padded/real positions)")
+          f"{pad_factor:6.2f}×  (positions padded / packed: {positions['pad']:,} / {positions['pack']:,})")
     print(f"  label-only logits      {med['defaults'] / med['logits at every position']:6.2f}×          "
           f"{logits_factor:6.2f}×  (head FLOPs at {label_frac:.0%} of positions)")
 

@@ -167,3 +167,17 @@ baseline: all
     (tmp_path / "bad.yaml").write_text(text.replace("budgets: [2100, 4500]", "ranks: [2]"))
     with pytest.raises(ConfigError, match="auto placement needs a budget"):
         run_study(load_study(tmp_path / "bad.yaml"), tmp_path / "bad.db")
+
+
+def test_random_control_allocates_like_auto_without_the_ranking(session, probe):
+    from loraplace.probe import allocate_random, unscored
+
+    plan = session.plan({"auto": {"method": "random", "budget": 3000, "rank": 2}})  # no data needed: no probe
+    assert 3000 - 2 * 192 < plan.trainable_params <= 3000
+    assert set(plan.rank_by_module.values()) == {2}
+    assert plan.placement["label"] == "auto:random@3,000"
+    again = session.plan({"auto": {"method": "random", "budget": 3000, "rank": 2}})
+    assert again.rank_by_module == plan.rank_by_module  # seeded
+    blank = unscored(session.arch, 2)
+    assert [s.path for s in blank.sites] == [s.path for s in probe.sites]
+    assert allocate_random(probe, 3000, step=2) == allocate_random(blank, 3000, step=2)  # scores are ignored

@@ -259,6 +259,34 @@ def allocate(probe: ProbeResult, budget: int, granularity: str = "site", step: i
     return chosen
 
 
+def allocate_random(probe: ProbeResult, budget: int, granularity: str = "site", step: int | None = None,
+                    seed: int = 0) -> dict[str, int]:
+    """The control for the probe: units in a seeded random order, each at rank ``step`` while the budget allows.
+    Same allocation pattern as :func:`allocate` (one step per unit), with the ranking taken away."""
+    import random
+
+    step = step or probe.rank
+    pool = units(probe, granularity)
+    random.Random(seed).shuffle(pool)
+    chosen, spent = {}, 0
+    for unit in pool:
+        if spent + unit.params(step) <= budget:
+            chosen[unit.key] = step
+            spent += unit.params(step)
+    if not chosen:
+        raise PlacementError(f"budget {budget:,} is smaller than any {granularity} at rank {step}",
+                             "raise the budget or lower auto.rank")
+    return chosen
+
+
+def unscored(arch: ArchitectureMap, rank: int, model_ref: str = "") -> ProbeResult:
+    """Every site with no score: what ``method: random`` allocates over (no probe is run)."""
+    sites = tuple(SiteScore(s.layer, s.role, s.path, s.in_features, s.out_features, 0.0, 0.0, rank)
+                  for s in sorted(arch.sites.values(), key=lambda s: (s.layer, s.role)))
+    roles = tuple(r for r in arch.roles_present() if r != "head")
+    return ProbeResult(model_ref, rank, 0, 0, 0.0, 0, arch.num_layers, roles, sites)
+
+
 def compile_auto(placement: PlacementSpec, probe: ProbeResult, budget: int | None = None) -> PlacementSpec:
     """The auto placement as an ordinary one: groups of (role, layers, rank), so it resolves like any other
     placement and ``loraplace plan`` shows exactly what was chosen."""
@@ -266,7 +294,10 @@ def compile_auto(placement: PlacementSpec, probe: ProbeResult, budget: int | Non
     budget = budget if budget is not None else auto.budget
     if budget is None:
         raise PlacementError("an auto placement needs a budget", "give auto: {budget: N} or a study budget:")
-    chosen = allocate(probe, budget, auto.granularity, auto.rank)
+    if auto.method == "random":
+        chosen = allocate_random(probe, budget, auto.granularity, auto.rank)
+    else:
+        chosen = allocate(probe, budget, auto.granularity, auto.rank)
     pool = {u.key: u for u in units(probe, auto.granularity)}
     layers_by: dict[tuple[str, int], list[int]] = {}  # (role, rank) → layers
     for key, rank in chosen.items():

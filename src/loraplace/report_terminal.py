@@ -110,11 +110,11 @@ def print_status(study, trials, counts, console: Console) -> None:
 
 # The terminal keeps the columns that decide a placement; `loraplace report` writes the full table.
 TERMINAL_COLUMNS = ("placement", "size", "seeds", "trainable params", "eval loss", "Δ eval loss vs baseline",
-                    "p (paired t)", "verdict", "params saved (% of baseline)", "speedup", "Pareto")
+                    "p (paired t)", "verdict", "Pareto")
 
 
 SHORT_HEADERS = {"trainable params": "params", "Δ eval loss vs baseline": "Δ loss vs base", "p (paired t)": "p",
-                 "params saved (% of baseline)": "saved", "Pareto": "Pareto"}
+                 "seeds": "n", "params saved (% of baseline)": "saved"}
 
 
 def print_table(table, console: Console, columns: tuple[str, ...] | None = None) -> None:
@@ -127,6 +127,9 @@ def print_table(table, console: Console, columns: tuple[str, ...] | None = None)
     verdict_style = {"better": "green", "worse": "red", "baseline": "dim"}
     for row in table.rows:
         cells = [escape(row[i]) for i in idx]
+        if columns and "Pareto" in table.columns and table.columns.index("Pareto") in idx:
+            pos = idx.index(table.columns.index("Pareto"))  # the dominating group is named in the report
+            cells[pos] = cells[pos].split(" by ")[0]
         if "verdict" in table.columns and table.columns.index("verdict") in idx:
             pos = idx.index(table.columns.index("verdict"))
             style = verdict_style.get(cells[pos])

@@ -121,21 +121,24 @@ class Session:
         spec = parse_placement(placement)
         if spec.auto is None:
             return resolve_placement(self.arch, spec, model=self.model_ref, rank=rank, budget=budget)
-        from loraplace.probe import compile_auto
+        from loraplace.probe import compile_auto, unscored
 
-        if data is None:
+        auto = spec.auto
+        if auto.method == "random":  # the control: the same allocation with the ranking taken away; no probe
+            scores = unscored(self.arch, auto.rank, self.model_ref)
+        elif data is None:
             raise PlacementError("an auto placement needs training data for its probe", "pass --data (plan) or "
                                  "run it inside a study or trial")
-        probe = self.probe(data, batches=spec.auto.batches, batch=spec.auto.batch, rank=spec.auto.rank,
-                           key=data_key, progress=progress)
-        target = budget if budget is not None else spec.auto.budget
-        compiled = compile_auto(spec, probe, target)
+        else:
+            scores = self.probe(data, batches=auto.batches, batch=auto.batch, rank=auto.rank, key=data_key,
+                                progress=progress)
+        target = budget if budget is not None else auto.budget
+        compiled = compile_auto(spec, scores, target)
         plan = resolve_placement(self.arch, compiled, model=self.model_ref)
-        label = f"auto:{spec.auto.granularity}@{target:,}"
-        return dataclasses.replace(plan, budget=target, placement=spec.model_dump(exclude_none=True,
-                                                                                  exclude_defaults=True)
-                                   | {"label": label, "compiled": compiled.model_dump(exclude_none=True,
-                                                                                      exclude_defaults=True)})
+        described = {"label": f"auto:{auto.method if auto.method != 'probe' else auto.granularity}@{target:,}",
+                     "compiled": compiled.model_dump(exclude_none=True, exclude_defaults=True)}
+        return dataclasses.replace(plan, budget=target,
+                                   placement=spec.model_dump(exclude_none=True, exclude_defaults=True) | described)
 
     def probe(self, data: TokenizedSet, *, batches: int = 8, batch: int = 8, rank: int = 8, key: str = "",
               progress=None) -> ProbeResult:
@@ -300,7 +303,7 @@ def run_trial(spec: TrialSpec, *, session: Session | None = None, out_dir: str |
                          load_s=session.load_s, tokenize_s=splits.tokenize_s, device=str(device),
                          dtype=str(dtype).removeprefix("torch."), warnings=list(plan.warnings) + splits.warnings,
                          versions=library_versions(), plan=plan.to_dict())
-    if placement.auto is not None:  # the probe that chose the sites, stored with the trial
+    if placement.auto is not None and placement.auto.method == "probe":  # the probe that chose the sites
         probe = session.probe(splits.train, batches=placement.auto.batches, batch=placement.auto.batch,
                               rank=placement.auto.rank, key=spec.data.model_dump_json())
         result.probe = probe.to_dict()

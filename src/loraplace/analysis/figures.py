@@ -64,27 +64,33 @@ def pareto_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
     groups = [g for g in analysis.groups if "eval_loss" in g.stats and g.trainable_params > 0]
     if not groups:
         return None
-    colors = _colors(sorted({g.placement for g in groups}))
+    placements = list(dict.fromkeys(g.placement for g in groups))
+    colors = _colors(placements)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(3.4, 2.6))
+        fig, ax = plt.subplots(figsize=(4.6, 2.8))
         for g in groups:
             s = g.stats["eval_loss"]
-            ax.errorbar(g.trainable_params, s.mean, yerr=s.ci_half if s.ci_half is not None else None,
-                        fmt="o", mfc=colors[g.placement] if g.dominated_by is None
-                        else "white", mec=colors[g.placement], ecolor=colors[g.placement], ms=4.5, capsize=2,
-                        elinewidth=0.8, label=g.placement)
-            ax.annotate(g.key, (g.trainable_params, s.mean), xytext=(4, 3), textcoords="offset points", fontsize=6)
+            on_front = g.dominated_by is None
+            ax.errorbar(g.trainable_params, s.mean, yerr=s.ci_half, fmt="o", ms=4.5, capsize=2, elinewidth=0.8,
+                        mfc=colors[g.placement] if on_front else "white", mec=colors[g.placement],
+                        ecolor=colors[g.placement], zorder=3 if on_front else 2)
+            if on_front:  # label the frontier only: dominated points are named in the legend and the table
+                ax.annotate(g.placement, (g.trainable_params, s.mean), xytext=(4, -9), textcoords="offset points",
+                            fontsize=6.5, color=colors[g.placement])
         front = analysis.frontier
         if len(front) > 1:
             xs = [g.trainable_params for g in front]
             ys = [g.stats["eval_loss"].mean for g in front]
-            ax.step(xs, ys, where="post", color="0.35", lw=0.9, ls="--", zorder=0, label="Pareto frontier")
+            ax.step(xs, ys, where="post", color="0.35", lw=0.9, ls="--", zorder=1)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log)")
         ax.set_ylabel("eval loss (mean ± 95% CI)")
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles, strict=True))
-        ax.legend(unique.values(), unique.keys(), frameon=False, loc="best")
+        handles = [matplotlib.lines.Line2D([], [], marker="o", ls="", ms=4.5, color=colors[p], label=p)
+                   for p in placements]
+        handles += [matplotlib.lines.Line2D([], [], marker="o", ls="", ms=4.5, mfc="white", mec="0.3",
+                                            label="dominated"),
+                    matplotlib.lines.Line2D([], [], color="0.35", lw=0.9, ls="--", label="Pareto frontier")]
+        ax.legend(handles=handles, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         return _save(fig, out_dir, "pareto", "Quality per trainable parameter",
                      "Eval loss against trainable parameters (log scale), mean over seeds with 95% t-intervals. "
                      "Filled markers lie on the Pareto frontier (dashed); hollow markers are dominated.")
@@ -171,7 +177,8 @@ def site_heatmap(matrices: dict[str, list[list[float]]], roles: Sequence[str], o
         fig, axes = plt.subplots(1, len(panels), figsize=(width, 0.6 + 0.075 * n_layers + 0.3), squeeze=False,
                                  sharey=True)
         vmax = max((v for _, m in panels for row in m for v in row if math.isfinite(v)), default=1.0) or 1.0
-        cmap = ListedColormap(["#f2f2f2", "#c44e52"]) if binary_cmap else plt.get_cmap("viridis")
+        cmap = ListedColormap(["#f2f2f2", "#c44e52"]) if binary_cmap else plt.get_cmap("viridis").copy()
+        cmap.set_bad("#f2f2f2")  # no site / no adapter: light grey, not the colour of a small value
         image = None
         for ax, (label, matrix) in zip(axes[0], panels, strict=True):
             top = max((v for row in matrix for v in row if math.isfinite(v)), default=1.0) or 1.0
@@ -198,15 +205,14 @@ def placement_heatmap(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
     if not seen:
         return None
     roles = [r for r in next(iter(seen.values())).roles if r != "head"]
+    uniform = len({rank for g in seen.values() for _, _, rank in g.sites}) <= 1  # then: on/off colours
     matrices = {}
     for placement, g in seen.items():
         matrix = [[0.0] * len(roles) for _ in range(g.num_layers)]
         for layer, role, rank in g.sites:
             if layer is not None and role in roles:
                 matrix[layer][roles.index(role)] = float(rank)
-        matrices[placement] = matrix
-    ranks = {rank for g in seen.values() for _, _, rank in g.sites}
-    uniform = len(ranks) <= 1
+        matrices[placement] = [[v if v > 0 or uniform else math.nan for v in row] for row in matrix]
     return site_heatmap(matrices, roles, out_dir, "sites", "Where each placement puts adapters",
                         "Layers × roles: coloured cells carry a LoRA adapter" +
                         ("." if uniform else "; colour is the rank."), "rank", binary_cmap=uniform)

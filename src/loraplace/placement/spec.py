@@ -42,7 +42,8 @@ class AutoPlacement(StrictModel):
     greedily by score per trainable parameter until the budget is spent."""
 
     budget: int | None = Field(default=None, gt=0, description="trainable params (default: the study's/CLI budget)")
-    method: Literal["probe"] = "probe"
+    method: Literal["probe", "random"] = Field(
+        default="probe", description="probe: gradient scores; random: seeded random sites (a control for studies)")
     granularity: Literal["site", "role", "layer"] = "site"
     batches: int = Field(default=8, gt=0, description="batches of the training data the probe reads")
     batch: int = Field(default=8, gt=0, description="examples per probe batch")

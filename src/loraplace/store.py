@@ -174,13 +174,9 @@ class Store:
     def _migrate(self) -> None:
         # Fast path without the write lock: readers (status, report) opening a current store never contend
         # with the running study for it.
-        current = self.schema_version()
-        if current == SCHEMA_VERSION:
+        if self.schema_version() == SCHEMA_VERSION:
             return
-        if current > SCHEMA_VERSION:
-            raise StoreError(f"{self.path} was written by a newer loraplace (store schema v{current}; this "
-                             f"version reads up to v{SCHEMA_VERSION})", "upgrade loraplace to read this store")
-        with self._tx() as db:
+        with self._tx() as db:  # re-read under the lock: another process may have migrated meanwhile
             current = self.schema_version()
             if current > SCHEMA_VERSION:
                 raise StoreError(f"{self.path} was written by a newer loraplace (store schema v{current}; this "

@@ -130,8 +130,7 @@ class Session:
             raise PlacementError("an auto placement needs training data for its probe", "pass --data (plan) or "
                                  "run it inside a study or trial")
         else:
-            scores = self.probe(data, batches=auto.batches, batch=auto.batch, rank=auto.rank, key=data_key,
-                                progress=progress)
+            scores = self.auto_probe(auto, data, data_key, progress)
         target = budget if budget is not None else auto.budget
         compiled = compile_auto(spec, scores, target)
         plan = resolve_placement(self.arch, compiled, model=self.model_ref)
@@ -139,6 +138,11 @@ class Session:
                      "compiled": compiled.model_dump(exclude_none=True, exclude_defaults=True)}
         return dataclasses.replace(plan, budget=target,
                                    placement=spec.model_dump(exclude_none=True, exclude_defaults=True) | described)
+
+    def auto_probe(self, auto, data: TokenizedSet, data_key: str = "", progress=None) -> ProbeResult:
+        """The (cached) probe an auto placement reads: its batches, batch size and rank on ``data``."""
+        return self.probe(data, batches=auto.batches, batch=auto.batch, rank=auto.rank, key=data_key,
+                          progress=progress)
 
     def probe(self, data: TokenizedSet, *, batches: int = 8, batch: int = 8, rank: int = 8, key: str = "",
               progress=None) -> ProbeResult:
@@ -296,17 +300,15 @@ def run_trial(spec: TrialSpec, *, session: Session | None = None, out_dir: str |
     session = session or Session(spec.model, device=spec.train.device, precision=spec.train.precision)
     device, dtype = session.device, session.dtype
     splits, _cached = session.data(spec.data)
-    plan = session.plan(placement, rank=spec.rank, budget=spec.budget, data=splits.train,
-                        data_key=spec.data.model_dump_json())
+    data_key = spec.data.model_dump_json()  # probe cache key: the same data → the same probe, every seed
+    plan = session.plan(placement, rank=spec.rank, budget=spec.budget, data=splits.train, data_key=data_key)
     result = TrialResult(status="running", trainable_params=plan.trainable_params,
                          trainable_percent=plan.trainable_percent, total_params=plan.total_params,
                          load_s=session.load_s, tokenize_s=splits.tokenize_s, device=str(device),
                          dtype=str(dtype).removeprefix("torch."), warnings=list(plan.warnings) + splits.warnings,
                          versions=library_versions(), plan=plan.to_dict())
     if placement.auto is not None and placement.auto.method == "probe":  # the probe that chose the sites
-        probe = session.probe(splits.train, batches=placement.auto.batches, batch=placement.auto.batch,
-                              rank=placement.auto.rank, key=spec.data.model_dump_json())
-        result.probe = probe.to_dict()
+        result.probe = session.auto_probe(placement.auto, splits.train, data_key).to_dict()
     reset_peak_memory(device)
     with session.adapter(plan, spec.train.seed) as model:
 

@@ -7,7 +7,6 @@ order and adapter init draw), so the test is the paired t-test and the interval 
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,7 +297,3 @@ def _environment(records, spec: dict[str, Any]) -> dict[str, Any]:
     elif spec.get("versions"):
         env["versions"] = spec["versions"]
     return env
-
-
-def finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)

@@ -81,7 +81,7 @@ h1{font-size:1.6em;margin:.2em 0}h2{font-size:1.2em;margin-top:2em;border-bottom
 .warn li{margin:.2em 0}table{border-collapse:collapse;font-size:12.5px;margin:.6em 0;display:block;overflow-x:auto}
 th,td{padding:.3em .6em;border-bottom:1px solid #e6e6e6;text-align:left;white-space:nowrap}
 th{background:#f6f6f8;font-weight:600;position:sticky;top:0}td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.baseline td{background:#f3f6fb}tr.dominated td{color:#777}.note{color:#666;font-size:12px;margin:.2em 0}
+tr.baseline td{background:#f3f6fb}tr.muted td{color:#777}.note{color:#666;font-size:12px;margin:.2em 0}
 .figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:0 1.5em}
 .figs figure.wide{grid-column:1/-1}figure{margin:1.2em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{color:#555;font-size:12.5px;margin-top:.3em}pre{background:#f6f6f8;padding:.8em;overflow-x:auto;
@@ -112,7 +112,7 @@ def _img(figure: Figure) -> str:
 
 def render_html(analysis: StudyAnalysis, tables: list[Table], trials: Table, figures: list[Figure]) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in analysis.counts.items() if v)
-    classes = ["baseline" if g.is_baseline else ("dominated" if g.dominated_by else "") for g in analysis.groups]
+    classes = ["baseline" if g.is_baseline else ("muted" if g.dominated_by else "") for g in analysis.groups]
     parts = [f"<h1>Study {html.escape(analysis.name)}</h1>",
              f'<p class="meta">model <b>{html.escape(analysis.model)}</b> · baseline '
              f"<b>{html.escape(str(analysis.baseline))}</b> · trials: {html.escape(counts)} · store "
@@ -130,8 +130,7 @@ def render_html(analysis: StudyAnalysis, tables: list[Table], trials: Table, fig
     for table in tables[1:]:
         parts.append(f"<h2>{html.escape(table.title)}</h2>" + _html_table(table))
     parts.append(f"<h2>{html.escape(trials.title)}</h2>"
-                 + _html_table(trials, [{"done": "", "failed": "dominated"}.get(r[3], "dominated")
-                                        for r in trials.rows], "trials"))
+                 + _html_table(trials, ["" if r[3] == "done" else "muted" for r in trials.rows], "trials"))
     spec = {k: v for k, v in analysis.spec.items() if k != "versions"}
     parts.append("<h2>Study spec</h2><pre>" + html.escape(yaml.safe_dump(spec, sort_keys=False)) + "</pre>")
     parts.append("<h2>Environment</h2><pre>" + html.escape(json.dumps(analysis.environment, indent=2)) + "</pre>")

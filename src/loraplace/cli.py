@@ -23,8 +23,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Selective LoRA placement studies: where should the adapters go, and at what rank?")
 # Piped output (make, CI logs) gets a readable width instead of rich's 80-column fallback.
 out = Console() if sys.stdout.isatty() else Console(width=140)
-DEFAULT_PROBE_DATA = "builtin:arithmetic?n=256"  # offline default data for the importance probe
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=140)
+DEFAULT_PROBE_DATA = "builtin:arithmetic?n=256"  # offline default data for the importance probe
 _STATE = {"debug": False}
 
 
@@ -79,16 +79,12 @@ def plan(
         session, tokenized = _probe_session(model, data, max_len, as_json)
         with _probe_progress(as_json, spec.auto.batches) as progress:
             result = session.plan(spec, budget=budget, data=tokenized, data_key=data, progress=progress)
-        if as_json:
-            out.print_json(json.dumps(result.to_dict()))
-        else:
-            print_plan(result, out)
-        return
-    if rank is None and budget is None and spec.rank is None and spec.budget is None and not spec.ranks \
-            and not (spec.groups and all(g.rank for g in spec.groups)):
-        rank = 16
-    result = plan_for_model(model, spec, rank=rank, budget=budget, model_config=overrides or None,
-                            model_type=model_type)
+    else:
+        if rank is None and budget is None and spec.rank is None and spec.budget is None and not spec.ranks \
+                and not (spec.groups and all(g.rank for g in spec.groups)):
+            rank = 16
+        result = plan_for_model(model, spec, rank=rank, budget=budget, model_config=overrides or None,
+                                model_type=model_type)
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
     else:

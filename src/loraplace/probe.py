@@ -123,7 +123,7 @@ def probe_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: 
     order = batch_order(len(data), batch, batches, seed)  # the same batches in every pass
     mode = batching_mode(model, packing)
     groups = _site_groups(sites, memory_budget_bytes)
-    grads: dict[str, torch.Tensor] = {}
+    scores: list[SiteScore] = []
     label_tokens = 0
     was_training = model.training
     model.eval()  # no dropout: the probe measures the model as it is
@@ -149,21 +149,27 @@ def probe_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: 
             finally:
                 for h in hooks:
                     h.remove()
-            grads.update(acc)
+            # Scored right after its pass, so only one group's G matrices are ever held.
+            scores += [_score(site, acc.pop(site.path), label_tokens, rank) for site in group]
     finally:
         embed_hook.remove()
         model.train(was_training)
 
-    scores = []
-    for site in sites:
-        g = (grads.pop(site.path) / max(label_tokens, 1)).double()  # gradient of the mean token loss
-        energy = top_singular_energy(g)
-        scores.append(SiteScore(site.layer, site.role, site.path, site.in_features, site.out_features,
-                                float(energy[:rank].sum().sqrt()), float(energy.sum().sqrt()), rank,
-                                tuple(float(e) for e in energy[:SPECTRUM_KEEP])))
-    roles = tuple(r for r in arch.roles_present() if r != "head")
     return ProbeResult(model_ref, rank, len(order), label_tokens, time.perf_counter() - t0, len(groups),
-                       arch.num_layers, roles, tuple(scores))
+                       arch.num_layers, grid_roles(arch), tuple(scores))
+
+
+def grid_roles(arch: ArchitectureMap) -> tuple[str, ...]:
+    """The roles a layers × roles table shows (the head is not a per-layer site)."""
+    return tuple(r for r in arch.roles_present() if r != "head")
+
+
+def _score(site: Site, g_sum: torch.Tensor, label_tokens: int, rank: int) -> SiteScore:
+    g = (g_sum / max(label_tokens, 1)).double()  # gradient of the mean token loss
+    energy = top_singular_energy(g)
+    return SiteScore(site.layer, site.role, site.path, site.in_features, site.out_features,
+                     float(energy[:rank].sum().sqrt()), float(energy.sum().sqrt()), rank,
+                     tuple(float(e) for e in energy[:SPECTRUM_KEEP]))
 
 
 def top_singular_energy(g: torch.Tensor) -> torch.Tensor:
@@ -283,8 +289,7 @@ def unscored(arch: ArchitectureMap, rank: int, model_ref: str = "") -> ProbeResu
     """Every site with no score: what ``method: random`` allocates over (no probe is run)."""
     sites = tuple(SiteScore(s.layer, s.role, s.path, s.in_features, s.out_features, 0.0, 0.0, rank)
                   for s in sorted(arch.sites.values(), key=lambda s: (s.layer, s.role)))
-    roles = tuple(r for r in arch.roles_present() if r != "head")
-    return ProbeResult(model_ref, rank, 0, 0, 0.0, 0, arch.num_layers, roles, sites)
+    return ProbeResult(model_ref, rank, 0, 0, 0.0, 0, arch.num_layers, grid_roles(arch), sites)
 
 
 def compile_auto(placement: PlacementSpec, probe: ProbeResult, budget: int | None = None) -> PlacementSpec:

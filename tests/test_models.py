@@ -1,8 +1,8 @@
 import json
 
 import pytest
-from tests.conftest import needs_smollm2
 
+from helpers import needs_smollm2
 from loraplace import models
 from loraplace.errors import ModelError
 from loraplace.models import ModelRef, load_config, load_model, load_tokenizer

@@ -1,9 +1,13 @@
 """Importance probe and auto placement on tiny models: the gradient it scores is the true weight gradient, the
 scores are the top-r singular values, and auto placements compile to exact plans within their budget."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
+from helpers import tiny_study_yaml
 from loraplace.data import DataSpec, load_tokenized
 from loraplace.data.batching import batching_mode, make_batch
 from loraplace.errors import PlacementError
@@ -134,32 +138,24 @@ def test_auto_placement_in_a_study_and_its_report(tmp_path, monkeypatch):
     from loraplace.study import load_study, run_study
 
     monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
-    text = """\
-name: auto
-model: tiny:llama
-data: {train: "builtin:arithmetic?n=60", eval_count: 8, max_len: 160}
-train: {steps: 2, batch: 4, precision: fp32}
-placements:
-  all: {preset: all}
-  auto: {auto: {batches: 2, batch: 4, rank: 2}}
-budgets: [2100, 4500]
-seeds: [0, 1]
-baseline: all
-"""
+    text = tiny_study_yaml("auto", steps=2, size="budgets: [2100, 4500]", placements={
+        "all": "{preset: all}", "auto": "{auto: {batches: 2, batch: 4, rank: 2}}"})
     (tmp_path / "s.yaml").write_text(text)
     summary = run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db")
     assert (summary.done, summary.failed) == (8, 0)
     with Store(tmp_path / "s.db") as store:
-        autos = [t for t in store.trials(store.study().id) if t.config["labels"]["placement"] == "auto"]
+        autos = [t for t in store.trials(store.study().id) if t.labels.group.placement == "auto"]
     for t in autos:
-        budget = t.config["labels"]["budget"]
-        assert budget - 200 < t.metrics["trainable_params"] <= budget
-        assert t.result["probe"]["rank"] == 2 and len(t.result["probe"]["sites"]) == 14
-        assert "spectrum" not in t.result["probe"]["sites"][0]  # full spectra stay in probe.json
+        budget = t.labels.group.size.value
+        assert budget - 200 < t.outcome.trainable_params <= budget
+        assert t.outcome.probe.rank == 2 and len(t.outcome.probe.sites) == 14
+        assert t.outcome.probe.sites[0].spectrum == ()  # full spectra stay in probe.json
+        spectra = json.loads((Path(t.outcome.adapter.path).parent / "probe.json").read_text())["sites"]
+        assert len(spectra[0]["spectrum"]) > 0
     # Same budget, different seeds: the same sites (the probe reads fixed batches).
     by_budget = {}
     for t in autos:
-        by_budget.setdefault(t.config["labels"]["budget"], set()).add(str(t.result["sites"]))
+        by_budget.setdefault(t.labels.group.size.value, set()).add(t.outcome.sites)
     assert all(len(v) == 1 for v in by_budget.values())
     written = write_report(analyze_store(tmp_path / "s.db"), tmp_path / "report", ["html"])
     assert (tmp_path / "report" / "figures" / "probe.png").is_file()

@@ -1,14 +1,35 @@
+import math
 import multiprocessing as mp
 import os
 import shutil
 import sqlite3
-from pathlib import Path
 
 import pytest
 
+from helpers import FIXTURES
+from loraplace.records import (
+    CurvePoint,
+    Failure,
+    GroupKey,
+    Metrics,
+    Size,
+    StudyInfo,
+    TrialLabels,
+    TrialOutcome,
+)
 from loraplace.store import SCHEMA_VERSION, Owner, Store, StoreError
 
-FIXTURES = Path(__file__).parent / "fixtures"
+INFO = StudyInfo(name="demo", model="tiny:llama", placements=("all",), baseline="all", baseline_given=True)
+
+
+def labels(i: int) -> TrialLabels:
+    return TrialLabels(group=GroupKey(placement="all", size=Size(kind="rank", value=2)), seed=i)
+
+
+def done(loss: float = 1.5) -> TrialOutcome:
+    return TrialOutcome(status="done", metrics=Metrics(eval_loss=loss, perplexity=4.48, tokens_per_s=10.0,
+                                                       train_s=1.0, peak_mem_mb=100.0),
+                        trainable_params=400, curve=(CurvePoint(step=1, loss=2.0, tokens=10, lr=1e-3),))
 
 
 @pytest.fixture
@@ -18,8 +39,8 @@ def store(tmp_path):
 
 
 def _study(store, n=3):
-    study = store.open_study("demo", {"name": "demo"})
-    store.add_trials(study.id, [(f"t{i}", {"i": i}) for i in range(n)])
+    study = store.open_study(INFO, {"name": "demo"})
+    store.add_trials(study.id, [(f"t{i}", labels(i), {"i": i}) for i in range(n)])
     return study
 
 
@@ -33,23 +54,40 @@ def test_lifecycle_and_immutable_records(store):
     study = _study(store)
     trial = store.claim_trial(study.id)
     assert trial.id == "t0" and trial.status == "running" and trial.attempts == 1
-    result = {"eval_loss": 1.5, "perplexity": 4.48, "curve": [{"step": 1, "loss": 2.0, "tokens": 10}],
-              "evals": [], "adapter_dir": "/x/adapter", "status": "done"}
-    store.finish_trial(trial.id, result)
-    done = store.trial("t0")
-    assert done.status == "done" and done.completions == 1 and done.metrics["eval_loss"] == 1.5
-    assert store.curve("t0") == [(1, 2.0, 10)]
+    assert trial.labels == labels(0) and trial.spec == {"i": 0}
+    outcome = done()
+    store.record_outcome(trial.id, outcome)
+    record = store.trial("t0")
+    assert record.status == "done" and record.completions == 1
+    assert record.outcome == outcome  # the typed record round-trips exactly
+    assert store.curve("t0") == [CurvePoint(step=1, loss=2.0, tokens=10, lr=1e-3)]
     with pytest.raises(AttributeError):
-        done.status = "pending"  # frozen
+        record.status = "pending"  # frozen
+    with pytest.raises(ValueError):
+        record.outcome.metrics.eval_loss = 0.0  # records are immutable all the way down
     with pytest.raises(StoreError, match="not running"):
-        store.finish_trial("t0", result)  # a second completion is refused
+        store.record_outcome("t0", outcome)  # a second completion is refused
     assert store.trial("t0").completions == 1
+
+
+def test_metrics_table_holds_measured_quantities_only(store):
+    study = _study(store, 1)
+    store.record_outcome(store.claim_trial(study.id).id, done())
+    names = {r[0] for r in store._conn.execute("SELECT name FROM metrics WHERE trial_id = 't0'")}
+    assert names == {"eval_loss", "perplexity", "tokens_per_s", "train_s", "peak_mem_mb"}  # no counters, no sizes
+
+
+def test_non_finite_values_round_trip(store):
+    study = _study(store, 1)
+    outcome = TrialOutcome(status="done", metrics=Metrics(eval_loss=800.0, perplexity=float("inf")))
+    store.record_outcome(store.claim_trial(study.id).id, outcome)
+    assert store.trial("t0").outcome.metrics.perplexity == float("inf")
 
 
 def test_add_trials_is_idempotent(store):
     study = _study(store)
-    store.finish_trial(store.claim_trial(study.id).id, {"eval_loss": 1.0})
-    assert store.add_trials(study.id, [(f"t{i}", {"i": i}) for i in range(4)]) == 1
+    store.record_outcome(store.claim_trial(study.id).id, done(1.0))
+    assert store.add_trials(study.id, [(f"t{i}", labels(i), {"i": i}) for i in range(4)]) == 1
     assert store.trial("t0").status == "done"
 
 
@@ -57,16 +95,19 @@ def test_only_owner_can_finish(store):
     study = _study(store)
     trial = store.claim_trial(study.id)
     with pytest.raises(StoreError, match="not running under"):
-        store.finish_trial(trial.id, {"eval_loss": 1.0}, owner=Owner("elsewhere", 1))
+        store.record_outcome(trial.id, done(1.0), owner=Owner("elsewhere", 1))
 
 
 def test_failed_and_retry(store):
     study = _study(store, 1)
-    store.fail_trial(store.claim_trial(study.id).id, "boom", step=3)
-    assert store.trial("t0").failed_step == 3
+    failure = Failure(kind="non_finite", message="boom", step=3)
+    store.record_outcome(store.claim_trial(study.id).id, TrialOutcome.failed(failure))
+    failed = store.trial("t0")
+    assert (failed.status, failed.error, failed.failed_step) == ("failed", "boom", 3)
+    assert failed.outcome.failure == failure and failed.metrics is None
     assert store.claim_trial(study.id) is None
     again = store.claim_trial(study.id, retry_failed=True)
-    assert again.id == "t0" and again.attempts == 2 and again.error is None
+    assert again.id == "t0" and again.attempts == 2 and again.error is None and again.outcome is None
 
 
 def _dead_pid() -> int:
@@ -119,10 +160,57 @@ def test_v1_store_migrates(tmp_path):
     with Store(path) as s:
         assert s.schema_version() == SCHEMA_VERSION
         study = s.study("old-study")
-        done = s.trial("t-done")
-        assert done.status == "done" and done.metrics == {"eval_loss": 1.25} and done.completions == 0
+        record = s.trial("t-done")
+        assert record.status == "done" and record.completions == 0
+        assert record.metrics == Metrics(eval_loss=1.25, perplexity=math.exp(1.25))  # the rest was never recorded
         assert s.claim_trial(study.id).id == "t-pending"
         assert s.integrity_check() == "ok"
+
+
+def test_v2_store_migrates_to_typed_records(tmp_path):
+    path = tmp_path / "v2.db"
+    shutil.copy(FIXTURES / "store_v2.db", path)
+    with Store(path) as s:
+        assert s.schema_version() == SCHEMA_VERSION and s.integrity_check() == "ok"
+        study = s.study()
+        assert study.info.placements == ("all", "attn", "top", "auto")  # spec order, from the grid
+        assert (study.info.baseline, study.info.baseline_given) == ("all", True)
+        trials = s.trials(study.id)
+        assert len(trials) == 16 and all(t.outcome is not None for t in trials)
+        failed = [t for t in trials if t.status == "failed"]
+        assert len(failed) == 1 and failed[0].outcome.failure.kind == "non_finite"
+        assert failed[0].outcome.failure.step == 2 == failed[0].failed_step
+        auto = next(t for t in trials if t.labels.group.placement == "auto" and t.status == "done")
+        assert auto.labels.group.size == Size(kind="budget", value=2100)
+        assert dict(auto.labels.group.axes) in ({"lr": 0.001}, {"lr": 0.003})
+        assert auto.outcome.probe is not None and len(auto.outcome.probe.sites) == 14
+        assert auto.outcome.sites is not None and auto.outcome.sites.sites
+        assert 2100 - 200 < auto.outcome.trainable_params <= 2100
+        assert all(len(t.outcome.curve) == 3 for t in trials if t.status == "done")
+        names = {r[0] for r in s._conn.execute("SELECT DISTINCT name FROM metrics")}
+        assert names <= set(Metrics.model_fields) and "trainable_params" not in names
+
+
+def test_v2_store_is_read_without_being_written(tmp_path):
+    path = tmp_path / "v2.db"
+    shutil.copy(FIXTURES / "store_v2.db", path)
+    before = path.read_bytes()
+    with Store.open_readonly(path) as s:  # migrated in memory
+        assert s.schema_version() == SCHEMA_VERSION and len(s.trials(s.study().id)) == 16
+        with pytest.raises(StoreError, match="read-only"):
+            s.claim_trial(s.study().id)
+    assert path.read_bytes() == before
+    assert {p.name for p in tmp_path.iterdir()} <= {"v2.db", "v2.db-wal", "v2.db-shm"}  # SQLite's sidecars only
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not a database\n" * 10])
+def test_a_file_that_is_not_a_store_is_refused_untouched(tmp_path, content):
+    path = tmp_path / "x.db"
+    path.write_bytes(content)
+    for opener in (Store, Store.open_readonly):
+        with pytest.raises(StoreError, match="not a loraplace store"):
+            opener(path)
+    assert path.read_bytes() == content and sorted(p.name for p in tmp_path.iterdir()) == ["x.db"]
 
 
 def test_newer_store_is_refused(tmp_path):
@@ -138,4 +226,5 @@ def test_newer_store_is_refused(tmp_path):
 
 def test_readonly_missing_store(tmp_path):
     with pytest.raises(StoreError, match="no store"):
-        Store(tmp_path / "nope.db", readonly=True)
+        Store.open_readonly(tmp_path / "nope.db")
+    assert not (tmp_path / "nope.db").exists()

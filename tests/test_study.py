@@ -1,39 +1,17 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import ROOT, tiny_study_yaml
+from loraplace.analysis import analyze_store
 from loraplace.errors import ConfigError
+from loraplace.records import Size
 from loraplace.store import Store
 from loraplace.study import expand_grid, load_study, run_study
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
-TINY = """\
-name: tiny
-model: tiny:llama
-data: {train: "builtin:arithmetic?n=60", eval_count: 8, max_len: 160}
-train: {steps: STEPS, batch: 4, lr: 1.0e-3, precision: fp32}
-placements:
-  all: {roles: [all]}
-  attn: {roles: [attn]}
-ranks: [4]
-seeds: [0, 1]
-baseline: all
-"""
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
-
-
-def tiny_spec(tmp_path, steps=3, extra=""):
-    path = tmp_path / "study.yaml"
-    path.write_text(TINY.replace("STEPS", str(steps)) + extra)
-    return path
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_every_shipped_yaml_validates():
@@ -41,86 +19,117 @@ def test_every_shipped_yaml_validates():
     for path in EXAMPLES:
         study = load_study(path)
         grid = expand_grid(study)
-        assert len(grid) == len(study.placements) * len(study.sizes()) * len(study.seeds)
+        axes = 1
+        for values in study.axes.values():
+            axes *= len(values)
+        assert len(grid) == len(study.placements) * len(study.sizes()) * len(study.seeds) * axes
         assert len({t.id for t in grid}) == len(grid)
-        if study.baseline:
-            assert study.baseline in study.placements
+        assert study.baseline_placement() in study.placements
 
 
-def test_trial_ids_are_stable_and_config_sensitive(tmp_path):
-    a = expand_grid(load_study(tiny_spec(tmp_path)))
-    b = expand_grid(load_study(tiny_spec(tmp_path)))
+def test_grid_order_labels_and_default_size(write_study):
+    study = load_study(write_study(size="", placements={"b": "{preset: attn}", "a": "{preset: all}"}, baseline=None,
+                                   extra="axes: {lr: [1.0e-3, 2.0e-3]}\n"))
+    grid = expand_grid(study)
+    assert [(t.labels.group.placement, t.labels.seed, dict(t.labels.group.axes)["lr"]) for t in grid] == [
+        ("b", 0, 1e-3), ("b", 0, 2e-3), ("b", 1, 1e-3), ("b", 1, 2e-3),
+        ("a", 0, 1e-3), ("a", 0, 2e-3), ("a", 1, 1e-3), ("a", 1, 2e-3)]
+    assert {t.labels.group.size for t in grid} == {Size(kind="rank", value=16)}  # the one default rank
+    assert {t.spec.train.steps for t in grid} == {3} and grid[1].spec.train.lr == 2e-3
+
+
+def test_trial_ids_are_stable_and_config_sensitive(write_study):
+    a = expand_grid(load_study(write_study()))
+    b = expand_grid(load_study(write_study()))
     assert [t.id for t in a] == [t.id for t in b]
-    c = expand_grid(load_study(tiny_spec(tmp_path, steps=4)))
+    c = expand_grid(load_study(write_study(steps=4)))
     assert not {t.id for t in a} & {t.id for t in c}
 
 
 @pytest.mark.parametrize(
     ("text", "messages"),
     [
-        (TINY.replace("STEPS", "3").replace("seeds:", "seedz:"), ["seedz: unknown key; did you mean 'seeds'?"]),
-        (TINY.replace("STEPS", "3").replace("lr: 1.0e-3", "lr: fast").replace("ranks: [4]", "ranks: [-1]")
+        (tiny_study_yaml().replace("seeds:", "seedz:"), ["seedz: unknown key; did you mean 'seeds'?"]),
+        (tiny_study_yaml().replace("lr: 0.001", "lr: fast").replace("ranks: [2]", "ranks: [-1]")
          .replace("baseline: all", "baseline: nope"),
          ["3 problems", "train.lr", "ranks.0: Input should be greater than 0", "baseline 'nope'"]),
         ("name: x\nmodel: [unclosed\n", ["study.yaml:3:1", "YAML syntax error"]),
-        (TINY.replace("STEPS", "3").replace("roles: [attn]", "rolez: [attn]"),
-         ["placements.attn.rolez: unknown key; did you mean 'roles'?"]),
+        (tiny_study_yaml().replace("all: {preset: all}", "all: {rolez: [attn]}"),
+         ["placements.all.rolez: unknown key; did you mean 'roles'?"]),
     ],
 )
-def test_bad_specs_report_everything_and_write_nothing(tmp_path, text, messages):
+def test_bad_specs_report_everything_and_write_nothing(tmp_path, cli, text, messages):
     path = tmp_path / "study.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
         load_study(path)
     for message in messages:
         assert message in str(info.value)
-    proc = subprocess.run([sys.executable, "-m", "loraplace", "run", str(path), "--store", str(tmp_path / "s.db")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    done = cli("run", path, "--store", tmp_path / "s.db")
+    assert done.returncode == 2 and "Traceback" not in done.stderr and messages[0] in done.stderr
     assert not (tmp_path / "s.db").exists()
 
 
-def test_run_then_resume_does_no_training(tmp_path):
-    spec = load_study(tiny_spec(tmp_path))
+def test_run_then_resume_does_no_training(tmp_path, write_study):
+    spec = load_study(write_study())
     first = run_study(spec, tmp_path / "s.db")
     assert (first.ran, first.done, first.failed) == (4, 4, 0)
     with Store(tmp_path / "s.db") as store:
         study = store.study("tiny")
-        before = {t.id: t.metrics for t in store.trials(study.id)}
+        before = {t.id: t.outcome for t in store.trials(study.id)}
         assert all(t.status == "done" and t.completions == 1 for t in store.trials(study.id))
-        assert all(Path(t.result["adapter_dir"]).is_dir() for t in store.trials(study.id))
+        assert all(Path(t.outcome.adapter.path).is_dir() for t in store.trials(study.id))
     again = run_study(spec, tmp_path / "s.db")
     assert (again.ran, again.skipped) == (0, 4)
     with Store(tmp_path / "s.db") as store:
-        assert {t.id: t.metrics for t in store.trials(study.id)} == before
+        assert {t.id: t.outcome for t in store.trials(study.id)} == before
 
 
-def test_a_failing_trial_does_not_stop_the_study(tmp_path):
+def test_without_baseline_the_first_placement_in_spec_order_is_the_baseline(tmp_path, write_study):
+    # Alphabetically "all" comes first; the spec's own order says "mlp".
+    spec = write_study(placements={"mlp": "{preset: mlp}", "attn": "{preset: attn}", "all": "{preset: all}"},
+                       baseline=None, seeds=[0], steps=1)
+    run_study(load_study(spec), tmp_path / "s.db")
+    with Store.open_readonly(tmp_path / "s.db") as store:
+        info = store.study().info
+    assert (info.placements, info.baseline, info.baseline_given) == (("mlp", "attn", "all"), "mlp", False)
+    analysis = analyze_store(tmp_path / "s.db")
+    assert analysis.baseline == "mlp"
+    assert [g.placement for g in analysis.groups if g.is_baseline] == ["mlp"]
+    assert "comparing against the first placement, 'mlp'" in " ".join(analysis.warnings)
+
+
+def test_a_failing_trial_does_not_stop_the_study(tmp_path, write_study):
     # tiny llama, per rank: attn = 2 layers × (128+96+96+128) = 896; all = 896 + 2 × 3 × 192 = 2048.
     # Budget 1000 fits rank 1 for attn but not for all → that trial fails, the other one runs.
-    text = TINY.replace("STEPS", "2").replace("ranks: [4]", "budget: 1000").replace("seeds: [0, 1]", "seeds: [0]")
-    path = tmp_path / "study.yaml"
-    path.write_text(text)
+    path = write_study(size="budget: 1000", seeds=[0], steps=2)
     summary = run_study(load_study(path), tmp_path / "s.db")
     with Store(tmp_path / "s.db") as store:
-        trials = {t.config["labels"]["placement"]: t for t in store.trials(store.study().id)}
-    assert trials["all"].status == "failed" and "smaller than rank 1" in trials["all"].error
+        trials = {t.labels.group.placement: t for t in store.trials(store.study().id)}
+    failure = trials["all"].outcome.failure
+    assert trials["all"].status == "failed" and failure.kind == "invalid" and "smaller than rank 1" in failure.message
     assert trials["attn"].status == "done"
     assert (summary.done, summary.failed) == (1, 1)
 
 
-def test_ray_backend_two_trials(tmp_path):
+@pytest.mark.slow
+def test_ray_backend_runs_the_same_hooks_and_records(tmp_path, write_study):
     ray = pytest.importorskip("ray")
-    text = TINY.replace("STEPS", "2").replace("seeds: [0, 1]", "seeds: [0]")
-    path = tmp_path / "study.yaml"
-    path.write_text(text)
+    from loraplace.runner import RunHooks
+
+    path = write_study(seeds=[0], steps=2)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"LORAPLACE_CACHE": str(tmp_path / "cache")}})
+    started, ended = [], []
     try:
-        summary = run_study(load_study(path), tmp_path / "s.db", backend="ray")
+        summary = run_study(load_study(path), tmp_path / "s.db", backend="ray",
+                            hooks=RunHooks(on_start=lambda t, i, n: started.append((t.id, i, n)),
+                                           on_end=lambda t, o: ended.append((t.id, o.status))))
     finally:
         ray.shutdown()
     assert (summary.ran, summary.done) == (2, 2)
+    assert sorted(i for _, i, _ in started) == [1, 2] and {n for _, _, n in started} == {2}
+    assert sorted(ended) == sorted((tid, "done") for tid, _, _ in started)
     with Store(tmp_path / "s.db") as store:
         trials = store.trials(store.study().id)
-        assert all(t.status == "done" and t.metrics["eval_loss"] > 0 for t in trials)
+        assert all(t.status == "done" and t.metrics.eval_loss > 0 and t.outcome.sites is not None for t in trials)

@@ -9,10 +9,7 @@ from loraplace.placement import parse_placement
 from loraplace.train import TrainSpec, _lr_lambda, batch_order, train
 from loraplace.trial import Session, TrialSpec, run_trial
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def spec(**train_kw):
@@ -24,30 +21,30 @@ def spec(**train_kw):
 def test_loss_decreases_on_learnable_task():
     result = run_trial(spec(steps=40))
     assert result.status == "done"
-    first = sum(p["loss"] for p in result.curve[:5]) / 5
-    last = sum(p["loss"] for p in result.curve[-5:]) / 5
+    first = sum(p.loss for p in result.curve[:5]) / 5
+    last = sum(p.loss for p in result.curve[-5:]) / 5
     assert last < first - 0.3
-    assert result.perplexity == pytest.approx(math.exp(result.eval_loss))
+    assert result.metrics.perplexity == pytest.approx(math.exp(result.metrics.eval_loss))
 
 
 def test_same_seed_same_losses_fp32():
     a, b = run_trial(spec()), run_trial(spec())
-    assert [p["loss"] for p in a.curve] == pytest.approx([p["loss"] for p in b.curve], abs=1e-6)
-    assert a.eval_loss == pytest.approx(b.eval_loss, abs=1e-6)
+    assert [p.loss for p in a.curve] == pytest.approx([p.loss for p in b.curve], abs=1e-6)
+    assert a.metrics.eval_loss == pytest.approx(b.metrics.eval_loss, abs=1e-6)
     c = run_trial(spec(seed=1))
-    assert c.eval_loss != pytest.approx(a.eval_loss, abs=1e-6)
+    assert c.metrics.eval_loss != pytest.approx(a.metrics.eval_loss, abs=1e-6)
 
 
 def test_gradient_accumulation_matches_full_batch():
     full = run_trial(spec(steps=6))
     accum = run_trial(spec(steps=6, micro_batch=2))
-    assert [p["loss"] for p in accum.curve] == pytest.approx([p["loss"] for p in full.curve], abs=1e-5)
+    assert [p.loss for p in accum.curve] == pytest.approx([p.loss for p in full.curve], abs=1e-5)
 
 
 def test_packing_matches_padding_in_training():
     packed = run_trial(spec(steps=6, packing=True))
     padded = run_trial(spec(steps=6, packing=False))
-    assert [p["loss"] for p in packed.curve] == pytest.approx([p["loss"] for p in padded.curve], abs=1e-4)
+    assert [p.loss for p in packed.curve] == pytest.approx([p.loss for p in padded.curve], abs=1e-4)
     assert packed.train_tokens == padded.train_tokens
 
 
@@ -60,10 +57,11 @@ def test_non_finite_loss_stops_the_trial(bad):
         return loss * bad if step == 4 else loss
 
     result = run_trial(spec(steps=20, sync_every=1), fault=fault)
-    assert result.status == "failed" and result.failed_step == 4
-    assert "non-finite" in result.error and "step 4" in result.error
+    assert result.status == "failed" and result.failure.kind == "non_finite" and result.failure.step == 4
+    assert "non-finite" in result.failure.message and "step 4" in result.failure.message
+    assert result.failure.hint and "learning rate" in result.failure.hint
     assert max(seen) == 4  # stopped at that very step (host sync every step)
-    assert result.eval_loss is None
+    assert result.metrics is None
 
 
 def test_deferred_sync_still_reports_the_exact_step():
@@ -71,7 +69,7 @@ def test_deferred_sync_still_reports_the_exact_step():
         return loss * float("nan") if step == 7 else loss
 
     result = run_trial(spec(steps=20, sync_every=5), fault=fault)
-    assert result.status == "failed" and result.failed_step == 7 and "step 7" in result.error
+    assert result.status == "failed" and result.failure.step == 7 and "step 7" in result.failure.message
 
 
 def test_exception_inside_training_fails_the_trial():
@@ -79,7 +77,8 @@ def test_exception_inside_training_fails_the_trial():
         raise RuntimeError("simulated out of memory")
 
     result = run_trial(spec(), fault=fault)
-    assert result.status == "failed" and "simulated out of memory" in result.error
+    assert result.status == "failed" and result.failure.kind == "error"
+    assert result.failure.message == "RuntimeError: simulated out of memory"
 
 
 def test_session_reuse_equals_fresh_session():
@@ -87,8 +86,17 @@ def test_session_reuse_equals_fresh_session():
     run_trial(spec(steps=5).model_copy(update={"placement": parse_placement("mlp")}), session=session)
     reused = run_trial(spec(steps=5), session=session)
     fresh = run_trial(spec(steps=5))
-    assert reused.eval_loss == pytest.approx(fresh.eval_loss, abs=1e-6)
+    assert reused.metrics.eval_loss == pytest.approx(fresh.metrics.eval_loss, abs=1e-6)
     assert not any("lora" in n for n, _ in session.model.named_parameters())
+
+
+def test_one_default_for_the_length_of_training():
+    from loraplace.train import DEFAULT_STEPS
+
+    assert TrainSpec().steps == DEFAULT_STEPS and TrainSpec(epochs=2).steps is None
+    assert TrainSpec(steps=3).steps == 3
+    with pytest.raises(ValueError, match="steps or epochs"):
+        TrainSpec(steps=3, epochs=1)
 
 
 def test_schedules():

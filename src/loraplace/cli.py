@@ -17,7 +17,10 @@ import click
 import typer
 from rich.console import Console
 
+from loraplace.data import DataSpec
 from loraplace.errors import ConfigError, LoraplaceError
+from loraplace.placement.spec import DEFAULT_RANK
+from loraplace.train import TrainSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Selective LoRA placement studies: where should the adapters go, and at what rank?")
@@ -59,7 +62,7 @@ def plan(
     model: str = typer.Argument(..., help="hub id, checkpoint dir, config.json, builtin:smollm2-135m or tiny:FAMILY"),
     placement: str = typer.Option("all", "--placement", "-p",
                                   help="preset name, role list (attn,mlp.up), inline YAML/JSON or a YAML file"),
-    rank: int | None = typer.Option(None, "--rank", "-r", help="LoRA rank for every site (default 16)"),
+    rank: int | None = typer.Option(None, "--rank", "-r", help=f"LoRA rank for every site (default {DEFAULT_RANK})"),
     budget: int | None = typer.Option(None, "--budget", help="trainable-parameter budget: solve the rank"),
     model_config: str | None = typer.Option(
         None, "--model-config", help="config overrides k=v,...; with model_type=NAME no hub is needed"),
@@ -80,9 +83,6 @@ def plan(
         with _probe_progress(as_json, spec.auto.batches) as progress:
             result = session.plan(spec, budget=budget, data=tokenized, data_key=data, progress=progress)
     else:
-        if rank is None and budget is None and spec.rank is None and spec.budget is None and not spec.ranks \
-                and not (spec.groups and all(g.rank for g in spec.groups)):
-            rank = 16
         result = plan_for_model(model, spec, rank=rank, budget=budget, model_config=overrides or None,
                                 model_type=model_type)
     if as_json:
@@ -140,7 +140,7 @@ def probe(
         result = session.probe(tokenized, batches=batches, batch=batch, rank=rank, key=data, progress=progress)
     if out_dir is not None:
         from loraplace.analysis.figures import probe_heatmap
-        from loraplace.trial import write_json_atomic
+        from loraplace.atomic import write_json_atomic
 
         target = Path(out_dir)
         write_json_atomic(target / "probe.json", result.to_dict())
@@ -208,6 +208,11 @@ class TrainProgress:
                              info=f"loss {self.last_loss}  {(tokens - self.tokens0) / elapsed:,.0f} tok/s")
 
 
+def _default(model, name: str) -> str:
+    """A spec field's default, for --help (the spec is the one home of every default)."""
+    return f"default {model.model_fields[name].get_default(call_default_factory=True)}"
+
+
 @app.command()
 def train(
     model: str = typer.Option("builtin:smollm2-135m", "--model", "-m", help="model reference"),
@@ -215,23 +220,25 @@ def train(
     eval_data: str | None = typer.Option(None, "--eval-data", help="separate eval source (default: 10% split)"),
     eval_fraction: float | None = typer.Option(None, "--eval-fraction"),
     limit: int | None = typer.Option(None, "--limit", help="use the first N training examples"),
-    data_format: str = typer.Option("auto", "--format", help="auto|alpaca|gsm8k|messages|prompt_completion|text"),
+    data_format: str | None = typer.Option(None, "--format", help="auto|alpaca|gsm8k|messages|prompt_completion|text"),
     placement: str = typer.Option("all", "--placement", "-p"),
-    rank: int | None = typer.Option(None, "--rank", "-r"),
-    budget: int | None = typer.Option(None, "--budget"),
-    steps: int | None = typer.Option(None, "--steps"),
+    rank: int | None = typer.Option(None, "--rank", "-r", help=f"default {DEFAULT_RANK}"),
+    budget: int | None = typer.Option(None, "--budget", help="trainable-parameter budget: solve the rank"),
+    steps: int | None = typer.Option(None, "--steps", help=_default(TrainSpec, "steps").replace("None", "20")),
     epochs: float | None = typer.Option(None, "--epochs"),
-    batch: int = typer.Option(8, "--batch"),
-    micro_batch: int | None = typer.Option(None, "--micro-batch"),
-    max_len: int = typer.Option(512, "--max-len"),
-    lr: float = typer.Option(2e-4, "--lr"),
-    schedule: str = typer.Option("linear", "--schedule", help="linear|cosine|constant"),
-    warmup: int = typer.Option(0, "--warmup"),
-    seed: int = typer.Option(0, "--seed"),
-    precision: str = typer.Option("auto", "--precision", help="auto|bf16|fp32"),
-    device: str = typer.Option("auto", "--device"),
+    batch: int | None = typer.Option(None, "--batch", help=_default(TrainSpec, "batch")),
+    micro_batch: int | None = typer.Option(None, "--micro-batch", help="default: --batch"),
+    max_len: int | None = typer.Option(None, "--max-len", help=_default(DataSpec, "max_len")),
+    lr: float | None = typer.Option(None, "--lr", help=_default(TrainSpec, "lr")),
+    schedule: str | None = typer.Option(None, "--schedule", help="linear|cosine|constant; "
+                                        + _default(TrainSpec, "schedule")),
+    warmup: int | None = typer.Option(None, "--warmup", help=_default(TrainSpec, "warmup")),
+    seed: int | None = typer.Option(None, "--seed", help=_default(TrainSpec, "seed")),
+    precision: str | None = typer.Option(None, "--precision", help="auto|bf16|fp32; " + _default(TrainSpec,
+                                                                                                  "precision")),
+    device: str | None = typer.Option(None, "--device", help=_default(TrainSpec, "device")),
     no_packing: bool = typer.Option(False, "--no-packing", help="pad instead of packing examples"),
-    generate: int = typer.Option(0, "--generate", help="greedy-generate N eval examples for task accuracy"),
+    generate: int | None = typer.Option(None, "--generate", help="greedy-generate N eval examples for task accuracy"),
     out_dir: str | None = typer.Option(None, "--out", help="directory for adapter/ and metrics.json"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (no progress bar)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -240,34 +247,31 @@ def train(
     from loraplace.specs import validate
     from loraplace.trial import TrialSpec, run_trial
 
-    if steps is None and epochs is None:
-        steps = 20
+    def given(**values: Any) -> dict[str, Any]:  # options left out take the spec's defaults
+        return {k: v for k, v in values.items() if v is not None}
+
     raw = {
         "model": model,
-        "data": {"train": data, "eval": eval_data, "eval_fraction": eval_fraction, "limit": limit,
-                 "format": data_format, "max_len": max_len},
+        "data": given(train=data, eval=eval_data, eval_fraction=eval_fraction, limit=limit, format=data_format,
+                      max_len=max_len),
         "placement": _placement_dict(placement),
-        "rank": rank if rank is not None or budget is not None else 16,
-        "budget": budget,
-        "train": {"steps": steps, "epochs": epochs, "batch": batch, "micro_batch": micro_batch, "lr": lr,
-                  "schedule": schedule, "warmup": warmup, "seed": seed, "precision": precision, "device": device,
-                  "packing": not no_packing},
-        "eval": {"generate": generate},
-    }
-    if budget is not None:
-        raw["rank"] = None
-    raw["data"] = {k: v for k, v in raw["data"].items() if v is not None}
-    raw["train"] = {k: v for k, v in raw["train"].items() if v is not None}
+        "train": given(steps=steps, epochs=epochs, batch=batch, micro_batch=micro_batch, lr=lr, schedule=schedule,
+                       warmup=warmup, seed=seed, precision=precision, device=device,
+                       packing=False if no_packing else None),
+        "eval": given(generate=generate),
+    } | given(rank=rank, budget=budget)
     spec = validate(TrialSpec, raw, "invalid trial options")
     with TrainProgress(quiet or as_json) as progress:
-        result = run_trial(spec, out_dir=out_dir, progress=progress)
+        outcome = run_trial(spec, out_dir=out_dir, progress=progress)
+    if outcome.failure is not None and outcome.failure.user_error:  # bad input, not a training failure: exit 2
+        raise LoraplaceError(outcome.failure.message, outcome.failure.hint)
     if as_json:
-        print(json.dumps(result.summary(), default=str))
+        print(json.dumps(outcome.summary(), default=str))
     else:
         from loraplace.report_terminal import print_trial
 
-        print_trial(result, out)
-    return 0 if result.status == "done" else 1
+        print_trial(outcome, out)
+    return 0 if outcome.status == "done" else 1
 
 
 @app.command()
@@ -282,39 +286,39 @@ def run(
     """Run a study: every unfinished trial of the grid, into a crash-safe store (resumable)."""
     from pathlib import Path
 
+    from rich.markup import escape
+
+    from loraplace.runner import RunHooks
     from loraplace.study import default_store, load_study, run_study
 
     study = load_study(spec_path)  # invalid spec: error before anything is written
     store_path = Path(store) if store else default_store(study)
     bar = TrainProgress(quiet)
-
     counts = {"done": 0, "failed": 0}
 
-    def start(planned, index, total):
+    def start(trial, index: int, total: int) -> None:
         bar.start_study(total)
-        labels = " ".join(f"{k}={v}" for k, v in planned.labels.items())
-        bar.new_trial(f"{index}/{total} {labels}")
+        bar.new_trial(f"{index}/{total} {trial.labels.group.label} seed={trial.labels.seed}")
 
-    def end(planned, result):
-        status = result.status if hasattr(result, "status") else result["status"]
-        counts["done" if status == "done" else "failed"] += 1
+    def end(trial, outcome) -> None:
+        counts["done" if outcome.status == "done" else "failed"] += 1
         bar.trial_done(counts["done"], counts["failed"])
         if not quiet:
-            loss = result.eval_loss if hasattr(result, "eval_loss") else result.get("eval_loss")
-            labels = " ".join(f"{k}={v}" for k, v in planned.labels.items())
-            bar.progress.console.print(f"{planned.id} {labels} → {status}"
-                                       + (f" eval_loss={loss:.4f}" if loss is not None else ""), highlight=False)
+            what = (f"eval_loss={outcome.metrics.eval_loss:.4f}" if outcome.metrics is not None
+                    else outcome.failure.message if outcome.failure is not None else "")
+            bar.progress.console.print(f"{trial.id} {trial.labels.group.label} seed={trial.labels.seed} → "
+                                       f"{outcome.status} {escape(what)}", highlight=False)
 
     try:
         with bar:
             summary = run_study(study, store_path, backend=backend, address=address, retry_failed=retry_failed,
-                                on_trial_start=start, on_trial_end=end, progress_factory=bar)
+                                hooks=RunHooks(on_start=start, on_end=end, progress=bar))
     except KeyboardInterrupt:
         err.print("[red]interrupted:[/] the current trial is marked interrupted; run the same command to resume")
         return 130
     if not quiet:
         err.print(f"ran {summary.ran} trial(s): {summary.done} done, {summary.failed} failed; "
-                  f"{summary.skipped} already done; {len(summary.recovered or [])} recovered from a dead run; "
+                  f"{summary.skipped} already done; {len(summary.recovered)} recovered from a dead run; "
                   f"{summary.wall_s:.1f} s", highlight=False)
     _print_status(store_path, study.name)
     if summary.done or summary.skipped:
@@ -330,7 +334,7 @@ def _print_status(store_path, name: str | None = None) -> None:
     from loraplace.report_terminal import print_status
     from loraplace.store import Store
 
-    with Store(store_path, readonly=True) as store:
+    with Store.open_readonly(store_path) as store:
         study = store.study(name)
         print_status(study, store.trials(study.id), store.counts(study.id), out)
 
@@ -347,15 +351,14 @@ def export(store: str = typer.Argument(..., help="study store (.db)"),
            fmt: str = typer.Option("csv", "--format", help="csv | json | parquet"),
            output: str | None = typer.Option(None, "--out", "-o", help="file (default: stdout for csv/json)"),
            name: str | None = typer.Option(None, "--study")) -> None:
-    """Export one row per trial: labels, status and every scalar metric."""
+    """Export one row per trial: labels, status, measured metrics and sizes."""
+    from loraplace.analysis.tables import export_rows
     from loraplace.store import Store
 
     if fmt not in ("csv", "json", "parquet"):
         raise LoraplaceError(f"unknown export format {fmt!r}", "use csv, json or parquet")
-    with Store(store, readonly=True) as st:
-        study = st.study(name)
-        rows = [{"trial_id": t.id, "status": t.status, "attempts": t.attempts, "error": t.error,
-                 **t.config.get("labels", {}), **t.metrics} for t in st.trials(study.id)]
+    with Store.open_readonly(store) as st:
+        rows = export_rows(st.trials(st.study(name).id))
     if fmt == "json":
         text = json.dumps(rows, indent=2)
     elif fmt == "csv":

@@ -11,6 +11,8 @@ import torch
 from loraplace.data import TokenizedSet
 from loraplace.data.batching import batching_mode, make_batch
 from loraplace.data.formats import final_answer
+from loraplace.models import causal_lm, pad_token_id
+from loraplace.records import AccuracyDetail, GenerationSample
 from loraplace.train import autocast, loss_sum
 
 
@@ -41,12 +43,12 @@ def eval_loss(model, data: TokenizedSet, *, device: torch.device, dtype: torch.d
 
 @torch.no_grad()
 def task_accuracy(model, tokenizer, data: TokenizedSet, n: int, *, device: torch.device, dtype: torch.dtype,
-                  max_new_tokens: int = 256, batch: int = 8) -> dict:
+                  max_new_tokens: int = 256, batch: int = 8) -> AccuracyDetail:
     """Greedy generation on the first ``n`` eval prompts; exact match of the final number (GSM8K-style)."""
     t0 = time.perf_counter()
     n = min(n, len(data))
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    hf = causal_lm(model)
+    pad = pad_token_id(tokenizer)
     correct, scored, samples = 0, 0, []
     for start in range(0, n, batch):
         idx = list(range(start, min(n, start + batch)))
@@ -69,7 +71,7 @@ def task_accuracy(model, tokenizer, data: TokenizedSet, n: int, *, device: torch
                 scored += 1
                 correct += int(got == want)
             if len(samples) < 5:
-                samples.append({"prompt": data.prompts[i][-200:], "generated": text[:300], "expected": want,
-                                "extracted": got})
-    return {"accuracy": correct / scored if scored else None, "n": scored, "correct": correct,
-            "generate_s": time.perf_counter() - t0, "samples": samples}
+                samples.append(GenerationSample(prompt=data.prompts[i][-200:], generated=text[:300], expected=want,
+                                                extracted=got))
+    return AccuracyDetail(accuracy=correct / scored if scored else None, n=scored, correct=correct,
+                          generate_s=time.perf_counter() - t0, samples=tuple(samples))

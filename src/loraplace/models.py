@@ -189,6 +189,16 @@ def meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM inside a PEFT wrapper (or the model itself when it has no adapters)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id padding uses: the tokenizer's pad token, else its EOS (padded positions never carry a loss)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def count_params(model: nn.Module) -> int:
     """Parameters of the base model, each shared (tied) tensor counted once."""
     return sum(p.numel() for p in model.parameters())

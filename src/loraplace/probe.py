@@ -14,91 +14,25 @@ a model too big for one group is probed in several passes over the same batches.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from loraplace.data import TokenizedSet
 from loraplace.data.batching import batching_mode, make_batch
 from loraplace.errors import PlacementError
-from loraplace.placement.roles import ArchitectureMap, Site
+from loraplace.placement.roles import AdaptableModule, ArchitectureMap
 from loraplace.placement.spec import AutoPlacement, PlacementSpec, SiteGroup
+from loraplace.records import ProbeScores, ProbeSite, lora_params
 from loraplace.train import autocast, batch_order, loss_sum
 
 SPECTRUM_KEEP = 128  # singular values kept per site: ranks above this are priced as buying nothing more
 
 
-@dataclass(frozen=True)
-class SiteScore:
-    layer: int
-    role: str
-    path: str
-    in_features: int
-    out_features: int
-    score: float  # ‖G_r‖_F, G per label token
-    grad_norm: float  # ‖G‖_F
-    rank: int
-    spectrum: tuple[float, ...] = ()  # σ_i² of G, largest first (the top SPECTRUM_KEEP)
-
-    def value(self, rank: int) -> float:
-        """‖G_rank‖_F: what a rank-``rank`` adapter on this site can buy, to first order."""
-        return math.sqrt(sum(self.spectrum[:rank]))
-
-    @property
-    def params(self) -> int:
-        return self.rank * (self.in_features + self.out_features)
-
-    @property
-    def efficiency(self) -> float:
-        return self.score / self.params
-
-    @property
-    def captured(self) -> float:
-        """Share of G's energy in its top-r directions (how low-rank the useful update is)."""
-        return (self.score / self.grad_norm) ** 2 if self.grad_norm > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    model: str
-    rank: int
-    batches: int
-    label_tokens: int
-    seconds: float
-    passes: int
-    num_layers: int
-    roles: tuple[str, ...]
-    sites: tuple[SiteScore, ...]
-
-    def matrix(self, value: str = "score") -> list[list[float]]:
-        """layers × roles (``self.roles`` order); NaN where the architecture has no such site."""
-        out = [[math.nan] * len(self.roles) for _ in range(self.num_layers)]
-        for s in self.sites:
-            out[s.layer][self.roles.index(s.role)] = getattr(s, value)
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "rank": self.rank, "batches": self.batches, "label_tokens": self.label_tokens,
-                "seconds": self.seconds, "passes": self.passes, "num_layers": self.num_layers,
-                "roles": list(self.roles),
-                "sites": [asdict(s) | {"params": s.params, "efficiency": s.efficiency, "captured": s.captured}
-                          for s in self.sites]}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
-        fields = ("layer", "role", "path", "in_features", "out_features", "score", "grad_norm", "rank")
-        sites = tuple(SiteScore(**{k: s[k] for k in fields}, spectrum=tuple(s.get("spectrum", ())))
-                      for s in data["sites"])
-        return cls(data["model"], data["rank"], data["batches"], data["label_tokens"], data["seconds"],
-                   data["passes"], data["num_layers"], tuple(data["roles"]), sites)
-
-
-def _site_groups(sites: list[Site], memory_budget_bytes: int) -> list[list[Site]]:
-    groups: list[list[Site]] = [[]]
+def _site_groups(sites: list[AdaptableModule], memory_budget_bytes: int) -> list[list[AdaptableModule]]:
+    groups: list[list[AdaptableModule]] = [[]]
     used = 0
     for site in sites:
         size = 4 * site.in_features * site.out_features  # fp32 G
@@ -113,7 +47,7 @@ def _site_groups(sites: list[Site], memory_budget_bytes: int) -> list[list[Site]
 def probe_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: str = "", batches: int = 8,
                 batch: int = 8, rank: int = 8, device: torch.device, dtype: torch.dtype, pad_id: int,
                 packing: bool = True, seed: int = 0, memory_budget_bytes: int = 2 << 30,
-                progress: Callable[[int, int], None] | None = None) -> ProbeResult:
+                progress: Callable[[int, int], None] | None = None) -> ProbeScores:
     """Score every (layer, role) site of ``model`` (frozen, no adapters) on ``batches`` batches of ``data``."""
     if len(data) == 0:
         raise PlacementError("the probe needs data: the training set is empty")
@@ -123,7 +57,7 @@ def probe_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: 
     order = batch_order(len(data), batch, batches, seed)  # the same batches in every pass
     mode = batching_mode(model, packing)
     groups = _site_groups(sites, memory_budget_bytes)
-    scores: list[SiteScore] = []
+    scores: list[ProbeSite] = []
     label_tokens = 0
     was_training = model.training
     model.eval()  # no dropout: the probe measures the model as it is
@@ -155,21 +89,18 @@ def probe_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: 
         embed_hook.remove()
         model.train(was_training)
 
-    return ProbeResult(model_ref, rank, len(order), label_tokens, time.perf_counter() - t0, len(groups),
-                       arch.num_layers, grid_roles(arch), tuple(scores))
+    return ProbeScores(model=model_ref, rank=rank, batches=len(order), label_tokens=label_tokens,
+                       seconds=time.perf_counter() - t0, passes=len(groups), num_layers=arch.num_layers,
+                       roles=arch.grid_roles(), sites=tuple(scores))
 
 
-def grid_roles(arch: ArchitectureMap) -> tuple[str, ...]:
-    """The roles a layers × roles table shows (the head is not a per-layer site)."""
-    return tuple(r for r in arch.roles_present() if r != "head")
-
-
-def _score(site: Site, g_sum: torch.Tensor, label_tokens: int, rank: int) -> SiteScore:
+def _score(site: AdaptableModule, g_sum: torch.Tensor, label_tokens: int, rank: int) -> ProbeSite:
     g = (g_sum / max(label_tokens, 1)).double()  # gradient of the mean token loss
     energy = top_singular_energy(g)
-    return SiteScore(site.layer, site.role, site.path, site.in_features, site.out_features,
-                     float(energy[:rank].sum().sqrt()), float(energy.sum().sqrt()), rank,
-                     tuple(float(e) for e in energy[:SPECTRUM_KEEP]))
+    return ProbeSite(layer=site.layer, role=site.role, path=site.path, in_features=site.in_features,
+                     out_features=site.out_features, score=float(energy[:rank].sum().sqrt()),
+                     grad_norm=float(energy.sum().sqrt()), rank=rank,
+                     spectrum=tuple(float(e) for e in energy[:SPECTRUM_KEEP]))
 
 
 def top_singular_energy(g: torch.Tensor) -> torch.Tensor:
@@ -203,30 +134,30 @@ class Unit:
     """What the greedy allocates rank to: one site, or every site of a role or of a layer (one shared rank)."""
 
     key: str  # "L3 attn.q", "attn.q" or "L3"
-    sites: tuple[SiteScore, ...]
+    sites: tuple[ProbeSite, ...]
 
     def value(self, rank: int) -> float:
         return sum(s.value(rank) for s in self.sites)
 
     def params(self, rank: int) -> int:
-        return rank * sum(s.in_features + s.out_features for s in self.sites)
+        return sum(lora_params(rank, s.in_features, s.out_features) for s in self.sites)
 
     @property
     def max_rank(self) -> int:
         return min(min(s.in_features, s.out_features, len(s.spectrum) or 1) for s in self.sites)
 
 
-def units(probe: ProbeResult, granularity: str) -> list[Unit]:
+def units(probe: ProbeScores, granularity: str) -> list[Unit]:
     if granularity == "site":
         return [Unit(f"L{s.layer} {s.role}", (s,)) for s in probe.sites]
     keyf = (lambda s: s.role) if granularity == "role" else (lambda s: f"L{s.layer}")
-    grouped: dict[str, list[SiteScore]] = {}
+    grouped: dict[str, list[ProbeSite]] = {}
     for s in probe.sites:
         grouped.setdefault(keyf(s), []).append(s)
     return [Unit(k, tuple(v)) for k, v in grouped.items()]
 
 
-def allocate(probe: ProbeResult, budget: int, granularity: str = "site", step: int | None = None) -> dict[str, int]:
+def allocate(probe: ProbeScores, budget: int, granularity: str = "site", step: int | None = None) -> dict[str, int]:
     """unit key → rank (a multiple of ``step``, default the probe rank), greedy by marginal efficiency.
 
     Each move raises one unit's rank by ``step``; its gain is ‖G_{k+step}‖_F − ‖G_k‖_F summed over the unit's sites
@@ -265,7 +196,7 @@ def allocate(probe: ProbeResult, budget: int, granularity: str = "site", step: i
     return chosen
 
 
-def allocate_random(probe: ProbeResult, budget: int, granularity: str = "site", step: int | None = None,
+def allocate_random(probe: ProbeScores, budget: int, granularity: str = "site", step: int | None = None,
                     seed: int = 0) -> dict[str, int]:
     """The control for the probe: units in a seeded random order, each at rank ``step`` while the budget allows.
     Same allocation pattern as :func:`allocate` (one step per unit), with the ranking taken away."""
@@ -285,14 +216,16 @@ def allocate_random(probe: ProbeResult, budget: int, granularity: str = "site", 
     return chosen
 
 
-def unscored(arch: ArchitectureMap, rank: int, model_ref: str = "") -> ProbeResult:
+def unscored(arch: ArchitectureMap, rank: int, model_ref: str = "") -> ProbeScores:
     """Every site with no score: what ``method: random`` allocates over (no probe is run)."""
-    sites = tuple(SiteScore(s.layer, s.role, s.path, s.in_features, s.out_features, 0.0, 0.0, rank)
+    sites = tuple(ProbeSite(layer=s.layer, role=s.role, path=s.path, in_features=s.in_features,
+                            out_features=s.out_features, score=0.0, grad_norm=0.0, rank=rank)
                   for s in sorted(arch.sites.values(), key=lambda s: (s.layer, s.role)))
-    return ProbeResult(model_ref, rank, 0, 0, 0.0, 0, arch.num_layers, grid_roles(arch), sites)
+    return ProbeScores(model=model_ref, rank=rank, batches=0, label_tokens=0, seconds=0.0, passes=0,
+                       num_layers=arch.num_layers, roles=arch.grid_roles(), sites=sites)
 
 
-def compile_auto(placement: PlacementSpec, probe: ProbeResult, budget: int | None = None) -> PlacementSpec:
+def compile_auto(placement: PlacementSpec, probe: ProbeScores, budget: int | None = None) -> PlacementSpec:
     """The auto placement as an ordinary one: groups of (role, layers, rank), so it resolves like any other
     placement and ``loraplace plan`` shows exactly what was chosen."""
     auto: AutoPlacement = placement.auto

@@ -6,15 +6,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from loraplace.formatting import human_bytes
 from loraplace.placement.plan import Plan
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from loraplace.records import TrialOutcome
+from loraplace.store import StudyRecord, TrialRecord
 
 
 def print_plan(plan: Plan, console: Console) -> None:
@@ -54,57 +49,60 @@ def print_plan(plan: Plan, console: Console) -> None:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
-def print_trial(result, console: Console) -> None:
-    if result.status != "done":
-        console.print(f"[bold red]trial failed[/] {result.error}", highlight=False)
+def print_trial(outcome: TrialOutcome, console: Console) -> None:
+    if outcome.failure is not None:
+        failure = outcome.failure
+        console.print(f"[bold red]trial failed[/] {escape(failure.message)}"
+                      + (f"\n  hint: {escape(failure.hint)}" if failure.hint else ""), highlight=False)
         return
+    assert outcome.metrics is not None
+    m, t, env = outcome.metrics, outcome.timings, outcome.environment
+    detail = outcome.accuracy_detail
     table = Table(title="trial", show_header=False, pad_edge=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
     rows = [
-        ("eval loss", f"{result.eval_loss:.4f}"),
-        ("perplexity", f"{result.perplexity:.3f}"),
-        ("accuracy", "—" if result.accuracy is None else f"{100 * result.accuracy:.1f}% "
-                                                          f"(n={result.accuracy_detail['n']})"),
-        ("trainable params", f"{result.trainable_params:,} ({result.trainable_percent:.3f}%)"),
-        ("steps / train tokens", f"{result.steps} / {result.train_tokens:,}"),
-        ("tokens/s (non-pad)", f"{result.tokens_per_s:,.0f}"),
-        ("time load / tokenise / train / eval", f"{result.load_s:.1f} / {result.tokenize_s:.1f} / "
-                                                f"{result.train_s:.1f} / {result.eval_s:.1f} s"),
-        ("peak memory", f"{result.peak_mem_mb:,.0f} MiB"),
-        ("device / dtype", f"{result.device} / {result.dtype}"),
-        ("adapter", result.adapter_dir or "not saved (use --out)"),
+        ("eval loss", f"{m.eval_loss:.4f}"),
+        ("perplexity", f"{m.perplexity:.3f}"),
+        ("accuracy", "—" if m.accuracy is None or detail is None else f"{100 * m.accuracy:.1f}% (n={detail.n})"),
+        ("trainable params", f"{outcome.trainable_params:,} ({outcome.trainable_percent:.3f}%)"),
+        ("steps / train tokens", f"{outcome.steps} / {outcome.train_tokens:,}"),
+        ("tokens/s (non-pad)", f"{m.tokens_per_s:,.0f}"),
+        ("time load / tokenise / train / eval", f"{t.load_s:.1f} / {t.tokenize_s:.1f} / {m.train_s:.1f} / "
+                                                f"{t.eval_s:.1f} s"),
+        ("peak memory", f"{m.peak_mem_mb:,.0f} MiB"),
+        ("device / dtype", f"{env.device} / {env.dtype}"),
+        ("adapter", outcome.adapter.path if outcome.adapter is not None else "not saved (use --out)"),
     ]
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
-    for warning in result.warnings:
+    for warning in outcome.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
-def print_status(study, trials, counts, console: Console) -> None:
-    from loraplace.analysis.core import size_label
-
+def print_status(study: StudyRecord, trials: list[TrialRecord], counts: dict[str, int], console: Console) -> None:
     table = Table(title=f"study {study.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v),
                   pad_edge=False)
     for col, justify in (("trial", "left"), ("placement", "left"), ("size", "right"), ("seed", "right"),
                          ("status", "left"), ("eval loss", "right"), ("ppl", "right"), ("params", "right"),
                          ("tok/s", "right"), ("train s", "right")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, no_wrap=col != "placement", overflow="fold")
+    table.add_column("why", overflow="fold", ratio=1)  # a failure's whole reason, wrapped
     style = {"done": "green", "failed": "red", "running": "yellow", "interrupted": "magenta", "pending": "dim"}
     for t in trials:
-        labels, m = t.config.get("labels", {}), t.metrics
-        size = size_label(labels) or "?"
+        group = t.labels.group
+        m = t.metrics
 
-        def num(key, fmt, m=m):
-            return format(m[key], fmt) if key in m else "—"
+        def num(value: float | None, fmt: str) -> str:
+            return "—" if value is None else format(value, fmt)
 
-        status = f"[{style.get(t.status, '')}]{t.status}[/]"
-        if t.status == "failed" and t.error:
-            status += f" [dim]({t.error.splitlines()[0][:40]})[/]"
-        table.add_row(t.id[:8], str(labels.get("placement", "?")), size, str(labels.get("seed", "")), status,
-                      num("eval_loss", ".4f"), num("perplexity", ".3f"), num("trainable_params", ",.0f"),
-                      num("tokens_per_s", ",.0f"), num("train_s", ".1f"))
+        params = t.outcome.trainable_params if t.outcome is not None and t.outcome.trainable_params else None
+        table.add_row(t.id[:8], escape(group.placement), group.size_label, str(t.labels.seed),
+                      f"[{style.get(t.status, '')}]{t.status}[/]",
+                      num(m and m.eval_loss, ".4f"), num(m and m.perplexity, ".3f"), num(params, ",d"),
+                      num(m and m.tokens_per_s, ",.0f"), num(m and m.train_s, ".1f"),
+                      escape(t.error) if t.status in ("failed", "interrupted") and t.error else "")
     console.print(table)
 
 
@@ -127,9 +125,6 @@ def print_table(table, console: Console, columns: tuple[str, ...] | None = None)
     verdict_style = {"better": "green", "worse": "red", "baseline": "dim"}
     for row in table.rows:
         cells = [escape(row[i]) for i in idx]
-        if columns and "Pareto" in table.columns and table.columns.index("Pareto") in idx:
-            pos = idx.index(table.columns.index("Pareto"))  # the dominating group is named in the report
-            cells[pos] = cells[pos].split(" by ")[0]
         if "verdict" in table.columns and table.columns.index("verdict") in idx:
             pos = idx.index(table.columns.index("verdict"))
             style = verdict_style.get(cells[pos])
@@ -142,7 +137,8 @@ def print_table(table, console: Console, columns: tuple[str, ...] | None = None)
 def print_comparison(analysis, console: Console) -> None:
     from loraplace.analysis.tables import comparison_table
 
-    print_table(comparison_table(analysis), console, TERMINAL_COLUMNS)
+    # The terminal says "dominated"; the report names the dominating group.
+    print_table(comparison_table(analysis, name_dominator=False), console, TERMINAL_COLUMNS)
     for warning in analysis.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 

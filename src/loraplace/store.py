@@ -2,42 +2,158 @@
 
 Contract
 --------
+* **Typed records in and out.** Writers take :mod:`loraplace.records` (a :class:`TrialOutcome`, a
+  :class:`StudyInfo`, :class:`TrialLabels`); readers return immutable :class:`StudyRecord` / :class:`TrialRecord`
+  whose outcome is validated again on the way out. Callers never see cursors, rows or result dicts.
 * **Crash safety.** WAL journal mode (checked by reading the pragma back) with ``synchronous=NORMAL``: a committed
   transaction survives a process kill. Every write is one transaction (``BEGIN IMMEDIATE`` … ``COMMIT``) in
   :meth:`Store._tx`, so a kill leaves each row as it was before or after, never in between.
 * **Concurrency.** Readers never block the writer and the writer never blocks readers (WAL). ``busy_timeout``
   makes a second writer wait rather than fail with "database is locked". Only the process that runs a study
-  writes; Ray workers return results to it.
+  writes; Ray workers return outcomes to it.
+* **Reads never write.** :meth:`Store.open_readonly` opens the file read-only (``mode=ro``, or ``immutable=1``
+  where the directory is read-only and SQLite cannot create its shared-memory file), never migrates it in place
+  (an old schema is migrated in an in-memory copy), and refuses, untouched, anything that is not a loraplace store.
 * **Trial lifecycle.** ``pending → running → done | failed | interrupted``. :meth:`claim_trial` moves one
   claimable trial to ``running`` atomically and records its owner (host, pid) and a heartbeat; a trial is finished
-  only by its current owner (:meth:`finish_trial` refuses otherwise), so no trial completes twice. Trials left
+  only by its current owner (:meth:`record_outcome` refuses otherwise), so no trial completes twice. Trials left
   ``running`` by a dead owner are detected by :meth:`recover_stale` (same host: pid no longer alive; any host:
   heartbeat older than the limit) and become ``interrupted``, which is claimable again.
-* **Versioning.** ``schema_version`` holds the version; older stores are migrated on open, inside one
+* **Versioning.** ``schema_version`` holds the version; a writer migrates older stores on open, inside one
   transaction; a store from a newer loraplace is refused with a clear message.
-* **Records out are immutable** (frozen dataclasses); callers never see cursors or rows.
+
+Tables: ``studies`` (spec as written + :class:`StudyInfo`), ``trials`` (labels, resolved trial spec, lifecycle,
+the :class:`TrialOutcome` JSON), and two projections of the outcome kept for SQL users — ``metrics`` (the
+:class:`Metrics` fields only) and ``curves`` — which records are never read back from.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from loraplace.errors import LoraplaceError
+from loraplace.records import (
+    AccuracyDetail,
+    Adapter,
+    CurvePoint,
+    Environment,
+    EvalPoint,
+    Failure,
+    GroupKey,
+    Metrics,
+    ProbeScores,
+    ProbeSite,
+    Site,
+    SiteMap,
+    Size,
+    StudyInfo,
+    Timings,
+    TrialLabels,
+    TrialOutcome,
+)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TRIAL_STATUSES = ("pending", "running", "done", "failed", "interrupted")
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
-# version → statements that bring a store from version-1 to version
-_MIGRATIONS: dict[int, list[str]] = {
+Migration = str | Callable[[sqlite3.Connection], None]
+
+
+def _v3_typed_records(db: sqlite3.Connection) -> None:
+    """v2 → v3: result dicts become :class:`TrialOutcome` JSON, labels become :class:`TrialLabels`, each study gets
+    a :class:`StudyInfo`, and the metrics table keeps measured quantities only."""
+    db.execute("ALTER TABLE studies ADD COLUMN info_json TEXT")
+    db.execute("ALTER TABLE trials RENAME COLUMN result_json TO outcome_json")
+    for study_id, spec_json in db.execute("SELECT id, spec_json FROM studies").fetchall():
+        spec = json.loads(spec_json)
+        rows = db.execute("SELECT id, config_json, status, error, failed_step, outcome_json FROM trials "
+                          "WHERE study_id = ? ORDER BY position", (study_id,)).fetchall()
+        order: list[str] = []
+        for trial_id, config_json, status, error, failed_step, result_json in rows:
+            config = json.loads(config_json)
+            labels = _labels_v2(config["labels"])
+            if labels.group.placement not in order:
+                order.append(labels.group.placement)
+            config["labels"] = labels.model_dump(mode="json")
+            metrics = dict(db.execute("SELECT name, value FROM metrics WHERE trial_id = ?", (trial_id,)).fetchall())
+            outcome = _outcome_v2(status, error, failed_step, json.loads(result_json) if result_json else None,
+                                  metrics)
+            db.execute("UPDATE trials SET config_json = ?, outcome_json = ? WHERE id = ?",
+                       (json.dumps(config), None if outcome is None else outcome.model_dump_json(), trial_id))
+        # v2 stored the spec with sorted keys, so the spec's own placement order is lost; the grid's (trial
+        # positions follow the spec) is not. Placements with no trial keep the sorted order after those.
+        order += [p for p in spec.get("placements", {}) if p not in order]
+        info = StudyInfo(name=spec["name"], model=spec["model"], placements=tuple(order),
+                         baseline=spec.get("baseline") or order[0], baseline_given=spec.get("baseline") is not None,
+                         versions=spec.get("versions", {}))
+        db.execute("UPDATE studies SET info_json = ? WHERE id = ?", (info.model_dump_json(), study_id))
+    marks = ",".join("?" * len(Metrics.model_fields))
+    db.execute(f"DELETE FROM metrics WHERE name NOT IN ({marks})", tuple(Metrics.model_fields))
+
+
+def _labels_v2(labels: dict[str, Any]) -> TrialLabels:
+    size = Size(kind="rank", value=labels["rank"]) if "rank" in labels else Size(kind="budget",
+                                                                                 value=labels["budget"])
+    axes = tuple(sorted((k, v) for k, v in labels.items() if k not in ("placement", "seed", "rank", "budget")))
+    return TrialLabels(group=GroupKey(placement=labels["placement"], size=size, axes=axes), seed=labels["seed"])
+
+
+def _outcome_v2(status: str, error: str | None, failed_step: int | None, result: dict[str, Any] | None,
+                metrics: dict[str, float]) -> TrialOutcome | None:
+    """The typed outcome of a v1/v2 row. v1 rows have no result JSON: only their metrics table survives."""
+    if status == "failed":
+        kind = "non_finite" if error and "non-finite" in error else "error"
+        return TrialOutcome.failed(Failure(kind=kind, message=error or "failed", step=failed_step))
+    if status != "done":
+        return None
+    r = result if result is not None else metrics
+    if r.get("eval_loss") is None:
+        return None
+    measured = Metrics(eval_loss=r["eval_loss"], perplexity=r.get("perplexity") or math.exp(min(r["eval_loss"], 700)),
+                       accuracy=r.get("accuracy"), tokens_per_s=r.get("tokens_per_s"), train_s=r.get("train_s"),
+                       peak_mem_mb=r.get("peak_mem_mb"))
+    counters = {k: int(r[k]) for k in ("trainable_params", "total_params", "steps", "eval_tokens") if r.get(k)}
+    counters |= {"train_tokens": int(r.get("train_tokens") or 0), "label_tokens": int(r.get("label_tokens") or 0)}
+    if result is None:
+        return TrialOutcome(status="done", metrics=measured, **counters)
+    sites = result.get("sites")
+    probe = result.get("probe")
+    detail = result.get("accuracy_detail")
+    return TrialOutcome(
+        status="done", metrics=measured, **counters,
+        curve=tuple(CurvePoint(step=p["step"], loss=p["loss"], tokens=p["tokens"], lr=p["lr"])
+                    for p in result.get("curve", [])),
+        evals=tuple(EvalPoint(step=p["step"], eval_loss=p["eval_loss"]) for p in result.get("evals", [])),
+        sites=None if not sites else SiteMap(num_layers=sites["num_layers"], roles=tuple(sites["roles"]),
+                                             sites=tuple(Site(layer=s[0], role=s[1], rank=s[2])
+                                                         for s in sites["sites"])),
+        probe=None if not probe else ProbeScores(
+            **{k: probe[k] for k in ProbeScores.model_fields if k != "sites"},
+            sites=tuple(ProbeSite(**{k: s[k] for k in ProbeSite.model_fields if k in s}) for s in probe["sites"])),
+        accuracy_detail=None if not detail else AccuracyDetail.model_validate(detail),
+        timings=Timings(load_s=result.get("load_s", 0.0), tokenize_s=result.get("tokenize_s", 0.0),
+                        eval_s=result.get("eval_s", 0.0)),
+        environment=Environment(device=result.get("device", ""), dtype=result.get("dtype", ""),
+                                versions=result.get("versions", {})),
+        adapter=None if not result.get("adapter_dir") else Adapter(path=result["adapter_dir"],
+                                                                    bytes=result.get("adapter_bytes") or 0),
+        warnings=tuple(result.get("warnings", ())))
+
+
+# version → steps that bring a store from version-1 to version (SQL statements or Python functions)
+_MIGRATIONS: dict[int, list[Migration]] = {
     1: [
         """CREATE TABLE studies (
             id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, spec_json TEXT NOT NULL,
@@ -63,6 +179,7 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE trials ADD COLUMN result_json TEXT",
         "CREATE INDEX trials_by_status ON trials(study_id, status)",
     ],
+    3: [_v3_typed_records],
 }
 
 
@@ -74,7 +191,8 @@ class StoreError(LoraplaceError):
 class StudyRecord:
     id: int
     name: str
-    spec: dict[str, Any]
+    spec: dict[str, Any]  # the study spec as the user wrote it (resolved), in its own key order
+    info: StudyInfo
     created_at: float
 
 
@@ -83,7 +201,8 @@ class TrialRecord:
     id: str
     study_id: int
     position: int
-    config: dict[str, Any]
+    labels: TrialLabels
+    spec: dict[str, Any]  # the resolved TrialSpec as JSON (its hash is the id)
     status: str
     attempts: int
     completions: int
@@ -94,8 +213,12 @@ class TrialRecord:
     heartbeat_at: float | None
     started_at: float | None
     finished_at: float | None
-    metrics: dict[str, float]
-    result: dict[str, Any] | None
+    outcome: TrialOutcome | None  # set for done and failed trials
+
+    @property
+    def metrics(self) -> Metrics | None:
+        """The measured metrics of a done trial (None otherwise)."""
+        return self.outcome.metrics if self.outcome is not None else None
 
 
 @dataclass(frozen=True)
@@ -118,16 +241,37 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _is_sqlite_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+    except OSError:
+        return False
+
+
 class Store:
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0, readonly: bool = False):
+    """A writer (``Store(path)``: creates, migrates) or a reader (:meth:`open_readonly`: touches nothing)."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0, _conn: sqlite3.Connection | None = None):
         self.path = Path(path)
-        if readonly and not self.path.is_file():
-            raise StoreError(f"no store at {self.path}", "run a study first: loraplace run SPEC --store PATH")
+        self.readonly = _conn is not None
+        if _conn is not None:
+            self._conn = _conn
+            return
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a directory, not a store file", "give a file path such as runs/x.db")
+        if self.path.exists() and (self.path.stat().st_size == 0 or not _is_sqlite_file(self.path)):
+            raise StoreError(f"{self.path} is not a loraplace store (not an SQLite database); left untouched",
+                             "give a new path or an existing store")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, in _tx.
         self._conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
                                      check_same_thread=False)
         self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        if self._has_tables() and not self._is_loraplace():
+            self._conn.close()
+            raise StoreError(f"{self.path} is an SQLite database but not a loraplace store; left untouched",
+                             "give a new path or an existing store")
         mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode!r})",
@@ -135,6 +279,50 @@ class Store:
         self._conn.execute("PRAGMA synchronous = NORMAL")
         self._conn.execute("PRAGMA foreign_keys = ON")
         self._migrate()
+
+    @classmethod
+    def open_readonly(cls, path: str | Path) -> Store:
+        """Open a store for reading without changing a byte of it; an old schema is migrated in memory."""
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(f"no store at {path}", "run a study first: loraplace run SPEC --store PATH")
+        if path.is_dir():
+            raise StoreError(f"{path} is a directory, not a store file", "give the .db file of a study")
+        if path.stat().st_size == 0 or not _is_sqlite_file(path):
+            raise StoreError(f"{path} is not a loraplace store (not an SQLite database)", "give the .db file of a "
+                             "study (loraplace run SPEC --store PATH writes one)")
+        conn = None
+        for query in ("mode=ro", "immutable=1"):  # immutable: a read-only directory where no -shm can be made
+            try:
+                conn = sqlite3.connect(f"{path.resolve().as_uri()}?{query}", uri=True, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute("PRAGMA busy_timeout = 30000")
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                break
+            except sqlite3.DatabaseError as exc:
+                if conn is not None:
+                    conn.close()
+                conn = None
+                if "file is not a database" in str(exc):
+                    raise StoreError(f"{path} is not a loraplace store (not an SQLite database)") from None
+        if conn is None:
+            raise StoreError(f"cannot open {path} for reading", "check the file's permissions")
+        store = cls(path, _conn=conn)
+        if not store._is_loraplace():
+            conn.close()
+            raise StoreError(f"{path} is an SQLite database but not a loraplace store")
+        version = store.schema_version()
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise StoreError(f"{path} was written by a newer loraplace (store schema v{version}; this version reads "
+                             f"up to v{SCHEMA_VERSION})", "upgrade loraplace to read this store")
+        if version < SCHEMA_VERSION:  # read an old store through the migration, in a copy held in memory
+            memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            conn.backup(memory)
+            conn.close()
+            store = cls(path, _conn=memory)
+            store._apply_migrations()
+        return store
 
     # ------------------------------------------------------------------------------------------ plumbing
 
@@ -150,6 +338,8 @@ class Store:
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; the write lock is taken up front so it cannot fail half-way on contention."""
+        if self.readonly:
+            raise StoreError(f"{self.path} is open read-only")
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
@@ -164,6 +354,13 @@ class Store:
     def integrity_check(self) -> str:
         return self._conn.execute("PRAGMA integrity_check").fetchone()[0]
 
+    def _has_tables(self) -> bool:
+        return self._conn.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0] > 0
+
+    def _is_loraplace(self) -> bool:
+        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        return {"schema_version", "studies", "trials"} <= tables
+
     def schema_version(self) -> int:
         row = self._conn.execute(
             "SELECT name FROM sqlite_master WHERE type='table' AND name='schema_version'").fetchone()
@@ -172,55 +369,66 @@ class Store:
         return int(self._conn.execute("SELECT version FROM schema_version").fetchone()[0])
 
     def _migrate(self) -> None:
-        # Fast path without the write lock: readers (status, report) opening a current store never contend
-        # with the running study for it.
+        # Fast path without the write lock: a second writer opening a current store never contends for it.
         if self.schema_version() == SCHEMA_VERSION:
             return
-        with self._tx() as db:  # re-read under the lock: another process may have migrated meanwhile
+        self._apply_migrations()
+
+    def _apply_migrations(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:  # re-read under the lock: another process may have migrated meanwhile
             current = self.schema_version()
             if current > SCHEMA_VERSION:
                 raise StoreError(f"{self.path} was written by a newer loraplace (store schema v{current}; this "
                                  f"version reads up to v{SCHEMA_VERSION})", "upgrade loraplace to read this store")
             if current == 0:
-                db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-                db.execute("INSERT INTO schema_version VALUES (0)")
+                self._conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                self._conn.execute("INSERT INTO schema_version VALUES (0)")
             for version in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[version]:
-                    db.execute(statement)
-                db.execute("UPDATE schema_version SET version = ?", (version,))
+                for step in _MIGRATIONS[version]:
+                    if callable(step):
+                        step(self._conn)
+                    else:
+                        self._conn.execute(step)
+                self._conn.execute("UPDATE schema_version SET version = ?", (version,))
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
 
     # ------------------------------------------------------------------------------------------ studies
 
-    def open_study(self, name: str, spec: dict[str, Any]) -> StudyRecord:
-        """The study of that name, created if new. Its spec is replaced by ``spec`` (trial ids pin configs)."""
-        payload = json.dumps(spec, sort_keys=True)
+    def open_study(self, info: StudyInfo, spec: dict[str, Any]) -> StudyRecord:
+        """The study named ``info.name``, created if new. Its spec and info are replaced by these (trial ids pin
+        configs). The spec is stored in its own key order: placement order is meaningful."""
         with self._tx() as db:
-            row = db.execute("SELECT id FROM studies WHERE name = ?", (name,)).fetchone()
+            row = db.execute("SELECT id FROM studies WHERE name = ?", (info.name,)).fetchone()
             if row is None:
-                db.execute("INSERT INTO studies (name, spec_json, created_at) VALUES (?, ?, ?)",
-                           (name, payload, time.time()))
+                db.execute("INSERT INTO studies (name, spec_json, info_json, created_at) VALUES (?, ?, ?, ?)",
+                           (info.name, json.dumps(spec), info.model_dump_json(), time.time()))
             else:
-                db.execute("UPDATE studies SET spec_json = ? WHERE id = ?", (payload, row[0]))
-        return self.study(name)
+                db.execute("UPDATE studies SET spec_json = ?, info_json = ? WHERE id = ?",
+                           (json.dumps(spec), info.model_dump_json(), row[0]))
+        return self.study(info.name)
 
     def study(self, name: str | None = None) -> StudyRecord:
+        columns = "id, name, spec_json, info_json, created_at"
         if name is None:
-            rows = self._conn.execute("SELECT id, name, spec_json, created_at FROM studies ORDER BY id").fetchall()
-            if not rows:
+            row = self._conn.execute(f"SELECT {columns} FROM studies ORDER BY id DESC LIMIT 1").fetchone()
+            if row is None:
                 raise StoreError(f"{self.path} holds no study")
-            row = rows[-1]
         else:
-            row = self._conn.execute("SELECT id, name, spec_json, created_at FROM studies WHERE name = ?",
-                                     (name,)).fetchone()
+            row = self._conn.execute(f"SELECT {columns} FROM studies WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise StoreError(f"{self.path} holds no study named {name!r}")
-        return StudyRecord(row[0], row[1], json.loads(row[2]), row[3])
+        return StudyRecord(row[0], row[1], json.loads(row[2]), StudyInfo.model_validate_json(row[3]), row[4])
 
-    def add_trials(self, study_id: int, trials: list[tuple[str, dict[str, Any]]]) -> int:
-        """Register trials (id, resolved config) as pending; ids already present are kept as they are."""
+    def add_trials(self, study_id: int, trials: list[tuple[str, TrialLabels, dict[str, Any]]]) -> int:
+        """Register trials (id, labels, resolved spec) as pending; ids already present are kept as they are."""
         with self._tx() as db:
             before = db.total_changes
-            for position, (trial_id, config) in enumerate(trials):
+            for position, (trial_id, labels, spec) in enumerate(trials):
+                config = {"labels": labels.model_dump(mode="json"), "trial": spec}
                 db.execute("INSERT OR IGNORE INTO trials (id, study_id, position, config_json) VALUES (?, ?, ?, ?)",
                            (trial_id, study_id, position, json.dumps(config, sort_keys=True)))
             return db.total_changes - before
@@ -260,8 +468,10 @@ class Store:
                 return None
             trial_id = ids[0]
             db.execute("UPDATE trials SET status = 'running', attempts = attempts + 1, owner_host = ?, owner_pid = ?, "
-                       "heartbeat_at = ?, started_at = ?, error = NULL, failed_step = NULL WHERE id = ?",
-                       (owner.host, owner.pid, now, now, trial_id))
+                       "heartbeat_at = ?, started_at = ?, error = NULL, failed_step = NULL, outcome_json = NULL "
+                       "WHERE id = ?", (owner.host, owner.pid, now, now, trial_id))
+            db.execute("DELETE FROM metrics WHERE trial_id = ?", (trial_id,))
+            db.execute("DELETE FROM curves WHERE trial_id = ?", (trial_id,))
         return self.trial(trial_id)
 
     def heartbeat(self, trial_id: str, owner: Owner | None = None) -> None:
@@ -278,33 +488,31 @@ class Store:
             raise StoreError(f"trial {trial_id} is not running under {owner.host}:{owner.pid} "
                              f"(status {row[0]}, owner {row[1]}:{row[2]}); result discarded")
 
-    def finish_trial(self, trial_id: str, result: dict[str, Any], owner: Owner | None = None) -> None:
-        """Record a finished trial: status done, scalar metrics, curves, artifacts — in one transaction."""
+    def record_outcome(self, trial_id: str, outcome: TrialOutcome, owner: Owner | None = None) -> None:
+        """Finish a trial with its outcome, in one transaction: done (metrics, curves, artifact) or failed."""
         owner = owner or Owner.current()
-        scalars = {k: float(v) for k, v in result.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
         with self._tx() as db:
             self._owned(db, trial_id, owner)
-            db.execute("DELETE FROM metrics WHERE trial_id = ?", (trial_id,))
-            db.execute("DELETE FROM curves WHERE trial_id = ?", (trial_id,))
-            db.executemany("INSERT INTO metrics VALUES (?, ?, ?)", [(trial_id, k, v) for k, v in scalars.items()])
+            if outcome.status == "failed":
+                assert outcome.failure is not None  # guaranteed by TrialOutcome's validator
+                db.execute("UPDATE trials SET status = 'failed', error = ?, failed_step = ?, finished_at = ?, "
+                           "owner_pid = NULL, outcome_json = ? WHERE id = ?",
+                           (outcome.failure.message, outcome.failure.step, time.time(), outcome.model_dump_json(),
+                            trial_id))
+                return
+            assert outcome.metrics is not None
+            db.executemany("INSERT INTO metrics VALUES (?, ?, ?)",
+                           [(trial_id, k, v) for k, v in outcome.metrics.measured().items()])
             db.executemany("INSERT INTO curves VALUES (?, 'train_loss', ?, ?, ?)",
-                           [(trial_id, p["step"], p["loss"], p.get("tokens")) for p in result.get("curve", [])])
+                           [(trial_id, p.step, p.loss, p.tokens) for p in outcome.curve])
             db.executemany("INSERT INTO curves VALUES (?, 'eval_loss', ?, ?, NULL)",
-                           [(trial_id, p["step"], p["eval_loss"]) for p in result.get("evals", [])])
-            if result.get("adapter_dir"):
+                           [(trial_id, p.step, p.eval_loss) for p in outcome.evals])
+            if outcome.adapter is not None:
                 db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, 'adapter', ?)",
-                           (trial_id, result["adapter_dir"]))
+                           (trial_id, outcome.adapter.path))
             db.execute("UPDATE trials SET status = 'done', completions = completions + 1, finished_at = ?, "
-                       "owner_pid = NULL, result_json = ? WHERE id = ?",
-                       (time.time(), json.dumps(result, default=str), trial_id))
-
-    def fail_trial(self, trial_id: str, error: str, step: int | None = None, owner: Owner | None = None) -> None:
-        owner = owner or Owner.current()
-        with self._tx() as db:
-            self._owned(db, trial_id, owner)
-            db.execute("UPDATE trials SET status = 'failed', error = ?, failed_step = ?, finished_at = ?, "
-                       "owner_pid = NULL WHERE id = ?", (error, step, time.time(), trial_id))
+                       "owner_pid = NULL, outcome_json = ? WHERE id = ?",
+                       (time.time(), outcome.model_dump_json(), trial_id))
 
     def interrupt_trial(self, trial_id: str, reason: str = "interrupted", owner: Owner | None = None) -> None:
         owner = owner or Owner.current()
@@ -316,12 +524,18 @@ class Store:
     # ------------------------------------------------------------------------------------------ reads
 
     _TRIAL_COLUMNS = ("id, study_id, position, config_json, status, attempts, completions, error, failed_step, "
-                      "owner_host, owner_pid, heartbeat_at, started_at, finished_at, result_json")
+                      "owner_host, owner_pid, heartbeat_at, started_at, finished_at, outcome_json")
 
     def _record(self, row: tuple) -> TrialRecord:
-        metrics = dict(self._conn.execute("SELECT name, value FROM metrics WHERE trial_id = ?", (row[0],)).fetchall())
-        return TrialRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], row[7], row[8], row[9],
-                           row[10], row[11], row[12], row[13], metrics, json.loads(row[14]) if row[14] else None)
+        config = json.loads(row[3])
+        try:
+            outcome = TrialOutcome.model_validate_json(row[14]) if row[14] else None
+            labels = TrialLabels.model_validate(config["labels"])
+        except ValidationError as exc:
+            raise StoreError(f"{self.path}: trial {row[0]} holds a record this loraplace cannot read ({exc})",
+                             "the store may have been edited by hand or by another program") from None
+        return TrialRecord(row[0], row[1], row[2], labels, config["trial"], row[4], row[5], row[6], row[7], row[8],
+                           row[9], row[10], row[11], row[12], row[13], outcome)
 
     def trial(self, trial_id: str) -> TrialRecord:
         row = self._conn.execute(f"SELECT {self._TRIAL_COLUMNS} FROM trials WHERE id = ?", (trial_id,)).fetchone()
@@ -334,9 +548,10 @@ class Store:
                                   (study_id,)).fetchall()
         return [self._record(r) for r in rows]
 
-    def curve(self, trial_id: str, kind: str = "train_loss") -> list[tuple[int, float, int | None]]:
-        return self._conn.execute("SELECT step, value, tokens FROM curves WHERE trial_id = ? AND kind = ? "
-                                  "ORDER BY step", (trial_id, kind)).fetchall()
+    def curve(self, trial_id: str) -> list[CurvePoint]:
+        """The training curve of a finished trial (from its outcome)."""
+        outcome = self.trial(trial_id).outcome
+        return list(outcome.curve) if outcome is not None else []
 
     def counts(self, study_id: int) -> dict[str, int]:
         rows = self._conn.execute("SELECT status, COUNT(*) FROM trials WHERE study_id = ? GROUP BY status",

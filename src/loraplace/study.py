@@ -1,9 +1,8 @@
 """Studies: a YAML grid (placements × ranks|budgets × seeds × other axes) run into a crash-safe store.
 
-Each trial's id is a hash of its fully resolved config, so re-running a spec finds its finished trials and
-runs only the rest. The local backend runs trials one after another in one process with one loaded base model
-(adapters injected and removed per trial); the Ray backend runs them as Ray tasks while this process alone
-writes the store.
+Each trial's id is a hash of its fully resolved spec, so re-running a spec finds its finished trials and runs only
+the rest. :func:`run_study` checks the spec, registers the grid in the store and hands it to the runner core
+(:mod:`loraplace.runner`) with the executor of the chosen backend.
 """
 
 from __future__ import annotations
@@ -12,20 +11,22 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from loraplace.data import DataSpec
-from loraplace.errors import LoraplaceError
-from loraplace.placement.spec import PlacementSpec
+from loraplace.errors import ConfigError, LoraplaceError
+from loraplace.placement.spec import DEFAULT_RANK, PlacementSpec
+from loraplace.records import GroupKey, Size, StudyInfo, TrialLabels
+from loraplace.runner import LocalExecutor, PlannedTrial, RunHooks, RunSummary, execute
 from loraplace.specs import StrictModel, load_yaml, validate
-from loraplace.store import Owner, Store
+from loraplace.store import Store
 from loraplace.train import TrainSpec
-from loraplace.trial import EvalSpec, Session, TrialSpec, library_versions, run_trial
+from loraplace.trial import EvalSpec, TrialSpec, library_versions
+
+BACKENDS = ("local", "ray")
 
 AXIS_FIELDS = ("lr", "steps", "batch", "warmup", "schedule", "weight_decay")
 
@@ -42,7 +43,7 @@ class StudySpec(StrictModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     model: str
     data: DataSpec
-    train: TrainSpec = TrainSpec(steps=40)
+    train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
     placements: dict[str, PlacementSpec] = Field(min_length=1)
     ranks: list[PositiveInt] | None = Field(default=None, min_length=1)
@@ -88,20 +89,27 @@ class StudySpec(StrictModel):
             raise ValueError(f"baseline {value!r} is not one of the placements ({', '.join(placements)})")
         return value
 
-    def sizes(self) -> list[tuple[str, int]]:
-        """("rank", r) or ("budget", b) per size point; rank 16 when none is given."""
+    def sizes(self) -> list[Size]:
+        """The size points of the grid: budgets, or ranks (the default rank when none is given)."""
         if self.budgets is not None:
-            return [("budget", b) for b in self.budgets]
+            return [Size(kind="budget", value=b) for b in self.budgets]
         if self.budget is not None:
-            return [("budget", self.budget)]
-        return [("rank", r) for r in (self.ranks or [16])]
+            return [Size(kind="budget", value=self.budget)]
+        return [Size(kind="rank", value=r) for r in (self.ranks or [DEFAULT_RANK])]
+
+    def baseline_placement(self) -> str:
+        """The placement the others are compared with: ``baseline``, else the first placement in spec order."""
+        return self.baseline if self.baseline is not None else next(iter(self.placements))
+
+    def info(self) -> StudyInfo:
+        return StudyInfo(name=self.name, model=self.model, placements=tuple(self.placements),
+                         baseline=self.baseline_placement(), baseline_given=self.baseline is not None,
+                         versions=library_versions())
 
 
 def load_study(path: str | Path) -> StudySpec:
     data = load_yaml(path)
     if not isinstance(data, dict):
-        from loraplace.errors import ConfigError
-
         raise ConfigError([f"{path}: a study spec is a mapping at the top level"], "invalid study spec")
     # Data file paths are relative to the spec file, so a study runs the same from any directory.
     data_section = data.get("data")
@@ -114,28 +122,20 @@ def load_study(path: str | Path) -> StudySpec:
     return validate(StudySpec, data, f"invalid study spec {path}")
 
 
-@dataclass(frozen=True)
-class PlannedTrial:
-    id: str
-    labels: dict[str, Any]  # placement name, rank/budget, seed, axis values
-    spec: TrialSpec
-
-    def config(self) -> dict[str, Any]:
-        return {"labels": self.labels, "trial": self.spec.model_dump(mode="json")}
-
-
 def expand_grid(study: StudySpec) -> list[PlannedTrial]:
+    """Every trial of the grid, in spec order: placements × sizes × seeds × axes (axes sorted by name)."""
     axis_names = sorted(study.axes)
     out = []
-    for (pname, placement), (size_kind, size), seed, *axis_values in itertools.product(
+    for (pname, placement), size, seed, *axis_values in itertools.product(
             study.placements.items(), study.sizes(), study.seeds, *[study.axes[a] for a in axis_names]):
-        overrides = dict(zip(axis_names, axis_values, strict=True)) | {"seed": seed}
-        train = TrainSpec.model_validate(study.train.model_dump() | overrides)
+        axes = tuple(zip(axis_names, axis_values, strict=True))
+        train = TrainSpec.model_validate(study.train.model_dump() | dict(axes) | {"seed": seed})
         spec = TrialSpec(model=study.model, data=study.data, placement=placement, train=train, eval=study.eval,
-                         rank=size if size_kind == "rank" else None, budget=size if size_kind == "budget" else None)
+                         rank=size.value if size.kind == "rank" else None,
+                         budget=size.value if size.kind == "budget" else None)
         canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
         trial_id = hashlib.sha256(canonical.encode()).hexdigest()[:16]
-        labels = {"placement": pname, size_kind: size, "seed": seed} | dict(zip(axis_names, axis_values, strict=True))
+        labels = TrialLabels(group=GroupKey(placement=pname, size=size, axes=axes), seed=seed)
         out.append(PlannedTrial(trial_id, labels, spec))
     return out
 
@@ -144,7 +144,7 @@ def check_placements(study: StudySpec) -> None:
     """Resolve every placement on the meta-device model (no weights) before anything is written or trained:
     an unknown or absent role, an empty layer selection or a fused-qkv request fails the whole spec at once.
     A budget too small for rank 1 is not checked here: that is one trial's failure, the others still run."""
-    from loraplace.errors import ConfigError, PlacementError
+    from loraplace.errors import PlacementError
     from loraplace.placement import meta_architecture, resolve_placement
 
     arch = meta_architecture(study.model)
@@ -155,9 +155,9 @@ def check_placements(study: StudySpec) -> None:
                 problems.append(f"placements.{name}: an auto placement needs a budget (auto: {{budget: N}} or the "
                                 "study's budget:/budgets:)")
             continue
-        for kind, size in study.sizes():
+        for size in study.sizes():
             try:
-                resolve_placement(arch, placement, model=study.model, rank=size if kind == "rank" else 1)
+                resolve_placement(arch, placement, model=study.model, rank=size.value if size.kind == "rank" else 1)
             except PlacementError as exc:
                 problem = f"placements.{name}: {exc}"
                 if problem not in problems:
@@ -178,90 +178,32 @@ def artifacts_dir(store_path: Path) -> Path:
 # --------------------------------------------------------------------------------------------- running
 
 
-@dataclass
-class RunSummary:
-    ran: int = 0
-    done: int = 0
-    failed: int = 0
-    skipped: int = 0  # already done before this run
-    recovered: list[str] | None = None
-    wall_s: float = 0.0
-
-
-def run_study(study: StudySpec, store_path: str | Path, *, backend: str = "local", address: str | None = None,
-              retry_failed: bool = False, on_trial_start: Callable[[PlannedTrial, int, int], None] | None = None,
-              on_trial_end: Callable[[PlannedTrial, Any], None] | None = None, progress_factory=None) -> RunSummary:
-    """Run every unfinished trial of ``study`` into ``store_path``. Ctrl-C marks the current trial interrupted
-    and re-raises ``KeyboardInterrupt``."""
+def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["local", "ray"] = "local",
+              address: str | None = None, retry_failed: bool = False, hooks: RunHooks = RunHooks()) -> RunSummary:
+    """Run every unfinished trial of ``study`` into ``store_path``. Ctrl-C marks the trials in flight
+    interrupted and re-raises ``KeyboardInterrupt``."""
     t0 = time.perf_counter()
     store_path = Path(store_path)
+    if backend not in BACKENDS:
+        raise LoraplaceError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
     check_placements(study)
     planned = expand_grid(study)
     by_id = {p.id: p for p in planned}
-    summary = RunSummary()
     with Store(store_path) as store:
-        record = store.open_study(study.name, study.model_dump(mode="json") | {"versions": library_versions()})
-        store.add_trials(record.id, [(p.id, p.config()) for p in planned])
-        summary.recovered = store.recover_stale(record.id)
+        record = store.open_study(study.info(), study.model_dump(mode="json"))
+        store.add_trials(record.id, [(p.id, p.labels, p.spec.model_dump(mode="json")) for p in planned])
+        summary = RunSummary(recovered=store.recover_stale(record.id))
         summary.skipped = sum(1 for t in store.trials(record.id) if t.id in by_id and t.status == "done")
+        artifacts = artifacts_dir(store_path)
         if backend == "ray":
-            from loraplace.ray_backend import run_with_ray
+            from loraplace.ray_backend import RayExecutor
 
-            run_with_ray(study, store, record.id, by_id, store_path, summary, retry_failed, address, on_trial_end)
-        elif backend == "local":
-            _run_local(study, store, record.id, by_id, store_path, summary, retry_failed, on_trial_start,
-                       on_trial_end, progress_factory)
+            executor = RayExecutor(cpus=study.resources.cpus, gpus=study.resources.gpus, artifacts=artifacts,
+                                   address=address)
         else:
-            raise LoraplaceError(f"unknown backend {backend!r}", "use local or ray")
+            executor = LocalExecutor(study.model, device=study.train.device, precision=study.train.precision,
+                                     artifacts=artifacts, progress=hooks.progress)
+        with executor:
+            execute(store, record.id, by_id, executor, retry_failed=retry_failed, hooks=hooks, summary=summary)
     summary.wall_s = time.perf_counter() - t0
     return summary
-
-
-def _run_local(study, store: Store, study_id: int, by_id: dict[str, PlannedTrial], store_path: Path,
-               summary: RunSummary, retry_failed: bool, on_trial_start, on_trial_end, progress_factory) -> None:
-    owner = Owner.current()
-    remaining = set(by_id)
-    session: Session | None = None
-    total = len(by_id) - summary.skipped
-    while True:
-        claimed = store.claim_trial(study_id, owner, retry_failed=retry_failed, only=remaining)
-        if claimed is None:
-            return
-        remaining.discard(claimed.id)  # each trial at most once per run (a failing retry is not looped)
-        planned = by_id[claimed.id]
-        if on_trial_start is not None:
-            on_trial_start(planned, summary.ran + 1, total)
-        summary.ran += 1
-        try:
-            if session is None:  # loaded once, reused by every trial of the study
-                session = Session(study.model, device=study.train.device, precision=study.train.precision)
-            last_beat = [time.monotonic()]
-
-            def beat(step, total_steps, loss, tokens, _inner=progress_factory, _last=last_beat, _id=claimed.id):
-                if time.monotonic() - _last[0] > 5:
-                    store.heartbeat(_id, owner)
-                    _last[0] = time.monotonic()
-                if _inner is not None:
-                    _inner(step, total_steps, loss, tokens)
-
-            result = run_trial(planned.spec, session=session, out_dir=artifacts_dir(store_path) / claimed.id,
-                               progress=beat)
-        except KeyboardInterrupt:
-            store.interrupt_trial(claimed.id, "interrupted by the user (Ctrl-C)", owner)
-            raise
-        except LoraplaceError as exc:  # e.g. a budget below rank 1 for this placement: this trial fails
-            store.fail_trial(claimed.id, str(exc), owner=owner)
-            summary.failed += 1
-            continue
-        except Exception as exc:  # noqa: BLE001 - anything else in one trial must not stop the study
-            store.fail_trial(claimed.id, f"{type(exc).__name__}: {exc}", owner=owner)
-            summary.failed += 1
-            continue
-        if result.status == "done":
-            store.finish_trial(claimed.id, result.store_payload(), owner)
-            summary.done += 1
-        else:
-            store.fail_trial(claimed.id, result.error or "failed", result.failed_step, owner)
-            summary.failed += 1
-        if on_trial_end is not None:
-            on_trial_end(planned, result)

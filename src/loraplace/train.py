@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,25 +25,41 @@ from pydantic import Field, model_validator
 from loraplace.data import TokenizedSet
 from loraplace.data.batching import Batch, batching_mode, make_batch
 from loraplace.errors import TrialFailed
+from loraplace.models import causal_lm
+from loraplace.records import CurvePoint, EvalPoint
 from loraplace.specs import StrictModel
+
+DEFAULT_STEPS = 20  # when neither steps nor epochs is given (the CLI and study YAML share this default)
 
 
 class TrainSpec(StrictModel):
-    steps: int | None = Field(default=None, gt=0)
-    epochs: float | None = Field(default=None, gt=0)
-    batch: int = Field(default=8, gt=0)
+    """How one trial trains. Every default here is *the* default: the CLI and the study YAML both use this spec."""
+
+    steps: int | None = Field(default=None, gt=0, description=f"optimizer steps (default {DEFAULT_STEPS} when "
+                                                               "epochs is not given)")
+    epochs: float | None = Field(default=None, gt=0, description="passes over the training split instead of steps")
+    batch: int = Field(default=8, gt=0, description="examples per optimizer step")
     micro_batch: int | None = Field(default=None, gt=0, description="examples per forward (default: batch)")
-    lr: float = Field(default=2e-4, gt=0)
+    lr: float = Field(default=2e-4, gt=0, description="peak learning rate (AdamW)")
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup: int = Field(default=0, ge=0)
+    warmup: int = Field(default=0, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float | None = Field(default=1.0, gt=0)
-    seed: int = 0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    device: str = "auto"
-    packing: bool = True
-    compile: bool = False
+    max_grad_norm: float | None = Field(default=1.0, gt=0, description="clip the global gradient norm (None: off)")
+    seed: int = Field(default=0, description="adapter init and data order")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
+    packing: bool = Field(default=True, description="pack examples into rows (block-diagonal attention)")
+    compile: bool = Field(default=False, description="torch.compile the decoder")
     sync_every: int | None = Field(default=None, gt=0, description="host sync interval (default 1 CPU, 10 CUDA)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_length(cls, data: Any) -> Any:
+        # Resolved here, so the stored spec (and the trial id) names the number of steps that actually ran.
+        if isinstance(data, dict) and data.get("steps") is None and data.get("epochs") is None:
+            return {**data, "steps": DEFAULT_STEPS}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
@@ -109,20 +125,16 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------- loss
 
 
-def _hf_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def loss_sum(model, batch: Batch, decoder=None) -> torch.Tensor:
     """Σ token cross-entropy over the batch's label positions (fp32), computing logits only there.
 
     ``decoder`` replaces the transformer body (e.g. its ``torch.compile``d version)."""
-    causal_lm = _hf_model(model)
-    decoder = decoder if decoder is not None else causal_lm.base_model  # HF: the body without the LM head
+    lm = causal_lm(model)
+    decoder = decoder if decoder is not None else lm.base_model  # HF: the body without the LM head
     hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)  # [N, H]
-    logits = causal_lm.get_output_embeddings()(hidden).float()  # [N, V]
-    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    logits = lm.get_output_embeddings()(hidden).float()  # [N, V]
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, batch.targets, reduction="sum")
@@ -137,8 +149,8 @@ class TrainOutcome:
     train_s: float
     real_tokens: int
     label_tokens: int
-    curve: list[dict] = field(default_factory=list)  # {"step", "loss", "tokens", "lr"}
-    evals: list[dict] = field(default_factory=list)  # {"step", "eval_loss"}
+    curve: list[CurvePoint] = field(default_factory=list)
+    evals: list[EvalPoint] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -194,7 +206,7 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
     sync_every = spec.sync_every or (1 if device.type == "cpu" else 10)
     order = batch_order(len(data), spec.batch, total, spec.seed)
     # Packed widths are multiples of 8, so dynamic shapes keep recompilations rare.
-    decoder = torch.compile(_hf_model(model).base_model, dynamic=True) if spec.compile else None
+    decoder = torch.compile(causal_lm(model).base_model, dynamic=True) if spec.compile else None
 
     outcome = TrainOutcome(steps=0, train_s=0.0, real_tokens=0, label_tokens=0)
     pending: list[tuple[int, torch.Tensor, int, float]] = []  # (step, loss on device, tokens so far, lr)
@@ -210,10 +222,10 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
                 pending.clear()
                 raise TrialFailed(f"non-finite training loss ({value}) at step {step}", step=step,
                                   hint="lower the learning rate, or check the data (precision: try fp32)")
-            outcome.curve.append({"step": step, "loss": value, "tokens": tokens, "lr": lr})
+            outcome.curve.append(CurvePoint(step=step, loss=value, tokens=tokens, lr=lr))
         pending.clear()
         if on_step is not None:
-            on_step(outcome.curve[-1]["step"], total, outcome.curve[-1]["loss"], outcome.real_tokens)
+            on_step(outcome.curve[-1].step, total, outcome.curve[-1].loss, outcome.real_tokens)
 
     for step, example_index in enumerate(order, start=1):
         chunks = [example_index[i:i + micro] for i in range(0, len(example_index), micro)]
@@ -245,7 +257,7 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
         if eval_fn is not None and eval_every and step % eval_every == 0 and step != total:
             flush()
             outcome.train_s += time.perf_counter() - t0
-            outcome.evals.append({"step": step, "eval_loss": eval_fn()})
+            outcome.evals.append(EvalPoint(step=step, eval_loss=eval_fn()))
             model.train()
             t0 = time.perf_counter()
     flush()

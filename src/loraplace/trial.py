@@ -9,29 +9,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import platform
 import resource
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from pydantic import Field
 
+from loraplace.atomic import write_json_atomic
 from loraplace.data import DataSpec, Splits, TokenizedSet, load_splits
-from loraplace.errors import PlacementError, TrialFailed
+from loraplace.errors import LoraplaceError, PlacementError, TrialFailed
 from loraplace.evaluate import eval_loss, perplexity, task_accuracy
+from loraplace.models import pad_token_id
 from loraplace.placement import PlacementSpec, Plan, map_architecture, parse_placement, resolve_placement
+from loraplace.records import Adapter, Environment, Failure, Metrics, ProbeScores, Timings, TrialOutcome
 from loraplace.specs import StrictModel
 from loraplace.train import TrainOutcome, TrainSpec, resolve_device, resolve_dtype, seed_everything, train
-
-if TYPE_CHECKING:
-    from loraplace.probe import ProbeResult
 
 
 class EvalSpec(StrictModel):
@@ -47,7 +45,7 @@ class TrialSpec(StrictModel):
     placement: PlacementSpec
     rank: int | None = Field(default=None, gt=0)
     budget: int | None = Field(default=None, gt=0)
-    train: TrainSpec = TrainSpec(steps=20)
+    train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
 
 
@@ -105,14 +103,13 @@ class Session:
         self.arch = map_architecture(self.model)
         self.load_s = time.perf_counter() - t0
         self._data: dict[str, Splits] = {}
-        self._probes: dict[tuple, ProbeResult] = {}
+        self._probes: dict[tuple, ProbeScores] = {}
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     @property
     def pad_id(self) -> int:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return pad_token_id(self.tokenizer)
 
     def plan(self, placement, rank: int | None = None, budget: int | None = None,
              data: TokenizedSet | None = None, data_key: str = "", progress=None) -> Plan:
@@ -139,13 +136,13 @@ class Session:
         return dataclasses.replace(plan, budget=target,
                                    placement=spec.model_dump(exclude_none=True, exclude_defaults=True) | described)
 
-    def auto_probe(self, auto, data: TokenizedSet, data_key: str = "", progress=None) -> ProbeResult:
+    def auto_probe(self, auto, data: TokenizedSet, data_key: str = "", progress=None) -> ProbeScores:
         """The (cached) probe an auto placement reads: its batches, batch size and rank on ``data``."""
         return self.probe(data, batches=auto.batches, batch=auto.batch, rank=auto.rank, key=data_key,
                           progress=progress)
 
     def probe(self, data: TokenizedSet, *, batches: int = 8, batch: int = 8, rank: int = 8, key: str = "",
-              progress=None) -> ProbeResult:
+              progress=None) -> ProbeScores:
         """Importance scores of every site on ``data``; computed once per (data, batches, batch, rank)."""
         from loraplace.probe import probe_model
 
@@ -156,13 +153,12 @@ class Session:
                                                   dtype=self.dtype, pad_id=self.pad_id, progress=progress)
         return self._probes[cache_key]
 
-    def data(self, spec: DataSpec) -> tuple[Splits, bool]:
+    def data(self, spec: DataSpec) -> Splits:
+        """The tokenised splits of ``spec``, loaded once per session."""
         key = spec.model_dump_json()
-        if key in self._data:
-            return self._data[key], True
-        splits = load_splits(spec, self.tokenizer)
-        self._data[key] = splits
-        return splits, False
+        if key not in self._data:
+            self._data[key] = load_splits(spec, self.tokenizer)
+        return self._data[key]
 
     @contextlib.contextmanager
     def adapter(self, plan: Plan, seed: int):
@@ -184,84 +180,11 @@ class Session:
                 p.requires_grad_(False)
 
 
-# --------------------------------------------------------------------------------------------- results
-
-
-@dataclass
-class TrialResult:
-    status: str  # done | failed
-    eval_loss: float | None = None
-    perplexity: float | None = None
-    accuracy: float | None = None
-    trainable_params: int = 0
-    trainable_percent: float = 0.0
-    total_params: int = 0
-    train_tokens: int = 0
-    label_tokens: int = 0
-    tokens_per_s: float = 0.0
-    train_s: float = 0.0
-    load_s: float = 0.0
-    tokenize_s: float = 0.0
-    eval_s: float = 0.0
-    peak_mem_mb: float = 0.0
-    adapter_dir: str | None = None
-    adapter_bytes: int | None = None
-    steps: int = 0
-    error: str | None = None
-    failed_step: int | None = None
-    device: str = ""
-    dtype: str = ""
-    eval_tokens: int = 0
-    curve: list[dict] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    accuracy_detail: dict | None = None
-    versions: dict[str, str] = field(default_factory=dict)
-    plan: dict[str, Any] = field(default_factory=dict)
-    probe: dict[str, Any] | None = None  # importance-probe scores, for auto placements
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def store_payload(self) -> dict[str, Any]:
-        """What a study store keeps: everything but the full plan, which is recomputable from the trial config;
-        a compact site map (layer, role, rank) stays so reports can draw placements without the model."""
-        payload = self.to_dict()
-        plan = payload.pop("plan", None) or {}
-        if payload.get("probe"):  # scores stay; the full spectra live in probe.json beside the adapter
-            payload["probe"] = dict(payload["probe"], sites=[{k: v for k, v in site.items() if k != "spectrum"}
-                                                             for site in payload["probe"]["sites"]])
-        payload["sites"] = {
-            "num_layers": plan.get("num_layers", 0),
-            "roles": plan.get("roles_present", []),
-            "sites": [[s["layer"], s["role"], s["rank"]] for s in plan.get("sites", [])],
-        }
-        return payload
-
-    def summary(self) -> dict[str, Any]:
-        """The scalar metrics (no curves, no plan)."""
-        skip = {"curve", "evals", "plan", "accuracy_detail", "probe"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write to a temp file in the same directory and rename: a reader sees the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+# --------------------------------------------------------------------------------------------- artifacts
 
 
 def save_adapter_atomic(peft_model, target: Path, base_path: str | None) -> int:
-    """PEFT-format adapter (adapter_config.json + adapter_model.safetensors), renamed into place."""
+    """PEFT-format adapter (adapter_config.json + adapter_model.safetensors), renamed into place; returns its size."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
@@ -292,23 +215,44 @@ def save_adapter_atomic(peft_model, target: Path, base_path: str | None) -> int:
 
 
 def run_trial(spec: TrialSpec, *, session: Session | None = None, out_dir: str | Path | None = None,
-              progress=None, fault=None) -> TrialResult:
-    """Run one trial. Failures inside training (non-finite loss, exceptions) return ``status="failed"``."""
+              progress=None, fault=None) -> TrialOutcome:
+    """Run one trial. It never raises for a failure of its own: a bad placement for this model (kind
+    ``invalid``), a non-finite loss (``non_finite``, with its step) or any exception while training, evaluating or
+    saving (``error``, e.g. out of memory) is a ``failed`` :class:`TrialOutcome`. Only ``KeyboardInterrupt`` (and
+    ``SystemExit``) propagate: an interruption belongs to the run, not to the trial."""
+    known: dict[str, Any] = {}  # what the trial learnt before it failed (its size, where its adapters were)
+    try:
+        return _run_trial(spec, session, out_dir, progress, fault, known)
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory: this trial fails, a study goes on
+        return TrialOutcome.failed(failure_of(exc), **known)
+
+
+def failure_of(exc: Exception) -> Failure:
+    """The typed failure of an exception raised while running a trial."""
+    if isinstance(exc, TrialFailed):
+        return Failure(kind="non_finite" if exc.step is not None else "error", message=exc.args[0], step=exc.step,
+                       hint=exc.hint)
+    if isinstance(exc, LoraplaceError):
+        return Failure(kind="invalid", message=exc.args[0], hint=exc.hint)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # an out-of-memory trial must not starve the next one
+    return Failure(kind="error", message=f"{type(exc).__name__}: {exc}")
+
+
+def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | None, progress, fault,
+               known: dict[str, Any]) -> TrialOutcome:
     from loraplace.models import ModelRef, checkpoint_path
 
     placement = parse_placement(spec.placement)
     session = session or Session(spec.model, device=spec.train.device, precision=spec.train.precision)
     device, dtype = session.device, session.dtype
-    splits, _cached = session.data(spec.data)
+    splits = session.data(spec.data)
     data_key = spec.data.model_dump_json()  # probe cache key: the same data → the same probe, every seed
     plan = session.plan(placement, rank=spec.rank, budget=spec.budget, data=splits.train, data_key=data_key)
-    result = TrialResult(status="running", trainable_params=plan.trainable_params,
-                         trainable_percent=plan.trainable_percent, total_params=plan.total_params,
-                         load_s=session.load_s, tokenize_s=splits.tokenize_s, device=str(device),
-                         dtype=str(dtype).removeprefix("torch."), warnings=list(plan.warnings) + splits.warnings,
-                         versions=library_versions(), plan=plan.to_dict())
+    known.update(trainable_params=plan.trainable_params, total_params=plan.total_params, sites=plan.site_map())
+    probe = None
     if placement.auto is not None and placement.auto.method == "probe":  # the probe that chose the sites
-        result.probe = session.auto_probe(placement.auto, splits.train, data_key).to_dict()
+        probe = session.auto_probe(placement.auto, splits.train, data_key)
     reset_peak_memory(device)
     with session.adapter(plan, spec.train.seed) as model:
 
@@ -316,42 +260,38 @@ def run_trial(spec: TrialSpec, *, session: Session | None = None, out_dir: str |
             return eval_loss(model, splits.eval, device=device, dtype=dtype, pad_id=session.pad_id,
                              batch=spec.eval.batch, packing=spec.train.packing)
 
-        try:
-            outcome: TrainOutcome = train(model, splits.train, spec.train, device=device, dtype=dtype,
-                                          pad_id=session.pad_id, on_step=progress,
-                                          eval_fn=lambda: evaluate_now()[0],
-                                          eval_every=spec.eval.every, fault=fault)
-        except TrialFailed as exc:
-            result.status, result.error, result.failed_step = "failed", str(exc), exc.step
-            result.peak_mem_mb = peak_memory_mb(device)
-            return result
-        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the trial fails, the study goes on
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
-            result.peak_mem_mb = peak_memory_mb(device)
-            return result
-        result.steps, result.train_s, result.curve = outcome.steps, outcome.train_s, outcome.curve
-        result.train_tokens, result.label_tokens = outcome.real_tokens, outcome.label_tokens
-        result.tokens_per_s, result.evals = outcome.tokens_per_s, outcome.evals
+        trained: TrainOutcome = train(model, splits.train, spec.train, device=device, dtype=dtype,
+                                      pad_id=session.pad_id, on_step=progress, eval_fn=lambda: evaluate_now()[0],
+                                      eval_every=spec.eval.every, fault=fault)
         t0 = time.perf_counter()
-        result.eval_loss, result.eval_tokens = evaluate_now()
-        result.perplexity = perplexity(result.eval_loss)
+        loss, eval_tokens = evaluate_now()
+        detail = None
         if spec.eval.generate:
             detail = task_accuracy(model, session.tokenizer, splits.eval, spec.eval.generate, device=device,
                                    dtype=dtype, max_new_tokens=spec.eval.max_new_tokens)
-            result.accuracy, result.accuracy_detail = detail["accuracy"], detail
-        result.eval_s = time.perf_counter() - t0
-        result.peak_mem_mb = peak_memory_mb(device)
+        eval_s = time.perf_counter() - t0
+        peak_mb = peak_memory_mb(device)
+        adapter = None
         if out_dir is not None:
-            out = Path(out_dir)
             ref = ModelRef.parse(spec.model)
             base_path = checkpoint_path(ref) if ref.kind in ("builtin", "local", "hub") else str(ref)
-            result.adapter_bytes = save_adapter_atomic(model, out / "adapter", base_path)
-            result.adapter_dir = str(out / "adapter")
-    result.status = "done"
+            target = Path(out_dir) / "adapter"
+            adapter = Adapter(path=str(target), bytes=save_adapter_atomic(model, target, base_path))
+    outcome = TrialOutcome(
+        status="done",
+        metrics=Metrics(eval_loss=loss, perplexity=perplexity(loss),
+                        accuracy=None if detail is None else detail.accuracy, tokens_per_s=trained.tokens_per_s,
+                        train_s=trained.train_s, peak_mem_mb=peak_mb),
+        **known, steps=trained.steps, train_tokens=trained.real_tokens, label_tokens=trained.label_tokens,
+        eval_tokens=eval_tokens, curve=tuple(trained.curve), evals=tuple(trained.evals),
+        probe=None if probe is None else probe.without_spectra(),  # full spectra: probe.json
+        accuracy_detail=detail,
+        timings=Timings(load_s=session.load_s, tokenize_s=splits.tokenize_s, eval_s=eval_s),
+        environment=Environment(device=str(device), dtype=str(dtype).removeprefix("torch."),
+                                versions=library_versions()),
+        adapter=adapter, warnings=tuple(plan.warnings) + tuple(splits.warnings))
     if out_dir is not None:
-        write_json_atomic(Path(out_dir) / "metrics.json", result.to_dict())
-        if result.probe is not None:
-            write_json_atomic(Path(out_dir) / "probe.json", result.probe)
-    return result
+        write_json_atomic(Path(out_dir) / "metrics.json", outcome.model_dump(mode="json"))
+        if probe is not None:
+            write_json_atomic(Path(out_dir) / "probe.json", probe.to_dict())
+    return outcome

@@ -1,22 +1,10 @@
-"""A real (tiny) study store shared by the analysis tests: 3 placements × 2 seeds, one seed-1 trial failed."""
+"""A real (tiny) study store shared by the analysis tests: 3 placements × 2 seeds."""
 
 from pathlib import Path
 
 import pytest
 
-STUDY = """\
-name: tiny-report
-model: tiny:llama
-data: {train: "builtin:arithmetic?n=60", eval_count: 8, max_len: 160}
-train: {steps: 3, batch: 4, lr: 1.0e-3, precision: fp32}
-placements:
-  all: {preset: all}
-  attn: {preset: attn}
-  top: {preset: top-half}
-ranks: [4]
-seeds: [0, 1]
-baseline: all
-"""
+from helpers import tiny_study_yaml
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +16,9 @@ def study_store(tmp_path_factory) -> Path:
     mp.setenv("LORAPLACE_CACHE", str(root / "cache"))
     try:
         spec_path = root / "study.yaml"
-        spec_path.write_text(STUDY)
+        spec_path.write_text(tiny_study_yaml(
+            "tiny-report", placements={"all": "{preset: all}", "attn": "{preset: attn}", "top": "{preset: top-half}"},
+            size="ranks: [4]"))
         summary = run_study(load_study(spec_path), root / "tiny.db")
         assert summary.done == 6
     finally:

@@ -1,22 +1,51 @@
 """Grouping, baseline comparison, Pareto and warnings: on hand-made records and on a real tiny study."""
 
+import shutil
+
 import pytest
 
+from helpers import FIXTURES
 from loraplace.analysis import analyze_records, analyze_store
-from loraplace.store import TrialRecord
+from loraplace.records import (
+    CurvePoint,
+    Failure,
+    GroupKey,
+    Metrics,
+    Site,
+    SiteMap,
+    Size,
+    StudyInfo,
+    TrialLabels,
+    TrialOutcome,
+)
+from loraplace.store import StudyRecord, TrialRecord
 
 
-def record(tid, placement, seed, status="done", rank=8, **metrics):
-    metrics = {"total_params": 1_000_000} | metrics
-    return TrialRecord(tid, 1, 0, {"labels": {"placement": placement, "rank": rank, "seed": seed}, "trial": {}},
-                       status, 1, int(status == "done"), "boom: CUDA out of memory" if status == "failed" else None,
-                       None, None, None, None, None, None, metrics if status == "done" else {},
-                       {"curve": [{"step": 1, "loss": 2.0, "tokens": 10}], "warnings": [],
-                        "sites": {"num_layers": 4, "roles": ["attn.q", "mlp.up"],
-                                  "sites": [[layer, "attn.q", rank] for layer in range(4)]}})
+def key(placement: str, rank: int = 8) -> GroupKey:
+    return GroupKey(placement=placement, size=Size(kind="rank", value=rank))
 
 
-SPEC = {"model": "tiny:llama", "baseline": "all", "placements": {"all": {}, "attn": {}, "big": {}}}
+def record(tid, placement, seed, status="done", rank=8, eval_loss=1.0, trainable_params=0, train_s=1.0,
+           peak_mem_mb=100.0) -> TrialRecord:
+    if status == "done":
+        outcome = TrialOutcome(
+            status="done", trainable_params=trainable_params, total_params=1_000_000,
+            metrics=Metrics(eval_loss=eval_loss, perplexity=2.0, tokens_per_s=100.0, train_s=train_s,
+                            peak_mem_mb=peak_mem_mb),
+            curve=(CurvePoint(step=1, loss=2.0, tokens=10, lr=1e-3),),
+            sites=SiteMap(num_layers=4, roles=("attn.q", "mlp.up"),
+                          sites=tuple(Site(layer=layer, role="attn.q", rank=rank) for layer in range(4))))
+    else:
+        outcome = TrialOutcome.failed(Failure(kind="error", message="boom: CUDA out of memory"))
+    return TrialRecord(tid, 1, 0, TrialLabels(group=key(placement, rank), seed=seed), {}, status, 1,
+                       int(status == "done"), outcome.failure.message if outcome.failure else None, None, None, None,
+                       None, None, None, outcome)
+
+
+def study(placements=("all", "attn", "big"), baseline: str | None = "all") -> StudyRecord:
+    info = StudyInfo(name="s", model="tiny:llama", placements=placements, baseline=baseline or placements[0],
+                     baseline_given=baseline is not None)
+    return StudyRecord(1, "s", {"name": "s"}, info, 0.0)
 
 
 def records():
@@ -31,7 +60,7 @@ def records():
 
 
 def test_groups_comparisons_and_pareto():
-    a = analyze_records("s", "s.db", SPEC, records(), {"done": 5, "failed": 1})
+    a = analyze_records(study(), "s.db", records(), {"done": 5, "failed": 1})
     by = {g.placement: g for g in a.groups}
     assert [by[p].n for p in ("all", "attn", "big")] == [2, 2, 1]
     assert by["all"].stats["eval_loss"].mean == pytest.approx(1.05)
@@ -44,14 +73,14 @@ def test_groups_comparisons_and_pareto():
     assert c.speedup == pytest.approx(11.0 / 5.5)
     assert c.memory_ratio == pytest.approx(0.9)
     # big: more params and more loss than all → dominated; only seed 0 is paired
-    assert by["big"].dominated_by == "all r=8"
+    assert by["big"].dominated_by == key("all")  # a typed key, not a string
     assert by["big"].comparison.delta_loss.n == 1
     assert by["big"].comparison.delta_loss.verdict() == "one seed: no test"
     assert [g.placement for g in a.frontier] == ["attn", "all"]
 
 
 def test_warnings_name_the_problems():
-    a = analyze_records("s", "s.db", SPEC, records(), {"done": 5, "failed": 1, "pending": 2})
+    a = analyze_records(study(), "s.db", records(), {"done": 5, "failed": 1, "pending": 2})
     text = "\n".join(a.warnings)
     assert "one seed only for big r=8" in text
     assert "not budget-matched" in text and "100–800" in text
@@ -60,15 +89,16 @@ def test_warnings_name_the_problems():
 
 
 def test_no_baseline_in_spec_uses_first_placement_and_says_so():
-    a = analyze_records("s", "s.db", {"model": "m", "placements": {"attn": {}, "all": {}}}, records()[:4], {})
+    a = analyze_records(study(("attn", "all"), baseline=None), "s.db", records()[:4], {})
     assert a.baseline == "attn"
+    assert [g.placement for g in a.groups if g.is_baseline] == ["attn"]
     assert any("no baseline set" in w for w in a.warnings)
 
 
 def test_budget_matched_study_has_no_budget_warning():
     recs = [record(f"x{i}", p, s, eval_loss=1.0 + i / 10, trainable_params=1000 - i)
             for i, (p, s) in enumerate([("all", 0), ("all", 1), ("attn", 0), ("attn", 1)])]
-    a = analyze_records("s", "s.db", SPEC, recs, {"done": 4})
+    a = analyze_records(study(), "s.db", recs, {"done": 4})
     assert not any("budget-matched" in w for w in a.warnings)
 
 
@@ -80,7 +110,21 @@ def test_real_store(study_store):
     assert all(g.n == 2 for g in a.groups)
     # Trainable params and site maps come from the real plans: top-half has half the layers of all.
     assert by["top"].trainable_params * 2 == by["all"].trainable_params
-    assert by["top"].layer_selective and not by["all"].layer_selective
-    assert len(by["top"].layers) * 2 == by["all"].num_layers
+    assert by["top"].sites.layer_selective and not by["all"].sites.layer_selective
+    assert by["top"].sites.layers == [1] and by["all"].sites.num_layers == 2
     assert by["attn"].comparison.delta_loss.n == 2
     assert all(g.stats["perplexity"].n == 2 for g in a.groups)
+
+
+def test_a_v2_store_reports_identically_after_migration(tmp_path):
+    """The committed v2 fixture (written by loraplace at schema v2) and the report that version wrote from it:
+    read through the migration, the same tables come out byte for byte."""
+    from loraplace.analysis.report import write_report
+
+    path = tmp_path / "store_v2.db"
+    shutil.copy(FIXTURES / "store_v2.db", path)
+    expected = FIXTURES / "store_v2_report"
+    written = write_report(analyze_store(path), tmp_path / "report", ["md", "csv"])  # read-only: in-memory migration
+    assert written["md"].read_text() == (expected / "results.md").read_text()
+    for name in ("summary.csv", "trials.csv"):
+        assert (tmp_path / "report" / name).read_text() == (expected / name).read_text(), name

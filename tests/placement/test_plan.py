@@ -2,8 +2,8 @@ import json
 
 import pytest
 from peft import get_peft_model
-from tests.conftest import GPT2_MEDIUM, needs_smollm2
 
+from helpers import GPT2_MEDIUM, needs_smollm2
 from loraplace.errors import ConfigError, PlacementError
 from loraplace.models import load_model
 from loraplace.placement import map_architecture, plan_for_model, resolve_placement

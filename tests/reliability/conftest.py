@@ -1,6 +1,9 @@
 import pytest
+from reliability_helpers import kill_children
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+def _isolated(isolated_cache):
+    """Each test: its own tokenisation cache, and no child process outlives it (pass, fail or timeout)."""
+    yield
+    kill_children()

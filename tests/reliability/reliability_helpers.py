@@ -6,26 +6,17 @@ import sys
 import time
 from pathlib import Path
 
+from helpers import tiny_study_yaml
 from loraplace.store import Store
 
-STUDY = """\
-name: NAME
-model: tiny:llama
-data: {train: "builtin:arithmetic?n=80", eval_count: 8, max_len: 160}
-train: {steps: STEPS, batch: 4, lr: 1.0e-3, precision: fp32}
-placements:
-  all: {preset: all}
-  attn: {preset: attn}
-  mlp: {preset: mlp}
-ranks: [2]
-seeds: SEEDS
-baseline: all
-"""
+# Every child started here; the suite's conftest kills those still alive after each test, pass or fail.
+CHILDREN: list[subprocess.Popen] = []
+
+PLACEMENTS = {"all": "{preset: all}", "attn": "{preset: attn}", "mlp": "{preset: mlp}"}
 
 
 def write_study(path: Path, name: str = "rel", steps: int = 4, seeds: int = 2) -> Path:
-    path.write_text(STUDY.replace("NAME", name).replace("STEPS", str(steps))
-                    .replace("SEEDS", str(list(range(seeds)))))
+    path.write_text(tiny_study_yaml(name, placements=PLACEMENTS, steps=steps, seeds=list(range(seeds)), n=80))
     return path
 
 
@@ -36,8 +27,18 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 def start_run(spec: Path, db: Path, env: dict[str, str], **popen) -> subprocess.Popen:
     popen.setdefault("stdout", subprocess.DEVNULL)
     popen.setdefault("stderr", subprocess.DEVNULL)
-    return subprocess.Popen([sys.executable, "-m", "loraplace", "run", str(spec), "--store", str(db), "-q"],
+    proc = subprocess.Popen([sys.executable, "-m", "loraplace", "run", str(spec), "--store", str(db), "-q"],
                             env=env, **popen)
+    CHILDREN.append(proc)
+    return proc
+
+
+def kill_children() -> None:
+    while CHILDREN:
+        proc = CHILDREN.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
 def cli(*args, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -50,7 +51,7 @@ def attempts(db: Path) -> int:
     if not db.exists():
         return 0
     try:
-        with Store(db, readonly=True) as store:
+        with Store.open_readonly(db) as store:
             return sum(t.attempts for t in store.trials(store.study().id))
     except Exception:  # noqa: BLE001 - the study row may not be there yet
         return 0
@@ -65,15 +66,17 @@ def wait_for(predicate, timeout: float = 120.0, interval: float = 0.05) -> bool:
     return False
 
 
-def cli_in_process(*args, capsys) -> subprocess.CompletedProcess:
-    """The CLI's own entry point in this process (no 3 s interpreter start): exit code, stdout, stderr."""
-    from loraplace.cli import main
+def measured_step_s(tmp_path: Path, steps: int = 4) -> float:
+    """Seconds per optimizer step of the suite's tiny study on this machine, right now (model load, tokenising and
+    the final eval included, so a busy machine gets a proportionally longer deadline)."""
+    from loraplace.study import expand_grid, load_study
+    from loraplace.trial import run_trial
 
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
+    trial = expand_grid(load_study(write_study(tmp_path / "calibrate.yaml", steps=steps, seeds=1)))[0]
+    t0 = time.perf_counter()
+    run_trial(trial.spec)
+    return (time.perf_counter() - t0) / steps
+
+
+__all__ = ["CHILDREN", "attempts", "cli", "cli_env", "kill_children", "measured_step_s", "start_run", "wait_for",
+           "write_study"]

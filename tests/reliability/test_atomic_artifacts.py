@@ -7,10 +7,12 @@ import os
 import pytest
 from reliability_helpers import write_study
 
+from loraplace import atomic
 from loraplace import trial as trial_module
+from loraplace.atomic import write_json_atomic
 from loraplace.store import Store
 from loraplace.study import load_study, run_study
-from loraplace.trial import Session, save_adapter_atomic, write_json_atomic
+from loraplace.trial import Session, save_adapter_atomic
 
 
 def enospc(*_args, **_kwargs):
@@ -21,7 +23,7 @@ def test_json_keeps_the_previous_file_when_the_disk_fills(tmp_path, monkeypatch)
     path = tmp_path / "metrics.json"
     write_json_atomic(path, {"eval_loss": 1.0})
     good = path.read_bytes()
-    monkeypatch.setattr(trial_module.os, "fsync", enospc)  # the data was written, the flush fails
+    monkeypatch.setattr(atomic.os, "fsync", enospc)  # the data was written, the flush fails
     with pytest.raises(OSError) as info:
         write_json_atomic(path, {"eval_loss": 2.0, "big": "x" * 100_000})
     assert info.value.errno == errno.ENOSPC
@@ -74,9 +76,9 @@ def test_a_full_disk_fails_one_trial_and_the_study_goes_on(tmp_path, monkeypatch
         trials = store.trials(store.study().id)
     failed = [t for t in trials if t.status == "failed"]
     assert len(failed) == 1 and "No space left on device" in failed[0].error
-    assert failed[0].result is None and not failed[0].metrics  # nothing half-recorded
+    assert failed[0].metrics is None and failed[0].outcome.adapter is None  # nothing half-recorded
     assert not calls[1].exists()  # no adapter directory for the failed trial
     assert not [p.name for p in calls[1].parent.iterdir() if p.name.startswith(".")]  # temp dir removed
     for t in trials:
         if t.status == "done":
-            assert (tmp_path / t.result["adapter_dir"]).is_dir() or os.path.isdir(t.result["adapter_dir"])
+            assert os.path.isdir(t.outcome.adapter.path)

@@ -6,23 +6,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from reliability_helpers import cli_in_process
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-GOOD = """\
-name: bad
-model: tiny:llama
-data: {train: "builtin:arithmetic?n=60", eval_count: 8, max_len: 160}
-train: {steps: 2, batch: 4, precision: fp32}
-placements:
-  all: {preset: all}
-ranks: [2]
-"""
+from helpers import FIXTURES, tiny_study_yaml
 
-
-@pytest.fixture
-def cli(capsys):
-    return lambda *args: cli_in_process(*args, capsys=capsys)
+GOOD = tiny_study_yaml("bad", placements={"all": "{preset: all}"}, steps=2, seeds=[0], baseline=None)
 
 
 def run_spec(cli, tmp_path, text: str):
@@ -39,7 +26,7 @@ def one_clear_error(done) -> str:
 
 @pytest.mark.parametrize(("text", "expected"), [
     # 7. YAML syntax error → file:line:col
-    (GOOD.replace("ranks: [2]", "ranks: [2"), ["spec.yaml:8:1: YAML syntax error"]),
+    (GOOD.replace("ranks: [2]", "ranks: [2"), ["spec.yaml:8:6: YAML syntax error"]),
     # 7. misspelled keys → key path + suggestion, top level and nested
     (GOOD.replace("ranks:", "rank:"), ["rank", "did you mean 'ranks'"]),
     (GOOD.replace("steps: 2", "stpes: 2"), ["train.stpes", "did you mean 'steps'"]),
@@ -125,10 +112,12 @@ def test_fully_truncated_responses_are_counted_not_trained_on(cli, tmp_path):
 def test_old_store_migrates_and_newer_store_is_refused(cli, tmp_path):
     old = tmp_path / "v1.db"
     shutil.copy(FIXTURES / "store_v1.db", old)
-    done = cli("status", old)
+    before = old.read_bytes()
+    done = cli("status", old)  # read through the migration, in memory
     assert done.returncode == 0, done.stderr
+    assert "old-study" in done.stdout and old.read_bytes() == before
     with sqlite3.connect(old) as db:
-        assert db.execute("SELECT version FROM schema_version").fetchone()[0] >= 2
+        assert db.execute("SELECT version FROM schema_version").fetchone()[0] == 1
     with sqlite3.connect(old) as db:
         db.execute("UPDATE schema_version SET version = 99")
     err = one_clear_error(cli("status", old))

@@ -4,6 +4,7 @@ import subprocess
 import threading
 import time
 
+import pytest
 from reliability_helpers import attempts, cli, cli_env, start_run, wait_for, write_study
 
 from loraplace.analysis import analyze_store
@@ -23,8 +24,8 @@ def test_row_left_running_by_a_dead_process_is_rerun(tmp_path):
     db = tmp_path / "s.db"
     planned = expand_grid(spec)
     with Store(db) as store:  # a run that claimed a trial and died without a trace
-        study = store.open_study(spec.name, spec.model_dump(mode="json"))
-        store.add_trials(study.id, [(p.id, p.config()) for p in planned])
+        study = store.open_study(spec.info(), spec.model_dump(mode="json"))
+        store.add_trials(study.id, [(p.id, p.labels, p.spec.model_dump(mode="json")) for p in planned])
         ghost = Owner(Owner.current().host, dead_pid())
         claimed = store.claim_trial(study.id, ghost)
         assert store.trial(claimed.id).status == "running"
@@ -36,6 +37,7 @@ def test_row_left_running_by_a_dead_process_is_rerun(tmp_path):
         assert store.trial(claimed.id).attempts == 2  # the ghost's claim, then the real run
 
 
+@pytest.mark.slow
 def test_two_live_runners_never_run_the_same_trial(tmp_path):
     spec = write_study(tmp_path / "s.yaml", steps=3, seeds=2)
     db = tmp_path / "s.db"
@@ -52,6 +54,7 @@ def test_two_live_runners_never_run_the_same_trial(tmp_path):
         assert store.integrity_check() == "ok"
 
 
+@pytest.mark.slow
 def test_status_and_report_while_a_study_writes(tmp_path):
     spec = write_study(tmp_path / "s.yaml", steps=12, seeds=2)
     db = tmp_path / "s.db"

@@ -3,24 +3,32 @@
 import signal
 import subprocess
 
-from reliability_helpers import attempts, cli_env, start_run, wait_for, write_study
+import pytest
+from reliability_helpers import attempts, cli_env, measured_step_s, start_run, wait_for, write_study
 
-from loraplace import study as study_module
+from loraplace import runner as runner_module
 from loraplace.store import Store
 from loraplace.study import load_study, run_study
 
+STARTUP_S = 60.0  # interpreter, imports and model load of a `loraplace run` child, before any step
+
 
 def statuses(db):
-    with Store(db, readonly=True) as store:
-        return {t.id: (t.status, t.result) for t in store.trials(store.study().id)}
+    with Store.open_readonly(db) as store:
+        return {t.id: (t.status, t.outcome) for t in store.trials(store.study().id)}
 
 
+@pytest.mark.slow
 def test_sigint_interrupts_the_current_trial_and_a_rerun_completes(tmp_path):
-    spec = write_study(tmp_path / "s.yaml", steps=40, seeds=2)
+    steps = 40
+    # The first trial must finish before the signal: its deadline scales with this machine's speed right now.
+    deadline = STARTUP_S + 10 * steps * measured_step_s(tmp_path)
+    spec = write_study(tmp_path / "s.yaml", steps=steps, seeds=2)
     db = tmp_path / "s.db"
     env = cli_env(tmp_path)
     proc = start_run(spec, db, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert wait_for(lambda: attempts(db) >= 2)  # at least one trial finished, the second one is running
+    # at least one trial finished, the second one is running
+    assert wait_for(lambda: attempts(db) >= 2, timeout=deadline), f"no second trial within {deadline:.0f} s"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr and "interrupted" in stderr
@@ -37,13 +45,13 @@ def test_sigint_interrupts_the_current_trial_and_a_rerun_completes(tmp_path):
 
 
 def _inject(monkeypatch, faults: dict[tuple[str, int], object]):
-    """Wrap the study's run_trial so that the (placement, seed) trials in ``faults`` get that training fault."""
-    real = study_module.run_trial
+    """Wrap the runner's run_trial so that the (placement, seed) trials in ``faults`` get that training fault."""
+    real = runner_module.run_trial
 
     def run_trial(spec, **kwargs):
         return real(spec, fault=faults.get((spec.placement.preset, spec.train.seed)), **kwargs)
 
-    monkeypatch.setattr(study_module, "run_trial", run_trial)
+    monkeypatch.setattr(runner_module, "run_trial", run_trial)
 
 
 def test_non_finite_loss_fails_that_trial_with_its_step_and_the_study_continues(tmp_path, monkeypatch):
@@ -53,9 +61,9 @@ def test_non_finite_loss_fails_that_trial_with_its_step_and_the_study_continues(
     assert (summary.done, summary.failed) == (2, 1)
     with Store(tmp_path / "s.db") as store:
         failed = [t for t in store.trials(store.study().id) if t.status == "failed"]
-    assert len(failed) == 1 and failed[0].failed_step == 3
+    assert len(failed) == 1 and failed[0].failed_step == 3 == failed[0].outcome.failure.step
     assert "non-finite" in failed[0].error and "step 3" in failed[0].error
-    assert not failed[0].metrics  # no eval loss of 0.0 or NaN recorded as a result
+    assert failed[0].metrics is None  # no eval loss of 0.0 or NaN recorded as a result
 
 
 def test_an_exception_inside_a_trial_fails_it_and_others_go_on(tmp_path, monkeypatch):

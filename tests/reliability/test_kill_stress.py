@@ -7,6 +7,7 @@ At the end every trial is done exactly once (the store counts completions), the 
 import random
 import time
 
+import pytest
 from reliability_helpers import attempts, cli_env, start_run, wait_for, write_study
 
 from loraplace.store import Store
@@ -16,11 +17,12 @@ KILLS = 20
 
 
 def snapshot(db) -> dict[str, str]:
-    """trial id → its stored result, for every finished trial."""
-    with Store(db, readonly=True) as store:
-        return {t.id: repr((t.metrics, t.result)) for t in store.trials(store.study().id) if t.status == "done"}
+    """trial id → its stored outcome, for every finished trial."""
+    with Store.open_readonly(db) as store:
+        return {t.id: t.outcome.model_dump_json() for t in store.trials(store.study().id) if t.status == "done"}
 
 
+@pytest.mark.slow
 def test_twenty_random_kills_lose_and_duplicate_nothing(tmp_path):
     rng = random.Random(20261123)
     env = cli_env(tmp_path)
@@ -35,7 +37,7 @@ def test_twenty_random_kills_lose_and_duplicate_nothing(tmp_path):
             proc = start_run(spec, db, env)
             runs += 1
             # Wait until this run has claimed a trial (past imports and set-up), then kill it at a random moment:
-            # inside training, around finish_trial, or in the next claim.
+            # inside training, around record_outcome, or in the next claim.
             assert wait_for(lambda b=before, p=proc, d=db: attempts(d) > b or p.poll() is not None), "no trial claimed"
             if proc.poll() is None:
                 time.sleep(rng.uniform(0.0, 1.5))

@@ -8,13 +8,15 @@ order and adapter init draw), so the test is the paired t-test and the interval 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from loraplace.analysis.stats import Paired, Summary, paired, pareto_front, summarize
+from loraplace.records import CurvePoint, GroupKey, Metrics, ProbeScores, SiteMap, StudyInfo, TrialOutcome
+from loraplace.store import StudyRecord, TrialRecord
 
-# metric key → (label, lower is better)
+# metric → (label, lower is better); the keys are :class:`Metrics` fields, the quantities a study compares
 METRICS: dict[str, tuple[str, bool]] = {
     "eval_loss": ("eval loss", True),
     "perplexity": ("perplexity", True),
@@ -23,34 +25,40 @@ METRICS: dict[str, tuple[str, bool]] = {
     "train_s": ("train time (s)", True),
     "peak_mem_mb": ("peak memory (MiB)", True),
 }
+assert set(METRICS) <= set(Metrics.model_fields)
 BUDGET_MATCH_TOLERANCE = 0.10  # placements whose params differ by more than this are "not budget-matched"
-
-
-def size_label(labels: dict[str, Any]) -> str:
-    if "rank" in labels:
-        return f"r={labels['rank']}"
-    if "budget" in labels:
-        return f"B={labels['budget']:,}"
-    return ""
 
 
 @dataclass(frozen=True)
 class TrialRow:
     id: str
-    group: str
-    placement: str
+    key: GroupKey
     seed: int
     status: str
-    metrics: dict[str, float]
     error: str | None
-    curve: tuple[tuple[int, int, float], ...]  # (step, tokens so far, train loss)
+    outcome: TrialOutcome | None  # done and failed trials
+
+    @property
+    def placement(self) -> str:
+        return self.key.placement
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Measured metric → value (empty unless the trial is done)."""
+        if self.outcome is None or self.outcome.metrics is None:
+            return {}
+        return self.outcome.metrics.measured()
+
+    @property
+    def curve(self) -> tuple[CurvePoint, ...]:
+        return self.outcome.curve if self.outcome is not None else ()
 
 
 @dataclass(frozen=True)
 class Comparison:
     """A group against the baseline group of the same size and axes."""
 
-    baseline: str  # the baseline group's key
+    baseline: GroupKey
     delta_loss: Paired | None  # eval loss, candidate − baseline, seed-paired
     delta_loss_pct: float | None  # mean difference in % of the baseline's mean eval loss
     params_saved_pct_of_baseline: float  # (P_base − P) / P_base × 100
@@ -61,21 +69,20 @@ class Comparison:
 
 @dataclass(frozen=True)
 class Group:
-    key: str  # e.g. "attn r=8" or "all B=1,000,000 lr=0.001"
-    placement: str
-    size: str
-    axes: tuple[tuple[str, Any], ...]
+    key: GroupKey
     trials: tuple[TrialRow, ...]  # done trials only
     trainable_params: int
     total_params: int
     stats: dict[str, Summary]  # metric → summary over seeds
     by_seed: dict[str, dict[int, float]]  # metric → seed → value
-    sites: tuple[tuple[int | None, str, int], ...]  # (layer, role, rank) of the plan
-    num_layers: int
-    roles: tuple[str, ...]
-    probe: dict[str, Any] | None = None  # importance-probe scores of an auto placement (first seed)
+    sites: SiteMap | None  # where the adapters are (None: unknown, e.g. an old store of an unreachable model)
+    probe: ProbeScores | None = None  # importance-probe scores of an auto placement (first seed)
     comparison: Comparison | None = None
-    dominated_by: str | None = None  # the key of a group with ≤ params and ≤ mean eval loss
+    dominated_by: GroupKey | None = None  # a group with ≤ params and ≤ mean eval loss
+
+    @property
+    def placement(self) -> str:
+        return self.key.placement
 
     @property
     def n(self) -> int:
@@ -85,29 +92,38 @@ class Group:
     def is_baseline(self) -> bool:
         return self.comparison is not None and self.comparison.baseline == self.key
 
-    @property
-    def layers(self) -> list[int]:
-        return sorted({layer for layer, _, _ in self.sites if layer is not None})
 
-    @property
-    def layer_selective(self) -> bool:
-        return bool(self.sites) and len(self.layers) < self.num_layers
+@dataclass(frozen=True)
+class EnvironmentSummary:
+    devices: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    versions: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": list(self.devices), "dtype": list(self.dtypes), "versions": self.versions}
 
 
 @dataclass(frozen=True)
 class StudyAnalysis:
     name: str
     store: str
-    spec: dict[str, Any]
-    model: str
-    baseline: str | None  # baseline placement name
+    spec: dict[str, Any]  # as the user wrote it, for display
+    info: StudyInfo
     groups: tuple[Group, ...]
     trials: tuple[TrialRow, ...]  # every trial, any status
     counts: dict[str, int]
     warnings: tuple[str, ...]
-    environment: dict[str, Any] = field(default_factory=dict)
+    environment: EnvironmentSummary = field(default_factory=lambda: EnvironmentSummary((), (), {}))
 
-    def group(self, key: str) -> Group:
+    @property
+    def model(self) -> str:
+        return self.info.model
+
+    @property
+    def baseline(self) -> str:
+        return self.info.baseline
+
+    def group(self, key: GroupKey) -> Group:
         return next(g for g in self.groups if g.key == key)
 
     @property
@@ -128,87 +144,66 @@ def compact_ranges(values: list[int]) -> str:
     return ", ".join(out)
 
 
-def _sites_of(result: dict[str, Any], trial_config: dict[str, Any]) -> tuple[tuple, int, tuple[str, ...]]:
-    info = result.get("sites") or _replan(trial_config)
-    sites = tuple((s[0], s[1], int(s[2])) for s in info.get("sites", []))
-    return sites, int(info.get("num_layers", 0)), tuple(info.get("roles", ()))
-
-
-def _replan(trial: dict[str, Any]) -> dict[str, Any]:
-    """Site map for trials stored before results kept one: re-resolve the placement on the meta-device model.
-    Best effort: a model that cannot be reached (hub, offline) just means no placement heatmap."""
+def _replan(trial_spec: dict[str, Any]) -> SiteMap | None:
+    """Site map for trials stored before outcomes kept one: re-resolve the placement on the meta-device model.
+    Best effort: a model that cannot be reached (hub, offline) or an auto placement just means no heatmap."""
     try:
         from loraplace.placement import plan_for_model
+        from loraplace.trial import TrialSpec
 
-        plan = plan_for_model(trial["model"], trial["placement"], rank=trial.get("rank"), budget=trial.get("budget"))
+        spec = TrialSpec.model_validate(trial_spec)
+        return plan_for_model(spec.model, spec.placement, rank=spec.rank, budget=spec.budget).site_map()
     except Exception:  # noqa: BLE001 - optional: the report goes on without this figure
-        return {}
-    return {"num_layers": plan.num_layers, "roles": list(plan.roles_present),
-            "sites": [[m.layer, m.role, m.rank] for m in plan.modules]}
+        return None
 
 
 def analyze_store(store_path: str | Path, name: str | None = None) -> StudyAnalysis:
-    """Read a study from its store (read-only, safe while it runs) and compute every summary."""
+    """Read a study from its store (read-only: changes nothing, safe while it runs) and compute every summary."""
     from loraplace.store import Store
 
-    with Store(store_path, readonly=True) as store:
+    with Store.open_readonly(store_path) as store:
         study = store.study(name)
         records = store.trials(study.id)
         counts = store.counts(study.id)
-    return analyze_records(study.name, str(store_path), study.spec, records, counts)
+    return analyze_records(study, str(store_path), records, counts)
 
 
-def analyze_records(name: str, store: str, spec: dict[str, Any], records, counts: dict[str, int]) -> StudyAnalysis:
+def analyze_records(study: StudyRecord, store: str, records: list[TrialRecord],
+                    counts: dict[str, int]) -> StudyAnalysis:
     warnings: list[str] = []
-    rows: list[TrialRow] = []
-    members: dict[str, list[tuple[TrialRow, dict]]] = defaultdict(list)
-    group_meta: dict[str, tuple[str, str, tuple]] = {}
+    rows = [TrialRow(rec.id, rec.labels.group, rec.labels.seed, rec.status, rec.error, rec.outcome)
+            for rec in records]
+    specs = {rec.id: rec.spec for rec in records}
+    members: dict[GroupKey, list[TrialRow]] = defaultdict(list)
     trial_warnings: dict[str, list[str]] = defaultdict(list)  # placement → unique warnings (plan, data)
-    configs = {rec.id: rec.config.get("trial", {}) for rec in records}
-    for rec in records:
-        labels = dict(rec.config.get("labels", {}))
-        placement = str(labels.pop("placement", "?"))
-        seed = int(labels.pop("seed", 0))
-        size = size_label(labels)
-        axes = tuple(sorted((k, v) for k, v in labels.items() if k not in ("rank", "budget")))
-        key = " ".join([placement, size] + [f"{k}={v}" for k, v in axes]).strip()
-        result = rec.result or {}
-        curve = tuple((int(p["step"]), int(p.get("tokens") or 0), float(p["loss"]))
-                      for p in result.get("curve", []) if p.get("loss") is not None)
-        row = TrialRow(rec.id, key, placement, seed, rec.status, dict(rec.metrics), rec.error, curve)
-        rows.append(row)
-        group_meta[key] = (placement, size, axes)
-        if rec.status == "done":
-            members[key].append((row, result))
-        for w in result.get("warnings", []):
-            if w not in trial_warnings[placement]:
-                trial_warnings[placement].append(w)
+    for row in rows:
+        members.setdefault(row.key, [])
+        if row.status == "done" and row.outcome is not None:
+            members[row.key].append(row)
+            for w in row.outcome.warnings:
+                if w not in trial_warnings[row.placement]:
+                    trial_warnings[row.placement].append(w)
 
-    groups: dict[str, Group] = {}
-    for key, (placement, size, axes) in group_meta.items():
-        done = members.get(key, [])
+    groups: dict[GroupKey, Group] = {}
+    for key, done in members.items():
         if not done:
             continue
-        by_seed = {m: {r.seed: r.metrics[m] for r, _ in done if m in r.metrics and r.metrics[m] is not None}
-                   for m in METRICS}
+        by_seed = {m: {r.seed: r.metrics[m] for r in done if m in r.metrics} for m in METRICS}
         stats = {m: s for m, values in by_seed.items() if (s := summarize(list(values.values()))) is not None}
-        sites, num_layers, roles = _sites_of(done[0][1], configs[done[0][0].id])
-        groups[key] = Group(key, placement, size, axes, tuple(r for r, _ in done),
-                            int(done[0][0].metrics.get("trainable_params", 0)),
-                            int(done[0][0].metrics.get("total_params", 0)), stats, by_seed, sites, num_layers, roles,
-                            done[0][1].get("probe"))
+        first = done[0].outcome
+        assert first is not None
+        sites = first.sites if first.sites is not None else _replan(specs[done[0].id])
+        groups[key] = Group(key, tuple(done), first.trainable_params, first.total_params, stats, by_seed, sites,
+                            first.probe)
 
-    baseline = spec.get("baseline")
-    placements = list(spec.get("placements", {}))
-    if baseline is None and placements:
-        baseline = placements[0]
-        warnings.append(f"no baseline set in the spec: comparing against the first placement, {baseline!r}")
-    groups = _compare(groups, baseline, warnings)
+    if not study.info.baseline_given:
+        warnings.append(f"no baseline set in the spec: comparing against the first placement, "
+                        f"{study.info.baseline!r}")
+    groups = _compare(groups, study.info.baseline, warnings)
     groups = _pareto(groups)
     warnings += _warnings(groups, rows, counts, trial_warnings)
-    env = _environment(records, spec)
-    return StudyAnalysis(name, store, spec, str(spec.get("model", "")), baseline, tuple(groups.values()),
-                         tuple(rows), counts, tuple(warnings), env)
+    return StudyAnalysis(study.name, store, study.spec, study.info, tuple(groups.values()), tuple(rows), counts,
+                         tuple(warnings), _environment(rows, study.info))
 
 
 def _ratio(a: Summary | None, b: Summary | None) -> float | None:
@@ -217,15 +212,11 @@ def _ratio(a: Summary | None, b: Summary | None) -> float | None:
     return a.mean / b.mean
 
 
-def _compare(groups: dict[str, Group], baseline: str | None, warnings: list[str]) -> dict[str, Group]:
-    from dataclasses import replace
-
-    if baseline is None:
-        return groups
-    base_by_cell = {(g.size, g.axes): g for g in groups.values() if g.placement == baseline}
+def _compare(groups: dict[GroupKey, Group], baseline: str, warnings: list[str]) -> dict[GroupKey, Group]:
+    base_by_cell = {g.key.cell: g for g in groups.values() if g.placement == baseline}
     out = {}
     for key, g in groups.items():
-        base = base_by_cell.get((g.size, g.axes))
+        base = base_by_cell.get(key.cell)
         if base is None:
             out[key] = g
             continue
@@ -240,15 +231,13 @@ def _compare(groups: dict[str, Group], baseline: str | None, warnings: list[str]
             _ratio(base.stats.get("train_s"), g.stats.get("train_s")),
             _ratio(g.stats.get("peak_mem_mb"), base.stats.get("peak_mem_mb")))
         out[key] = replace(g, comparison=comparison)
-    missing = sorted({f"{g.size}" for g in groups.values() if (g.size, g.axes) not in base_by_cell})
+    missing = sorted({g.key.size.label for g in groups.values() if g.key.cell not in base_by_cell})
     if missing:
         warnings.append(f"baseline {baseline!r} has no finished trial at {', '.join(missing)}: no comparison there")
     return out
 
 
-def _pareto(groups: dict[str, Group]) -> dict[str, Group]:
-    from dataclasses import replace
-
+def _pareto(groups: dict[GroupKey, Group]) -> dict[GroupKey, Group]:
     scored = [g for g in groups.values() if "eval_loss" in g.stats]
     dominators = pareto_front([(g.trainable_params, g.stats["eval_loss"].mean) for g in scored])
     out = dict(groups)
@@ -258,27 +247,27 @@ def _pareto(groups: dict[str, Group]) -> dict[str, Group]:
     return out
 
 
-def _warnings(groups: dict[str, Group], rows: list[TrialRow], counts: dict[str, int],
+def _warnings(groups: dict[GroupKey, Group], rows: list[TrialRow], counts: dict[str, int],
               trial_warnings: dict[str, list[str]]) -> list[str]:
     out = []
-    single = sorted(g.key for g in groups.values() if g.n == 1)
+    single = sorted(g.key.label for g in groups.values() if g.n == 1)
     if single:
         out.append(f"one seed only for {', '.join(single)}: no confidence interval and no test; "
                    "add seeds to the spec")
     by_cell: dict[tuple, list[Group]] = defaultdict(list)
     for g in groups.values():
-        by_cell[(g.size, g.axes)].append(g)
+        by_cell[g.key.cell].append(g)
     for (size, _), cell in by_cell.items():
         params = [g.trainable_params for g in cell if g.trainable_params]
         if len(params) > 1 and max(params) > (1 + BUDGET_MATCH_TOLERANCE) * min(params):
-            out.append(f"placements at {size or 'this size'} are not budget-matched (trainable params "
+            out.append(f"placements at {size.label} are not budget-matched (trainable params "
                        f"{min(params):,}–{max(params):,}): lower loss may only mean more parameters; "
                        "read the Pareto plot, or run with budget:/budgets:")
     out += [f"{placement}: {w}" for placement, ws in trial_warnings.items() for w in ws]
     failed = [r for r in rows if r.status == "failed"]
     if failed:
         out.append(f"{len(failed)} trial(s) failed: " + "; ".join(
-            f"{r.group} seed {r.seed}: {(r.error or '').splitlines()[0][:120] if r.error else 'no message'}"
+            f"{r.key.label} seed {r.seed}: {(r.error or '').splitlines()[0][:120] if r.error else 'no message'}"
             for r in failed[:5]) + (" …" if len(failed) > 5 else ""))
     unfinished = counts.get("pending", 0) + counts.get("running", 0) + counts.get("interrupted", 0)
     if unfinished:
@@ -287,13 +276,9 @@ def _warnings(groups: dict[str, Group], rows: list[TrialRow], counts: dict[str, 
     return out
 
 
-def _environment(records, spec: dict[str, Any]) -> dict[str, Any]:
-    done = [r.result for r in records if r.status == "done" and r.result]
-    env: dict[str, Any] = {}
-    if done:
-        env["device"] = sorted({d.get("device", "") for d in done})
-        env["dtype"] = sorted({d.get("dtype", "") for d in done})
-        env["versions"] = done[0].get("versions", {})
-    elif spec.get("versions"):
-        env["versions"] = spec["versions"]
-    return env
+def _environment(rows: list[TrialRow], info: StudyInfo) -> EnvironmentSummary:
+    done = [r.outcome for r in rows if r.status == "done" and r.outcome is not None]
+    if not done:
+        return EnvironmentSummary((), (), info.versions)
+    return EnvironmentSummary(tuple(sorted({o.environment.device for o in done})),
+                              tuple(sorted({o.environment.dtype for o in done})), done[0].environment.versions)

@@ -17,8 +17,11 @@ matplotlib.use("Agg")  # headless: no display is ever needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
-from loraplace.analysis.core import Group, StudyAnalysis  # noqa: E402
+from loraplace.analysis.core import StudyAnalysis  # noqa: E402
 from loraplace.analysis.stats import summarize  # noqa: E402
+from loraplace.formatting import human_count  # noqa: E402
+from loraplace.placement.roles import grid_roles  # noqa: E402
+from loraplace.records import SiteMap  # noqa: E402
 
 FORMATS = ("png", "svg", "pdf")
 STYLE = {
@@ -51,13 +54,6 @@ def _save(fig, out_dir: Path, name: str, title: str, caption: str) -> Figure:
         files[fmt] = path
     plt.close(fig)
     return Figure(name, title, caption, files)
-
-
-def _human(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.0f}"
 
 
 def pareto_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
@@ -100,27 +96,27 @@ def curves_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
     groups = [g for g in analysis.groups if any(t.curve for t in g.trials)]
     if not groups:
         return None
-    colors = _colors([g.key for g in groups])
+    colors = _colors([g.key.label for g in groups])
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(3.4, 2.6))
         for g in groups:
             # Seeds share the step grid; tokens per step differ slightly with packing, so x is their mean.
-            steps = sorted(set.intersection(*[{s for s, _, _ in t.curve} for t in g.trials if t.curve]))
+            steps = sorted(set.intersection(*[{p.step for p in t.curve} for t in g.trials if t.curve]))
             xs, means, lows, highs = [], [], [], []
             for step in steps:
-                points = [(tok, loss) for t in g.trials for s, tok, loss in t.curve if s == step]
+                points = [(p.tokens, p.loss) for t in g.trials for p in t.curve if p.step == step]
                 summary = summarize([loss for _, loss in points])
                 xs.append(sum(tok for tok, _ in points) / len(points))
                 means.append(summary.mean)
                 half = summary.ci_half or 0.0
                 lows.append(summary.mean - half)
                 highs.append(summary.mean + half)
-            ax.plot(xs, means, color=colors[g.key], label=f"{g.key} (n={g.n})")
+            ax.plot(xs, means, color=colors[g.key.label], label=f"{g.key.label} (n={g.n})")
             if g.n > 1:
-                ax.fill_between(xs, lows, highs, color=colors[g.key], alpha=0.18, lw=0)
+                ax.fill_between(xs, lows, highs, color=colors[g.key.label], alpha=0.18, lw=0)
         ax.set_xlabel("training tokens (non-pad)")
         ax.set_ylabel("train loss")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _human(v)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: human_count(v)))
         ax.legend(frameon=False)
         return _save(fig, out_dir, "curves", "Training curves",
                      "Train loss against non-pad training tokens, mean over seeds; bands are 95% t-intervals.")
@@ -133,7 +129,7 @@ def efficiency_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
     panels = (("trainable_params", "trainable params"), ("train_s", "train time"), ("peak_mem_mb", "peak memory"))
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 3, figsize=(7.0, 0.45 + 0.28 * len(groups)), sharey=True)
-        labels = [g.key for g in groups]
+        labels = [g.key.label for g in groups]
         for ax, (metric, title) in zip(axes, panels, strict=True):
             ratios, errs = [], []
             for g in groups:
@@ -198,20 +194,20 @@ def site_heatmap(matrices: dict[str, list[list[float]]], roles: Sequence[str], o
 
 
 def placement_heatmap(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
-    seen: dict[str, Group] = {}
+    seen: dict[str, SiteMap] = {}
     for g in analysis.groups:  # one panel per placement (its first size)
-        if g.sites and g.placement not in seen:
-            seen[g.placement] = g
+        if g.sites is not None and g.sites.sites and g.placement not in seen:
+            seen[g.placement] = g.sites
     if not seen:
         return None
-    roles = [r for r in next(iter(seen.values())).roles if r != "head"]
-    uniform = len({rank for g in seen.values() for _, _, rank in g.sites}) <= 1  # then: on/off colours
+    roles = list(grid_roles(next(iter(seen.values())).roles))
+    uniform = len({rank for sites in seen.values() for rank in sites.ranks}) <= 1  # then: on/off colours
     matrices = {}
-    for placement, g in seen.items():
-        matrix = [[0.0] * len(roles) for _ in range(g.num_layers)]
-        for layer, role, rank in g.sites:
-            if layer is not None and role in roles:
-                matrix[layer][roles.index(role)] = float(rank)
+    for placement, sites in seen.items():
+        matrix = [[0.0] * len(roles) for _ in range(sites.num_layers)]
+        for site in sites.sites:
+            if site.layer is not None and site.role in roles:
+                matrix[site.layer][roles.index(site.role)] = float(site.rank)
         matrices[placement] = [[v if v > 0 or uniform else math.nan for v in row] for row in matrix]
     return site_heatmap(matrices, roles, out_dir, "sites", "Where each placement puts adapters",
                         "Layers × roles: coloured cells carry a LoRA adapter" +
@@ -219,7 +215,7 @@ def placement_heatmap(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
 
 
 def probe_heatmap(probe, out_dir: Path, name: str = "probe") -> Figure:
-    """Probe scores and efficiencies, layers × roles (``probe`` is a :class:`loraplace.probe.ProbeResult`)."""
+    """Probe scores and efficiencies, layers × roles (``probe``: :class:`loraplace.records.ProbeScores`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     scale = max(s.efficiency for s in probe.sites) or 1.0
     matrices = {"score ‖G_r‖_F": probe.matrix("score"),
@@ -232,10 +228,8 @@ def probe_heatmap(probe, out_dir: Path, name: str = "probe") -> Figure:
 
 def study_probe_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
     """The probe scores behind the study's auto placement(s), next to where the adapters went."""
-    from loraplace.probe import ProbeResult
-
     group = next((g for g in analysis.groups if g.probe), None)
-    return None if group is None else probe_heatmap(ProbeResult.from_dict(group.probe), out_dir)
+    return None if group is None else probe_heatmap(group.probe, out_dir)
 
 
 def study_figures(analysis: StudyAnalysis, out_dir: Path) -> list[Figure]:

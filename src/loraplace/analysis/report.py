@@ -9,6 +9,7 @@ import base64
 import csv
 import datetime as _dt
 import html
+import io
 import json
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 from loraplace.analysis.core import StudyAnalysis
 from loraplace.analysis.figures import Figure, study_figures
 from loraplace.analysis.tables import Table, comparison_table, site_table, trial_table
+from loraplace.atomic import write_text_atomic
 from loraplace.errors import LoraplaceError
 
 FORMATS = ("html", "md", "tex", "csv")
@@ -47,7 +49,7 @@ def write_report(analysis: StudyAnalysis, out_dir: str | Path,
     if "md" in formats:
         written["md"] = _write(out / "results.md", render_markdown(analysis, tables, figures, out))
     if "tex" in formats:
-        written["tex"] = _write(out / "results.tex", render_latex(analysis, tables, figures, out))
+        written["tex"] = _write(out / "results.tex", render_latex(analysis, figures, out))
     if "csv" in formats:
         written["csv"] = _write_csv(out / "summary.csv", tables[0])
         _write_csv(out / "trials.csv", trials)
@@ -55,20 +57,15 @@ def write_report(analysis: StudyAnalysis, out_dir: str | Path,
 
 
 def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)  # a reader (a browser reloading) never sees half a report
-    return path
+    return write_text_atomic(path, text)  # a reader (a browser reloading) never sees half a report
 
 
 def _write_csv(path: Path, table: Table) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(table.columns)
-        writer.writerows(table.rows)
-    tmp.replace(path)
-    return path
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(table.columns)
+    writer.writerows(table.rows)
+    return write_text_atomic(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------------------------- HTML
@@ -125,7 +122,7 @@ def render_html(analysis: StudyAnalysis, tables: list[Table], trials: Table, fig
     front = analysis.frontier
     if front:
         parts.append("<p><b>Pareto frontier</b> (fewest params for the loss): "
-                     + " → ".join(html.escape(g.key) for g in front) + "</p>")
+                     + " → ".join(html.escape(g.key.label) for g in front) + "</p>")
     parts.append('<div class="figs">' + "".join(_img(f) for f in figures) + "</div>")
     for table in tables[1:]:
         parts.append(f"<h2>{html.escape(table.title)}</h2>" + _html_table(table))
@@ -133,7 +130,8 @@ def render_html(analysis: StudyAnalysis, tables: list[Table], trials: Table, fig
                  + _html_table(trials, ["" if r[3] == "done" else "muted" for r in trials.rows], "trials"))
     spec = {k: v for k, v in analysis.spec.items() if k != "versions"}
     parts.append("<h2>Study spec</h2><pre>" + html.escape(yaml.safe_dump(spec, sort_keys=False)) + "</pre>")
-    parts.append("<h2>Environment</h2><pre>" + html.escape(json.dumps(analysis.environment, indent=2)) + "</pre>")
+    environment = json.dumps(analysis.environment.to_dict(), indent=2)
+    parts.append("<h2>Environment</h2><pre>" + html.escape(environment) + "</pre>")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
             f"<title>loraplace · {html.escape(analysis.name)}</title><style>{_CSS}</style></head><body>"
@@ -183,8 +181,8 @@ _TEX_COLUMNS = ("placement", "size", "seeds", "trainable params", "eval loss", "
                 "p (paired t)", "params saved (% of baseline)", "Pareto")
 
 
-def render_latex(analysis: StudyAnalysis, tables: list[Table], figures: list[Figure], out: Path) -> str:
-    table = tables[0]
+def render_latex(analysis: StudyAnalysis, figures: list[Figure], out: Path) -> str:
+    table = comparison_table(analysis, name_dominator=False)  # the paper table says "dominated"; HTML says by whom
     idx = [table.columns.index(c) for c in _TEX_COLUMNS]
     align = "".join("r" if table.right[i] else "l" for i in idx)
     caption = f"Placements compared on {analysis.model} (study {analysis.name}). {table.notes[0]}"
@@ -196,10 +194,8 @@ def render_latex(analysis: StudyAnalysis, tables: list[Table], figures: list[Fig
              " & ".join(tex_escape(table.columns[i]) for i in idx) + " \\\\", "\\midrule"]
     for row in table.rows:
         cells = [tex_escape(row[i]) for i in idx]
-        if row[table.columns.index("Pareto")] == "frontier":
+        if cells[-1] == "frontier":
             cells[-1] = "\\textbf{frontier}"
-        elif cells[-1].startswith("dominated"):
-            cells[-1] = "dominated"
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}}", "\\end{table}", ""]
     for figure in figures:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from loraplace.analysis.core import Group, StudyAnalysis, compact_ranges
 from loraplace.analysis.stats import Summary
+from loraplace.store import TrialRecord
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ def _delta(g: Group) -> tuple[str, str, str, str]:
     return text, pct, fmt_p(d.p_value), d.verdict()
 
 
-def comparison_table(analysis: StudyAnalysis) -> Table:
+def comparison_table(analysis: StudyAnalysis, name_dominator: bool = True) -> Table:
+    """One row per group. ``name_dominator=False`` writes "dominated" without the dominating group (terminal)."""
     columns = ("placement", "size", "seeds", "trainable params", "% of model", "eval loss", "perplexity",
                "accuracy", "Δ eval loss vs baseline", "Δ %", "p (paired t)", "verdict",
                "params saved (% of baseline)", "params saved (% of model)", "speedup", "tokens/s",
@@ -64,14 +67,15 @@ def comparison_table(analysis: StudyAnalysis) -> Table:
         pct_model = 100.0 * g.trainable_params / g.total_params if g.total_params else 0.0
         acc = g.stats.get("accuracy")
         rows.append((
-            g.placement, g.size + "".join(f" {k}={v}" for k, v in g.axes), str(g.n), fmt_params(g.trainable_params),
+            g.placement, g.key.size_label, str(g.n), fmt_params(g.trainable_params),
             f"{pct_model:.3f}%", fmt_mean(g.stats.get("eval_loss")), fmt_mean(g.stats.get("perplexity"), ".3f"),
             fmt_mean(acc, ".3f") if acc is not None else "—", delta, pct, p, verdict,
             "—" if c is None or g.is_baseline else f"{c.params_saved_pct_of_baseline:+.1f}%",
             "—" if c is None or g.is_baseline else f"{c.params_saved_pct_of_model:+.3f}%",
             "—" if c is None or c.speedup is None or g.is_baseline else f"{c.speedup:.2f}×",
             fmt_mean(g.stats.get("tokens_per_s"), ",.0f"), fmt_mean(g.stats.get("peak_mem_mb"), ",.0f"),
-            "frontier" if g.dominated_by is None else f"dominated by {g.dominated_by}",
+            "frontier" if g.dominated_by is None else
+            f"dominated by {g.dominated_by.label}" if name_dominator else "dominated",
         ))
     notes = ("eval loss, perplexity, accuracy, tokens/s and memory: mean ± half-width of the 95% t-interval over "
              "seeds (n=1: no interval).",
@@ -83,15 +87,16 @@ def comparison_table(analysis: StudyAnalysis) -> Table:
 
 
 def site_table(analysis: StudyAnalysis) -> Table | None:
-    groups = [g for g in analysis.groups if g.sites]
-    if not any(g.layer_selective for g in groups):
+    groups = [(g, g.sites) for g in analysis.groups if g.sites is not None and g.sites.sites]
+    if not any(sites.layer_selective for _, sites in groups):
         return None
     rows = []
-    for g in groups:
-        roles = sorted({role for _, role, _ in g.sites}, key=lambda r: (g.roles.index(r) if r in g.roles else 99))
-        ranks = sorted({rank for _, _, rank in g.sites})
-        rows.append((g.key, compact_ranges(g.layers) + (f" of 0–{g.num_layers - 1}" if g.num_layers else ""),
-                     ", ".join(roles), ", ".join(map(str, ranks)), fmt_params(g.trainable_params),
+    for g, sites in groups:
+        roles = sorted({s.role for s in sites.sites},
+                       key=lambda r: (sites.roles.index(r) if r in sites.roles else len(sites.roles)))
+        rows.append((g.key.label, compact_ranges(sites.layers) + (f" of 0–{sites.num_layers - 1}"
+                                                                  if sites.num_layers else ""),
+                     ", ".join(roles), ", ".join(map(str, sites.ranks)), fmt_params(g.trainable_params),
                      fmt_mean(g.stats.get("eval_loss"))))
     return Table("Eval loss by layer range and role", ("placement", "layers", "roles", "rank(s)",
                                                         "trainable params", "eval loss"),
@@ -104,12 +109,27 @@ def trial_table(analysis: StudyAnalysis) -> Table:
         m = t.metrics
 
         def num(key, spec, m=m):
-            return format(m[key], spec) if m.get(key) is not None else "—"
+            return format(m[key], spec) if key in m else "—"
 
-        rows.append((t.id, t.group, str(t.seed), t.status, num("eval_loss", ".4f"), num("perplexity", ".3f"),
-                     num("accuracy", ".3f"), num("trainable_params", ",.0f"), num("tokens_per_s", ",.1f"),
+        params = fmt_params(t.outcome.trainable_params) if t.status == "done" and t.outcome is not None else "—"
+        rows.append((t.id, t.key.label, str(t.seed), t.status, num("eval_loss", ".4f"), num("perplexity", ".3f"),
+                     num("accuracy", ".3f"), params, num("tokens_per_s", ",.1f"),
                      num("train_s", ".1f"), num("peak_mem_mb", ",.0f"),
                      (t.error or "").splitlines()[0][:160] if t.error else ""))
     return Table("Every trial", ("trial", "group", "seed", "status", "eval loss", "perplexity", "accuracy",
                                  "trainable params", "tokens/s", "train s", "peak MiB", "error"),
                  tuple(rows), (False, False, True, False, True, True, True, True, True, True, True, False))
+
+
+def export_rows(records: list[TrialRecord]) -> list[dict[str, Any]]:
+    """One flat row per trial for CSV/JSON/Parquet: labels, lifecycle, measured metrics, sizes and counters."""
+    rows = []
+    for t in records:
+        group = t.labels.group
+        row: dict[str, Any] = {"trial_id": t.id, "status": t.status, "attempts": t.attempts, "error": t.error,
+                               "placement": group.placement, group.size.kind: group.size.value, "seed": t.labels.seed}
+        row |= dict(group.axes)
+        if t.outcome is not None and t.outcome.status == "done":
+            row |= t.outcome.summary(scalars_only=True)
+        rows.append(row)
+    return rows

@@ -162,7 +162,6 @@ class Splits:
     train: TokenizedSet
     eval: TokenizedSet
     tokenize_s: float
-    cache_hits: int
     warnings: list[str]
 
 
@@ -193,13 +192,11 @@ def _empty_error(name: str, stats: dict, spec: DataSpec) -> DataError:
 
 def load_splits(spec: DataSpec, tokenizer) -> Splits:
     t0 = time.perf_counter()
-    train_all, hit_train = load_tokenized(spec.train, tokenizer, spec)
-    hits = int(hit_train)
+    train_all, _ = load_tokenized(spec.train, tokenizer, spec)
     if len(train_all) == 0:
         raise _empty_error("training", train_all.stats, spec)
     if spec.eval is not None:
-        eval_set, hit_eval = load_tokenized(spec.eval, tokenizer, spec)
-        hits += int(hit_eval)
+        eval_set, _ = load_tokenized(spec.eval, tokenizer, spec)
         train_set = train_all
     else:
         n = len(train_all)
@@ -218,7 +215,7 @@ def load_splits(spec: DataSpec, tokenizer) -> Splits:
     for name, part in (("training", train_set), ("eval", eval_set)):
         if len(part) == 0:
             raise _empty_error(name, part.stats, spec)
-    return Splits(train_set, eval_set, time.perf_counter() - t0, hits, warnings)
+    return Splits(train_set, eval_set, time.perf_counter() - t0, warnings)
 
 
 __all__ = ["DataSpec", "FORMATS", "Splits", "TemplateSpec", "TokenizedSet", "load_splits", "load_tokenized",

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from loraplace.data import TokenizedSet
+from loraplace.models import causal_lm
 
 # Families whose attention turns restarting position ids into a block-diagonal mask, verified by
 # tests/data/test_batching.py against unbatched losses. OPT is not among them (it derives its own positions), and
@@ -28,8 +29,7 @@ PACKING_VERIFIED = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "ge
 
 
 def batching_mode(model, packing: bool) -> str:
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "pack" if packing and getattr(hf.config, "model_type", None) in PACKING_VERIFIED else "pad"
+    return "pack" if packing and getattr(causal_lm(model).config, "model_type", None) in PACKING_VERIFIED else "pad"
 
 
 @dataclass

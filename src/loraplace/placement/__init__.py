@@ -6,12 +6,12 @@ from typing import Any
 
 from loraplace.placement.plan import Plan, PlannedModule, resolve_placement
 from loraplace.placement.presets import PRESETS
-from loraplace.placement.roles import ROLE_GROUPS, ROLES, ArchitectureMap, Site, map_architecture
+from loraplace.placement.roles import ROLE_GROUPS, ROLES, AdaptableModule, ArchitectureMap, map_architecture
 from loraplace.placement.selectors import select_layers
 from loraplace.placement.spec import PlacementSpec, SiteGroup, parse_placement
 
 __all__ = [
-    "PRESETS", "ROLES", "ROLE_GROUPS", "ArchitectureMap", "Plan", "PlacementSpec", "PlannedModule", "Site",
+    "PRESETS", "ROLES", "ROLE_GROUPS", "AdaptableModule", "ArchitectureMap", "Plan", "PlacementSpec", "PlannedModule",
     "SiteGroup", "map_architecture", "parse_placement", "plan_for_model", "resolve_placement", "select_layers",
     "meta_architecture",
 ]

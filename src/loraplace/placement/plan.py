@@ -21,11 +21,13 @@ from loraplace.placement.roles import (
     MLP_ROLES,
     ROLE_GROUPS,
     ROLES,
+    AdaptableModule,
     ArchitectureMap,
-    Site,
+    grid_roles,
 )
 from loraplace.placement.selectors import SelectorError, select_layers
-from loraplace.placement.spec import PlacementSpec, SiteGroup
+from loraplace.placement.spec import DEFAULT_RANK, PlacementSpec, SiteGroup
+from loraplace.records import Site, SiteMap, lora_params
 
 ADAPTER_BYTES_PER_PARAM = 4  # adapters are trained and saved in fp32
 # AdamW keeps two fp32 moments per trainable parameter, plus the fp32 gradient.
@@ -46,7 +48,7 @@ class PlannedModule:
 
     @property
     def params(self) -> int:
-        return self.rank * (self.in_features + self.out_features)
+        return lora_params(self.rank, self.in_features, self.out_features)
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,13 @@ class Plan:
         kwargs.update(overrides)
         return LoraConfig(**kwargs)
 
-    def grid_roles(self) -> list[str]:
-        return [r for r in self.roles_present if r != HEAD_ROLE]
+    def grid_roles(self) -> tuple[str, ...]:
+        return grid_roles(self.roles_present)
+
+    def site_map(self) -> SiteMap:
+        """Where the adapters are, as the typed record trials and stores keep."""
+        return SiteMap(num_layers=self.num_layers, roles=self.roles_present,
+                       sites=tuple(Site(layer=m.layer, role=m.role, rank=m.rank) for m in self.modules))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -225,10 +232,11 @@ def _preset_spec(spec: PlacementSpec) -> PlacementSpec:
     return PlacementSpec.model_validate({**preset.spec, **data})
 
 
-def _select(spec: PlacementSpec, arch: ArchitectureMap, problems: list[str]) -> list[tuple[Site, SiteGroup | None]]:
+def _select(spec: PlacementSpec, arch: ArchitectureMap,
+            problems: list[str]) -> list[tuple[AdaptableModule, SiteGroup | None]]:
     """Every selected site with the group that selected it; a site selected twice is a problem."""
     groups = spec.groups if spec.groups is not None else [SiteGroup(roles=spec.roles or [], layers=spec.layers)]
-    chosen: dict[str, tuple[Site, SiteGroup | None]] = {}
+    chosen: dict[str, tuple[AdaptableModule, SiteGroup | None]] = {}
     for gi, group in enumerate(groups):
         label = f"groups[{gi}]" if spec.groups is not None else "placement"
         roles = _expand_roles(group.roles, arch, problems)
@@ -239,7 +247,7 @@ def _select(spec: PlacementSpec, arch: ArchitectureMap, problems: list[str]) -> 
                 layers = select_layers(group.layers, arch.num_layers)
             except SelectorError as exc:
                 problems.append(f"{label}.layers: {exc}")
-        picked: list[Site] = []
+        picked: list[AdaptableModule] = []
         for role in layer_roles:
             missing = [layer for layer in layers if (layer, role) not in arch.sites]
             if missing:
@@ -256,10 +264,10 @@ def _select(spec: PlacementSpec, arch: ArchitectureMap, problems: list[str]) -> 
 
 
 def _suffix_match(spec: PlacementSpec, arch: ArchitectureMap, problems: list[str],
-                  warnings: list[str]) -> list[Site]:
+                  warnings: list[str]) -> list[AdaptableModule]:
     """PEFT's own rule for a list of names: ``name == t or name.endswith('.' + t)`` — reproduced on purpose."""
     by_path = arch.site_by_path()
-    out: dict[str, Site] = {}
+    out: dict[str, AdaptableModule] = {}
     for target in spec.target_modules or []:
         matched = [p for p in arch.linear_paths if p == target or p.endswith("." + target)]
         if not matched:
@@ -294,7 +302,8 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
     requested = parse_placement(spec)
     spec = _preset_spec(requested)
     if spec.auto is not None:
-        raise PlacementError("auto placements are resolved by loraplace.probe.auto_plan (they need model weights)")
+        raise PlacementError("auto placements are resolved by Session.plan: their probe needs model weights",
+                             "plan them with loraplace plan MODEL --placement '{auto: ...}' (it loads the model)")
     problems: list[str] = []
     warnings: list[str] = []
     if rank is not None and rank <= 0:
@@ -326,16 +335,15 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
     if budget is not None:
         if any(r is not None for r in explicit.values()):
             problems.append("a budget solves one rank for every site; remove the per-role/per-group ranks")
-        unit = sum(site.in_features + site.out_features for site, _ in picked)
+        unit = sum(lora_params(1, site.in_features, site.out_features) for site, _ in picked)
         solved = budget // unit if unit else 0
         if unit and solved < 1:
             problems.append(f"budget {budget:,} is smaller than rank 1 allows for this placement "
                             f"({unit:,} trainable parameters)")
         ranks = {site.path: solved for site, _ in picked}
     else:
-        ranks = {path: r if r is not None else rank for path, r in explicit.items()}
-        if any(r is None for r in ranks.values()):
-            problems.append("no rank given: pass --rank R (or rank/ranks in the placement) or a --budget")
+        fallback = rank if rank is not None else DEFAULT_RANK
+        ranks = {path: r if r is not None else fallback for path, r in explicit.items()}
     if problems:
         raise PlacementError("placement does not resolve:\n" + "\n".join(f"  - {p}" for p in problems),
                              "`loraplace plan MODEL --placement ...` shows the roles and layers of a model")

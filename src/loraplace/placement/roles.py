@@ -18,6 +18,11 @@ HEAD_ROLE = "head"
 ROLES = ATTN_ROLES + MLP_ROLES + (HEAD_ROLE,)
 ROLE_GROUPS = {"attn": ATTN_ROLES, "mlp": MLP_ROLES, "all": ATTN_ROLES + MLP_ROLES}
 
+
+def grid_roles(roles) -> tuple[str, ...]:
+    """The roles a layers × roles grid shows: every per-layer role (the head is not a per-layer site)."""
+    return tuple(r for r in roles if r != HEAD_ROLE)
+
 _LLAMA_LIKE = {
     "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
     "self_attn.o_proj": "attn.o",
@@ -82,8 +87,8 @@ def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
 
 
 @dataclass(frozen=True)
-class Site:
-    """One adaptable module: where it is (layer, role) and its exact path and shape."""
+class AdaptableModule:
+    """One module that can carry an adapter: where it is (layer, role) and its exact path and shape."""
 
     layer: int | None  # None for the head
     role: str
@@ -91,10 +96,6 @@ class Site:
     in_features: int
     out_features: int
     conv1d: bool = False
-
-    def lora_params(self, rank: int) -> int:
-        # A: (r, in), B: (out, r)
-        return rank * (self.in_features + self.out_features)
 
 
 @dataclass
@@ -104,8 +105,8 @@ class ArchitectureMap:
     family: str
     num_layers: int
     blocks_path: str
-    sites: dict[tuple[int, str], Site]
-    head: Site | None
+    sites: dict[tuple[int, str], AdaptableModule]
+    head: AdaptableModule | None
     heuristic: bool = False
     unassigned: list[str] = field(default_factory=list)
     linear_paths: list[str] = field(default_factory=list)  # every adaptable linear in the model, in order
@@ -117,7 +118,10 @@ class ArchitectureMap:
             present.add(HEAD_ROLE)
         return [r for r in ROLES if r in present]
 
-    def site_by_path(self) -> dict[str, Site]:
+    def grid_roles(self) -> tuple[str, ...]:
+        return grid_roles(self.roles_present())
+
+    def site_by_path(self) -> dict[str, AdaptableModule]:
         by_path = {s.path: s for s in self.sites.values()}
         if self.head is not None:
             by_path[self.head.path] = self.head
@@ -165,7 +169,7 @@ def map_architecture(model: nn.Module, config=None) -> ArchitectureMap:
     num_layers = getattr(config, "num_hidden_layers", None) if config is not None else None
     blocks_path, blocks = find_blocks(model, num_layers)
     table = FAMILY_TABLES.get(family)
-    sites: dict[tuple[int, str], Site] = {}
+    sites: dict[tuple[int, str], AdaptableModule] = {}
     unassigned: list[str] = []
     for layer, block in enumerate(blocks):
         for rel, module in block.named_modules():
@@ -179,7 +183,7 @@ def map_architecture(model: nn.Module, config=None) -> ArchitectureMap:
             if (layer, role) in sites:
                 raise ValueError(f"{path} and {sites[(layer, role)].path} both resolve to role {role}")
             fan_in, fan_out, conv1d = linear_shape(module)
-            sites[(layer, role)] = Site(layer, role, path, fan_in, fan_out, conv1d)
+            sites[(layer, role)] = AdaptableModule(layer, role, path, fan_in, fan_out, conv1d)
     head = None
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None
@@ -189,7 +193,7 @@ def map_architecture(model: nn.Module, config=None) -> ArchitectureMap:
             linear_paths.append(name)
             if out_emb is not None and module is out_emb:
                 fan_in, fan_out, conv1d = linear_shape(module)
-                head = Site(None, HEAD_ROLE, name, fan_in, fan_out, conv1d)
+                head = AdaptableModule(None, HEAD_ROLE, name, fan_in, fan_out, conv1d)
     return ArchitectureMap(family=family, num_layers=len(blocks), blocks_path=blocks_path, sites=sites, head=head,
                            heuristic=table is None, unassigned=unassigned, linear_paths=linear_paths,
                            total_params=count_params(model))

@@ -19,6 +19,8 @@ from loraplace.errors import ConfigError
 from loraplace.placement.selectors import LayerSelector
 from loraplace.specs import StrictModel, load_yaml, parse_yaml, validate
 
+DEFAULT_RANK = 16  # a site's rank when neither the placement, the command line nor a study gives one
+
 
 def _split_roles(value: Any) -> Any:
     if isinstance(value, str):

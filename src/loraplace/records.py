@@ -1,0 +1,318 @@
+"""The records that cross layer boundaries: what a trial produces, what the store keeps, what analysis reads.
+
+Every record is an immutable pydantic model with ``extra="forbid"``: it is built once by its producer, written as
+JSON by the store, and validated again when read back, so a consumer never guesses at keys. This module imports
+no torch and no SQL; the store, the runners and the analysis all depend on it and on nothing of each other's.
+
+* :class:`TrialOutcome` — the one result of a trial, done or failed (``status`` + :class:`Failure`).
+  :class:`Metrics` holds only *measured* quantities (each with its unit); counters and sizes are typed fields.
+* :class:`CurvePoint` / :class:`EvalPoint` — the training and periodic-eval curves.
+* :class:`Site` / :class:`SiteMap` — where adapters sit (layer × role) and at what rank.
+* :class:`Size`, :class:`GroupKey`, :class:`TrialLabels` — a trial's place in a study grid; a group of trials
+  (one cell, all seeds) is identified by a :class:`GroupKey` value, never by a formatted string.
+* :class:`StudyInfo` — what analysis needs to know about a study (model, placements in spec order, baseline).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Record(BaseModel):
+    """Immutable, strict: an unknown key in stored JSON is an error, not something silently dropped."""
+
+    # inf/NaN are written as JSON's Infinity/NaN (not null), so a record reads back exactly as it was written.
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+
+def lora_params(rank: int, in_features: int, out_features: int) -> int:
+    """Trainable parameters of one LoRA adapter: A is [rank, in], B is [out, rank]."""
+    return rank * (in_features + out_features)
+
+
+# --------------------------------------------------------------------------------------------- sites
+
+
+class Site(Record):
+    """One adapted site. ``layer`` is None for the LM head."""
+
+    layer: int | None
+    role: str
+    rank: int = Field(gt=0)
+
+
+class SiteMap(Record):
+    """Where a placement put its adapters: enough to draw the layers × roles map without the model."""
+
+    num_layers: int = Field(ge=0)
+    roles: tuple[str, ...] = Field(description="the roles this architecture has, in canonical order")
+    sites: tuple[Site, ...] = ()
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({s.layer for s in self.sites if s.layer is not None})
+
+    @property
+    def layer_selective(self) -> bool:
+        """True when some layers carry no adapter at all."""
+        return bool(self.sites) and len(self.layers) < self.num_layers
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({s.rank for s in self.sites})
+
+
+# --------------------------------------------------------------------------------------------- trial outcome
+
+
+class CurvePoint(Record):
+    step: int = Field(ge=1, description="optimizer step (1-based)")
+    loss: float = Field(description="token-weighted mean train loss of the step, nats/token")
+    tokens: int = Field(ge=0, description="non-pad training tokens seen up to and including this step")
+    lr: float = Field(ge=0, description="learning rate used by this step")
+
+
+class EvalPoint(Record):
+    step: int = Field(ge=1)
+    eval_loss: float = Field(description="nats/token over the whole eval split")
+
+
+class Metrics(Record):
+    """The measured quantities a study compares. Units are in the names or the descriptions."""
+
+    eval_loss: float = Field(description="token-weighted mean eval loss, nats/token")
+    perplexity: float = Field(description="exp(eval_loss)")
+    accuracy: float | None = Field(default=None, ge=0, le=1, description="exact-match fraction (generation)")
+    # None below: not recorded (only in stores written by loraplace's first schema).
+    tokens_per_s: float | None = Field(default=None, ge=0, description="non-pad training tokens per second")
+    train_s: float | None = Field(default=None, ge=0, description="seconds in the training loop (evals excluded)")
+    peak_mem_mb: float | None = Field(default=None, ge=0,
+                                      description="peak memory, MiB (CUDA allocator peak, or the process's RSS peak)")
+
+    def measured(self) -> dict[str, float]:
+        """metric name → value, for the metrics that were measured (accuracy only when generation ran)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class Timings(Record):
+    """Seconds spent outside the training loop."""
+
+    load_s: float = Field(default=0.0, ge=0, description="model load (0 when a session reused a loaded model)")
+    tokenize_s: float = Field(default=0.0, ge=0)
+    eval_s: float = Field(default=0.0, ge=0, description="final eval loss + generation")
+
+
+class Environment(Record):
+    device: str = ""
+    dtype: str = ""
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+class GenerationSample(Record):
+    prompt: str
+    generated: str
+    expected: str | None
+    extracted: str | None
+
+
+class AccuracyDetail(Record):
+    accuracy: float | None
+    n: int = Field(ge=0, description="examples with a gold final number")
+    correct: int = Field(ge=0)
+    generate_s: float = Field(ge=0)
+    samples: tuple[GenerationSample, ...] = ()
+
+
+class Failure(Record):
+    """Why a trial did not finish. ``user_error``: a problem in the user's inputs (placement, data, model), shown
+    like any other configuration error; otherwise something went wrong while training or saving."""
+
+    kind: Literal["invalid", "non_finite", "error"]
+    message: str
+    step: int | None = Field(default=None, description="the optimizer step it failed at, when known")
+    hint: str | None = None
+
+    @property
+    def user_error(self) -> bool:
+        return self.kind == "invalid"
+
+
+class Adapter(Record):
+    path: str = Field(description="directory of the PEFT-format adapter")
+    bytes: int = Field(ge=0, description="size on disk of every file in it")
+
+
+class ProbeSite(Record):
+    """One probed site: its importance score and shape (how it is computed: :mod:`loraplace.probe`)."""
+
+    layer: int
+    role: str
+    path: str
+    in_features: int
+    out_features: int
+    score: float = Field(description="‖G_r‖_F of the loss gradient, per label token")
+    grad_norm: float = Field(description="‖G‖_F")
+    rank: int = Field(description="the r the score is taken at")
+    spectrum: tuple[float, ...] = Field(default=(), description="σ_i² of G, largest first (may be dropped)")
+
+    def value(self, rank: int) -> float:
+        """‖G_rank‖_F: what a rank-``rank`` adapter on this site can buy, to first order."""
+        return math.sqrt(sum(self.spectrum[:rank]))
+
+    @property
+    def params(self) -> int:
+        return lora_params(self.rank, self.in_features, self.out_features)
+
+    @property
+    def efficiency(self) -> float:
+        return self.score / self.params
+
+    @property
+    def captured(self) -> float:
+        """Share of G's energy in its top-r directions (how low-rank the useful update is)."""
+        return (self.score / self.grad_norm) ** 2 if self.grad_norm > 0 else 0.0
+
+
+class ProbeScores(Record):
+    """The importance probe's scores of every (layer, role) site of a model on some data."""
+
+    model: str
+    rank: int
+    batches: int
+    label_tokens: int
+    seconds: float
+    passes: int = Field(description="passes over the batches (sites are probed in memory-bounded groups)")
+    num_layers: int
+    roles: tuple[str, ...]
+    sites: tuple[ProbeSite, ...]
+
+    def matrix(self, value: str = "score") -> list[list[float]]:
+        """layers × roles (``self.roles`` order) of a site attribute; NaN where the architecture has no such site."""
+        out = [[math.nan] * len(self.roles) for _ in range(self.num_layers)]
+        for s in self.sites:
+            out[s.layer][self.roles.index(s.role)] = getattr(s, value)
+        return out
+
+    def without_spectra(self) -> ProbeScores:
+        return self.model_copy(update={"sites": tuple(s.model_copy(update={"spectrum": ()}) for s in self.sites)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """probe.json and ``loraplace probe --json``: the record plus each site's params, efficiency, captured."""
+        data = self.model_dump(mode="json")
+        for site, out in zip(self.sites, data["sites"], strict=True):
+            out |= {"params": site.params, "efficiency": site.efficiency, "captured": site.captured}
+        return data
+
+
+class TrialOutcome(Record):
+    """Everything one trial produced. ``status == "done"`` ⇔ ``metrics`` is set and ``failure`` is not."""
+
+    status: Literal["done", "failed"]
+    failure: Failure | None = None
+    metrics: Metrics | None = None
+    trainable_params: int = Field(default=0, ge=0)
+    total_params: int = Field(default=0, ge=0, description="base model parameters (no adapters)")
+    steps: int = Field(default=0, ge=0, description="optimizer steps completed")
+    train_tokens: int = Field(default=0, ge=0, description="non-pad training tokens")
+    label_tokens: int = Field(default=0, ge=0, description="training tokens that carried a loss")
+    eval_tokens: int = Field(default=0, ge=0, description="label tokens of the eval split")
+    curve: tuple[CurvePoint, ...] = ()
+    evals: tuple[EvalPoint, ...] = ()
+    sites: SiteMap | None = None
+    probe: ProbeScores | None = None
+    accuracy_detail: AccuracyDetail | None = None
+    timings: Timings = Timings()
+    environment: Environment = Environment()
+    adapter: Adapter | None = None
+    warnings: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrialOutcome:
+        if self.status == "done" and (self.metrics is None or self.failure is not None):
+            raise ValueError("a done trial has metrics and no failure")
+        if self.status == "failed" and (self.failure is None or self.metrics is not None):
+            raise ValueError("a failed trial has a failure and no metrics")
+        return self
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
+
+    @classmethod
+    def failed(cls, failure: Failure, **known: Any) -> TrialOutcome:
+        return cls(status="failed", failure=failure, **known)
+
+    def summary(self, scalars_only: bool = False) -> dict[str, Any]:
+        """A flat view for scripts (``train --json``, exports): measured metrics, sizes, counters and timings."""
+        out: dict[str, Any] = {} if scalars_only else {"status": self.status}
+        if self.failure is not None and not scalars_only:
+            out |= {"error": self.failure.message, "failed_step": self.failure.step}
+        if self.metrics is not None:
+            out |= self.metrics.measured()
+        out |= {"trainable_params": self.trainable_params, "trainable_percent": self.trainable_percent,
+                "total_params": self.total_params, "steps": self.steps, "train_tokens": self.train_tokens,
+                "label_tokens": self.label_tokens, "eval_tokens": self.eval_tokens} | self.timings.model_dump()
+        if not scalars_only:
+            out |= {"device": self.environment.device, "dtype": self.environment.dtype,
+                    "adapter_dir": self.adapter.path if self.adapter is not None else None,
+                    "adapter_bytes": self.adapter.bytes if self.adapter is not None else None,
+                    "versions": self.environment.versions, "warnings": list(self.warnings)}
+        return out
+
+
+# --------------------------------------------------------------------------------------------- study grid
+
+
+class Size(Record):
+    """A size point of the grid: a fixed rank, or a trainable-parameter budget the rank is solved for."""
+
+    kind: Literal["rank", "budget"]
+    value: int = Field(gt=0)
+
+    @property
+    def label(self) -> str:
+        return f"r={self.value}" if self.kind == "rank" else f"B={self.value:,}"
+
+
+AxisValue = int | float | str
+
+
+class GroupKey(Record):
+    """One cell of a study grid: (placement, size, other axes). Its trials differ only by seed."""
+
+    placement: str
+    size: Size
+    axes: tuple[tuple[str, AxisValue], ...] = Field(default=(), description="(train field, value), sorted by name")
+
+    @property
+    def cell(self) -> tuple[Size, tuple[tuple[str, AxisValue], ...]]:
+        """What a comparison holds fixed: the size and the other axes (placements differ)."""
+        return self.size, self.axes
+
+    @property
+    def size_label(self) -> str:
+        return " ".join([self.size.label] + [f"{k}={v}" for k, v in self.axes])
+
+    @property
+    def label(self) -> str:
+        return f"{self.placement} {self.size_label}"
+
+
+class TrialLabels(Record):
+    group: GroupKey
+    seed: int
+
+
+class StudyInfo(Record):
+    """What a study is, for readers of its store (the full spec is stored beside it, as written)."""
+
+    name: str
+    model: str
+    placements: tuple[str, ...] = Field(description="placement names in the spec's order")
+    baseline: str = Field(description="the placement others are compared with")
+    baseline_given: bool = Field(description="False: the spec named none and the first placement is used")
+    versions: dict[str, str] = Field(default_factory=dict)
+

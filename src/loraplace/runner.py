@@ -1,0 +1,176 @@
+"""The runner core: claim → run → record, the same for every backend.
+
+:func:`execute` owns the bookkeeping — it claims trials from the store, calls the hooks, records each
+:class:`TrialOutcome` (done or failed, one way), and on Ctrl-C/SIGTERM marks what was in flight ``interrupted``.
+An :class:`Executor` owns only *how* trials run: :class:`LocalExecutor` one at a time in this process on one loaded
+base model; :class:`loraplace.ray_backend.RayExecutor` as Ray tasks (results return here, the only writer); a fused
+executor, several at once on one base. Executors never touch the store; they get a heartbeat to call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from loraplace.records import TrialLabels, TrialOutcome
+from loraplace.store import Owner, Store
+from loraplace.trial import Session, TrialSpec, failure_of, run_trial
+
+HEARTBEAT_EVERY_S = 5.0  # a running trial's heartbeat; recovery calls a trial stale after store.recover_stale's limit
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    """One trial of a study grid: its id (hash of the resolved spec), labels and resolved spec."""
+
+    id: str
+    labels: TrialLabels
+    spec: TrialSpec
+
+
+ProgressFn = Callable[[int, int, "float | None", int], None]  # (step, total steps, loss or None, tokens so far)
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """Callbacks of a run, called by :func:`execute` for every backend alike."""
+
+    on_start: Callable[[PlannedTrial, int, int], None] | None = None  # (trial, its 1-based index, trials to run)
+    on_end: Callable[[PlannedTrial, TrialOutcome], None] | None = None
+    progress: ProgressFn | None = None  # per optimizer step, where the executor can report steps
+
+
+@dataclass
+class RunSummary:
+    ran: int = 0
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0  # already done before this run
+    recovered: list[str] = field(default_factory=list)  # left running by a dead process, re-run now
+    wall_s: float = 0.0
+
+
+class Heartbeat:
+    """Tells the store a trial's owner is alive; rate-limited, so an executor may call it every step."""
+
+    def __init__(self, store: Store, trial_id: str, owner: Owner, every_s: float = HEARTBEAT_EVERY_S):
+        self.store, self.trial_id, self.owner, self.every_s = store, trial_id, owner, every_s
+        self._last = time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self._last >= self.every_s:
+            self.store.heartbeat(self.trial_id, self.owner)
+            self._last = time.monotonic()
+
+
+class Executor(Protocol):
+    """How trials run. :func:`execute` submits up to ``capacity`` trials, then waits for outcomes."""
+
+    capacity: int
+
+    def submit(self, trial: PlannedTrial, heartbeat: Heartbeat) -> None:
+        """Take a claimed trial; it may start now or in :meth:`wait`."""
+
+    def wait(self) -> Iterator[tuple[str, TrialOutcome]]:
+        """Block until at least one submitted trial has finished; yield (trial id, outcome) for each that has.
+        Every trial's failure is a failed outcome: nothing but an interruption raises."""
+
+    def cancel(self) -> None:
+        """Drop every submitted trial (after an interruption)."""
+
+    def close(self) -> None:
+        """Release what the executor holds (a model, a Ray runtime it started)."""
+
+
+def execute(store: Store, study_id: int, planned: dict[str, PlannedTrial], executor: Executor, *,
+            retry_failed: bool = False, hooks: RunHooks = RunHooks(), summary: RunSummary | None = None) -> RunSummary:
+    """Run every claimable trial of ``planned`` through ``executor``, each at most once in this run (a failing
+    retry is not looped). ``KeyboardInterrupt`` marks the trials in flight ``interrupted`` and is re-raised."""
+    summary = summary or RunSummary()
+    owner = Owner.current()
+    remaining = set(planned)
+    to_run = len(planned) - summary.skipped
+    in_flight: dict[str, PlannedTrial] = {}
+    try:
+        while True:
+            while len(in_flight) < executor.capacity:
+                claimed = store.claim_trial(study_id, owner, retry_failed=retry_failed, only=remaining)
+                if claimed is None:
+                    break
+                remaining.discard(claimed.id)
+                trial = planned[claimed.id]
+                in_flight[trial.id] = trial
+                summary.ran += 1
+                if hooks.on_start is not None:
+                    hooks.on_start(trial, summary.ran, max(to_run, summary.ran))
+                executor.submit(trial, Heartbeat(store, trial.id, owner))
+            if not in_flight:
+                return summary
+            for trial_id, outcome in executor.wait():
+                trial = in_flight.pop(trial_id)
+                store.record_outcome(trial_id, outcome, owner)
+                if outcome.status == "done":
+                    summary.done += 1
+                else:
+                    summary.failed += 1
+                if hooks.on_end is not None:
+                    hooks.on_end(trial, outcome)
+    except KeyboardInterrupt:
+        executor.cancel()
+        for trial_id in in_flight:
+            store.interrupt_trial(trial_id, "interrupted by the user", owner)
+        raise
+
+
+def trial_dir(artifacts: Path, trial_id: str) -> Path:
+    """Where a trial's adapter and metrics.json go."""
+    return artifacts / trial_id
+
+
+class LocalExecutor:
+    """One trial at a time in this process; the base model is loaded once (on the first trial) and reused."""
+
+    capacity = 1
+
+    def __init__(self, model: str, *, device: str, precision: str, artifacts: Path,
+                 progress: ProgressFn | None = None):
+        self.model, self.device, self.precision = model, device, precision
+        self.artifacts = artifacts
+        self.progress = progress
+        self._session: Session | None = None
+        self._queue: list[tuple[PlannedTrial, Heartbeat]] = []
+
+    def submit(self, trial: PlannedTrial, heartbeat: Heartbeat) -> None:
+        self._queue.append((trial, heartbeat))
+
+    def wait(self) -> Iterator[tuple[str, TrialOutcome]]:
+        trial, heartbeat = self._queue.pop(0)
+        try:
+            if self._session is None:
+                self._session = Session(self.model, device=self.device, precision=self.precision)
+        except Exception as exc:  # noqa: BLE001 - the model did not load: this trial fails like any other
+            yield trial.id, TrialOutcome.failed(failure_of(exc))
+            return
+
+        def on_step(step: int, total: int, loss: float | None, tokens: int) -> None:
+            heartbeat()
+            if self.progress is not None:
+                self.progress(step, total, loss, tokens)
+
+        yield trial.id, run_trial(trial.spec, session=self._session, out_dir=trial_dir(self.artifacts, trial.id),
+                                  progress=on_step)
+
+    def cancel(self) -> None:
+        self._queue.clear()
+
+    def close(self) -> None:
+        self._session = None
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

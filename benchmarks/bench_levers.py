@@ -61,7 +61,7 @@ def main() -> None:
           f", {time.strftime('%Y-%m-%d %H:%M')}")
     train_path, eval_path = build_data(args)
     session = Session(args.model, precision="fp32")
-    splits, _ = session.data(DataSpec(train=train_path, eval=eval_path, max_len=args.max_len))
+    splits = session.data(DataSpec(train=train_path, eval=eval_path, max_len=args.max_len))
     plan = session.plan(parse_placement("all"), rank=16)
     lengths = [len(x) for x in splits.train.ids]
     vocab = session.model.config.vocab_size

@@ -70,19 +70,19 @@ def main() -> None:
     figures["quickstart_s"] = figures["study_s"] + figures["report_s"]
 
     analysis = analyze_store(store)
-    trials = [t for t in analysis.trials if t.status == "done"]
-    first = trials[0].metrics
-    figures["load_s"] = first["load_s"]  # the session loads the model once for the whole study
-    figures["tokenize_s"] = first["tokenize_s"]  # tokenised once, reused by every trial
-    figures["train_s"] = sum(t.metrics["train_s"] for t in trials)
-    figures["eval_s"] = sum(t.metrics["eval_s"] for t in trials)
+    trials = [t.outcome for t in analysis.trials if t.status == "done"]
+    figures["load_s"] = trials[0].timings.load_s  # the session loads the model once for the whole study
+    figures["tokenize_s"] = trials[0].timings.tokenize_s  # tokenised once, reused by every trial
+    figures["train_s"] = sum(o.metrics.train_s for o in trials)
+    figures["eval_s"] = sum(o.timings.eval_s for o in trials)
     figures["other_s"] = figures["study_s"] - figures["load_s"] - figures["tokenize_s"] - figures["train_s"] \
         - figures["eval_s"]
     print(f"\n{summary.done} trials done ({summary.failed} failed) in {figures['study_s']:.1f} s")
     print(f"{'trial':<28} {'train s':>8} {'eval s':>7} {'tok/s':>7}")
-    for t in trials:
-        print(f"{t.group + ' seed ' + str(t.seed):<28} {t.metrics['train_s']:8.1f} {t.metrics['eval_s']:7.1f} "
-              f"{t.metrics['tokens_per_s']:7.1f}")
+    for t in analysis.trials:
+        if t.status == "done":
+            print(f"{t.key.label + ' seed ' + str(t.seed):<28} {t.outcome.metrics.train_s:8.1f} "
+                  f"{t.outcome.timings.eval_s:7.1f} {t.outcome.metrics.tokens_per_s:7.1f}")
     print("\nsplit of the quickstart wall time:")
     for key in ("load_s", "tokenize_s", "train_s", "eval_s", "other_s", "report_s"):
         print(f"  {key:<12} {figures[key]:7.1f} s  {100 * figures[key] / figures['quickstart_s']:5.1f} %")

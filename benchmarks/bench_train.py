@@ -189,7 +189,7 @@ def main() -> None:
     session = Session(model_ref)
     load_s = time.perf_counter() - t0
     plan = session.plan(spec.placement, rank=args.rank)
-    splits, _ = session.data(data)
+    splits = session.data(data)
     order = batch_order(len(splits.train), args.batch, args.steps, args.seed)
     device, dtype = session.device, session.dtype
     native_bf16 = device.type == "cuda" or cpu_has_bf16()
@@ -205,9 +205,10 @@ def main() -> None:
             _reset_rss_peak()
             if name == "loraplace":
                 r = run_trial(spec, session=session)
-                assert r.status == "done", r.error
-                res = {"tokens_per_s": r.tokens_per_s, "train_s": r.train_s, "eval_loss": r.eval_loss,
-                       "peak_mem_mb": r.peak_mem_mb, "real_tokens": r.train_tokens, "label_tokens": r.label_tokens}
+                assert r.metrics is not None, r.failure
+                res = {"tokens_per_s": r.metrics.tokens_per_s, "train_s": r.metrics.train_s,
+                       "eval_loss": r.metrics.eval_loss, "peak_mem_mb": r.metrics.peak_mem_mb,
+                       "real_tokens": r.train_tokens, "label_tokens": r.label_tokens}
             else:
                 res = run_hf(model_path, session, plan, splits, order, args, bf16=name == "hf_bf16")
             runs[name].append(res)

@@ -69,6 +69,7 @@ def test_tiny_tokenizer_round_trip():
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 @needs_smollm2
 def test_builtin_checkpoint_is_plain():
     path = models.builtin_checkpoint("smollm2-135m")

@@ -82,28 +82,31 @@ def print_trial(outcome: TrialOutcome, console: Console) -> None:
 
 
 def print_status(study: StudyRecord, trials: list[TrialRecord], counts: dict[str, int], console: Console) -> None:
+    """The trials table, then the whole reason of every failed or interrupted trial (wrapped, never cut)."""
     table = Table(title=f"study {study.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v),
                   pad_edge=False)
     for col, justify in (("trial", "left"), ("placement", "left"), ("size", "right"), ("seed", "right"),
                          ("status", "left"), ("eval loss", "right"), ("ppl", "right"), ("params", "right"),
                          ("tok/s", "right"), ("train s", "right")):
-        table.add_column(col, justify=justify, no_wrap=col != "placement", overflow="fold")
-    table.add_column("why", overflow="fold", ratio=1)  # a failure's whole reason, wrapped
+        table.add_column(col, justify=justify, overflow="fold")
     style = {"done": "green", "failed": "red", "running": "yellow", "interrupted": "magenta", "pending": "dim"}
+
+    def num(value: float | None, fmt: str) -> str:
+        return "—" if value is None else format(value, fmt)
+
     for t in trials:
-        group = t.labels.group
-        m = t.metrics
-
-        def num(value: float | None, fmt: str) -> str:
-            return "—" if value is None else format(value, fmt)
-
+        group, m = t.labels.group, t.metrics
         params = t.outcome.trainable_params if t.outcome is not None and t.outcome.trainable_params else None
         table.add_row(t.id[:8], escape(group.placement), group.size_label, str(t.labels.seed),
                       f"[{style.get(t.status, '')}]{t.status}[/]",
-                      num(m and m.eval_loss, ".4f"), num(m and m.perplexity, ".3f"), num(params, ",d"),
-                      num(m and m.tokens_per_s, ",.0f"), num(m and m.train_s, ".1f"),
-                      escape(t.error) if t.status in ("failed", "interrupted") and t.error else "")
+                      num(m.eval_loss if m else None, ".4f"), num(m.perplexity if m else None, ".3f"),
+                      num(params, ",d"), num(m.tokens_per_s if m else None, ",.0f"),
+                      num(m.train_s if m else None, ".1f"))
     console.print(table)
+    for t in trials:
+        if t.status in ("failed", "interrupted") and t.error:
+            console.print(f"[{style[t.status]}]{t.status}[/] {t.id[:8]} {escape(t.labels.group.label)} seed "
+                          f"{t.labels.seed}: {escape(t.error)}", highlight=False)
 
 
 # The terminal keeps the columns that decide a placement; `loraplace report` writes the full table.

@@ -20,7 +20,7 @@ def test_every_shipped_yaml_validates():
         study = load_study(path)
         grid = expand_grid(study)
         axes = 1
-        for values in study.axes.values():
+        for values in study.axis_values(study.axes).values():
             axes *= len(values)
         assert len(grid) == len(study.placements) * len(study.sizes()) * len(study.seeds) * axes
         assert len({t.id for t in grid}) == len(grid)
@@ -52,7 +52,7 @@ def test_trial_ids_are_stable_and_config_sensitive(write_study):
         (tiny_study_yaml().replace("seeds:", "seedz:"), ["seedz: unknown key; did you mean 'seeds'?"]),
         (tiny_study_yaml().replace("lr: 0.001", "lr: fast").replace("ranks: [2]", "ranks: [-1]")
          .replace("baseline: all", "baseline: nope"),
-         ["3 problems", "train.lr", "ranks.0: Input should be greater than 0", "baseline 'nope'"]),
+         ["3 problems", "train.lr", "ranks[0]: Input should be greater than 0", "baseline 'nope'"]),
         ("name: x\nmodel: [unclosed\n", ["study.yaml:3:1", "YAML syntax error"]),
         (tiny_study_yaml().replace("all: {preset: all}", "all: {rolez: [attn]}"),
          ["placements.all.rolez: unknown key; did you mean 'roles'?"]),

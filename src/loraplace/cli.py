@@ -16,6 +16,12 @@ from typing import Any
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+try:  # typer ≥ 0.20 raises its own vendored copy of click's exceptions
+    from typer._click import exceptions as _typer_click
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _typer_click = click.exceptions
 
 from loraplace.data import DataSpec
 from loraplace.errors import ConfigError, LoraplaceError
@@ -29,6 +35,13 @@ out = Console() if sys.stdout.isatty() else Console(width=140)
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=140)
 DEFAULT_PROBE_DATA = "builtin:arithmetic?n=256"  # offline default data for the importance probe
 _STATE = {"debug": False}
+_USAGE_ERRORS = tuple({click.ClickException, _typer_click.ClickException})
+_EXITS = tuple({click.exceptions.Exit, typer.Exit})
+_ABORTS = tuple({click.exceptions.Abort, typer.Abort})
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the signal lands so a run stops like on Ctrl-C (trial marked interrupted)."""
 
 
 @app.callback()
@@ -68,6 +81,7 @@ def plan(
         None, "--model-config", help="config overrides k=v,...; with model_type=NAME no hub is needed"),
     data: str = typer.Option(DEFAULT_PROBE_DATA, "--data", help="auto placements only: data the probe reads"),
     max_len: int = typer.Option(512, "--max-len", help="auto placements only: token limit per example"),
+    force: bool = typer.Option(False, "--force", help="allow adapters larger than the base model"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Dry-run: show every module a placement adapts and the exact trainable-parameter count. Loads no weights
@@ -85,6 +99,7 @@ def plan(
     else:
         result = plan_for_model(model, spec, rank=rank, budget=budget, model_config=overrides or None,
                                 model_type=model_type)
+    result.check_size(force)
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
     else:
@@ -240,6 +255,7 @@ def train(
     no_packing: bool = typer.Option(False, "--no-packing", help="pad instead of packing examples"),
     generate: int | None = typer.Option(None, "--generate", help="greedy-generate N eval examples for task accuracy"),
     out_dir: str | None = typer.Option(None, "--out", help="directory for adapter/ and metrics.json"),
+    force: bool = typer.Option(False, "--force", help="allow adapters larger than the base model"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (no progress bar)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> int:
@@ -261,6 +277,10 @@ def train(
         "eval": given(generate=generate),
     } | given(rank=rank, budget=budget)
     spec = validate(TrialSpec, raw, "invalid trial options")
+    if spec.placement.auto is None:  # on the meta model, before any weight loads
+        from loraplace.placement import plan_for_model
+
+        plan_for_model(spec.model, spec.placement, rank=spec.rank, budget=spec.budget).check_size(force)
     with TrainProgress(quiet or as_json) as progress:
         outcome = run_trial(spec, out_dir=out_dir, progress=progress)
     if outcome.failure is not None and outcome.failure.user_error:  # bad input, not a training failure: exit 2
@@ -281,12 +301,14 @@ def run(
     backend: str = typer.Option("local", "--backend", help="local | ray"),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start one here)"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="re-run failed trials too"),
+    extend: bool = typer.Option(False, "--extend", help="add new cells (placements, sizes, seeds, axis values) to "
+                                "an existing study; settings of existing groups cannot change"),
+    force: bool = typer.Option(False, "--force", help="allow adapters larger than the base model"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> int:
     """Run a study: every unfinished trial of the grid, into a crash-safe store (resumable)."""
+    import signal
     from pathlib import Path
-
-    from rich.markup import escape
 
     from loraplace.runner import RunHooks
     from loraplace.study import default_store, load_study, run_study
@@ -294,9 +316,10 @@ def run(
     study = load_study(spec_path)  # invalid spec: error before anything is written
     store_path = Path(store) if store else default_store(study)
     bar = TrainProgress(quiet)
-    counts = {"done": 0, "failed": 0}
+    counts = {"started": 0, "done": 0, "failed": 0}
 
     def start(trial, index: int, total: int) -> None:
+        counts["started"] += 1
         bar.start_study(total)
         bar.new_trial(f"{index}/{total} {trial.labels.group.label} seed={trial.labels.seed}")
 
@@ -306,16 +329,29 @@ def run(
         if not quiet:
             what = (f"eval_loss={outcome.metrics.eval_loss:.4f}" if outcome.metrics is not None
                     else outcome.failure.message if outcome.failure is not None else "")
-            bar.progress.console.print(f"{trial.id} {trial.labels.group.label} seed={trial.labels.seed} → "
+            bar.progress.console.print(f"{trial.id} {escape(trial.labels.group.label)} seed={trial.labels.seed} → "
                                        f"{outcome.status} {escape(what)}", highlight=False)
 
+    def terminate(_signum, _frame):  # SIGTERM stops the run like Ctrl-C: the trial in flight is marked interrupted
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         with bar:
             summary = run_study(study, store_path, backend=backend, address=address, retry_failed=retry_failed,
-                                hooks=RunHooks(on_start=start, on_end=end, progress=bar))
-    except KeyboardInterrupt:
-        err.print("[red]interrupted:[/] the current trial is marked interrupted; run the same command to resume")
-        return 130
+                                extend=extend, force=force, hooks=RunHooks(on_start=start, on_end=end, progress=bar))
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        in_flight = counts["started"] - counts["done"] - counts["failed"]
+        if in_flight:
+            err.print(f"[red]{what}:[/] the trial in flight is marked interrupted; run the same command to resume")
+        else:
+            err.print(f"[red]{what}[/] before any trial ran; run the same command to start", highlight=False)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for warning in summary.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if not quiet:
         err.print(f"ran {summary.ran} trial(s): {summary.done} done, {summary.failed} failed; "
                   f"{summary.skipped} already done; {len(summary.recovered)} recovered from a dead run; "
@@ -327,7 +363,11 @@ def run(
 
         print_comparison(analyze_store(store_path, study.name), out)
     out.print(f"store: {store_path}  (report: loraplace report {store_path})", highlight=False)
-    return 1 if summary.failed else 0
+    if summary.failed_earlier:
+        err.print(f"[red]{summary.failed_earlier} trial(s) failed in an earlier run and were not run again[/]; "
+                  f"after fixing the cause: loraplace run {spec_path} --store {store_path} --retry-failed",
+                  highlight=False)
+    return 1 if summary.failed or summary.failed_earlier else 0
 
 
 def _print_status(store_path, name: str | None = None) -> None:
@@ -352,6 +392,8 @@ def export(store: str = typer.Argument(..., help="study store (.db)"),
            output: str | None = typer.Option(None, "--out", "-o", help="file (default: stdout for csv/json)"),
            name: str | None = typer.Option(None, "--study")) -> None:
     """Export one row per trial: labels, status, measured metrics and sizes."""
+    if output is not None:
+        _output_file(output)  # a bad --out fails before the store is read
     from loraplace.analysis.tables import export_rows
     from loraplace.store import Store
 
@@ -377,11 +419,12 @@ def export(store: str = typer.Argument(..., help="study store (.db)"),
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows), output)
+        pq.write_table(pa.Table.from_pylist(rows), _output_file(output))
         return
     if output:
-        with open(output, "w") as fh:
-            fh.write(text)
+        from loraplace.atomic import write_text_atomic
+
+        write_text_atomic(_output_file(output), text)
     else:
         sys.stdout.write(text)
 
@@ -407,6 +450,8 @@ def report(store: str = typer.Argument(..., help="study store (.db)"),
         raise LoraplaceError(f"study {analysis.name!r} has no finished trial yet",
                              f"run it first (loraplace run SPEC --store {store}) or check loraplace status {store}")
     target = Path(out_dir) if out_dir else Path(store).with_name(Path(store).stem + "_report")
+    if target.exists() and not target.is_dir():
+        raise LoraplaceError(f"--out {target} is a file; a report is a directory", "give a directory path")
     written = write_report(analysis, target, chosen)
     if not quiet:
         print_comparison(analysis, out)
@@ -414,6 +459,18 @@ def report(store: str = typer.Argument(..., help="study store (.db)"),
             err.print(f"{fmt}: {path}", highlight=False)
     main_file = written.get("html") or next(iter(written.values()))
     out.print(f"report: {main_file}", highlight=False)
+
+
+def _output_file(path: str):
+    """An --out file path that can be written: its directory exists and it is not itself a directory."""
+    from pathlib import Path
+
+    target = Path(path)
+    if target.is_dir():
+        raise LoraplaceError(f"--out {target} is a directory", "give a file path, e.g. trials.csv")
+    if not target.parent.is_dir():
+        raise LoraplaceError(f"--out {target}: directory {target.parent} does not exist", "create it first")
+    return target
 
 
 def _placement_dict(text: str) -> dict:
@@ -433,14 +490,17 @@ def main(argv: list[str] | None = None) -> None:
     except LoraplaceError as exc:
         if _STATE["debug"]:
             traceback.print_exc()
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except _USAGE_ERRORS as exc:  # a mistyped command, option or value: click's own message, exit 2
         exc.show()
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except _EXITS as exc:
+        sys.exit(exc.exit_code)
+    except Terminated:
+        err.print("[red]terminated[/]")
+        sys.exit(143)
+    except (*_ABORTS, KeyboardInterrupt):
         err.print("[red]interrupted[/]")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, traceback on --debug

@@ -130,13 +130,38 @@ def _tiny_config(family: str):
     return AutoConfig.for_model(family, **_TINY_COMMON, **TINY_FAMILIES[family])
 
 
+# Config fields every causal LM needs as positive integers; a wrong value fails here with its name, not later
+# as "no ModuleList of transformer blocks found".
+_POSITIVE_INT_FIELDS = ("num_hidden_layers", "n_layer", "hidden_size", "n_embd", "num_attention_heads", "n_head",
+                        "intermediate_size", "vocab_size")
+
+
 def apply_overrides(config, overrides: dict[str, Any] | None):
     """Set ``k=v`` overrides on a config, refusing keys the config does not know (typos would plan silently)."""
     for key, value in (overrides or {}).items():
         if not hasattr(config, key):
             raise ModelError(f"config of model type {config.model_type!r} has no field {key!r}",
                              "check the key name in --model-config")
-        setattr(config, key, value)
+        try:
+            setattr(config, key, value)
+        except Exception as exc:  # noqa: BLE001 - transformers ≥ 5 type-checks config fields (its own error type)
+            raise ModelError(f"config field {key}={value!r}: {_first_line(exc)}") from None
+    return check_config(config)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def check_config(config, source: str = "config"):
+    """Refuse a config whose sizes are not positive integers (``num_hidden_layers=0`` plans nothing)."""
+    bad = [f"{k}={getattr(config, k)!r}" for k in _POSITIVE_INT_FIELDS
+           if hasattr(config, k) and getattr(config, k) is not None
+           and (not isinstance(getattr(config, k), int) or isinstance(getattr(config, k), bool)
+                or getattr(config, k) <= 0)]
+    if bad:
+        raise ModelError(f"{source}: {', '.join(bad)}: must be positive integers")
     return config
 
 
@@ -150,19 +175,62 @@ def load_config(ref: str | ModelRef, overrides: dict[str, Any] | None = None):
     elif mref.kind == "builtin":
         config = AutoConfig.from_pretrained(builtin_checkpoint(mref.name))
     elif mref.kind == "config":
-        with open(mref.name) as fh:
-            raw = json.load(fh)
-        if "model_type" not in raw:
-            raise ModelError(f"{mref.name} has no 'model_type'", "a Hugging Face config.json names its model_type")
-        config = _for_model(raw.pop("model_type"), raw)
+        raw = _read_config_json(Path(mref.name))
+        config = check_config(_for_model(raw.pop("model_type"), raw, mref.name), mref.name)
     elif mref.kind == "local":
+        _read_config_json(Path(mref.name) / "config.json")
         config = AutoConfig.from_pretrained(mref.name)
     else:
-        try:
-            config = AutoConfig.from_pretrained(mref.name)
-        except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear message
-            raise _hub_error(mref.name, exc) from exc
+        config = _hub_config(mref.name)
     return apply_overrides(config, overrides)
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    """A config.json, or one clear error: missing, not JSON (truncated), not an object, no model_type."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no such file", "a checkpoint directory holds a config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({_first_line(exc)})", "is the file complete?") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ModelError(f"{path} has no 'model_type'", "a Hugging Face config.json names its model_type")
+    return raw
+
+
+def _hub_config(ref: str):
+    """A hub config: the local HF cache first; then, unless offline, one quick reachability check, so a machine
+    without network fails in seconds instead of after the hub client's retries."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ref, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached: go to the hub below
+        pass
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if offline:
+        raise ModelError(f"cannot load {ref!r}: it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+                         "unset HF_HUB_OFFLINE, or use builtin:smollm2-135m, a local directory or a config.json")
+    if not _hub_reachable():
+        raise ModelError(f"cannot load {ref!r}: the Hugging Face hub is not reachable from this machine",
+                         "check your network, or use builtin:smollm2-135m, a local directory or a config.json")
+    try:
+        return AutoConfig.from_pretrained(ref)
+    except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear message
+        raise _hub_error(ref, exc) from exc
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def config_from_model_type(model_type: str, overrides: dict[str, Any] | None = None):
@@ -170,15 +238,17 @@ def config_from_model_type(model_type: str, overrides: dict[str, Any] | None = N
     return apply_overrides(_for_model(model_type, {}), overrides)
 
 
-def _for_model(model_type: str, kwargs: dict[str, Any]):
+def _for_model(model_type: str, kwargs: dict[str, Any], source: str = "--model-config"):
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    if model_type not in CONFIG_MAPPING:
+        raise ModelError(f"unknown model_type {model_type!r}: this transformers version has no such architecture",
+                         "use a model_type transformers knows (llama, gpt2, qwen2, ...) or upgrade transformers")
     try:
         return AutoConfig.for_model(model_type, **kwargs)
-    except (ValueError, KeyError):
-        raise ModelError(f"unknown model_type {model_type!r}: this transformers version has no such architecture",
-                         "use a model_type transformers knows (llama, gpt2, qwen2, ...) or upgrade transformers")\
-            from None
+    except Exception as exc:  # noqa: BLE001 - a field of the wrong type (transformers ≥ 5 checks them)
+        raise ModelError(f"{source}: invalid {model_type} config: {_first_line(exc)}") from None
 
 
 def meta_model(config) -> nn.Module:

@@ -316,3 +316,11 @@ class StudyInfo(Record):
     baseline_given: bool = Field(description="False: the spec named none and the first placement is used")
     versions: dict[str, str] = Field(default_factory=dict)
 
+
+
+def config_without_seed(trial_spec: dict[str, Any]) -> dict[str, Any]:
+    """A resolved trial spec (JSON) minus its seed: what every trial of one group must share."""
+    train = trial_spec.get("train")
+    if not isinstance(train, dict):
+        return trial_spec
+    return trial_spec | {"train": {k: v for k, v in train.items() if k != "seed"}}

@@ -41,12 +41,20 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def key_path(loc: tuple) -> str:
+    """("axes", "lr", 0) → "axes.lr[0]": the path a user finds in their YAML."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
 def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
     """One line per problem: dotted key path, what is wrong, and a "did you mean" for misspelt keys."""
     problems = []
     for err in exc.errors():
         loc = tuple(err["loc"])
-        path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc) or "(top level)"
+        path = key_path(((prefix,) if prefix else ()) + loc)
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc)
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
@@ -74,6 +82,10 @@ def load_yaml(path: str | Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file"], "cannot read spec") from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory, not a YAML file"], "cannot read spec") from None
+    except PermissionError:
+        raise ConfigError([f"{path}: permission denied"], "cannot read spec") from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"], "cannot read spec") from None
     return parse_yaml(text, str(path))

@@ -11,24 +11,46 @@ import hashlib
 import itertools
 import json
 import time
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, create_model, field_validator
 
 from loraplace.data import DataSpec
 from loraplace.errors import ConfigError, LoraplaceError
 from loraplace.placement.spec import DEFAULT_RANK, PlacementSpec
-from loraplace.records import GroupKey, Size, StudyInfo, TrialLabels
+from loraplace.records import GroupKey, Size, StudyInfo, TrialLabels, config_without_seed
 from loraplace.runner import LocalExecutor, PlannedTrial, RunHooks, RunSummary, execute
 from loraplace.specs import StrictModel, load_yaml, validate
-from loraplace.store import Store
+from loraplace.store import Store, StoreError
 from loraplace.train import TrainSpec
 from loraplace.trial import EvalSpec, TrialSpec, library_versions
 
 BACKENDS = ("local", "ray")
+MAX_NAME_LEN = 48  # a placement name is a column value in every table; longer ones break terminal layouts
 
 AXIS_FIELDS = ("lr", "steps", "batch", "warmup", "schedule", "weight_decay")
+
+
+def _axes_model() -> type[StrictModel]:
+    """``axes:`` — each sweepable field of :class:`TrainSpec` as a list of values with *that field's* type and
+    constraints, so ``axes: {lr: [-1]}`` fails at load time as ``axes.lr[0]`` (one home for each rule)."""
+    fields: dict[str, Any] = {}
+    for name in AXIS_FIELDS:
+        info = TrainSpec.model_fields[name]
+        item = info.annotation
+        if typing.get_origin(item) in (typing.Union, types.UnionType):  # `int | None` → int: an axis value is set
+            kinds = [a for a in typing.get_args(item) if a is not type(None)]
+            item = kinds[0] if len(kinds) == 1 else typing.Union[tuple(kinds)]  # noqa: UP007 - built at run time
+        if info.metadata:
+            item = Annotated[(item, *info.metadata)]
+        fields[name] = (list[item] | None, Field(default=None, min_length=1, description=info.description))
+    return create_model("Axes", __base__=StrictModel, **fields)
+
+
+Axes = _axes_model()
 
 
 class Resources(StrictModel):
@@ -50,7 +72,7 @@ class StudySpec(StrictModel):
     budget: PositiveInt | None = None
     budgets: list[PositiveInt] | None = Field(default=None, min_length=1)
     seeds: list[int] = Field(default=[0], min_length=1)
-    axes: dict[str, list[Any]] = Field(default_factory=dict, description="other train fields to sweep (lr, steps)")
+    axes: Axes = Field(default_factory=Axes, description=f"other train fields to sweep: {', '.join(AXIS_FIELDS)}")
     baseline: str | None = None
     resources: Resources = Resources()
 
@@ -73,12 +95,34 @@ class StudySpec(StrictModel):
 
     @field_validator("axes")
     @classmethod
-    def _axes(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        problems = [f"{axis}: not a sweepable train field ({', '.join(AXIS_FIELDS)})" for axis in value
-                    if axis not in AXIS_FIELDS]
-        problems += [f"{axis}: empty list" for axis, values in value.items() if not values]
+    def _axes_with_train(cls, value, info: ValidationInfo):
+        """Each axis value must also make a valid TrainSpec with the rest of ``train`` (e.g. batch vs micro_batch)."""
+        train = info.data.get("train")
+        if train is None:
+            return value
+        problems = []
+        for name, values in cls.axis_values(value).items():
+            for i, v in enumerate(values):
+                try:
+                    TrainSpec.model_validate(train.model_dump() | {name: v})
+                except ValidationError as exc:
+                    problems += [f"{name}[{i}]: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
         if problems:
             raise ValueError("; ".join(problems))
+        return value
+
+    @staticmethod
+    def axis_values(axes) -> dict[str, list[Any]]:
+        """axis name → values, for the axes the spec sweeps, sorted by name (the grid's order)."""
+        return {k: v for k, v in sorted(axes.model_dump().items()) if v is not None}
+
+    @field_validator("placements")
+    @classmethod
+    def _placement_names(cls, value: dict[str, PlacementSpec]) -> dict[str, PlacementSpec]:
+        long = [name for name in value if len(name) > MAX_NAME_LEN]
+        if long:
+            raise ValueError(f"placement names are labels in tables and figures: at most {MAX_NAME_LEN} "
+                             f"characters (got {len(long[0])}: {long[0][:24]!r}…)")
         return value
 
     @field_validator("baseline")
@@ -124,10 +168,11 @@ def load_study(path: str | Path) -> StudySpec:
 
 def expand_grid(study: StudySpec) -> list[PlannedTrial]:
     """Every trial of the grid, in spec order: placements × sizes × seeds × axes (axes sorted by name)."""
-    axis_names = sorted(study.axes)
+    sweep = study.axis_values(study.axes)
+    axis_names = list(sweep)
     out = []
     for (pname, placement), size, seed, *axis_values in itertools.product(
-            study.placements.items(), study.sizes(), study.seeds, *[study.axes[a] for a in axis_names]):
+            study.placements.items(), study.sizes(), study.seeds, *sweep.values()):
         axes = tuple(zip(axis_names, axis_values, strict=True))
         train = TrainSpec.model_validate(study.train.model_dump() | dict(axes) | {"seed": seed})
         spec = TrialSpec(model=study.model, data=study.data, placement=placement, train=train, eval=study.eval,
@@ -140,10 +185,11 @@ def expand_grid(study: StudySpec) -> list[PlannedTrial]:
     return out
 
 
-def check_placements(study: StudySpec) -> None:
+def check_placements(study: StudySpec, force: bool = False) -> None:
     """Resolve every placement on the meta-device model (no weights) before anything is written or trained:
-    an unknown or absent role, an empty layer selection or a fused-qkv request fails the whole spec at once.
-    A budget too small for rank 1 is not checked here: that is one trial's failure, the others still run."""
+    an unknown or absent role, an empty layer selection, a fused-qkv request, a size given twice or adapters
+    bigger than the model fail the whole spec at once. A budget too small for rank 1 is not checked here: that
+    is one trial's failure, the others still run."""
     from loraplace.errors import PlacementError
     from loraplace.placement import meta_architecture, resolve_placement
 
@@ -157,7 +203,11 @@ def check_placements(study: StudySpec) -> None:
             continue
         for size in study.sizes():
             try:
-                resolve_placement(arch, placement, model=study.model, rank=size.value if size.kind == "rank" else 1)
+                plan = resolve_placement(arch, placement, model=study.model,
+                                         rank=size.value if size.kind == "rank" else None,
+                                         budget=size.value if size.kind == "budget" else None,
+                                         check_budget_fits=False)
+                plan.check_size(force)
             except PlacementError as exc:
                 problem = f"placements.{name}: {exc}"
                 if problem not in problems:
@@ -165,6 +215,17 @@ def check_placements(study: StudySpec) -> None:
     if problems:
         raise ConfigError(problems, f"placements that do not resolve on {study.model}",
                           f"see the roles of this model with: loraplace plan {study.model} --placement all")
+
+
+def check_inputs(study: StudySpec) -> list[str]:
+    """Everything a study can get wrong before a trial runs, checked before the store is written: the device,
+    the model reference (its config), the data (readable, non-empty, a known format) and the placements.
+    Returns warnings (e.g. eval examples that are also training examples)."""
+    from loraplace.data import check_data
+    from loraplace.train import resolve_device
+
+    resolve_device(study.train.device)
+    return check_data(study.data)
 
 
 def default_store(study: StudySpec) -> Path:
@@ -178,21 +239,82 @@ def artifacts_dir(store_path: Path) -> Path:
 # --------------------------------------------------------------------------------------------- running
 
 
+class StudyChanged(LoraplaceError):
+    """The spec differs from the one the store's study was run with."""
+
+
+def spec_differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Every difference between two JSON-like specs, one line each: ``train.lr: 0.001 → 0.002``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in list(old) + [k for k in new if k not in old]:
+            where = f"{path}.{key}" if path else str(key)
+            if key not in new:
+                out.append(f"{where}: removed (was {json.dumps(old[key])})")
+            elif key not in old:
+                out.append(f"{where}: added ({json.dumps(new[key])})")
+            else:
+                out += spec_differences(old[key], new[key], where)
+        return out
+    return [] if old == new else [f"{path}: {json.dumps(old)} → {json.dumps(new)}"]
+
+
+def _check_unchanged(study: StudySpec, store_path: Path, planned: list[PlannedTrial], extend: bool) -> None:
+    """A study's identity is its resolved spec, i.e. its trials. Re-running a spec with the same trials resumes; a
+    spec whose trials differ is refused with the differences, or with ``extend`` adds cells as long as no group
+    would mix configurations (a group's trials may differ only by seed). Reads the store read-only: a refusal
+    changes nothing."""
+    if not store_path.exists():
+        return
+    with Store.open_readonly(store_path) as store:
+        try:
+            record = store.study(study.name)
+        except StoreError:
+            return  # no study of this name yet: a new one
+        existing = store.trials(record.id)
+    if {t.id for t in existing} == {p.id for p in planned}:
+        return  # the same trials: a resume (a change that touches no trial, e.g. the baseline, is kept)
+    old = {k: v for k, v in record.spec.items() if k != "versions"}
+    differences = spec_differences(old, study.model_dump(mode="json")) or [
+        "(the spec reads the same, but its trials resolve differently: another loraplace version?)"]
+    shown = "\n".join(f"  {d}" for d in differences[:20]) + (f"\n  … {len(differences) - 20} more"
+                                                            if len(differences) > 20 else "")
+    if not extend:
+        raise StudyChanged(f"study {study.name!r} in {store_path} was run with a different spec:\n{shown}",
+                           "to compare new settings, use a new store (--store) or a new name:; to add placements, "
+                           "sizes, seeds or axis values to this study, run with --extend")
+    by_group: dict[GroupKey, dict[str, Any]] = {}
+    for trial in existing:
+        by_group.setdefault(trial.labels.group, config_without_seed(trial.spec))
+    mixed = sorted({p.labels.group.label for p in planned if p.labels.group in by_group
+                    and by_group[p.labels.group] != config_without_seed(p.spec.model_dump(mode="json"))})
+    if mixed:
+        raise StudyChanged(f"--extend would mix configurations inside group(s) {', '.join(mixed[:8])}"
+                           f"{' …' if len(mixed) > 8 else ''}: their stored trials were run with other settings "
+                           f"than this spec gives them. Changes:\n{shown}",
+                           "--extend only adds cells (placements, sizes, seeds, axis values); to change settings, "
+                           "use a new store (--store) or a new name:")
+
+
 def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["local", "ray"] = "local",
-              address: str | None = None, retry_failed: bool = False, hooks: RunHooks = RunHooks()) -> RunSummary:
-    """Run every unfinished trial of ``study`` into ``store_path``. Ctrl-C marks the trials in flight
+              address: str | None = None, retry_failed: bool = False, extend: bool = False, force: bool = False,
+              hooks: RunHooks = RunHooks()) -> RunSummary:
+    """Run every unfinished trial of ``study`` into ``store_path``. Everything checkable — backend, device, model,
+    data, placements, an edited spec — is checked before the store is written. Ctrl-C marks the trials in flight
     interrupted and re-raises ``KeyboardInterrupt``."""
     t0 = time.perf_counter()
     store_path = Path(store_path)
     if backend not in BACKENDS:
         raise LoraplaceError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
-    check_placements(study)
+    check_placements(study, force)
+    warnings = check_inputs(study)
     planned = expand_grid(study)
+    _check_unchanged(study, store_path, planned, extend)
     by_id = {p.id: p for p in planned}
     with Store(store_path) as store:
         record = store.open_study(study.info(), study.model_dump(mode="json"))
         store.add_trials(record.id, [(p.id, p.labels, p.spec.model_dump(mode="json")) for p in planned])
-        summary = RunSummary(recovered=store.recover_stale(record.id))
+        summary = RunSummary(recovered=store.recover_stale(record.id), warnings=warnings)
         summary.skipped = sum(1 for t in store.trials(record.id) if t.id in by_id and t.status == "done")
         artifacts = artifacts_dir(store_path)
         if backend == "ray":
@@ -205,5 +327,7 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
                                      artifacts=artifacts, progress=hooks.progress)
         with executor:
             execute(store, record.id, by_id, executor, retry_failed=retry_failed, hooks=hooks, summary=summary)
+        summary.failed_earlier = sum(1 for t in store.trials(record.id) if t.id in by_id and t.status == "failed") \
+            - summary.failed
     summary.wall_s = time.perf_counter() - t0
     return summary

@@ -20,11 +20,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from loraplace.data import TokenizedSet
 from loraplace.data.batching import Batch, batching_mode, make_batch
-from loraplace.errors import TrialFailed
+from loraplace.errors import ConfigError, TrialFailed
 from loraplace.models import causal_lm
 from loraplace.records import CurvePoint, EvalPoint
 from loraplace.specs import StrictModel
@@ -61,13 +61,21 @@ class TrainSpec(StrictModel):
             return {**data, "steps": DEFAULT_STEPS}
         return data
 
-    @model_validator(mode="after")
-    def _check(self) -> TrainSpec:
-        if self.steps is not None and self.epochs is not None:
+    # Field validators (not one model validator): these are reported together with type errors of other fields.
+    @field_validator("epochs")
+    @classmethod
+    def _steps_or_epochs(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("steps") is not None:
             raise ValueError("give steps or epochs, not both")
-        if self.micro_batch is not None and self.batch % self.micro_batch:
-            raise ValueError(f"batch {self.batch} is not a multiple of micro_batch {self.micro_batch}")
-        return self
+        return value
+
+    @field_validator("micro_batch")
+    @classmethod
+    def _divides_batch(cls, value: int | None, info: ValidationInfo) -> int | None:
+        batch = info.data.get("batch")
+        if value is not None and batch is not None and batch % value:
+            raise ValueError(f"batch {batch} is not a multiple of micro_batch {value}")
+        return value
 
     def total_steps(self, n_examples: int) -> int:
         if self.steps is not None:
@@ -89,13 +97,30 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """``auto`` → CUDA, else MPS, else CPU; an explicit device must exist here (one clear error if not)."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError([f"device {device!r}: not a device name"], "invalid device",
+                          "use auto, cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError([f"device {device!r}: this machine (or this torch build) has no CUDA"], "invalid device",
+                          "use device auto or cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ConfigError([f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here"],
+                          "invalid device")
+    if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                       and torch.backends.mps.is_available()):
+        raise ConfigError([f"device {device!r}: MPS is not available here"], "invalid device", "use auto or cpu")
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError([f"device {device!r}: loraplace trains on cpu, cuda or mps"], "invalid device")
+    return resolved
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -1,6 +1,7 @@
 """7. Bad YAML; 8. bad placements; 9. bad data; 10. store versioning — as a user meets them on the command line:
 exit code 2, one clear message (cause + what to do), no traceback, nothing written."""
 
+import json
 import shutil
 import sqlite3
 from pathlib import Path
@@ -71,23 +72,28 @@ def _write(path: Path, content: bytes | None) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("content", "extra", "expected"), [
-    (None, "", "not found"),                                                 # missing file
-    (b'{"foo": "bar"}\n', "", "cannot detect the data format"),              # wrong columns
-    (b"", "", "holds no records"),                                           # empty file
-    (b"\xff\xfe\x00\x81bad\n", "", "not UTF-8"),                             # not UTF-8
-    ((b'{"question": "' + b"word " * 400 + b'", "answer": "#### 4"}\n') * 20, "", "too long"),  # all too long
+@pytest.mark.parametrize(("content", "expected"), [
+    (None, "not found"),                                                 # missing file
+    (b'{"foo": "bar"}\n', "cannot detect the data format"),              # wrong columns
+    (b"", "holds no records"),                                           # empty file
+    (b"\xff\xfe\x00\x81bad\n", "not UTF-8"),                             # not UTF-8
 ])
-def test_bad_data_is_one_error_per_trial_never_a_success(cli, tmp_path, content, extra, expected):
+def test_bad_data_is_refused_before_the_store_is_written(cli, tmp_path, content, expected):
     data = _write(tmp_path / "d.jsonl", content)
     text = GOOD.replace('"builtin:arithmetic?n=60"', f'"{data}"').replace("eval_count: 8", "eval_count: 2")
-    done = run_spec(cli, tmp_path, text + extra)
-    assert done.returncode != 0 and "Traceback" not in done.stderr
-    exported = cli("export", tmp_path / "s.db", "--format", "json")
-    import json
+    err = one_clear_error(run_spec(cli, tmp_path, text))
+    assert expected in err
+    assert not (tmp_path / "s.db").exists()  # no store that would later look finished
 
-    rows = json.loads(exported.stdout)
-    assert rows and all(r["status"] == "failed" and expected in r["error"] for r in rows)
+
+def test_data_whose_every_response_is_truncated_away_fails_each_trial(cli, tmp_path):
+    # Readable and well-formed, so it passes the up-front check; tokenising finds nothing left to train on.
+    data = _write(tmp_path / "d.jsonl", (b'{"question": "' + b"word " * 400 + b'", "answer": "#### 4"}\n') * 20)
+    text = GOOD.replace('"builtin:arithmetic?n=60"', f'"{data}"').replace("eval_count: 8", "eval_count: 2")
+    done = run_spec(cli, tmp_path, text)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    rows = json.loads(cli("export", tmp_path / "s.db", "--format", "json").stdout)
+    assert rows and all(r["status"] == "failed" and "too long" in r["error"] for r in rows)
     assert all("eval_loss" not in r for r in rows)  # no 0.0 / NaN loss recorded
 
 
@@ -101,8 +107,6 @@ def test_fully_truncated_responses_are_counted_not_trained_on(cli, tmp_path):
     done = run_spec(cli, tmp_path, text)
     assert done.returncode == 0, done.stderr
     exported = cli("export", tmp_path / "s.db", "--format", "json")
-    import json
-
     (row,) = json.loads(exported.stdout)
     assert row["status"] == "done" and row["label_tokens"] > 0 and row["eval_loss"] > 0
     report = cli("report", tmp_path / "s.db", "--format", "md")

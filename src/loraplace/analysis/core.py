@@ -7,13 +7,23 @@ order and adapter init draw), so the test is the paired t-test and the interval 
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from loraplace.analysis.stats import Paired, Summary, paired, pareto_front, summarize
-from loraplace.records import CurvePoint, GroupKey, Metrics, ProbeScores, SiteMap, StudyInfo, TrialOutcome
+from loraplace.records import (
+    CurvePoint,
+    GroupKey,
+    Metrics,
+    ProbeScores,
+    SiteMap,
+    StudyInfo,
+    TrialOutcome,
+    config_without_seed,
+)
 from loraplace.store import StudyRecord, TrialRecord
 
 # metric → (label, lower is better); the keys are :class:`Metrics` fields, the quantities a study compares
@@ -196,6 +206,11 @@ def analyze_records(study: StudyRecord, store: str, records: list[TrialRecord],
         groups[key] = Group(key, tuple(done), first.trainable_params, first.total_params, stats, by_seed, sites,
                             first.probe)
 
+    for key, done in members.items():  # a group's trials may differ only by seed (run_study enforces it)
+        configs = {json.dumps(config_without_seed(specs[r.id]), sort_keys=True) for r in done}
+        if len(configs) > 1:
+            warnings.append(f"group {key.label} mixes {len(configs)} different configurations: its statistics "
+                            "are not meaningful")
     if not study.info.baseline_given:
         warnings.append(f"no baseline set in the spec: comparing against the first placement, "
                         f"{study.info.baseline!r}")

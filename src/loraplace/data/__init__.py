@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from loraplace.data.formats import FORMATS, check_columns, detect_format, render
 from loraplace.data.sources import read_records
@@ -45,12 +45,15 @@ class DataSpec(StrictModel):
     train_on_prompt: bool = False
     split_seed: int = 0
 
-    @model_validator(mode="after")
-    def _split(self) -> DataSpec:
-        given = [k for k in ("eval", "eval_fraction", "eval_count") if getattr(self, k) is not None]
+    # A field validator (not a model validator), so this is reported together with type errors of other fields.
+    @field_validator("eval_count")
+    @classmethod
+    def _one_split(cls, value: int | None, info: ValidationInfo) -> int | None:
+        given = [k for k in ("eval", "eval_fraction") if info.data.get(k) is not None]
+        given += ["eval_count"] if value is not None else []
         if len(given) > 1:
             raise ValueError(f"give one of eval, eval_fraction, eval_count (got {', '.join(given)})")
-        return self
+        return value
 
 
 @dataclass
@@ -157,6 +160,25 @@ def load_tokenized(source: str, tokenizer, spec: DataSpec) -> tuple[TokenizedSet
     return data, False
 
 
+def check_data(spec: DataSpec) -> list[str]:
+    """Read every source of ``spec`` and check its format and columns, without a tokenizer: the problems a study
+    must refuse before it writes anything. Returns warnings (e.g. eval examples that are also training examples)."""
+    train, _ = read_records(spec.train)
+    fmt = detect_format(train[0]) if spec.format == "auto" else spec.format
+    check_columns(train, fmt)
+    if spec.eval is None:
+        return []
+    held_out, _ = read_records(spec.eval)
+    check_columns(held_out, detect_format(held_out[0]) if spec.format == "auto" else spec.format)
+    seen = {json.dumps(r, sort_keys=True, default=str) for r in train}
+    overlap = sum(json.dumps(r, sort_keys=True, default=str) in seen for r in held_out)
+    if not overlap:
+        return []
+    same = " (the same data)" if overlap == len(held_out) else ""
+    return [f"{overlap} of {len(held_out)} eval example(s) are also training examples{same}: the eval loss "
+            "overstates how well a placement generalises"]
+
+
 @dataclass
 class Splits:
     train: TokenizedSet
@@ -211,12 +233,12 @@ def load_splits(spec: DataSpec, tokenizer) -> Splits:
         eval_set = eval_set.subset(range(min(spec.eval_limit, len(eval_set))))
     warnings = _guard_warnings("train", train_all.stats)
     if spec.eval is not None:
-        warnings += _guard_warnings("eval", eval_set.stats)
+        warnings += _guard_warnings("eval", eval_set.stats) + check_data(spec)
     for name, part in (("training", train_set), ("eval", eval_set)):
         if len(part) == 0:
             raise _empty_error(name, part.stats, spec)
     return Splits(train_set, eval_set, time.perf_counter() - t0, warnings)
 
 
-__all__ = ["DataSpec", "FORMATS", "Splits", "TemplateSpec", "TokenizedSet", "load_splits", "load_tokenized",
-           "tokenize_records"]
+__all__ = ["DataSpec", "FORMATS", "Splits", "TemplateSpec", "TokenizedSet", "check_data", "load_splits",
+           "load_tokenized", "tokenize_records"]

@@ -55,7 +55,7 @@ def read_records(source: str) -> tuple[list[dict], str]:
 
             records = pq.read_table(path).to_pylist()
         else:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a leading BOM is read, as pandas and datasets do
             if suffix == ".csv":
                 records = list(csv.DictReader(text.splitlines()))
             elif suffix in (".json", ".jsonl", ".ndjson"):

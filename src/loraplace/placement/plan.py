@@ -134,6 +134,13 @@ class Plan:
     def grid_roles(self) -> tuple[str, ...]:
         return grid_roles(self.roles_present)
 
+    def check_size(self, force: bool = False) -> None:
+        """Refuse adapters larger than the base model itself (a rank far above the layer widths), unless forced."""
+        if self.total_params and self.trainable_params > self.total_params and not force:
+            raise PlacementError(f"the adapters would have {self.trainable_params:,} trainable parameters, "
+                                 f"{self.trainable_percent:,.0f}% of the {self.total_params:,}-parameter base model",
+                                 "lower the rank (a rank ≥ the layer width buys nothing), or pass --force")
+
     def site_map(self) -> SiteMap:
         """Where the adapters are, as the typed record trials and stores keep."""
         return SiteMap(num_layers=self.num_layers, roles=self.roles_present,
@@ -219,6 +226,29 @@ def _site_rank(role: str, group: SiteGroup | None, spec: PlacementSpec, rank: in
     return rank
 
 
+def _unused_rank_keys(spec: PlacementSpec, picked: list[tuple[AdaptableModule, SiteGroup | None]],
+                      arch: ArchitectureMap, rank: int | None) -> list[str]:
+    """Per-role ranks and a top-level rank must each set the rank of at least one selected site."""
+    problems = []
+    for key in spec.ranks or {}:
+        if key not in ROLES and key not in ROLE_GROUPS:
+            close = difflib.get_close_matches(key, list(ROLES) + list(ROLE_GROUPS), n=1)
+            problems.append(f"ranks.{key}: unknown role" + (f"; did you mean {close[0]!r}?" if close else ""))
+            continue
+        members = ROLE_GROUPS.get(key, (key,))
+        placed = [(site, group) for site, group in picked if site.role in members]
+        if not placed:
+            problems.append(f"ranks.{key}: the placement adapts no {key!r} site, so this rank would do nothing")
+        elif all(group is not None and group.rank is not None for _, group in placed):
+            problems.append(f"ranks.{key}: every {key!r} site already has its group's rank, so this rank would do "
+                            "nothing; give the rank in one place")
+    if spec.rank is not None and picked and all(
+            _site_rank(site.role, group, spec, None) is not None for site, group in picked):
+        problems.append(f"rank {spec.rank}: every site already has a per-group or per-role rank, so this rank would "
+                        "do nothing")
+    return problems
+
+
 def _preset_spec(spec: PlacementSpec) -> PlacementSpec:
     if spec.preset is None:
         return spec
@@ -292,8 +322,12 @@ def _suffix_match(spec: PlacementSpec, arch: ArchitectureMap, problems: list[str
 
 
 def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *, model: str = "",
-                      rank: int | None = None, budget: int | None = None) -> Plan:
-    """The exact plan of ``spec`` on ``arch``. ``rank``/``budget`` (command line, study axes) override the spec's.
+                      rank: int | None = None, budget: int | None = None, check_budget_fits: bool = True) -> Plan:
+    """The exact plan of ``spec`` on ``arch``. ``rank``/``budget`` come from the command line or a study's grid;
+    the placement itself may say ``rank``, ``ranks``, per-group ranks or ``budget``. Every given key must take
+    effect: a size given twice (rank and budget, a CLI rank and the placement's) or a per-role rank that no site
+    uses is refused, never silently dropped. ``check_budget_fits=False`` skips "budget below rank 1" (a study
+    checks structure up front; that is one trial's failure).
 
     Raises :class:`PlacementError` with every problem at once when anything is unmatched, empty or ambiguous.
     """
@@ -310,10 +344,22 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
         problems.append(f"rank must be a positive integer, got {rank}")
     if budget is not None and budget <= 0:
         problems.append(f"budget must be a positive integer, got {budget}")
+    if rank is not None and budget is not None:
+        problems.append(f"rank {rank} and budget {budget:,} both given: a budget solves the rank; give one")
+    if rank is not None and spec.rank is not None and rank != spec.rank:
+        problems.append(f"the placement says rank {spec.rank} and the command line or study says rank {rank}; "
+                        "give the rank in one place")
+    if budget is not None and spec.rank is not None:
+        problems.append(f"the placement says rank {spec.rank} but a budget ({budget:,}) solves the rank; "
+                        "remove one")
+    if rank is not None and spec.budget is not None:
+        problems.append(f"the placement has its own budget ({spec.budget:,}) and the command line or study gives "
+                        f"rank {rank}; remove one")
+    if budget is not None and spec.budget is not None and budget != spec.budget:
+        problems.append(f"the placement has its own budget ({spec.budget:,}) and the command line or study gives "
+                        f"budget {budget:,}; give the budget in one place")
     budget = budget if budget is not None else spec.budget
     rank = rank if rank is not None else spec.rank
-    if budget is not None and rank is not None and spec.budget is None:
-        rank = None  # an explicit budget wins over a default/CLI rank: the rank is what it solves
     if arch.heuristic:
         warnings.append(f"unknown model family {arch.family!r}: roles assigned by a heuristic on module names")
     if arch.unassigned:
@@ -332,15 +378,16 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
         problems.append("the placement selects no module")
 
     explicit = {site.path: _site_rank(site.role, group, spec, None) for site, group in picked}
+    problems += _unused_rank_keys(spec, picked, arch, rank)
     if budget is not None:
         if any(r is not None for r in explicit.values()):
             problems.append("a budget solves one rank for every site; remove the per-role/per-group ranks")
         unit = sum(lora_params(1, site.in_features, site.out_features) for site, _ in picked)
         solved = budget // unit if unit else 0
-        if unit and solved < 1:
+        if unit and solved < 1 and check_budget_fits:
             problems.append(f"budget {budget:,} is smaller than rank 1 allows for this placement "
                             f"({unit:,} trainable parameters)")
-        ranks = {site.path: solved for site, _ in picked}
+        ranks = {site.path: max(solved, 1) for site, _ in picked}
     else:
         fallback = rank if rank is not None else DEFAULT_RANK
         ranks = {path: r if r is not None else fallback for path, r in explicit.items()}
@@ -348,6 +395,10 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
         raise PlacementError("placement does not resolve:\n" + "\n".join(f"  - {p}" for p in problems),
                              "`loraplace plan MODEL --placement ...` shows the roles and layers of a model")
 
+    oversized = [site.path for site, _ in picked if ranks[site.path] >= min(site.in_features, site.out_features)]
+    if oversized:
+        warnings.append(f"{len(oversized)} site(s) have rank ≥ min(d_in, d_out), e.g. {oversized[0]}: a rank that "
+                        "high is a full-rank update with extra parameters (LoRA cannot use the excess)")
     modules = []
     for site, group in picked:
         r = ranks[site.path]

@@ -131,7 +131,9 @@ def parse_placement(value: str | dict | PlacementSpec, context: str = "invalid p
         if not text:
             raise ConfigError(["empty placement"], context)
         path = Path(text)
-        if not text.startswith(("{", "[")) and path.suffix in (".yaml", ".yml", ".json") and path.is_file():
+        if not text.startswith(("{", "[")) and (path.suffix in (".yaml", ".yml", ".json") or "/" in text):
+            if not path.is_file():  # it names a file: say the file is missing, not that it is an unknown role
+                raise ConfigError([f"{text}: no such placement file"], context)
             data = load_yaml(path)
             value = data.get("placement", data) if isinstance(data, dict) else data
         elif text.startswith("{"):

@@ -1,0 +1,303 @@
+"""Every mistake a user makes gets one clear error and changes nothing.
+
+Each case runs through the command line (in process) and checks: the documented exit code (2 for a user error),
+a message naming the problem, no traceback, no "internal error", and every file in the test's directory — store,
+spec, data — byte for byte as before (SHA-256 of each, before and after).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from reliability_helpers import cli_env, start_run
+
+from helpers import FIXTURES, tiny_study_yaml
+
+GOOD = tiny_study_yaml("mistakes", placements={"all": "{preset: all}", "attn": "{preset: attn}"}, steps=1,
+                       seeds=[0])
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` → its SHA-256; the tokenisation cache and SQLite's transient -wal/-shm sidecars of
+    a reader aside (a read-only connection to a WAL store may create them; the store file itself never changes)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and "cache" not in p.relative_to(root).parts
+            and not p.name.endswith(("-wal", "-shm"))}
+
+
+@pytest.fixture(scope="module")
+def finished_store(tmp_path_factory) -> Path:
+    """A finished two-trial study, copied into each test that needs one."""
+    from loraplace.study import load_study, run_study
+
+    root = tmp_path_factory.mktemp("finished")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORAPLACE_CACHE", str(root / "cache"))
+    try:
+        (root / "spec.yaml").write_text(GOOD)
+        assert run_study(load_study(root / "spec.yaml"), root / "s.db").done == 2
+    finally:
+        mp.undo()
+    return root / "s.db"
+
+
+@pytest.fixture
+def workdir(tmp_path, finished_store, monkeypatch):
+    """A directory holding a spec, data files, a finished store and odd files; the test runs from inside it."""
+    (tmp_path / "spec.yaml").write_text(GOOD)
+    shutil.copy(finished_store, tmp_path / "s.db")
+    (tmp_path / "notes.txt").write_text("not a database\n")
+    (tmp_path / "empty.db").write_bytes(b"")
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "a-dir" / "keep").write_text("x")
+    (tmp_path / "report-file").write_text("a file where a report directory would go\n")
+    (tmp_path / "truncated.json").write_text('{"model_type": "llama", "num_hid')
+    (tmp_path / "wrong-type.json").write_text('{"model_type": "llama", "num_hidden_layers": "x"}')
+    (tmp_path / "columns.jsonl").write_text('{"foo": "bar"}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"question": "caf\xe9", "answer": "#### 1"}\n')
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def spec_with(**replacements: str) -> str:
+    text = GOOD
+    for old, new in replacements.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+CASES = [
+    # 2. usage mistakes: click's own message, exit 2
+    ("rank not a number", ["plan", "tiny:llama", "--rank", "abc"], "Invalid value for '--rank'"),
+    ("unknown option", ["plan", "tiny:llama", "--bogus"], "No such option: --bogus"),
+    ("mistyped command", ["plna", "tiny:llama"], "No such command 'plna'"),
+    ("missing argument", ["plan"], "Missing argument"),
+    ("config value not a number", ["plan", "x", "--model-config", "model_type=llama,num_hidden_layers=abc"],
+     "num_hidden_layers"),
+    ("config value zero", ["plan", "x", "--model-config", "model_type=llama,num_hidden_layers=0"],
+     "num_hidden_layers=0: must be positive"),
+    ("config value negative", ["plan", "x", "--model-config", "model_type=llama,num_hidden_layers=-2"],
+     "num_hidden_layers=-2: must be positive"),
+    ("truncated config.json", ["plan", "truncated.json"], "truncated.json is not valid JSON"),
+    ("wrong-typed config.json", ["plan", "wrong-type.json"], "num_hidden_layers"),
+    ("text file as a store", ["status", "notes.txt"], "not a loraplace store"),
+    ("0-byte file as a store", ["report", "empty.db"], "not a loraplace store"),
+    ("text file as a store to run into", ["run", "spec.yaml", "--store", "notes.txt"], "not a loraplace store"),
+    ("directory as a store", ["run", "spec.yaml", "--store", "a-dir"], "is a directory"),
+    ("export into a missing directory", ["export", "s.db", "--out", "nowhere/trials.csv"], "does not exist"),
+    ("export onto a directory", ["export", "s.db", "--out", "a-dir"], "is a directory"),
+    ("report onto a file", ["report", "s.db", "--out", "report-file"], "is a file"),
+    ("spec path is a directory", ["run", "a-dir"], "is a directory"),
+    ("train on CUDA without CUDA", ["train", "--model", "tiny:llama", "--device", "cuda", "--steps", "1"],
+     "has no CUDA"),
+    # 5. bad data, model reference and device: refused before the store is written
+    ("missing data file", ["run", "bad.yaml"], "data file not found", spec_with(
+        **{'"builtin:arithmetic?n=60"': '"missing.jsonl"'})),
+    ("empty data file", ["run", "bad.yaml"], "holds no records", spec_with(
+        **{'"builtin:arithmetic?n=60"': '"empty.jsonl"'})),
+    ("wrong columns", ["run", "bad.yaml"], "cannot detect the data format", spec_with(
+        **{'"builtin:arithmetic?n=60"': '"columns.jsonl"'})),
+    ("not UTF-8", ["run", "bad.yaml"], "not UTF-8", spec_with(**{'"builtin:arithmetic?n=60"': '"latin1.jsonl"'})),
+    ("bad builtin parameter", ["run", "bad.yaml"], "bad parameters for builtin:arithmetic", spec_with(
+        **{"n=60": "n=lots"})),
+    ("unknown device", ["run", "bad.yaml"], "not a device name", spec_with(**{"precision: fp32": "precision: fp32, "
+                                                                              "device: gpu0"})),
+    ("unknown model", ["run", "bad.yaml"], "no-such-model",
+     spec_with(**{"model: tiny:llama": "model: ./no-such-model"})),
+    # 3. bad axis values: at load time, with their key path, alongside every other problem
+    ("bad axis values", ["run", "bad.yaml"], "axes.lr[0]", spec_with(**{"seeds: [0]": "seeds: [0]\naxes: {lr: [-1], "
+                                                                         "steps: [0], batch: [x], schedule: [exp]}"})),
+    # 6. keys that would do nothing
+    ("typo in a ranks key", ["plan", "tiny:llama", "--placement", "{roles: [attn], ranks: {atn: 8}}"],
+     "did you mean 'attn'"),
+    ("ranks for a role not placed", ["plan", "tiny:llama", "--placement", "{roles: [attn], ranks: {mlp.down: 8}}"],
+     "adapts no 'mlp.down' site"),
+    ("ranks next to groups that set every rank", ["plan", "tiny:llama", "--placement",
+     '{groups: [{roles: [attn], layers: "bottom:50%", rank: 8}, {roles: [mlp], layers: "top:50%", rank: 4}], '
+     "ranks: {mlp.down: 12}}"], "ranks.mlp.down"),
+    ("rank and budget both", ["plan", "tiny:llama", "--rank", "4", "--budget", "5000"], "both given"),
+    # 7. smaller ones
+    ("placement file that does not exist", ["plan", "tiny:llama", "--placement", "mine.yaml"],
+     "no such placement file"),
+    ("unknown backend", ["run", "spec.yaml", "--store", "new.db", "--backend", "slurm"], "unknown backend"),
+    ("rank far above the layer width", ["plan", "tiny:llama", "--rank", "100000"], "--force"),
+    ("rank far above the layer width in a study", ["run", "bad.yaml"], "--force", spec_with(
+        **{"ranks: [2]": "ranks: [100000]"})),
+    ("placement name of 300 characters", ["run", "bad.yaml"], "at most 48 characters", spec_with(
+        **{"attn: {preset: attn}": "a" * 300 + ": {preset: attn}"})),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_a_mistake_is_one_clear_error_and_changes_nothing(cli, workdir, case):
+    _, args, expected, *spec = case
+    if spec:
+        (workdir / "bad.yaml").write_text(spec[0])
+    before = snapshot(workdir)
+    done = cli(*args)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, (done.returncode, output)
+    assert expected in output, output
+    assert "Traceback" not in output and "internal error" not in output
+    assert snapshot(workdir) == before  # not a byte changed, nothing created (no store for a refused run)
+
+
+def test_an_edited_spec_is_refused_with_its_differences(cli, workdir):
+    edited = spec_with(**{"lr: 0.001": "lr: 0.002", "  attn: {preset: attn}\n": ""})
+    (workdir / "spec.yaml").write_text(edited)
+    before = snapshot(workdir)
+    done = cli("run", "spec.yaml", "--store", "s.db")
+    assert done.returncode == 2 and "was run with a different spec" in done.stderr
+    assert "train.lr: 0.001 → 0.002" in done.stderr and "placements.attn: removed" in done.stderr
+    assert "--extend" in done.stderr and "--store" in done.stderr
+    assert snapshot(workdir) == before
+    # --extend cannot help here: group "all r=2" would mix lr 0.001 and 0.002
+    extended = cli("run", "spec.yaml", "--store", "s.db", "--extend")
+    assert extended.returncode == 2 and "would mix configurations inside group(s) all r=2" in extended.stderr
+    assert snapshot(workdir) == before
+
+
+def test_extend_adds_cells_and_keeps_every_group_homogeneous(cli, workdir):
+    from loraplace.store import Store
+
+    grown = spec_with(**{"seeds: [0]": "seeds: [0, 1]", "  attn: {preset: attn}\n":
+                         "  attn: {preset: attn}\n  mlp: {preset: mlp}\n"})
+    (workdir / "spec.yaml").write_text(grown)
+    refused = cli("run", "spec.yaml", "--store", "s.db")
+    assert refused.returncode == 2 and "seeds: [0] → [0, 1]" in refused.stderr
+    done = cli("run", "spec.yaml", "--store", "s.db", "--extend", "-q")
+    assert done.returncode == 0, done.stderr
+    with Store.open_readonly(workdir / "s.db") as store:
+        trials = store.trials(store.study().id)
+    assert len(trials) == 6 and all(t.status == "done" for t in trials)
+    groups: dict = {}
+    for t in trials:
+        train = {k: v for k, v in t.spec["train"].items() if k != "seed"}
+        groups.setdefault(t.labels.group.label, set()).add(json.dumps(t.spec | {"train": train}, sort_keys=True))
+    assert sorted(groups) == ["all r=2", "attn r=2", "mlp r=2"]
+    assert all(len(configs) == 1 for configs in groups.values())  # homogeneous: only the seed differs
+    assert cli("run", "spec.yaml", "--store", "s.db", "-q").returncode == 0  # now it is the study's spec
+
+
+def test_a_rerun_with_failed_trials_says_retry_failed(cli, workdir, monkeypatch):
+    from loraplace import runner
+    from loraplace.records import Failure, TrialOutcome
+
+    spec = workdir / "new.yaml"
+    spec.write_text(GOOD)
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "run_trial", lambda *_a, **_k: TrialOutcome.failed(Failure(kind="error",
+                                                                                       message="boom")))
+        first = cli("run", spec, "--store", "new.db", "-q")
+    assert first.returncode == 1
+    again = cli("run", spec, "--store", "new.db", "-q")
+    assert again.returncode == 1 and "2 trial(s) failed in an earlier run" in again.stderr
+    assert "--retry-failed" in again.stderr and "boom" in again.stdout  # the whole reason, in the status
+    fixed = cli("run", spec, "--store", "new.db", "-q", "--retry-failed")
+    assert fixed.returncode == 0, fixed.stderr
+
+
+def test_a_bom_is_read_and_eval_overlap_is_warned(cli, workdir):
+    rows = [json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) for i in range(24)]
+    (workdir / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode())
+    (workdir / "eval.csv").write_bytes(b"\xef\xbb\xbfquestion,answer\n" + "\n".join(
+        f"What is {i} + 1?,#### {i + 1}" for i in range(4)).encode())
+    text = spec_with(**{'train: "builtin:arithmetic?n=60", eval_count: 8': 'train: train.jsonl, eval: eval.csv'})
+    (workdir / "bom.yaml").write_text(text)
+    done = cli("run", "bom.yaml", "--store", "bom.db", "-q")
+    assert done.returncode == 0, done.stderr
+    assert "4 of 4 eval example(s) are also training examples" in done.stderr
+
+
+def test_cjk_and_long_names_render_without_warnings(cli, workdir, recwarn):
+    text = spec_with(**{"attn: {preset: attn}": "注意力: {preset: attn}"})
+    (workdir / "cjk.yaml").write_text(text)
+    done = cli("run", "cjk.yaml", "--store", "cjk.db", "-q")
+    assert done.returncode == 0, done.stderr
+    report = cli("report", "cjk.db")
+    assert report.returncode == 0 and "注意力" in (workdir / "cjk_report" / "results.md").read_text()
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
+
+
+def test_an_interrupt_before_any_trial_does_not_claim_one_was_interrupted(cli, workdir, monkeypatch):
+    from loraplace import study
+
+    def interrupted(_study):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "check_inputs", interrupted)
+    (workdir / "new.yaml").write_text(GOOD)
+    done = cli("run", "new.yaml", "--store", "new.db")
+    assert done.returncode == 130 and "before any trial ran" in done.stderr and "marked" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"),
+                                                    (signal.SIGINT, 130, "interrupted")])
+def test_sigterm_stops_a_run_like_sigint(tmp_path, sig, code, word):
+    """SIGTERM (a scheduler, `kill`) marks the trial in flight interrupted and exits 143 with a message."""
+    from reliability_helpers import attempts, wait_for
+
+    from loraplace.store import Store
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(tiny_study_yaml("sig", steps=400, seeds=[0]))
+    db = tmp_path / "s.db"
+    proc = start_run(spec, db, cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: attempts(db) >= 1, timeout=180)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code and word in stderr and "marked interrupted" in stderr, stderr
+    assert "Traceback" not in stderr
+    with Store.open_readonly(db) as store:
+        assert [t.status for t in store.trials(store.study().id)][0] == "interrupted"
+
+
+def _unprivileged(probe_dir: Path) -> list[str] | None:
+    """A command prefix under which file permissions apply, or None. Root ignores them (CAP_DAC_OVERRIDE), so as
+    root the commands run under ``setpriv`` with that capability dropped from the bounding set."""
+    prefix = [] if os.geteuid() != 0 else ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    if prefix and shutil.which("setpriv") is None:
+        return None
+    attempt = subprocess.run([*prefix, sys.executable, "-c", f"open({str(probe_dir / 'x')!r}, 'w')"],
+                             capture_output=True, text=True)
+    return prefix if attempt.returncode != 0 and "PermissionError" in attempt.stderr else None
+
+
+@pytest.mark.slow
+def test_reads_work_on_a_read_only_store_and_change_nothing(finished_store, tmp_path):
+    """status, export and report on a finished store in a read-only directory: they work, and its bytes stay."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    shutil.copy(finished_store, ro / "s.db")
+    shutil.copy(FIXTURES / "store_v1.db", ro / "v1.db")  # an old schema: read through the migration, in memory
+    out = tmp_path / "out"
+    out.mkdir()
+    before = snapshot(ro)
+    for path in (ro / "s.db", ro / "v1.db"):
+        path.chmod(0o444)
+    ro.chmod(0o555)
+    try:
+        prefix = _unprivileged(ro)
+        if prefix is None:
+            pytest.skip("permissions are not enforced for this user (root with CAP_DAC_OVERRIDE and no setpriv)")
+        env = dict(os.environ, LORAPLACE_CACHE=str(out / "cache"), MPLCONFIGDIR=str(out / "mpl"))
+        for args in (["status", ro / "s.db"], ["status", ro / "v1.db"], ["export", ro / "s.db", "--format", "json",
+                     "--out", out / "trials.json"], ["report", ro / "s.db", "--out", out / "report", "-q"]):
+            done = subprocess.run([*prefix, sys.executable, "-m", "loraplace", *map(str, args)], capture_output=True,
+                                  text=True, env=env, timeout=300)
+            assert done.returncode == 0, (args, done.stderr)
+        assert len(json.loads((out / "trials.json").read_text())) == 2
+        assert (out / "report" / "report.html").is_file()
+    finally:
+        ro.chmod(0o755)
+    assert snapshot(ro) == before
+    assert sorted(p.name for p in ro.iterdir()) == ["s.db", "v1.db"]  # not even a -wal or -shm sidecar

@@ -52,3 +52,18 @@ def run_cli_in_process(*args, capsys) -> subprocess.CompletedProcess:
         code = exc.code if isinstance(exc.code, int) else 1
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
+
+
+def run_study_once(root: Path, spec_text: str, store_name: str = "s.db") -> Path:
+    """Run a study spec to completion in ``root`` (its own tokenisation cache); for module/session fixtures."""
+    from loraplace.study import load_study, run_study
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORAPLACE_CACHE", str(root / "cache"))
+    try:
+        (root / "spec.yaml").write_text(spec_text)
+        summary = run_study(load_study(root / "spec.yaml"), root / store_name)
+        assert summary.failed == 0 and summary.done > 0
+    finally:
+        mp.undo()
+    return root / store_name

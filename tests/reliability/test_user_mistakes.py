@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from reliability_helpers import cli_env, start_run
 
-from helpers import FIXTURES, tiny_study_yaml
+from helpers import FIXTURES, run_study_once, tiny_study_yaml
 
 GOOD = tiny_study_yaml("mistakes", placements={"all": "{preset: all}", "attn": "{preset: attn}"}, steps=1,
                        seeds=[0])
@@ -34,17 +34,7 @@ def snapshot(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def finished_store(tmp_path_factory) -> Path:
     """A finished two-trial study, copied into each test that needs one."""
-    from loraplace.study import load_study, run_study
-
-    root = tmp_path_factory.mktemp("finished")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LORAPLACE_CACHE", str(root / "cache"))
-    try:
-        (root / "spec.yaml").write_text(GOOD)
-        assert run_study(load_study(root / "spec.yaml"), root / "s.db").done == 2
-    finally:
-        mp.undo()
-    return root / "s.db"
+    return run_study_once(tmp_path_factory.mktemp("finished"), GOOD)
 
 
 @pytest.fixture

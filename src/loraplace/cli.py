@@ -392,13 +392,13 @@ def export(store: str = typer.Argument(..., help="study store (.db)"),
            output: str | None = typer.Option(None, "--out", "-o", help="file (default: stdout for csv/json)"),
            name: str | None = typer.Option(None, "--study")) -> None:
     """Export one row per trial: labels, status, measured metrics and sizes."""
-    if output is not None:
-        _output_file(output)  # a bad --out fails before the store is read
     from loraplace.analysis.tables import export_rows
     from loraplace.store import Store
 
     if fmt not in ("csv", "json", "parquet"):
         raise LoraplaceError(f"unknown export format {fmt!r}", "use csv, json or parquet")
+    if output is not None:
+        _output_file(output)  # a bad --out fails before the store is read
     with Store.open_readonly(store) as st:
         rows = export_rows(st.trials(st.study(name).id))
     if fmt == "json":

@@ -103,7 +103,7 @@ def test_train_json(cli, tmp_path):
 
 def test_train_uses_the_spec_defaults(cli, monkeypatch):
     from loraplace import trial as trial_module
-    from loraplace.train import DEFAULT_STEPS, TrainSpec
+    from loraplace.train_config import DEFAULT_STEPS, TrainSpec
 
     seen = []
     monkeypatch.setattr(trial_module, "run_trial", lambda spec, **_: seen.append(spec) or TrialOutcome.failed(

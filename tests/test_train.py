@@ -91,7 +91,7 @@ def test_session_reuse_equals_fresh_session():
 
 
 def test_one_default_for_the_length_of_training():
-    from loraplace.train import DEFAULT_STEPS
+    from loraplace.train_config import DEFAULT_STEPS
 
     assert TrainSpec().steps == DEFAULT_STEPS and TrainSpec(epochs=2).steps is None
     assert TrainSpec(steps=3).steps == 3

@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from loraplace.data import DataSpec
 from loraplace.errors import ConfigError, LoraplaceError
 from loraplace.placement.spec import DEFAULT_RANK
-from loraplace.train import TrainSpec
+from loraplace.train_config import DEFAULT_STEPS, TrainSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Selective LoRA placement studies: where should the adapters go, and at what rank?")
@@ -239,7 +239,7 @@ def train(
     placement: str = typer.Option("all", "--placement", "-p"),
     rank: int | None = typer.Option(None, "--rank", "-r", help=f"default {DEFAULT_RANK}"),
     budget: int | None = typer.Option(None, "--budget", help="trainable-parameter budget: solve the rank"),
-    steps: int | None = typer.Option(None, "--steps", help=_default(TrainSpec, "steps").replace("None", "20")),
+    steps: int | None = typer.Option(None, "--steps", help=f"default {DEFAULT_STEPS} (unless --epochs)"),
     epochs: float | None = typer.Option(None, "--epochs"),
     batch: int | None = typer.Option(None, "--batch", help=_default(TrainSpec, "batch")),
     micro_batch: int | None = typer.Option(None, "--micro-batch", help="default: --batch"),

@@ -25,7 +25,7 @@ from loraplace.records import GroupKey, Size, StudyInfo, TrialLabels, config_wit
 from loraplace.runner import LocalExecutor, PlannedTrial, RunHooks, RunSummary, execute
 from loraplace.specs import StrictModel, load_yaml, validate
 from loraplace.store import Store, StoreError
-from loraplace.train import TrainSpec
+from loraplace.train_config import TrainSpec
 from loraplace.trial import EvalSpec, TrialSpec, library_versions
 
 BACKENDS = ("local", "ray")

@@ -15,73 +15,17 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from loraplace.data import TokenizedSet
 from loraplace.data.batching import Batch, batching_mode, make_batch
 from loraplace.errors import ConfigError, TrialFailed
 from loraplace.models import causal_lm
 from loraplace.records import CurvePoint, EvalPoint
-from loraplace.specs import StrictModel
-
-DEFAULT_STEPS = 20  # when neither steps nor epochs is given (the CLI and study YAML share this default)
-
-
-class TrainSpec(StrictModel):
-    """How one trial trains. Every default here is *the* default: the CLI and the study YAML both use this spec."""
-
-    steps: int | None = Field(default=None, gt=0, description=f"optimizer steps (default {DEFAULT_STEPS} when "
-                                                               "epochs is not given)")
-    epochs: float | None = Field(default=None, gt=0, description="passes over the training split instead of steps")
-    batch: int = Field(default=8, gt=0, description="examples per optimizer step")
-    micro_batch: int | None = Field(default=None, gt=0, description="examples per forward (default: batch)")
-    lr: float = Field(default=2e-4, gt=0, description="peak learning rate (AdamW)")
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup: int = Field(default=0, ge=0, description="linear warm-up steps")
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float | None = Field(default=1.0, gt=0, description="clip the global gradient norm (None: off)")
-    seed: int = Field(default=0, description="adapter init and data order")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        default="auto", description="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
-    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
-    packing: bool = Field(default=True, description="pack examples into rows (block-diagonal attention)")
-    compile: bool = Field(default=False, description="torch.compile the decoder")
-    sync_every: int | None = Field(default=None, gt=0, description="host sync interval (default 1 CPU, 10 CUDA)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_length(cls, data: Any) -> Any:
-        # Resolved here, so the stored spec (and the trial id) names the number of steps that actually ran.
-        if isinstance(data, dict) and data.get("steps") is None and data.get("epochs") is None:
-            return {**data, "steps": DEFAULT_STEPS}
-        return data
-
-    # Field validators (not one model validator): these are reported together with type errors of other fields.
-    @field_validator("epochs")
-    @classmethod
-    def _steps_or_epochs(cls, value: float | None, info: ValidationInfo) -> float | None:
-        if value is not None and info.data.get("steps") is not None:
-            raise ValueError("give steps or epochs, not both")
-        return value
-
-    @field_validator("micro_batch")
-    @classmethod
-    def _divides_batch(cls, value: int | None, info: ValidationInfo) -> int | None:
-        batch = info.data.get("batch")
-        if value is not None and batch is not None and batch % value:
-            raise ValueError(f"batch {batch} is not a multiple of micro_batch {value}")
-        return value
-
-    def total_steps(self, n_examples: int) -> int:
-        if self.steps is not None:
-            return self.steps
-        return max(1, math.ceil((self.epochs or 1.0) * math.ceil(n_examples / self.batch)))
-
+from loraplace.train_config import TrainSpec
 
 # --------------------------------------------------------------------------------------------- device & precision
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a model is inspected, so placement specs load without it (fast CLI)
+    from torch import nn
 
 ATTN_ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o")
 MLP_ROLES = ("mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down")
@@ -75,11 +77,15 @@ _MLP_PARENT = re.compile(r"mlp|ffn|feed_forward|feedforward", re.IGNORECASE)
 
 def is_adaptable_linear(module: nn.Module) -> bool:
     """nn.Linear or GPT-2 style Conv1D (weight stored as (in, out): PEFT needs ``fan_in_fan_out=True``)."""
+    from torch import nn
+
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, is_conv1d) of an adaptable linear layer."""
+    from torch import nn
+
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
     # transformers' Conv1D: weight is (nx, nf) = (in, out)
@@ -131,6 +137,8 @@ class ArchitectureMap:
 def find_blocks(model: nn.Module, num_layers: int | None) -> tuple[str, nn.ModuleList]:
     """The ModuleList holding the transformer blocks: the one whose length is the config's layer count
     (largest ModuleList otherwise)."""
+    from torch import nn
+
     candidates = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod)]
     if num_layers:
         exact = [(n, m) for n, m in candidates if len(m) == num_layers]

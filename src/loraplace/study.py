@@ -272,11 +272,15 @@ def _check_unchanged(study: StudySpec, store_path: Path, planned: list[PlannedTr
         except StoreError:
             return  # no study of this name yet: a new one
         existing = store.trials(record.id)
-    if {t.id for t in existing} == {p.id for p in planned}:
+    existing_ids, planned_ids = {t.id for t in existing}, {p.id for p in planned}
+    if existing_ids == planned_ids:
         return  # the same trials: a resume (a change that touches no trial, e.g. the baseline, is kept)
     old = {k: v for k, v in record.spec.items() if k != "versions"}
-    differences = spec_differences(old, study.model_dump(mode="json")) or [
-        "(the spec reads the same, but its trials resolve differently: another loraplace version?)"]
+    differences = spec_differences(old, study.model_dump(mode="json"))
+    if not differences and existing_ids <= planned_ids:
+        return  # the same spec, its grid registered in part (another runner of it is starting right now)
+    differences = differences or ["(the spec reads the same, but its trials resolve differently: another "
+                                  "loraplace version?)"]
     shown = "\n".join(f"  {d}" for d in differences[:20]) + (f"\n  … {len(differences) - 20} more"
                                                             if len(differences) > 20 else "")
     if not extend:

@@ -249,6 +249,25 @@ def _is_sqlite_file(path: Path) -> bool:
         return False
 
 
+def _check_store_file(path: Path) -> None:
+    """An existing path given as a store must be an SQLite file; anything else is refused untouched."""
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory, not a store file", "give a file path such as runs/x.db")
+    if path.stat().st_size == 0 or not _is_sqlite_file(path):
+        raise StoreError(f"{path} is not a loraplace store (not an SQLite database); left untouched",
+                         "give a new path, or the .db file a study wrote (loraplace run SPEC --store PATH)")
+
+
+def _not_loraplace(path: Path) -> StoreError:
+    return StoreError(f"{path} is an SQLite database but not a loraplace store; left untouched",
+                      "give a new path, or the .db file a study wrote (loraplace run SPEC --store PATH)")
+
+
+def _newer_store(path: Path, version: int) -> StoreError:
+    return StoreError(f"{path} was written by a newer loraplace (store schema v{version}; this version reads up to "
+                      f"v{SCHEMA_VERSION})", "upgrade loraplace to read this store")
+
+
 class Store:
     """A writer (``Store(path)``: creates, migrates) or a reader (:meth:`open_readonly`: touches nothing)."""
 
@@ -258,11 +277,8 @@ class Store:
         if _conn is not None:
             self._conn = _conn
             return
-        if self.path.is_dir():
-            raise StoreError(f"{self.path} is a directory, not a store file", "give a file path such as runs/x.db")
-        if self.path.exists() and (self.path.stat().st_size == 0 or not _is_sqlite_file(self.path)):
-            raise StoreError(f"{self.path} is not a loraplace store (not an SQLite database); left untouched",
-                             "give a new path or an existing store")
+        if self.path.exists():
+            _check_store_file(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, in _tx.
         self._conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
@@ -270,8 +286,7 @@ class Store:
         self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         if self._has_tables() and not self._is_loraplace():
             self._conn.close()
-            raise StoreError(f"{self.path} is an SQLite database but not a loraplace store; left untouched",
-                             "give a new path or an existing store")
+            raise _not_loraplace(self.path)
         mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode!r})",
@@ -286,11 +301,7 @@ class Store:
         path = Path(path)
         if not path.exists():
             raise StoreError(f"no store at {path}", "run a study first: loraplace run SPEC --store PATH")
-        if path.is_dir():
-            raise StoreError(f"{path} is a directory, not a store file", "give the .db file of a study")
-        if path.stat().st_size == 0 or not _is_sqlite_file(path):
-            raise StoreError(f"{path} is not a loraplace store (not an SQLite database)", "give the .db file of a "
-                             "study (loraplace run SPEC --store PATH writes one)")
+        _check_store_file(path)
         conn = None
         for query in ("mode=ro", "immutable=1"):  # immutable: a read-only directory where no -shm can be made
             try:
@@ -304,18 +315,17 @@ class Store:
                     conn.close()
                 conn = None
                 if "file is not a database" in str(exc):
-                    raise StoreError(f"{path} is not a loraplace store (not an SQLite database)") from None
+                    raise _not_loraplace(path) from None
         if conn is None:
             raise StoreError(f"cannot open {path} for reading", "check the file's permissions")
         store = cls(path, _conn=conn)
         if not store._is_loraplace():
             conn.close()
-            raise StoreError(f"{path} is an SQLite database but not a loraplace store")
+            raise _not_loraplace(path)
         version = store.schema_version()
         if version > SCHEMA_VERSION:
             conn.close()
-            raise StoreError(f"{path} was written by a newer loraplace (store schema v{version}; this version reads "
-                             f"up to v{SCHEMA_VERSION})", "upgrade loraplace to read this store")
+            raise _newer_store(path, version)
         if version < SCHEMA_VERSION:  # read an old store through the migration, in a copy held in memory
             memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
             conn.backup(memory)
@@ -337,9 +347,16 @@ class Store:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; the write lock is taken up front so it cannot fail half-way on contention."""
+        """One write transaction on the store; a reader refuses (it never writes)."""
         if self.readonly:
             raise StoreError(f"{self.path} is open read-only")
+        with self._transaction() as db:
+            yield db
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT``: the write lock is taken up front, so it cannot fail half-way on
+        contention; any exception rolls back."""
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
@@ -375,12 +392,11 @@ class Store:
         self._apply_migrations()
 
     def _apply_migrations(self) -> None:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:  # re-read under the lock: another process may have migrated meanwhile
+        """Bring the open database (the file, or a reader's in-memory copy) to the current schema."""
+        with self._transaction():  # re-read under the lock: another process may have migrated meanwhile
             current = self.schema_version()
             if current > SCHEMA_VERSION:
-                raise StoreError(f"{self.path} was written by a newer loraplace (store schema v{current}; this "
-                                 f"version reads up to v{SCHEMA_VERSION})", "upgrade loraplace to read this store")
+                raise _newer_store(self.path, current)
             if current == 0:
                 self._conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
                 self._conn.execute("INSERT INTO schema_version VALUES (0)")
@@ -391,10 +407,6 @@ class Store:
                     else:
                         self._conn.execute(step)
                 self._conn.execute("UPDATE schema_version SET version = ?", (version,))
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
 
     # ------------------------------------------------------------------------------------------ studies
 

@@ -70,6 +70,10 @@ def parse_kv(text: str | None) -> dict[str, Any]:
     return result
 
 
+ALLOW_UNASSIGNED_HELP = ("let all/mlp/attn/moe resolve although some weights in the blocks have no role (they "
+                         "are not adapted; the plan, the store and the report warn)")
+
+
 @app.command()
 def plan(
     model: str = typer.Argument(..., help="hub id, checkpoint dir, config.json, builtin:smollm2-135m or tiny:FAMILY"),
@@ -82,6 +86,7 @@ def plan(
     data: str = typer.Option(DEFAULT_PROBE_DATA, "--data", help="auto placements only: data the probe reads"),
     max_len: int = typer.Option(512, "--max-len", help="auto placements only: token limit per example"),
     force: bool = typer.Option(False, "--force", help="allow adapters larger than the base model"),
+    allow_unassigned: bool = typer.Option(False, "--allow-unassigned", help=ALLOW_UNASSIGNED_HELP),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Dry-run: show every module a placement adapts and the exact trainable-parameter count. Loads no weights
@@ -92,6 +97,8 @@ def plan(
     overrides = parse_kv(model_config)
     model_type = overrides.pop("model_type", None)
     spec = parse_placement(placement)
+    if allow_unassigned:
+        spec = spec.model_copy(update={"allow_unassigned": True})
     if spec.auto is not None:
         session, tokenized = _probe_session(model, data, max_len, as_json)
         with _probe_progress(as_json, spec.auto.batches) as progress:
@@ -256,6 +263,7 @@ def train(
     generate: int | None = typer.Option(None, "--generate", help="greedy-generate N eval examples for task accuracy"),
     out_dir: str | None = typer.Option(None, "--out", help="directory for adapter/ and metrics.json"),
     force: bool = typer.Option(False, "--force", help="allow adapters larger than the base model"),
+    allow_unassigned: bool = typer.Option(False, "--allow-unassigned", help=ALLOW_UNASSIGNED_HELP),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (no progress bar)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> int:
@@ -270,7 +278,7 @@ def train(
         "model": model,
         "data": given(train=data, eval=eval_data, eval_fraction=eval_fraction, limit=limit, format=data_format,
                       max_len=max_len),
-        "placement": _placement_dict(placement),
+        "placement": _placement_dict(placement) | ({"allow_unassigned": True} if allow_unassigned else {}),
         "train": given(steps=steps, epochs=epochs, batch=batch, micro_batch=micro_batch, lr=lr, schedule=schedule,
                        warmup=warmup, seed=seed, precision=precision, device=device,
                        packing=False if no_packing else None),
@@ -304,6 +312,8 @@ def run(
     extend: bool = typer.Option(False, "--extend", help="add new cells (placements, sizes, seeds, axis values) to "
                                 "an existing study; settings of existing groups cannot change"),
     force: bool = typer.Option(False, "--force", help="allow adapters larger than the base model"),
+    allow_unassigned: bool = typer.Option(False, "--allow-unassigned", help=ALLOW_UNASSIGNED_HELP
+                                          + " (the same as allow_unassigned: true in the spec)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> int:
     """Run a study: every unfinished trial of the grid, into a crash-safe store (resumable)."""
@@ -314,6 +324,8 @@ def run(
     from loraplace.study import default_store, load_study, run_study
 
     study = load_study(spec_path)  # invalid spec: error before anything is written
+    if allow_unassigned:
+        study = study.model_copy(update={"allow_unassigned": True})
     store_path = Path(store) if store else default_store(study)
     bar = TrainProgress(quiet)
     counts = {"started": 0, "done": 0, "failed": 0}

@@ -43,6 +43,8 @@ BUILTIN_MODELS: dict[str, dict[str, str]] = {
 
 # Tiny configs: 2 layers, hidden 64, small vocab. Keys are the family's own config names.
 _TINY_COMMON = dict(vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_DENSE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512)
 TINY_FAMILIES: dict[str, dict[str, Any]] = {
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512),
@@ -66,6 +68,20 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
                      max_position_embeddings=512, rotary_pct=0.25),
     "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=512, word_embed_proj_dim=64),
+    "gemma3_text": dict(_DENSE, head_dim=16, sliding_window=256),
+    "olmo2": _DENSE, "granite": _DENSE, "cohere": _DENSE, "smollm3": _DENSE,
+    # Mixture of experts: 4 experts, 2 per token. qwen2_moe (decoder_sparse_step=2) and deepseek_v3
+    # (first_k_dense_replace=1) have a dense MLP on layer 0 and experts on layer 1, as their real models mix them.
+    "mixtral": dict(_DENSE, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    "qwen2_moe": dict(_DENSE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64, decoder_sparse_step=2),
+    "qwen3_moe": dict(_DENSE, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "olmoe": dict(_DENSE, num_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    "gpt_oss": dict(_DENSE, head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+                    sliding_window=128, layer_types=["sliding_attention", "full_attention"]),
+    "deepseek_v3": dict(_DENSE, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32,
+                        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
 }
 
 

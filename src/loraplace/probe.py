@@ -10,6 +10,14 @@ How G is computed without weight gradients for the whole model: the base weights
 each probed module's input X [tokens, d_in] and a hook on its output collects dY = ∂L/∂Y [tokens, d_out] in the
 backward, so G += dYᵀ·X [d_out, d_in]. Sites are probed in groups whose G matrices fit ``memory_budget_bytes``;
 a model too big for one group is probed in several passes over the same batches.
+
+Expert sites (a fused [E, out, in] stack, or the same linear of E expert modules) and parameter sites (a router
+weight) have no per-site module output to hook, so their G is the weight gradient itself: the tensor is made to
+require grad for its pass and its ``.grad`` summed in fp32. An expert site is **one site per (layer, role),
+aggregated over its experts**, because that is what a placement adapts (PEFT gives every expert its own rank-r
+pair; a placement cannot pick experts). Its spectrum is the per-index sum over experts of σ_{e,i}², so
+``value(r) = sqrt(Σ_e Σ_{i≤r} σ_{e,i}²)`` is the first-order gain of a rank-r update on every expert, and its price
+is E·r·(d_in + d_out).
 """
 
 from __future__ import annotations
@@ -23,9 +31,9 @@ import torch
 from loraplace.data import TokenizedSet
 from loraplace.data.batching import batching_mode, make_batch
 from loraplace.errors import PlacementError
-from loraplace.placement.roles import AdaptableModule, ArchitectureMap
+from loraplace.placement.roles import ROUTER_ROLES, AdaptableModule, ArchitectureMap
 from loraplace.placement.spec import AutoPlacement, PlacementSpec, SiteGroup
-from loraplace.records import ProbeScores, ProbeSite, lora_params
+from loraplace.records import ProbeScores, ProbeSite
 from loraplace.train import autocast, batch_order, loss_sum
 
 SPECTRUM_KEEP = 128  # singular values kept per site: ranks above this are priced as buying nothing more
@@ -35,7 +43,7 @@ def _site_groups(sites: list[AdaptableModule], memory_budget_bytes: int) -> list
     groups: list[list[AdaptableModule]] = [[]]
     used = 0
     for site in sites:
-        size = 4 * site.in_features * site.out_features  # fp32 G
+        size = 4 * site.experts * site.in_features * site.out_features  # fp32 G
         if groups[-1] and used + size > memory_budget_bytes:
             groups.append([])
             used = 0
@@ -67,15 +75,26 @@ def probe_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: 
     total_steps = len(groups) * batches
     try:
         for g_index, group in enumerate(groups):
+            hooked = [s for s in group if not _by_weight(s)]
             acc = {s.path: torch.zeros(s.out_features, s.in_features, dtype=torch.float32, device=device)
-                   for s in group}
-            hooks = [modules[s.path].register_forward_hook(_grad_hook(acc[s.path])) for s in group]
+                   for s in hooked}
+            hooks = [modules[s.path].register_forward_hook(_grad_hook(acc[s.path])) for s in hooked]
+            weights = {s.path: _site_weights(model, s) for s in group if _by_weight(s)}
+            weight_acc = {path: [torch.zeros(w.shape, dtype=torch.float32, device=device) for w in ws]
+                          for path, ws in weights.items()}
+            for ws in weights.values():
+                for w in ws:
+                    w.requires_grad_(True)
             try:
                 for step, index in enumerate(order):
                     b = make_batch(data, index, mode, pad_id).to(device)
                     with autocast(device, dtype):
                         loss = loss_sum(model, b)
-                    loss.backward()  # hooks fill acc; no parameter has requires_grad, so no .grad is kept
+                    loss.backward()  # hooks fill acc; only the weight-probed sites keep a .grad
+                    for path, ws in weights.items():
+                        for w, a in zip(ws, weight_acc[path], strict=True):
+                            a.add_(w.grad.float())
+                            w.grad = None
                     if g_index == 0:
                         label_tokens += b.label_tokens
                     if progress is not None:
@@ -83,8 +102,14 @@ def probe_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: 
             finally:
                 for h in hooks:
                     h.remove()
+                for ws in weights.values():
+                    for w in ws:
+                        w.requires_grad_(False)
+                        w.grad = None
             # Scored right after its pass, so only one group's G matrices are ever held.
-            scores += [_score(site, acc.pop(site.path), label_tokens, rank) for site in group]
+            scores += [_score(site, acc.pop(site.path) if site.path in acc
+                              else _expert_matrices(site, weight_acc.pop(site.path)), label_tokens, rank)
+                       for site in group]
     finally:
         embed_hook.remove()
         model.train(was_training)
@@ -94,13 +119,38 @@ def probe_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: 
                        roles=arch.grid_roles(), sites=tuple(scores))
 
 
+def _by_weight(site: AdaptableModule) -> bool:
+    """Probed through its weight gradient (experts, parameters), not a module hook."""
+    return site.parameter or bool(site.expert_paths)
+
+
+def _site_weights(model, site: AdaptableModule) -> list[torch.Tensor]:
+    """The base tensors of a weight-probed site: the parameter itself, or each expert linear's weight."""
+    return [model.get_parameter(path) for path in site.weight_paths]
+
+
+def _expert_matrices(site: AdaptableModule, grads: list[torch.Tensor]) -> torch.Tensor:
+    """The per-expert gradients [E, d_out, d_in] of a weight-probed site (a 2-D router weight: E = 1)."""
+    if site.expert_paths:  # one nn.Linear weight [out, in] per expert
+        return torch.stack(grads)
+    g = grads[0]
+    if g.ndim == 2:
+        return g.unsqueeze(0)
+    # a fused stack is [E, out, in], or [E, in, out] (transposed layouts): orient it like the site's shape
+    return g if g.shape[1] == site.out_features else g.transpose(1, 2)
+
+
 def _score(site: AdaptableModule, g_sum: torch.Tensor, label_tokens: int, rank: int) -> ProbeSite:
-    g = (g_sum / max(label_tokens, 1)).double()  # gradient of the mean token loss
-    energy = top_singular_energy(g)
+    g = (g_sum / max(label_tokens, 1)).double()  # gradient of the mean token loss; [out, in] or [E, out, in]
+    if g.ndim == 2:
+        energy = top_singular_energy(g)
+    else:  # per-index sum over experts of σ_{e,i}² (see the module docstring)
+        per_expert = [top_singular_energy(ge)[:SPECTRUM_KEEP] for ge in g]
+        energy = torch.stack(per_expert).sum(0)
     return ProbeSite(layer=site.layer, role=site.role, path=site.path, in_features=site.in_features,
-                     out_features=site.out_features, score=float(energy[:rank].sum().sqrt()),
-                     grad_norm=float(energy.sum().sqrt()), rank=rank,
-                     spectrum=tuple(float(e) for e in energy[:SPECTRUM_KEEP]))
+                     out_features=site.out_features, experts=site.experts, score=float(energy[:rank].sum().sqrt()),
+                     grad_norm=float(energy.sum().sqrt()) if g.ndim == 2 else float(g.pow(2).sum().sqrt()),
+                     rank=rank, spectrum=tuple(float(e) for e in energy[:SPECTRUM_KEEP]))
 
 
 def top_singular_energy(g: torch.Tensor) -> torch.Tensor:
@@ -140,7 +190,7 @@ class Unit:
         return sum(s.value(rank) for s in self.sites)
 
     def params(self, rank: int) -> int:
-        return sum(lora_params(rank, s.in_features, s.out_features) for s in self.sites)
+        return sum(s.params_at(rank) for s in self.sites)
 
     @property
     def max_rank(self) -> int:
@@ -148,11 +198,14 @@ class Unit:
 
 
 def units(probe: ProbeScores, granularity: str) -> list[Unit]:
+    """What an auto placement allocates over. Router weights are scored (``loraplace probe`` shows them) but never
+    allocated: a router is adapted only when a placement names it."""
+    candidates = [s for s in probe.sites if s.role not in ROUTER_ROLES]
     if granularity == "site":
-        return [Unit(f"L{s.layer} {s.role}", (s,)) for s in probe.sites]
+        return [Unit(f"L{s.layer} {s.role}", (s,)) for s in candidates]
     keyf = (lambda s: s.role) if granularity == "role" else (lambda s: f"L{s.layer}")
     grouped: dict[str, list[ProbeSite]] = {}
-    for s in probe.sites:
+    for s in candidates:
         grouped.setdefault(keyf(s), []).append(s)
     return [Unit(k, tuple(v)) for k, v in grouped.items()]
 
@@ -219,7 +272,7 @@ def allocate_random(probe: ProbeScores, budget: int, granularity: str = "site", 
 def unscored(arch: ArchitectureMap, rank: int, model_ref: str = "") -> ProbeScores:
     """Every site with no score: what ``method: random`` allocates over (no probe is run)."""
     sites = tuple(ProbeSite(layer=s.layer, role=s.role, path=s.path, in_features=s.in_features,
-                            out_features=s.out_features, score=0.0, grad_norm=0.0, rank=rank)
+                            out_features=s.out_features, experts=s.experts, score=0.0, grad_norm=0.0, rank=rank)
                   for s in sorted(arch.sites.values(), key=lambda s: (s.layer, s.role)))
     return ProbeScores(model=model_ref, rank=rank, batches=0, label_tokens=0, seconds=0.0, passes=0,
                        num_layers=arch.num_layers, roles=arch.grid_roles(), sites=sites)

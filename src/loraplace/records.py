@@ -156,15 +156,21 @@ class ProbeSite(Record):
     score: float = Field(description="‖G_r‖_F of the loss gradient, per label token")
     grad_norm: float = Field(description="‖G‖_F")
     rank: int = Field(description="the r the score is taken at")
-    spectrum: tuple[float, ...] = Field(default=(), description="σ_i² of G, largest first (may be dropped)")
+    spectrum: tuple[float, ...] = Field(default=(), description="σ_i² of G, largest first (may be dropped); for "
+                                        "an expert site, summed over experts per index")
+    experts: int = Field(default=1, ge=1, description="LoRA pairs a rank buys here: one per expert (1: a linear)")
 
     def value(self, rank: int) -> float:
         """‖G_rank‖_F: what a rank-``rank`` adapter on this site can buy, to first order."""
         return math.sqrt(sum(self.spectrum[:rank]))
 
+    def params_at(self, rank: int) -> int:
+        """Trainable parameters of a rank-``rank`` adapter here (every expert counted)."""
+        return self.experts * lora_params(rank, self.in_features, self.out_features)
+
     @property
     def params(self) -> int:
-        return lora_params(self.rank, self.in_features, self.out_features)
+        return self.params_at(self.rank)
 
     @property
     def efficiency(self) -> float:

@@ -28,13 +28,22 @@ def print_plan(plan: Plan, console: Console) -> None:
     console.print(grid)
 
     mods = Table(title=f"{len(plan.modules)} adapted modules", pad_edge=False)
-    for col, justify in (("path", "left"), ("role", "left"), ("in×out", "right"), ("rank", "right"),
-                         ("alpha", "right"), ("params", "right")):
+    moe = any(m.experts > 1 for m in plan.modules)
+    columns = (("path", "left"), ("role", "left"), ("in×out", "right")) + ((("experts", "right"),) if moe else ()) \
+        + (("rank", "right"), ("alpha", "right"), ("params", "right"))
+    for col, justify in columns:
         mods.add_column(col, justify=justify)
     for m in plan.modules:
-        mods.add_row(m.path, m.role, f"{m.in_features}×{m.out_features}", str(m.rank), f"{m.alpha:g}",
+        # A parameter target (PEFT target_parameters) is marked: its adapter wraps the tensor, not a module.
+        path = m.path + (" [dim](parameter)[/]" if m.parameter else "")
+        experts = (f"{m.experts}",) if moe else ()
+        mods.add_row(path, m.role, f"{m.in_features}×{m.out_features}", *experts, str(m.rank), f"{m.alpha:g}",
                      f"{m.params:,}")
     console.print(mods)
+    if plan.unassigned:
+        console.print(f"[yellow]{len(plan.unassigned)} weight(s) in the blocks have no role[/] (never adapted by a "
+                      "group): " + ", ".join(plan.unassigned[:8]) + (" …" if len(plan.unassigned) > 8 else ""),
+                      highlight=False)
 
     mem = plan.memory_estimate()
     console.print(f"trainable params: [bold]{plan.trainable_params:,}[/] ({plan.trainable_percent:.4f}% of "
@@ -45,6 +54,10 @@ def print_plan(plan: Plan, console: Console) -> None:
     console.print(f"adapter on disk ≈ {human_bytes(plan.adapter_size_bytes())}; training memory for adapters ≈ "
                   f"{human_bytes(mem['trainable_total_bytes'])} (weights + grads + AdamW state); base weights "
                   f"{human_bytes(mem['base_weights_bytes'])} in bf16", highlight=False)
+    if plan.active_params is not None:
+        console.print(f"mixture of experts: {plan.active_params:,} of {plan.total_params:,} base params active per "
+                      f"token ({100 * plan.active_params / plan.total_params:.1f}%); memory holds all "
+                      f"{plan.total_params:,}, compute per token follows the active ones", highlight=False)
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 

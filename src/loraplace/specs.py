@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from loraplace.errors import ConfigError
 
@@ -16,6 +16,20 @@ class StrictModel(BaseModel):
     """Unknown keys are errors (a misspelt key must never be silently ignored); records are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Fields added after studies were first stored. A trial's id hashes its spec's dump, so such a field is left
+    # out of dumps while it holds its default: every existing study keeps its trial ids (and resumes), and a spec
+    # that sets the field gets new ones.
+    added_fields: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_added_defaults(self, handler: SerializerFunctionWrapHandler):
+        data = handler(self)
+        if self.added_fields and isinstance(data, dict):
+            for name in self.added_fields:
+                if name in data and getattr(self, name) == type(self).model_fields[name].default:
+                    del data[name]
+        return data
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -75,6 +75,11 @@ class StudySpec(StrictModel):
     axes: Axes = Field(default_factory=Axes, description=f"other train fields to sweep: {', '.join(AXIS_FIELDS)}")
     baseline: str | None = None
     resources: Resources = Resources()
+    allow_unassigned: bool = Field(
+        default=False, description="every placement may leave out weights that have no role (`run "
+        "--allow-unassigned`); their trials and the report warn")
+
+    added_fields = frozenset({"allow_unassigned"})
 
     # Field validators (not one model validator) so these problems are reported together with type errors.
     @field_validator("budget", "budgets")
@@ -133,6 +138,12 @@ class StudySpec(StrictModel):
             raise ValueError(f"baseline {value!r} is not one of the placements ({', '.join(placements)})")
         return value
 
+    def placement_specs(self) -> dict[str, PlacementSpec]:
+        """The placements as trials resolve them (with the study-wide ``allow_unassigned``)."""
+        if not self.allow_unassigned:
+            return dict(self.placements)
+        return {name: p.model_copy(update={"allow_unassigned": True}) for name, p in self.placements.items()}
+
     def sizes(self) -> list[Size]:
         """The size points of the grid: budgets, or ranks (the default rank when none is given)."""
         if self.budgets is not None:
@@ -172,7 +183,7 @@ def expand_grid(study: StudySpec) -> list[PlannedTrial]:
     axis_names = list(sweep)
     out = []
     for (pname, placement), size, seed, *axis_values in itertools.product(
-            study.placements.items(), study.sizes(), study.seeds, *sweep.values()):
+            study.placement_specs().items(), study.sizes(), study.seeds, *sweep.values()):
         axes = tuple(zip(axis_names, axis_values, strict=True))
         train = TrainSpec.model_validate(study.train.model_dump() | dict(axes) | {"seed": seed})
         spec = TrialSpec(model=study.model, data=study.data, placement=placement, train=train, eval=study.eval,
@@ -195,7 +206,7 @@ def check_placements(study: StudySpec, force: bool = False) -> None:
 
     arch = meta_architecture(study.model)
     problems: list[str] = []
-    for name, placement in study.placements.items():
+    for name, placement in study.placement_specs().items():
         if placement.auto is not None:  # its sites are chosen by the probe when the trial runs
             if placement.auto.budget is None and study.budget is None and study.budgets is None:
                 problems.append(f"placements.{name}: an auto placement needs a budget (auto: {{budget: N}} or the "

@@ -103,6 +103,13 @@ def loss_sum(model, batch: Batch, decoder=None) -> torch.Tensor:
     hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)  # [N, H]
     logits = lm.get_output_embeddings()(hidden).float()  # [N, V]
+    # The scalings HF's own heads apply after the LM head: cohere multiplies, granite divides, gemma soft-caps.
+    scale = getattr(lm.config, "logit_scale", None)
+    if scale:
+        logits = logits * scale
+    divisor = getattr(lm.config, "logits_scaling", None)
+    if divisor:
+        logits = logits / divisor
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

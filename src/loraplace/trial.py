@@ -173,6 +173,11 @@ class Session:
             if p.requires_grad and "lora_" not in name:
                 raise TrialFailed(f"unexpected trainable parameter {name}")
         try:
+            created = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+            if created != plan.trainable_params:  # PEFT adapted something other than the plan: never train that
+                raise TrialFailed(f"PEFT created {created:,} trainable parameters where the plan has "
+                                  f"{plan.trainable_params:,}: it did not adapt exactly the planned sites "
+                                  f"({len(plan.modules)} sites, family {plan.family})")
             yield peft_model
         finally:
             self.model = peft_model.unload()

@@ -16,14 +16,13 @@ from typing import Any
 from loraplace.errors import PlacementError
 from loraplace.placement.presets import PRESETS
 from loraplace.placement.roles import (
-    ATTN_ROLES,
     HEAD_ROLE,
-    MLP_ROLES,
     ROLE_GROUPS,
     ROLES,
     AdaptableModule,
     ArchitectureMap,
     grid_roles,
+    role_group_of,
 )
 from loraplace.placement.selectors import SelectorError, select_layers
 from loraplace.placement.spec import DEFAULT_RANK, PlacementSpec, SiteGroup
@@ -37,6 +36,9 @@ GRAD_BYTES_PER_PARAM = 4
 
 @dataclass(frozen=True)
 class PlannedModule:
+    """One adapted site: a linear, a parameter (``parameter``; PEFT ``target_parameters``) or the same linear of
+    every expert (``expert_paths``). ``in_features``/``out_features`` are per expert; ``experts`` LoRA pairs."""
+
     path: str
     layer: int | None
     role: str
@@ -45,10 +47,17 @@ class PlannedModule:
     rank: int
     alpha: float
     conv1d: bool = False
+    experts: int = 1
+    parameter: bool = False
+    expert_paths: tuple[str, ...] = ()
 
     @property
     def params(self) -> int:
-        return lora_params(self.rank, self.in_features, self.out_features)
+        return self.experts * lora_params(self.rank, self.in_features, self.out_features)
+
+    @property
+    def module_targets(self) -> tuple[str, ...]:
+        return () if self.parameter else (self.expert_paths or (self.path,))
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class Plan:
     warnings: tuple[str, ...] = ()
     heuristic: bool = False
     unassigned: tuple[str, ...] = field(default_factory=tuple)
+    active_params: int | None = None  # MoE: base parameters one token passes through (None: dense)
 
     @property
     def trainable_params(self) -> int:
@@ -97,29 +107,43 @@ class Plan:
             "gradient_bytes": n * GRAD_BYTES_PER_PARAM,
             "optimizer_state_bytes": n * OPTIMIZER_BYTES_PER_PARAM,
             "trainable_total_bytes": n * (ADAPTER_BYTES_PER_PARAM + GRAD_BYTES_PER_PARAM + OPTIMIZER_BYTES_PER_PARAM),
-            "base_weights_bytes": self.total_params * base_bytes_per_param,
+            "base_weights_bytes": self.total_params * base_bytes_per_param,  # every expert is held, active or not
         }
 
     def adapter_size_bytes(self) -> int:
         """Size of adapter_model.safetensors: fp32 tensors plus the JSON header (≈ 2 entries per module)."""
-        header = sum(2 * (len(m.path) + 90) for m in self.modules) + 16
+        header = sum(2 * (len(path) + 90) for m in self.modules for path in (m.module_targets or (m.path,))) + 16
         return self.trainable_params * ADAPTER_BYTES_PER_PARAM + header
 
     def to_lora_config(self, **overrides):
-        """An exact PEFT ``LoraConfig``: full-path targets, per-module rank/alpha patterns where they differ."""
+        """An exact PEFT ``LoraConfig``: full-path ``target_modules`` (each expert's linear listed) and
+        ``target_parameters`` (fused expert stacks, router weights), per-target rank/alpha patterns where they
+        differ."""
         from peft import LoraConfig
 
         ranks = Counter(m.rank for m in self.modules)
         base_rank = ranks.most_common(1)[0][0]
         alphas = Counter(m.alpha for m in self.modules if m.rank == base_rank)
         base_alpha = alphas.most_common(1)[0][0]
-        # PEFT matches pattern keys with re.match(rf"(.*\.)?({key})$", name): escape so a path is literal.
-        rank_pattern = {re.escape(m.path): m.rank for m in self.modules if m.rank != base_rank}
-        alpha_pattern = {re.escape(m.path): m.alpha for m in self.modules if m.alpha != base_alpha}
+
+        renamed = peft_renamed_leaves(self.family)
+
+        def targets(m: PlannedModule) -> list[tuple[bool, str]]:
+            """(is a parameter target, name) of every PEFT target of ``m``. A linear PEFT would rename (see
+            :func:`peft_renamed_leaves`) is targeted through its weight parameter: the same LoRA, untouched."""
+            if m.parameter:
+                return [(True, m.path)]
+            return [(True, f"{t}.weight") if t.rpartition(".")[2] in renamed else (False, t) for t in m.module_targets]
+
+        # PEFT matches pattern keys with re.match(rf"(.*\.)?({key})$", name) against module paths and parameter
+        # paths alike: escape so a path is literal.
+        rank_pattern = {re.escape(t): m.rank for m in self.modules if m.rank != base_rank for _, t in targets(m)}
+        alpha_pattern = {re.escape(t): m.alpha for m in self.modules if m.alpha != base_alpha for _, t in targets(m)}
+        parameters = [t for m in self.modules for is_param, t in targets(m) if is_param]
         kwargs = dict(
             r=base_rank,
             lora_alpha=base_alpha,
-            target_modules=[m.path for m in self.modules],
+            target_modules=[t for m in self.modules for is_param, t in targets(m) if not is_param],
             rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern,
             lora_dropout=self.dropout,
@@ -128,6 +152,8 @@ class Plan:
             # GPT-2's Conv1D stores weights (in, out); PEFT still flips it per layer for nn.Linear targets.
             fan_in_fan_out=any(m.conv1d for m in self.modules),
         )
+        if parameters:
+            kwargs["target_parameters"] = parameters
         kwargs.update(overrides)
         return LoraConfig(**kwargs)
 
@@ -162,40 +188,84 @@ class Plan:
             "rank_by_module": self.rank_by_module,
             "sites": [
                 {"layer": m.layer, "role": m.role, "path": m.path, "rank": m.rank, "alpha": m.alpha,
-                 "in_features": m.in_features, "out_features": m.out_features, "params": m.params}
+                 "in_features": m.in_features, "out_features": m.out_features, "experts": m.experts,
+                 "target": "parameter" if m.parameter else "modules", "params": m.params}
                 for m in self.modules
             ],
             "adapter_size_bytes": self.adapter_size_bytes(),
             "memory_estimate": self.memory_estimate(),
             "warnings": list(self.warnings),
             "heuristic_roles": self.heuristic,
-            "unassigned_modules": list(self.unassigned),
+            "unassigned": list(self.unassigned),
+            "active_params": self.active_params,
         }
+
+
+def peft_renamed_leaves(family: str) -> frozenset[str]:
+    """Module names that PEFT rewrites in ``target_modules`` of this family whenever it injects or loads an adapter.
+
+    PEFT (≥ 0.18 with transformers 5) converts adapter configs written for transformers 4 MoE layouts: a target
+    ending in ``.gate_proj``/``.up_proj``/``.down_proj`` (or ``.w1``/``.w3``/``.w2``, ``.gate``) becomes the fused
+    expert *parameter* ``gate_up_proj``/``down_proj``/``gate.weight``. It does so for fully qualified paths too,
+    so a dense-layer or shared-expert MLP of DeepSeek-V3 (and kin) would silently turn into a second adapter on
+    the experts, and a saved adapter would not load back (huggingface/peft#3711). Such linears are targeted
+    through their weight parameter instead (``target_parameters``), which that conversion leaves alone: the same
+    LoRA pair, the same count, and a plain ``PeftModel.from_pretrained`` loads it.
+    """
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # a PEFT or transformers without that conversion: nothing is renamed
+        return frozenset()
+    base = getattr(conversion, "_MODEL_TO_CONVERSION_PATTERN", {}).get(family)
+    if base is None or get_checkpoint_conversion_mapping(family) is None:
+        return frozenset()
+    return frozenset(getattr(conversion, "_MOE_TARGET_MODULE_MAPPING", {}).get(base, {}))
 
 
 # --------------------------------------------------------------------------------------------- resolution
 
 
-def _expand_roles(names: list[str], arch: ArchitectureMap, problems: list[str]) -> list[str]:
-    """Role names/groups → roles present in this architecture; every problem is appended, none raised."""
+def _expand_roles(names: list[str], arch: ArchitectureMap, problems: list[str]) -> dict[str, bool]:
+    """Role names/groups → {role present in this architecture: named explicitly}. A named role must exist at every
+    selected layer; a group's roles are taken where each layer has them (a model with dense and MoE layers has
+    mlp.* on some and moe.* on others). Every problem is appended, none raised."""
     present = set(arch.roles_present())
-    out: list[str] = []
+    out: dict[str, bool] = {}
     for name in names:
         if name in ROLE_GROUPS:
             expanded = [r for r in ROLE_GROUPS[name] if r in present]
             if not expanded:
                 problems.append(f"role group {name!r} matches nothing in {arch.family}")
-            out.extend(expanded)
+            for role in expanded:
+                out.setdefault(role, False)
             continue
         if name not in ROLES:
             close = difflib.get_close_matches(name, list(ROLES) + list(ROLE_GROUPS), n=1)
             problems.append(f"unknown role {name!r}" + (f"; did you mean {close[0]!r}?" if close else
-                                                           f"; roles: {', '.join(ROLES)}; groups: attn, mlp, all"))
+                                                           f"; roles: {', '.join(ROLES)}; groups: "
+                                                           f"{', '.join(ROLE_GROUPS)}"))
             continue
         if name not in present:
             problems.append(_absent_role_message(name, arch, present))
             continue
-        out.append(name)
+        out[name] = True
+    return out
+
+
+def _unassigned_for(names: list[str], arch: ArchitectureMap) -> list[str]:
+    """The unassigned weights a role group could mean: ``all`` every one; ``attn`` those under an attention
+    module; ``mlp`` / ``moe*`` the others. Named roles are exact and never mean an unassigned weight."""
+    from loraplace.placement.roles import _ATTN_PARENT
+
+    out: list[str] = []
+    for name in names:
+        if name == "all":
+            out += arch.unassigned
+        elif name == "attn":
+            out += [p for p in arch.unassigned if _ATTN_PARENT.search(p.rpartition(".")[0])]
+        elif name in ROLE_GROUPS:
+            out += [p for p in arch.unassigned if not _ATTN_PARENT.search(p.rpartition(".")[0])]
     return list(dict.fromkeys(out))
 
 
@@ -206,6 +276,11 @@ def _absent_role_message(role: str, arch: ArchitectureMap, present: set[str]) ->
                 f"use 'attn.qkv' (roles here: {available})")
     if role == "attn.qkv" and {"attn.q", "attn.k", "attn.v"} & present:
         return f"{arch.family} has separate attn.q/attn.k/attn.v, no fused 'attn.qkv' (roles here: {available})"
+    if role.startswith("mlp.") and any(r.startswith("moe.") for r in present):
+        return (f"{arch.family} has mixture-of-experts MLPs: {role!r} does not exist there; use "
+                f"'moe.experts.*' roles, 'moe.experts' or 'mlp' (= experts + shared experts) (roles here: {available})")
+    if role.startswith("moe.") and not any(r.startswith("moe.") for r in present):
+        return f"{arch.family} has no mixture-of-experts layers (roles here: {available})"
     if role in ("mlp.gate", "mlp.up") and "mlp.gate_up" in present:
         return (f"{arch.family} fuses gate and up into one projection: role {role!r} does not exist there; "
                 f"use 'mlp.gate_up' (roles here: {available})")
@@ -219,7 +294,7 @@ def _absent_role_message(role: str, arch: ArchitectureMap, present: set[str]) ->
 def _site_rank(role: str, group: SiteGroup | None, spec: PlacementSpec, rank: int | None) -> int | None:
     if group is not None and group.rank is not None:
         return group.rank
-    if spec.ranks:
+    if spec.ranks:  # the role itself, then its groups, most specific first
         for key in (role, *[g for g, members in ROLE_GROUPS.items() if role in members]):
             if key in spec.ranks:
                 return spec.ranks[key]
@@ -271,6 +346,10 @@ def _select(spec: PlacementSpec, arch: ArchitectureMap,
         label = f"groups[{gi}]" if spec.groups is not None else "placement"
         roles = _expand_roles(group.roles, arch, problems)
         layer_roles = [r for r in roles if r != HEAD_ROLE]
+        if not spec.allow_unassigned:
+            hidden = _unassigned_for(group.roles, arch)
+            if hidden:
+                problems.append(_unassigned_message(group.roles, hidden, arch))
         layers: list[int] = []
         if layer_roles:
             try:
@@ -280,9 +359,12 @@ def _select(spec: PlacementSpec, arch: ArchitectureMap,
         picked: list[AdaptableModule] = []
         for role in layer_roles:
             missing = [layer for layer in layers if (layer, role) not in arch.sites]
-            if missing:
-                problems.append(f"{label}: role {role!r} is absent at layers {missing}")
+            if missing and roles[role]:
+                problems.append(f"{label}: role {role!r} is absent at layers {missing}"
+                                + (" (dense layers: their MLP is mlp.*)" if role.startswith("moe.") else ""))
             picked.extend(arch.sites[(layer, role)] for layer in layers if (layer, role) in arch.sites)
+        if layers and layer_roles and not any((layer, r) in arch.sites for layer in layers for r in layer_roles):
+            problems.append(f"{label}: {'+'.join(group.roles)} has no site in the selected layers {layers}")
         if HEAD_ROLE in roles and arch.head is not None:
             picked.append(arch.head)
         for site in picked:
@@ -291,6 +373,14 @@ def _select(spec: PlacementSpec, arch: ArchitectureMap,
                                 "another group; a site may belong to one group only")
             chosen[site.path] = (site, group if spec.groups is not None else None)
     return list(chosen.values())
+
+
+def _unassigned_message(names: list[str], hidden: list[str], arch: ArchitectureMap) -> str:
+    shown = ", ".join(hidden[:6]) + (f" … ({len(hidden)} in all)" if len(hidden) > 6 else "")
+    return (f"{'+'.join(names)} would silently leave out {len(hidden)} weight(s) of the {arch.family!r} blocks "
+            f"that no role claims: {shown}. Extend the role table (loraplace.placement.roles.FAMILY_TABLES"
+            f"[{arch.family!r}]) or open an issue with `print(model)`; to adapt only what has a role, pass "
+            "--allow-unassigned (allow_unassigned: true in a placement)")
 
 
 def _suffix_match(spec: PlacementSpec, arch: ArchitectureMap, problems: list[str],
@@ -309,9 +399,13 @@ def _suffix_match(spec: PlacementSpec, arch: ArchitectureMap, problems: list[str
             if site is None:
                 problems.append(f"{path} (matched by {target!r}) has no role; it cannot be planned")
                 continue
+            if site.expert_paths and not set(site.expert_paths) <= set(matched):
+                problems.append(f"{target!r} matches some experts of {site.path} but not all; adapt experts by "
+                                f"role ({site.role})")
+                continue
             roles_hit.setdefault(site.role, []).append(path)
             out[path] = site
-        groups_hit = {("attn" if r in ATTN_ROLES else "mlp" if r in MLP_ROLES else r) for r in roles_hit}
+        groups_hit = {role_group_of(r) for r in roles_hit}
         if len(roles_hit) > 1:
             detail = "; ".join(f"{role}: {len(paths)} modules, e.g. {paths[0]}" for role, paths in roles_hit.items())
             cross = " — it crosses attention and MLP" if {"attn", "mlp"} <= groups_hit else ""
@@ -363,8 +457,16 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
     if arch.heuristic:
         warnings.append(f"unknown model family {arch.family!r}: roles assigned by a heuristic on module names")
     if arch.unassigned:
-        warnings.append(f"{len(arch.unassigned)} linear module(s) in the blocks have no role: "
-                        + ", ".join(arch.unassigned[:6]) + (" …" if len(arch.unassigned) > 6 else ""))
+        names = [] if spec.target_modules is not None else [r for g in (spec.groups or [SiteGroup(
+            roles=spec.roles or ["?"])]) for r in g.roles]
+        hidden = _unassigned_for(names, arch)
+        if spec.allow_unassigned and hidden:
+            warnings.append(f"UNASSIGNED WEIGHTS NOT ADAPTED (--allow-unassigned): {len(hidden)} weight(s) in the "
+                            f"blocks have no role, so {'+'.join(names)} does not cover them: "
+                            + ", ".join(hidden[:6]) + (" …" if len(hidden) > 6 else ""))
+        else:
+            warnings.append(f"{len(arch.unassigned)} weight(s) in the blocks have no role: "
+                            + ", ".join(arch.unassigned[:6]) + (" …" if len(arch.unassigned) > 6 else ""))
 
     if not arch.sites:
         raise PlacementError(f"no linear layer of the {arch.family!r} blocks could be given a role (unknown "
@@ -382,7 +484,7 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
     if budget is not None:
         if any(r is not None for r in explicit.values()):
             problems.append("a budget solves one rank for every site; remove the per-role/per-group ranks")
-        unit = sum(lora_params(1, site.in_features, site.out_features) for site, _ in picked)
+        unit = sum(site.lora_params(1) for site, _ in picked)
         solved = budget // unit if unit else 0
         if unit and solved < 1 and check_budget_fits:
             problems.append(f"budget {budget:,} is smaller than rank 1 allows for this placement "
@@ -391,6 +493,13 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
     else:
         fallback = rank if rank is not None else DEFAULT_RANK
         ranks = {path: r if r is not None else fallback for path, r in explicit.items()}
+    targets_parameters = [site.path for site, _ in picked if site.parameter]
+    if spec.dropout and not targets_parameters and arch.is_moe:
+        renamed = peft_renamed_leaves(arch.family)
+        targets_parameters = [t for site, _ in picked for t in site.module_targets if t.rpartition(".")[2] in renamed]
+    if targets_parameters and spec.dropout:
+        problems.append(f"dropout {spec.dropout}: PEFT cannot apply LoRA dropout to parameter targets "
+                        f"({targets_parameters[0]}{' …' if len(targets_parameters) > 1 else ''}); use dropout 0")
     if problems:
         raise PlacementError("placement does not resolve:\n" + "\n".join(f"  - {p}" for p in problems),
                              "`loraplace plan MODEL --placement ...` shows the roles and layers of a model")
@@ -404,12 +513,14 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
         r = ranks[site.path]
         alpha = group.alpha if group is not None and group.alpha is not None else spec.alpha
         modules.append(PlannedModule(site.path, site.layer, site.role, site.in_features, site.out_features, r,
-                                     float(alpha if alpha is not None else spec.alpha_ratio * r), site.conv1d))
-    order = {p: i for i, p in enumerate(arch.linear_paths)}
+                                     float(alpha if alpha is not None else spec.alpha_ratio * r), site.conv1d,
+                                     experts=site.experts, parameter=site.parameter,
+                                     expert_paths=site.expert_paths))
+    order = {p: i for i, p in enumerate(arch.site_order)}
     modules.sort(key=lambda m: order.get(m.path, len(order)))
     return Plan(model=model, family=arch.family, num_layers=arch.num_layers,
                 placement=requested.model_dump(exclude_none=True, exclude_defaults=True)
                 | {"label": requested.describe()},
                 modules=tuple(modules), total_params=arch.total_params, roles_present=tuple(arch.roles_present()),
                 dropout=spec.dropout, budget=budget, warnings=tuple(warnings), heuristic=arch.heuristic,
-                unassigned=tuple(arch.unassigned))
+                unassigned=tuple(arch.unassigned), active_params=arch.active_params)

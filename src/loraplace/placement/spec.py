@@ -69,7 +69,11 @@ class PlacementSpec(StrictModel):
     alpha_ratio: float = Field(default=2.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     budget: int | None = Field(default=None, gt=0, description="trainable-parameter budget; the rank is solved")
+    allow_unassigned: bool = Field(
+        default=False, description="let a group (all, mlp, attn, moe) resolve although weights in the blocks have "
+        "no role; they are not adapted, and the plan, the store and the report say so")
 
+    added_fields = frozenset({"allow_unassigned"})
     _split = field_validator("roles", mode="before")(_split_roles)
 
     # Field validators (not one model validator), so these problems are reported together with type errors.

@@ -25,10 +25,11 @@ DEFAULT_PLACEMENTS = {"all": "{preset: all}", "attn": "{preset: attn}"}
 
 def tiny_study_yaml(name: str = "tiny", *, placements: dict[str, str] | None = None, steps: int = 3,
                     seeds: list[int] | tuple[int, ...] = (0, 1), size: str = "ranks: [2]",
-                    baseline: str | None = "all", n: int = 60, lr: float = 1.0e-3, extra: str = "") -> str:
+                    baseline: str | None = "all", n: int = 60, lr: float = 1.0e-3, extra: str = "",
+                    model: str = "tiny:llama") -> str:
     """The one tiny study of the test suite (random 2-layer llama, builtin arithmetic data, fp32): seconds to run.
     Every test that needs a study spec writes a variant of this one."""
-    lines = [f"name: {name}", "model: tiny:llama",
+    lines = [f"name: {name}", f"model: {model}",
              f'data: {{train: "builtin:arithmetic?n={n}", eval_count: 8, max_len: 160}}',
              f"train: {{steps: {steps}, batch: 4, lr: {lr}, precision: fp32}}", "placements:"]
     lines += [f"  {pname}: {text}" for pname, text in (placements or DEFAULT_PLACEMENTS).items()]

@@ -21,7 +21,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from loraplace.analysis.core import StudyAnalysis  # noqa: E402
 from loraplace.analysis.stats import summarize  # noqa: E402
 from loraplace.formatting import human_count  # noqa: E402
-from loraplace.placement.roles import grid_roles  # noqa: E402
+from loraplace.placement.roles import grid_roles, short_role  # noqa: E402
 from loraplace.records import SiteMap  # noqa: E402
 
 FORMATS = ("png", "svg", "pdf")
@@ -184,7 +184,7 @@ def site_heatmap(matrices: dict[str, list[list[float]]], roles: Sequence[str], o
             if per_panel_scale:
                 fig.colorbar(image, ax=ax, shrink=0.8)
             ax.set_title(label, fontsize=7)
-            ax.set_xticks(range(len(roles)), [r.split(".")[-1] for r in roles], rotation=90, fontsize=6)
+            ax.set_xticks(range(len(roles)), [short_role(r) for r in roles], rotation=90, fontsize=6)
             ax.grid(False)
             for spine in ax.spines.values():
                 spine.set_visible(False)
@@ -212,7 +212,10 @@ def placement_heatmap(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
         matrices[placement] = [[v if v > 0 or uniform else math.nan for v in row] for row in matrix]
     return site_heatmap(matrices, roles, out_dir, "sites", "Where each placement puts adapters",
                         "Layers × roles: coloured cells carry a LoRA adapter" +
-                        ("." if uniform else "; colour is the rank."), "rank", binary_cmap=uniform)
+                        ("." if uniform else "; colour is the rank.") +
+                        (" exp.* columns are the routed experts (one LoRA pair of that rank per expert), sh.* the "
+                         "shared experts." if any(r.startswith("moe.experts.") for r in roles) else ""),
+                        "rank", binary_cmap=uniform)
 
 
 def probe_heatmap(probe, out_dir: Path, name: str = "probe") -> Figure:

@@ -52,6 +52,15 @@ def grid_roles(roles) -> tuple[str, ...]:
     return tuple(r for r in roles if r != HEAD_ROLE)
 
 
+def short_role(role: str) -> str:
+    """A column label for layers × roles figures: unique across groups (``down``, ``exp.down``, ``sh.down``)."""
+    for prefix, short in (("moe.experts.", "exp."), ("moe.shared.", "sh."), ("attn.", ""), ("mlp.", ""),
+                          ("moe.", "")):
+        if role.startswith(prefix):
+            return short + role.removeprefix(prefix)
+    return role
+
+
 def role_group_of(role: str) -> str:
     """The coarse group a role belongs to, for messages: attn, mlp, moe or the role itself."""
     if role in ATTN_ROLES:

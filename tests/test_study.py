@@ -133,3 +133,35 @@ def test_ray_backend_runs_the_same_hooks_and_records(tmp_path, write_study):
     with Store(tmp_path / "s.db") as store:
         trials = store.trials(store.study().id)
         assert all(t.status == "done" and t.metrics.eval_loss > 0 and t.outcome.sites is not None for t in trials)
+
+
+def test_stored_studies_keep_their_trial_ids():
+    """The v2 fixture store was written by an older loraplace: the same spec still expands to its trial ids, so
+    fields added to the specs since (``added_fields``) did not re-key existing studies."""
+    from helpers import FIXTURES
+
+    study = load_study(FIXTURES / "store_v2.yaml")
+    with Store.open_readonly(FIXTURES / "store_v2.db") as store:
+        stored = {t.id for t in store.trials(store.study().id)}
+    assert {t.id for t in expand_grid(study)} == stored
+
+
+def test_allow_unassigned_in_a_study(tmp_path):
+    """A model whose blocks hold weights no role claims (Jamba's Mamba mixers): `all` is refused up front, unless
+    the study allows it; then every trial's placement carries the flag (and new trial ids)."""
+    from transformers import AutoConfig
+
+    from loraplace.study import check_placements
+
+    AutoConfig.for_model("jamba", num_hidden_layers=2, attn_layer_offset=1, attn_layer_period=2).save_pretrained(
+        tmp_path / "jamba")
+    text = tiny_study_yaml().replace("model: tiny:llama", f"model: {tmp_path / 'jamba' / 'config.json'}")
+    (tmp_path / "s.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"silently leave out .*mamba.*--allow-unassigned"):
+        check_placements(load_study(tmp_path / "s.yaml"))
+    (tmp_path / "allowed.yaml").write_text(text + "allow_unassigned: true\n")
+    allowed = load_study(tmp_path / "allowed.yaml")
+    check_placements(allowed)
+    grid = expand_grid(allowed)
+    assert all(t.spec.placement.allow_unassigned for t in grid)
+    assert not {t.id for t in grid} & {t.id for t in expand_grid(load_study(tmp_path / "s.yaml"))}

@@ -47,9 +47,11 @@ def test_every_block_weight_has_a_role_or_is_listed(family):
     for placement in ("attn", "mlp", "all"):
         assert plan_for_model(f"tiny:{family}", placement, rank=4).modules
     if family in MOE_FAMILIES:
-        layers = [0] if family not in ("qwen2_moe", "deepseek_v3") else [1]  # their layer 0 is dense
-        plan = plan_for_model(f"tiny:{family}", {"roles": ["moe.router"], "layers": layers}, rank=2)
+        plan = plan_for_model(f"tiny:{family}", "moe.router", rank=2)
         assert {m.role for m in plan.modules} == {"moe.router"}
+        if family in ("qwen2_moe", "deepseek_v3"):  # layer 0 is dense: routers where they exist, and said so
+            assert {m.layer for m in plan.modules} == {1}
+            assert any("absent at layers [0]" in w and "adapted where it exists" in w for w in plan.warnings)
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -159,7 +161,7 @@ def test_mlp_role_on_an_moe_model_points_to_the_expert_roles():
     with pytest.raises(PlacementError, match="mixture-of-experts MLPs.*moe.experts"):
         plan_for_model(str(MIXTRAL), "mlp.up")
     with pytest.raises(PlacementError, match=r"absent at layers \[0\].*dense layers"):
-        plan_for_model("tiny:deepseek_v3", "moe.experts.down")
+        plan_for_model("tiny:deepseek_v3", {"roles": ["moe.experts.down"], "layers": "0-1"})
 
 
 def test_dropout_on_parameter_targets_is_refused():

@@ -337,9 +337,11 @@ def _preset_spec(spec: PlacementSpec) -> PlacementSpec:
     return PlacementSpec.model_validate({**preset.spec, **data})
 
 
-def _select(spec: PlacementSpec, arch: ArchitectureMap,
-            problems: list[str]) -> list[tuple[AdaptableModule, SiteGroup | None]]:
-    """Every selected site with the group that selected it; a site selected twice is a problem."""
+def _select(spec: PlacementSpec, arch: ArchitectureMap, problems: list[str],
+            warnings: list[str]) -> list[tuple[AdaptableModule, SiteGroup | None]]:
+    """Every selected site with the group that selected it; a site selected twice is a problem. A named role
+    missing at layers the user selected is a problem; with the default ``layers: all`` it means "wherever the
+    role exists" (a router on the MoE layers of a model whose first layers are dense), and the plan says so."""
     groups = spec.groups if spec.groups is not None else [SiteGroup(roles=spec.roles or [], layers=spec.layers)]
     chosen: dict[str, tuple[AdaptableModule, SiteGroup | None]] = {}
     for gi, group in enumerate(groups):
@@ -360,8 +362,12 @@ def _select(spec: PlacementSpec, arch: ArchitectureMap,
         for role in layer_roles:
             missing = [layer for layer in layers if (layer, role) not in arch.sites]
             if missing and roles[role]:
-                problems.append(f"{label}: role {role!r} is absent at layers {missing}"
-                                + (" (dense layers: their MLP is mlp.*)" if role.startswith("moe.") else ""))
+                where = f"role {role!r} is absent at layers {missing}" + (
+                    " (dense layers: their MLP is mlp.*)" if role.startswith("moe.") else "")
+                if group.layers == "all":
+                    warnings.append(f"{label}: {where}; it is adapted where it exists")
+                else:
+                    problems.append(f"{label}: {where}")
             picked.extend(arch.sites[(layer, role)] for layer in layers if (layer, role) in arch.sites)
         if layers and layer_roles and not any((layer, r) in arch.sites for layer in layers for r in layer_roles):
             problems.append(f"{label}: {'+'.join(group.roles)} has no site in the selected layers {layers}")
@@ -475,7 +481,7 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
     if spec.target_modules is not None:
         picked = [(site, None) for site in _suffix_match(spec, arch, problems, warnings)]
     else:
-        picked = _select(spec, arch, problems)
+        picked = _select(spec, arch, problems, warnings)
     if not picked and not problems:
         problems.append("the placement selects no module")
 
@@ -494,7 +500,7 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
         fallback = rank if rank is not None else DEFAULT_RANK
         ranks = {path: r if r is not None else fallback for path, r in explicit.items()}
     targets_parameters = [site.path for site, _ in picked if site.parameter]
-    if spec.dropout and not targets_parameters and arch.is_moe:
+    if spec.dropout and not targets_parameters:  # imports PEFT: only when a dropout is asked for
         renamed = peft_renamed_leaves(arch.family)
         targets_parameters = [t for site, _ in picked for t in site.module_targets if t.rpartition(".")[2] in renamed]
     if targets_parameters and spec.dropout:

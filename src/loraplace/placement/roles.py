@@ -262,10 +262,6 @@ class ArchitectureMap:
             by_path[self.head.path] = self.head
         return by_path
 
-    @property
-    def is_moe(self) -> bool:
-        return any(s.experts > 1 for s in self.sites.values())
-
 
 def find_blocks(model: nn.Module, num_layers: int | None) -> tuple[str, nn.ModuleList]:
     """The ModuleList holding the transformer blocks: the one whose length is the config's layer count

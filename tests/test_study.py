@@ -135,15 +135,17 @@ def test_ray_backend_runs_the_same_hooks_and_records(tmp_path, write_study):
         assert all(t.status == "done" and t.metrics.eval_loss > 0 and t.outcome.sites is not None for t in trials)
 
 
-def test_stored_studies_keep_their_trial_ids():
-    """The v2 fixture store was written by an older loraplace: the same spec still expands to its trial ids, so
-    fields added to the specs since (``added_fields``) did not re-key existing studies."""
+def test_stored_studies_keep_their_trial_ids(tmp_path):
+    """The v2 fixture store (a budget study) was written by an older loraplace, which filled budgets with one
+    uniform rank. With ``fill: uniform`` the same spec expands to its trial ids: fields added to the specs since
+    (``added_fields``) did not re-key it. With today's default exact fill its trials are new ones."""
     from helpers import FIXTURES
 
-    study = load_study(FIXTURES / "store_v2.yaml")
     with Store.open_readonly(FIXTURES / "store_v2.db") as store:
         stored = {t.id for t in store.trials(store.study().id)}
-    assert {t.id for t in expand_grid(study)} == stored
+    (tmp_path / "uniform.yaml").write_text((FIXTURES / "store_v2.yaml").read_text() + "fill: uniform\n")
+    assert {t.id for t in expand_grid(load_study(tmp_path / "uniform.yaml"))} == stored
+    assert not {t.id for t in expand_grid(load_study(FIXTURES / "store_v2.yaml"))} & stored
 
 
 def test_allow_unassigned_in_a_study(tmp_path):

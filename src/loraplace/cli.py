@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from loraplace.data import DataSpec
 from loraplace.errors import ConfigError, LoraplaceError
-from loraplace.placement.spec import DEFAULT_RANK
+from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK
 from loraplace.train_config import DEFAULT_STEPS, TrainSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -70,6 +70,8 @@ def parse_kv(text: str | None) -> dict[str, Any]:
     return result
 
 
+FILL_HELP = (f"with --budget: exact (rank r+1 on an evenly spread subset of the sites, within ~1 % of the budget) "
+             f"or uniform (one rank); default {DEFAULT_FILL}")
 ALLOW_UNASSIGNED_HELP = ("let all/mlp/attn/moe resolve although some weights in the blocks have no role (they "
                          "are not adapted; the plan, the store and the report warn)")
 
@@ -81,6 +83,7 @@ def plan(
                                   help="preset name, role list (attn,mlp.up), inline YAML/JSON or a YAML file"),
     rank: int | None = typer.Option(None, "--rank", "-r", help=f"LoRA rank for every site (default {DEFAULT_RANK})"),
     budget: int | None = typer.Option(None, "--budget", help="trainable-parameter budget: solve the rank"),
+    fill: str = typer.Option(DEFAULT_FILL, "--fill", help=FILL_HELP),
     model_config: str | None = typer.Option(
         None, "--model-config", help="config overrides k=v,...; with model_type=NAME no hub is needed"),
     data: str = typer.Option(DEFAULT_PROBE_DATA, "--data", help="auto placements only: data the probe reads"),
@@ -105,7 +108,7 @@ def plan(
             result = session.plan(spec, budget=budget, data=tokenized, data_key=data, progress=progress)
     else:
         result = plan_for_model(model, spec, rank=rank, budget=budget, model_config=overrides or None,
-                                model_type=model_type)
+                                model_type=model_type, fill=_fill(fill))
     result.check_size(force)
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
@@ -246,6 +249,7 @@ def train(
     placement: str = typer.Option("all", "--placement", "-p"),
     rank: int | None = typer.Option(None, "--rank", "-r", help=f"default {DEFAULT_RANK}"),
     budget: int | None = typer.Option(None, "--budget", help="trainable-parameter budget: solve the rank"),
+    fill: str | None = typer.Option(None, "--fill", help=FILL_HELP),
     steps: int | None = typer.Option(None, "--steps", help=f"default {DEFAULT_STEPS} (unless --epochs)"),
     epochs: float | None = typer.Option(None, "--epochs"),
     batch: int | None = typer.Option(None, "--batch", help=_default(TrainSpec, "batch")),
@@ -283,12 +287,13 @@ def train(
                        warmup=warmup, seed=seed, precision=precision, device=device,
                        packing=False if no_packing else None),
         "eval": given(generate=generate),
-    } | given(rank=rank, budget=budget)
+    } | given(rank=rank, budget=budget, fill=fill)
     spec = validate(TrialSpec, raw, "invalid trial options")
     if spec.placement.auto is None:  # on the meta model, before any weight loads
         from loraplace.placement import plan_for_model
 
-        plan_for_model(spec.model, spec.placement, rank=spec.rank, budget=spec.budget).check_size(force)
+        plan_for_model(spec.model, spec.placement, rank=spec.rank, budget=spec.budget,
+                       fill=spec.fill).check_size(force)
     with TrainProgress(quiet or as_json) as progress:
         outcome = run_trial(spec, out_dir=out_dir, progress=progress)
     if outcome.failure is not None and outcome.failure.user_error:  # bad input, not a training failure: exit 2
@@ -483,6 +488,12 @@ def _output_file(path: str):
     if not target.parent.is_dir():
         raise LoraplaceError(f"--out {target}: directory {target.parent} does not exist", "create it first")
     return target
+
+
+def _fill(value: str):
+    if value not in ("exact", "uniform"):
+        raise ConfigError([f"--fill {value!r}: exact or uniform"], "invalid --fill")
+    return value
 
 
 def _placement_dict(text: str) -> dict:

@@ -22,13 +22,16 @@ class StrictModel(BaseModel):
     # that sets the field gets new ones.
     added_fields: ClassVar[frozenset[str]] = frozenset()
 
+    def id_neutral(self) -> set[str]:
+        """Fields left out of this object's dump: by default the added fields that hold their default."""
+        return {name for name in self.added_fields if getattr(self, name) == type(self).model_fields[name].default}
+
     @model_serializer(mode="wrap")
     def _omit_added_defaults(self, handler: SerializerFunctionWrapHandler):
         data = handler(self)
-        if self.added_fields and isinstance(data, dict):
-            for name in self.added_fields:
-                if name in data and getattr(self, name) == type(self).model_fields[name].default:
-                    del data[name]
+        if isinstance(data, dict):
+            for name in self.id_neutral() & data.keys():
+                del data[name]
         return data
 
 

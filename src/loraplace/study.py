@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, ValidationInfo, create_model, field
 
 from loraplace.data import DataSpec
 from loraplace.errors import ConfigError, LoraplaceError
-from loraplace.placement.spec import DEFAULT_RANK, PlacementSpec
+from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill, PlacementSpec
 from loraplace.records import GroupKey, Size, StudyInfo, TrialLabels, config_without_seed
 from loraplace.runner import LocalExecutor, PlannedTrial, RunHooks, RunSummary, execute
 from loraplace.specs import StrictModel, load_yaml, validate
@@ -78,8 +78,10 @@ class StudySpec(StrictModel):
     allow_unassigned: bool = Field(
         default=False, description="every placement may leave out weights that have no role (`run "
         "--allow-unassigned`); their trials and the report warn")
+    fill: Fill = Field(default=DEFAULT_FILL, description="with budget(s): exact (rank r+1 on an evenly spread "
+                       "subset of each placement's sites, within ~1 % of the budget) or uniform (one rank)")
 
-    added_fields = frozenset({"allow_unassigned"})
+    added_fields = frozenset({"allow_unassigned", "fill"})
 
     # Field validators (not one model validator) so these problems are reported together with type errors.
     @field_validator("budget", "budgets")
@@ -188,7 +190,7 @@ def expand_grid(study: StudySpec) -> list[PlannedTrial]:
         train = TrainSpec.model_validate(study.train.model_dump() | dict(axes) | {"seed": seed})
         spec = TrialSpec(model=study.model, data=study.data, placement=placement, train=train, eval=study.eval,
                          rank=size.value if size.kind == "rank" else None,
-                         budget=size.value if size.kind == "budget" else None)
+                         budget=size.value if size.kind == "budget" else None, fill=study.fill)
         canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
         trial_id = hashlib.sha256(canonical.encode()).hexdigest()[:16]
         labels = TrialLabels(group=GroupKey(placement=pname, size=size, axes=axes), seed=seed)
@@ -216,7 +218,7 @@ def check_placements(study: StudySpec, force: bool = False) -> None:
             try:
                 plan = resolve_placement(arch, placement, model=study.model,
                                          rank=size.value if size.kind == "rank" else None,
-                                         budget=size.value if size.kind == "budget" else None,
+                                         budget=size.value if size.kind == "budget" else None, fill=study.fill,
                                          check_budget_fits=False)
                 plan.check_size(force)
             except PlacementError as exc:
@@ -291,7 +293,8 @@ def _check_unchanged(study: StudySpec, store_path: Path, planned: list[PlannedTr
     if not differences and existing_ids <= planned_ids:
         return  # the same spec, its grid registered in part (another runner of it is starting right now)
     differences = differences or ["(the spec reads the same, but its trials resolve differently: another "
-                                  "loraplace version?)"]
+                                  "loraplace version? A budget study stored before budgets were filled exactly "
+                                  "resumes with fill: uniform)"]
     shown = "\n".join(f"  {d}" for d in differences[:20]) + (f"\n  … {len(differences) - 20} more"
                                                             if len(differences) > 20 else "")
     if not extend:

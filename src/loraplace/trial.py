@@ -27,6 +27,7 @@ from loraplace.errors import LoraplaceError, PlacementError, TrialFailed
 from loraplace.evaluate import eval_loss, perplexity, task_accuracy
 from loraplace.models import pad_token_id
 from loraplace.placement import PlacementSpec, Plan, map_architecture, parse_placement, resolve_placement
+from loraplace.placement.spec import DEFAULT_FILL, Fill
 from loraplace.records import Adapter, Environment, Failure, Metrics, ProbeScores, Timings, TrialOutcome
 from loraplace.specs import StrictModel
 from loraplace.train import TrainOutcome, TrainSpec, resolve_device, resolve_dtype, seed_everything, train
@@ -45,8 +46,15 @@ class TrialSpec(StrictModel):
     placement: PlacementSpec
     rank: int | None = Field(default=None, gt=0)
     budget: int | None = Field(default=None, gt=0)
+    fill: Fill = Field(default=DEFAULT_FILL, description="how a budget is filled: exact (rank r+1 on an evenly "
+                       "spread subset of sites) or uniform (one rank)")
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
+
+    def id_neutral(self) -> set[str]:
+        # ``fill`` only means something with a budget; "uniform" is how budgets were filled before it existed, so
+        # a study stored then resumes with fill: uniform under its old trial ids.
+        return super().id_neutral() | ({"fill"} if self.budget is None or self.fill == "uniform" else set())
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -111,13 +119,13 @@ class Session:
     def pad_id(self) -> int:
         return pad_token_id(self.tokenizer)
 
-    def plan(self, placement, rank: int | None = None, budget: int | None = None,
+    def plan(self, placement, rank: int | None = None, budget: int | None = None, fill: Fill = DEFAULT_FILL,
              data: TokenizedSet | None = None, data_key: str = "", progress=None) -> Plan:
         """The exact plan; an ``auto`` placement is first scored by the probe on ``data`` (the training split)
         and compiled to ordinary groups, so it resolves like any other placement."""
         spec = parse_placement(placement)
         if spec.auto is None:
-            return resolve_placement(self.arch, spec, model=self.model_ref, rank=rank, budget=budget)
+            return resolve_placement(self.arch, spec, model=self.model_ref, rank=rank, budget=budget, fill=fill)
         from loraplace.probe import compile_auto, unscored
 
         auto = spec.auto
@@ -253,7 +261,8 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
     device, dtype = session.device, session.dtype
     splits = session.data(spec.data)
     data_key = spec.data.model_dump_json()  # probe cache key: the same data → the same probe, every seed
-    plan = session.plan(placement, rank=spec.rank, budget=spec.budget, data=splits.train, data_key=data_key)
+    plan = session.plan(placement, rank=spec.rank, budget=spec.budget, fill=spec.fill, data=splits.train,
+                        data_key=data_key)
     known.update(trainable_params=plan.trainable_params, total_params=plan.total_params, sites=plan.site_map())
     probe = None
     if placement.auto is not None and placement.auto.method == "probe":  # the probe that chose the sites

@@ -118,13 +118,17 @@ def test_real_store(study_store):
 
 def test_a_v2_store_reports_identically_after_migration(tmp_path):
     """The committed v2 fixture (written by loraplace at schema v2) and the report that version wrote from it:
-    read through the migration, the same tables come out byte for byte."""
+    read through the migration, the same data comes out byte for byte (the CSVs), and every line that version
+    wrote in results.md is still there, in order (tables added since, e.g. "Budget fill", may come between)."""
     from loraplace.analysis.report import write_report
 
     path = tmp_path / "store_v2.db"
     shutil.copy(FIXTURES / "store_v2.db", path)
     expected = FIXTURES / "store_v2_report"
     written = write_report(analyze_store(path), tmp_path / "report", ["md", "csv"])  # read-only: in-memory migration
-    assert written["md"].read_text() == (expected / "results.md").read_text()
+    lines = iter(written["md"].read_text().splitlines())
+    missing = [line for line in (expected / "results.md").read_text().splitlines()
+               if not any(line == now for now in lines)]
+    assert not missing, missing[:3]
     for name in ("summary.csv", "trials.csv"):
         assert (tmp_path / "report" / name).read_text() == (expected / name).read_text(), name

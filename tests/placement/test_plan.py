@@ -155,3 +155,29 @@ def test_lora_config_is_exact():
     assert cfg.r == 4 and cfg.lora_alpha == 8
     assert cfg.rank_pattern == {re.escape("transformer.h.1.attn.c_proj"): 2}
     assert cfg.alpha_pattern == {re.escape("transformer.h.1.attn.c_proj"): 4.0}
+
+
+@pytest.mark.parametrize("preset", ["all", "attn", "mlp", "mlp.up", "bottom-half", "top-half"])
+def test_budget_exact_fill_lands_within_one_percent(preset):
+    overrides = {k: v for k, v in GPT2_MEDIUM.items() if k != "model_type"}
+    exact = plan_for_model("gpt2-medium", preset, budget=1_000_000, model_type="gpt2", model_config=overrides)
+    uniform = plan_for_model("gpt2-medium", preset, budget=1_000_000, model_type="gpt2", model_config=overrides,
+                             fill="uniform")
+    assert -0.01 < exact.budget_deviation <= 0
+    assert uniform.budget_deviation <= exact.budget_deviation
+    assert len(set(uniform.rank_by_module.values())) == 1
+    ranks = sorted(set(exact.rank_by_module.values()))
+    assert ranks in ([ranks[0]], [ranks[0], ranks[0] + 1]) and ranks[0] == uniform.modules[0].rank
+    again = plan_for_model("gpt2-medium", preset, budget=1_000_000, model_type="gpt2", model_config=overrides)
+    assert again.rank_by_module == exact.rank_by_module  # deterministic
+
+
+def test_exact_fill_spreads_the_extra_rank():
+    from loraplace.placement.plan import spread_order
+
+    assert sorted(spread_order(10)) == list(range(10))
+    assert spread_order(8)[:4] == [0, 4, 2, 6]  # every prefix spread over the range
+    overrides = {k: v for k, v in GPT2_MEDIUM.items() if k != "model_type"}
+    plan = plan_for_model("gpt2-medium", "mlp.up", budget=1_000_000, model_type="gpt2", model_config=overrides)
+    raised = sorted(m.layer for m in plan.modules if m.rank > min(plan.rank_by_module.values()))
+    assert len(raised) >= 3 and raised[-1] - raised[0] >= 12  # spread over the depth, not the lowest layers

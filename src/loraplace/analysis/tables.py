@@ -86,6 +86,27 @@ def comparison_table(analysis: StudyAnalysis, name_dominator: bool = True) -> Ta
     return Table("Placements compared", columns, tuple(rows), right, notes)
 
 
+def budget_table(analysis: StudyAnalysis) -> Table | None:
+    """Each budget-matched arm: the budget, what its plan achieved, the deviation and the ranks that got there."""
+    rows = []
+    for g in analysis.groups:
+        if g.key.size.kind != "budget" or not g.trainable_params:
+            continue
+        budget = g.key.size.value
+        ranks = sorted(g.sites.ranks) if g.sites is not None else []
+        rows.append((g.key.label, f"{budget:,}", f"{g.trainable_params:,}",
+                     f"{100 * (g.trainable_params - budget) / budget:+.2f}%",
+                     "—" if not ranks else f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"))
+    if not rows:
+        return None
+    return Table("Budget fill", ("group", "budget", "trainable params", "deviation", "rank(s)"), tuple(rows),
+                 (False, True, True, True, True),
+                 ("deviation: (achieved − budget) / budget. fill: exact gives rank r+1 to an evenly spread subset of "
+                  "a placement's sites, so an arm lands within one site's rank-1 cost of the budget; fill: uniform "
+                  "keeps one rank (below the budget by up to one rank step of the whole placement); auto fills to "
+                  "within one rank step of its cheapest unit.",))
+
+
 def site_table(analysis: StudyAnalysis) -> Table | None:
     groups = [(g, g.sites) for g in analysis.groups if g.sites is not None and g.sites.sites]
     if not any(sites.layer_selective for _, sites in groups):

@@ -8,7 +8,7 @@ from loraplace.placement.plan import Plan, PlannedModule, resolve_placement
 from loraplace.placement.presets import PRESETS
 from loraplace.placement.roles import ROLE_GROUPS, ROLES, AdaptableModule, ArchitectureMap, map_architecture
 from loraplace.placement.selectors import select_layers
-from loraplace.placement.spec import PlacementSpec, SiteGroup, parse_placement
+from loraplace.placement.spec import DEFAULT_FILL, Fill, PlacementSpec, SiteGroup, parse_placement
 
 __all__ = [
     "PRESETS", "ROLES", "ROLE_GROUPS", "AdaptableModule", "ArchitectureMap", "Plan", "PlacementSpec", "PlannedModule",
@@ -30,7 +30,8 @@ def meta_architecture(model_ref: str, model_config: dict[str, Any] | None = None
 
 
 def plan_for_model(model_ref: str, placement: Any, *, rank: int | None = None, budget: int | None = None,
-                   model_config: dict[str, Any] | None = None, model_type: str | None = None) -> Plan:
+                   model_config: dict[str, Any] | None = None, model_type: str | None = None,
+                   fill: Fill = DEFAULT_FILL) -> Plan:
     """Dry-run plan: resolve ``placement`` on the meta-device model of ``model_ref``."""
     arch = meta_architecture(model_ref, model_config, model_type)
-    return resolve_placement(arch, placement, model=model_ref, rank=rank, budget=budget)
+    return resolve_placement(arch, placement, model=model_ref, rank=rank, budget=budget, fill=fill)

@@ -25,7 +25,7 @@ from loraplace.placement.roles import (
     role_group_of,
 )
 from loraplace.placement.selectors import SelectorError, select_layers
-from loraplace.placement.spec import DEFAULT_RANK, PlacementSpec, SiteGroup
+from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill, PlacementSpec, SiteGroup
 from loraplace.records import Site, SiteMap, lora_params
 
 ADAPTER_BYTES_PER_PARAM = 4  # adapters are trained and saved in fp32
@@ -389,6 +389,28 @@ def _unassigned_message(names: list[str], hidden: list[str], arch: ArchitectureM
             "--allow-unassigned (allow_unassigned: true in a placement)")
 
 
+def spread_order(n: int) -> list[int]:
+    """0 … n−1 in van der Corput (bit-reversed) order: every prefix is spread evenly over the range, so "the first
+    k" sites are k sites spread across layers and roles, not the k lowest ones."""
+    bits = max(1, (n - 1).bit_length())
+    return sorted(range(n), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))
+
+
+def _exact_fill(sites: list[AdaptableModule], ranks: dict[str, int], budget: int) -> dict[str, int]:
+    """Spend what a uniform rank leaves of ``budget``: rank r+1 on sites taken in :func:`spread_order` of the
+    plan (model order), each while it still fits. Deterministic; lands within one site's rank-1 cost of the
+    budget (a fraction of a percent for any budget of a few ranks)."""
+    ordered = sorted(sites, key=lambda s: (s.layer if s.layer is not None else 1 << 30, s.path))
+    left = budget - sum(site.lora_params(ranks[site.path]) for site in sites)
+    out = dict(ranks)
+    for i in spread_order(len(ordered)):
+        cost = ordered[i].lora_params(1)
+        if cost <= left:
+            out[ordered[i].path] += 1
+            left -= cost
+    return out
+
+
 def _suffix_match(spec: PlacementSpec, arch: ArchitectureMap, problems: list[str],
                   warnings: list[str]) -> list[AdaptableModule]:
     """PEFT's own rule for a list of names: ``name == t or name.endswith('.' + t)`` — reproduced on purpose."""
@@ -422,12 +444,14 @@ def _suffix_match(spec: PlacementSpec, arch: ArchitectureMap, problems: list[str
 
 
 def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *, model: str = "",
-                      rank: int | None = None, budget: int | None = None, check_budget_fits: bool = True) -> Plan:
+                      rank: int | None = None, budget: int | None = None, check_budget_fits: bool = True,
+                      fill: Fill = DEFAULT_FILL) -> Plan:
     """The exact plan of ``spec`` on ``arch``. ``rank``/``budget`` come from the command line or a study's grid;
     the placement itself may say ``rank``, ``ranks``, per-group ranks or ``budget``. Every given key must take
     effect: a size given twice (rank and budget, a CLI rank and the placement's) or a per-role rank that no site
     uses is refused, never silently dropped. ``check_budget_fits=False`` skips "budget below rank 1" (a study
-    checks structure up front; that is one trial's failure).
+    checks structure up front; that is one trial's failure). ``fill`` says how a budget is spent (see
+    :func:`_exact_fill`).
 
     Raises :class:`PlacementError` with every problem at once when anything is unmatched, empty or ambiguous.
     """
@@ -496,6 +520,8 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
             problems.append(f"budget {budget:,} is smaller than rank 1 allows for this placement "
                             f"({unit:,} trainable parameters)")
         ranks = {site.path: max(solved, 1) for site, _ in picked}
+        if fill == "exact" and solved >= 1:
+            ranks = _exact_fill([site for site, _ in picked], ranks, budget)
     else:
         fallback = rank if rank is not None else DEFAULT_RANK
         ranks = {path: r if r is not None else fallback for path, r in explicit.items()}

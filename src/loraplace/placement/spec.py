@@ -20,6 +20,10 @@ from loraplace.placement.selectors import LayerSelector
 from loraplace.specs import StrictModel, load_yaml, parse_yaml, validate
 
 DEFAULT_RANK = 16  # a site's rank when neither the placement, the command line nor a study gives one
+# How a budget is filled: "exact" gives rank r+1 to an evenly spread subset of the sites (every arm lands within
+# about 1 % of the budget); "uniform" keeps one rank r everywhere (up to ~8 % below the budget).
+Fill = Literal["exact", "uniform"]
+DEFAULT_FILL: Fill = "exact"
 
 
 def _split_roles(value: Any) -> Any:

@@ -76,16 +76,23 @@ class CurvePoint(Record):
 
 
 class EvalPoint(Record):
+    """A loss measured during training: on the validation split when the data has one (the test split is never
+    looked at before the end), else on the test split (older specs)."""
+
     step: int = Field(ge=1)
-    eval_loss: float = Field(description="nats/token over the whole eval split")
+    eval_loss: float = Field(description="nats/token over the whole split")
+    split: Literal["validation", "test"] = "test"
 
 
 class Metrics(Record):
     """The measured quantities a study compares. Units are in the names or the descriptions."""
 
-    eval_loss: float = Field(description="token-weighted mean eval loss, nats/token")
+    eval_loss: float = Field(description="token-weighted mean loss on the test split, nats/token")
     perplexity: float = Field(description="exp(eval_loss)")
-    accuracy: float | None = Field(default=None, ge=0, le=1, description="exact-match fraction (generation)")
+    accuracy: float | None = Field(default=None, ge=0, le=1,
+                                   description="exact-match fraction on the test split (generation)")
+    val_loss: float | None = Field(default=None, description="token-weighted mean loss on the validation split "
+                                   "(selection only; None when the data has no validation split)")
     # None below: not recorded (only in stores written by loraplace's first schema).
     tokens_per_s: float | None = Field(default=None, ge=0, description="non-pad training tokens per second")
     train_s: float | None = Field(default=None, ge=0, description="seconds in the training loop (evals excluded)")
@@ -321,6 +328,9 @@ class StudyInfo(Record):
     baseline: str = Field(description="the placement others are compared with")
     baseline_given: bool = Field(description="False: the spec named none and the first placement is used")
     versions: dict[str, str] = Field(default_factory=dict)
+    tune_lrs: tuple[float, ...] = Field(default=(), description="tune: the LRs each cell selects from (empty: "
+                                        "no tuning)")
+    tune_seeds: tuple[int, ...] = Field(default=(), description="tune: the seeds of the selection pass")
 
 
 

@@ -27,6 +27,7 @@ from loraplace.specs import StrictModel, load_yaml, validate
 from loraplace.store import Store, StoreError
 from loraplace.train_config import TrainSpec
 from loraplace.trial import EvalSpec, TrialSpec, library_versions
+from loraplace.tuning import TUNED_AXIS, Selection, TuneSpec, selections_of
 
 BACKENDS = ("local", "ray")
 MAX_NAME_LEN = 48  # a placement name is a column value in every table; longer ones break terminal layouts
@@ -80,8 +81,34 @@ class StudySpec(StrictModel):
         "--allow-unassigned`); their trials and the report warn")
     fill: Fill = Field(default=DEFAULT_FILL, description="with budget(s): exact (rank r+1 on an evenly spread "
                        "subset of each placement's sites, within ~1 % of the budget) or uniform (one rank)")
+    tune: TuneSpec | None = Field(default=None, description="per-placement LR selection on the validation split "
+                                  "(see loraplace.tuning)")
 
-    added_fields = frozenset({"allow_unassigned", "fill"})
+    added_fields = frozenset({"allow_unassigned", "fill", "tune"})
+
+    @field_validator("tune")
+    @classmethod
+    def _tune_needs(cls, value: TuneSpec | None, info: ValidationInfo) -> TuneSpec | None:
+        if value is None:
+            return value
+        problems = []
+        data, axes, seeds = info.data.get("data"), info.data.get("axes"), info.data.get("seeds")
+        if data is not None and not data.has_validation:
+            problems.append("tune selects on the validation split: give data.validation, validation_count or "
+                            "validation_fraction (the test split is never used to select)")
+        if axes is not None and axes.lr is not None:
+            problems.append("tune.lr and axes.lr both sweep the learning rate: axes compares each LR cell by cell, "
+                            "tune selects one per placement; give one")
+        if seeds is not None and value.seeds is not None and not set(value.seeds) <= set(seeds):
+            problems.append(f"tune.seeds {sorted(set(value.seeds) - set(seeds))} are not among seeds {seeds}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    def tune_seeds(self) -> list[int]:
+        """The seeds of the selection pass (all seeds unless tune.seeds says fewer)."""
+        assert self.tune is not None
+        return [s for s in self.seeds if self.tune.seeds is None or s in self.tune.seeds]
 
     # Field validators (not one model validator) so these problems are reported together with type errors.
     @field_validator("budget", "budgets")
@@ -161,7 +188,9 @@ class StudySpec(StrictModel):
     def info(self) -> StudyInfo:
         return StudyInfo(name=self.name, model=self.model, placements=tuple(self.placements),
                          baseline=self.baseline_placement(), baseline_given=self.baseline is not None,
-                         versions=library_versions())
+                         versions=library_versions(),
+                         tune_lrs=tuple(self.tune.lr) if self.tune is not None else (),
+                         tune_seeds=tuple(self.tune_seeds()) if self.tune is not None else ())
 
 
 def load_study(path: str | Path) -> StudySpec:
@@ -172,30 +201,65 @@ def load_study(path: str | Path) -> StudySpec:
     data_section = data.get("data")
     if isinstance(data_section, dict):
         base = Path(path).resolve().parent
-        for key in ("train", "eval"):
+        for key in ("train", "eval", "test", "validation"):
             value = data_section.get(key)
             if isinstance(value, str) and ":" not in value.split("/")[0] and not Path(value).is_absolute():
                 data_section[key] = str((base / value).resolve())
     return validate(StudySpec, data, f"invalid study spec {path}")
 
 
-def expand_grid(study: StudySpec) -> list[PlannedTrial]:
-    """Every trial of the grid, in spec order: placements × sizes × seeds × axes (axes sorted by name)."""
+def expand_grid(study: StudySpec, selections: dict[GroupKey, Selection] | None = None) -> list[PlannedTrial]:
+    """Every trial of the grid, in spec order: placements × sizes × seeds × axes (axes sorted by name).
+
+    With ``tune:``, per cell (placement × size × axes): the selection pass (every tune LR × the selection seeds),
+    then — for the cells in ``selections`` (see :func:`loraplace.tuning.select_lrs`) — the other seeds at the
+    selected LR. The LR is an axis of the group key, so each (cell, LR) is a group."""
     sweep = study.axis_values(study.axes)
     axis_names = list(sweep)
+    placements = study.placement_specs().items()
+    if study.tune is None:
+        return [_planned(study, pname, placement, size, seed, tuple(zip(axis_names, axis_values, strict=True)))
+                for (pname, placement), size, seed, *axis_values in itertools.product(
+                    placements, study.sizes(), study.seeds, *sweep.values())]
     out = []
-    for (pname, placement), size, seed, *axis_values in itertools.product(
-            study.placement_specs().items(), study.sizes(), study.seeds, *sweep.values()):
+    tune_seeds = study.tune_seeds()
+    for (pname, placement), size, *axis_values in itertools.product(placements, study.sizes(), *sweep.values()):
         axes = tuple(zip(axis_names, axis_values, strict=True))
-        train = TrainSpec.model_validate(study.train.model_dump() | dict(axes) | {"seed": seed})
-        spec = TrialSpec(model=study.model, data=study.data, placement=placement, train=train, eval=study.eval,
-                         rank=size.value if size.kind == "rank" else None,
-                         budget=size.value if size.kind == "budget" else None, fill=study.fill)
-        canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
-        trial_id = hashlib.sha256(canonical.encode()).hexdigest()[:16]
-        labels = TrialLabels(group=GroupKey(placement=pname, size=size, axes=axes), seed=seed)
-        out.append(PlannedTrial(trial_id, labels, spec))
+
+        def with_lr(lr: float, axes=axes) -> tuple:
+            return tuple(sorted(axes + ((TUNED_AXIS, lr),)))
+
+        out += [_planned(study, pname, placement, size, seed, with_lr(lr)) for lr in study.tune.lr
+                for seed in tune_seeds]
+        selection = (selections or {}).get(GroupKey(placement=pname, size=size, axes=axes))
+        if selection is not None:
+            out += [_planned(study, pname, placement, size, seed, with_lr(selection.lr)) for seed in study.seeds
+                    if seed not in tune_seeds]
     return out
+
+
+def _planned(study: StudySpec, pname: str, placement: PlacementSpec, size: Size, seed: int,
+             axes: tuple) -> PlannedTrial:
+    train = TrainSpec.model_validate(study.train.model_dump() | dict(axes) | {"seed": seed})
+    spec = TrialSpec(model=study.model, data=study.data, placement=placement, train=train, eval=study.eval,
+                     rank=size.value if size.kind == "rank" else None,
+                     budget=size.value if size.kind == "budget" else None, fill=study.fill)
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    trial_id = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    labels = TrialLabels(group=GroupKey(placement=pname, size=size, axes=axes), seed=seed)
+    return PlannedTrial(trial_id, labels, spec)
+
+
+def _stored_selections(study: StudySpec, store_path: Path) -> dict[GroupKey, Selection]:
+    """Selections already made in the store (read-only), so a resumed tuned study plans its follow-up trials."""
+    if study.tune is None or not store_path.exists():
+        return {}
+    with Store.open_readonly(store_path) as store:
+        try:
+            record = store.study(study.name)
+        except StoreError:
+            return {}
+        return selections_of(study.info(), store.trials(record.id))
 
 
 def check_placements(study: StudySpec, force: bool = False) -> None:
@@ -326,7 +390,7 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
         raise LoraplaceError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
     check_placements(study, force)
     warnings = check_inputs(study)
-    planned = expand_grid(study)
+    planned = expand_grid(study, _stored_selections(study, store_path))
     _check_unchanged(study, store_path, planned, extend)
     by_id = {p.id: p for p in planned}
     with Store(store_path) as store:
@@ -345,6 +409,15 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
                                      artifacts=artifacts, progress=hooks.progress)
         with executor:
             execute(store, record.id, by_id, executor, retry_failed=retry_failed, hooks=hooks, summary=summary)
+            if study.tune is not None:  # the selection pass is over: the other seeds at each cell's selected LR
+                selected = expand_grid(study, selections_of(study.info(), store.trials(record.id)))
+                more = {p.id: p for p in selected if p.id not in by_id}
+                if more:
+                    store.add_trials(record.id, [(p.id, p.labels, p.spec.model_dump(mode="json"))
+                                                 for p in more.values()])
+                    by_id |= more
+                    execute(store, record.id, more, executor, retry_failed=retry_failed, hooks=hooks,
+                            summary=summary)
         summary.failed_earlier = sum(1 for t in store.trials(record.id) if t.id in by_id and t.status == "failed") \
             - summary.failed
     summary.wall_s = time.perf_counter() - t0

@@ -163,7 +163,7 @@ def batch_order(n: int, batch: int, steps: int, seed: int) -> list[np.ndarray]:
 
 def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, dtype: torch.dtype, pad_id: int,
           on_step: Callable[[int, int, float | None, float], None] | None = None,
-          eval_fn: Callable[[], float] | None = None, eval_every: int | None = None,
+          eval_fn: Callable[[], float] | None = None, eval_every: int | None = None, eval_split: str = "test",
           fault: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> TrainOutcome:
     """Train the trainable parameters of ``model`` (the adapters) in place.
 
@@ -233,7 +233,7 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
         if eval_fn is not None and eval_every and step % eval_every == 0 and step != total:
             flush()
             outcome.train_s += time.perf_counter() - t0
-            outcome.evals.append(EvalPoint(step=step, eval_loss=eval_fn()))
+            outcome.evals.append(EvalPoint(step=step, eval_loss=eval_fn(), split=eval_split))
             model.train()
             t0 = time.perf_counter()
     flush()

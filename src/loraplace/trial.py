@@ -270,15 +270,20 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
     reset_peak_memory(device)
     with session.adapter(plan, spec.train.seed) as model:
 
-        def evaluate_now() -> tuple[float, int]:
-            return eval_loss(model, splits.eval, device=device, dtype=dtype, pad_id=session.pad_id,
+        def evaluate_on(split) -> tuple[float, int]:
+            return eval_loss(model, split, device=device, dtype=dtype, pad_id=session.pad_id,
                              batch=spec.eval.batch, packing=spec.train.packing)
 
+        # Losses during training read the validation split when there is one: the test split is looked at once.
+        watched = splits.validation if splits.validation is not None else splits.eval
         trained: TrainOutcome = train(model, splits.train, spec.train, device=device, dtype=dtype,
-                                      pad_id=session.pad_id, on_step=progress, eval_fn=lambda: evaluate_now()[0],
-                                      eval_every=spec.eval.every, fault=fault)
+                                      pad_id=session.pad_id, on_step=progress,
+                                      eval_fn=lambda: evaluate_on(watched)[0], eval_every=spec.eval.every,
+                                      eval_split="validation" if splits.validation is not None else "test",
+                                      fault=fault)
         t0 = time.perf_counter()
-        loss, eval_tokens = evaluate_now()
+        val_loss = evaluate_on(splits.validation)[0] if splits.validation is not None else None
+        loss, eval_tokens = evaluate_on(splits.eval)
         detail = None
         if spec.eval.generate:
             detail = task_accuracy(model, session.tokenizer, splits.eval, spec.eval.generate, device=device,
@@ -293,7 +298,7 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
             adapter = Adapter(path=str(target), bytes=save_adapter_atomic(model, target, base_path))
     outcome = TrialOutcome(
         status="done",
-        metrics=Metrics(eval_loss=loss, perplexity=perplexity(loss),
+        metrics=Metrics(eval_loss=loss, perplexity=perplexity(loss), val_loss=val_loss,
                         accuracy=None if detail is None else detail.accuracy, tokens_per_s=trained.tokens_per_s,
                         train_s=trained.train_s, peak_mem_mb=peak_mb),
         **known, steps=trained.steps, train_tokens=trained.real_tokens, label_tokens=trained.label_tokens,

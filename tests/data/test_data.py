@@ -7,8 +7,9 @@ import pytest
 from loraplace.data import DataSpec, load_splits, load_tokenized, tokenize_records
 from loraplace.data.builtin import arithmetic
 from loraplace.data.formats import detect_format, final_answer
-from loraplace.errors import DataError
+from loraplace.errors import ConfigError, DataError
 from loraplace.models import load_tokenizer
+from loraplace.specs import validate
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +150,35 @@ def test_split_is_seeded_and_disjoint(tok):
     assert [x.tolist() for x in a.eval.ids] == [x.tolist() for x in b.eval.ids]
     train_q = set(a.train.prompts)
     assert not train_q & set(a.eval.prompts) and len(a.eval) == 12
+
+
+def test_three_way_split_is_disjoint_and_keeps_the_test_split(tok):
+    """Carving test first, then validation: adding a validation split never changes the test examples (a study
+    stored with eval_count alone reports on the same test split)."""
+    old = load_splits(DataSpec(train="builtin:arithmetic?n=80", eval_count=12, max_len=256), tok)
+    new = load_splits(DataSpec(train="builtin:arithmetic?n=80", test_count=12, validation_count=10, max_len=256), tok)
+    assert old.validation is None
+    assert new.eval.prompts == old.eval.prompts  # the same test split
+    assert len(new.validation) == 10 and len(new.train) == len(old.train) - 10
+    test, val, train = set(new.eval.prompts), set(new.validation.prompts), set(new.train.prompts)
+    assert not test & val and not test & train and not val & train
+    fraction = load_splits(DataSpec(train="builtin:arithmetic?n=80", test_fraction=0.1, validation_fraction=0.25,
+                                    max_len=256), tok)
+    assert (len(fraction.eval), len(fraction.validation)) == (8, 20)
+
+
+def test_split_files_and_conflicts(tmp_path, tok):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(30)]
+    for name, part in (("train", rows[:20]), ("val", rows[20:25]), ("test", rows[25:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    splits = load_splits(DataSpec(train=str(tmp_path / "train.jsonl"), validation=str(tmp_path / "val.jsonl"),
+                                  test=str(tmp_path / "test.jsonl"), max_len=64), tok)
+    assert (len(splits.train), len(splits.validation), len(splits.eval)) == (20, 5, 5)
+    with pytest.raises(ConfigError, match="give one of test, test_fraction, test_count"):
+        validate(DataSpec, {"train": "x", "eval_count": 3, "test_count": 4}, "bad")
+    with pytest.raises(ConfigError, match="give one of validation, validation_fraction, validation_count"):
+        validate(DataSpec, {"train": "x", "validation": "v.jsonl", "validation_count": 4}, "bad")
+    leaky = DataSpec(train=str(tmp_path / "train.jsonl"), validation=str(tmp_path / "train.jsonl"), test_count=2,
+                     max_len=64)
+    assert any("20 of 20 validation example(s) are also training examples" in w
+               for w in load_splits(leaky, tok).warnings)

@@ -204,7 +204,7 @@ def test_a_bom_is_read_and_eval_overlap_is_warned(cli, workdir):
     (workdir / "bom.yaml").write_text(text)
     done = cli("run", "bom.yaml", "--store", "bom.db", "-q")
     assert done.returncode == 0, done.stderr
-    assert "4 of 4 eval example(s) are also training examples" in done.stderr
+    assert "4 of 4 test example(s) are also training examples" in done.stderr
 
 
 def test_cjk_and_long_names_render_without_warnings(cli, workdir, recwarn):

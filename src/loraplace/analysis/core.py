@@ -25,10 +25,12 @@ from loraplace.records import (
     config_without_seed,
 )
 from loraplace.store import StudyRecord, TrialRecord
+from loraplace.tuning import Selection, selections_of, tuned_cell, tuned_lr
 
 # metric → (label, lower is better); the keys are :class:`Metrics` fields, the quantities a study compares
 METRICS: dict[str, tuple[str, bool]] = {
     "eval_loss": ("eval loss", True),
+    "val_loss": ("validation loss", True),
     "perplexity": ("perplexity", True),
     "accuracy": ("accuracy", False),
     "tokens_per_s": ("tokens/s", False),
@@ -89,6 +91,12 @@ class Group:
     probe: ProbeScores | None = None  # importance-probe scores of an auto placement (first seed)
     comparison: Comparison | None = None
     dominated_by: GroupKey | None = None  # a group with ≤ params and ≤ mean eval loss
+    selected: bool | None = None  # tuned studies: this is its cell's selected LR (None: the study is not tuned)
+
+    @property
+    def compared(self) -> bool:
+        """Part of the comparison: every group, or in a tuned study only the selected LR of each cell."""
+        return self.selected is not False
 
     @property
     def placement(self) -> str:
@@ -124,6 +132,16 @@ class StudyAnalysis:
     counts: dict[str, int]
     warnings: tuple[str, ...]
     environment: EnvironmentSummary = field(default_factory=lambda: EnvironmentSummary((), (), {}))
+    selections: dict[GroupKey, Selection] = field(default_factory=dict)  # tuned: cell → its selected LR
+
+    @property
+    def tuned(self) -> bool:
+        return bool(self.info.tune_lrs)
+
+    @property
+    def compared(self) -> tuple[Group, ...]:
+        """The groups the comparison, the Pareto frontier and the budget/site tables are about."""
+        return tuple(g for g in self.groups if g.compared)
 
     @property
     def model(self) -> str:
@@ -138,7 +156,7 @@ class StudyAnalysis:
 
     @property
     def frontier(self) -> list[Group]:
-        return sorted((g for g in self.groups if g.dominated_by is None and "eval_loss" in g.stats),
+        return sorted((g for g in self.compared if g.dominated_by is None and "eval_loss" in g.stats),
                       key=lambda g: g.trainable_params)
 
 
@@ -214,11 +232,46 @@ def analyze_records(study: StudyRecord, store: str, records: list[TrialRecord],
     if not study.info.baseline_given:
         warnings.append(f"no baseline set in the spec: comparing against the first placement, "
                         f"{study.info.baseline!r}")
-    groups = _compare(groups, study.info.baseline, warnings)
+    selections: dict[GroupKey, Selection] = {}
+    cell = _plain_cell
+    if study.info.tune_lrs:
+        selections = selections_of(study.info, records)
+        chosen = {s.cell: s.lr for s in selections.values()}
+        groups = {k: replace(g, selected=chosen.get(tuned_cell(k)) == tuned_lr(k)) for k, g in groups.items()}
+        cell = _tuned_cell
+        warnings += _tune_warnings(groups, selections)
+    elif groups and not any("val_loss" in g.stats for g in groups.values()):
+        warnings.append("no validation split: every number here is on the test (eval) split, and nothing was "
+                        "selected on a separate split; to pick a winner or an LR without selection bias, add "
+                        "data.validation_count (and tune:)")
+    groups = _compare(groups, study.info.baseline, warnings, cell)
     groups = _pareto(groups)
-    warnings += _warnings(groups, rows, counts, trial_warnings)
+    warnings += _warnings(groups, rows, counts, trial_warnings, cell)
     return StudyAnalysis(study.name, store, study.spec, study.info, tuple(groups.values()), tuple(rows), counts,
-                         tuple(warnings), _environment(rows, study.info))
+                         tuple(warnings), _environment(rows, study.info), selections)
+
+
+def _plain_cell(key: GroupKey) -> tuple:
+    return key.cell
+
+
+def _tuned_cell(key: GroupKey) -> tuple:
+    """Tuned: placements are compared each at its own selected LR, so the LR is not part of the cell."""
+    return tuned_cell(key).cell
+
+
+def _tune_warnings(groups: dict[GroupKey, Group], selections: dict[GroupKey, Selection]) -> list[str]:
+    out = []
+    edge = [f"{s.cell.label} (lr={s.lr:g})" for s in selections.values() if s.at_edge]
+    if edge:
+        out.append(f"the selected LR is at the edge of the tuned grid for {', '.join(edge)}: the best LR may lie "
+                   "outside it; widen tune.lr")
+    cells = {tuned_cell(k) for k in groups}
+    unselected = sorted(c.label for c in cells if c not in selections)
+    if unselected:
+        out.append(f"no LR selected yet for {', '.join(unselected)} (its selection pass is unfinished, or every LR "
+                   "failed): not compared")
+    return out
 
 
 def _ratio(a: Summary | None, b: Summary | None) -> float | None:
@@ -227,12 +280,13 @@ def _ratio(a: Summary | None, b: Summary | None) -> float | None:
     return a.mean / b.mean
 
 
-def _compare(groups: dict[GroupKey, Group], baseline: str, warnings: list[str]) -> dict[GroupKey, Group]:
-    base_by_cell = {g.key.cell: g for g in groups.values() if g.placement == baseline}
+def _compare(groups: dict[GroupKey, Group], baseline: str, warnings: list[str],
+             cell=_plain_cell) -> dict[GroupKey, Group]:
+    base_by_cell = {cell(g.key): g for g in groups.values() if g.placement == baseline and g.compared}
     out = {}
     for key, g in groups.items():
-        base = base_by_cell.get(key.cell)
-        if base is None:
+        base = base_by_cell.get(cell(key))
+        if base is None or not g.compared:
             out[key] = g
             continue
         loss = paired(g.by_seed["eval_loss"], base.by_seed["eval_loss"]) if "eval_loss" in base.stats else None
@@ -246,14 +300,14 @@ def _compare(groups: dict[GroupKey, Group], baseline: str, warnings: list[str]) 
             _ratio(base.stats.get("train_s"), g.stats.get("train_s")),
             _ratio(g.stats.get("peak_mem_mb"), base.stats.get("peak_mem_mb")))
         out[key] = replace(g, comparison=comparison)
-    missing = sorted({g.key.size.label for g in groups.values() if g.key.cell not in base_by_cell})
+    missing = sorted({g.key.size.label for g in groups.values() if g.compared and cell(g.key) not in base_by_cell})
     if missing:
         warnings.append(f"baseline {baseline!r} has no finished trial at {', '.join(missing)}: no comparison there")
     return out
 
 
 def _pareto(groups: dict[GroupKey, Group]) -> dict[GroupKey, Group]:
-    scored = [g for g in groups.values() if "eval_loss" in g.stats]
+    scored = [g for g in groups.values() if "eval_loss" in g.stats and g.compared]
     dominators = pareto_front([(g.trainable_params, g.stats["eval_loss"].mean) for g in scored])
     out = dict(groups)
     for g, d in zip(scored, dominators, strict=True):
@@ -263,7 +317,7 @@ def _pareto(groups: dict[GroupKey, Group]) -> dict[GroupKey, Group]:
 
 
 def _warnings(groups: dict[GroupKey, Group], rows: list[TrialRow], counts: dict[str, int],
-              trial_warnings: dict[str, list[str]]) -> list[str]:
+              trial_warnings: dict[str, list[str]], cell=_plain_cell) -> list[str]:
     out = []
     single = sorted(g.key.label for g in groups.values() if g.n == 1)
     if single:
@@ -271,9 +325,10 @@ def _warnings(groups: dict[GroupKey, Group], rows: list[TrialRow], counts: dict[
                    "add seeds to the spec")
     by_cell: dict[tuple, list[Group]] = defaultdict(list)
     for g in groups.values():
-        by_cell[g.key.cell].append(g)
-    for (size, _), cell in by_cell.items():
-        params = [g.trainable_params for g in cell if g.trainable_params]
+        if g.compared:
+            by_cell[cell(g.key)].append(g)
+    for (size, _), members in by_cell.items():
+        params = [g.trainable_params for g in members if g.trainable_params]
         if len(params) > 1 and max(params) > (1 + BUDGET_MATCH_TOLERANCE) * min(params):
             out.append(f"placements at {size.label} are not budget-matched (trainable params "
                        f"{min(params):,}–{max(params):,}): lower loss may only mean more parameters; "

@@ -58,7 +58,7 @@ def _save(fig, out_dir: Path, name: str, title: str, caption: str) -> Figure:
 
 
 def pareto_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
-    groups = [g for g in analysis.groups if "eval_loss" in g.stats and g.trainable_params > 0]
+    groups = [g for g in analysis.compared if "eval_loss" in g.stats and g.trainable_params > 0]
     if not groups:
         return None
     placements = list(dict.fromkeys(g.placement for g in groups))
@@ -94,7 +94,7 @@ def pareto_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
 
 
 def curves_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
-    groups = [g for g in analysis.groups if any(t.curve for t in g.trials)]
+    groups = [g for g in analysis.compared if any(t.curve for t in g.trials)]
     if not groups:
         return None
     colors = _colors([g.key.label for g in groups])
@@ -196,7 +196,7 @@ def site_heatmap(matrices: dict[str, list[list[float]]], roles: Sequence[str], o
 
 def placement_heatmap(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
     seen: dict[str, SiteMap] = {}
-    for g in analysis.groups:  # one panel per placement (its first size)
+    for g in analysis.compared:  # one panel per placement (its first size)
         if g.sites is not None and g.sites.sites and g.placement not in seen:
             seen[g.placement] = g.sites
     if not seen:
@@ -236,9 +236,43 @@ def study_probe_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
     return None if group is None else probe_heatmap(group.probe, out_dir)
 
 
+def lr_sensitivity_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
+    """Tuned studies: validation loss against LR, one line per cell, the selected LR ringed."""
+    from loraplace.tuning import tuned_cell, tuned_lr
+
+    lines: dict = {}
+    for g in analysis.groups:
+        lr, s = tuned_lr(g.key), g.stats.get("val_loss")
+        if lr is not None and s is not None:
+            lines.setdefault(tuned_cell(g.key), []).append((lr, s, bool(g.selected)))
+    if not analysis.tuned or not lines:
+        return None
+    colors = _colors([c.label for c in lines])
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(4.6, 2.8))
+        for cell, points in lines.items():
+            points.sort(key=lambda p: p[0])
+            color = colors[cell.label]
+            ax.errorbar([p[0] for p in points], [p[1].mean for p in points], yerr=[p[1].ci_half or 0 for p in points],
+                        fmt="-o", ms=3.5, capsize=2, lw=0.9, elinewidth=0.8, color=color, label=cell.label)
+            for lr, s, selected in points:
+                if selected:
+                    ax.plot([lr], [s.mean], "o", ms=9, mfc="none", mec=color, mew=1.2, zorder=4)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (log)")
+        ax.set_ylabel("validation loss (mean ± 95% CI)")
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=6.5)
+        return _save(fig, out_dir, "lr", "Learning-rate sensitivity",
+                     "Validation loss against learning rate per placement and size, mean over the seeds run at that "
+                     "LR with 95% t-intervals; the ringed point is the LR each selected (lowest mean validation "
+                     "loss over the selection seeds). The comparison uses each placement at its ringed LR, on the "
+                     "test split.")
+
+
 def study_figures(analysis: StudyAnalysis, out_dir: Path) -> list[Figure]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    makers = (pareto_figure, curves_figure, efficiency_figure, placement_heatmap, study_probe_figure)
+    makers = (pareto_figure, lr_sensitivity_figure, curves_figure, efficiency_figure, placement_heatmap,
+              study_probe_figure)
     with warnings.catch_warnings():
         # Names in scripts the bundled font lacks (CJK, …) are drawn as boxes; matplotlib would otherwise print a
         # warning with its source path per glyph and figure. The tables and the HTML show the names in full.

@@ -18,7 +18,7 @@ import yaml
 
 from loraplace.analysis.core import StudyAnalysis
 from loraplace.analysis.figures import Figure, study_figures
-from loraplace.analysis.tables import Table, budget_table, comparison_table, site_table, trial_table
+from loraplace.analysis.tables import Table, budget_table, comparison_table, lr_table, site_table, trial_table
 from loraplace.atomic import write_text_atomic
 from loraplace.errors import LoraplaceError
 
@@ -41,7 +41,8 @@ def write_report(analysis: StudyAnalysis, out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = study_figures(analysis, out / "figures") if {"html", "md", "tex"} & set(formats) else []
-    tables = [t for t in (comparison_table(analysis), budget_table(analysis), site_table(analysis)) if t is not None]
+    tables = [t for t in (comparison_table(analysis), lr_table(analysis), budget_table(analysis),
+                          site_table(analysis)) if t is not None]
     trials = trial_table(analysis)
     written: dict[str, Path] = {}
     if "html" in formats:
@@ -109,7 +110,7 @@ def _img(figure: Figure) -> str:
 
 def render_html(analysis: StudyAnalysis, tables: list[Table], trials: Table, figures: list[Figure]) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in analysis.counts.items() if v)
-    classes = ["baseline" if g.is_baseline else ("muted" if g.dominated_by else "") for g in analysis.groups]
+    classes = ["baseline" if g.is_baseline else ("muted" if g.dominated_by else "") for g in analysis.compared]
     parts = [f"<h1>Study {html.escape(analysis.name)}</h1>",
              f'<p class="meta">model <b>{html.escape(analysis.model)}</b> · baseline '
              f"<b>{html.escape(str(analysis.baseline))}</b> · trials: {html.escape(counts)} · store "

@@ -60,13 +60,17 @@ def comparison_table(analysis: StudyAnalysis, name_dominator: bool = True) -> Ta
                "peak mem (MiB)", "Pareto")
     right = (False, False, True, True, True, True, True, True, True, True, True, False, True, True, True, True,
              True, False)
+    with_val = any("val_loss" in g.stats for g in analysis.compared)
+    if with_val:
+        columns = columns[:6] + ("validation loss",) + columns[6:]
+        right = right[:6] + (True,) + right[6:]
     rows = []
-    for g in analysis.groups:
+    for g in analysis.compared:
         delta, pct, p, verdict = _delta(g)
         c = g.comparison
         pct_model = 100.0 * g.trainable_params / g.total_params if g.total_params else 0.0
         acc = g.stats.get("accuracy")
-        rows.append((
+        row = (
             g.placement, g.key.size_label, str(g.n), fmt_params(g.trainable_params),
             f"{pct_model:.3f}%", fmt_mean(g.stats.get("eval_loss")), fmt_mean(g.stats.get("perplexity"), ".3f"),
             fmt_mean(acc, ".3f") if acc is not None else "—", delta, pct, p, verdict,
@@ -76,20 +80,47 @@ def comparison_table(analysis: StudyAnalysis, name_dominator: bool = True) -> Ta
             fmt_mean(g.stats.get("tokens_per_s"), ",.0f"), fmt_mean(g.stats.get("peak_mem_mb"), ",.0f"),
             "frontier" if g.dominated_by is None else
             f"dominated by {g.dominated_by.label}" if name_dominator else "dominated",
-        ))
+        )
+        if with_val:  # after the test-split loss: the split selection read
+            row = row[:6] + (fmt_mean(g.stats.get("val_loss")),) + row[6:]
+        rows.append(row)
     notes = ("eval loss, perplexity, accuracy, tokens/s and memory: mean ± half-width of the 95% t-interval over "
              "seeds (n=1: no interval).",
              "Δ eval loss: seed-paired mean difference to the baseline at the same size, ± 95% t-interval; "
              "'not distinguishable' when that interval covers 0.",
              "params saved: (baseline − placement) trainable params, as % of the baseline's adapter and, "
              "separately, as % of the full model's parameters. speedup: baseline train time / train time.")
+    if with_val:
+        notes += ("splits: eval loss, perplexity, accuracy and every Δ are on the test split, which selects "
+                  "nothing; validation loss is on the validation split" + (", which selected each placement's LR "
+                                                                           "(size column: its lr)."
+                                                                           if analysis.tuned else "."),)
     return Table("Placements compared", columns, tuple(rows), right, notes)
+
+
+def lr_table(analysis: StudyAnalysis) -> Table | None:
+    """Tuned studies: every cell's validation loss at each LR tried, and the LR it selected."""
+    if not analysis.tuned:
+        return None
+    lrs = list(analysis.info.tune_lrs)
+    rows = []
+    for cell, sel in analysis.selections.items():
+        rows.append((cell.label, *[("—" if v != v else f"{v:.4f}") + (" ◀" if lr == sel.lr else "")
+                                   for lr, v in ((lr, sel.val_loss_by_lr.get(lr, float("nan"))) for lr in lrs)],
+                     f"{sel.lr:g}" + (" (edge)" if sel.at_edge else "")))
+    if not rows:
+        return None
+    return Table("Learning rate selected per placement (validation split)",
+                 ("cell", *[f"lr={lr:g}" for lr in lrs], "selected"), tuple(rows),
+                 (False, *[True] * len(lrs), True),
+                 (f"mean validation loss over the selection seeds {list(analysis.info.tune_seeds)}; ◀ marks the "
+                  "selected LR (lowest mean; an LR with a failed seed is out, —). The test split played no part.",))
 
 
 def budget_table(analysis: StudyAnalysis) -> Table | None:
     """Each budget-matched arm: the budget, what its plan achieved, the deviation and the ranks that got there."""
     rows = []
-    for g in analysis.groups:
+    for g in analysis.compared:
         if g.key.size.kind != "budget" or not g.trainable_params:
             continue
         budget = g.key.size.value
@@ -108,7 +139,7 @@ def budget_table(analysis: StudyAnalysis) -> Table | None:
 
 
 def site_table(analysis: StudyAnalysis) -> Table | None:
-    groups = [(g, g.sites) for g in analysis.groups if g.sites is not None and g.sites.sites]
+    groups = [(g, g.sites) for g in analysis.compared if g.sites is not None and g.sites.sites]
     if not any(sites.layer_selective for _, sites in groups):
         return None
     rows = []

@@ -33,27 +33,77 @@ class TemplateSpec(StrictModel):
 
 
 class DataSpec(StrictModel):
+    """Where the examples come from and how they split into **train**, **validation** and **test**.
+
+    The test split is what results are reported on; it is never used to select anything (a learning rate, a
+    winner). The validation split is what selection uses (``tune:``). Each held-out split is a file (``test``,
+    ``validation``) or is carved from ``train`` with ``split_seed``: by count or fraction. Carving takes the test
+    examples first, then the validation ones, so adding a validation split never changes the test split.
+    ``eval``/``eval_count``/``eval_fraction`` are the older names of the test split.
+    """
+
     train: str
-    eval: str | None = None
-    eval_fraction: float | None = Field(default=None, gt=0, lt=1)
-    eval_count: int | None = Field(default=None, gt=0)
+    eval: str | None = Field(default=None, description="older name of test")
+    eval_fraction: float | None = Field(default=None, gt=0, lt=1, description="older name of test_fraction")
+    eval_count: int | None = Field(default=None, gt=0, description="older name of test_count")
     limit: int | None = Field(default=None, gt=0, description="use the first N training examples")
-    eval_limit: int | None = Field(default=None, gt=0)
+    eval_limit: int | None = Field(default=None, gt=0, description="use the first N test examples")
     format: Literal["auto", "alpaca", "gsm8k", "messages", "prompt_completion", "text"] = "auto"
     template: TemplateSpec | None = None
     max_len: int = Field(default=512, gt=8)
     train_on_prompt: bool = False
     split_seed: int = 0
+    test: str | None = Field(default=None, description="test split: a file")
+    test_fraction: float | None = Field(default=None, gt=0, lt=1, description="test split: carved, a fraction")
+    test_count: int | None = Field(default=None, gt=0, description="test split: carved, a count")
+    validation: str | None = Field(default=None, description="validation split (selection only): a file")
+    validation_fraction: float | None = Field(default=None, gt=0, lt=1, description="validation: a fraction")
+    validation_count: int | None = Field(default=None, gt=0, description="validation: carved, a count")
 
-    # A field validator (not a model validator), so this is reported together with type errors of other fields.
-    @field_validator("eval_count")
+    added_fields = frozenset({"test", "test_fraction", "test_count", "validation", "validation_fraction",
+                              "validation_count"})
+
+    # Field validators (not a model validator), so these are reported together with type errors of other fields.
+    @field_validator("test_count")
     @classmethod
-    def _one_split(cls, value: int | None, info: ValidationInfo) -> int | None:
-        given = [k for k in ("eval", "eval_fraction") if info.data.get(k) is not None]
-        given += ["eval_count"] if value is not None else []
+    def _one_test_split(cls, value: int | None, info: ValidationInfo) -> int | None:
+        names = ("eval", "eval_fraction", "eval_count", "test", "test_fraction")
+        given = [k for k in names if info.data.get(k) is not None] + (["test_count"] if value is not None else [])
         if len(given) > 1:
-            raise ValueError(f"give one of eval, eval_fraction, eval_count (got {', '.join(given)})")
+            raise ValueError(f"give one of test, test_fraction, test_count (or the older eval, eval_fraction, "
+                             f"eval_count) (got {', '.join(given)})")
         return value
+
+    @field_validator("validation_count")
+    @classmethod
+    def _one_validation_split(cls, value: int | None, info: ValidationInfo) -> int | None:
+        given = [k for k in ("validation", "validation_fraction") if info.data.get(k) is not None]
+        given += ["validation_count"] if value is not None else []
+        if len(given) > 1:
+            raise ValueError(f"give one of validation, validation_fraction, validation_count (got "
+                             f"{', '.join(given)})")
+        return value
+
+    @property
+    def test_file(self) -> str | None:
+        return self.test if self.test is not None else self.eval
+
+    @property
+    def has_validation(self) -> bool:
+        return any(v is not None for v in (self.validation, self.validation_count, self.validation_fraction))
+
+    def carved(self, n: int) -> tuple[int, int]:
+        """(test, validation) example counts carved from ``n`` training examples (0 where a file gives it)."""
+        n_test = 0
+        if self.test_file is None:
+            count = self.test_count if self.test_count is not None else self.eval_count
+            fraction = self.test_fraction if self.test_fraction is not None else self.eval_fraction
+            n_test = count if count is not None else max(1, round(n * (fraction or 0.1)))
+        n_val = 0
+        if self.validation is None and self.has_validation:
+            n_val = self.validation_count if self.validation_count is not None else max(
+                1, round(n * self.validation_fraction))
+        return n_test, n_val
 
 
 @dataclass
@@ -166,25 +216,28 @@ def check_data(spec: DataSpec) -> list[str]:
     train, _ = read_records(spec.train)
     fmt = detect_format(train[0]) if spec.format == "auto" else spec.format
     check_columns(train, fmt)
-    if spec.eval is None:
-        return []
-    held_out, _ = read_records(spec.eval)
-    check_columns(held_out, detect_format(held_out[0]) if spec.format == "auto" else spec.format)
     seen = {json.dumps(r, sort_keys=True, default=str) for r in train}
-    overlap = sum(json.dumps(r, sort_keys=True, default=str) in seen for r in held_out)
-    if not overlap:
-        return []
-    same = " (the same data)" if overlap == len(held_out) else ""
-    return [f"{overlap} of {len(held_out)} eval example(s) are also training examples{same}: the eval loss "
-            "overstates how well a placement generalises"]
+    warnings = []
+    for name, source in (("test", spec.test_file), ("validation", spec.validation)):
+        if source is None:
+            continue
+        held_out, _ = read_records(source)
+        check_columns(held_out, detect_format(held_out[0]) if spec.format == "auto" else spec.format)
+        overlap = sum(json.dumps(r, sort_keys=True, default=str) in seen for r in held_out)
+        if overlap:
+            same = " (the same data)" if overlap == len(held_out) else ""
+            warnings.append(f"{overlap} of {len(held_out)} {name} example(s) are also training examples{same}: "
+                            f"the {name} loss overstates how well a placement generalises")
+    return warnings
 
 
 @dataclass
 class Splits:
     train: TokenizedSet
-    eval: TokenizedSet
+    eval: TokenizedSet  # the test split: what results are reported on
     tokenize_s: float
     warnings: list[str]
+    validation: TokenizedSet | None = None  # what selection (tune:) reads; None when the spec gives none
 
 
 def _guard_warnings(name: str, stats: dict) -> list[str]:
@@ -217,27 +270,39 @@ def load_splits(spec: DataSpec, tokenizer) -> Splits:
     train_all, _ = load_tokenized(spec.train, tokenizer, spec)
     if len(train_all) == 0:
         raise _empty_error("training", train_all.stats, spec)
-    if spec.eval is not None:
-        eval_set, _ = load_tokenized(spec.eval, tokenizer, spec)
-        train_set = train_all
+    n = len(train_all)
+    n_test, n_val = spec.carved(n)
+    if n_test + n_val >= n:
+        raise DataError(f"held-out splits of {n_test + n_val} ({n_test} test, {n_val} validation) leave no training "
+                        f"examples (only {n} usable)")
+    # One permutation: test first, then validation, then train (adding a validation split keeps the test split).
+    order = np.random.default_rng(spec.split_seed).permutation(n)
+    train_set = train_all.subset(np.sort(order[n_test + n_val:])) if n_test + n_val else train_all
+    if spec.test_file is not None:
+        eval_set, _ = load_tokenized(spec.test_file, tokenizer, spec)
     else:
-        n = len(train_all)
-        n_eval = spec.eval_count if spec.eval_count is not None else max(1, round(n * (spec.eval_fraction or 0.1)))
-        if n_eval >= n:
-            raise DataError(f"eval split of {n_eval} leaves no training examples (only {n} usable)")
-        order = np.random.default_rng(spec.split_seed).permutation(n)
-        eval_set, train_set = train_all.subset(np.sort(order[:n_eval])), train_all.subset(np.sort(order[n_eval:]))
+        eval_set = train_all.subset(np.sort(order[:n_test]))
+    validation = None
+    if spec.validation is not None:
+        validation, _ = load_tokenized(spec.validation, tokenizer, spec)
+    elif n_val:
+        validation = train_all.subset(np.sort(order[n_test:n_test + n_val]))
     if spec.limit is not None:
         train_set = train_set.subset(range(min(spec.limit, len(train_set))))
     if spec.eval_limit is not None:
         eval_set = eval_set.subset(range(min(spec.eval_limit, len(eval_set))))
     warnings = _guard_warnings("train", train_all.stats)
-    if spec.eval is not None:
-        warnings += _guard_warnings("eval", eval_set.stats) + check_data(spec)
-    for name, part in (("training", train_set), ("eval", eval_set)):
+    if spec.test_file is not None:
+        warnings += _guard_warnings("test", eval_set.stats)
+    if spec.validation is not None and validation is not None:
+        warnings += _guard_warnings("validation", validation.stats)
+    if spec.test_file is not None or spec.validation is not None:
+        warnings += check_data(spec)
+    parts = [("training", train_set), ("test", eval_set)] + ([("validation", validation)] if validation else [])
+    for name, part in parts:
         if len(part) == 0:
             raise _empty_error(name, part.stats, spec)
-    return Splits(train_set, eval_set, time.perf_counter() - t0, warnings)
+    return Splits(train_set, eval_set, time.perf_counter() - t0, warnings, validation)
 
 
 __all__ = ["DataSpec", "FORMATS", "Splits", "TemplateSpec", "TokenizedSet", "check_data", "load_splits",

@@ -1,0 +1,113 @@
+"""Per-placement learning-rate tuning: selection on the validation split, never on the test split.
+
+A study with ``tune: {lr: [...]}`` trains every (placement, size, other axes) cell at each learning rate — on
+``tune.seeds`` (default: every seed) — and selects, per cell, the LR with the lowest mean **validation** loss over
+those seeds. The remaining seeds then run at the selected LR only. Comparisons, Pareto frontier and paired tests
+use each placement at its own selected LR and report the **test** split. Selection reads ``Metrics.val_loss``
+only, so nothing measured on the test split can move it (a test checks this by permuting the test split).
+
+This is the one home of the selection rule: the runner (which trials run next) and the analysis (which groups are
+compared) both call :func:`select_lrs`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, field_validator
+
+from loraplace.records import GroupKey, StudyInfo
+from loraplace.specs import StrictModel
+from loraplace.store import TrialRecord
+
+TUNED_AXIS = "lr"
+
+
+class TuneSpec(StrictModel):
+    """``tune:`` in a study: the learning rates every cell is trained at, and how one is selected."""
+
+    lr: list[PositiveFloat] = Field(min_length=2, description="learning rates to select from (each cell its own)")
+    on: Literal["validation"] = Field(default="validation", description="the split selection reads (only this)")
+    seeds: list[int] | None = Field(default=None, min_length=1, description="seeds of the selection pass (default: "
+                                    "every seed); the other seeds run at the selected LR only")
+
+    @field_validator("lr")
+    @classmethod
+    def _distinct(cls, value: list[float]) -> list[float]:
+        if len(set(value)) != len(value):
+            raise ValueError("tune.lr has duplicates")
+        return sorted(value)
+
+
+def tuned_cell(key: GroupKey) -> GroupKey:
+    """A group's key without its tuned LR: the cell whose LRs compete."""
+    return key.model_copy(update={"axes": tuple((k, v) for k, v in key.axes if k != TUNED_AXIS)})
+
+
+def tuned_lr(key: GroupKey) -> float | None:
+    return next((float(v) for k, v in key.axes if k == TUNED_AXIS), None)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The LR a cell selected, and the mean validation loss of every LR it tried (NaN: every trial failed)."""
+
+    cell: GroupKey
+    lr: float
+    val_loss_by_lr: dict[float, float]
+    seeds: tuple[int, ...]
+
+    @property
+    def at_edge(self) -> bool:
+        """The selected LR is the smallest or largest tried: the best may lie outside the grid."""
+        tried = sorted(self.val_loss_by_lr)
+        return len(tried) > 1 and self.lr in (tried[0], tried[-1])
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """What selection reads of one trial: where it sits, its seed, and its validation loss (None: not done)."""
+
+    key: GroupKey
+    seed: int
+    val_loss: float | None
+
+
+def select_lrs(results: Iterable[TrialResult], lrs: Iterable[float], seeds: Iterable[int],
+               *, complete_only: bool = True) -> dict[GroupKey, Selection]:
+    """cell → its selection. Only trials of the selection ``seeds`` count. With ``complete_only`` a cell selects
+    only once every (LR, seed) of its selection pass has a result (done, or failed: a failed LR loses); a cell
+    whose every LR failed selects nothing."""
+    lrs, seeds = sorted(lrs), sorted(seeds)
+    by_cell: dict[GroupKey, dict[float, dict[int, float | None]]] = defaultdict(lambda: defaultdict(dict))
+    for r in results:
+        lr = tuned_lr(r.key)
+        if lr is None or r.seed not in seeds:
+            continue
+        by_cell[tuned_cell(r.key)][lr][r.seed] = r.val_loss
+    out = {}
+    for cell, by_lr in by_cell.items():
+        if complete_only and any(len(by_lr.get(lr, {})) < len(seeds) for lr in lrs):
+            continue  # the selection pass of this cell has not finished
+        means = {}
+        for lr in lrs:
+            values = [v for v in by_lr.get(lr, {}).values() if v is not None and math.isfinite(v)]
+            # An LR with a failed seed is out: its mean would be over fewer, luckier seeds.
+            means[lr] = sum(values) / len(values) if values and len(values) == len(by_lr.get(lr, {})) else math.nan
+        finite = {lr: m for lr, m in means.items() if math.isfinite(m)}
+        if finite:
+            best = min(finite, key=lambda lr: (finite[lr], lr))
+            out[cell] = Selection(cell, best, means, tuple(seeds))
+    return out
+
+
+def selections_of(info: StudyInfo, records: list[TrialRecord]) -> dict[GroupKey, Selection]:
+    """The LR each cell of a tuned study has selected so far, from its stored trials (a cell whose selection pass
+    is unfinished has none)."""
+    results = [TrialResult(r.labels.group, r.labels.seed, r.metrics.val_loss if r.metrics is not None else None)
+               for r in records if r.status in ("done", "failed")]
+    return select_lrs(results, info.tune_lrs, info.tune_seeds)

@@ -1,0 +1,116 @@
+"""Per-placement LR tuning: the selection pass, the follow-up seeds at the selected LR, and a selection that the
+test split cannot influence."""
+
+import json
+import random
+
+import pytest
+
+from helpers import run_study_once
+from loraplace.analysis import analyze_store
+from loraplace.analysis.report import write_report
+from loraplace.errors import ConfigError
+from loraplace.records import GroupKey, Size
+from loraplace.store import Store
+from loraplace.study import expand_grid, load_study
+from loraplace.tuning import TrialResult, select_lrs
+
+LRS = [1.0e-4, 3.0e-3, 3.0e-2]
+
+
+def _write_splits(root, permute_test: bool = False):
+    rng = random.Random(0)
+    rows = []
+    for i in range(90):
+        a, b = rng.randint(2, 60), rng.randint(2, 60)
+        rows.append({"prompt": f"What is {a} + {b}?", "completion": f" {a + b}"})
+    test = rows[70:]
+    if permute_test:  # the same prompts, their answers shuffled: a different test split, same train/validation
+        answers = [r["completion"] for r in test]
+        random.Random(1).shuffle(answers)
+        test = [{"prompt": r["prompt"], "completion": a} for r, a in zip(test, answers, strict=True)]
+    for name, part in (("train", rows[:55]), ("val", rows[55:70]), ("test", test)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+
+
+def _spec(root) -> str:
+    return f"""name: tuned
+model: tiny:llama
+data: {{train: {root}/train.jsonl, validation: {root}/val.jsonl, test: {root}/test.jsonl, max_len: 64}}
+train: {{steps: 4, batch: 4, precision: fp32}}
+placements: {{all: {{preset: all}}, attn: {{preset: attn}}}}
+ranks: [2]
+seeds: [0, 1]
+tune: {{lr: {LRS}, seeds: [0]}}
+baseline: all
+"""
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    stores = {}
+    for permute in (False, True):
+        root = tmp_path_factory.mktemp("tuned-permuted" if permute else "tuned")
+        _write_splits(root, permute)
+        stores[permute] = run_study_once(root, _spec(root))
+    return stores
+
+
+def test_selection_pass_then_other_seeds_at_the_selected_lr(tuned, tmp_path):
+    with Store.open_readonly(tuned[False]) as store:
+        trials = store.trials(store.study().id)
+    assert all(t.status == "done" for t in trials)
+    by_seed = {0: [t for t in trials if t.labels.seed == 0], 1: [t for t in trials if t.labels.seed == 1]}
+    assert len(by_seed[0]) == 2 * len(LRS)  # every placement at every LR on the selection seed
+    assert len(by_seed[1]) == 2  # the other seed only at each placement's selected LR
+    analysis = analyze_store(tuned[False])
+    assert set(analysis.selections) == {GroupKey(placement=p, size=Size(kind="rank", value=2)) for p in ("all", "attn")}
+    for cell, sel in analysis.selections.items():
+        seed1 = next(t for t in by_seed[1] if t.labels.group.placement == cell.placement)
+        assert dict(seed1.labels.group.axes)["lr"] == sel.lr
+        assert sel.lr == min(sel.val_loss_by_lr, key=sel.val_loss_by_lr.get)
+    compared = analysis.compared
+    assert len(compared) == 2 and all(g.n == 2 and g.selected for g in compared)  # each at its own LR, 2 seeds
+    written = write_report(analysis, tmp_path / "report", ("md",))
+    md = written["md"].read_text()
+    assert "Learning rate selected per placement (validation split)" in md
+    assert "![Learning-rate sensitivity](figures/lr.png)" in md
+    assert "validation loss" in md and "which selected each placement's LR" in md
+
+
+def test_the_test_split_cannot_move_the_selection(tuned):
+    plain, permuted = analyze_store(tuned[False]), analyze_store(tuned[True])
+    assert {c: s.lr for c, s in plain.selections.items()} == {c: s.lr for c, s in permuted.selections.items()}
+    assert {c: s.val_loss_by_lr for c, s in plain.selections.items()} == \
+        {c: s.val_loss_by_lr for c, s in permuted.selections.items()}
+    test_plain = sorted(g.stats["eval_loss"].mean for g in plain.compared)
+    test_permuted = sorted(g.stats["eval_loss"].mean for g in permuted.compared)
+    assert test_plain != test_permuted  # the test split did change: only the reported numbers moved
+
+
+def test_select_lrs_rule():
+    cell = GroupKey(placement="a", size=Size(kind="rank", value=4))
+
+    def at(lr):
+        return cell.model_copy(update={"axes": (("lr", lr),)})
+
+    results = [TrialResult(at(0.1), 0, 2.0), TrialResult(at(0.1), 1, 2.2), TrialResult(at(0.01), 0, 1.9),
+               TrialResult(at(0.01), 1, None), TrialResult(at(0.001), 0, 2.1), TrialResult(at(0.001), 1, 2.05)]
+    sel = select_lrs(results, [0.1, 0.01, 0.001], [0, 1])[cell]
+    assert sel.lr == 0.001  # 0.01 lost a seed (failed): out, however good its other seed
+    assert sel.at_edge
+    assert select_lrs(results[:-1], [0.1, 0.01, 0.001], [0, 1]) == {}  # selection pass unfinished
+
+
+def test_tune_spec_problems(tmp_path):
+    base = "name: t\nmodel: tiny:llama\ntrain: {steps: 2}\nplacements: {all: {preset: all}}\nseeds: [0, 1]\n"
+    (tmp_path / "a.yaml").write_text(base + "data: {train: 'builtin:arithmetic?n=40'}\ntune: {lr: [1.0e-3, 1.0e-2], "
+                                     "seeds: [5]}\naxes: {lr: [1.0e-3]}\n")
+    with pytest.raises(ConfigError) as err:
+        load_study(tmp_path / "a.yaml")
+    text = str(err.value)
+    assert "validation split" in text and "axes.lr" in text and "tune.seeds [5]" in text
+    (tmp_path / "b.yaml").write_text(base + "data: {train: 'builtin:arithmetic?n=40', validation_count: 5}\n"
+                                     "tune: {lr: [1.0e-3, 1.0e-2]}\n")
+    grid = expand_grid(load_study(tmp_path / "b.yaml"))
+    assert len(grid) == 2 * 2  # no selections yet: the selection pass only (2 LRs × 2 seeds)

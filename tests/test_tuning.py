@@ -21,7 +21,7 @@ LRS = [1.0e-4, 3.0e-3, 3.0e-2]
 def _write_splits(root, permute_test: bool = False):
     rng = random.Random(0)
     rows = []
-    for i in range(90):
+    for _ in range(90):
         a, b = rng.randint(2, 60), rng.randint(2, 60)
         rows.append({"prompt": f"What is {a} + {b}?", "completion": f" {a + b}"})
     test = rows[70:]

@@ -20,9 +20,13 @@ MOE_CASES = [("mixtral", "all"), ("qwen2_moe", "all"), ("qwen3_moe", {"roles": [
              ("olmoe", "mlp"), ("gpt_oss", "all"), ("deepseek_v3", "all")]
 
 
+VARIANT_CASES = [("llama", {"roles": ["all"], "variant": v}) for v in ("rslora", "dora", "pissa", "eva")] + [
+    ("gpt2", {"roles": ["attn"], "variant": "dora"})]
+
+
 @pytest.mark.parametrize(("family", "placement"),
                          [("llama", {"roles": ["attn"], "layers": "1", "ranks": {"attn.o": 2}}), ("gpt2", "all+head")]
-                         + MOE_CASES)
+                         + MOE_CASES + VARIANT_CASES)
 def test_adapter_round_trips_through_vanilla_peft(tmp_path, family, placement):
     """Train 10 steps (the loss falls), save in PEFT format, load with plain PEFT: the same eval loss. For the MoE
     families the experts are adapted through PEFT's target_parameters (one rank-r pair per expert)."""
@@ -49,7 +53,11 @@ def test_adapter_round_trips_through_vanilla_peft(tmp_path, family, placement):
     loss, _ = eval_loss(peft_model, splits.eval, device=torch.device("cpu"), dtype=torch.float32, pad_id=0)
     assert loss == pytest.approx(outcome.metrics.eval_loss, abs=1e-5)
     trainable_saved = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
-    assert trainable_saved == outcome.trainable_params
+    variant = placement.get("variant") if isinstance(placement, dict) else None
+    if variant == "pissa":  # saved converted to a plain LoRA of rank 2r on the original base weights
+        assert trainable_saved == 2 * outcome.trainable_params
+    else:
+        assert trainable_saved == outcome.trainable_params
     # And the HF forward of the loaded adapter (labels → HF's own shifted loss) agrees with our logits-at-labels
     # path on the same example.
     ex = torch.as_tensor(splits.eval.ids[0], dtype=torch.long)[None]
@@ -106,3 +114,26 @@ def test_every_failure_is_one_typed_outcome():
                     fault=lambda step, loss: loss * float("nan") if step == 2 else loss)
     assert (nan.status, nan.failure.kind, nan.failure.step) == ("failed", "non_finite", 2)
     assert nan.trainable_params > 0 and not nan.failure.user_error
+
+
+def test_variants_leave_the_shared_base_model_untouched_and_eva_reports_its_ranks():
+    """PiSSA rewrites the adapted base weights to their residual; the session restores them, so the next trial
+    of a study trains on the real base model. EVA's redistributed ranks are what the outcome records."""
+    from loraplace.trial import Session
+
+    session = Session("tiny:llama", precision="fp32")
+    before = {k: v.clone() for k, v in session.model.state_dict().items()}
+    data = DataSpec(train="builtin:arithmetic?n=60", eval_count=8, max_len=160)
+    for variant in ("pissa", "eva", "dora"):
+        spec = TrialSpec(model="tiny:llama", data=data, rank=4,
+                         placement=parse_placement({"roles": ["all"], "variant": variant}),
+                         train=TrainSpec(steps=3, batch=4, lr=5e-3, precision="fp32"))
+        outcome = run_trial(spec, session=session)
+        assert outcome.status == "done", outcome.failure
+        after = session.model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), variant
+        if variant == "eva":
+            assert any(w.startswith("eva redistributed ranks") for w in outcome.warnings)
+            assert outcome.trainable_params == sum(
+                (s.rank * (64 + (128 if s.role in ("mlp.gate", "mlp.up", "mlp.down") else 64 if s.role in (
+                    "attn.q", "attn.o") else 32))) for s in outcome.sites.sites)

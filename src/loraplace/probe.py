@@ -299,4 +299,4 @@ def compile_auto(placement: PlacementSpec, probe: ProbeScores, budget: int | Non
               for (role, rank), layers in sorted(layers_by.items(), key=lambda kv: (role_order.index(kv[0][0]),
                                                                                     kv[0][1]))]
     return PlacementSpec(groups=groups, alpha_ratio=placement.alpha_ratio, alpha=placement.alpha,
-                         dropout=placement.dropout)
+                         dropout=placement.dropout, variant=placement.variant, eva_rho=placement.eva_rho)

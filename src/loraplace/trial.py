@@ -169,42 +169,114 @@ class Session:
         return self._data[key]
 
     @contextlib.contextmanager
-    def adapter(self, plan: Plan, seed: int):
-        """Inject the plan's adapters (seeded init, fp32) for the duration of a trial, then remove them."""
+    def adapter(self, plan: Plan, seed: int, init_data: TokenizedSet | None = None):
+        """Inject the plan's adapters (seeded init, fp32) for the duration of a trial, then remove them.
+
+        Variants run PEFT's own initialisation: PiSSA rewrites the adapted base weights to their residual (they are
+        restored afterwards, so the next trial sees the base model); EVA reads ``init_data`` (the training split)
+        and may move rank between sites — :func:`resulting_plan` gives the plan as it ended up."""
         from peft import get_peft_model
 
         seed_everything(seed)
-        peft_model = get_peft_model(self.model, plan.to_lora_config())
-        for name, p in peft_model.named_parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()  # adapters train in fp32 (bf16 only in the autocast matmuls)
-            if p.requires_grad and "lora_" not in name:
-                raise TrialFailed(f"unexpected trainable parameter {name}")
+        saved = self._snapshot(plan) if plan.variant == "pissa" else {}
+        peft_model = get_peft_model(self.model, plan.to_lora_config(), low_cpu_mem_usage=plan.variant == "eva")
         try:
+            if plan.variant == "eva":
+                self._eva_init(peft_model, init_data)
+            expected = resulting_plan(peft_model, plan)
+            for name, p in peft_model.named_parameters():
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.float()  # adapters train in fp32 (bf16 only in the autocast matmuls)
+                if p.requires_grad and "lora_" not in name:
+                    raise TrialFailed(f"unexpected trainable parameter {name}")
             created = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-            if created != plan.trainable_params:  # PEFT adapted something other than the plan: never train that
+            if created != expected.trainable_params:  # PEFT adapted other than the plan: never train that
                 raise TrialFailed(f"PEFT created {created:,} trainable parameters where the plan has "
-                                  f"{plan.trainable_params:,}: it did not adapt exactly the planned sites "
+                                  f"{expected.trainable_params:,}: it did not adapt exactly the planned sites "
                                   f"({len(plan.modules)} sites, family {plan.family})")
             yield peft_model
         finally:
             self.model = peft_model.unload()
+            with torch.no_grad():
+                for path, weight in saved.items():
+                    self.model.get_parameter(path).copy_(weight)
             for p in self.model.parameters():
                 p.requires_grad_(False)
+
+    def _snapshot(self, plan: Plan) -> dict[str, torch.Tensor]:
+        """Copies of the base weights a PiSSA init will overwrite."""
+        return {f"{t}.weight": self.model.get_parameter(f"{t}.weight").detach().clone()
+                for m in plan.modules for t in m.module_targets}
+
+    def _eva_init(self, peft_model, data: TokenizedSet | None) -> None:
+        """PEFT's EVA: SVD of each adapted layer's inputs over batches of the training split (padding and prompt
+        tokens masked), cycled until the components converge."""
+        from peft import initialize_lora_eva_weights
+
+        if data is None or len(data) == 0:
+            raise PlacementError("variant eva needs training data for its SVD", "run it as a trial or in a study")
+        batches = hf_batches(data, EVA_BATCH, EVA_BATCHES, self.pad_id, self.device)
+        initialize_lora_eva_weights(peft_model, batches, show_progress_bar=False)
+
+
+EVA_BATCH = 8  # examples per batch of EVA's input SVD
+EVA_BATCHES = 8  # distinct batches it cycles through (the first ones of the training split)
+
+
+def hf_batches(data: TokenizedSet, batch: int, batches: int, pad_id: int, device) -> list[dict[str, torch.Tensor]]:
+    """Padded Hugging Face style batches (input_ids, attention_mask, labels with -100 on prompt and padding)."""
+    out = []
+    for start in range(0, min(len(data), batch * batches), batch):
+        rows = list(range(start, min(start + batch, len(data))))
+        width = max(len(data.ids[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            seq = torch.as_tensor(data.ids[i], dtype=torch.long)
+            ids[r, :len(seq)], mask[r, :len(seq)] = seq, 1
+            labels[r, int(data.prompt_lens[i]):len(seq)] = seq[int(data.prompt_lens[i]):]
+        out.append({"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)})
+    return out
+
+
+def resulting_plan(peft_model, plan: Plan) -> Plan:
+    """The plan as PEFT built it: each site's rank read back from its LoRA layer (EVA moves rank between sites and
+    may drop a site to rank 0). For every other variant this is ``plan`` itself."""
+    if plan.variant != "eva":
+        return plan
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for name, module in peft_model.named_modules():
+        r = getattr(module, "r", None)
+        if isinstance(r, dict) and "default" in r:
+            path = name.removeprefix("base_model.model.")
+            ranks[path], alphas[path] = int(r["default"]), float(module.lora_alpha["default"])
+    modules = tuple(dataclasses.replace(m, rank=ranks[m.path], alpha=alphas[m.path])
+                    for m in plan.modules if ranks.get(m.path, 0) > 0)
+    dropped = [m.path for m in plan.modules if ranks.get(m.path, 0) == 0]
+    note = (f"eva redistributed ranks (rho {plan.eva_rho:g}): {plan.trainable_params:,} → "
+            f"{sum(m.params for m in modules):,} trainable parameters"
+            + (f"; {len(dropped)} site(s) dropped to rank 0, e.g. {dropped[0]}" if dropped else ""))
+    return dataclasses.replace(plan, modules=modules, warnings=plan.warnings + (note,))
 
 
 # --------------------------------------------------------------------------------------------- artifacts
 
 
-def save_adapter_atomic(peft_model, target: Path, base_path: str | None) -> int:
-    """PEFT-format adapter (adapter_config.json + adapter_model.safetensors), renamed into place; returns its size."""
+def save_adapter_atomic(peft_model, target: Path, base_path: str | None, pissa_init: Path | None = None) -> int:
+    """PEFT-format adapter (adapter_config.json + adapter_model.safetensors), renamed into place; returns its size.
+
+    ``pissa_init``: the PiSSA adapter as initialised; PEFT then saves the trained one converted to a plain LoRA
+    (rank 2r) that applies to the *original* base weights, so vanilla PEFT loads it on the unmodified model."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         if base_path:
             peft_model.peft_config["default"].base_model_name_or_path = base_path
         # The head's LoRA does not change the (tied) embedding matrix: never copy the base vocab weights.
-        peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+        peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False,
+                                   path_initial_model_for_weight_conversion=str(pissa_init) if pissa_init else None)
         size = 0
         for f in tmp.iterdir():  # on disk before the rename, so a crash never exposes an empty file
             with open(f, "rb") as fh:
@@ -268,7 +340,16 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
     if placement.auto is not None and placement.auto.method == "probe":  # the probe that chose the sites
         probe = session.auto_probe(placement.auto, splits.train, data_key)
     reset_peak_memory(device)
-    with session.adapter(plan, spec.train.seed) as model:
+    with session.adapter(plan, spec.train.seed, init_data=splits.train) as model:
+        plan = resulting_plan(model, plan)  # EVA: the ranks it chose
+        known.update(trainable_params=plan.trainable_params, sites=plan.site_map())
+        pissa_init = None
+        if plan.variant == "pissa" and out_dir is not None:  # kept to convert the trained adapter on save
+            pissa_init = Path(out_dir) / "pissa_init"  # its name becomes a PEFT adapter name: no dots
+            shutil.rmtree(pissa_init, ignore_errors=True)
+            # PEFT's recipe: mark the config as a plain init first, so loading this adapter never redoes the SVD
+            model.peft_config["default"].init_lora_weights = True
+            model.save_pretrained(pissa_init, safe_serialization=True, save_embedding_layers=False)
 
         def evaluate_on(split) -> tuple[float, int]:
             return eval_loss(model, split, device=device, dtype=dtype, pad_id=session.pad_id,
@@ -295,7 +376,9 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
             ref = ModelRef.parse(spec.model)
             base_path = checkpoint_path(ref) if ref.kind in ("builtin", "local", "hub") else str(ref)
             target = Path(out_dir) / "adapter"
-            adapter = Adapter(path=str(target), bytes=save_adapter_atomic(model, target, base_path))
+            adapter = Adapter(path=str(target), bytes=save_adapter_atomic(model, target, base_path, pissa_init))
+            if pissa_init is not None:
+                shutil.rmtree(pissa_init, ignore_errors=True)
     outcome = TrialOutcome(
         status="done",
         metrics=Metrics(eval_loss=loss, perplexity=perplexity(loss), val_loss=val_loss,

@@ -54,10 +54,10 @@ def test_a_full_disk_fails_one_trial_and_the_study_goes_on(tmp_path, monkeypatch
     spec = load_study(write_study(tmp_path / "s.yaml", steps=2, seeds=1))
     real_save, calls = trial_module.save_adapter_atomic, []
 
-    def flaky_save(model, target, base):
+    def flaky_save(model, target, base, pissa_init=None):
         calls.append(target)
         if len(calls) != 2:
-            return real_save(model, target, base)
+            return real_save(model, target, base, pissa_init)
 
         def partial_then_full(directory, **_kwargs):
             (directory / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
@@ -65,7 +65,7 @@ def test_a_full_disk_fails_one_trial_and_the_study_goes_on(tmp_path, monkeypatch
 
         model.save_pretrained = partial_then_full  # this trial's PeftModel only (adapters are per trial)
         try:
-            return real_save(model, target, base)
+            return real_save(model, target, base, pissa_init)
         finally:
             del model.save_pretrained
 

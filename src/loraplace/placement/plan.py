@@ -25,7 +25,7 @@ from loraplace.placement.roles import (
     role_group_of,
 )
 from loraplace.placement.selectors import SelectorError, select_layers
-from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill, PlacementSpec, SiteGroup
+from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill, PlacementSpec, SiteGroup, Variant
 from loraplace.records import Site, SiteMap, lora_params
 
 ADAPTER_BYTES_PER_PARAM = 4  # adapters are trained and saved in fp32
@@ -50,10 +50,12 @@ class PlannedModule:
     experts: int = 1
     parameter: bool = False
     expert_paths: tuple[str, ...] = ()
+    magnitude: bool = False  # DoRA: a trainable magnitude per output feature as well
 
     @property
     def params(self) -> int:
-        return self.experts * lora_params(self.rank, self.in_features, self.out_features)
+        lora = self.experts * lora_params(self.rank, self.in_features, self.out_features)
+        return lora + (self.out_features if self.magnitude else 0)
 
     @property
     def module_targets(self) -> tuple[str, ...]:
@@ -77,6 +79,8 @@ class Plan:
     heuristic: bool = False
     unassigned: tuple[str, ...] = field(default_factory=tuple)
     active_params: int | None = None  # MoE: base parameters one token passes through (None: dense)
+    variant: Variant = "lora"
+    eva_rho: float = 2.0
 
     @property
     def trainable_params(self) -> int:
@@ -154,6 +158,17 @@ class Plan:
         )
         if parameters:
             kwargs["target_parameters"] = parameters
+        if self.variant == "rslora":
+            kwargs["use_rslora"] = True
+        elif self.variant == "dora":
+            kwargs["use_dora"] = True
+        elif self.variant == "pissa":
+            kwargs["init_lora_weights"] = "pissa"
+        elif self.variant == "eva":
+            from peft import EvaConfig
+
+            kwargs["init_lora_weights"] = "eva"
+            kwargs["eva_config"] = EvaConfig(rho=self.eva_rho)
         kwargs.update(overrides)
         return LoraConfig(**kwargs)
 
@@ -532,6 +547,10 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
     if targets_parameters and spec.dropout:
         problems.append(f"dropout {spec.dropout}: PEFT cannot apply LoRA dropout to parameter targets "
                         f"({targets_parameters[0]}{' …' if len(targets_parameters) > 1 else ''}); use dropout 0")
+    if spec.variant != "lora" and spec.variant != "rslora" and any(site.parameter for site, _ in picked):
+        first = next(site.path for site, _ in picked if site.parameter)
+        problems.append(f"variant {spec.variant}: PEFT supports only lora and rslora on parameter targets (fused "
+                        f"experts, router weights: {first}); adapt linears only, or use variant lora")
     if problems:
         raise PlacementError("placement does not resolve:\n" + "\n".join(f"  - {p}" for p in problems),
                              "`loraplace plan MODEL --placement ...` shows the roles and layers of a model")
@@ -547,7 +566,7 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
         modules.append(PlannedModule(site.path, site.layer, site.role, site.in_features, site.out_features, r,
                                      float(alpha if alpha is not None else spec.alpha_ratio * r), site.conv1d,
                                      experts=site.experts, parameter=site.parameter,
-                                     expert_paths=site.expert_paths))
+                                     expert_paths=site.expert_paths, magnitude=spec.variant == "dora"))
     order = {p: i for i, p in enumerate(arch.site_order)}
     modules.sort(key=lambda m: order.get(m.path, len(order)))
     return Plan(model=model, family=arch.family, num_layers=arch.num_layers,
@@ -555,4 +574,5 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
                 | {"label": requested.describe()},
                 modules=tuple(modules), total_params=arch.total_params, roles_present=tuple(arch.roles_present()),
                 dropout=spec.dropout, budget=budget, warnings=tuple(warnings), heuristic=arch.heuristic,
-                unassigned=tuple(arch.unassigned), active_params=arch.active_params)
+                unassigned=tuple(arch.unassigned), active_params=arch.active_params, variant=spec.variant,
+                eva_rho=spec.eva_rho)

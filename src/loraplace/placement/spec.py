@@ -24,6 +24,10 @@ DEFAULT_RANK = 16  # a site's rank when neither the placement, the command line 
 # about 1 % of the budget); "uniform" keeps one rank r everywhere (up to ~8 % below the budget).
 Fill = Literal["exact", "uniform"]
 DEFAULT_FILL: Fill = "exact"
+# LoRA variants, each compiled to PEFT's own option and run through PEFT's code: rslora (scaling α/√r), dora
+# (weight-decomposed: a trainable magnitude per output), pissa (A, B from the top singular vectors of W; W keeps
+# the residual), eva (A from an SVD of the layer inputs on the training data; ranks redistributed across sites).
+Variant = Literal["lora", "rslora", "dora", "pissa", "eva"]
 
 
 def _split_roles(value: Any) -> Any:
@@ -76,8 +80,11 @@ class PlacementSpec(StrictModel):
     allow_unassigned: bool = Field(
         default=False, description="let a group (all, mlp, attn, moe) resolve although weights in the blocks have "
         "no role; they are not adapted, and the plan, the store and the report say so")
+    variant: Variant = Field(default="lora", description="lora | rslora | dora | pissa | eva (PEFT's own code)")
+    eva_rho: float = Field(default=2.0, ge=1.0, description="eva: a site's rank may grow to rho × r (1: no "
+                           "redistribution)")
 
-    added_fields = frozenset({"allow_unassigned"})
+    added_fields = frozenset({"allow_unassigned", "variant", "eva_rho"})
     _split = field_validator("roles", mode="before")(_split_roles)
 
     # Field validators (not one model validator), so these problems are reported together with type errors.

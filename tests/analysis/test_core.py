@@ -132,3 +132,21 @@ def test_a_v2_store_reports_identically_after_migration(tmp_path):
     assert not missing, missing[:3]
     for name in ("summary.csv", "trials.csv"):
         assert (tmp_path / "report" / name).read_text() == (expected / name).read_text(), name
+
+
+def test_accuracy_is_a_compared_metric(tmp_path):
+    """Where generation ran, accuracy gets its own seed-paired test, verdict and frontier, and the report says
+    which metric each verdict uses."""
+    from loraplace.analysis.report import write_report
+    from loraplace.analysis.tables import accuracy_table
+
+    path = tmp_path / "store_v2.db"
+    shutil.copy(FIXTURES / "store_v2.db", path)
+    analysis = analyze_store(path)
+    with_acc = [g for g in analysis.compared if "accuracy" in g.stats and not g.is_baseline and g.comparison]
+    assert with_acc and all(g.comparison.delta_accuracy is not None for g in with_acc if g.n > 1)
+    table = accuracy_table(analysis)
+    assert table is not None and len(table.rows) == len([g for g in analysis.compared if "accuracy" in g.stats])
+    md = write_report(analysis, tmp_path / "r", ["md"])["md"].read_text()
+    assert "## Task accuracy compared (test split)" in md
+    assert "verdict and Pareto here: on eval loss; task accuracy has its own paired test" in md

@@ -77,6 +77,7 @@ class Comparison:
     params_saved_pct_of_model: float  # (P_base − P) / total model params × 100
     speedup: float | None  # baseline train time / this train time (means)
     memory_ratio: float | None  # this peak memory / baseline peak memory (means)
+    delta_accuracy: Paired | None = None  # task accuracy (test split), candidate − baseline, seed-paired
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Group:
     probe: ProbeScores | None = None  # importance-probe scores of an auto placement (first seed)
     comparison: Comparison | None = None
     dominated_by: GroupKey | None = None  # a group with ≤ params and ≤ mean eval loss
+    dominated_on_accuracy: GroupKey | None = None  # a group with ≤ params and ≥ mean accuracy (when measured)
     selected: bool | None = None  # tuned studies: this is its cell's selected LR (None: the study is not tuned)
 
     @property
@@ -298,7 +300,9 @@ def _compare(groups: dict[GroupKey, Group], baseline: str, warnings: list[str],
             100.0 * saved / base.trainable_params if base.trainable_params else 0.0,
             100.0 * saved / g.total_params if g.total_params else 0.0,
             _ratio(base.stats.get("train_s"), g.stats.get("train_s")),
-            _ratio(g.stats.get("peak_mem_mb"), base.stats.get("peak_mem_mb")))
+            _ratio(g.stats.get("peak_mem_mb"), base.stats.get("peak_mem_mb")),
+            paired(g.by_seed["accuracy"], base.by_seed["accuracy"])
+            if "accuracy" in g.stats and "accuracy" in base.stats else None)
         out[key] = replace(g, comparison=comparison)
     missing = sorted({g.key.size.label for g in groups.values() if g.compared and cell(g.key) not in base_by_cell})
     if missing:
@@ -313,6 +317,12 @@ def _pareto(groups: dict[GroupKey, Group]) -> dict[GroupKey, Group]:
     for g, d in zip(scored, dominators, strict=True):
         if d is not None:
             out[g.key] = replace(g, dominated_by=scored[d].key)
+    # The same frontier on task accuracy (higher is better: minimise −accuracy).
+    with_acc = [out[g.key] for g in scored if "accuracy" in g.stats]
+    on_acc = pareto_front([(g.trainable_params, -g.stats["accuracy"].mean) for g in with_acc])
+    for g, d in zip(with_acc, on_acc, strict=True):
+        if d is not None:
+            out[g.key] = replace(out[g.key], dominated_on_accuracy=with_acc[d].key)
     return out
 
 

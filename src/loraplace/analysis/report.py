@@ -18,7 +18,15 @@ import yaml
 
 from loraplace.analysis.core import StudyAnalysis
 from loraplace.analysis.figures import Figure, study_figures
-from loraplace.analysis.tables import Table, budget_table, comparison_table, lr_table, site_table, trial_table
+from loraplace.analysis.tables import (
+    Table,
+    accuracy_table,
+    budget_table,
+    comparison_table,
+    lr_table,
+    site_table,
+    trial_table,
+)
 from loraplace.atomic import write_text_atomic
 from loraplace.errors import LoraplaceError
 
@@ -41,8 +49,8 @@ def write_report(analysis: StudyAnalysis, out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = study_figures(analysis, out / "figures") if {"html", "md", "tex"} & set(formats) else []
-    tables = [t for t in (comparison_table(analysis), lr_table(analysis), budget_table(analysis),
-                          site_table(analysis)) if t is not None]
+    tables = [t for t in (comparison_table(analysis), accuracy_table(analysis), lr_table(analysis),
+                          budget_table(analysis), site_table(analysis)) if t is not None]
     trials = trial_table(analysis)
     written: dict[str, Path] = {}
     if "html" in formats:

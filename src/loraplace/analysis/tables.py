@@ -90,12 +90,52 @@ def comparison_table(analysis: StudyAnalysis, name_dominator: bool = True) -> Ta
              "'not distinguishable' when that interval covers 0.",
              "params saved: (baseline − placement) trainable params, as % of the baseline's adapter and, "
              "separately, as % of the full model's parameters. speedup: baseline train time / train time.")
+    notes += ("verdict and Pareto here: on eval loss" + (
+        "; task accuracy has its own paired test, verdict and frontier in 'Task accuracy compared'."
+        if any("accuracy" in g.stats for g in analysis.compared) else "."),)
     if with_val:
         notes += ("splits: eval loss, perplexity, accuracy and every Δ are on the test split, which selects "
                   "nothing; validation loss is on the validation split" + (", which selected each placement's LR "
                                                                            "(size column: its lr)."
                                                                            if analysis.tuned else "."),)
     return Table("Placements compared", columns, tuple(rows), right, notes)
+
+
+def accuracy_table(analysis: StudyAnalysis) -> Table | None:
+    """Task accuracy as a compared metric of its own: mean ± CI, the seed-paired Δ to the baseline with its test
+    and verdict, and the Pareto frontier on accuracy (trainable params vs accuracy)."""
+    groups = [g for g in analysis.compared if "accuracy" in g.stats]
+    if not groups:
+        return None
+    rows = []
+    for g in groups:
+        c = g.comparison
+        d = c.delta_accuracy if c is not None else None
+        if c is None:
+            delta, p, verdict = "—", "—", "no baseline at this size"
+        elif g.is_baseline:
+            delta, p, verdict = "0 (baseline)", "—", "baseline"
+        elif d is None:
+            delta, p, verdict = "—", "—", "no shared seeds"
+        else:
+            delta = f"{100 * d.mean_diff:+.1f}" + (f" ± {100 * d.ci_half:.1f}" if d.ci_half is not None else "")
+            p, verdict = fmt_p(d.p_value), d.verdict(lower_is_better=False)
+        n = g.trials[0].outcome.accuracy_detail.n if g.trials[0].outcome.accuracy_detail is not None else "?"
+        front = "frontier" if g.dominated_on_accuracy is None else f"dominated by {g.dominated_on_accuracy.label}"
+        rows.append((g.placement, g.key.size_label, str(g.n), str(n), fmt_params(g.trainable_params),
+                     _pct(g.stats["accuracy"]), delta, p, verdict, front))
+    return Table("Task accuracy compared (test split)",
+                 ("placement", "size", "seeds", "examples", "trainable params", "accuracy (%)",
+                  "Δ accuracy vs baseline (points)", "p (paired t)", "verdict", "Pareto (accuracy)"), tuple(rows),
+                 (False, False, True, True, True, True, True, True, False, False),
+                 ("accuracy: exact match of the generated final answer on the first N test examples (eval.generate), "
+                  "mean ± 95% t-interval over seeds; Δ: seed-paired difference to the baseline in percentage points.",
+                  "The verdict of 'Placements compared' is on eval loss; this table's verdict is on accuracy. Small "
+                  "models on hard tasks sit near 0 % accuracy, where loss is the more sensitive measure."))
+
+
+def _pct(s) -> str:
+    return f"{100 * s.mean:.1f}" + (f" ± {100 * s.ci_half:.1f}" if s.ci_half is not None else "")
 
 
 def lr_table(analysis: StudyAnalysis) -> Table | None:

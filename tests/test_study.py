@@ -2,12 +2,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, tiny_study_yaml
+from helpers import HAS_SMOLLM2, ROOT, tiny_study_yaml
 from loraplace.analysis import analyze_store
 from loraplace.errors import ConfigError
 from loraplace.records import Size
 from loraplace.store import Store
-from loraplace.study import expand_grid, load_study, run_study
+from loraplace.study import check_placements, expand_grid, load_study, run_study
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
@@ -22,9 +22,13 @@ def test_every_shipped_yaml_validates():
         axes = 1
         for values in study.axis_values(study.axes).values():
             axes *= len(values)
-        assert len(grid) == len(study.placements) * len(study.sizes()) * len(study.seeds) * axes
+        # tuned: the selection pass until its LRs are selected (every LR × the selection seeds)
+        seeds = len(study.tune.lr) * len(study.tune_seeds()) if study.tune is not None else len(study.seeds)
+        assert len(grid) == len(study.placements) * len(study.sizes()) * seeds * axes
         assert len({t.id for t in grid}) == len(grid)
         assert study.baseline_placement() in study.placements
+        if study.model.startswith("builtin:") and HAS_SMOLLM2:  # every placement resolves on the real model
+            check_placements(study)
 
 
 def test_grid_order_labels_and_default_size(write_study):

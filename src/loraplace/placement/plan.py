@@ -555,6 +555,10 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
         raise PlacementError("placement does not resolve:\n" + "\n".join(f"  - {p}" for p in problems),
                              "`loraplace plan MODEL --placement ...` shows the roles and layers of a model")
 
+    if spec.variant == "eva":
+        warnings.append(f"variant eva: these are the starting ranks; EVA moves rank between sites (up to "
+                        f"{spec.eva_rho:g}× a site's rank, possibly to 0) from the training data, so the trial "
+                        "records the sites, ranks and trainable count it ends with")
     oversized = [site.path for site, _ in picked if ranks[site.path] >= min(site.in_features, site.out_features)]
     if oversized:
         warnings.append(f"{len(oversized)} site(s) have rank ≥ min(d_in, d_out), e.g. {oversized[0]}: a rank that "

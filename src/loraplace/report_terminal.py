@@ -8,6 +8,7 @@ from rich.table import Table
 
 from loraplace.formatting import human_bytes
 from loraplace.placement.plan import Plan
+from loraplace.placement.roles import short_role
 from loraplace.records import TrialOutcome
 from loraplace.store import StudyRecord, TrialRecord
 
@@ -18,8 +19,8 @@ def print_plan(plan: Plan, console: Console) -> None:
     roles = plan.grid_roles()
     grid = Table(title="sites (rank per layer × role)", show_lines=False, pad_edge=False)
     grid.add_column("layer", justify="right")
-    for role in roles:
-        grid.add_column(role, justify="center")
+    for role in roles:  # short labels (q, down, exp.down, sh.up, router): the full names are in the module table
+        grid.add_column(short_role(role), justify="center")
     sites = plan.sites
     for layer in range(plan.num_layers):
         grid.add_row(str(layer), *[str(sites[(layer, r)]) if (layer, r) in sites else "[dim]·[/]" for r in roles])
@@ -167,7 +168,7 @@ def print_probe(result, console: Console) -> None:
                         f"batches ({result.label_tokens:,} label tokens, {result.seconds:.1f} s)", pad_edge=False)
     table.add_column("layer", justify="right")
     for role in result.roles:
-        table.add_column(role, justify="right")
+        table.add_column(short_role(role), justify="right")
     matrix = result.matrix("score")
     best = {j: max(range(result.num_layers), key=lambda i, j=j: matrix[i][j]) for j in range(len(result.roles))}
     for i, row in enumerate(matrix):

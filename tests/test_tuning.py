@@ -12,7 +12,7 @@ from loraplace.analysis.report import write_report
 from loraplace.errors import ConfigError
 from loraplace.records import GroupKey, Size
 from loraplace.store import Store
-from loraplace.study import expand_grid, load_study
+from loraplace.study import StudyChanged, expand_grid, load_study
 from loraplace.tuning import TrialResult, select_lrs
 
 LRS = [1.0e-4, 3.0e-3, 3.0e-2]
@@ -114,3 +114,22 @@ def test_tune_spec_problems(tmp_path):
                                      "tune: {lr: [1.0e-3, 1.0e-2]}\n")
     grid = expand_grid(load_study(tmp_path / "b.yaml"))
     assert len(grid) == 2 * 2  # no selections yet: the selection pass only (2 LRs × 2 seeds)
+
+
+def test_extending_the_lr_grid_reselects(tuned, tmp_path):
+    """--extend with one more LR: only the new (cell, LR) trials run, and selection then ranges over every LR."""
+    import shutil
+
+    from loraplace.study import run_study
+
+    root = tuned[False].parent
+    db = tmp_path / "s.db"
+    shutil.copy(tuned[False], db)
+    wider = _spec(root).replace(f"lr: {LRS}", f"lr: {LRS + [1.0e-5]}")
+    (tmp_path / "wider.yaml").write_text(wider)
+    with pytest.raises(StudyChanged, match="different spec"):
+        run_study(load_study(tmp_path / "wider.yaml"), db)
+    summary = run_study(load_study(tmp_path / "wider.yaml"), db, extend=True)
+    assert summary.failed == 0 and summary.ran >= 2  # the new LR for each placement (+ follow-ups if it wins)
+    analysis = analyze_store(db)
+    assert all(1.0e-5 in sel.val_loss_by_lr for sel in analysis.selections.values())

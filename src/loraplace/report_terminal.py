@@ -99,9 +99,13 @@ def print_status(study: StudyRecord, trials: list[TrialRecord], counts: dict[str
     """The trials table, then the whole reason of every failed or interrupted trial (wrapped, never cut)."""
     table = Table(title=f"study {study.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v),
                   pad_edge=False)
+    # With a validation split the validation loss comes first: it is what a tuned study selects on, and the test
+    # split is for the report.
+    with_val = any(t.metrics is not None and t.metrics.val_loss is not None for t in trials)
     for col, justify in (("trial", "left"), ("placement", "left"), ("size", "right"), ("seed", "right"),
-                         ("status", "left"), ("eval loss", "right"), ("ppl", "right"), ("params", "right"),
-                         ("tok/s", "right"), ("train s", "right")):
+                         ("status", "left")) + ((("val loss", "right"),) if with_val else ()) + (
+                            ("test loss" if with_val else "eval loss", "right"), ("ppl", "right"),
+                            ("params", "right"), ("tok/s", "right"), ("train s", "right")):
         table.add_column(col, justify=justify, overflow="fold")
     style = {"done": "green", "failed": "red", "running": "yellow", "interrupted": "magenta", "pending": "dim"}
 
@@ -111,8 +115,9 @@ def print_status(study: StudyRecord, trials: list[TrialRecord], counts: dict[str
     for t in trials:
         group, m = t.labels.group, t.metrics
         params = t.outcome.trainable_params if t.outcome is not None and t.outcome.trainable_params else None
+        val = (num(m.val_loss if m else None, ".4f"),) if with_val else ()
         table.add_row(t.id[:8], escape(group.placement), group.size_label, str(t.labels.seed),
-                      f"[{style.get(t.status, '')}]{t.status}[/]",
+                      f"[{style.get(t.status, '')}]{t.status}[/]", *val,
                       num(m.eval_loss if m else None, ".4f"), num(m.perplexity if m else None, ".3f"),
                       num(params, ",d"), num(m.tokens_per_s if m else None, ",.0f"),
                       num(m.train_s if m else None, ".1f"))

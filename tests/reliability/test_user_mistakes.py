@@ -123,6 +123,26 @@ CASES = [
         **{"ranks: [2]": "ranks: [100000]"})),
     ("placement name of 300 characters", ["run", "bad.yaml"], "at most 48 characters", spec_with(
         **{"attn: {preset: attn}": "a" * 300 + ": {preset: attn}"})),
+    # 8. mixture of experts, splits, tuning, variants
+    ("mlp.up on an MoE model", ["plan", "tiny:mixtral", "--placement", "mlp.up"], "use 'moe.experts.*' roles"),
+    ("'all' where some weights have no role", ["plan", "x", "--model-config",
+     "model_type=jamba,num_hidden_layers=2,attn_layer_offset=1,attn_layer_period=2", "--placement", "all"],
+     "--allow-unassigned"),
+    ("dropout on fused experts", ["plan", "tiny:qwen3_moe", "--placement", "{roles: [moe], dropout: 0.1}"],
+     "cannot apply LoRA dropout to parameter targets"),
+    ("dora on fused experts", ["plan", "tiny:qwen3_moe", "--placement", "{roles: [moe], variant: dora}"],
+     "supports only lora and rslora on parameter targets"),
+    ("unknown variant", ["plan", "tiny:llama", "--placement", "{roles: [all], variant: qlora}"],
+     "'lora', 'rslora', 'dora', 'pissa' or 'eva'"),
+    ("tune without a validation split", ["run", "bad.yaml"], "tune selects on the validation split", spec_with(
+        **{"seeds: [0]": "seeds: [0]\ntune: {lr: [1.0e-3, 3.0e-3]}"})),
+    ("tune next to an lr axis", ["run", "bad.yaml"], "tune.lr and axes.lr both sweep", spec_with(
+        **{"seeds: [0]": "seeds: [0]\ntune: {lr: [1.0e-3, 3.0e-3]}\naxes: {lr: [1.0e-3]}",
+           "eval_count: 8": "eval_count: 8, validation_count: 8"})),
+    ("test split given twice", ["run", "bad.yaml"], "give one of test, test_fraction, test_count", spec_with(
+        **{"eval_count: 8": "eval_count: 8, test_count: 8"})),
+    ("held-out splits as large as the data", ["run", "bad.yaml"], "leave no training examples", spec_with(
+        **{"eval_count: 8": "eval_count: 40, validation_count: 30"})),
 ]
 
 

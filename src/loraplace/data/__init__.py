@@ -216,6 +216,11 @@ def check_data(spec: DataSpec) -> list[str]:
     train, _ = read_records(spec.train)
     fmt = detect_format(train[0]) if spec.format == "auto" else spec.format
     check_columns(train, fmt)
+    n_test, n_val = spec.carved(len(train))
+    if n_test + n_val >= len(train):  # the guards can only drop more: certain before any tokenisation
+        raise DataError(f"held-out splits of {n_test + n_val} ({n_test} test, {n_val} validation) leave no training "
+                        f"examples ({spec.train} holds {len(train)} records)",
+                        "lower test_count / validation_count, or give the held-out splits as files")
     seen = {json.dumps(r, sort_keys=True, default=str) for r in train}
     warnings = []
     for name, source in (("test", spec.test_file), ("validation", spec.validation)):

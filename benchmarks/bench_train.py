@@ -85,13 +85,7 @@ def run_hf(model_path: str, session, plan, splits, order, args, bf16: bool) -> d
 
     from loraplace.evaluate import eval_loss
 
-    rows = []
-    for step_idx in order:
-        for i in step_idx:
-            ids = splits.train.ids[int(i)].tolist()
-            plen = max(int(splits.train.prompt_lens[int(i)]), 1)
-            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids),
-                         "labels": [-100] * plen + ids[plen:]})
+    rows = [splits.train.hf_row(int(i)) for step_idx in order for i in step_idx]
     real_tokens = sum(len(r["input_ids"]) for r in rows)
 
     class SequentialTrainer(Trainer):

@@ -224,19 +224,15 @@ EVA_BATCHES = 8  # distinct batches it cycles through (the first ones of the tra
 
 
 def hf_batches(data: TokenizedSet, batch: int, batches: int, pad_id: int, device) -> list[dict[str, torch.Tensor]]:
-    """Padded Hugging Face style batches (input_ids, attention_mask, labels with -100 on prompt and padding)."""
+    """The first ``batches`` batches of ``data`` as padded Hugging Face batches (:meth:`TokenizedSet.hf_row`;
+    padding: ``pad_id``, attention 0, label -100)."""
     out = []
     for start in range(0, min(len(data), batch * batches), batch):
-        rows = list(range(start, min(start + batch, len(data))))
-        width = max(len(data.ids[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            seq = torch.as_tensor(data.ids[i], dtype=torch.long)
-            ids[r, :len(seq)], mask[r, :len(seq)] = seq, 1
-            labels[r, int(data.prompt_lens[i]):len(seq)] = seq[int(data.prompt_lens[i]):]
-        out.append({"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)})
+        rows = [data.hf_row(i) for i in range(start, min(start + batch, len(data)))]
+        width = max(len(r["input_ids"]) for r in rows)
+        pads = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
+        out.append({key: torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows],
+                                      dtype=torch.long, device=device) for key, fill in pads.items()})
     return out
 
 

@@ -119,6 +119,13 @@ class TokenizedSet:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def hf_row(self, i: int) -> dict[str, list[int]]:
+        """Example ``i`` as Hugging Face code takes it: input_ids, attention_mask, and labels with -100 on the prompt
+        (the first token never has a label: nothing precedes it)."""
+        ids = self.ids[i].tolist()
+        prompt = max(int(self.prompt_lens[i]), 1)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * prompt + ids[prompt:]}
+
     def subset(self, index: np.ndarray | list[int]) -> TokenizedSet:
         index = list(index)
         return TokenizedSet([self.ids[i] for i in index], self.prompt_lens[index], [self.answers[i] for i in index],

@@ -23,6 +23,7 @@ from loraplace.placement.roles import (
     ArchitectureMap,
     grid_roles,
     role_group_of,
+    under_attention,
 )
 from loraplace.placement.selectors import SelectorError, select_layers
 from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill, PlacementSpec, SiteGroup, Variant
@@ -271,16 +272,14 @@ def _expand_roles(names: list[str], arch: ArchitectureMap, problems: list[str]) 
 def _unassigned_for(names: list[str], arch: ArchitectureMap) -> list[str]:
     """The unassigned weights a role group could mean: ``all`` every one; ``attn`` those under an attention
     module; ``mlp`` / ``moe*`` the others. Named roles are exact and never mean an unassigned weight."""
-    from loraplace.placement.roles import _ATTN_PARENT
-
     out: list[str] = []
     for name in names:
         if name == "all":
             out += arch.unassigned
         elif name == "attn":
-            out += [p for p in arch.unassigned if _ATTN_PARENT.search(p.rpartition(".")[0])]
+            out += [p for p in arch.unassigned if under_attention(p)]
         elif name in ROLE_GROUPS:
-            out += [p for p in arch.unassigned if not _ATTN_PARENT.search(p.rpartition(".")[0])]
+            out += [p for p in arch.unassigned if not under_attention(p)]
     return list(dict.fromkeys(out))
 
 

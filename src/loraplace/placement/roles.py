@@ -155,6 +155,11 @@ _AMBIGUOUS_LEAVES: dict[str, tuple[str, str | None]] = {
     "c_proj": ("attn.o", "mlp.down"), "dense": ("attn.o", "mlp.down"), "wo": ("attn.o", "mlp.down"),
     "proj": ("attn.o", "mlp.down"), "out_proj": ("attn.o", None)}
 _ATTN_PARENT = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+def under_attention(path: str) -> bool:
+    """Whether a module or parameter path sits inside an attention module (by its parents' names)."""
+    return bool(_ATTN_PARENT.search(path.rpartition(".")[0]))
 _MLP_PARENT = re.compile(r"mlp|ffn|feed_forward|feedforward|moe", re.IGNORECASE)
 _SHARED_PARENT = re.compile(r"shared_experts?$|shared_mlp$", re.IGNORECASE)
 _ROUTER_LEAVES = ("gate", "router", "wg")
@@ -381,14 +386,16 @@ def map_architecture(model: nn.Module, config=None) -> ArchitectureMap:
             site_order.append(f"{prefix}.{pattern}")
             if role in EXPERT_ROLES:
                 expert_params += sum(p.numel() for _, lin in linears for p in lin.parameters())
-        for rel, param in block.named_parameters():
+        params = dict(block.named_parameters())
+        for rel, param in params.items():
             if rel in covered:
                 continue
             owner_rel = rel.rpartition(".")[0]
             owner = modules.get(owner_rel, block)
             role = role_of(rel, True) if param.ndim >= 2 else None
             if role is None:
-                if param.ndim >= 2 and not any(rel == f"{c}_bias" for c in covered):  # gpt-oss: <stack>_bias
+                is_stack_bias = rel.endswith("_bias") and rel.removesuffix("_bias") in covered  # gpt-oss
+                if param.ndim >= 2 and not is_stack_bias:
                     unassigned.append(f"{prefix}.{rel}")
                 continue
             _claim(claimed, prefix, role, rel)
@@ -398,7 +405,7 @@ def map_architecture(model: nn.Module, config=None) -> ArchitectureMap:
                                                    experts=experts, parameter=True)
             site_order.append(f"{prefix}.{rel}")
             if role in EXPERT_ROLES:
-                bias = dict(block.named_parameters()).get(f"{rel}_bias")
+                bias = params.get(f"{rel}_bias")
                 expert_params += param.numel() + (bias.numel() if bias is not None else 0)
     head = None
     get_out = getattr(model, "get_output_embeddings", None)

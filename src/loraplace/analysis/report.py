@@ -24,6 +24,7 @@ from loraplace.analysis.tables import (
     budget_table,
     comparison_table,
     lr_table,
+    progress_table,
     site_table,
     trial_table,
 )
@@ -50,7 +51,7 @@ def write_report(analysis: StudyAnalysis, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     figures = study_figures(analysis, out / "figures") if {"html", "md", "tex"} & set(formats) else []
     tables = [t for t in (comparison_table(analysis), accuracy_table(analysis), lr_table(analysis),
-                          budget_table(analysis), site_table(analysis)) if t is not None]
+                          budget_table(analysis), site_table(analysis), progress_table(analysis)) if t is not None]
     trials = trial_table(analysis)
     written: dict[str, Path] = {}
     if "html" in formats:

@@ -138,6 +138,40 @@ def _pct(s) -> str:
     return f"{100 * s.mean:.1f}" + (f" ± {100 * s.ci_half:.1f}" if s.ci_half is not None else "")
 
 
+def quarter_means(losses: list[float]) -> tuple[float, float, float, float] | None:
+    """Mean train loss over each quarter of a run's steps (per-step losses are noisy; quarters average them)."""
+    n = len(losses)
+    if n < 8:
+        return None
+    cuts = [round(n * k / 4) for k in range(5)]
+    q = [sum(losses[a:b]) / (b - a) for a, b in zip(cuts, cuts[1:], strict=False)]
+    return q[0], q[1], q[2], q[3]
+
+
+def progress_table(analysis: StudyAnalysis) -> Table | None:
+    """How far training got: train loss per quarter of the steps and the share of the whole drop that came in the
+    last quarter (near 0 %: flattened; large: still falling when the run stopped)."""
+    rows = []
+    for g in analysis.compared:
+        quarters = [q for t in g.trials if (q := quarter_means([p.loss for p in t.curve])) is not None]
+        if not quarters:
+            continue
+        mean = [sum(q[i] for q in quarters) / len(quarters) for i in range(4)]
+        drop = mean[0] - mean[3]
+        share = f"{100 * (mean[2] - mean[3]) / drop:.0f}%" if drop > 0 else "— (no drop)"
+        rows.append((g.placement, g.key.size_label, str(len(g.trials[0].curve)),
+                     *[f"{m:.4f}" for m in mean], share))
+    if not rows:
+        return None
+    return Table("Training progress (train loss by quarter of the steps)",
+                 ("placement", "size", "steps", "Q1", "Q2", "Q3", "Q4", "last quarter's share of the drop"),
+                 tuple(rows), (False, False, True, True, True, True, True, True),
+                 ("Q1–Q4: mean train loss over each quarter of the steps, averaged over seeds. The last column is "
+                  "(Q3 − Q4) / (Q1 − Q4): how much of the whole decrease came in the last quarter. Near 0 % the "
+                  "loss had flattened; a large share means the runs stopped while still improving, and a ranking "
+                  "may change with longer training.",))
+
+
 def lr_table(analysis: StudyAnalysis) -> Table | None:
     """Tuned studies: every cell's validation loss at each LR tried, and the LR it selected."""
     if not analysis.tuned:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from loraplace import models
 from loraplace import train as train_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def full_logits_loss_sum(model, batch, decoder=None):
     """The lever switched off: logits for every position, as HF's CausalLM forward computes them."""
-    causal_lm = train_module._hf_model(model)
+    causal_lm = models.causal_lm(model)
     decoder = decoder if decoder is not None else causal_lm.base_model
     hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
     logits = causal_lm.get_output_embeddings()(hidden).float()  # [B, T, V]

@@ -119,3 +119,38 @@ def test_no_trainable_parameters_is_an_error():
     session = Session("tiny:llama", precision="fp32")
     with pytest.raises(TrialFailed, match="no trainable"):
         train(session.model, None, TrainSpec(steps=1), device=torch.device("cpu"), dtype=torch.float32, pad_id=0)
+
+
+def test_activation_checkpointing_keeps_the_loss_and_saves_less():
+    """checkpointing: on trains to the same losses as off, while the forward keeps a fraction of the tensors for
+    backward (counted with saved-tensor hooks); auto stays off when the activations fit."""
+    session = Session("tiny:llama", precision="fp32")
+    splits = session.data(DataSpec(train="builtin:arithmetic?n=40", eval_count=8, max_len=160))
+    plan = session.plan({"roles": ["all"]}, rank=4)
+    losses, saved = {}, {}
+    for setting in ("off", "on", "auto"):
+        kept = []
+
+        def pack(t, kept=kept):
+            kept.append(t.numel() * t.element_size())
+            return t
+
+        with session.adapter(plan, 0) as model, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = train(model, splits.train, TrainSpec(steps=3, batch=4, precision="fp32", checkpointing=setting),
+                        device=torch.device("cpu"), dtype=torch.float32, pad_id=session.pad_id)
+        losses[setting], saved[setting] = [p.loss for p in out.curve], sum(kept)
+        assert not out.notes  # auto: a tiny batch fits, so no note and no checkpointing
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-6) and losses["auto"] == losses["off"]
+    assert saved["on"] < 0.6 * saved["off"] and saved["auto"] > 0.9 * saved["off"]
+
+
+def test_plan_states_training_memory_and_whether_it_fits(cli):
+    small = cli("plan", "tiny:llama", "--batch", "8", "--max-len", "128", "--device-memory", "64GiB", "--json")
+    assert small.returncode == 0, small.stderr
+    import json
+
+    memory = json.loads(small.stdout)["training_memory"]
+    assert memory["checkpointed_activations_bytes"] < memory["activations_bytes"]
+    assert memory["verdict"] == "fits"
+    tight = cli("plan", "tiny:llama", "--batch", "64", "--max-len", "512", "--device-memory", "600MiB")
+    assert "fits only with activation checkpointing" in " ".join(tight.stdout.split())

@@ -87,7 +87,12 @@ def plan(
     model_config: str | None = typer.Option(
         None, "--model-config", help="config overrides k=v,...; with model_type=NAME no hub is needed"),
     data: str = typer.Option(DEFAULT_PROBE_DATA, "--data", help="auto placements only: data the probe reads"),
-    max_len: int = typer.Option(512, "--max-len", help="auto placements only: token limit per example"),
+    max_len: int = typer.Option(512, "--max-len", help="token limit per example (the activation estimate; the "
+                                "probe data of an auto placement)"),
+    batch: int = typer.Option(8, "--batch", help="examples per micro-batch, for the activation-memory estimate"),
+    device_memory: str | None = typer.Option(None, "--device-memory",
+                                             help="e.g. 24GiB: say whether training fits, with and without "
+                                                  "activation checkpointing"),
     force: bool = typer.Option(False, "--force", help="allow adapters larger than the base model"),
     allow_unassigned: bool = typer.Option(False, "--allow-unassigned", help=ALLOW_UNASSIGNED_HELP),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -110,10 +115,27 @@ def plan(
         result = plan_for_model(model, spec, rank=rank, budget=budget, model_config=overrides or None,
                                 model_type=model_type, fill=_fill(fill))
     result.check_size(force)
+    from loraplace import models
+    from loraplace.formatting import human_bytes, parse_bytes
+    from loraplace.memory import training_memory
+
+    config = (models.config_from_model_type(model_type, overrides) if model_type is not None
+              else models.load_config(model, overrides or None))
+    memory = training_memory(config, batch, max_len, 2, result.total_params, result.trainable_params)
+    device_bytes = parse_bytes(device_memory) if device_memory else None
     if as_json:
-        out.print_json(json.dumps(result.to_dict()))
-    else:
-        print_plan(result, out)
+        out.print_json(json.dumps(result.to_dict() | {"training_memory": {
+            "batch": batch, "max_len": max_len, "activations_bytes": memory.activations_bytes,
+            "checkpointed_activations_bytes": memory.checkpointed_bytes, "weights_and_optimizer_bytes":
+            memory.fixed_bytes, "verdict": memory.verdict(device_bytes) if device_bytes else None}}))
+        return
+    print_plan(result, out)
+    out.print(f"activations, micro-batch of {batch} × {max_len} tokens (bound: every position labelled, packed): "
+              f"≈ {human_bytes(memory.activations_bytes)}; with activation checkpointing ≈ "
+              f"{human_bytes(memory.checkpointed_bytes)}; plus {human_bytes(memory.fixed_bytes)} of bf16 weights, "
+              "adapters and optimizer state", highlight=False)
+    if device_bytes:
+        out.print(f"in {human_bytes(device_bytes)}: {memory.verdict(device_bytes)}", highlight=False)
 
 
 def _probe_session(model: str, data: str, max_len: int, quiet: bool):

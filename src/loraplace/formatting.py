@@ -12,6 +12,17 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def parse_bytes(text: str) -> int:
+    """"24GiB", "24 GB", "512MiB", "2e9" → bytes (binary units for KiB/MiB/GiB/TiB, decimal for KB/MB/GB/TB)."""
+    units = {"tib": 2**40, "gib": 2**30, "mib": 2**20, "kib": 2**10, "tb": 10**12, "gb": 10**9, "mb": 10**6,
+             "kb": 10**3, "b": 1}
+    raw = text.strip().lower().replace(" ", "")
+    for unit, scale in units.items():
+        if raw.endswith(unit):
+            return int(float(raw.removesuffix(unit)) * scale)
+    return int(float(raw))
+
+
 def human_count(n: float) -> str:
     """1_234_567 → "1.23M" (decimal units: parameters, tokens)."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):

@@ -127,6 +127,7 @@ class TrainOutcome:
     label_tokens: int
     curve: list[CurvePoint] = field(default_factory=list)
     evals: list[EvalPoint] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. why activation checkpointing was turned on
 
     @property
     def tokens_per_s(self) -> float:
@@ -186,6 +187,13 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
 
     outcome = TrainOutcome(steps=0, train_s=0.0, real_tokens=0, label_tokens=0)
     pending: list[tuple[int, torch.Tensor, int, float]] = []  # (step, loss on device, tokens so far, lr)
+    lm = causal_lm(model)
+    first = make_batch(data, order[0][:micro], mode, pad_id) if len(order) else None
+    checkpointing, why = _checkpointing(spec.checkpointing, lm.config, first, device, dtype)
+    if why:
+        outcome.notes.append(why)
+    if checkpointing:  # non-reentrant: the frozen embeddings need no requires_grad trick
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     t0 = time.perf_counter()
 
@@ -240,5 +248,40 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
     if device.type == "cuda":
         torch.cuda.synchronize()
     outcome.train_s += time.perf_counter() - t0
+    if checkpointing:
+        lm.gradient_checkpointing_disable()  # the session's base model is shared by the next trial
     model.eval()
     return outcome
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory the device has free now: CUDA's free bytes, or the host's MemAvailable (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _checkpointing(setting: str, config, batch: Batch | None, device: torch.device,
+                   dtype: torch.dtype) -> tuple[bool, str | None]:
+    """(use activation checkpointing, a note saying why auto turned it on)."""
+    if setting != "auto":
+        return setting == "on", None
+    free = free_memory_bytes(device)
+    if batch is None or free is None:
+        return False, None
+    from loraplace.memory import estimate_activations
+
+    tokens = batch.input_ids.numel()
+    packed = tuple(batch.input_ids.shape) if batch.position_ids is not None else None
+    estimate = estimate_activations(config, tokens, batch.label_tokens, torch.finfo(dtype).bits // 8, packed)
+    if estimate.full_bytes <= 0.8 * free:
+        return False, None
+    return True, (f"activation checkpointing on: a micro-batch's activations (≈ {estimate.full_bytes / 2**30:.1f} "
+                  f"GiB estimated) exceed 80 % of the {free / 2**30:.1f} GiB free on {device.type}")

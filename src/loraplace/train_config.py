@@ -33,6 +33,11 @@ class TrainSpec(StrictModel):
     packing: bool = Field(default=True, description="pack examples into rows (block-diagonal attention)")
     compile: bool = Field(default=False, description="torch.compile the decoder")
     sync_every: int | None = Field(default=None, gt=0, description="host sync interval (default 1 CPU, 10 CUDA)")
+    checkpointing: Literal["off", "on", "auto"] = Field(
+        default="auto", description="activation checkpointing per decoder layer; auto: on when the estimated "
+        "activations of a micro-batch exceed 80 % of the memory the device has free (loraplace.memory)")
+
+    added_fields = frozenset({"checkpointing"})
 
     @model_validator(mode="before")
     @classmethod

@@ -387,7 +387,7 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
         timings=Timings(load_s=session.load_s, tokenize_s=splits.tokenize_s, eval_s=eval_s),
         environment=Environment(device=str(device), dtype=str(dtype).removeprefix("torch."),
                                 versions=library_versions()),
-        adapter=adapter, warnings=tuple(plan.warnings) + tuple(splits.warnings))
+        adapter=adapter, warnings=tuple(plan.warnings) + tuple(splits.warnings) + tuple(trained.notes))
     if out_dir is not None:
         write_json_atomic(Path(out_dir) / "metrics.json", outcome.model_dump(mode="json"))
         if probe is not None:

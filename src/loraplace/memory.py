@@ -7,9 +7,9 @@ kv_heads·head_dim, less the unrotated v), the attention output (q), and the MLP
 (4I; for MoE, I is what one token passes through: experts per token × expert width, plus shared experts). SDPA's
 flash path keeps no T×T matrix, but packed rows carry a block-diagonal mask, which sends SDPA on the CPU down its
 math path: then the masked scores and their softmax, [rows, heads, T, T] each, are kept too (counted always, so on
-CUDA, whose memory-efficient kernel takes a mask without the matrix, the estimate is an upper bound). On top: the logits at the
-labelled positions [labels, vocab] at the head's backward: the saved fp32 log-softmax, its fp32 gradient, the fp32
-logits gradient and its compute-dtype copy.
+CUDA, whose memory-efficient kernel takes a mask without the matrix, the estimate is an upper bound). On top: the
+logits at the labelled positions [labels, vocab] at the head's backward: the saved fp32 log-softmax, its fp32
+gradient, the fp32 logits gradient and its compute-dtype copy.
 
 With activation checkpointing per decoder layer, only each layer's input (H per token and layer) is kept, and one
 layer's activations are rebuilt at a time in backward.

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
@@ -30,6 +30,13 @@ CACHE_VERSION = 1
 class TemplateSpec(StrictModel):
     prompt: str
     response: str
+
+
+def _at_most_one(earlier: tuple[str, ...], name: str, value: Any, info: ValidationInfo, message: str) -> None:
+    """Refuse a split given twice: ``earlier`` fields (already validated) and ``name`` (being validated)."""
+    given = [k for k in earlier if info.data.get(k) is not None] + ([name] if value is not None else [])
+    if len(given) > 1:
+        raise ValueError(f"{message} (got {', '.join(given)})")
 
 
 class DataSpec(StrictModel):
@@ -64,24 +71,19 @@ class DataSpec(StrictModel):
                               "validation_count"})
 
     # Field validators (not a model validator), so these are reported together with type errors of other fields.
+    # Each runs on the last field of its set, when the others have been validated.
     @field_validator("test_count")
     @classmethod
     def _one_test_split(cls, value: int | None, info: ValidationInfo) -> int | None:
-        names = ("eval", "eval_fraction", "eval_count", "test", "test_fraction")
-        given = [k for k in names if info.data.get(k) is not None] + (["test_count"] if value is not None else [])
-        if len(given) > 1:
-            raise ValueError(f"give one of test, test_fraction, test_count (or the older eval, eval_fraction, "
-                             f"eval_count) (got {', '.join(given)})")
+        _at_most_one(("eval", "eval_fraction", "eval_count", "test", "test_fraction"), "test_count", value, info,
+                     "give one of test, test_fraction, test_count (or the older eval, eval_fraction, eval_count)")
         return value
 
     @field_validator("validation_count")
     @classmethod
     def _one_validation_split(cls, value: int | None, info: ValidationInfo) -> int | None:
-        given = [k for k in ("validation", "validation_fraction") if info.data.get(k) is not None]
-        given += ["validation_count"] if value is not None else []
-        if len(given) > 1:
-            raise ValueError(f"give one of validation, validation_fraction, validation_count (got "
-                             f"{', '.join(given)})")
+        _at_most_one(("validation", "validation_fraction"), "validation_count", value, info,
+                     "give one of validation, validation_fraction, validation_count")
         return value
 
     @property

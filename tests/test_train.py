@@ -154,3 +154,29 @@ def test_plan_states_training_memory_and_whether_it_fits(cli):
     assert memory["verdict"] == "fits"
     tight = cli("plan", "tiny:llama", "--batch", "64", "--max-len", "512", "--device-memory", "600MiB")
     assert "fits only with activation checkpointing" in " ".join(tight.stdout.split())
+
+
+def test_chunked_loss_equals_the_whole_loss_and_its_gradients():
+    """loss_chunk: the same loss and the same adapter gradients, with the logits built a chunk at a time."""
+    from loraplace.data.batching import batching_mode, make_batch
+    from loraplace.train import loss_sum
+
+    session = Session("tiny:llama", precision="fp32")
+    splits = session.data(DataSpec(train="builtin:arithmetic?n=40", eval_count=8, max_len=160))
+    plan = session.plan({"roles": ["all"]}, rank=4)
+    with session.adapter(plan, 0) as model:
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.05)  # B ≠ 0, so every adapter has a gradient
+        batch = make_batch(splits.train, list(range(8)), batching_mode(model, True), session.pad_id)
+        results = []
+        for chunk in (None, 7):
+            model.zero_grad(set_to_none=True)
+            loss = loss_sum(model, batch, chunk=chunk)
+            loss.backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            results.append((loss.item(), grads))
+    assert batch.label_tokens > 7  # really several chunks
+    (whole, g_whole), (chunked, g_chunked) = results
+    assert chunked == pytest.approx(whole, rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g_whole, g_chunked, strict=True))

@@ -98,9 +98,13 @@ class BlockShape:
 
 
 def estimate_activations(config: Any, tokens: int, label_tokens: int, dtype_bytes: int,
-                         packed_rows: tuple[int, int] | None = None) -> ActivationEstimate:
+                         packed_rows: tuple[int, int] | None = None,
+                         loss_chunk: int | None = None) -> ActivationEstimate:
     """Activations of one forward/backward over ``tokens`` positions (``label_tokens`` of them labelled);
-    ``packed_rows`` = (rows, width) of a packed micro-batch (its attention takes SDPA's math path)."""
+    ``packed_rows`` = (rows, width) of a packed micro-batch (its attention takes SDPA's math path); ``loss_chunk``:
+    the head's logits exist for at most that many labels at a time (``train.loss_chunk``)."""
+    if loss_chunk:
+        label_tokens = min(label_tokens, loss_chunk)
     shape = BlockShape.of(config)
     matrix = 0
     if packed_rows is not None:

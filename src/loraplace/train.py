@@ -94,26 +94,39 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------- loss
 
 
-def loss_sum(model, batch: Batch, decoder=None) -> torch.Tensor:
+def loss_sum(model, batch: Batch, decoder=None, chunk: int | None = None) -> torch.Tensor:
     """Σ token cross-entropy over the batch's label positions (fp32), computing logits only there.
 
-    ``decoder`` replaces the transformer body (e.g. its ``torch.compile``d version)."""
+    ``decoder`` replaces the transformer body (e.g. its ``torch.compile``d version). ``chunk``: the head and the
+    loss run over at most ``chunk`` label positions at a time, each chunk checkpointed, so the fp32 [N, vocab]
+    logits and their gradient never exist at once (one chunk's do; backward recomputes a chunk's logits, one
+    extra LM-head matmul)."""
     lm = causal_lm(model)
     decoder = decoder if decoder is not None else lm.base_model  # HF: the body without the LM head
     hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)  # [N, H]
-    logits = lm.get_output_embeddings()(hidden).float()  # [N, V]
-    # The scalings HF's own heads apply after the LM head: cohere multiplies, granite divides, gemma soft-caps.
-    scale = getattr(lm.config, "logit_scale", None)
-    if scale:
-        logits = logits * scale
-    divisor = getattr(lm.config, "logits_scaling", None)
-    if divisor:
-        logits = logits / divisor
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, batch.targets, reduction="sum")
+    head = lm.get_output_embeddings()
+
+    def head_loss(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()  # [n, V]
+        # The scalings HF's own heads apply after the LM head: cohere multiplies, granite divides, gemma soft-caps.
+        scale = getattr(lm.config, "logit_scale", None)
+        if scale:
+            logits = logits * scale
+        divisor = getattr(lm.config, "logits_scaling", None)
+        if divisor:
+            logits = logits / divisor
+        softcap = getattr(lm.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+    if not chunk or hidden.shape[0] <= chunk or not torch.is_grad_enabled():
+        return head_loss(hidden, batch.targets)
+    from torch.utils.checkpoint import checkpoint
+
+    return sum(checkpoint(head_loss, hidden[i:i + chunk], batch.targets[i:i + chunk], use_reentrant=False)
+               for i in range(0, hidden.shape[0], chunk))
 
 
 # --------------------------------------------------------------------------------------------- loop
@@ -189,7 +202,7 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
     pending: list[tuple[int, torch.Tensor, int, float]] = []  # (step, loss on device, tokens so far, lr)
     lm = causal_lm(model)
     first = make_batch(data, order[0][:micro], mode, pad_id) if len(order) else None
-    checkpointing, why = _checkpointing(spec.checkpointing, lm.config, first, device, dtype)
+    checkpointing, why = _checkpointing(spec.checkpointing, lm.config, first, device, dtype, spec.loss_chunk)
     if why:
         outcome.notes.append(why)
     if checkpointing:  # non-reentrant: the frozen embeddings need no requires_grad trick
@@ -219,7 +232,7 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
         for b in batches:
             b = b.to(device)
             with autocast(device, dtype):
-                part = loss_sum(model, b, decoder)
+                part = loss_sum(model, b, decoder, spec.loss_chunk)
             if fault is not None:
                 part = fault(step, part)
             (part / n_labels).backward()
@@ -268,8 +281,8 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def _checkpointing(setting: str, config, batch: Batch | None, device: torch.device,
-                   dtype: torch.dtype) -> tuple[bool, str | None]:
+def _checkpointing(setting: str, config, batch: Batch | None, device: torch.device, dtype: torch.dtype,
+                   loss_chunk: int | None) -> tuple[bool, str | None]:
     """(use activation checkpointing, a note saying why auto turned it on)."""
     if setting != "auto":
         return setting == "on", None
@@ -280,7 +293,8 @@ def _checkpointing(setting: str, config, batch: Batch | None, device: torch.devi
 
     tokens = batch.input_ids.numel()
     packed = tuple(batch.input_ids.shape) if batch.position_ids is not None else None
-    estimate = estimate_activations(config, tokens, batch.label_tokens, torch.finfo(dtype).bits // 8, packed)
+    estimate = estimate_activations(config, tokens, batch.label_tokens, torch.finfo(dtype).bits // 8, packed,
+                                    loss_chunk)
     if estimate.full_bytes <= 0.8 * free:
         return False, None
     return True, (f"activation checkpointing on: a micro-batch's activations (≈ {estimate.full_bytes / 2**30:.1f} "

@@ -37,7 +37,11 @@ class TrainSpec(StrictModel):
         default="auto", description="activation checkpointing per decoder layer; auto: on when the estimated "
         "activations of a micro-batch exceed 80 % of the memory the device has free (loraplace.memory)")
 
-    added_fields = frozenset({"checkpointing"})
+    loss_chunk: int | None = Field(
+        default=None, gt=0, description="LM head + loss over at most this many label positions at a time, each "
+        "recomputed in backward: the fp32 [labels, vocab] logits are never held whole (None: all at once)")
+
+    added_fields = frozenset({"checkpointing", "loss_chunk"})
 
     @model_validator(mode="before")
     @classmethod

@@ -46,7 +46,7 @@ def measure(args) -> dict:
     splits = session.data(DataSpec(train=train_path, eval=eval_path, max_len=args.max_len))
     plan = session.plan(parse_placement("all"), rank=16)
     spec = TrainSpec(steps=args.steps, batch=args.batch, lr=2e-4, precision=args.precision,
-                     checkpointing=args.only)
+                     checkpointing=args.only, loss_chunk=args.loss_chunk)
     with session.adapter(plan, 0) as model:
         mode = batching_mode(model, spec.packing)
         batches = [make_batch(splits.train, idx, mode, session.pad_id)
@@ -55,7 +55,8 @@ def measure(args) -> dict:
         dtype_bytes = torch.finfo(session.dtype).bits // 8
         config = session.model.config
         packed = tuple(biggest.input_ids.shape) if mode == "pack" else None
-        est = estimate_activations(config, biggest.input_ids.numel(), biggest.label_tokens, dtype_bytes, packed)
+        est = estimate_activations(config, biggest.input_ids.numel(), biggest.label_tokens, dtype_bytes, packed,
+                                   args.loss_chunk)
         activations = (est.checkpointed_bytes(hidden_bytes_per_token(config, dtype_bytes)) if args.only == "on"
                        else est.full_bytes)
         trainable_state = 12 * plan.trainable_params  # fp32 gradient + two AdamW moments (weights already held)
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--loss-chunk", type=int, default=None, help="train.loss_chunk for both settings")
     parser.add_argument("--only", choices=["off", "on"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
@@ -92,7 +94,7 @@ def main() -> None:
         cpu = fh.read()
     kind = "amx" if "amx_bf16" in cpu else "avx512_bf16" if "avx512_bf16" in cpu else "avx2"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, cpu={kind}, "
-          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
+          f"torch {torch.__version__}, loss_chunk={args.loss_chunk}, {time.strftime('%Y-%m-%d %H:%M')}")
     results = {}
     for setting in ("off", "on"):
         cmd = [sys.executable, __file__, "--only", setting] + [a for a in sys.argv[1:]]

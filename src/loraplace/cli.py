@@ -11,6 +11,7 @@ import json
 import sys
 import time
 import traceback
+import typing
 from typing import Any
 
 import click
@@ -25,7 +26,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from loraplace.data import DataSpec
 from loraplace.errors import ConfigError, LoraplaceError
-from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK
+from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill
 from loraplace.train_config import DEFAULT_STEPS, TrainSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -99,7 +100,9 @@ def plan(
 ) -> None:
     """Dry-run: show every module a placement adapts and the exact trainable-parameter count. Loads no weights
     (an auto placement loads the model to run its importance probe first)."""
-    from loraplace.placement import parse_placement, plan_for_model
+    from loraplace.formatting import human_bytes, parse_bytes
+    from loraplace.memory import training_memory
+    from loraplace.placement import model_config_of, parse_placement, plan_for_model
     from loraplace.report_terminal import print_plan
 
     overrides = parse_kv(model_config)
@@ -111,16 +114,11 @@ def plan(
         session, tokenized = _probe_session(model, data, max_len, as_json)
         with _probe_progress(as_json, spec.auto.batches) as progress:
             result = session.plan(spec, budget=budget, data=tokenized, data_key=data, progress=progress)
+        config = session.model.config
     else:
-        result = plan_for_model(model, spec, rank=rank, budget=budget, model_config=overrides or None,
-                                model_type=model_type, fill=_fill(fill))
+        config = model_config_of(model, overrides or None, model_type)  # read once: the plan and the memory lines
+        result = plan_for_model(model, spec, rank=rank, budget=budget, fill=_fill(fill), config=config)
     result.check_size(force)
-    from loraplace import models
-    from loraplace.formatting import human_bytes, parse_bytes
-    from loraplace.memory import training_memory
-
-    config = (models.config_from_model_type(model_type, overrides) if model_type is not None
-              else models.load_config(model, overrides or None))
     memory = training_memory(config, batch, max_len, 2, result.total_params, result.trainable_params)
     device_bytes = parse_bytes(device_memory) if device_memory else None
     if as_json:
@@ -513,8 +511,9 @@ def _output_file(path: str):
 
 
 def _fill(value: str):
-    if value not in ("exact", "uniform"):
-        raise ConfigError([f"--fill {value!r}: exact or uniform"], "invalid --fill")
+    choices = typing.get_args(Fill)  # the spec's own literal: one list of fill modes
+    if value not in choices:
+        raise ConfigError([f"--fill {value!r}: one of {', '.join(choices)}"], "invalid --fill")
     return value
 
 

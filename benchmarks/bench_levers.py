@@ -1,13 +1,17 @@
-"""Each speed lever of the trial engine switched off alone, measured against the defaults in the same run, with
-the speedup predicted from FLOP/token counts next to the measured one. Plus a torch-profiler breakdown of where
-a default training step spends its time.
+"""Each speed lever of the trial engine switched on or off alone, measured against the defaults in the same run,
+with the speedup predicted from FLOP/position counts next to the measured one; plus a torch-profiler breakdown of
+where a default training step spends its time (in the run's precision: bf16 where the CPU has it natively).
 
     python benchmarks/bench_levers.py                 # builtin:smollm2-135m, GSM8K slice (or builtin data)
-    python benchmarks/bench_levers.py --steps 6 --no-profile
+    python benchmarks/bench_levers.py --steps 6 --no-profile --precision fp32
 
-Levers:
-  packing        several examples per row with block-diagonal attention, instead of padding to the longest
-  label logits   LM-head logits only at label positions, instead of at every position (HF's default)
+Levers (the defaults are TrainSpec's: packing on, logits at labels, dynamic shapes, no compile, whole loss):
+  packing         several examples per row with block-diagonal attention, instead of padding to the longest
+  label logits    LM-head logits only at label positions, instead of at every position (HF's default)
+  static shapes   every forward one [rows, width] block (more padding positions, one shape)
+  compile         torch.compile of the decoder on static shapes; its first step (the compilation) is counted
+  loss chunk      LM head + loss over 256 labels at a time, recomputed in backward (memory lever: costs time)
+  checkpointing   per-layer activation checkpointing (memory lever: one more forward of the body)
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from loraplace import train as train_module
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def full_logits_loss_sum(model, batch, decoder=None):
+def full_logits_loss_sum(model, batch, decoder=None, chunk=None):
     """The lever switched off: logits for every position, as HF's CausalLM forward computes them."""
     causal_lm = models.causal_lm(model)
     decoder = decoder if decoder is not None else causal_lm.base_model
@@ -47,94 +51,139 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=256)
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--only", default=None, help="comma-separated lever labels to run (defaults always run)")
     parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args()
 
-    from bench_train import build_data
+    from bench_train import build_data, cpu_kind, flops_per_step
 
     from loraplace.data import DataSpec
+    from loraplace.data.batching import make_batch, static_batches, static_shape
     from loraplace.placement import parse_placement
-    from loraplace.train import TrainSpec, train
+    from loraplace.train import TrainSpec, batch_order, train
     from loraplace.trial import Session
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
-          f", {time.strftime('%Y-%m-%d %H:%M')}")
     train_path, eval_path = build_data(args)
-    session = Session(args.model, precision="fp32")
+    session = Session(args.model, precision=args.precision)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, cpu={cpu_kind()}, "
+          f"torch {torch.__version__}, dtype {session.dtype}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     splits = session.data(DataSpec(train=train_path, eval=eval_path, max_len=args.max_len))
     plan = session.plan(parse_placement("all"), rank=16)
-    lengths = [len(x) for x in splits.train.ids]
-    vocab = session.model.config.vocab_size
-    d_model = session.model.config.hidden_size
+    order = batch_order(len(splits.train), args.batch, args.steps, 0)
+    base = dict(steps=args.steps, batch=args.batch, lr=2e-4, seed=0, precision=args.precision, checkpointing="off")
 
-    def run(label: str, **overrides) -> float:
-        spec = TrainSpec(steps=args.steps, batch=args.batch, lr=2e-4, seed=0, precision="fp32", **overrides)
+    def run(label: str, **overrides) -> tuple[float, float]:
+        spec = TrainSpec(**(base | overrides))
         with session.adapter(plan, 0) as model:
             out = train(model, splits.train, spec, device=session.device, dtype=session.dtype,
                         pad_id=session.pad_id)
-        print(f"  {label:<22} {out.tokens_per_s:7.1f} tok/s  ({out.train_s:.1f} s)", flush=True)
-        return out.tokens_per_s
+        print(f"  {label:<26} {out.tokens_per_s:7.1f} tok/s  ({out.train_s:.1f} s, first step {out.first_step_s:.1f} s,"
+              f" final loss {out.curve[-1].loss:.4f})", flush=True)
+        return out.tokens_per_s, out.curve[-1].loss
+
+    shares: dict[str, float] = {}
+    if not args.no_profile:
+        shares = profile(session, plan, splits, base, args)
 
     configs = {"defaults": ({}, None), "no packing (pad)": ({"packing": False}, None),
-               "logits at every position": ({}, full_logits_loss_sum)}
+               "logits at every position": ({}, full_logits_loss_sum), "static shapes": ({"static_shapes": True}, None),
+               "compile (static shapes)": ({"compile": True}, None), "loss chunk 256": ({"loss_chunk": 256}, None),
+               "checkpointing on": ({"checkpointing": "on"}, None)}
+    if args.only:
+        keep = {"defaults", *(x.strip() for x in args.only.split(","))}
+        configs = {k: v for k, v in configs.items() if k in keep}
     measured: dict[str, list[float]] = {k: [] for k in configs}
+    losses: dict[str, float] = {}
     original = train_module.loss_sum
     for _ in range(args.reps):
         for label, (overrides, loss_fn) in configs.items():
             train_module.loss_sum = loss_fn or original
             try:
-                measured[label].append(run(label, **overrides))
+                tps, losses[label] = run(label, **overrides)
+                measured[label].append(tps)
             finally:
                 train_module.loss_sum = original
     med = {k: statistics.median(v) for k, v in measured.items()}
 
-    # Predictions from FLOP counts. Packing vs padding: positions each mode computes for the same batches
-    # (packing's own rows are as wide as the longest example, so its fill is not 100 % either).
-    from loraplace.data.batching import make_batch
-    from loraplace.train import batch_order
-
-    order = batch_order(len(splits.train), args.batch, args.steps, 0)
+    # Predictions from FLOP and position counts of exactly these steps.
+    lengths = [len(x) for x in splits.train.ids]
+    real = sum(lengths[int(i)] for idx in order for i in idx)
+    labels = sum(make_batch(splits.train, idx, "pack", session.pad_id).label_tokens for idx in order)
+    vocab, d_model = session.model.config.vocab_size, session.model.config.hidden_size
+    head = vocab * d_model
+    block_linear = sum(s.in_features * s.out_features for s in session.arch.sites.values())
+    seq_sq = sum(lengths[int(i)] ** 2 / 2 for idx in order for i in idx)
+    total = flops_per_step(plan, session.arch.num_layers, d_model, real, labels, seq_sq, head, block_linear)
     positions = {mode: sum(make_batch(splits.train, idx, mode, session.pad_id).input_ids.numel() for idx in order)
                  for mode in ("pack", "pad")}
-    pad_factor = positions["pad"] / positions["pack"]
-    # Head FLOPs per position: 4·V·d with full logits, only at label positions with the lever on.
-    head = vocab * d_model
-    body = session.arch.total_params - head  # tied embeddings: the head is the embedding matrix
-    label_frac = splits.train.label_tokens / sum(lengths)  # labels per real token
-    logits_factor = (body + head) / (body + head * label_frac)
-    print("\nlever                   measured speedup   predicted")
-    print(f"  packing                {med['defaults'] / med['no packing (pad)']:6.2f}×          "
-          f"{pad_factor:6.2f}×  (positions padded / packed: {positions['pad']:,} / {positions['pack']:,})")
-    print(f"  label-only logits      {med['defaults'] / med['logits at every position']:6.2f}×          "
-          f"{logits_factor:6.2f}×  (head FLOPs at {label_frac:.0%} of positions)")
+    shape = static_shape(splits.train, order, "pack", 1)
+    positions["static"] = sum(len(static_batches(splits.train, idx, "pack", session.pad_id, shape, 1))
+                              for idx in order) * shape[0] * shape[1]
+    label_frac = labels / real
+    attention_fwd = 4 * d_model * session.arch.num_layers * seq_sq
+    forward_body = (2 * block_linear + 2 * plan.trainable_params) * real + attention_fwd
+    predicted = {
+        "no packing (pad)": (positions["pad"] / positions["pack"],
+                             f"positions padded / packed: {positions['pad']:,} / {positions['pack']:,}"),
+        "logits at every position": ((total + 4 * head * (real - labels)) / total,
+                                     f"head FLOPs at {label_frac:.0%} of positions"),
+        "static shapes": (positions["pack"] / positions["static"],
+                          f"positions packed / static {shape[0]}×{shape[1]} blocks: {positions['pack']:,} / "
+                          f"{positions['static']:,}"),
+        "compile (static shapes)": (None, "at most 1 / (1 − elementwise share) = "
+                                    f"{1 / max(1e-9, 1 - shares.get('elementwise / norms / copies', 0) / 100):.2f}"
+                                    "× on top of static shapes, if every elementwise op were fused away"
+                                    if shares else "no profile run"),
+        "loss chunk 256": (total / (total + 2 * head * labels), "one more LM-head forward per label"),
+        "checkpointing on": (total / (total + forward_body), "one more forward of the body"),
+    }
+    print("\nlever (alone vs defaults)   measured  predicted   final loss (defaults "
+          f"{losses['defaults']:.4f})")
+    for label in configs:
+        if label == "defaults":
+            continue
+        # For a lever that is *on* by default the speedup is defaults/off; for one that is off, on/defaults.
+        on_by_default = label in ("no packing (pad)", "logits at every position")
+        speed = med["defaults"] / med[label] if on_by_default else med[label] / med["defaults"]
+        pred, why = predicted[label]
+        pred_s = f"{1 / pred if on_by_default else pred:6.2f}×" if pred else "     —"
+        print(f"  {label:<26} {speed:6.2f}×   {pred_s}   {losses[label]:.4f}   ({why})")
+    print(" ".join(f"{k.replace(' ', '_')}={v:.1f}" for k, v in med.items()) + f" cpu={cpu_kind()}")
 
-    if not args.no_profile:
-        from torch.profiler import ProfilerActivity, profile
 
-        spec = TrainSpec(steps=3, batch=args.batch, lr=2e-4, seed=0, precision="fp32")
-        with session.adapter(plan, 0) as model, profile(activities=[ProfilerActivity.CPU]) as prof:
-            train(model, splits.train, spec, device=session.device, dtype=session.dtype, pad_id=session.pad_id)
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events)
-        groups = {"matmul (mm/addmm/bmm/linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
-                  "attention (sdpa)": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
-                  "softmax / cross-entropy": ("aten::_log_softmax", "aten::nll_loss", "aten::_softmax"),
-                  "optimizer (AdamW)": ("aten::_fused_adamw", "aten::_foreach", "Optimizer"),
-                  "elementwise / norms / copies": ("aten::mul", "aten::add", "aten::silu", "aten::pow",
-                                                   "aten::copy_", "aten::rsqrt", "aten::mean", "aten::cat",
-                                                   "aten::index", "aten::fill_", "aten::zero_", "aten::neg",
-                                                   "aten::clone", "aten::sum", "aten::div", "aten::embedding")}
-        shares = {g: 0.0 for g in groups} | {"other": 0.0}
-        for e in events:
-            g = next((g for g, keys in groups.items() if e.key.startswith(keys)), "other")
-            shares[g] += e.self_cpu_time_total
-        print("\nwhere a default training step spends its time (torch profiler, self CPU time, 3 steps):")
-        for g, t in sorted(shares.items(), key=lambda kv: -kv[1]):
-            print(f"  {g:<32} {100 * t / total:5.1f} %")
-        print("\ntop 12 ops by self CPU time:")
-        print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
-    print(" ".join(f"{k.replace(' ', '_')}={v:.1f}" for k, v in med.items()))
+def profile(session, plan, splits, base, args) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from loraplace.train import TrainSpec, train
+
+    spec = TrainSpec(**(base | {"steps": 3}))
+    with session.adapter(plan, 0) as model, torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        train(model, splits.train, spec, device=session.device, dtype=session.dtype, pad_id=session.pad_id)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    groups = {"matmul (mm/addmm/bmm/linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
+              "attention (sdpa)": ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_flash_attention"),
+              "softmax / cross-entropy": ("aten::_log_softmax", "aten::nll_loss", "aten::_softmax"),
+              "optimizer (AdamW)": ("aten::_fused_adamw", "aten::_foreach", "Optimizer"),
+              "dtype casts (to / copy)": ("aten::to", "aten::_to_copy", "aten::copy_"),
+              "elementwise / norms / copies": ("aten::mul", "aten::add", "aten::silu", "aten::pow", "aten::rsqrt",
+                                               "aten::mean", "aten::cat", "aten::index", "aten::fill_",
+                                               "aten::zero_", "aten::neg", "aten::clone", "aten::sum", "aten::div",
+                                               "aten::embedding", "aten::sigmoid", "aten::where", "aten::masked")}
+    shares = {g: 0.0 for g in groups} | {"other": 0.0}
+    for e in events:
+        g = next((g for g, keys in groups.items() if e.key.startswith(keys)), "other")
+        shares[g] += e.self_cpu_time_total
+    print(f"\nwhere a default training step spends its time ({session.dtype}; torch profiler, self CPU time, "
+          "3 steps):")
+    for g, t in sorted(shares.items(), key=lambda kv: -kv[1]):
+        print(f"  {g:<32} {100 * t / total:5.1f} %")
+    print("\ntop 15 ops by self CPU time:")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40), flush=True)
+    return {g: 100 * t / total for g, t in shares.items()}
 
 
 if __name__ == "__main__":

@@ -1,14 +1,23 @@
-"""Speed and correctness of loraplace's trial engine against Hugging Face Trainer + PEFT, side by side.
+"""Speed, memory and correctness of loraplace's trial engine against Hugging Face Trainer + PEFT, side by side.
 
 Same model, same examples in the same order, same steps/batch/lr/schedule/rank/placement/masking:
 
-  (a) HF Trainer + PEFT, defaults (fp32 on CPU)     (b) the same with bf16=True     (c) loraplace's engine, defaults
+  (a) HF Trainer + PEFT, defaults (fp32 on CPU)     (b) the same with bf16=True     (c) loraplace's engine
 
-Runs alternate (a b c a b c …) and medians are reported. The last line is machine-readable:
-``ratio_vs_hf_fp32=… ratio_vs_hf_bf16=… mfu=… eval_loss_rel_diff=…``.
+Every run is a fresh process (a CPU allocator keeps freed pages, so a second engine in one process would inherit the
+first one's memory); runs alternate (a b c, c b a, …) and medians are reported. Peak memory is the process's peak
+resident set (CPU) or the peak allocated CUDA memory. The last line is machine-readable:
+
+``ratio_vs_hf_fp32=… ratio_vs_hf_bf16=…|n/a(no-native-bf16) mfu=… eval_loss_rel_diff=… peak_mem_ratio_vs_hf=…
+cpu=avx2|avx512_bf16|amx|cuda``
+
+``eval_loss_rel_diff`` compares (c) with the HF run of the same precision (b when (c) runs bf16, else a);
+``peak_mem_ratio_vs_hf`` is (c)'s peak over that same HF run's. tokens/s counts every step, torch.compile's
+warm-up included; the steady-state rate (without the first step) is printed beside it.
 
     python benchmarks/bench_train.py                       # defaults of the benchmark issue
     python benchmarks/bench_train.py --steps 20 --reps 1 --skip-bf16
+    python benchmarks/bench_train.py --compile --loss-chunk 1024   # (c) with more levers on
     python benchmarks/bench_train.py --random-init DIR     # a config+tokenizer dir, random weights (GPU machine)
 """
 
@@ -19,6 +28,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -131,9 +142,60 @@ def _rss_peak_mb() -> float:
 def _reset_rss_peak() -> None:
     try:
         with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
+            fh.write("5")  # VmHWM back to the current RSS
     except OSError:
         pass
+
+
+def cpu_kind() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return "unknown"
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "avx2"
+
+
+def trial_spec(args, model_ref: str):
+    from loraplace.data import DataSpec
+    from loraplace.placement import parse_placement
+    from loraplace.train import TrainSpec
+    from loraplace.trial import TrialSpec
+
+    data = DataSpec(train=args.train_file, eval=args.eval_file, max_len=args.max_len)
+    train = TrainSpec(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, compile=args.compile,
+                      loss_chunk=args.loss_chunk, checkpointing=args.checkpointing, static_shapes=args.static)
+    return TrialSpec(model=model_ref, data=data, placement=parse_placement(args.placement), rank=args.rank,
+                     train=train)
+
+
+def run_one(args) -> dict:
+    """One engine in this (fresh) process: the child side of main()."""
+    from loraplace.models import checkpoint_path
+    from loraplace.train import batch_order
+    from loraplace.trial import Session, run_trial
+
+    spec = trial_spec(args, args.model)
+    session = Session(args.model)
+    if args.only == "loraplace":
+        r = run_trial(spec, session=session)
+        assert r.metrics is not None, r.failure
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _rss_peak_mb()
+        return {"tokens_per_s": r.metrics.tokens_per_s, "train_s": r.metrics.train_s,
+                "first_step_s": r.timings.first_step_s, "eval_loss": r.metrics.eval_loss, "peak_mem_mb": peak,
+                "real_tokens": r.train_tokens, "label_tokens": r.label_tokens, "dtype": str(session.dtype)}
+    plan = session.plan(spec.placement, rank=args.rank)
+    splits = session.data(spec.data)
+    order = batch_order(len(splits.train), args.batch, args.steps, args.seed)
+    model_path = checkpoint_path(args.model)
+    import gc
+
+    del session.model, session.arch  # HF loads its own fp32 copy; ours would only inflate its peak
+    gc.collect()
+    _reset_rss_peak()
+    return run_hf(model_path, session, plan, splits, order, args, bf16=args.only == "hf_bf16")
 
 
 def main() -> None:
@@ -153,16 +215,24 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reps", type=int, default=2, help="alternating repetitions of (a b c)")
     ap.add_argument("--skip-bf16", action="store_true", help="skip (b); automatic on CPUs without native bf16")
-    ap.add_argument("--compile", action="store_true", help="(c) with torch.compile of the transformer body")
+    ap.add_argument("--skip-hf", action="store_true", help="(c) only (no ratios): a quick lever check")
+    # (c)'s levers; the defaults are TrainSpec's.
+    ap.add_argument("--compile", action="store_true", help="(c) with torch.compile (static shapes follow)")
+    ap.add_argument("--static", action=argparse.BooleanOptionalAction, default=None, help="(c) static shapes")
+    ap.add_argument("--loss-chunk", type=int, default=None, help="(c) train.loss_chunk")
+    ap.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"], help="(c) train.checkpointing")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--only", choices=["hf_fp32", "hf_bf16", "loraplace"], help=argparse.SUPPRESS)
+    ap.add_argument("--train-file", help=argparse.SUPPRESS)
+    ap.add_argument("--eval-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.only:
+        print(json.dumps(run_one(args)))
+        return
 
-    from loraplace.data import DataSpec
-    from loraplace.placement import parse_placement
-    from loraplace.train import TrainSpec, batch_order, cpu_has_bf16
-    from loraplace.trial import Session, TrialSpec, run_trial
+    from loraplace.train import batch_order, cpu_has_bf16
+    from loraplace.trial import Session
 
-    model_ref = args.model
     if args.random_init:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -170,44 +240,41 @@ def main() -> None:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.random_init)).save_pretrained(target)
         AutoTokenizer.from_pretrained(args.random_init).save_pretrained(target)
-        model_ref = str(target)
-    from loraplace.models import checkpoint_path
-
-    model_path = checkpoint_path(model_ref)
-    train_path, eval_path = build_data(args)
-    data = DataSpec(train=train_path, eval=eval_path, max_len=args.max_len)
-    spec = TrialSpec(model=model_ref, data=data, placement=parse_placement(args.placement), rank=args.rank,
-                     train=TrainSpec(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                                    compile=args.compile))
+        args.model = str(target)
+    args.train_file, args.eval_file = build_data(args)
+    spec = trial_spec(args, args.model)
     t0 = time.perf_counter()
-    session = Session(model_ref)
+    session = Session(args.model)
     load_s = time.perf_counter() - t0
     plan = session.plan(spec.placement, rank=args.rank)
-    splits = session.data(data)
+    splits = session.data(spec.data)
     order = batch_order(len(splits.train), args.batch, args.steps, args.seed)
     device, dtype = session.device, session.dtype
     native_bf16 = device.type == "cuda" or cpu_has_bf16()
-    skip_bf16 = args.skip_bf16 or not native_bf16
+    skip_bf16 = args.skip_bf16 or not native_bf16 or args.skip_hf
+    kind = cpu_kind()
     print(f"device={device} dtype={dtype} native_bf16={native_bf16} torch={torch.__version__} "
-          f"cores={os.cpu_count()} cpu={platform.processor() or platform.machine()} load_s={load_s:.2f}", flush=True)
+          f"cores={os.cpu_count()} cpu={kind} ({platform.processor() or platform.machine()}) load_s={load_s:.2f} "
+          f"levers: compile={args.compile} static={args.static} loss_chunk={args.loss_chunk} "
+          f"checkpointing={args.checkpointing}", flush=True)
 
+    child_args = [a for a in sys.argv[1:]]
+    child_args = [*child_args, "--model", args.model, "--train-file", args.train_file, "--eval-file", args.eval_file]
+    engines = ["loraplace"] if args.skip_hf else ["hf_fp32", "hf_bf16", "loraplace"]
     runs: dict[str, list[dict]] = {"hf_fp32": [], "hf_bf16": [], "loraplace": []}
     for rep in range(args.reps):
-        for name in ("hf_fp32", "hf_bf16", "loraplace") if rep % 2 == 0 else ("loraplace", "hf_bf16", "hf_fp32"):
+        for name in engines if rep % 2 == 0 else engines[::-1]:
             if name == "hf_bf16" and skip_bf16:
                 continue
-            _reset_rss_peak()
-            if name == "loraplace":
-                r = run_trial(spec, session=session)
-                assert r.metrics is not None, r.failure
-                res = {"tokens_per_s": r.metrics.tokens_per_s, "train_s": r.metrics.train_s,
-                       "eval_loss": r.metrics.eval_loss, "peak_mem_mb": r.metrics.peak_mem_mb,
-                       "real_tokens": r.train_tokens, "label_tokens": r.label_tokens}
-            else:
-                res = run_hf(model_path, session, plan, splits, order, args, bf16=name == "hf_bf16")
+            proc = subprocess.run([sys.executable, __file__, *child_args, "--only", name], capture_output=True,
+                                  text=True, cwd=Path(__file__).parent)
+            if proc.returncode:
+                raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
             runs[name].append(res)
+            extra = f" first_step_s={res['first_step_s']:.1f}" if "first_step_s" in res else ""
             print(f"rep {rep} {name:10s} tok/s={res['tokens_per_s']:8.1f} train_s={res['train_s']:7.2f} "
-                  f"eval_loss={res['eval_loss']:.4f} peak_mem_mb={res['peak_mem_mb']:.0f}", flush=True)
+                  f"eval_loss={res['eval_loss']:.4f} peak_mem_mb={res['peak_mem_mb']:.0f}{extra}", flush=True)
 
     def med(name: str, key: str) -> float | None:
         vals = [r[key] for r in runs[name]]
@@ -223,21 +290,34 @@ def main() -> None:
                            seq_sq, head, block_linear)
     peak = matmul_peak(dtype, device)
     mfu = flops / med("loraplace", "train_s") / peak
+    steady_s = med("loraplace", "train_s") - med("loraplace", "first_step_s")
+    steady_tps = lp["real_tokens"] * (args.steps - 1) / args.steps / steady_s if args.steps > 1 else None
     a, b, c = med("hf_fp32", "tokens_per_s"), med("hf_bf16", "tokens_per_s"), med("loraplace", "tokens_per_s")
-    rel = abs(med("loraplace", "eval_loss") - med("hf_fp32", "eval_loss")) / med("hf_fp32", "eval_loss")
+    same = "hf_bf16" if dtype == torch.bfloat16 and b else "hf_fp32"
     summary = {
-        "device": str(device), "dtype": str(dtype), "steps": args.steps, "batch": args.batch, "rank": args.rank,
-        "placement": args.placement, "train_examples": len(splits.train), "eval_tokens": None,
-        "tokens_per_s": {"hf_fp32": a, "hf_bf16": b, "loraplace": c},
+        "device": str(device), "dtype": str(dtype), "cpu": kind, "steps": args.steps, "batch": args.batch,
+        "rank": args.rank, "placement": args.placement, "train_examples": len(splits.train),
+        "levers": {"compile": args.compile, "static": args.static, "loss_chunk": args.loss_chunk,
+                   "checkpointing": args.checkpointing},
+        "tokens_per_s": {"hf_fp32": a, "hf_bf16": b, "loraplace": c, "loraplace_steady": steady_tps},
         "eval_loss": {k: med(k, "eval_loss") for k in runs},
         "peak_mem_mb": {k: med(k, "peak_mem_mb") for k in runs},
         "matmul_peak_tflops": peak / 1e12, "useful_tflop_per_run": flops / 1e12, "mfu": mfu, "runs": runs,
-        "bf16_skipped": skip_bf16, "data": train_path,
+        "bf16_skipped": skip_bf16, "data": args.train_file, "first_step_s": med("loraplace", "first_step_s"),
     }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=2))
+    print(f"(c) steady state (without the first step, {summary['first_step_s']:.1f} s): "
+          f"{steady_tps or 0:.1f} tok/s; bf16/fp32 matmul peak measured now: {peak / 1e12:.3f} TFLOP/s")
+    if args.skip_hf:
+        print(f"tokens_per_s={c:.1f} mfu={mfu:.3f} eval_loss={med('loraplace', 'eval_loss'):.4f} "
+              f"peak_mem_mb={med('loraplace', 'peak_mem_mb'):.0f} cpu={kind}")
+        return
+    rel = abs(med("loraplace", "eval_loss") - med(same, "eval_loss")) / med(same, "eval_loss")
+    mem = med("loraplace", "peak_mem_mb") / med(same, "peak_mem_mb")
     ratio_b = f"{c / b:.2f}" if b else "n/a(no-native-bf16)"
-    print(f"ratio_vs_hf_fp32={c / a:.2f} ratio_vs_hf_bf16={ratio_b} mfu={mfu:.3f} eval_loss_rel_diff={rel:.4f}")
+    print(f"ratio_vs_hf_fp32={c / a:.2f} ratio_vs_hf_bf16={ratio_b} mfu={mfu:.3f} eval_loss_rel_diff={rel:.4f} "
+          f"peak_mem_ratio_vs_hf={mem:.2f} cpu={kind}")
 
 
 if __name__ == "__main__":

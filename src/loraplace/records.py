@@ -110,6 +110,8 @@ class Timings(Record):
     load_s: float = Field(default=0.0, ge=0, description="model load (0 when a session reused a loaded model)")
     tokenize_s: float = Field(default=0.0, ge=0)
     eval_s: float = Field(default=0.0, ge=0, description="final eval loss + generation")
+    first_step_s: float = Field(default=0.0, ge=0, description="the first training step alone, part of train_s "
+                                "(torch.compile compiles there; the rest of train_s is the steady state)")
 
 
 class Environment(Record):

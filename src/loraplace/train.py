@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplace.data import TokenizedSet
-from loraplace.data.batching import Batch, batching_mode, make_batch
+from loraplace.data.batching import Batch, batching_mode, make_batch, static_batches, static_shape
 from loraplace.errors import ConfigError, TrialFailed
 from loraplace.models import causal_lm
 from loraplace.records import CurvePoint, EvalPoint
@@ -141,6 +141,8 @@ class TrainOutcome:
     curve: list[CurvePoint] = field(default_factory=list)
     evals: list[EvalPoint] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. why activation checkpointing was turned on
+    static_shape: tuple[int, int] | None = None  # [R, T] of every forward, when shapes are static
+    first_step_s: float = 0.0  # the first step alone (torch.compile compiles there)
 
     @property
     def tokens_per_s(self) -> float:
@@ -195,18 +197,31 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
     micro = spec.micro_batch or spec.batch
     sync_every = spec.sync_every or (1 if device.type == "cpu" else 10)
     order = batch_order(len(data), spec.batch, total, spec.seed)
-    # Packed widths are multiples of 8, so dynamic shapes keep recompilations rare.
-    decoder = torch.compile(causal_lm(model).base_model, dynamic=True) if spec.compile else None
+    blocks = spec.batch // micro  # forwards per step
+    static = spec.static_shapes if spec.static_shapes is not None else spec.compile
+    shape = static_shape(data, order, mode, blocks) if static and order else None
 
-    outcome = TrainOutcome(steps=0, train_s=0.0, real_tokens=0, label_tokens=0)
+    def step_batches(example_index: np.ndarray) -> list[Batch]:
+        if shape is not None:  # every forward is one [R, T] block (data.batching, "static shapes")
+            return static_batches(data, example_index, mode, pad_id, shape, blocks)
+        return [make_batch(data, example_index[i:i + micro], mode, pad_id)
+                for i in range(0, len(example_index), micro)]
+
+    # One shape: compile once, specialised to it. Otherwise widths are multiples of 8 and shapes are dynamic.
+    decoder = torch.compile(causal_lm(model).base_model, dynamic=shape is None) if spec.compile else None
+
+    outcome = TrainOutcome(steps=0, train_s=0.0, real_tokens=0, label_tokens=0, static_shape=shape)
     pending: list[tuple[int, torch.Tensor, int, float]] = []  # (step, loss on device, tokens so far, lr)
     lm = causal_lm(model)
-    first = make_batch(data, order[0][:micro], mode, pad_id) if len(order) else None
+    first = step_batches(order[0])[0] if len(order) else None
     checkpointing, why = _checkpointing(spec.checkpointing, lm.config, first, device, dtype, spec.loss_chunk)
     if why:
         outcome.notes.append(why)
     if checkpointing:  # non-reentrant: the frozen embeddings need no requires_grad trick
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(lm, "activation_checkpointing_enable"):  # newer transformers renamed it (the old name warns)
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     t0 = time.perf_counter()
 
@@ -225,8 +240,7 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
             on_step(outcome.curve[-1].step, total, outcome.curve[-1].loss, outcome.real_tokens)
 
     for step, example_index in enumerate(order, start=1):
-        chunks = [example_index[i:i + micro] for i in range(0, len(example_index), micro)]
-        batches = [make_batch(data, c, mode, pad_id) for c in chunks]
+        batches = step_batches(example_index)
         n_labels = sum(b.label_tokens for b in batches)  # known on the host: no sync needed to normalise
         step_loss = torch.zeros((), device=device)
         for b in batches:
@@ -247,6 +261,10 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
         outcome.real_tokens += sum(b.real_tokens for b in batches)
         outcome.label_tokens += n_labels
         pending.append((step, step_loss, outcome.real_tokens, lr))
+        if step == 1:  # includes torch.compile's warm-up when compile is on
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            outcome.first_step_s = time.perf_counter() - t0
         if step % sync_every == 0 or step == total:
             flush()
         elif on_step is not None:
@@ -262,7 +280,8 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
         torch.cuda.synchronize()
     outcome.train_s += time.perf_counter() - t0
     if checkpointing:
-        lm.gradient_checkpointing_disable()  # the session's base model is shared by the next trial
+        # The session's base model is shared by the next trial.
+        getattr(lm, "activation_checkpointing_disable", lm.gradient_checkpointing_disable)()
     model.eval()
     return outcome
 

@@ -31,7 +31,11 @@ class TrainSpec(StrictModel):
         default="auto", description="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
     packing: bool = Field(default=True, description="pack examples into rows (block-diagonal attention)")
-    compile: bool = Field(default=False, description="torch.compile the decoder")
+    compile: bool = Field(default=False, description="torch.compile the decoder (its first step compiles)")
+    static_shapes: bool | None = Field(
+        default=None, description="every forward one fixed [rows, width] block: each step packed first-fit into "
+        "rows as wide as the run's longest example, as many rows as its fullest micro-batch needs, so "
+        "torch.compile compiles once (None: on when compile is)")
     sync_every: int | None = Field(default=None, gt=0, description="host sync interval (default 1 CPU, 10 CUDA)")
     checkpointing: Literal["off", "on", "auto"] = Field(
         default="auto", description="activation checkpointing per decoder layer; auto: on when the estimated "
@@ -41,7 +45,7 @@ class TrainSpec(StrictModel):
         default=None, gt=0, description="LM head + loss over at most this many label positions at a time, each "
         "recomputed in backward: the fp32 [labels, vocab] logits are never held whole (None: all at once)")
 
-    added_fields = frozenset({"checkpointing", "loss_chunk"})
+    added_fields = frozenset({"checkpointing", "loss_chunk", "static_shapes"})
 
     @model_validator(mode="before")
     @classmethod

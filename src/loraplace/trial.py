@@ -384,7 +384,8 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
         eval_tokens=eval_tokens, curve=tuple(trained.curve), evals=tuple(trained.evals),
         probe=None if probe is None else probe.without_spectra(),  # full spectra: probe.json
         accuracy_detail=detail,
-        timings=Timings(load_s=session.load_s, tokenize_s=splits.tokenize_s, eval_s=eval_s),
+        timings=Timings(load_s=session.load_s, tokenize_s=splits.tokenize_s, eval_s=eval_s,
+                        first_step_s=trained.first_step_s),
         environment=Environment(device=str(device), dtype=str(dtype).removeprefix("torch."),
                                 versions=library_versions()),
         adapter=adapter, warnings=tuple(plan.warnings) + tuple(splits.warnings) + tuple(trained.notes))

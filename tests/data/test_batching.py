@@ -58,3 +58,34 @@ def test_opt_packing_would_leak_which_is_why_it_pads(data):
     model = load_model("tiny:opt")
     b = make_batch(data, list(range(len(data))), "pack", 0)
     assert loss_sum(model, b).item() / b.label_tokens != pytest.approx(_reference(model, data), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["pack", "pad"])
+def test_static_batches_have_one_shape_and_hold_every_label(data, mode):
+    from loraplace.data.batching import static_batches, static_shape
+
+    steps = [list(range(0, 6)), list(range(6, 12)), [0, 11, 5, 7, 2, 9]]
+    shape = static_shape(data, steps, mode, blocks=2)
+    assert shape[1] % 8 == 0 and shape[1] >= max(len(x) for x in data.ids)
+    for index in steps:
+        dynamic = make_batch(data, index, mode, 0)
+        blocks = static_batches(data, index, mode, 0, shape, blocks=2)
+        assert 1 <= len(blocks) <= 2 and all(tuple(b.input_ids.shape) == shape for b in blocks)
+        assert sum(b.real_tokens for b in blocks) == dynamic.real_tokens
+        assert sorted(torch.cat([b.targets for b in blocks]).tolist()) == sorted(dynamic.targets.tolist())
+        for b in blocks:  # each target index still points just before its labelled token
+            assert torch.equal(b.input_ids.reshape(-1)[b.target_index + 1], b.targets)
+
+
+@torch.no_grad()
+def test_static_blocks_give_the_unbatched_loss(data):
+    """Empty padding rows and fixed widths change nothing: the summed loss over a step's blocks is HF's own."""
+    from loraplace.data.batching import static_batches, static_shape
+
+    model = load_model("tiny:llama")
+    index = list(range(len(data)))
+    shape = static_shape(data, [index], "pack", blocks=3)
+    blocks = static_batches(data, index, "pack", 0, shape, blocks=3)
+    assert len(blocks) == 3
+    total = sum(loss_sum(model, b).item() for b in blocks) / sum(b.label_tokens for b in blocks)
+    assert total == pytest.approx(_reference(model, data), rel=1e-5)

@@ -50,13 +50,11 @@ class Batch:
                      self.real_tokens, self.label_tokens)
 
 
-def _rows(lengths: list[int], mode: str) -> list[list[int]]:
-    if mode == "pad":
-        return [[i] for i in range(len(lengths))]
-    capacity = max(lengths)
+def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Positions of ``lengths`` packed first-fit decreasing into rows of ``capacity`` tokens."""
     rows: list[list[int]] = []
     room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):  # first-fit decreasing
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
         for r, free in enumerate(room):
             if lengths[i] <= free:
                 rows[r].append(i)
@@ -68,32 +66,89 @@ def _rows(lengths: list[int], mode: str) -> list[list[int]]:
     return rows
 
 
-def make_batch(data: TokenizedSet, index: list[int] | np.ndarray, mode: str, pad_id: int,
-               pad_to_multiple: int = 8) -> Batch:
-    ids = [data.ids[i] for i in index]
-    plens = [int(data.prompt_lens[i]) for i in index]
-    lengths = [len(x) for x in ids]
-    rows = _rows(lengths, mode)
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    width = -(-width // pad_to_multiple) * pad_to_multiple  # fewer distinct shapes (kernels, torch.compile)
-    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    position_ids = np.zeros((len(rows), width), dtype=np.int64)
+def _rows(lengths: list[int], mode: str, capacity: int | None = None) -> list[list[int]]:
+    if mode == "pad":
+        return [[i] for i in range(len(lengths))]
+    return _first_fit(lengths, capacity or max(lengths))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _assemble(data: TokenizedSet, index: list[int] | np.ndarray, rows: list[list[int]], mode: str, pad_id: int,
+              shape: tuple[int, int]) -> Batch:
+    """One [R, T] batch: ``rows[r]`` lists the positions in ``index`` of the examples laid side by side in row r;
+    rows past ``len(rows)`` and columns past each row's examples are padding."""
+    n_rows, width = shape
+    input_ids = np.full((n_rows, width), pad_id, dtype=np.int64)
+    position_ids = np.zeros((n_rows, width), dtype=np.int64)
     target_index: list[np.ndarray] = []
     targets: list[np.ndarray] = []
-    for r, row in enumerate(rows):
+    real = 0
+    for r in range(n_rows):
         col = 0
-        for i in row:
-            n = lengths[i]
-            input_ids[r, col:col + n] = ids[i]
+        for k in rows[r] if r < len(rows) else ():
+            i = index[k]
+            n = len(data.ids[i])
+            input_ids[r, col:col + n] = data.ids[i]
             position_ids[r, col:col + n] = np.arange(n)
-            first = max(plens[i], 1)  # token t is predicted by the hidden state at t-1
+            first = max(int(data.prompt_lens[i]), 1)  # token t is predicted by the hidden state at t-1
             t = np.arange(first, n)
             target_index.append(r * width + col + t - 1)
-            targets.append(ids[i][first:].astype(np.int64))
+            targets.append(data.ids[i][first:].astype(np.int64))
             col += n
-        # Tail padding gets its own restarting positions: a separate "sequence" nobody attends to or learns from.
+            real += n
+        # Tail padding (and a whole empty row) gets its own restarting positions: a separate "sequence" nobody
+        # attends to or learns from.
         position_ids[r, col:] = np.arange(width - col)
-    tidx = torch.from_numpy(np.concatenate(target_index))
-    tgt = torch.from_numpy(np.concatenate(targets))
+    tidx = torch.from_numpy(np.concatenate(target_index)) if target_index else torch.zeros(0, dtype=torch.int64)
+    tgt = torch.from_numpy(np.concatenate(targets)) if targets else torch.zeros(0, dtype=torch.int64)
     return Batch(torch.from_numpy(input_ids), torch.from_numpy(position_ids) if mode == "pack" else None, tidx, tgt,
-                 real_tokens=sum(lengths), label_tokens=int(tgt.numel()))
+                 real_tokens=real, label_tokens=int(tgt.numel()))
+
+
+def make_batch(data: TokenizedSet, index: list[int] | np.ndarray, mode: str, pad_id: int,
+               pad_to_multiple: int = 8) -> Batch:
+    """The examples ``index`` as one batch: rows as wide as the longest example (pack: as its longest packed row)."""
+    lengths = [len(data.ids[i]) for i in index]
+    rows = _rows(lengths, mode)
+    width = max(sum(lengths[k] for k in row) for row in rows)
+    # Widths in multiples of 8: fewer distinct shapes (kernels, torch.compile).
+    return _assemble(data, index, rows, mode, pad_id, (len(rows), _round_up(width, pad_to_multiple)))
+
+
+# --------------------------------------------------------------------------------------------- static shapes
+# torch.compile specialises on shapes; batches whose [R, T] changes every step recompile or run a generic kernel.
+# With static shapes every forward of a run is one [R, T] block: T is the longest example of the run (rounded up
+# to 8), R the most rows any of its micro-batches needs. A step's examples are packed first-fit decreasing into
+# rows of T tokens, and the rows are dealt round-robin to the step's ``blocks`` micro-batches (so they carry similar
+# token counts); unused rows are padding. The loss is still normalised by the step's label count, so the gradient
+# is the one of the same examples batched any other way.
+
+
+def _step_groups(data: TokenizedSet, index: list[int] | np.ndarray, mode: str, width: int,
+                 blocks: int) -> list[list[list[int]]]:
+    lengths = [len(data.ids[i]) for i in index]
+    if mode == "pad":  # one example per row: contiguous chunks, like micro-batches of examples
+        per = -(-len(lengths) // blocks)
+        return [[[k] for k in range(b, min(b + per, len(lengths)))] for b in range(0, len(lengths), per)]
+    rows = _first_fit(lengths, width)
+    return [group for group in (rows[b::blocks] for b in range(blocks)) if group]
+
+
+def static_shape(data: TokenizedSet, order: list[np.ndarray], mode: str, blocks: int,
+                 pad_to_multiple: int = 8) -> tuple[int, int]:
+    """(R, T) that holds every micro-batch of the run whose step indices are ``order``."""
+    width = _round_up(max(len(data.ids[i]) for idx in order for i in idx), pad_to_multiple)
+    rows = max(len(group) for idx in order for group in _step_groups(data, idx, mode, width, blocks))
+    return rows, width
+
+
+def static_batches(data: TokenizedSet, index: list[int] | np.ndarray, mode: str, pad_id: int,
+                   shape: tuple[int, int], blocks: int) -> list[Batch]:
+    """One step's examples as at most ``blocks`` batches, each exactly ``shape``."""
+    groups = _step_groups(data, index, mode, shape[1], blocks)
+    if max(len(g) for g in groups) > shape[0]:
+        raise ValueError(f"a micro-batch needs {max(len(g) for g in groups)} rows; the static shape has {shape[0]}")
+    return [_assemble(data, index, group, mode, pad_id, shape) for group in groups]

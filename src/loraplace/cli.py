@@ -101,7 +101,7 @@ def plan(
     """Dry-run: show every module a placement adapts and the exact trainable-parameter count. Loads no weights
     (an auto placement loads the model to run its importance probe first)."""
     from loraplace.formatting import human_bytes, parse_bytes
-    from loraplace.memory import training_memory
+    from loraplace.memory import CPU_RESIDENT_FACTOR, training_memory
     from loraplace.placement import model_config_of, parse_placement, plan_for_model
     from loraplace.report_terminal import print_plan
 
@@ -134,6 +134,8 @@ def plan(
               "adapters and optimizer state", highlight=False)
     if device_bytes:
         out.print(f"in {human_bytes(device_bytes)}: {memory.verdict(device_bytes)}", highlight=False)
+    out.print(f"(live tensor bytes; on a CPU the process's resident memory runs higher, ≈ {CPU_RESIDENT_FACTOR:g}× "
+              "the activations without checkpointing: the allocator keeps freed pages)", highlight=False, style="dim")
 
 
 def _probe_session(model: str, data: str, max_len: int, quiet: bool):

@@ -1,20 +1,28 @@
 """Activation memory of one training step, estimated from a model's config (no torch, no weights).
 
-What backward needs kept, per token and decoder layer, for a pre-norm block with gated MLP (llama-like; other
+What it estimates: the peak of the bytes held by live tensors during one forward + backward of a micro-batch,
+above the weights — what a device's allocator must hold at once (CUDA's ``max_memory_allocated``; on a CPU, the
+torch memory profiler's live bytes). Checked against that measurement on the builtin model by
+``benchmarks/bench_memory.py`` (within 25 %; see benchmarks/RESULTS.md).
+
+Per token and decoder layer, what backward needs kept, for a pre-norm block with gated MLP (llama-like; other
 blocks are close): the block input and the post-attention residual (2H), both norm outputs (2H) and their fp32
 upcasts (2H in fp32), q, k, v and their rotated copies (2·(q + 2·kv) where q = heads·head_dim, kv =
 kv_heads·head_dim, less the unrotated v), the attention output (q), and the MLP's gate, up, activation and product
 (4I; for MoE, I is what one token passes through: experts per token × expert width, plus shared experts). SDPA's
-flash path keeps no T×T matrix, but packed rows carry a block-diagonal mask, which sends SDPA on the CPU down its
-math path: then the masked scores and their softmax, [rows, heads, T, T] each, are kept too (counted always, so on
-CUDA, whose memory-efficient kernel takes a mask without the matrix, the estimate is an upper bound). On top: the
-logits at the labelled positions [labels, vocab] at the head's backward: the saved fp32 log-softmax, its fp32
-gradient, the fp32 logits gradient and its compute-dtype copy.
+flash (CPU) and memory-efficient (CUDA) kernels take the packed rows' block-diagonal mask and keep no T×T matrix.
 
-With activation checkpointing per decoder layer, only each layer's input (H per token and layer) is kept, and one
-layer's activations are rebuilt at a time in backward.
+The head: logits exist only at labelled positions. At its backward the fp32 logits, the saved fp32 log-softmax and
+the fp32 logits gradient are alive together (12 bytes per label × vocab entry; with ``loss_chunk`` for one chunk
+only). Without checkpointing that lands on top of every layer's activations. With checkpointing per decoder layer
+only each layer's input (H per token and layer) is kept, and backward holds either the head's logits (first) or
+one rebuilt layer (then), whichever is larger.
 
-The estimate is checked against the measured peak on the builtin model in ``benchmarks/bench_memory.py``.
+What it does not model: the host allocator. On a CPU, glibc keeps freed heap pages, so a process's resident
+memory (RSS) peaks well above the live bytes: on the builtin model, batch 8 × 256, 1.7–1.9× without
+checkpointing and 1.0–1.2 GiB above the live bytes with it (benchmarks/RESULTS.md, 2026-11-24; a 1 MiB
+``MALLOC_MMAP_THRESHOLD_`` takes it to within 1.7× of live even with checkpointing, at ~1.9× the step time, so it is
+not set). ``train.checkpointing: auto`` allows ``CPU_RESIDENT_FACTOR`` × the estimate on a CPU.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-LOGIT_BYTES = 4 + 4 + 4 + 2  # per label × vocab entry at the head's backward (see above; the last in bf16)
-ATTENTION_MATRIX_COPIES = 2  # masked scores and softmax output, kept on SDPA's math path (packed rows)
+LOGIT_BYTES = 4 + 4 + 4  # per label × vocab entry at the head's backward: fp32 logits, log-softmax, gradient
+# Resident memory of a CPU training process over its live tensor bytes without checkpointing (glibc's retained
+# heap): 3,882 MiB RSS vs 2,299 MiB live on the builtin model (1.69×; 1.87× with loss_chunk 256), 2026-11-24.
+CPU_RESIDENT_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -31,9 +41,8 @@ class ActivationEstimate:
     per_layer_token_bytes: int  # everything a layer keeps, per token
     layers: int
     tokens: int
-    label_tokens: int
+    label_tokens: int  # labels whose logits exist at once (one chunk's with loss_chunk)
     vocab: int
-    attention_matrix_bytes: int = 0  # per layer: [rows, heads, T, T] kept on SDPA's math path (packed rows)
 
     @property
     def logits_bytes(self) -> int:
@@ -41,16 +50,16 @@ class ActivationEstimate:
 
     @property
     def per_layer_bytes(self) -> int:
-        return self.per_layer_token_bytes * self.tokens + self.attention_matrix_bytes
+        return self.per_layer_token_bytes * self.tokens
 
     @property
     def full_bytes(self) -> int:
-        """Without checkpointing: every layer's activations for every token, plus the logits."""
+        """Without checkpointing: every layer's activations for every token, plus the head's logits."""
         return self.per_layer_bytes * self.layers + self.logits_bytes
 
     def checkpointed_bytes(self, hidden_bytes_per_token: int) -> int:
-        """With per-layer checkpointing: each layer's input, one layer rebuilt at a time, plus the logits."""
-        return hidden_bytes_per_token * self.layers * self.tokens + self.per_layer_bytes + self.logits_bytes
+        """With per-layer checkpointing: each layer's input, plus the head's logits or one rebuilt layer."""
+        return hidden_bytes_per_token * self.layers * self.tokens + max(self.per_layer_bytes, self.logits_bytes)
 
 
 def _get(config: Any, *names: str, default: int | None = None) -> int | None:
@@ -98,20 +107,14 @@ class BlockShape:
 
 
 def estimate_activations(config: Any, tokens: int, label_tokens: int, dtype_bytes: int,
-                         packed_rows: tuple[int, int] | None = None,
                          loss_chunk: int | None = None) -> ActivationEstimate:
     """Activations of one forward/backward over ``tokens`` positions (``label_tokens`` of them labelled);
-    ``packed_rows`` = (rows, width) of a packed micro-batch (its attention takes SDPA's math path); ``loss_chunk``:
-    the head's logits exist for at most that many labels at a time (``train.loss_chunk``)."""
+    ``loss_chunk``: the head's logits exist for at most that many labels at a time (``train.loss_chunk``)."""
     if loss_chunk:
         label_tokens = min(label_tokens, loss_chunk)
     shape = BlockShape.of(config)
-    matrix = 0
-    if packed_rows is not None:
-        rows, width = packed_rows
-        matrix = ATTENTION_MATRIX_COPIES * rows * shape.heads * width * width * dtype_bytes
     return ActivationEstimate(shape.per_layer_token_bytes(dtype_bytes), shape.layers, tokens, label_tokens,
-                              shape.vocab, matrix)
+                              shape.vocab)
 
 
 def hidden_bytes_per_token(config: Any, dtype_bytes: int) -> int:
@@ -140,7 +143,7 @@ class TrainingMemory:
 def training_memory(config: Any, batch: int, max_len: int, dtype_bytes: int, base_params: int,
                     trainable_params: int) -> TrainingMemory:
     tokens = batch * max_len
-    est = estimate_activations(config, tokens, tokens, dtype_bytes, packed_rows=(batch, max_len))
+    est = estimate_activations(config, tokens, tokens, dtype_bytes)
     fixed = base_params * dtype_bytes + 16 * trainable_params  # fp32 weights + gradient + two AdamW moments
     return TrainingMemory(batch, max_len, est.full_bytes, est.checkpointed_bytes(hidden_bytes_per_token(
         config, dtype_bytes)), fixed)

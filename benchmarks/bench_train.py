@@ -219,7 +219,8 @@ def main() -> None:
     # (c)'s levers; the defaults are TrainSpec's.
     ap.add_argument("--compile", action="store_true", help="(c) with torch.compile (static shapes follow)")
     ap.add_argument("--static", action=argparse.BooleanOptionalAction, default=None, help="(c) static shapes")
-    ap.add_argument("--loss-chunk", type=int, default=None, help="(c) train.loss_chunk")
+    ap.add_argument("--loss-chunk", type=lambda v: v if v == "auto" else int(v), default="auto",
+                    help="(c) train.loss_chunk (0: the whole loss at once)")
     ap.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"], help="(c) train.checkpointing")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--only", choices=["hf_fp32", "hf_bf16", "loraplace"], help=argparse.SUPPRESS)

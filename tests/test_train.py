@@ -201,3 +201,23 @@ def test_compiled_training_gives_the_eager_losses():
     compiled = run_trial(spec(steps=4, compile=True))
     assert [p.loss for p in compiled.curve] == pytest.approx([p.loss for p in eager.curve], rel=1e-4)
     assert compiled.metrics.eval_loss == pytest.approx(eager.metrics.eval_loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_bf16_training_without_peft_input_casts_gives_the_same_losses(monkeypatch, variant):
+    """Under bf16 autocast train() turns PEFT's cast of each adapter input to fp32 off (autocast casts it straight
+    back): the losses must be those of PEFT's default path."""
+    import contextlib
+
+    import loraplace.train as train_module
+
+    def bf16(**kw):
+        base = spec(steps=4, precision="bf16", **kw)
+        return base.model_copy(update={"placement": parse_placement({"roles": ["all"], "variant": variant})})
+
+    fast = run_trial(bf16())
+    monkeypatch.setattr(train_module, "disable_input_dtype_casting", lambda model, active=True: contextlib.nullcontext())
+    default = run_trial(bf16())
+    assert fast.status == default.status == "done"
+    assert [p.loss for p in fast.curve] == pytest.approx([p.loss for p in default.curve], rel=1e-3)
+    assert fast.metrics.eval_loss == pytest.approx(default.metrics.eval_loss, rel=1e-3)

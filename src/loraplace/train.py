@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from peft.helpers import disable_input_dtype_casting
 
 from loraplace.data import TokenizedSet
 from loraplace.data.batching import Batch, batching_mode, make_batch, static_batches, static_shape
@@ -214,7 +215,8 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
     pending: list[tuple[int, torch.Tensor, int, float]] = []  # (step, loss on device, tokens so far, lr)
     lm = causal_lm(model)
     first = step_batches(order[0])[0] if len(order) else None
-    checkpointing, why = _checkpointing(spec.checkpointing, lm.config, first, device, dtype, spec.loss_chunk)
+    loss_chunk = spec.resolved_loss_chunk(device.type)
+    checkpointing, why = _checkpointing(spec.checkpointing, lm.config, first, device, dtype, loss_chunk)
     if why:
         outcome.notes.append(why)
     if checkpointing:  # non-reentrant: the frozen embeddings need no requires_grad trick
@@ -223,6 +225,10 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    # PEFT casts each adapted layer's input to the adapter's dtype (fp32 here), and autocast casts it straight back
+    # to bf16 for the matmul: two copies of a [tokens, d_in] activation per adapted layer, 11 % of a bf16 CPU step
+    # (benchmarks/RESULTS.md). Under autocast the cast is pointless — the values are the same — so it is off.
+    casting = disable_input_dtype_casting(model, active=dtype != torch.float32)
     t0 = time.perf_counter()
 
     def flush() -> None:
@@ -239,50 +245,52 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
         if on_step is not None:
             on_step(outcome.curve[-1].step, total, outcome.curve[-1].loss, outcome.real_tokens)
 
-    for step, example_index in enumerate(order, start=1):
-        batches = step_batches(example_index)
-        n_labels = sum(b.label_tokens for b in batches)  # known on the host: no sync needed to normalise
-        step_loss = torch.zeros((), device=device)
-        for b in batches:
-            b = b.to(device)
-            with autocast(device, dtype):
-                part = loss_sum(model, b, decoder, spec.loss_chunk)
-            if fault is not None:
-                part = fault(step, part)
-            (part / n_labels).backward()
-            step_loss += part.detach() / n_labels
-        if spec.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm, foreach=device.type != "cpu" or None)
-        opt.step()
-        lr = sched.get_last_lr()[0]
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        outcome.steps = step
-        outcome.real_tokens += sum(b.real_tokens for b in batches)
-        outcome.label_tokens += n_labels
-        pending.append((step, step_loss, outcome.real_tokens, lr))
-        if step == 1:  # includes torch.compile's warm-up when compile is on
+    try:
+        with casting:
+            for step, example_index in enumerate(order, start=1):
+                batches = step_batches(example_index)
+                n_labels = sum(b.label_tokens for b in batches)  # known on the host: no sync needed to normalise
+                step_loss = torch.zeros((), device=device)
+                for b in batches:
+                    b = b.to(device)
+                    with autocast(device, dtype):
+                        part = loss_sum(model, b, decoder, loss_chunk)
+                    if fault is not None:
+                        part = fault(step, part)
+                    (part / n_labels).backward()
+                    step_loss += part.detach() / n_labels
+                if spec.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm, foreach=device.type != "cpu" or None)
+                opt.step()
+                lr = sched.get_last_lr()[0]
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                outcome.steps = step
+                outcome.real_tokens += sum(b.real_tokens for b in batches)
+                outcome.label_tokens += n_labels
+                pending.append((step, step_loss, outcome.real_tokens, lr))
+                if step == 1:  # includes torch.compile's warm-up when compile is on
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    outcome.first_step_s = time.perf_counter() - t0
+                if step % sync_every == 0 or step == total:
+                    flush()
+                elif on_step is not None:
+                    on_step(step, total, None, outcome.real_tokens)
+                if eval_fn is not None and eval_every and step % eval_every == 0 and step != total:
+                    flush()
+                    outcome.train_s += time.perf_counter() - t0
+                    outcome.evals.append(EvalPoint(step=step, eval_loss=eval_fn(), split=eval_split))
+                    model.train()
+                    t0 = time.perf_counter()
+            flush()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            outcome.first_step_s = time.perf_counter() - t0
-        if step % sync_every == 0 or step == total:
-            flush()
-        elif on_step is not None:
-            on_step(step, total, None, outcome.real_tokens)
-        if eval_fn is not None and eval_every and step % eval_every == 0 and step != total:
-            flush()
             outcome.train_s += time.perf_counter() - t0
-            outcome.evals.append(EvalPoint(step=step, eval_loss=eval_fn(), split=eval_split))
-            model.train()
-            t0 = time.perf_counter()
-    flush()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    outcome.train_s += time.perf_counter() - t0
-    if checkpointing:
-        # The session's base model is shared by the next trial.
-        getattr(lm, "activation_checkpointing_disable", lm.gradient_checkpointing_disable)()
-    model.eval()
+    finally:  # the session's base model is shared by the next trial, failed or not
+        if checkpointing:
+            getattr(lm, "activation_checkpointing_disable", lm.gradient_checkpointing_disable)()
+        model.eval()
     return outcome
 
 

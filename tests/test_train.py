@@ -216,7 +216,8 @@ def test_bf16_training_without_peft_input_casts_gives_the_same_losses(monkeypatc
         return base.model_copy(update={"placement": parse_placement({"roles": ["all"], "variant": variant})})
 
     fast = run_trial(bf16())
-    monkeypatch.setattr(train_module, "disable_input_dtype_casting", lambda model, active=True: contextlib.nullcontext())
+    monkeypatch.setattr(train_module, "disable_input_dtype_casting",
+                        lambda model, active=True: contextlib.nullcontext())
     default = run_trial(bf16())
     assert fast.status == default.status == "done"
     assert [p.loss for p in fast.curve] == pytest.approx([p.loss for p in default.curve], rel=1e-3)

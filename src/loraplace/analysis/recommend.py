@@ -1,0 +1,156 @@
+"""``loraplace recommend``: the placement to use, from a study's analysis.
+
+The candidates are the compared groups (in a tuned study: each placement at its own selected LR) with the metric
+measured and, with a budget, at most that many trainable parameters. The best mean wins; the runner-up is the next
+best. When the seed-paired 95 % interval of their difference includes 0 the two are not distinguishable, and the
+one with fewer trainable parameters is recommended instead (it costs less for an answer the data cannot tell
+apart). The chosen placement is returned as an exact placement spec rebuilt from its trials' sites, so plan and
+export-placement reproduce exactly what was measured.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from loraplace.analysis.core import METRICS, Group, StudyAnalysis, analyze_records
+from loraplace.analysis.stats import paired
+from loraplace.errors import LoraplaceError
+from loraplace.records import Candidate, Recommendation, SiteMap
+
+RECOMMEND_METRICS = ("eval_loss", "accuracy")
+
+
+def recommend_from_store(store_path: str, name: str | None = None, budget: int | None = None,
+                         metric: str = "eval_loss") -> Recommendation:
+    """Read the study (read-only) and recommend; see :func:`recommend`."""
+    from loraplace.store import Store
+
+    with Store.open_readonly(store_path) as store:
+        study = store.study(name)
+        records = store.trials(study.id)
+        counts = store.counts(study.id)
+    analysis = analyze_records(study, str(store_path), records, counts)
+    specs = {rec.id: rec.spec for rec in records}
+    return recommend(analysis, specs, budget, metric)
+
+
+def _metric_label(analysis: StudyAnalysis, metric: str) -> str:
+    label = METRICS[metric][0]
+    has_validation = any("val_loss" in g.stats for g in analysis.groups)
+    return f"test {label.removeprefix('eval ')}" if has_validation or metric == "accuracy" else label
+
+
+def _candidate(group: Group, metric: str, specs: dict[str, dict[str, Any]]) -> Candidate:
+    summary = group.stats[metric]
+    lr = specs[group.trials[0].id].get("train", {}).get("lr")
+    return Candidate(placement=group.placement, size=group.key.size_label, lr=lr,
+                     trainable_params=group.trainable_params, value=summary.mean, interval=summary.ci,
+                     seeds=summary.n)
+
+
+def exact_placement_spec(sites: SiteMap, trial_placement: dict[str, Any]) -> dict[str, Any]:
+    """A placement spec that resolves to exactly these sites and ranks: one group per (role, rank) with its
+    layers; alpha, dropout and variant as the trial had them. EVA redistributes ranks from data at init, so an EVA
+    trial's own placement (its budget or rank) is returned instead."""
+    if trial_placement.get("variant") == "eva":
+        return dict(trial_placement)
+    layers: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for site in sites.sites:
+        if site.layer is None:
+            raise LoraplaceError(f"site {site.role!r} outside the blocks cannot be written as a layer group")
+        layers[(site.role, site.rank)].append(site.layer)
+    groups = [{"roles": [role], "layers": sorted(ls), "rank": rank}
+              for (role, rank), ls in sorted(layers.items(), key=lambda kv: (sites.roles.index(kv[0][0])
+                                                                             if kv[0][0] in sites.roles else 99,
+                                                                             kv[0][1]))]
+    spec: dict[str, Any] = {"groups": groups}
+    for key in ("alpha", "alpha_ratio", "dropout", "variant", "allow_unassigned"):
+        if trial_placement.get(key) is not None:
+            spec[key] = trial_placement[key]
+    return spec
+
+
+def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget: int | None = None,
+              metric: str = "eval_loss") -> Recommendation:
+    if metric not in RECOMMEND_METRICS:
+        raise LoraplaceError(f"--metric {metric!r}: one of {', '.join(RECOMMEND_METRICS)}")
+    lower = METRICS[metric][1]
+    measured = [g for g in analysis.compared if metric in g.stats]
+    if not measured:
+        hint = ("accuracy needs generation: eval: {generate: N} in the study (train --generate N)"
+                if metric == "accuracy" else f"run it first, or check loraplace status {analysis.store}")
+        raise LoraplaceError(f"study {analysis.name!r} has no finished trial with {METRICS[metric][0]}", hint)
+    pool = [g for g in measured if budget is None or g.trainable_params <= budget]
+    if not pool:
+        smallest = min(measured, key=lambda g: g.trainable_params)
+        raise LoraplaceError(f"no placement of study {analysis.name!r} fits a budget of {budget:,} trainable "
+                             f"parameters", f"the smallest is {smallest.key.label} with "
+                             f"{smallest.trainable_params:,}; raise --budget")
+
+    def rank_key(g: Group) -> tuple[float, int]:
+        mean = g.stats[metric].mean
+        return (mean if lower else -mean, g.trainable_params)
+
+    ranked = sorted(pool, key=rank_key)
+    best = ranked[0]
+    label = _metric_label(analysis, metric)
+    runner = ranked[1] if len(ranked) > 1 else None
+    chosen, other = best, runner
+    distinguishable = difference = interval = p_value = None
+    if runner is None:
+        reason = f"{best.key.label} is the only placement with {label}" + (
+            f" within {budget:,} trainable parameters." if budget is not None else ".")
+    else:
+        test = paired(best.by_seed[metric], runner.by_seed[metric])
+        verdict = test.verdict(lower) if test is not None else "no shared seeds"
+        distinguishable = verdict in ("better", "worse")
+        if not distinguishable and runner.trainable_params < best.trainable_params:
+            chosen, other = runner, best
+        if test is not None:
+            sign = 1.0 if chosen is best else -1.0
+            difference = sign * test.mean_diff
+            interval = None if test.ci is None else tuple(sorted((sign * test.ci[0], sign * test.ci[1])))
+            p_value = test.p_value
+        reason = _reason(best, runner, chosen, label, metric, verdict, test, budget)
+    sites = chosen.sites
+    first_spec = specs[chosen.trials[0].id]
+    placement = first_spec.get("placement", {})
+    placement_spec = exact_placement_spec(sites, placement) if sites is not None else dict(placement)
+    return Recommendation(
+        study=analysis.name, model=analysis.model, metric=metric, metric_label=label, lower_is_better=lower,
+        budget=budget, chosen=_candidate(chosen, metric, specs),
+        runner_up=None if other is None else _candidate(other, metric, specs),
+        distinguishable=distinguishable, difference=difference, difference_interval=interval, p_value=p_value,
+        reason=reason, placement_spec=placement_spec, tuned=analysis.tuned, trial_spec=first_spec)
+
+
+def _fmt(group: Group, metric: str) -> str:
+    s = group.stats[metric]
+    ci = f" ± {s.ci_half:.4f}" if s.ci_half is not None else ""
+    return f"{s.mean:.4f}{ci} ({s.n} seed{'s' if s.n != 1 else ''})"
+
+
+def _reason(best: Group, runner: Group, chosen: Group, label: str, metric: str, verdict: str, test,
+            budget: int | None) -> str:
+    within = f" among placements within {budget:,} trainable parameters" if budget is not None else ""
+    head = (f"{best.key.label} has the best mean {label}{within}, {_fmt(best, metric)}; the runner-up is "
+            f"{runner.key.label}, {_fmt(runner, metric)}.")
+    if test is None or test.ci is None:
+        evidence = (" They share no seeds, so no paired test." if test is None else
+                    " With one shared seed there is no interval.")
+        same = " Without an interval they count as not distinguishable"
+    else:
+        low, high = test.ci
+        evidence = (f" Seed-paired difference {test.mean_diff:+.4f}, 95 % CI [{low:+.4f}, {high:+.4f}], "
+                    f"p = {test.p_value:.3g} over {test.n} seeds.")
+        same = " The interval includes 0: they are not distinguishable"
+    if verdict in ("better", "worse"):
+        return head + evidence + f" The interval excludes 0: recommending {best.key.label}."
+    if chosen is best:
+        return (head + evidence + same + f"; {best.key.label} is recommended, as it also trains no more "
+                f"parameters ({best.trainable_params:,} vs {runner.trainable_params:,}).")
+    saved = 100.0 * (best.trainable_params - runner.trainable_params) / best.trainable_params
+    return (head + evidence + same + f", so {runner.key.label} is recommended: the same {label} as far as these "
+            f"seeds can tell, with {saved:.0f} % fewer trainable parameters ({runner.trainable_params:,} vs "
+            f"{best.trainable_params:,}).")

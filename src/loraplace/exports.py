@@ -1,0 +1,378 @@
+"""Carry a plan to the framework people train with: PEFT, TRL, axolotl, LLaMA-Factory, torchtune.
+
+``peft`` and ``trl`` are exact: PEFT's ``LoraConfig`` takes full-path ``target_modules``, per-target
+``rank_pattern``/``alpha_pattern`` and ``target_parameters``, so whatever a plan says survives. The YAML formats
+have one rank and one alpha for every adapted module, so a plan with per-site ranks (an ``auto`` placement, an
+exact budget fill), or with sites they cannot name, cannot be written exactly: :func:`export_plan` then fails,
+naming what would be lost, or with ``lossy=True`` writes the closest expressible form and reports the parameter
+count it gives against the plan's. Field names follow each project's own config schema (cited where used).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from loraplace.errors import LoraplaceError
+from loraplace.placement.plan import Plan, PlannedModule
+from loraplace.records import lora_params
+
+ExportFormat = Literal["peft", "trl", "axolotl", "llamafactory", "torchtune"]
+EXPORT_FORMATS: tuple[str, ...] = ("peft", "trl", "axolotl", "llamafactory", "torchtune")
+DEFAULT_FILENAMES = {"peft": "adapter_config.json", "trl": "train_sft.py", "axolotl": "axolotl.yaml",
+                     "llamafactory": "llamafactory.yaml", "torchtune": "torchtune.yaml"}
+
+
+@dataclass(frozen=True)
+class TrainingHints:
+    """What a study measured with, carried into the exported training config when known."""
+
+    lr: float | None = None
+    batch: int | None = None
+    steps: int | None = None
+    max_len: int | None = None
+    warmup: int | None = None
+    schedule: str | None = None
+
+
+@dataclass(frozen=True)
+class Export:
+    fmt: str
+    text: str
+    plan_params: int  # trainable parameters of the plan
+    params: int  # trainable parameters the exported config gives
+    lost: tuple[str, ...] = field(default_factory=tuple)  # what the format could not express (written lossy)
+
+    @property
+    def exact(self) -> bool:
+        return not self.lost
+
+
+def hub_id(model_ref: str) -> str:
+    """The name a training framework loads the base model by: a builtin's hub id, else the reference itself."""
+    from loraplace.models import BUILTIN_MODELS
+
+    name = model_ref.removeprefix("builtin:")
+    if model_ref.startswith("builtin:") and name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name].get("hub_id", model_ref)
+    return model_ref.removeprefix("hf:")
+
+
+def peft_config_dict(plan: Plan, model_ref: str) -> dict[str, Any]:
+    """``adapter_config.json`` content: PEFT's own ``LoraConfig.to_dict()`` (sets written as lists, as PEFT's
+    ``save_pretrained`` does), with the base model's name."""
+    config = plan.to_lora_config(base_model_name_or_path=hub_id(model_ref))
+    out = config.to_dict()
+    for key, value in out.items():
+        if isinstance(value, set):
+            out[key] = sorted(value)
+    if out.get("eva_config") is not None and not isinstance(out["eva_config"], dict):
+        out["eva_config"] = vars(out["eva_config"])
+    return out
+
+
+def export_plan(plan: Plan, fmt: str, model_ref: str, *, hints: TrainingHints | None = None, lossy: bool = False,
+                torchtune_component: str | None = None, config: Any = None) -> Export:
+    if fmt not in EXPORT_FORMATS:
+        raise LoraplaceError(f"--to {fmt!r}: one of {', '.join(EXPORT_FORMATS)}")
+    hints = hints or TrainingHints()
+    if fmt == "peft":
+        text = json.dumps(peft_config_dict(plan, model_ref), indent=2, sort_keys=True) + "\n"
+        return Export(fmt, text, plan.trainable_params, plan.trainable_params)
+    if fmt == "trl":
+        return Export(fmt, _trl_script(plan, model_ref, hints), plan.trainable_params, plan.trainable_params)
+    uniform = _uniform(plan, fmt, lossy)
+    if fmt == "axolotl":
+        return _axolotl(plan, model_ref, hints, uniform)
+    if fmt == "llamafactory":
+        return _llamafactory(plan, model_ref, hints, uniform, lossy)
+    return _torchtune(plan, hints, uniform, torchtune_component, config, lossy)
+
+
+# --------------------------------------------------------------------------------------------- one rank for all
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """A plan brought to one rank and one alpha (what the YAML formats can say)."""
+
+    modules: tuple[PlannedModule, ...]
+    rank: int
+    alpha: float
+    lost: tuple[str, ...]
+
+    def params(self, modules: tuple[PlannedModule, ...] | None = None) -> int:
+        return sum(m.experts * lora_params(self.rank, m.in_features, m.out_features)
+                   + (m.out_features if m.magnitude else 0) for m in (modules or self.modules))
+
+
+def _uniform(plan: Plan, fmt: str, lossy: bool) -> Uniform:
+    if plan.variant in ("pissa", "eva") and fmt == "torchtune":
+        raise LoraplaceError(f"torchtune has no {plan.variant} initialisation", "export the plan with variant lora")
+    if plan.variant == "eva" and fmt in ("axolotl", "llamafactory"):
+        raise LoraplaceError(f"{fmt} cannot run EVA's data-driven initialisation",
+                             "use --to peft or --to trl (PEFT's initialize_lora_eva_weights)")
+    ranks = Counter(m.rank for m in plan.modules)
+    per_unit = sum(m.experts * lora_params(1, m.in_features, m.out_features) for m in plan.modules)
+    lora_total = plan.trainable_params - sum(m.out_features for m in plan.modules if m.magnitude)
+    lost: list[str] = []
+    if len(ranks) == 1:
+        rank = next(iter(ranks))
+    else:
+        # The one rank whose parameter count is nearest the plan's.
+        rank = max(1, round(lora_total / per_unit))
+        lost.append(f"per-site ranks ({', '.join(f'r={r}: {n} sites' for r, n in sorted(ranks.items()))}) become "
+                    f"one rank r={rank}")
+    alphas = {m.alpha / m.rank for m in plan.modules}
+    alpha_values = {m.alpha for m in plan.modules}
+    if len(alpha_values) == 1:
+        alpha = next(iter(alpha_values))
+        if len(ranks) > 1:
+            lost.append(f"alpha {alpha:g} is kept for every site")
+    elif len(alphas) == 1:
+        alpha = next(iter(alphas)) * rank  # the same alpha/rank ratio at the one rank
+    else:
+        alpha = Counter(m.alpha for m in plan.modules).most_common(1)[0][0]
+        lost.append(f"per-site alphas become one alpha {alpha:g}")
+    if lost and not lossy:
+        raise LoraplaceError(f"{fmt} cannot express this placement exactly: " + "; ".join(lost),
+                             "pass --lossy to write the closest form (the parameter difference is printed), or "
+                             "use --to peft / --to trl, which are exact")
+    return Uniform(plan.modules, rank, alpha, tuple(lost))
+
+
+def _covers_every_layer(plan: Plan, modules: tuple[PlannedModule, ...]) -> bool:
+    """Every module leaf name is adapted on every layer that has it, so leaf names alone say exactly this set."""
+    by_leaf: dict[str, set[int | None]] = {}
+    for m in modules:
+        for target in m.module_targets:
+            by_leaf.setdefault(_leaf(target), set()).add(m.layer)
+    return all(len(layers) == plan.num_layers for layers in by_leaf.values())
+
+
+def _leaf(path: str) -> str:
+    return path.rpartition(".")[2]
+
+
+def _module_names(plan: Plan, modules: tuple[PlannedModule, ...]) -> list[str]:
+    """Target names PEFT matches (exact path or ``.``-suffix): leaf names when they select exactly the plan's
+    modules, else every module's full path."""
+    linear = tuple(m for m in modules if not m.parameter)
+    if _covers_every_layer(plan, linear) and not any(m.expert_paths for m in linear):
+        return sorted({_leaf(t) for m in linear for t in m.module_targets})
+    return [t for m in linear for t in m.module_targets]
+
+
+def _lossy_note(lost: tuple[str, ...]) -> list[str]:
+    return [f"# LOSSY: {item}" for item in lost]
+
+
+def _header(plan: Plan, exp_params: int, lost: tuple[str, ...], fmt: str) -> str:
+    label = plan.placement.get("label", "")
+    lines = [f"# loraplace export-placement --to {fmt}: {plan.model}" + (f", placement {label}" if label else ""),
+             f"# {len(plan.modules)} sites, {plan.trainable_params:,} trainable parameters in the plan"]
+    if lost:
+        lines += _lossy_note(lost)
+        diff = exp_params - plan.trainable_params
+        lines.append(f"# this config trains {exp_params:,} parameters ({diff:+,}, "
+                     f"{100.0 * diff / plan.trainable_params:+.1f} % against the plan)")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- formats
+
+
+def _trl_script(plan: Plan, model_ref: str, hints: TrainingHints) -> str:
+    """A runnable TRL script: the exact LoraConfig handed to ``SFTTrainer(peft_config=...)``; SFTConfig fields per
+    TRL's docs (``output_dir``, ``learning_rate``, ``per_device_train_batch_size``, ``max_steps``,
+    ``lr_scheduler_type``, ``warmup_steps``, ``max_length``)."""
+    config = peft_config_dict(plan, model_ref)
+    kwargs = {k: config[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern",
+                                     "alpha_pattern", "bias", "task_type", "fan_in_fan_out", "use_rslora",
+                                     "use_dora", "target_parameters") if config.get(k) not in (None, {}, [])}
+    if config.get("init_lora_weights") not in (None, True):
+        kwargs["init_lora_weights"] = config["init_lora_weights"]
+    args = {"output_dir": "sft-lora", "learning_rate": hints.lr or 2e-4,
+            "per_device_train_batch_size": hints.batch or 8}
+    if hints.steps:
+        args["max_steps"] = hints.steps
+    if hints.schedule:
+        args["lr_scheduler_type"] = hints.schedule
+    if hints.warmup:
+        args["warmup_steps"] = hints.warmup
+    if hints.max_len:
+        args["max_length"] = hints.max_len
+    eva = plan.variant == "eva"
+    lines = [
+        f'"""Train {hub_id(model_ref)} with the placement loraplace planned ({plan.trainable_params:,} trainable',
+        'parameters), using TRL\'s SFTTrainer and PEFT\'s exact LoraConfig. Written by loraplace export-placement."""',
+        "",
+        "from datasets import load_dataset",
+        "from peft import " + ("EvaConfig, LoraConfig" if eva else "LoraConfig"),
+        "from trl import SFTConfig, SFTTrainer",
+        "",
+        f"peft_config = LoraConfig(**{_py(kwargs)}" + (f", eva_config=EvaConfig(rho={plan.eva_rho!r}))"
+                                                      if eva else ")"),
+        "",
+        "# A prompt/completion JSONL (TRL puts the loss on the completion only); replace with your data.",
+        'train_dataset = load_dataset("json", data_files="train.jsonl", split="train")',
+        f"args = SFTConfig(**{_py(args)})",
+        f"trainer = SFTTrainer(model={hub_id(model_ref)!r}, args=args, train_dataset=train_dataset, "
+        "peft_config=peft_config)",
+        "trainer.model.print_trainable_parameters()  # " + f"{plan.trainable_params:,} expected",
+        "trainer.train()",
+        "trainer.save_model()",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _py(value: Any) -> str:
+    """A Python literal (json-like but with True/False/None) for the generated script."""
+    return repr(value)
+
+
+def _axolotl(plan: Plan, model_ref: str, hints: TrainingHints, uniform: Uniform) -> Export:
+    """axolotl's LoRA fields (``axolotl.utils.schemas.peft.LoraConfig``): ``adapter``, ``lora_r``,
+    ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``, ``lora_target_parameters``, ``peft_use_dora``,
+    ``peft_use_rslora``, ``peft_init_lora_weights``; plus ``base_model``, ``learning_rate``, ``micro_batch_size``,
+    ``max_steps``, ``sequence_len``, ``lr_scheduler``, ``warmup_steps``."""
+    cfg: dict[str, Any] = {"base_model": hub_id(model_ref), "adapter": "lora", "lora_r": uniform.rank,
+                           "lora_alpha": _num(uniform.alpha), "lora_dropout": plan.dropout,
+                           "lora_target_modules": _module_names(plan, uniform.modules)}
+    params = [m.path for m in uniform.modules if m.parameter]
+    if params:
+        cfg["lora_target_parameters"] = params
+    if plan.variant == "dora":
+        cfg["peft_use_dora"] = True
+    elif plan.variant == "rslora":
+        cfg["peft_use_rslora"] = True
+    elif plan.variant == "pissa":
+        cfg["peft_init_lora_weights"] = "pissa"
+    cfg |= {k: v for k, v in {"learning_rate": hints.lr, "micro_batch_size": hints.batch, "max_steps": hints.steps,
+                              "sequence_len": hints.max_len, "lr_scheduler": hints.schedule,
+                              "warmup_steps": hints.warmup}.items() if v is not None}
+    exp = uniform.params()
+    text = _header(plan, exp, uniform.lost, "axolotl") + yaml.safe_dump(cfg, sort_keys=False)
+    return Export("axolotl", text, plan.trainable_params, exp, uniform.lost)
+
+
+def _llamafactory(plan: Plan, model_ref: str, hints: TrainingHints, uniform: Uniform, lossy: bool) -> Export:
+    """LLaMA-Factory's fields (``hparams/finetuning_args.py`` ``LoraArguments``): ``finetuning_type: lora``,
+    ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``lora_target`` (comma-separated names PEFT matches),
+    ``use_rslora``, ``use_dora``, ``pissa_init``; plus ``model_name_or_path``, ``stage: sft``, ``learning_rate``,
+    ``per_device_train_batch_size``, ``max_steps``, ``cutoff_len``, ``lr_scheduler_type``, ``warmup_steps``."""
+    lost = list(uniform.lost)
+    modules = uniform.modules
+    if any(m.parameter for m in modules):
+        # LoraArguments has no target-parameter field: fused expert stacks and router weights cannot be named.
+        dropped = tuple(m for m in modules if m.parameter)
+        item = f"{len(dropped)} parameter sites (fused experts / routers) are dropped: no field targets them"
+        if not lossy:
+            raise LoraplaceError(f"llamafactory cannot express this placement exactly: {item}",
+                                 "pass --lossy, or use --to peft / --to trl")
+        lost.append(item)
+        modules = tuple(m for m in modules if not m.parameter)
+    cfg: dict[str, Any] = {"model_name_or_path": hub_id(model_ref), "stage": "sft", "do_train": True,
+                           "finetuning_type": "lora", "lora_rank": uniform.rank, "lora_alpha": _num(uniform.alpha),
+                           "lora_dropout": plan.dropout, "lora_target": ",".join(_module_names(plan, modules))}
+    if plan.variant == "dora":
+        cfg["use_dora"] = True
+    elif plan.variant == "rslora":
+        cfg["use_rslora"] = True
+    elif plan.variant == "pissa":
+        cfg["pissa_init"] = True
+    cfg |= {k: v for k, v in {"learning_rate": hints.lr, "per_device_train_batch_size": hints.batch,
+                              "max_steps": hints.steps, "cutoff_len": hints.max_len,
+                              "lr_scheduler_type": hints.schedule, "warmup_steps": hints.warmup}.items()
+            if v is not None}
+    exp = uniform.params(modules)
+    text = _header(plan, exp, tuple(lost), "llamafactory") + yaml.safe_dump(cfg, sort_keys=False)
+    return Export("llamafactory", text, plan.trainable_params, exp, tuple(lost))
+
+
+# torchtune LoRA builders (torchtune.models.*): (model_type, hidden_size, num_hidden_layers) → component.
+TORCHTUNE_BUILDERS = {
+    ("llama", 2048, 16): "torchtune.models.llama3_2.lora_llama3_2_1b",
+    ("llama", 3072, 28): "torchtune.models.llama3_2.lora_llama3_2_3b",
+    ("llama", 4096, 32): "torchtune.models.llama3_1.lora_llama3_1_8b",
+    ("qwen2", 896, 24): "torchtune.models.qwen2_5.lora_qwen2_5_0_5b",
+    ("qwen2", 1536, 28): "torchtune.models.qwen2_5.lora_qwen2_5_1_5b_instruct",
+    ("qwen2", 2048, 36): "torchtune.models.qwen2_5.lora_qwen2_5_3b",
+    ("qwen2", 3584, 28): "torchtune.models.qwen2_5.lora_qwen2_5_7b_instruct",
+    ("mistral", 4096, 32): "torchtune.models.mistral.lora_mistral_7b",
+    ("gemma", 2048, 18): "torchtune.models.gemma.lora_gemma_2b",
+    ("gemma", 3072, 28): "torchtune.models.gemma.lora_gemma_7b",
+}
+# torchtune's names for attention projections (LORA_ATTN_MODULES) and what apply_lora_to_mlp/_output adapt.
+_TORCHTUNE_ATTN = {"attn.q": "q_proj", "attn.k": "k_proj", "attn.v": "v_proj", "attn.o": "output_proj"}
+_TORCHTUNE_MLP = ("mlp.gate", "mlp.up", "mlp.down")
+
+
+def _torchtune(plan: Plan, hints: TrainingHints, uniform: Uniform, component: str | None, config: Any,
+               lossy: bool) -> Export:
+    """torchtune's LoRA builder arguments (its recipe configs, e.g. ``llama3_2/1B_lora_single_device.yaml``):
+    ``model._component_``, ``lora_attn_modules``, ``apply_lora_to_mlp``, ``apply_lora_to_output``, ``lora_rank``,
+    ``lora_alpha``, ``lora_dropout``; plus ``optimizer.lr``, ``batch_size``, ``max_steps_per_epoch``.
+    Its builders adapt the chosen projections on every layer, and the MLP as a whole or not at all."""
+    if component is None and config is not None:
+        key = (getattr(config, "model_type", None), getattr(config, "hidden_size", None),
+               getattr(config, "num_hidden_layers", None))
+        component = TORCHTUNE_BUILDERS.get(key)
+    if component is None:
+        raise LoraplaceError(f"torchtune has no LoRA builder known to loraplace for {plan.model} "
+                             f"({plan.family}, {plan.num_layers} layers)",
+                             "pass --torchtune-component torchtune.models.<family>.lora_<size> (its builder)")
+    lost = list(uniform.lost)
+    roles_layers: dict[str, set[int | None]] = {}
+    for m in uniform.modules:
+        roles_layers.setdefault(m.role, set()).add(m.layer)
+    attn = sorted({_TORCHTUNE_ATTN[r] for r in roles_layers if r in _TORCHTUNE_ATTN})
+    mlp_roles = {r for r in roles_layers if r in _TORCHTUNE_MLP}
+    other = sorted(r for r in roles_layers if r not in _TORCHTUNE_ATTN and r not in _TORCHTUNE_MLP)
+    partial_layers = sorted(r for r, layers in roles_layers.items() if len(layers) < plan.num_layers)
+    if partial_layers:
+        lost.append(f"layer subsets ({', '.join(partial_layers)}) become every layer")
+    if mlp_roles and mlp_roles != set(_TORCHTUNE_MLP):
+        lost.append(f"MLP roles {', '.join(sorted(mlp_roles))} become the whole MLP (apply_lora_to_mlp)")
+    if other:
+        lost.append(f"roles torchtune cannot name are dropped: {', '.join(other)}")
+    if lost[len(uniform.lost):] and not lossy:
+        raise LoraplaceError("torchtune cannot express this placement exactly: " + "; ".join(lost),
+                             "pass --lossy, or use --to peft / --to trl")
+    # What the exported config adapts: the kept roles on every layer that has them (the plan's own modules where
+    # they exist; layers a subset left out cost the same as their neighbours).
+    widths = {m.role: m for m in uniform.modules}
+    full_mlp = bool(mlp_roles)
+    roles = [r for r in _TORCHTUNE_ATTN if r in roles_layers] + (list(_TORCHTUNE_MLP) if full_mlp else [])
+    exp = 0
+    for role in roles:
+        m = widths.get(role)
+        if m is None:  # an MLP role the plan did not adapt: sized from a sibling's width (gate ≈ up)
+            sibling = next(widths[r] for r in _TORCHTUNE_MLP if r in widths)
+            m = sibling if role != "mlp.down" else PlannedModule("", None, role, sibling.out_features,
+                                                                 sibling.in_features, 1, 1.0)
+        exp += plan.num_layers * lora_params(uniform.rank, m.in_features, m.out_features)
+    cfg: dict[str, Any] = {"model": {"_component_": component, "lora_attn_modules": attn,
+                                     "apply_lora_to_mlp": full_mlp, "apply_lora_to_output": False,
+                                     "lora_rank": uniform.rank, "lora_alpha": _num(uniform.alpha),
+                                     "lora_dropout": plan.dropout}}
+    if plan.variant == "dora":
+        cfg["model"]["use_dora"] = True
+    if hints.lr is not None:
+        cfg["optimizer"] = {"_component_": "torch.optim.AdamW", "lr": hints.lr}
+    if hints.batch is not None:
+        cfg["batch_size"] = hints.batch
+    if hints.steps is not None:
+        cfg["max_steps_per_epoch"] = hints.steps
+    text = _header(plan, exp, tuple(lost), "torchtune") + yaml.safe_dump(cfg, sort_keys=False)
+    return Export("torchtune", text, plan.trainable_params, exp, tuple(lost))
+
+
+def _num(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+

@@ -1,0 +1,87 @@
+"""loraplace recommend: the best placement, its runner-up, and the cheaper one when the two cannot be told apart."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from loraplace.analysis.core import analyze_records
+from loraplace.analysis.recommend import recommend, recommend_from_store
+from loraplace.analysis.stats import summarize
+from loraplace.errors import LoraplaceError
+from loraplace.placement import plan_for_model
+from loraplace.store import Store
+
+
+def _analysis_and_specs(store_path):
+    with Store.open_readonly(store_path) as store:
+        study = store.study()
+        records = store.trials(study.id)
+        counts = store.counts(study.id)
+    return analyze_records(study, str(store_path), records, counts), {r.id: r.spec for r in records}
+
+
+def _with_losses(analysis, losses: dict[str, list[float]]):
+    """The same groups with chosen per-seed test losses (seeds in order)."""
+    groups = []
+    for g in analysis.groups:
+        seeds = sorted(g.by_seed["eval_loss"])
+        by_seed = dict(g.by_seed) | {"eval_loss": dict(zip(seeds, losses[g.placement], strict=True))}
+        groups.append(replace(g, by_seed=by_seed, stats=dict(g.stats) | {
+            "eval_loss": summarize(losses[g.placement])}))
+    return replace(analysis, groups=tuple(groups))
+
+
+def test_a_distinguishable_winner_is_recommended(study_store):
+    analysis, specs = _analysis_and_specs(study_store)
+    analysis = _with_losses(analysis, {"all": [1.0, 1.1], "attn": [1.5, 1.6], "top": [2.0, 2.1]})
+    rec = recommend(analysis, specs)
+    assert rec.chosen.placement == "all" and rec.runner_up.placement == "attn"
+    assert rec.distinguishable is True and rec.difference == pytest.approx(-0.5)
+    assert rec.chosen.value == pytest.approx(1.05) and "excludes 0" in rec.reason
+
+
+def test_indistinguishable_best_gives_way_to_the_cheaper(study_store):
+    analysis, specs = _analysis_and_specs(study_store)
+    analysis = _with_losses(analysis, {"all": [1.0, 1.1], "attn": [1.2, 0.95], "top": [2.0, 2.1]})
+    params = {g.placement: g.trainable_params for g in analysis.groups}
+    assert params["attn"] < params["all"]
+    rec = recommend(analysis, specs)
+    assert rec.distinguishable is False
+    assert rec.chosen.placement == "attn" and rec.runner_up.placement == "all"  # all had the better mean
+    assert "not distinguishable" in rec.reason and "fewer trainable parameters" in rec.reason
+
+
+def test_budget_and_metric_limits(study_store):
+    analysis, specs = _analysis_and_specs(study_store)
+    smallest = min(analysis.groups, key=lambda g: g.trainable_params)
+    rec = recommend(analysis, specs, budget=smallest.trainable_params)
+    assert rec.chosen.placement == smallest.placement and rec.runner_up is None
+    with pytest.raises(LoraplaceError, match="fits a budget") as info:
+        recommend(analysis, specs, budget=smallest.trainable_params - 1)
+    assert f"{smallest.trainable_params:,}" in info.value.hint
+    with pytest.raises(LoraplaceError, match="accuracy") as info:
+        recommend(analysis, specs, metric="accuracy")
+    assert "generate" in info.value.hint
+
+
+def test_the_recommended_spec_reproduces_the_measured_sites(study_store):
+    rec = recommend_from_store(study_store)
+    analysis, _ = _analysis_and_specs(study_store)
+    group = next(g for g in analysis.groups if g.placement == rec.chosen.placement)
+    plan = plan_for_model("tiny:llama", rec.placement_spec)
+    assert plan.trainable_params == rec.chosen.trainable_params == group.trainable_params
+    assert plan.site_map().sites == group.sites.sites
+
+
+def test_recommend_command(cli, study_store):
+    text = cli("recommend", str(study_store))
+    assert text.returncode == 0 and "recommended:" in text.stdout and "runner-up:" in text.stdout
+    assert "export-placement --from" in text.stdout
+    data = json.loads(cli("recommend", str(study_store), "--json").stdout)
+    for key in ("placement", "size", "metric", "value", "interval", "runner_up", "distinguishable"):
+        assert key in data
+    assert data["metric"] == "eval_loss" and data["placement"] in ("all", "attn", "top")
+    exported = cli("export-placement", "--from", str(study_store), "--to", "peft")
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout)["peft_type"] == "LORA"

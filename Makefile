@@ -24,6 +24,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/loraplace run examples/quickstart.yaml --store runs/quickstart.db
 	$(VENV)/bin/loraplace report runs/quickstart.db --out runs/quickstart_report --quiet
+	$(VENV)/bin/loraplace recommend runs/quickstart.db
+	$(VENV)/bin/loraplace export-placement --from runs/quickstart.db --to peft --out runs/adapter_config.json
 
 # Headless Chromium for the HTML report test; best effort (the test skips, saying why, where none installs).
 browser:

@@ -110,12 +110,25 @@ class Uniform:
                    + (m.out_features if m.magnitude else 0) for m in (modules or self.modules))
 
 
+# How each one-rank format switches a LoRA variant on (axolotl: peft_use_dora / peft_use_rslora /
+# peft_init_lora_weights; LLaMA-Factory: use_dora / use_rslora / pissa_init; torchtune's builders: use_dora).
+VARIANT_FIELDS: dict[str, dict[str, dict[str, Any]]] = {
+    "axolotl": {"dora": {"peft_use_dora": True}, "rslora": {"peft_use_rslora": True},
+                "pissa": {"peft_init_lora_weights": "pissa"}},
+    "llamafactory": {"dora": {"use_dora": True}, "rslora": {"use_rslora": True}, "pissa": {"pissa_init": True}},
+    "torchtune": {"dora": {"use_dora": True}},
+}
+
+
+def _variant_fields(fmt: str, variant: str) -> dict[str, Any]:
+    return {} if variant == "lora" else VARIANT_FIELDS[fmt][variant]
+
+
 def _uniform(plan: Plan, fmt: str, lossy: bool) -> Uniform:
-    if plan.variant in ("pissa", "eva") and fmt == "torchtune":
-        raise LoraplaceError(f"torchtune has no {plan.variant} initialisation", "export the plan with variant lora")
-    if plan.variant == "eva" and fmt in ("axolotl", "llamafactory"):
-        raise LoraplaceError(f"{fmt} cannot run EVA's data-driven initialisation",
-                             "use --to peft or --to trl (PEFT's initialize_lora_eva_weights)")
+    if plan.variant != "lora" and plan.variant not in VARIANT_FIELDS[fmt]:
+        raise LoraplaceError(f"{fmt} has no {plan.variant} option" + (
+            " (EVA initialises from the training data through PEFT)" if plan.variant == "eva" else ""),
+            "use --to peft or --to trl, which run PEFT's own code for every variant")
     ranks = Counter(m.rank for m in plan.modules)
     per_unit = sum(m.experts * lora_params(1, m.in_features, m.out_features) for m in plan.modules)
     lora_total = plan.trainable_params - sum(m.out_features for m in plan.modules if m.magnitude)
@@ -172,7 +185,8 @@ def _lossy_note(lost: tuple[str, ...]) -> list[str]:
 
 
 def _header(plan: Plan, exp_params: int, lost: tuple[str, ...], fmt: str) -> str:
-    label = plan.placement.get("label", "")
+    label = str(plan.placement.get("label", ""))
+    label = label if len(label) <= 80 else label[:77] + "…"
     lines = [f"# loraplace export-placement --to {fmt}: {plan.model}" + (f", placement {label}" if label else ""),
              f"# {len(plan.modules)} sites, {plan.trainable_params:,} trainable parameters in the plan"]
     if lost:
@@ -247,12 +261,7 @@ def _axolotl(plan: Plan, model_ref: str, hints: TrainingHints, uniform: Uniform)
     params = [m.path for m in uniform.modules if m.parameter]
     if params:
         cfg["lora_target_parameters"] = params
-    if plan.variant == "dora":
-        cfg["peft_use_dora"] = True
-    elif plan.variant == "rslora":
-        cfg["peft_use_rslora"] = True
-    elif plan.variant == "pissa":
-        cfg["peft_init_lora_weights"] = "pissa"
+    cfg |= _variant_fields("axolotl", plan.variant)
     cfg |= {k: v for k, v in {"learning_rate": hints.lr, "micro_batch_size": hints.batch, "max_steps": hints.steps,
                               "sequence_len": hints.max_len, "lr_scheduler": hints.schedule,
                               "warmup_steps": hints.warmup}.items() if v is not None}
@@ -280,12 +289,7 @@ def _llamafactory(plan: Plan, model_ref: str, hints: TrainingHints, uniform: Uni
     cfg: dict[str, Any] = {"model_name_or_path": hub_id(model_ref), "stage": "sft", "do_train": True,
                            "finetuning_type": "lora", "lora_rank": uniform.rank, "lora_alpha": _num(uniform.alpha),
                            "lora_dropout": plan.dropout, "lora_target": ",".join(_module_names(plan, modules))}
-    if plan.variant == "dora":
-        cfg["use_dora"] = True
-    elif plan.variant == "rslora":
-        cfg["use_rslora"] = True
-    elif plan.variant == "pissa":
-        cfg["pissa_init"] = True
+    cfg |= _variant_fields("llamafactory", plan.variant)
     cfg |= {k: v for k, v in {"learning_rate": hints.lr, "per_device_train_batch_size": hints.batch,
                               "max_steps": hints.steps, "cutoff_len": hints.max_len,
                               "lr_scheduler_type": hints.schedule, "warmup_steps": hints.warmup}.items()
@@ -361,8 +365,7 @@ def _torchtune(plan: Plan, hints: TrainingHints, uniform: Uniform, component: st
                                      "apply_lora_to_mlp": full_mlp, "apply_lora_to_output": False,
                                      "lora_rank": uniform.rank, "lora_alpha": _num(uniform.alpha),
                                      "lora_dropout": plan.dropout}}
-    if plan.variant == "dora":
-        cfg["model"]["use_dora"] = True
+    cfg["model"] |= _variant_fields("torchtune", plan.variant)
     if hints.lr is not None:
         cfg["optimizer"] = {"_component_": "torch.optim.AdamW", "lr": hints.lr}
     if hints.batch is not None:

@@ -298,6 +298,11 @@ def train(
     out_dir: str | None = typer.Option(None, "--out", help="directory for adapter/ and metrics.json"),
     force: bool = typer.Option(False, "--force", help="allow adapters larger than the base model"),
     allow_unassigned: bool = typer.Option(False, "--allow-unassigned", help=ALLOW_UNASSIGNED_HELP),
+    mlflow_uri: str | None = typer.Option(None, "--mlflow-uri", help="log the trial as an MLflow run (e.g. "
+                                          "sqlite:///mlflow.db); needs loraplace[mlflow]"),
+    mlflow_experiment: str = typer.Option("loraplace", "--mlflow-experiment"),
+    tensorboard_dir: str | None = typer.Option(None, "--tensorboard-dir", help="write TensorBoard event files "
+                                               "here; needs loraplace[tensorboard]"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (no progress bar)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> int:
@@ -324,8 +329,18 @@ def train(
 
         plan_for_model(spec.model, spec.placement, rank=spec.rank, budget=spec.budget,
                        fill=spec.fill).check_size(force)
+    tracking = None
+    if mlflow_uri or tensorboard_dir:
+        from loraplace.tracking import TrackingSpec, check_tracking
+
+        tracking = TrackingSpec.model_validate(
+            ({"mlflow": {"tracking_uri": mlflow_uri, "experiment": mlflow_experiment}} if mlflow_uri else {})
+            | ({"tensorboard": {"dir": tensorboard_dir}} if tensorboard_dir else {}))
+        check_tracking(tracking)
     with TrainProgress(quiet or as_json) as progress:
         outcome = run_trial(spec, out_dir=out_dir, progress=progress)
+    if tracking is not None:
+        _track_single_trial(tracking, spec, outcome)
     if outcome.failure is not None and outcome.failure.user_error:  # bad input, not a training failure: exit 2
         raise LoraplaceError(outcome.failure.message, outcome.failure.hint)
     if as_json:
@@ -611,6 +626,23 @@ def export_placement(
                   f"{', exact' if exported.exact else ''})", highlight=False)
     else:
         sys.stdout.write(exported.text)
+
+
+def _track_single_trial(tracking, spec, outcome) -> None:
+    """``train --mlflow-uri/--tensorboard-dir``: the trial as a run under a parent named "train"."""
+    from loraplace.records import GroupKey, Size, TrialLabels
+    from loraplace.study import trial_id
+    from loraplace.tracking import Tracker
+
+    size = Size(kind="budget", value=spec.budget) if spec.budget else Size(kind="rank", value=spec.rank or
+                                                                           DEFAULT_RANK)
+    label = spec.placement.preset or "+".join(spec.placement.roles or []) or "placement"
+    labels = TrialLabels(group=GroupKey(placement=label, size=size), seed=spec.train.seed)
+    tracker = Tracker(tracking, "train")
+    tracker.log_trial(trial_id(spec), labels, spec.model_dump(mode="json"), outcome)
+    tracker.close()
+    for warning in tracker.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 def _output_file(path: str):

@@ -7,6 +7,8 @@ the rest. :func:`run_study` checks the spec, registers the grid in the store and
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -21,10 +23,11 @@ from pydantic import Field, ValidationError, ValidationInfo, create_model, field
 from loraplace.data import DataSpec
 from loraplace.errors import ConfigError, LoraplaceError
 from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill, PlacementSpec
-from loraplace.records import GroupKey, Size, StudyInfo, TrialLabels, config_without_seed
+from loraplace.records import GroupKey, Size, StudyInfo, TrialLabels, TrialOutcome, config_without_seed
 from loraplace.runner import LocalExecutor, PlannedTrial, RunHooks, RunSummary, execute
 from loraplace.specs import StrictModel, load_yaml, validate
 from loraplace.store import Store, StoreError
+from loraplace.tracking import Tracker, TrackingSpec, check_tracking
 from loraplace.train_config import TrainSpec
 from loraplace.trial import EvalSpec, TrialSpec, library_versions
 from loraplace.tuning import TUNED_AXIS, Selection, TuneSpec, selections_of
@@ -84,7 +87,10 @@ class StudySpec(StrictModel):
     tune: TuneSpec | None = Field(default=None, description="per-placement LR selection on the validation split "
                                   "(see loraplace.tuning)")
 
-    added_fields = frozenset({"allow_unassigned", "fill", "tune"})
+    tracking: TrackingSpec | None = Field(default=None, description="log every trial to MLflow and/or TensorBoard "
+                                          "(loraplace.tracking); changes no trial")
+
+    added_fields = frozenset({"allow_unassigned", "fill", "tune", "tracking"})
 
     @field_validator("tune")
     @classmethod
@@ -244,10 +250,14 @@ def _planned(study: StudySpec, pname: str, placement: PlacementSpec, size: Size,
     spec = TrialSpec(model=study.model, data=study.data, placement=placement, train=train, eval=study.eval,
                      rank=size.value if size.kind == "rank" else None,
                      budget=size.value if size.kind == "budget" else None, fill=study.fill)
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
-    trial_id = hashlib.sha256(canonical.encode()).hexdigest()[:16]
     labels = TrialLabels(group=GroupKey(placement=pname, size=size, axes=axes), seed=seed)
-    return PlannedTrial(trial_id, labels, spec)
+    return PlannedTrial(trial_id(spec), labels, spec)
+
+
+def trial_id(spec: TrialSpec) -> str:
+    """The hash of the resolved trial spec: a study resumes by it."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def _stored_selections(study: StudySpec, store_path: Path) -> dict[GroupKey, Selection]:
@@ -378,6 +388,17 @@ def _check_unchanged(study: StudySpec, store_path: Path, planned: list[PlannedTr
                            "use a new store (--store) or a new name:")
 
 
+def _tracked(hooks: RunHooks, tracker: Tracker) -> RunHooks:
+    """The hooks, plus: every finished trial goes to the trackers (after the store has recorded it)."""
+
+    def on_end(trial: PlannedTrial, outcome: TrialOutcome) -> None:
+        if hooks.on_end is not None:
+            hooks.on_end(trial, outcome)
+        tracker.log_trial(trial.id, trial.labels, trial.spec.model_dump(mode="json"), outcome)
+
+    return dataclasses.replace(hooks, on_end=on_end)
+
+
 def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["local", "ray"] = "local",
               address: str | None = None, retry_failed: bool = False, extend: bool = False, force: bool = False,
               hooks: RunHooks = RunHooks()) -> RunSummary:
@@ -390,6 +411,8 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
         raise LoraplaceError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
     check_placements(study, force)
     warnings = check_inputs(study)
+    if study.tracking is not None:
+        check_tracking(study.tracking)
     planned = expand_grid(study, _stored_selections(study, store_path))
     _check_unchanged(study, store_path, planned, extend)
     by_id = {p.id: p for p in planned}
@@ -407,7 +430,13 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
         else:
             executor = LocalExecutor(study.model, device=study.train.device, precision=study.train.precision,
                                      artifacts=artifacts, progress=hooks.progress)
-        with executor:
+        tracker = None if study.tracking is None else Tracker(study.tracking, study.name, record.spec)
+        if tracker is not None:
+            hooks = _tracked(hooks, tracker)
+        with executor, contextlib.ExitStack() as stack:
+            if tracker is not None:
+                stack.callback(lambda: summary.warnings.extend(tracker.warnings))
+                stack.callback(tracker.close)
             execute(store, record.id, by_id, executor, retry_failed=retry_failed, hooks=hooks, summary=summary)
             if study.tune is not None:  # the selection pass is over: the other seeds at each cell's selected LR
                 selected = expand_grid(study, selections_of(study.info(), store.trials(record.id)))

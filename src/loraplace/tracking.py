@@ -1,0 +1,177 @@
+"""A study's trials where people already look: MLflow runs and TensorBoard event files.
+
+The contract: tracking happens on the driver, after the store has recorded a trial's outcome, from that outcome
+(its curve, evals, metrics, adapter), so every backend (local, Ray) is tracked alike and nothing a tracker does can
+fail a trial or lose store data — every tracker error becomes a warning, and a tracker that failed once is switched
+off for the rest of the run. MLflow: one parent run per study (found again by its tags on resume), one child run per
+trial with its resolved config as params, per-step ``train_loss``/``lr``/``tokens``, ``eval_loss`` at each eval,
+the final metrics, tags (placement, size, seed, study, trial id) and the adapter directory as an artifact.
+TensorBoard: one event-file directory per trial under ``dir/STUDY/``, the same curves as scalars.
+
+Both are optional extras: ``pip install 'loraplace[mlflow]'`` / ``'loraplace[tensorboard]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from loraplace.errors import ConfigError
+from loraplace.records import TrialLabels, TrialOutcome
+from loraplace.specs import StrictModel
+
+MLFLOW_PARAM_CHARS = 500  # params longer than this are cut (MLflow's own limit varies by version and backend)
+
+
+class MlflowSpec(StrictModel):
+    tracking_uri: str = Field(description="e.g. sqlite:///mlflow.db, http://host:5000, databricks")
+    experiment: str = Field(default="loraplace", min_length=1, description="experiment name (created if missing)")
+
+
+class TensorBoardSpec(StrictModel):
+    dir: str = Field(min_length=1, description="event files go to DIR/STUDY/TRIAL")
+
+
+class TrackingSpec(StrictModel):
+    """``tracking:`` in a study spec (and ``--mlflow-uri``/``--tensorboard-dir`` on ``train``)."""
+
+    mlflow: MlflowSpec | None = None
+    tensorboard: TensorBoardSpec | None = None
+
+
+def check_tracking(spec: TrackingSpec) -> None:
+    """The extras a spec asks for are installed: one error naming every missing one, before anything runs."""
+    problems = []
+    if spec.mlflow is not None:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            problems.append("tracking.mlflow needs MLflow: pip install 'loraplace[mlflow]'")
+    if spec.tensorboard is not None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            problems.append("tracking.tensorboard needs TensorBoard: pip install 'loraplace[tensorboard]'")
+    if problems:
+        raise ConfigError(problems, "tracking extras missing")
+
+
+def _flat(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flat(f"{prefix}.{key}" if prefix else str(key), item, out)
+    else:
+        text = json.dumps(value) if not isinstance(value, str) else value
+        out[prefix] = text if len(text) <= MLFLOW_PARAM_CHARS else text[:MLFLOW_PARAM_CHARS - 1] + "…"
+    return out
+
+
+def trial_run_name(labels: TrialLabels) -> str:
+    return f"{labels.group.label} seed={labels.seed}"
+
+
+class Tracker:
+    """Logs finished trials to the configured trackers; see the module docstring for the contract."""
+
+    def __init__(self, spec: TrackingSpec, study: str, study_spec: dict[str, Any] | None = None):
+        self.spec, self.study = spec, study
+        self.warnings: list[str] = []
+        self._mlflow = None  # (client, experiment id, parent run id)
+        if spec.mlflow is not None:
+            self._guard("mlflow", lambda: self._open_mlflow(spec.mlflow, study_spec or {}))
+
+    # ----------------------------------------------------------------------------------------- plumbing
+
+    def _guard(self, name: str, fn) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - a tracker never fails a trial; it warns and steps aside
+            message = f"{name} tracking failed and is off for the rest of this run: {type(exc).__name__}: {exc}"
+            self.warnings.append(message)  # the caller prints them (run's summary, train's output)
+            if name == "mlflow":
+                self._mlflow = None
+            else:
+                self.spec = self.spec.model_copy(update={"tensorboard": None})
+
+    def _open_mlflow(self, spec: MlflowSpec, study_spec: dict[str, Any]) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=spec.tracking_uri)
+        experiment = client.get_experiment_by_name(spec.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(spec.experiment)
+        found = client.search_runs([experiment_id], filter_string=f"tags.`loraplace.study` = '{self.study}' and "
+                                   "tags.`loraplace.kind` = 'study'", max_results=1)
+        if found:
+            parent = found[0].info.run_id
+        else:
+            parent = client.create_run(experiment_id, run_name=self.study, tags={
+                "loraplace.study": self.study, "loraplace.kind": "study"}).info.run_id
+            client.log_text(parent, json.dumps(study_spec, indent=2, default=str), "study_spec.json")
+        self._mlflow = (client, experiment_id, parent)
+
+    # ----------------------------------------------------------------------------------------- logging
+
+    def log_trial(self, trial_id: str, labels: TrialLabels, trial_spec: dict[str, Any],
+                  outcome: TrialOutcome) -> None:
+        if self._mlflow is not None:
+            self._guard("mlflow", lambda: self._mlflow_trial(trial_id, labels, trial_spec, outcome))
+        if self.spec.tensorboard is not None:
+            self._guard("tensorboard", lambda: self._tensorboard_trial(trial_id, labels, trial_spec, outcome))
+
+    def _mlflow_trial(self, trial_id: str, labels: TrialLabels, trial_spec: dict[str, Any],
+                      outcome: TrialOutcome) -> None:
+        from mlflow.entities import Metric, Param
+
+        client, experiment_id, parent = self._mlflow
+        tags = {"mlflow.parentRunId": parent, "loraplace.study": self.study, "loraplace.kind": "trial",
+                "loraplace.trial_id": trial_id, "placement": labels.group.placement,
+                "size": labels.group.size_label, "seed": str(labels.seed), "status": outcome.status}
+        if outcome.failure is not None:
+            tags["error"] = outcome.failure.message[:5000]
+        run = client.create_run(experiment_id, run_name=trial_run_name(labels), tags=tags)
+        run_id = run.info.run_id
+        params = _flat("", trial_spec, {}) | {"trainable_params": str(outcome.trainable_params)}
+        now = int(run.info.start_time or 0)
+        metrics = []
+        for point in outcome.curve:
+            metrics += [Metric("train_loss", point.loss, now, point.step), Metric("lr", point.lr, now, point.step),
+                        Metric("tokens", float(point.tokens), now, point.step)]
+        metrics += [Metric(f"{e.split}_loss_during_training", e.eval_loss, now, e.step) for e in outcome.evals]
+        if outcome.metrics is not None:
+            metrics += [Metric(name, float(value), now, outcome.steps)
+                        for name, value in outcome.metrics.measured().items()]
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limits: 100 params, 1000 metrics per call
+            client.log_batch(run_id, params=items[i:i + 100])
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        if outcome.adapter is not None and Path(outcome.adapter.path).is_dir():
+            client.log_artifacts(run_id, outcome.adapter.path, "adapter")
+        client.set_terminated(run_id, "FINISHED" if outcome.status == "done" else "FAILED")
+
+    def _tensorboard_trial(self, trial_id: str, labels: TrialLabels, trial_spec: dict[str, Any],
+                           outcome: TrialOutcome) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{trial_run_name(labels)}_{trial_id[:8]}")
+        with SummaryWriter(log_dir=str(Path(self.spec.tensorboard.dir) / self.study / name)) as writer:
+            for point in outcome.curve:
+                writer.add_scalar("train/loss", point.loss, point.step)
+                writer.add_scalar("train/lr", point.lr, point.step)
+                writer.add_scalar("train/tokens", point.tokens, point.step)
+            for e in outcome.evals:
+                writer.add_scalar(f"{e.split}/loss_during_training", e.eval_loss, e.step)
+            if outcome.metrics is not None:
+                for metric, value in outcome.metrics.measured().items():
+                    writer.add_scalar(f"final/{metric}", value, outcome.steps)
+            writer.add_text("trial", f"study {self.study}, trial {trial_id}, status {outcome.status}\n\n```\n"
+                            f"{json.dumps(trial_spec, indent=2, default=str)}\n```")
+
+    def close(self) -> None:
+        if self._mlflow is not None:
+            client, _, parent = self._mlflow
+            self._guard("mlflow", lambda: client.set_terminated(parent, "FINISHED"))

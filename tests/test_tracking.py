@@ -1,0 +1,82 @@
+"""tracking: a study's trials as MLflow runs (read back with MLflow's own client) and TensorBoard event files."""
+
+import pytest
+
+from helpers import tiny_study_yaml
+from loraplace.store import Store
+from loraplace.study import load_study, run_study
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+mlflow = pytest.importorskip("mlflow", reason="the mlflow extra (make test installs it)")
+pytest.importorskip("tensorboard", reason="the tensorboard extra (make test installs it)")
+
+
+def _run(tmp_path, tracking: str):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(tiny_study_yaml("tracked", steps=3, extra=f"tracking: {tracking}\n"))
+    summary = run_study(load_study(spec), tmp_path / "s.db")
+    with Store.open_readonly(tmp_path / "s.db") as store:
+        trials = store.trials(store.study().id)
+    return summary, trials
+
+
+def test_every_trial_is_an_mlflow_run_and_a_tensorboard_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    summary, trials = _run(tmp_path, f"{{mlflow: {{tracking_uri: '{uri}', experiment: exp}}, "
+                                     f"tensorboard: {{dir: '{tmp_path}/tb'}}}}")
+    assert summary.done == len(trials) == 4 and not summary.warnings
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("exp")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("loraplace.kind") == "study"]
+    children = {r.data.tags["loraplace.trial_id"]: r for r in runs if r.data.tags.get("loraplace.kind") == "trial"}
+    assert len(parents) == 1 and set(children) == {t.id for t in trials}
+    for trial in trials:
+        run = children[trial.id]
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["placement"] == trial.labels.group.placement
+        assert run.data.tags["seed"] == str(trial.labels.seed) and run.info.status == "FINISHED"
+        assert float(run.data.params["train.lr"]) == trial.spec["train"]["lr"]
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
+            [(p.step, pytest.approx(p.loss)) for p in trial.outcome.curve]
+        assert run.data.metrics["eval_loss"] == pytest.approx(trial.outcome.metrics.eval_loss)
+        if trial.outcome.adapter is not None:
+            assert any(a.path == "adapter/adapter_config.json"
+                       for a in client.list_artifacts(run.info.run_id, "adapter"))
+        # TensorBoard: the same curve, read back from the event files.
+        tb_dir = next((tmp_path / "tb" / "tracked").glob(f"*_{trial.id[:8]}"))
+        events = EventAccumulator(str(tb_dir))
+        events.Reload()
+        assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("train/loss")] == \
+            [(p.step, pytest.approx(p.loss)) for p in trial.outcome.curve]
+    # A resumed run finds its parent run again instead of making a second one.
+    run_study(load_study(tmp_path / "spec.yaml"), tmp_path / "s.db")
+    again = client.search_runs([experiment.experiment_id], filter_string="tags.`loraplace.kind` = 'study'")
+    assert len(again) == 1
+
+
+def test_a_broken_tracker_warns_and_loses_nothing(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")  # no database can be created under it
+    summary, trials = _run(tmp_path, f"{{mlflow: {{tracking_uri: 'sqlite:///{tmp_path}/a-file/mlflow.db'}}}}")
+    assert summary.done == 4 and all(t.status == "done" for t in trials)
+    assert any("mlflow tracking failed" in w for w in summary.warnings)
+
+
+def test_train_command_tracks_its_trial(cli, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    result = cli("train", "--model", "tiny:llama", "--data", "builtin:arithmetic?n=40", "--steps", "3",
+                 "--batch", "4", "--precision", "fp32", "--placement", "attn", "--rank", "2", "--quiet",
+                 "--mlflow-uri", uri, "--tensorboard-dir", str(tmp_path / "tb"))
+    assert result.returncode == 0, result.stderr
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("loraplace").experiment_id],
+                              filter_string="tags.`loraplace.kind` = 'trial'")
+    assert len(runs) == 1 and runs[0].data.tags["placement"] == "attn"
+    assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 3
+    assert list((tmp_path / "tb" / "train").iterdir())

@@ -78,3 +78,13 @@ def test_site_map_and_probe_scores():
     assert matrix[0][0] == 3.0 and all(math.isnan(v) for v in (matrix[0][1], matrix[1][0], matrix[1][1]))
     assert probe.without_spectra().sites[0].spectrum == () and probe.sites[0].spectrum == (9.0, 4.0, 1.0)
     assert probe.to_dict()["sites"][0]["params"] == 192
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import stat
+
+    from loraplace import atomic
+    from loraplace.atomic import write_text_atomic
+
+    path = write_text_atomic(tmp_path / "report.html", "<html></html>")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~atomic._UMASK and path.read_text() == "<html></html>"

@@ -23,11 +23,24 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    # Reading the umask means setting it; doing that once, at import, keeps it off any thread's path.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; give it the mode an ordinary open() would (0666 less the umask), so a
+        # report or a config can be read by whoever could read any other file the user writes.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
             fh.flush()

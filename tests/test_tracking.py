@@ -53,6 +53,7 @@ def test_every_trial_is_an_mlflow_run_and_a_tensorboard_run(tmp_path):
         events.Reload()
         assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("train/loss")] == \
             [(p.step, pytest.approx(p.loss)) for p in trial.outcome.curve]
+    assert (tmp_path / "mlartifacts").is_dir()  # beside the database, not ./mlruns wherever the test ran
     # A resumed run finds its parent run again instead of making a second one.
     run_study(load_study(tmp_path / "spec.yaml"), tmp_path / "s.db")
     again = client.search_runs([experiment.experiment_id], filter_string="tags.`loraplace.kind` = 'study'")

@@ -30,6 +30,18 @@ MLFLOW_PARAM_CHARS = 500  # params longer than this are cut (MLflow's own limit 
 class MlflowSpec(StrictModel):
     tracking_uri: str = Field(description="e.g. sqlite:///mlflow.db, http://host:5000, databricks")
     experiment: str = Field(default="loraplace", min_length=1, description="experiment name (created if missing)")
+    artifact_location: str | None = Field(
+        default=None, description="where a new experiment keeps artifacts (adapters); default: beside a sqlite:/// "
+        "database (DB_DIR/mlartifacts), else the server's own default")
+
+    def experiment_artifacts(self) -> str | None:
+        """A new experiment's artifact location. MLflow's own default for a database store is ./mlruns in the
+        current directory, which scatters adapters wherever the command happened to run."""
+        if self.artifact_location is not None:
+            return self.artifact_location
+        if self.tracking_uri.startswith("sqlite:///"):
+            return (Path(self.tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+        return None
 
 
 class TensorBoardSpec(StrictModel):
@@ -102,7 +114,8 @@ class Tracker:
 
         client = MlflowClient(tracking_uri=spec.tracking_uri)
         experiment = client.get_experiment_by_name(spec.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(spec.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+            spec.experiment, artifact_location=spec.experiment_artifacts())
         found = client.search_runs([experiment_id], filter_string=f"tags.`loraplace.study` = '{self.study}' and "
                                    "tags.`loraplace.kind` = 'study'", max_results=1)
         if found:

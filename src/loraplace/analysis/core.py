@@ -354,7 +354,7 @@ def _warnings(groups: dict[GroupKey, Group], rows: list[TrialRow], counts: dict[
     if unfinished:
         out.append(f"{unfinished} trial(s) not finished yet (pending, running or interrupted): "
                    "the figures cover finished trials only")
-    return out
+    return list(dict.fromkeys(out))  # cells that differ only by another axis (e.g. lr) would repeat a warning
 
 
 def _environment(rows: list[TrialRow], info: StudyInfo) -> EnvironmentSummary:

@@ -60,7 +60,7 @@ def measure(args) -> dict:
     from loraplace.memory import CPU_RESIDENT_FACTOR, estimate_activations, hidden_bytes_per_token
     from loraplace.models import causal_lm
     from loraplace.placement import parse_placement
-    from loraplace.train import TrainSpec, batch_order, train
+    from loraplace.train import TrainSpec, batch_order, set_activation_checkpointing, train
     from loraplace.trial import Session
 
     train_path, eval_path = build_data(args)
@@ -89,12 +89,10 @@ def measure(args) -> dict:
         seconds = time.perf_counter() - t0
         peak = rss_kb("VmHWM")
         lm = causal_lm(model)
-        if args.only == "on":
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(lm, args.only == "on")
         model.train()
         live = live_peak_bytes(model, biggest.to(session.device), session, args.loss_chunk)
-        if args.only == "on":
-            lm.activation_checkpointing_disable()
+        set_activation_checkpointing(lm, False)
     resident = (peak - before) * 1024
     resident_estimate = activations * CPU_RESIDENT_FACTOR + trainable_state
     return {"checkpointing": args.only, "live_mib": live / 2**20, "estimated_mib": activations / 2**20,

@@ -52,6 +52,7 @@ def test_estimate_is_within_25_percent_of_the_live_peak(tmp_path, checkpointing,
     from loraplace.data import DataSpec
     from loraplace.data.batching import make_batch
     from loraplace.models import causal_lm, load_tokenizer
+    from loraplace.train import set_activation_checkpointing
     from loraplace.trial import Session
 
     torch.manual_seed(0)
@@ -65,12 +66,10 @@ def test_estimate_is_within_25_percent_of_the_live_peak(tmp_path, checkpointing,
     with session.adapter(plan, 0) as model:
         batch = make_batch(splits.train, list(range(32)), "pack", session.pad_id)
         lm = causal_lm(model)
-        if checkpointing:
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(lm, checkpointing)
         model.train()
         live = _live_peak(model, batch, chunk)
-        if checkpointing:
-            lm.activation_checkpointing_disable()
+        set_activation_checkpointing(lm, False)
     est = estimate_activations(session.model.config, batch.input_ids.numel(), batch.label_tokens, 4, chunk)
     estimated = est.checkpointed_bytes(hidden_bytes_per_token(session.model.config, 4)) if checkpointing \
         else est.full_bytes

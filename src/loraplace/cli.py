@@ -590,19 +590,19 @@ def export_placement(
         if model is not None:
             raise LoraplaceError("give a MODEL with --placement, or --from STORE, not both")
         from loraplace.analysis.recommend import recommend_from_store
+        from loraplace.trial import TrialSpec
 
         rec = recommend_from_store(source, name, budget, metric)
         model, spec_placement = rec.model, rec.placement_spec
-        train_spec = rec.trial_spec.get("train", {})
-        data_spec = rec.trial_spec.get("data", {})
-        hints = TrainingHints(lr=train_spec.get("lr"), batch=train_spec.get("batch"), steps=train_spec.get("steps"),
-                              max_len=data_spec.get("max_len"), warmup=train_spec.get("warmup") or None,
-                              schedule=train_spec.get("schedule"))
+        measured = TrialSpec.model_validate(rec.trial_spec)  # what the recommended trials ran with
+        hints = TrainingHints(lr=measured.train.lr, batch=measured.train.batch, steps=measured.train.steps,
+                              max_len=measured.data.max_len, warmup=measured.train.warmup or None,
+                              schedule=measured.train.schedule)
         err.print(f"recommended by {source}: {rec.chosen.placement} ({rec.chosen.size}), "
                   f"{rec.chosen.trainable_params:,} trainable parameters", highlight=False)
         result, config = _resolve_plan(model, spec_placement, None, None, fill, model_config, data, max_len,
                                        allow_unassigned, quiet=True)
-        if result.trainable_params != rec.chosen.trainable_params and rec.placement_spec.get("variant") != "eva":
+        if result.trainable_params != rec.chosen.trainable_params and measured.placement.variant != "eva":
             raise LoraplaceError(f"the recommended placement resolves to {result.trainable_params:,} trainable "
                                  f"parameters, not the {rec.chosen.trainable_params:,} its trials had",
                                  "the model's config changed since the study? plan it by hand")

@@ -144,8 +144,6 @@ def _uniform(plan: Plan, fmt: str, lossy: bool) -> Uniform:
     alpha_values = {m.alpha for m in plan.modules}
     if len(alpha_values) == 1:
         alpha = next(iter(alpha_values))
-        if len(ranks) > 1:
-            lost.append(f"alpha {alpha:g} is kept for every site")
     elif len(alphas) == 1:
         alpha = next(iter(alphas)) * rank  # the same alpha/rank ratio at the one rank
     else:

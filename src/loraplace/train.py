@@ -10,6 +10,7 @@ the first non-finite step is still reported exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -219,16 +220,7 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
     checkpointing, why = _checkpointing(spec.checkpointing, lm.config, first, device, dtype, loss_chunk)
     if why:
         outcome.notes.append(why)
-    if checkpointing:  # non-reentrant: the frozen embeddings need no requires_grad trick
-        if hasattr(lm, "activation_checkpointing_enable"):  # newer transformers renamed it (the old name warns)
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    # PEFT casts each adapted layer's input to the adapter's dtype (fp32 here), and autocast casts it straight back
-    # to bf16 for the matmul: two copies of a [tokens, d_in] activation per adapted layer, 11 % of a bf16 CPU step
-    # (benchmarks/RESULTS.md). Under autocast the cast is pointless — the values are the same — so it is off.
-    casting = disable_input_dtype_casting(model, active=dtype != torch.float32)
     t0 = time.perf_counter()
 
     def flush() -> None:
@@ -245,53 +237,68 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
         if on_step is not None:
             on_step(outcome.curve[-1].step, total, outcome.curve[-1].loss, outcome.real_tokens)
 
-    try:
-        with casting:
-            for step, example_index in enumerate(order, start=1):
-                batches = step_batches(example_index)
-                n_labels = sum(b.label_tokens for b in batches)  # known on the host: no sync needed to normalise
-                step_loss = torch.zeros((), device=device)
-                for b in batches:
-                    b = b.to(device)
-                    with autocast(device, dtype):
-                        part = loss_sum(model, b, decoder, loss_chunk)
-                    if fault is not None:
-                        part = fault(step, part)
-                    (part / n_labels).backward()
-                    step_loss += part.detach() / n_labels
-                if spec.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm, foreach=device.type != "cpu" or None)
-                opt.step()
-                lr = sched.get_last_lr()[0]
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                outcome.steps = step
-                outcome.real_tokens += sum(b.real_tokens for b in batches)
-                outcome.label_tokens += n_labels
-                pending.append((step, step_loss, outcome.real_tokens, lr))
-                if step == 1:  # includes torch.compile's warm-up when compile is on
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    outcome.first_step_s = time.perf_counter() - t0
-                if step % sync_every == 0 or step == total:
-                    flush()
-                elif on_step is not None:
-                    on_step(step, total, None, outcome.real_tokens)
-                if eval_fn is not None and eval_every and step % eval_every == 0 and step != total:
-                    flush()
-                    outcome.train_s += time.perf_counter() - t0
-                    outcome.evals.append(EvalPoint(step=step, eval_loss=eval_fn(), split=eval_split))
-                    model.train()
-                    t0 = time.perf_counter()
-            flush()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            outcome.train_s += time.perf_counter() - t0
-    finally:  # the session's base model is shared by the next trial, failed or not
-        if checkpointing:
-            getattr(lm, "activation_checkpointing_disable", lm.gradient_checkpointing_disable)()
-        model.eval()
+    with contextlib.ExitStack() as cleanup:  # undone in reverse order, failed or not
+        cleanup.callback(model.eval)
+        if checkpointing:  # the session's base model is shared by the next trial
+            set_activation_checkpointing(lm, True)
+            cleanup.callback(set_activation_checkpointing, lm, False)
+        # PEFT casts each adapted layer's input to the adapter's dtype (fp32 here), and autocast casts it straight
+        # back to bf16 for the matmul: two copies of a [tokens, d_in] activation per adapted layer, 11 % of a bf16
+        # CPU step (benchmarks/RESULTS.md). Under autocast the cast is pointless — the values are the same.
+        cleanup.enter_context(disable_input_dtype_casting(model, active=dtype != torch.float32))
+        for step, example_index in enumerate(order, start=1):
+            batches = step_batches(example_index)
+            n_labels = sum(b.label_tokens for b in batches)  # known on the host: no sync needed to normalise
+            step_loss = torch.zeros((), device=device)
+            for b in batches:
+                b = b.to(device)
+                with autocast(device, dtype):
+                    part = loss_sum(model, b, decoder, loss_chunk)
+                if fault is not None:
+                    part = fault(step, part)
+                (part / n_labels).backward()
+                step_loss += part.detach() / n_labels
+            if spec.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm, foreach=device.type != "cpu" or None)
+            opt.step()
+            lr = sched.get_last_lr()[0]
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            outcome.steps = step
+            outcome.real_tokens += sum(b.real_tokens for b in batches)
+            outcome.label_tokens += n_labels
+            pending.append((step, step_loss, outcome.real_tokens, lr))
+            if step == 1:  # includes torch.compile's warm-up when compile is on
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                outcome.first_step_s = time.perf_counter() - t0
+            if step % sync_every == 0 or step == total:
+                flush()
+            elif on_step is not None:
+                on_step(step, total, None, outcome.real_tokens)
+            if eval_fn is not None and eval_every and step % eval_every == 0 and step != total:
+                flush()
+                outcome.train_s += time.perf_counter() - t0
+                outcome.evals.append(EvalPoint(step=step, eval_loss=eval_fn(), split=eval_split))
+                model.train()
+                t0 = time.perf_counter()
+        flush()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        outcome.train_s += time.perf_counter() - t0
     return outcome
+
+
+def set_activation_checkpointing(lm, enabled: bool) -> None:
+    """Per-decoder-layer checkpointing on or off; non-reentrant, so the frozen embeddings need no requires_grad
+    trick. Newer transformers renamed the methods (the old names warn)."""
+    if enabled:
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        getattr(lm, "activation_checkpointing_disable", lm.gradient_checkpointing_disable)()
 
 
 def free_memory_bytes(device: torch.device) -> int | None:

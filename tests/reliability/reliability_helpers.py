@@ -1,6 +1,7 @@
 """Helpers for the reliability suite: tiny studies run as a user runs them, in subprocesses we can kill."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,11 +25,18 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     return dict(os.environ, LORAPLACE_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", COLUMNS="200")
 
 
+def _default_sigint() -> None:
+    # A suite started in the background by a non-interactive shell (`make test &`) runs with SIGINT ignored, and
+    # children inherit that: Python then installs no KeyboardInterrupt handler and Ctrl-C tests could not work.
+    # The child gets SIGINT's default back, as it has when a user runs the command in a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_run(spec: Path, db: Path, env: dict[str, str], **popen) -> subprocess.Popen:
     popen.setdefault("stdout", subprocess.DEVNULL)
     popen.setdefault("stderr", subprocess.DEVNULL)
     proc = subprocess.Popen([sys.executable, "-m", "loraplace", "run", str(spec), "--store", str(db), "-q"],
-                            env=env, **popen)
+                            env=env, preexec_fn=_default_sigint, **popen)
     CHILDREN.append(proc)
     return proc
 

@@ -16,7 +16,9 @@ from typing import Any
 from loraplace.analysis.core import METRICS, Group, StudyAnalysis, analyze_records
 from loraplace.analysis.stats import paired
 from loraplace.errors import LoraplaceError
+from loraplace.placement.spec import PlacementSpec
 from loraplace.records import Candidate, Recommendation, SiteMap
+from loraplace.train_config import TrainSpec
 
 RECOMMEND_METRICS = ("eval_loss", "accuracy")
 
@@ -43,32 +45,33 @@ def _metric_label(analysis: StudyAnalysis, metric: str) -> str:
 
 def _candidate(group: Group, metric: str, specs: dict[str, dict[str, Any]]) -> Candidate:
     summary = group.stats[metric]
-    lr = specs[group.trials[0].id].get("train", {}).get("lr")
+    lr = TrainSpec.model_validate(specs[group.trials[0].id]["train"]).lr
     return Candidate(placement=group.placement, size=group.key.size_label, lr=lr,
                      trainable_params=group.trainable_params, value=summary.mean, interval=summary.ci,
                      seeds=summary.n)
 
 
-def exact_placement_spec(sites: SiteMap, trial_placement: dict[str, Any]) -> dict[str, Any]:
+def exact_placement_spec(sites: SiteMap, trial_placement: PlacementSpec) -> dict[str, Any]:
     """A placement spec that resolves to exactly these sites and ranks: one group per (role, rank) with its
     layers; alpha, dropout and variant as the trial had them. EVA redistributes ranks from data at init, so an EVA
     trial's own placement (its budget or rank) is returned instead."""
-    if trial_placement.get("variant") == "eva":
-        return dict(trial_placement)
+    own = trial_placement.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    if trial_placement.variant == "eva":
+        return own
     layers: dict[tuple[str, int], list[int]] = defaultdict(list)
     for site in sites.sites:
         if site.layer is None:
             raise LoraplaceError(f"site {site.role!r} outside the blocks cannot be written as a layer group")
         layers[(site.role, site.rank)].append(site.layer)
-    groups = [{"roles": [role], "layers": sorted(ls), "rank": rank}
-              for (role, rank), ls in sorted(layers.items(), key=lambda kv: (sites.roles.index(kv[0][0])
-                                                                             if kv[0][0] in sites.roles else 99,
-                                                                             kv[0][1]))]
-    spec: dict[str, Any] = {"groups": groups}
-    for key in ("alpha", "alpha_ratio", "dropout", "variant", "allow_unassigned"):
-        if trial_placement.get(key) is not None:
-            spec[key] = trial_placement[key]
-    return spec
+
+    def order(item: tuple[tuple[str, int], list[int]]) -> tuple[int, int]:
+        (role, rank), _ = item
+        return (sites.roles.index(role) if role in sites.roles else len(sites.roles), rank)
+
+    groups = [{"roles": [role], "layers": sorted(ls), "rank": rank} for (role, rank), ls in sorted(layers.items(),
+                                                                                                  key=order)]
+    keep = ("alpha", "alpha_ratio", "dropout", "variant", "allow_unassigned")
+    return {"groups": groups} | {key: own[key] for key in keep if key in own}
 
 
 def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget: int | None = None,
@@ -113,10 +116,10 @@ def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget:
             interval = None if test.ci is None else tuple(sorted((sign * test.ci[0], sign * test.ci[1])))
             p_value = test.p_value
         reason = _reason(best, runner, chosen, label, metric, verdict, test, budget)
-    sites = chosen.sites
     first_spec = specs[chosen.trials[0].id]
-    placement = first_spec.get("placement", {})
-    placement_spec = exact_placement_spec(sites, placement) if sites is not None else dict(placement)
+    placement = PlacementSpec.model_validate(first_spec["placement"])
+    placement_spec = (exact_placement_spec(chosen.sites, placement) if chosen.sites is not None else
+                      placement.model_dump(mode="json", exclude_none=True, exclude_defaults=True))
     return Recommendation(
         study=analysis.name, model=analysis.model, metric=metric, metric_label=label, lower_is_better=lower,
         budget=budget, chosen=_candidate(chosen, metric, specs),

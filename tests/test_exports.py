@@ -103,14 +103,25 @@ def _from_one_rank_yaml(text: str, fmt: str) -> LoraConfig:
 
 
 @pytest.mark.parametrize("fmt", ["axolotl", "llamafactory"])
-def test_one_rank_formats_are_exact_when_the_plan_has_one_rank(fmt):
-    for placement in ({"roles": ["attn", "mlp.up"]}, {"roles": ["attn.v"], "layers": "top:1"}):
-        plan = plan_for_model("tiny:llama", placement, rank=4)
-        exported = export_plan(plan, fmt, "tiny:llama")
-        assert exported.exact and exported.params == plan.trainable_params
-        model = get_peft_model(load_model("tiny:llama"), _from_one_rank_yaml(exported.text, fmt))
-        assert _trainable(model) == plan.trainable_params
-        assert _adapted(model) == _planned(plan)
+@pytest.mark.parametrize(("family", "placement", "bare"), [
+    ("llama", {"roles": ["attn", "mlp.up"]}, True),
+    ("llama", {"roles": ["attn.v"], "layers": "top:1"}, False),
+    # GPT-2's c_proj is the attention output and the MLP's down projection: "[c_attn, c_proj]" would adapt both
+    # (the seed study's mistake), so an attention-only plan must be written by full path.
+    ("gpt2", {"roles": ["attn"]}, False),
+    ("gpt2", {"roles": ["all"]}, True)])
+def test_one_rank_formats_are_exact_when_the_plan_has_one_rank(fmt, family, placement, bare):
+    plan = plan_for_model(f"tiny:{family}", placement, rank=4)
+    base = load_model(f"tiny:{family}")
+    exported = export_plan(plan, fmt, f"tiny:{family}", module_paths=[n for n, _ in base.named_modules()])
+    assert exported.exact and exported.params == plan.trainable_params
+    config = _from_one_rank_yaml(exported.text, fmt)
+    assert all("." not in t for t in config.target_modules) == bare
+    if family == "gpt2":
+        config.fan_in_fan_out = True  # Conv1D; what axolotl / LLaMA-Factory let PEFT infer for GPT-2
+    model = get_peft_model(base, config)
+    assert _trainable(model) == plan.trainable_params
+    assert _adapted(model) == _planned(plan)
 
 
 @pytest.mark.parametrize("fmt", ["axolotl", "llamafactory"])

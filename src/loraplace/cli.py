@@ -611,8 +611,11 @@ def export_placement(
             raise LoraplaceError("export-placement needs a MODEL (with --placement) or --from STORE")
         result, config = _resolve_plan(model, placement, rank, budget, fill, model_config, data, max_len,
                                        allow_unassigned, quiet=False)
+    from loraplace.models import meta_model
+
+    module_paths = [name for name, _ in meta_model(config).named_modules()]  # bare names only where exact
     exported = export_plan(result, to, model, hints=hints, lossy=lossy, torchtune_component=torchtune_component,
-                           config=config)
+                           config=config, module_paths=module_paths)
     if exported.lost:
         diff = exported.params - exported.plan_params
         err.print(f"[yellow]lossy:[/] {escape('; '.join(exported.lost))}; the {to} config trains "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,7 +77,10 @@ def peft_config_dict(plan: Plan, model_ref: str) -> dict[str, Any]:
 
 
 def export_plan(plan: Plan, fmt: str, model_ref: str, *, hints: TrainingHints | None = None, lossy: bool = False,
-                torchtune_component: str | None = None, config: Any = None) -> Export:
+                torchtune_component: str | None = None, config: Any = None,
+                module_paths: Collection[str] | None = None) -> Export:
+    """``module_paths``: every module name of the model; with it the one-rank formats may name modules by their
+    bare leaf (``q_proj``) where that selects exactly the plan's modules, else they list full paths."""
     if fmt not in EXPORT_FORMATS:
         raise LoraplaceError(f"--to {fmt!r}: one of {', '.join(EXPORT_FORMATS)}")
     hints = hints or TrainingHints()
@@ -87,9 +91,9 @@ def export_plan(plan: Plan, fmt: str, model_ref: str, *, hints: TrainingHints | 
         return Export(fmt, _trl_script(plan, model_ref, hints), plan.trainable_params, plan.trainable_params)
     uniform = _uniform(plan, fmt, lossy)
     if fmt == "axolotl":
-        return _axolotl(plan, model_ref, hints, uniform)
+        return _axolotl(plan, model_ref, hints, uniform, module_paths)
     if fmt == "llamafactory":
-        return _llamafactory(plan, model_ref, hints, uniform, lossy)
+        return _llamafactory(plan, model_ref, hints, uniform, lossy, module_paths)
     return _torchtune(plan, hints, uniform, torchtune_component, config, lossy)
 
 
@@ -156,26 +160,21 @@ def _uniform(plan: Plan, fmt: str, lossy: bool) -> Uniform:
     return Uniform(plan.modules, rank, alpha, tuple(lost))
 
 
-def _covers_every_layer(plan: Plan, modules: tuple[PlannedModule, ...]) -> bool:
-    """Every module leaf name is adapted on every layer that has it, so leaf names alone say exactly this set."""
-    by_leaf: dict[str, set[int | None]] = {}
-    for m in modules:
-        for target in m.module_targets:
-            by_leaf.setdefault(_leaf(target), set()).add(m.layer)
-    return all(len(layers) == plan.num_layers for layers in by_leaf.values())
-
-
 def _leaf(path: str) -> str:
     return path.rpartition(".")[2]
 
 
-def _module_names(plan: Plan, modules: tuple[PlannedModule, ...]) -> list[str]:
-    """Target names PEFT matches (exact path or ``.``-suffix): leaf names when they select exactly the plan's
-    modules, else every module's full path."""
-    linear = tuple(m for m in modules if not m.parameter)
-    if _covers_every_layer(plan, linear) and not any(m.expert_paths for m in linear):
-        return sorted({_leaf(t) for m in linear for t in m.module_targets})
-    return [t for m in linear for t in m.module_targets]
+def _module_names(modules: tuple[PlannedModule, ...], module_paths: Collection[str] | None) -> list[str]:
+    """Target names PEFT matches (exact path or ``.``-suffix): the bare leaf names when, among every module of the
+    model (``module_paths``), they select exactly these modules; otherwise every module's full path. GPT-2's
+    ``c_proj`` is the reason: it names the attention output *and* the MLP's down projection, so an attention-only
+    plan must not be written as ``[c_attn, c_proj]``."""
+    targets = [t for m in modules if not m.parameter for t in m.module_targets]
+    if module_paths is None:
+        return targets
+    leaves = {_leaf(t) for t in targets}
+    selected = {path for path in module_paths if _leaf(path) in leaves}
+    return sorted(leaves) if selected == set(targets) else targets
 
 
 def _lossy_note(lost: tuple[str, ...]) -> list[str]:
@@ -248,14 +247,15 @@ def _py(value: Any) -> str:
     return repr(value)
 
 
-def _axolotl(plan: Plan, model_ref: str, hints: TrainingHints, uniform: Uniform) -> Export:
+def _axolotl(plan: Plan, model_ref: str, hints: TrainingHints, uniform: Uniform,
+             module_paths: Collection[str] | None) -> Export:
     """axolotl's LoRA fields (``axolotl.utils.schemas.peft.LoraConfig``): ``adapter``, ``lora_r``,
     ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``, ``lora_target_parameters``, ``peft_use_dora``,
     ``peft_use_rslora``, ``peft_init_lora_weights``; plus ``base_model``, ``learning_rate``, ``micro_batch_size``,
     ``max_steps``, ``sequence_len``, ``lr_scheduler``, ``warmup_steps``."""
     cfg: dict[str, Any] = {"base_model": hub_id(model_ref), "adapter": "lora", "lora_r": uniform.rank,
                            "lora_alpha": _num(uniform.alpha), "lora_dropout": plan.dropout,
-                           "lora_target_modules": _module_names(plan, uniform.modules)}
+                           "lora_target_modules": _module_names(uniform.modules, module_paths)}
     params = [m.path for m in uniform.modules if m.parameter]
     if params:
         cfg["lora_target_parameters"] = params
@@ -268,7 +268,8 @@ def _axolotl(plan: Plan, model_ref: str, hints: TrainingHints, uniform: Uniform)
     return Export("axolotl", text, plan.trainable_params, exp, uniform.lost)
 
 
-def _llamafactory(plan: Plan, model_ref: str, hints: TrainingHints, uniform: Uniform, lossy: bool) -> Export:
+def _llamafactory(plan: Plan, model_ref: str, hints: TrainingHints, uniform: Uniform, lossy: bool,
+                  module_paths: Collection[str] | None) -> Export:
     """LLaMA-Factory's fields (``hparams/finetuning_args.py`` ``LoraArguments``): ``finetuning_type: lora``,
     ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``lora_target`` (comma-separated names PEFT matches),
     ``use_rslora``, ``use_dora``, ``pissa_init``; plus ``model_name_or_path``, ``stage: sft``, ``learning_rate``,
@@ -286,7 +287,7 @@ def _llamafactory(plan: Plan, model_ref: str, hints: TrainingHints, uniform: Uni
         modules = tuple(m for m in modules if not m.parameter)
     cfg: dict[str, Any] = {"model_name_or_path": hub_id(model_ref), "stage": "sft", "do_train": True,
                            "finetuning_type": "lora", "lora_rank": uniform.rank, "lora_alpha": _num(uniform.alpha),
-                           "lora_dropout": plan.dropout, "lora_target": ",".join(_module_names(plan, modules))}
+                           "lora_dropout": plan.dropout, "lora_target": ",".join(_module_names(modules, module_paths))}
     cfg |= _variant_fields("llamafactory", plan.variant)
     cfg |= {k: v for k, v in {"learning_rate": hints.lr, "per_device_train_batch_size": hints.batch,
                               "max_steps": hints.steps, "cutoff_len": hints.max_len,

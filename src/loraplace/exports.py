@@ -111,7 +111,7 @@ class Uniform:
 
     def params(self, modules: tuple[PlannedModule, ...] | None = None) -> int:
         return sum(m.experts * lora_params(self.rank, m.in_features, m.out_features)
-                   + (m.out_features if m.magnitude else 0) for m in (modules or self.modules))
+                   + (m.out_features if m.magnitude else 0) for m in (self.modules if modules is None else modules))
 
 
 # How each one-rank format switches a LoRA variant on (axolotl: peft_use_dora / peft_use_rslora /
@@ -144,12 +144,12 @@ def _uniform(plan: Plan, fmt: str, lossy: bool) -> Uniform:
         rank = max(1, round(lora_total / per_unit))
         lost.append(f"per-site ranks ({', '.join(f'r={r}: {n} sites' for r, n in sorted(ranks.items()))}) become "
                     f"one rank r={rank}")
-    alphas = {m.alpha / m.rank for m in plan.modules}
+    ratios = {m.alpha / m.rank for m in plan.modules}
     alpha_values = {m.alpha for m in plan.modules}
     if len(alpha_values) == 1:
         alpha = next(iter(alpha_values))
-    elif len(alphas) == 1:
-        alpha = next(iter(alphas)) * rank  # the same alpha/rank ratio at the one rank
+    elif len(ratios) == 1:
+        alpha = next(iter(ratios)) * rank  # the same alpha/rank ratio at the one rank
     else:
         alpha = Counter(m.alpha for m in plan.modules).most_common(1)[0][0]
         lost.append(f"per-site alphas become one alpha {alpha:g}")

@@ -99,14 +99,20 @@ def seed_everything(seed: int) -> None:
 def loss_sum(model, batch: Batch, decoder=None, chunk: int | None = None) -> torch.Tensor:
     """Σ token cross-entropy over the batch's label positions (fp32), computing logits only there.
 
-    ``decoder`` replaces the transformer body (e.g. its ``torch.compile``d version). ``chunk``: the head and the
-    loss run over at most ``chunk`` label positions at a time, each chunk checkpointed, so the fp32 [N, vocab]
-    logits and their gradient never exist at once (one chunk's do; backward recomputes a chunk's logits, one
-    extra LM-head matmul)."""
+    ``decoder`` replaces the transformer body (e.g. its ``torch.compile``d version). ``chunk``: see
+    :func:`head_loss_sum`."""
     lm = causal_lm(model)
     decoder = decoder if decoder is not None else lm.base_model  # HF: the body without the LM head
     hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)  # [N, H]
+    return head_loss_sum(lm, hidden, batch.targets, chunk)
+
+
+def head_loss_sum(lm, hidden: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Σ cross-entropy of the LM head over ``hidden`` [N, H] against ``targets`` [N]. ``chunk``: the head and the
+    loss run over at most ``chunk`` rows at a time, each chunk checkpointed, so the fp32 [N, vocab] logits and
+    their gradient never exist at once (one chunk's do; backward recomputes a chunk's logits, one extra LM-head
+    matmul)."""
     head = lm.get_output_embeddings()
 
     def head_loss(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -124,10 +130,10 @@ def loss_sum(model, batch: Batch, decoder=None, chunk: int | None = None) -> tor
         return F.cross_entropy(logits, targets, reduction="sum")
 
     if not chunk or hidden.shape[0] <= chunk or not torch.is_grad_enabled():
-        return head_loss(hidden, batch.targets)
+        return head_loss(hidden, targets)
     from torch.utils.checkpoint import checkpoint
 
-    return sum(checkpoint(head_loss, hidden[i:i + chunk], batch.targets[i:i + chunk], use_reentrant=False)
+    return sum(checkpoint(head_loss, hidden[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
                for i in range(0, hidden.shape[0], chunk))
 
 
@@ -165,6 +171,13 @@ def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]
     return fn
 
 
+def optimizer(params: list[torch.nn.Parameter], spec: TrainSpec, device: torch.device, total: int):
+    """(AdamW, its LR schedule) for one trial's adapters."""
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999), eps=1e-8,
+                            foreach=device.type != "cpu" or None)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec.schedule, spec.warmup, total))
+
+
 def batch_order(n: int, batch: int, steps: int, seed: int) -> list[np.ndarray]:
     """Example indices per step: seeded permutations back to back (an epoch's remainder opens the next batch),
     so the same seed always gives the same data order."""
@@ -191,10 +204,8 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise TrialFailed("the model has no trainable parameters")
-    opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999), eps=1e-8,
-                            foreach=device.type != "cpu" or None)
     total = spec.total_steps(len(data))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec.schedule, spec.warmup, total))
+    opt, sched = optimizer(trainable, spec, device, total)
     mode = batching_mode(model, spec.packing)
     micro = spec.micro_batch or spec.batch
     sync_every = spec.sync_every or (1 if device.type == "cpu" else 10)

@@ -1,0 +1,260 @@
+"""Fused trials: several LoRA trials trained in one pass over one frozen base model (issue "Fused studies").
+
+Each adapted site of the base model is wrapped once by a :class:`FusedLoRA` that holds the adapters of every
+trial of the group adapting it. A step's batch holds each trial's own rows, contiguous per trial (its own data
+order: seeds differ); the frozen base runs once over all rows, then each trial's ``scale · B(A(x_rows))`` is
+added to its rows only, and rows of trials that do not adapt a site pass through unchanged. Shapes: the batch is
+[R, W] — each trial's packed rows (``data.batching.make_batch``) padded to the widest trial's width W and stacked,
+so attention (block-diagonal within a row) never mixes trials.
+
+Per trial, everything else is its own: its loss (token-weighted mean over its labels; the step's objective is the
+sum, so each trial's gradients are exactly its own — its adapters are disjoint parameters and no op mixes rows),
+its AdamW state, LR schedule, gradient clipping by its own norm, step count (a trial that has finished leaves
+the group), a non-finite loss (that trial fails at its step and leaves; the others go on).
+
+Initial weights come from PEFT itself: each trial's adapters are injected with ``Session.adapter`` (its seed, its
+plan) and copied out, so a fused trial starts exactly where the same trial alone starts. After training, the
+caller injects the plan again and loads the trained weights (:func:`load_weights`) to evaluate and save through
+the usual path — so eval and the saved PEFT adapter are the standalone ones.
+
+Scope now: plain LoRA and rsLoRA on ``nn.Linear`` / GPT-2 ``Conv1D`` sites of families whose packing is verified,
+one forward per step (no micro-batches), no compile, no checkpointing. Anything else is refused up front
+(:func:`check_fusable`). Not yet wired into the study runner.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplace.data import TokenizedSet
+from loraplace.data.batching import PACKING_VERIFIED, Batch, make_batch
+from loraplace.errors import ConfigError, TrialFailed
+from loraplace.models import causal_lm
+from loraplace.placement.plan import Plan
+from loraplace.records import CurvePoint
+from loraplace.train import TrainOutcome, TrainSpec, autocast, batch_order, head_loss_sum, optimizer
+
+FUSABLE_VARIANTS = ("lora", "rslora")  # dora/pissa/eva change the base weights or their own forward
+
+
+@dataclass(frozen=True)
+class FusedMember:
+    key: str  # the trial id
+    plan: Plan
+    train: TrainSpec
+
+
+@dataclass
+class FusedResult:
+    outcome: TrainOutcome
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path → (A [r, in], B [out, r]), trained
+    failure: TrialFailed | None = None
+
+
+@dataclass
+class _Segment:
+    key: str
+    lo: int  # first row of this trial in the step's batch
+    hi: int
+
+
+@dataclass
+class _Segments:
+    """The current step's row ranges, shared by every FusedLoRA of the model."""
+
+    rows: list[_Segment] = field(default_factory=list)
+
+
+class FusedLoRA(nn.Module):
+    """A frozen base linear (``nn.Linear`` or GPT-2 ``Conv1D``) plus the LoRA adapters of several trials."""
+
+    def __init__(self, base: nn.Module, segments: _Segments):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self._segments = segments
+
+    def add(self, key: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        self.lora_A[key] = nn.Parameter(a.detach().clone().float())
+        self.lora_B[key] = nn.Parameter(b.detach().clone().float())
+        self.scaling[key] = scale
+
+    def remove(self, key: str) -> None:
+        for store in (self.lora_A, self.lora_B):
+            if key in store:
+                del store[key]
+        self.scaling.pop(key, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [R, T, d_in] → [R, T, d_out]
+        y = self.base(x)
+        if not self.scaling:
+            return y
+        parts = []
+        for seg in self._segments.rows:
+            rows = y[seg.lo:seg.hi]
+            if seg.key in self.scaling:
+                delta = F.linear(F.linear(x[seg.lo:seg.hi], self.lora_A[seg.key]), self.lora_B[seg.key])
+                rows = rows + delta * self.scaling[seg.key]
+            parts.append(rows)
+        return torch.cat(parts, 0)
+
+
+def check_fusable(model, members: list[FusedMember]) -> None:
+    """Every reason this group cannot be fused, at once."""
+    problems = []
+    family = getattr(causal_lm(model).config, "model_type", None)
+    if family not in PACKING_VERIFIED:
+        problems.append(f"family {family!r}: fused rows need packing, which is not verified for it")
+    for m in members:
+        if m.plan.variant not in FUSABLE_VARIANTS:
+            problems.append(f"{m.key}: variant {m.plan.variant} cannot share a base model (fusable: "
+                            f"{', '.join(FUSABLE_VARIANTS)})")
+        if any(pm.parameter or pm.expert_paths for pm in m.plan.modules):
+            problems.append(f"{m.key}: expert or parameter sites are not fusable yet")
+        if m.train.micro_batch not in (None, m.train.batch) or m.train.compile or m.train.checkpointing == "on":
+            problems.append(f"{m.key}: micro_batch, compile and checkpointing are not fusable yet")
+    if len({m.key for m in members}) != len(members):
+        problems.append("two members share a trial id")
+    if problems:
+        raise ConfigError(problems, "these trials cannot be fused")
+
+
+def initial_weights(session, member: FusedMember) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The trial's adapters as PEFT initialises them alone (its seed, its plan): path → (A, B, scale)."""
+    out = {}
+    with session.adapter(member.plan, member.train.seed) as peft_model:
+        inner = peft_model.base_model.model
+        for pm in member.plan.modules:
+            layer = inner.get_submodule(pm.path)
+            out[pm.path] = (layer.lora_A["default"].weight.detach().clone(),
+                            layer.lora_B["default"].weight.detach().clone(), float(layer.scaling["default"]))
+    return out
+
+
+def load_weights(peft_model, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put a fused trial's trained adapters into a PEFT model injected with the same plan."""
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for path, (a, b) in weights.items():
+            layer = inner.get_submodule(path)
+            layer.lora_A["default"].weight.copy_(a)
+            layer.lora_B["default"].weight.copy_(b)
+
+
+def _combined(batches: list[tuple[str, Batch]], pad_id: int) -> tuple[Batch, list[_Segment], list[torch.Tensor]]:
+    """Stack each trial's packed rows, padded to the widest: [ΣR_k, W]; each trial's target indices re-based."""
+    width = max(b.input_ids.shape[1] for _, b in batches)
+    ids, pos, segments, targets = [], [], [], []
+    row = 0
+    for key, b in batches:
+        r, t = b.input_ids.shape
+        pad = width - t
+        ids.append(F.pad(b.input_ids, (0, pad), value=pad_id))
+        # Tail padding restarts its positions: a separate sequence nobody attends to (as in make_batch).
+        tail = torch.arange(pad, dtype=b.position_ids.dtype).expand(r, pad)
+        pos.append(torch.cat([b.position_ids, tail], 1))
+        rows, cols = b.target_index // t, b.target_index % t
+        targets.append((rows + row) * width + cols)
+        segments.append(_Segment(key, row, row + r))
+        row += r
+    merged = Batch(torch.cat(ids), torch.cat(pos), torch.cat(targets), torch.cat([b.targets for _, b in batches]),
+                   sum(b.real_tokens for _, b in batches), sum(b.label_tokens for _, b in batches))
+    return merged, segments, targets
+
+
+def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_id: int,
+                fault: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None) -> dict[str, FusedResult]:
+    """Train every member in one pass per step over ``session.model``; see the module docstring."""
+    model, device, dtype = session.model, session.device, session.dtype
+    check_fusable(model, members)
+    inits = {m.key: initial_weights(session, m) for m in members}
+    segments = _Segments()
+    wrapped: dict[str, FusedLoRA] = {}
+    for m in members:
+        for pm in m.plan.modules:
+            if pm.path not in wrapped:
+                parent_path, _, leaf = pm.path.rpartition(".")
+                parent = model.get_submodule(parent_path)
+                wrapped[pm.path] = FusedLoRA(getattr(parent, leaf), segments)
+                setattr(parent, leaf, wrapped[pm.path])
+            a, b, scale = inits[m.key][pm.path]
+            wrapped[pm.path].add(m.key, a, b, scale)
+    lm = causal_lm(model)
+    state = {}
+    for m in members:
+        params = [p for pm in m.plan.modules
+                  for p in (wrapped[pm.path].lora_A[m.key], wrapped[pm.path].lora_B[m.key])]
+        total = m.train.total_steps(len(data))
+        opt, sched = optimizer(params, m.train, device, total)
+        state[m.key] = (params, opt, sched, total, batch_order(len(data), m.train.batch, total, m.train.seed),
+                        TrainOutcome(steps=0, train_s=0.0, real_tokens=0, label_tokens=0))
+    failures: dict[str, TrialFailed] = {}
+    chunks = {m.key: m.train.resolved_loss_chunk(device.type) for m in members}
+    model.train()
+    t0 = time.perf_counter()
+    try:
+        for step in range(1, max(s[3] for s in state.values()) + 1):
+            active = [m for m in members if m.key not in failures and step <= state[m.key][3]]
+            if not active:
+                break
+            batches = [(m.key, make_batch(data, state[m.key][4][step - 1], "pack", pad_id)) for m in active]
+            merged, segments.rows, target_index = _combined(batches, pad_id)
+            merged = merged.to(device)
+            with autocast(device, dtype):
+                hidden = lm.base_model(input_ids=merged.input_ids, position_ids=merged.position_ids,
+                                       use_cache=False).last_hidden_state
+                hidden = hidden.reshape(-1, hidden.shape[-1])  # [ΣR_k·W, H]
+                losses = {}
+                for (key, b), index in zip(batches, target_index, strict=True):
+                    part = head_loss_sum(lm, hidden.index_select(0, index.to(device)), b.targets.to(device),
+                                         chunks[key])
+                    if fault is not None:
+                        part = fault(key, step, part)
+                    losses[key] = part / b.label_tokens  # this trial's token-weighted mean
+            sum(losses.values()).backward()  # each trial's gradient reaches its own adapters only
+            values = dict(zip(losses, torch.stack([v.detach() for v in losses.values()]).tolist(), strict=True))
+            for m in active:
+                params, opt, sched, total, _, outcome = state[m.key]
+                if not math.isfinite(values[m.key]):
+                    failures[m.key] = TrialFailed(f"non-finite training loss ({values[m.key]}) at step {step}",
+                                                  step=step, hint="lower the learning rate, or check the data")
+                    for layer in wrapped.values():
+                        layer.remove(m.key)
+                    opt.zero_grad(set_to_none=True)
+                    continue
+                if m.train.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, m.train.max_grad_norm,
+                                                   foreach=device.type != "cpu" or None)
+                opt.step()
+                lr = sched.get_last_lr()[0]
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                b = dict(batches)[m.key]
+                outcome.steps = step
+                outcome.real_tokens += b.real_tokens
+                outcome.label_tokens += b.label_tokens
+                outcome.curve.append(CurvePoint(step=step, loss=values[m.key], tokens=outcome.real_tokens, lr=lr))
+                outcome.train_s = time.perf_counter() - t0  # the group's wall time while this trial was in it
+        return {m.key: FusedResult(state[m.key][5], {pm.path: (wrapped[pm.path].lora_A[m.key].detach().clone(),
+                                                               wrapped[pm.path].lora_B[m.key].detach().clone())
+                                                     for pm in m.plan.modules} if m.key not in failures else {},
+                                   failures.get(m.key)) for m in members}
+    finally:
+        for path, layer in wrapped.items():  # the session's base model goes back as it was
+            parent_path, _, leaf = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), leaf, layer.base)
+        segments.rows = []
+        model.eval()
+
+
+__all__ = ["FusedLoRA", "FusedMember", "FusedResult", "check_fusable", "initial_weights", "load_weights",
+           "train_fused"]

@@ -1,0 +1,97 @@
+"""Fused trials: K trials in one pass over one base model give each trial what it gets alone (fp32)."""
+
+import pytest
+import torch
+
+from loraplace.data import DataSpec
+from loraplace.evaluate import eval_loss
+from loraplace.fused import FusedMember, load_weights, train_fused
+from loraplace.placement import parse_placement
+from loraplace.train import TrainSpec, train
+from loraplace.trial import Session
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
+# ≥ 4 trials mixing placements (all / attn / mlp / a layer subset), two ranks, two seeds, two LRs, two lengths.
+GROUP = [("all-r4-s0", {"roles": ["all"]}, 4, 0, 3e-3, 6), ("attn-r2-s1", {"roles": ["attn"]}, 2, 1, 1e-3, 6),
+         ("mlp-r4-s1", {"roles": ["mlp"]}, 4, 1, 3e-3, 4), ("top-r2-s0", {"roles": ["all"], "layers": "top:1"}, 2, 0,
+                                                            1e-3, 6)]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    session = Session("tiny:llama", precision="fp32")
+    splits = session.data(DataSpec(train="builtin:arithmetic?n=200", eval_count=16, max_len=160))
+    members = [FusedMember(key, session.plan(parse_placement(p), rank=r),
+                           TrainSpec(steps=steps, batch=4, lr=lr, seed=seed, precision="fp32", schedule="linear"))
+               for key, p, r, seed, lr, steps in GROUP]
+    return session, splits, members
+
+
+def _alone(session, splits, member):
+    with session.adapter(member.plan, member.train.seed) as model:
+        out = train(model, splits.train, member.train, device=session.device, dtype=session.dtype,
+                    pad_id=session.pad_id)
+        loss, _ = eval_loss(model, splits.eval, device=session.device, dtype=session.dtype, pad_id=session.pad_id)
+    return [p.loss for p in out.curve], loss
+
+
+def _fused_eval(session, splits, member, result):
+    with session.adapter(member.plan, member.train.seed) as model:
+        load_weights(model, result.weights)
+        loss, _ = eval_loss(model, splits.eval, device=session.device, dtype=session.dtype, pad_id=session.pad_id)
+    return loss
+
+
+def test_each_fused_trial_matches_the_trial_alone(setup, tmp_path):
+    session, splits, members = setup
+    results = train_fused(session, splits.train, members, pad_id=session.pad_id)
+    worst = 0.0
+    for m in members:
+        curve, loss = _alone(session, splits, m)
+        fused = results[m.key]
+        assert fused.failure is None and fused.outcome.steps == m.train.steps
+        got = [p.loss for p in fused.outcome.curve]
+        assert len(got) == len(curve)
+        worst = max(worst, *(abs(a - b) / abs(b) for a, b in zip(got, curve, strict=True)))
+        fused_loss = _fused_eval(session, splits, m, fused)
+        worst = max(worst, abs(fused_loss - loss) / loss)
+    assert worst <= 1e-4, worst
+    # The session's base model is back as it was: no fused layer left behind.
+    assert not any(type(mod).__name__ == "FusedLoRA" for mod in session.model.modules())
+
+
+def test_a_fused_adapter_loads_in_vanilla_peft(setup, tmp_path):
+    from peft import PeftModel
+
+    from loraplace.models import load_model
+
+    session, splits, members = setup
+    member = members[1]
+    result = train_fused(session, splits.train, [member], pad_id=session.pad_id)[member.key]
+    with session.adapter(member.plan, member.train.seed) as model:
+        load_weights(model, result.weights)
+        model.save_pretrained(tmp_path / "adapter")
+        ours, _ = eval_loss(model, splits.eval, device=session.device, dtype=session.dtype, pad_id=session.pad_id)
+    vanilla = PeftModel.from_pretrained(load_model("tiny:llama"), str(tmp_path / "adapter"))
+    theirs, _ = eval_loss(vanilla, splits.eval, device=session.device, dtype=torch.float32, pad_id=session.pad_id)
+    assert theirs == pytest.approx(ours, rel=1e-5)
+
+
+def test_a_nan_fails_one_trial_and_leaves_the_others_alone(setup):
+    session, splits, members = setup
+    victim = members[1].key
+
+    def fault(key, step, loss):
+        return loss * float("nan") if key == victim and step == 3 else loss
+
+    with_nan = train_fused(session, splits.train, members, pad_id=session.pad_id, fault=fault)
+    without = train_fused(session, splits.train, [m for m in members if m.key != victim], pad_id=session.pad_id)
+    failed = with_nan[victim]
+    assert failed.failure is not None and failed.failure.step == 3 and failed.outcome.steps == 2
+    for key, clean in without.items():
+        got = [p.loss for p in with_nan[key].outcome.curve]
+        assert got == pytest.approx([p.loss for p in clean.outcome.curve], rel=1e-5), key
+        for path, (a, b) in clean.weights.items():
+            torch.testing.assert_close(with_nan[key].weights[path][0], a, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(with_nan[key].weights[path][1], b, rtol=1e-5, atol=1e-7)

@@ -95,3 +95,30 @@ def test_a_nan_fails_one_trial_and_leaves_the_others_alone(setup):
         for path, (a, b) in clean.weights.items():
             torch.testing.assert_close(with_nan[key].weights[path][0], a, rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(with_nan[key].weights[path][1], b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_fused_study_stores_what_the_sequential_study_stores(tmp_path):
+    """execution: {fuse: 4} — the four trials are claimed, trained together, and recorded one by one, with the
+    results the one-at-a-time study records."""
+    from helpers import tiny_study_yaml
+    from loraplace.store import Store
+    from loraplace.study import load_study, run_study
+
+    results = {}
+    for mode in ("off", "4"):
+        root = tmp_path / mode
+        root.mkdir()
+        (root / "s.yaml").write_text(tiny_study_yaml("fz", steps=4, extra=f"execution: {{fuse: {mode}}}\n"))
+        summary = run_study(load_study(root / "s.yaml"), root / "s.db")
+        assert summary.done == 4 and summary.failed == 0
+        with Store.open_readonly(root / "s.db") as store:
+            trials = store.trials(store.study().id)
+        assert all(t.attempts == 1 and t.status == "done" for t in trials)
+        assert all((root / "s_artifacts" / t.id / "adapter" / "adapter_config.json").is_file() for t in trials)
+        assert all(t.outcome.fused_with == (3 if mode == "4" else 0) for t in trials)  # really fused (or not)
+        results[mode] = {t.id: t.outcome for t in trials}
+    assert results["off"].keys() == results["4"].keys()  # the same trial ids: fusion changes no trial
+    for tid, alone in results["off"].items():
+        fused = results["4"][tid]
+        assert fused.metrics.eval_loss == pytest.approx(alone.metrics.eval_loss, rel=1e-4)
+        assert [p.loss for p in fused.curve] == pytest.approx([p.loss for p in alone.curve], rel=1e-4)

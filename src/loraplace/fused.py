@@ -56,6 +56,7 @@ class FusedResult:
     outcome: TrainOutcome
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path → (A [r, in], B [out, r]), trained
     failure: TrialFailed | None = None
+    group_size: int = 1  # trials trained in the same pass, this one included
 
 
 @dataclass
@@ -172,8 +173,10 @@ def _combined(batches: list[tuple[str, Batch]], pad_id: int) -> tuple[Batch, lis
 
 
 def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_id: int,
-                fault: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None) -> dict[str, FusedResult]:
-    """Train every member in one pass per step over ``session.model``; see the module docstring."""
+                fault: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None,
+                on_step: Callable[[int, int], None] | None = None) -> dict[str, FusedResult]:
+    """Train every member in one pass per step over ``session.model``; see the module docstring.
+    ``on_step(step, steps of the longest member)`` after every step (heartbeats, progress)."""
     model, device, dtype = session.model, session.device, session.dtype
     check_fusable(model, members)
     inits = {m.key: initial_weights(session, m) for m in members}
@@ -244,10 +247,12 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
                 outcome.label_tokens += b.label_tokens
                 outcome.curve.append(CurvePoint(step=step, loss=values[m.key], tokens=outcome.real_tokens, lr=lr))
                 outcome.train_s = time.perf_counter() - t0  # the group's wall time while this trial was in it
+            if on_step is not None:
+                on_step(step, max(st[3] for st in state.values()))
         return {m.key: FusedResult(state[m.key][5], {pm.path: (wrapped[pm.path].lora_A[m.key].detach().clone(),
                                                                wrapped[pm.path].lora_B[m.key].detach().clone())
                                                      for pm in m.plan.modules} if m.key not in failures else {},
-                                   failures.get(m.key)) for m in members}
+                                   failures.get(m.key), len(members)) for m in members}
     finally:
         for path, layer in wrapped.items():  # the session's base model goes back as it was
             parent_path, _, leaf = path.rpartition(".")

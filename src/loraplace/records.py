@@ -243,6 +243,8 @@ class TrialOutcome(Record):
     environment: Environment = Environment()
     adapter: Adapter | None = None
     warnings: tuple[str, ...] = ()
+    fused_with: int = Field(default=0, ge=0, description="other trials trained in the same pass over the base model "
+                            "(loraplace.fused); 0: trained alone")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrialOutcome:

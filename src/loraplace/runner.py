@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from loraplace.records import TrialLabels, TrialOutcome
+from loraplace.records import Failure, TrialLabels, TrialOutcome
 from loraplace.store import Owner, Store
 from loraplace.trial import Session, TrialSpec, failure_of, run_trial
 
@@ -150,20 +150,28 @@ class LocalExecutor:
 
     def wait(self) -> Iterator[tuple[str, TrialOutcome]]:
         trial, heartbeat = self._queue.pop(0)
+        failure = self._load()
+        if failure is not None:  # the model did not load: this trial fails like any other
+            yield trial.id, TrialOutcome.failed(failure)
+            return
+        yield trial.id, self._run(trial, heartbeat)
+
+    def _load(self) -> Failure | None:
         try:
             if self._session is None:
                 self._session = Session(self.model, device=self.device, precision=self.precision)
-        except Exception as exc:  # noqa: BLE001 - the model did not load: this trial fails like any other
-            yield trial.id, TrialOutcome.failed(failure_of(exc))
-            return
+        except Exception as exc:  # noqa: BLE001
+            return failure_of(exc)
+        return None
 
+    def _run(self, trial: PlannedTrial, heartbeat: Heartbeat, pretrained=None) -> TrialOutcome:
         def on_step(step: int, total: int, loss: float | None, tokens: int) -> None:
             heartbeat()
             if self.progress is not None:
                 self.progress(step, total, loss, tokens)
 
-        yield trial.id, run_trial(trial.spec, session=self._session, out_dir=trial_dir(self.artifacts, trial.id),
-                                  progress=on_step)
+        return run_trial(trial.spec, session=self._session, out_dir=trial_dir(self.artifacts, trial.id),
+                         progress=on_step, pretrained=pretrained)
 
     def cancel(self) -> None:
         self._queue.clear()
@@ -176,3 +184,48 @@ class LocalExecutor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class FusedExecutor(LocalExecutor):
+    """Up to ``fuse`` claimed trials at a time, trained together in one pass over the shared base model
+    (:mod:`loraplace.fused`), then each evaluated, saved and yielded on its own, so the store records every trial
+    separately. A group that cannot be fused (a variant, site kind or setting fused training does not cover, or
+    different data) runs one trial at a time, as ``LocalExecutor`` would."""
+
+    def __init__(self, model: str, *, fuse: int, **kwargs):
+        super().__init__(model, **kwargs)
+        self.capacity = fuse
+
+    def wait(self) -> Iterator[tuple[str, TrialOutcome]]:
+        from loraplace.errors import ConfigError
+        from loraplace.fused import FusedMember, train_fused
+        from loraplace.trial import plan_of
+
+        group, self._queue = self._queue, []
+        failure = self._load()
+        if failure is not None:
+            for trial, _ in group:
+                yield trial.id, TrialOutcome.failed(failure)
+            return
+        results = {}
+        if len(group) > 1 and len({t.spec.data.model_dump_json() for t, _ in group}) == 1:
+            session = self._session
+            try:
+                members = [FusedMember(t.id, plan_of(session, t.spec), t.spec.train) for t, _ in group]
+
+                def on_step(step: int, total: int) -> None:
+                    for _, heartbeat in group:
+                        heartbeat()
+                    if self.progress is not None:
+                        self.progress(step, total, None, 0)
+
+                results = train_fused(session, session.data(group[0][0].spec.data).train, members,
+                                      pad_id=session.pad_id, on_step=on_step)
+            except ConfigError:
+                results = {}  # not fusable: one at a time below
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the group's trials fail, the study goes on
+                for trial, _ in group:
+                    yield trial.id, TrialOutcome.failed(failure_of(exc))
+                return
+        for trial, heartbeat in group:
+            yield trial.id, self._run(trial, heartbeat, pretrained=results.get(trial.id))

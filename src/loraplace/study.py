@@ -24,7 +24,7 @@ from loraplace.data import DataSpec
 from loraplace.errors import ConfigError, LoraplaceError
 from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill, PlacementSpec
 from loraplace.records import GroupKey, Size, StudyInfo, TrialLabels, TrialOutcome, config_without_seed
-from loraplace.runner import LocalExecutor, PlannedTrial, RunHooks, RunSummary, execute
+from loraplace.runner import FusedExecutor, LocalExecutor, PlannedTrial, RunHooks, RunSummary, execute
 from loraplace.specs import StrictModel, load_yaml, validate
 from loraplace.store import Store, StoreError
 from loraplace.tracking import Tracker, TrackingSpec, check_tracking
@@ -62,6 +62,32 @@ class Resources(StrictModel):
     gpus: float = Field(default=0, ge=0)
 
 
+class ExecutionSpec(StrictModel):
+    """How a local study runs its trials."""
+
+    fuse: int | Literal["auto", "off"] = Field(
+        default="auto", description="train up to K claimed trials together in one pass over the base model "
+        "(loraplace.fused); off: one at a time; auto: off until fusion is measured to pay on this kind of device "
+        "(benchmarks/bench_study.py --fuse)")
+
+    @field_validator("fuse", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        # YAML reads a bare `off` as false (and `on` as true): they mean the words here.
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("fuse")
+    @classmethod
+    def _at_least_two(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 2:
+            raise ValueError("fuse groups at least 2 trials (off: one at a time)")
+        return value
+
+    def group_size(self) -> int:
+        """Trials per fused group; 1 = no fusion. auto is 1: fusion has not been measured to pay yet."""
+        return self.fuse if isinstance(self.fuse, int) else 1
+
+
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
@@ -89,8 +115,9 @@ class StudySpec(StrictModel):
 
     tracking: TrackingSpec | None = Field(default=None, description="log every trial to MLflow and/or TensorBoard "
                                           "(loraplace.tracking); changes no trial")
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec, description="fused trials (local runs)")
 
-    added_fields = frozenset({"allow_unassigned", "fill", "tune", "tracking"})
+    added_fields = frozenset({"allow_unassigned", "fill", "tune", "tracking", "execution"})
 
     @field_validator("tune")
     @classmethod
@@ -427,6 +454,9 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
 
             executor = RayExecutor(cpus=study.resources.cpus, gpus=study.resources.gpus, artifacts=artifacts,
                                    address=address)
+        elif study.execution.group_size() > 1:
+            executor = FusedExecutor(study.model, fuse=study.execution.group_size(), device=study.train.device,
+                                     precision=study.train.precision, artifacts=artifacts, progress=hooks.progress)
         else:
             executor = LocalExecutor(study.model, device=study.train.device, precision=study.train.precision,
                                      artifacts=artifacts, progress=hooks.progress)

@@ -296,16 +296,25 @@ def save_adapter_atomic(peft_model, target: Path, base_path: str | None, pissa_i
 
 
 def run_trial(spec: TrialSpec, *, session: Session | None = None, out_dir: str | Path | None = None,
-              progress=None, fault=None) -> TrialOutcome:
+              progress=None, fault=None, pretrained=None) -> TrialOutcome:
     """Run one trial. It never raises for a failure of its own: a bad placement for this model (kind
     ``invalid``), a non-finite loss (``non_finite``, with its step) or any exception while training, evaluating or
     saving (``error``, e.g. out of memory) is a ``failed`` :class:`TrialOutcome`. Only ``KeyboardInterrupt`` (and
-    ``SystemExit``) propagate: an interruption belongs to the run, not to the trial."""
+    ``SystemExit``) propagate: an interruption belongs to the run, not to the trial.
+
+    ``pretrained``: a :class:`loraplace.fused.FusedResult` of this trial — its adapters were trained in a fused
+    group, so this run loads them instead of training, then evaluates and saves as usual."""
     known: dict[str, Any] = {}  # what the trial learnt before it failed (its size, where its adapters were)
     try:
-        return _run_trial(spec, session, out_dir, progress, fault, known)
+        return _run_trial(spec, session, out_dir, progress, fault, known, pretrained)
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory: this trial fails, a study goes on
         return TrialOutcome.failed(failure_of(exc), **known)
+
+
+def plan_of(session: Session, spec: TrialSpec) -> Plan:
+    """The trial's exact plan on this session's model (an auto placement probes the training split, cached)."""
+    return session.plan(parse_placement(spec.placement), rank=spec.rank, budget=spec.budget, fill=spec.fill,
+                        data=session.data(spec.data).train, data_key=spec.data.model_dump_json())
 
 
 def failure_of(exc: Exception) -> Failure:
@@ -321,7 +330,7 @@ def failure_of(exc: Exception) -> Failure:
 
 
 def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | None, progress, fault,
-               known: dict[str, Any]) -> TrialOutcome:
+               known: dict[str, Any], pretrained=None) -> TrialOutcome:
     from loraplace.models import ModelRef, checkpoint_path
 
     placement = parse_placement(spec.placement)
@@ -329,8 +338,7 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
     device, dtype = session.device, session.dtype
     splits = session.data(spec.data)
     data_key = spec.data.model_dump_json()  # probe cache key: the same data → the same probe, every seed
-    plan = session.plan(placement, rank=spec.rank, budget=spec.budget, fill=spec.fill, data=splits.train,
-                        data_key=data_key)
+    plan = plan_of(session, spec)
     known.update(trainable_params=plan.trainable_params, total_params=plan.total_params, sites=plan.site_map())
     probe = None
     if placement.auto is not None and placement.auto.method == "probe":  # the probe that chose the sites
@@ -353,11 +361,17 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
 
         # Losses during training read the validation split when there is one: the test split is looked at once.
         watched = splits.validation if splits.validation is not None else splits.eval
-        trained: TrainOutcome = train(model, splits.train, spec.train, device=device, dtype=dtype,
-                                      pad_id=session.pad_id, on_step=progress,
-                                      eval_fn=lambda: evaluate_on(watched)[0], eval_every=spec.eval.every,
-                                      eval_split="validation" if splits.validation is not None else "test",
-                                      fault=fault)
+        if pretrained is not None:  # trained in a fused group (loraplace.fused): its weights, its curve
+            if pretrained.failure is not None:
+                raise pretrained.failure
+            from loraplace.fused import load_weights
+
+            load_weights(model, pretrained.weights)
+            trained: TrainOutcome = pretrained.outcome
+        else:
+            trained = train(model, splits.train, spec.train, device=device, dtype=dtype, pad_id=session.pad_id,
+                            on_step=progress, eval_fn=lambda: evaluate_on(watched)[0], eval_every=spec.eval.every,
+                            eval_split="validation" if splits.validation is not None else "test", fault=fault)
         t0 = time.perf_counter()
         val_loss = evaluate_on(splits.validation)[0] if splits.validation is not None else None
         loss, eval_tokens = evaluate_on(splits.eval)
@@ -388,7 +402,8 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
                         first_step_s=trained.first_step_s),
         environment=Environment(device=str(device), dtype=str(dtype).removeprefix("torch."),
                                 versions=library_versions()),
-        adapter=adapter, warnings=tuple(plan.warnings) + tuple(splits.warnings) + tuple(trained.notes))
+        adapter=adapter, warnings=tuple(plan.warnings) + tuple(splits.warnings) + tuple(trained.notes),
+        fused_with=0 if pretrained is None else pretrained.group_size - 1)
     if out_dir is not None:
         write_json_atomic(Path(out_dir) / "metrics.json", outcome.model_dump(mode="json"))
         if probe is not None:

@@ -3,6 +3,12 @@ model load time (first GGUF conversion vs cached).
 
     python benchmarks/bench_study.py                    # examples/quickstart.yaml, the conversion cache as is
     python benchmarks/bench_study.py --cold             # also time the first conversion (fresh cache dir)
+    python benchmarks/bench_study.py --fuse 4           # the same study one trial at a time vs fused by 4
+
+With ``--fuse K`` each mode runs in a fresh process (its own store): wall time, tokens/s, peak resident memory,
+and the peak K separate one-trial processes would need (the Ray way: K × the one-at-a-time process's peak).
+Its last line: ``fuse_speedup=… tokens_per_s_seq=… tokens_per_s_fused=… peak_mem_seq_mb=… peak_mem_fused_mb=…
+peak_mem_k_processes_mb=… max_eval_loss_rel_diff=…``.
 
 The last line is machine-readable: ``quickstart_s=… load_s=… tokenize_s=… train_s=… eval_s=… report_s=… …``.
 """
@@ -32,11 +38,61 @@ def time_cached_load_subprocess(cache: str | None) -> tuple[float, float]:
     return imp, total
 
 
+def fused_child(spec_path: str, fuse: int | None) -> dict:
+    """One mode of --fuse in this (fresh) process: run the study into a temporary store."""
+    from loraplace.analysis import analyze_store
+    from loraplace.study import ExecutionSpec, load_study, run_study
+
+    study = load_study(spec_path)
+    study = study.model_copy(update={"execution": ExecutionSpec(fuse=fuse if fuse else "off")})
+    store = Path(tempfile.mkdtemp(prefix="bench_fuse_")) / "s.db"
+    t0 = time.perf_counter()
+    summary = run_study(study, store)
+    wall = time.perf_counter() - t0
+    trials = [t for t in analyze_store(store).trials if t.status == "done"]
+    tokens = sum(t.outcome.train_tokens for t in trials)
+    with open("/proc/self/status") as fh:
+        peak = next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM:"))
+    return {"done": summary.done, "failed": summary.failed, "study_s": wall, "train_tokens": tokens,
+            "tokens_per_s": tokens / wall, "peak_rss_mb": peak,
+            "fused": sum(1 for t in trials if t.outcome.fused_with),
+            "eval_loss": {t.id: t.outcome.metrics.eval_loss for t in trials}}
+
+
+def bench_fuse(spec: str, fuse: int) -> None:
+    import json
+
+    results = {}
+    for mode, k in (("seq", None), ("fused", fuse)):
+        cmd = [sys.executable, __file__, "--spec", spec, "--only-fuse", str(k or 0)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        results[mode] = r = json.loads(out)
+        print(f"{mode:>5}: {r['done']} done ({r['failed']} failed, {r['fused']} trained fused) in "
+              f"{r['study_s']:.1f} s, {r['tokens_per_s']:.1f} train tok/s of study wall time, "
+              f"peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
+    seq, fz = results["seq"], results["fused"]
+    diff = max(abs(fz["eval_loss"][k] - v) / v for k, v in seq["eval_loss"].items())
+    print(f"fuse_speedup={seq['study_s'] / fz['study_s']:.2f} tokens_per_s_seq={seq['tokens_per_s']:.1f} "
+          f"tokens_per_s_fused={fz['tokens_per_s']:.1f} peak_mem_seq_mb={seq['peak_rss_mb']:.0f} "
+          f"peak_mem_fused_mb={fz['peak_rss_mb']:.0f} peak_mem_k_processes_mb={fuse * seq['peak_rss_mb']:.0f} "
+          f"max_eval_loss_rel_diff={diff:.2e} fuse={fuse}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", default=str(ROOT / "examples" / "quickstart.yaml"))
     parser.add_argument("--cold", action="store_true", help="time the first GGUF → safetensors conversion too")
+    parser.add_argument("--fuse", type=int, default=None, help="K: one at a time vs fused by K (see above)")
+    parser.add_argument("--only-fuse", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.only_fuse is not None:
+        import json
+
+        print(json.dumps(fused_child(args.spec, args.only_fuse or None)))
+        return
+    if args.fuse:
+        bench_fuse(args.spec, args.fuse)
+        return
 
     import torch
 

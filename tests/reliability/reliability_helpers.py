@@ -16,8 +16,9 @@ CHILDREN: list[subprocess.Popen] = []
 PLACEMENTS = {"all": "{preset: all}", "attn": "{preset: attn}", "mlp": "{preset: mlp}"}
 
 
-def write_study(path: Path, name: str = "rel", steps: int = 4, seeds: int = 2) -> Path:
-    path.write_text(tiny_study_yaml(name, placements=PLACEMENTS, steps=steps, seeds=list(range(seeds)), n=80))
+def write_study(path: Path, name: str = "rel", steps: int = 4, seeds: int = 2, extra: str = "") -> Path:
+    path.write_text(tiny_study_yaml(name, placements=PLACEMENTS, steps=steps, seeds=list(range(seeds)), n=80,
+                                    extra=extra))
     return path
 
 

@@ -23,13 +23,15 @@ def snapshot(db) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_twenty_random_kills_lose_and_duplicate_nothing(tmp_path):
+@pytest.mark.parametrize("execution", ["", "execution: {fuse: 4}\n"], ids=["one-at-a-time", "fused"])
+def test_twenty_random_kills_lose_and_duplicate_nothing(tmp_path, execution):
+    """Fused: a kill during a group leaves its claimed trials to be re-run on resume, nothing half-written."""
     rng = random.Random(20261123)
     env = cli_env(tmp_path)
     kills, rounds, runs = 0, 0, 0
     while kills < KILLS:
         rounds += 1  # one store per round; a new round starts when a study finishes before the kills are done
-        spec = write_study(tmp_path / f"s{rounds}.yaml", name=f"stress{rounds}", steps=4, seeds=4)
+        spec = write_study(tmp_path / f"s{rounds}.yaml", name=f"stress{rounds}", steps=4, seeds=4, extra=execution)
         db = tmp_path / f"s{rounds}.db"
         seen: dict[str, str] = {}
         while True:
@@ -58,6 +60,7 @@ def test_twenty_random_kills_lose_and_duplicate_nothing(tmp_path):
             trials = store.trials(store.study().id)
             assert [t.status for t in trials] == ["done"] * 12
             assert all(t.completions == 1 for t in trials), [(t.id, t.completions) for t in trials]
+            assert not execution or any(t.outcome.fused_with for t in trials)  # groups really were fused
             assert store.integrity_check() == "ok"
         final = snapshot(db)
         assert all(final[tid] == result for tid, result in seen.items())

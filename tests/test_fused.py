@@ -122,3 +122,23 @@ def test_a_fused_study_stores_what_the_sequential_study_stores(tmp_path):
         fused = results["4"][tid]
         assert fused.metrics.eval_loss == pytest.approx(alone.metrics.eval_loss, rel=1e-4)
         assert [p.loss for p in fused.curve] == pytest.approx([p.loss for p in alone.curve], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_the_ray_backend_runs_a_fused_group_as_one_task(tmp_path):
+    ray = pytest.importorskip("ray")
+    from helpers import tiny_study_yaml
+    from loraplace.store import Store
+    from loraplace.study import load_study, run_study
+
+    (tmp_path / "s.yaml").write_text(tiny_study_yaml("rayfz", steps=2, extra="execution: {fuse: 4}\n"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"LORAPLACE_CACHE": str(tmp_path / "cache")}})
+    try:
+        summary = run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db", backend="ray")
+    finally:
+        ray.shutdown()
+    assert (summary.ran, summary.done) == (4, 4)
+    with Store.open_readonly(tmp_path / "s.db") as store:
+        trials = store.trials(store.study().id)
+    assert all(t.status == "done" and t.completions == 1 and t.outcome.fused_with == 3 for t in trials)

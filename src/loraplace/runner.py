@@ -188,44 +188,52 @@ class LocalExecutor:
 
 class FusedExecutor(LocalExecutor):
     """Up to ``fuse`` claimed trials at a time, trained together in one pass over the shared base model
-    (:mod:`loraplace.fused`), then each evaluated, saved and yielded on its own, so the store records every trial
-    separately. A group that cannot be fused (a variant, site kind or setting fused training does not cover, or
-    different data) runs one trial at a time, as ``LocalExecutor`` would."""
+    (:func:`fused_outcomes`), then each evaluated, saved and yielded on its own, so the store records every trial
+    separately."""
 
     def __init__(self, model: str, *, fuse: int, **kwargs):
         super().__init__(model, **kwargs)
         self.capacity = fuse
 
     def wait(self) -> Iterator[tuple[str, TrialOutcome]]:
-        from loraplace.errors import ConfigError
-        from loraplace.fused import FusedMember, train_fused
-        from loraplace.trial import plan_of
-
         group, self._queue = self._queue, []
         failure = self._load()
         if failure is not None:
             for trial, _ in group:
                 yield trial.id, TrialOutcome.failed(failure)
             return
-        results = {}
-        if len(group) > 1 and len({t.spec.data.model_dump_json() for t, _ in group}) == 1:
-            session = self._session
-            try:
-                members = [FusedMember(t.id, plan_of(session, t.spec), t.spec.train) for t, _ in group]
+        heartbeats = {trial.id: heartbeat for trial, heartbeat in group}
 
-                def on_step(step: int, total: int) -> None:
-                    for _, heartbeat in group:
-                        heartbeat()
-                    if self.progress is not None:
-                        self.progress(step, total, None, 0)
+        def on_step(step: int, total: int) -> None:
+            for heartbeat in heartbeats.values():
+                heartbeat()
+            if self.progress is not None:
+                self.progress(step, total, None, 0)
 
-                results = train_fused(session, session.data(group[0][0].spec.data).train, members,
-                                      pad_id=session.pad_id, on_step=on_step)
-            except ConfigError:
-                results = {}  # not fusable: one at a time below
-            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the group's trials fail, the study goes on
-                for trial, _ in group:
-                    yield trial.id, TrialOutcome.failed(failure_of(exc))
-                return
-        for trial, heartbeat in group:
-            yield trial.id, self._run(trial, heartbeat, pretrained=results.get(trial.id))
+        members = [(trial.id, trial.spec, trial_dir(self.artifacts, trial.id)) for trial, _ in group]
+        yield from fused_outcomes(self._session, members, on_step)
+
+
+def fused_outcomes(session: Session, members: list[tuple[str, TrialSpec, Path]],
+                   on_step: Callable[[int, int], None] | None = None) -> Iterator[tuple[str, TrialOutcome]]:
+    """(trial id, outcome) of each member: trained together by :func:`loraplace.fused.train_fused` when they share
+    their data and can be fused, else one at a time; then each evaluated and saved through ``run_trial``. The local
+    fused executor and the Ray backend's group tasks both run groups through here."""
+    from loraplace.errors import ConfigError
+    from loraplace.fused import FusedMember, train_fused
+    from loraplace.trial import plan_of
+
+    results = {}
+    if len(members) > 1 and len({spec.data.model_dump_json() for _, spec, _ in members}) == 1:
+        try:
+            fused = [FusedMember(tid, plan_of(session, spec), spec.train) for tid, spec, _ in members]
+            results = train_fused(session, session.data(members[0][1].data).train, fused, pad_id=session.pad_id,
+                                  on_step=on_step)
+        except ConfigError:
+            results = {}  # not fusable (a variant, site kind or setting fused training does not cover)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the group's trials fail, the study goes on
+            for tid, _, _ in members:
+                yield tid, TrialOutcome.failed(failure_of(exc))
+            return
+    for tid, spec, out_dir in members:
+        yield tid, run_trial(spec, session=session, out_dir=out_dir, pretrained=results.get(tid))

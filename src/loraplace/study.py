@@ -63,7 +63,7 @@ class Resources(StrictModel):
 
 
 class ExecutionSpec(StrictModel):
-    """How a local study runs its trials."""
+    """How a study runs its trials (local, or each fused group as one Ray task)."""
 
     fuse: int | Literal["auto", "off"] = Field(
         default="auto", description="train up to K claimed trials together in one pass over the base model "
@@ -115,7 +115,7 @@ class StudySpec(StrictModel):
 
     tracking: TrackingSpec | None = Field(default=None, description="log every trial to MLflow and/or TensorBoard "
                                           "(loraplace.tracking); changes no trial")
-    execution: ExecutionSpec = Field(default_factory=ExecutionSpec, description="fused trials (local runs)")
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec, description="fused trials (local and Ray)")
 
     added_fields = frozenset({"allow_unassigned", "fill", "tune", "tracking", "execution"})
 
@@ -453,7 +453,7 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
             from loraplace.ray_backend import RayExecutor
 
             executor = RayExecutor(cpus=study.resources.cpus, gpus=study.resources.gpus, artifacts=artifacts,
-                                   address=address)
+                                   address=address, fuse=study.execution.group_size())
         elif study.execution.group_size() > 1:
             executor = FusedExecutor(study.model, fuse=study.execution.group_size(), device=study.train.device,
                                      precision=study.train.precision, artifacts=artifacts, progress=hooks.progress)

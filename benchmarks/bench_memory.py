@@ -118,9 +118,9 @@ def main() -> None:
     if args.only:
         print(json.dumps(measure(args)))
         return
-    with open("/proc/cpuinfo") as fh:
-        cpu = fh.read()
-    kind = "amx" if "amx_bf16" in cpu else "avx512_bf16" if "avx512_bf16" in cpu else "avx2"
+    from bench_train import cpu_kind
+
+    kind = cpu_kind()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, cpu={kind}, "
           f"torch {torch.__version__}, loss_chunk={args.loss_chunk}, {time.strftime('%Y-%m-%d %H:%M')}")
     results = {}

@@ -164,14 +164,14 @@ class LocalExecutor:
             return failure_of(exc)
         return None
 
-    def _run(self, trial: PlannedTrial, heartbeat: Heartbeat, pretrained=None) -> TrialOutcome:
+    def _run(self, trial: PlannedTrial, heartbeat: Heartbeat) -> TrialOutcome:
         def on_step(step: int, total: int, loss: float | None, tokens: int) -> None:
             heartbeat()
             if self.progress is not None:
                 self.progress(step, total, loss, tokens)
 
         return run_trial(trial.spec, session=self._session, out_dir=trial_dir(self.artifacts, trial.id),
-                         progress=on_step, pretrained=pretrained)
+                         progress=on_step)
 
     def cancel(self) -> None:
         self._queue.clear()

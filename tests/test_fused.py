@@ -142,3 +142,34 @@ def test_the_ray_backend_runs_a_fused_group_as_one_task(tmp_path):
     with Store.open_readonly(tmp_path / "s.db") as store:
         trials = store.trials(store.study().id)
     assert all(t.status == "done" and t.completions == 1 and t.outcome.fused_with == 3 for t in trials)
+
+
+def test_groups_fusion_does_not_cover_are_refused_with_every_reason(setup):
+    from loraplace.errors import ConfigError
+    from loraplace.fused import check_fusable
+
+    session, splits, members = setup
+    dora = FusedMember("dora", session.plan(parse_placement({"roles": ["attn"], "variant": "dora"}), rank=2),
+                       members[0].train)
+    evals = FusedMember("evals", members[1].plan, members[1].train, eval_every=2)
+    micro = FusedMember("micro", members[2].plan, members[2].train.model_copy(update={"micro_batch": 2}))
+    with pytest.raises(ConfigError) as info:
+        check_fusable(session.model, [dora, evals, micro])
+    text = str(info.value)
+    assert "variant dora" in text and "eval.every" in text and "micro_batch" in text
+
+
+def test_a_group_that_cannot_be_fused_runs_alone_and_says_why(tmp_path):
+    from helpers import tiny_study_yaml
+    from loraplace.store import Store
+    from loraplace.study import load_study, run_study
+
+    spec = tiny_study_yaml("nf", steps=2, seeds=[0], placements={"all": "{preset: all}",
+                                                                  "dora": "{roles: [attn], variant: dora}"},
+                           extra="execution: {fuse: 2}\n")
+    (tmp_path / "s.yaml").write_text(spec)
+    assert run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db").done == 2
+    with Store.open_readonly(tmp_path / "s.db") as store:
+        trials = store.trials(store.study().id)
+    assert all(t.outcome.fused_with == 0 for t in trials)
+    assert all(any("not fused" in w and "dora" in w for w in t.outcome.warnings) for t in trials)

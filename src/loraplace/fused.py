@@ -49,6 +49,7 @@ class FusedMember:
     key: str  # the trial id
     plan: Plan
     train: TrainSpec
+    eval_every: int | None = None  # periodic evals during training: not fusable yet
 
 
 @dataclass
@@ -123,6 +124,8 @@ def check_fusable(model, members: list[FusedMember]) -> None:
             problems.append(f"{m.key}: expert or parameter sites are not fusable yet")
         if m.train.micro_batch not in (None, m.train.batch) or m.train.compile or m.train.checkpointing == "on":
             problems.append(f"{m.key}: micro_batch, compile and checkpointing are not fusable yet")
+        if m.eval_every:
+            problems.append(f"{m.key}: evals during training (eval.every) are not fusable yet")
     if len({m.key for m in members}) != len(members):
         problems.append("two members share a trial id")
     if problems:

@@ -224,16 +224,21 @@ def fused_outcomes(session: Session, members: list[tuple[str, TrialSpec, Path]],
     from loraplace.trial import plan_of
 
     results = {}
-    if len(members) > 1 and len({spec.data.model_dump_json() for _, spec, _ in members}) == 1:
+    not_fused = None  # why a group of several ran one at a time (it goes into each trial's warnings)
+    if len(members) > 1 and len({spec.data.model_dump_json() for _, spec, _ in members}) > 1:
+        not_fused = "not fused: the group's trials read different data"
+    elif len(members) > 1:
         try:
-            fused = [FusedMember(tid, plan_of(session, spec), spec.train) for tid, spec, _ in members]
+            fused = [FusedMember(tid, plan_of(session, spec), spec.train, spec.eval.every)
+                     for tid, spec, _ in members]
             results = train_fused(session, session.data(members[0][1].data).train, fused, pad_id=session.pad_id,
                                   on_step=on_step)
-        except ConfigError:
-            results = {}  # not fusable (a variant, site kind or setting fused training does not cover)
+        except ConfigError as exc:  # a variant, site kind or setting fused training does not cover
+            results, not_fused = {}, "not fused: " + "; ".join(exc.problems)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the group's trials fail, the study goes on
             for tid, _, _ in members:
                 yield tid, TrialOutcome.failed(failure_of(exc))
             return
     for tid, spec, out_dir in members:
-        yield tid, run_trial(spec, session=session, out_dir=out_dir, pretrained=results.get(tid))
+        yield tid, run_trial(spec, session=session, out_dir=out_dir, pretrained=results.get(tid),
+                             notes=(not_fused,) if not_fused else ())

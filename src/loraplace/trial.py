@@ -296,17 +296,18 @@ def save_adapter_atomic(peft_model, target: Path, base_path: str | None, pissa_i
 
 
 def run_trial(spec: TrialSpec, *, session: Session | None = None, out_dir: str | Path | None = None,
-              progress=None, fault=None, pretrained=None) -> TrialOutcome:
+              progress=None, fault=None, pretrained=None, notes: tuple[str, ...] = ()) -> TrialOutcome:
     """Run one trial. It never raises for a failure of its own: a bad placement for this model (kind
     ``invalid``), a non-finite loss (``non_finite``, with its step) or any exception while training, evaluating or
     saving (``error``, e.g. out of memory) is a ``failed`` :class:`TrialOutcome`. Only ``KeyboardInterrupt`` (and
     ``SystemExit``) propagate: an interruption belongs to the run, not to the trial.
 
     ``pretrained``: a :class:`loraplace.fused.FusedResult` of this trial — its adapters were trained in a fused
-    group, so this run loads them instead of training, then evaluates and saves as usual."""
+    group, so this run loads them instead of training, then evaluates and saves as usual. ``notes``: more warnings
+    for the outcome (e.g. why a group ran unfused)."""
     known: dict[str, Any] = {}  # what the trial learnt before it failed (its size, where its adapters were)
     try:
-        return _run_trial(spec, session, out_dir, progress, fault, known, pretrained)
+        return _run_trial(spec, session, out_dir, progress, fault, known, pretrained, notes)
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory: this trial fails, a study goes on
         return TrialOutcome.failed(failure_of(exc), **known)
 
@@ -330,7 +331,7 @@ def failure_of(exc: Exception) -> Failure:
 
 
 def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | None, progress, fault,
-               known: dict[str, Any], pretrained=None) -> TrialOutcome:
+               known: dict[str, Any], pretrained=None, notes: tuple[str, ...] = ()) -> TrialOutcome:
     from loraplace.models import ModelRef, checkpoint_path
 
     placement = parse_placement(spec.placement)
@@ -402,7 +403,7 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
                         first_step_s=trained.first_step_s),
         environment=Environment(device=str(device), dtype=str(dtype).removeprefix("torch."),
                                 versions=library_versions()),
-        adapter=adapter, warnings=tuple(plan.warnings) + tuple(splits.warnings) + tuple(trained.notes),
+        adapter=adapter, warnings=tuple(plan.warnings) + tuple(splits.warnings) + tuple(trained.notes) + notes,
         fused_with=0 if pretrained is None else pretrained.group_size - 1)
     if out_dir is not None:
         write_json_atomic(Path(out_dir) / "metrics.json", outcome.model_dump(mode="json"))

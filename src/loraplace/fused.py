@@ -154,8 +154,10 @@ def load_weights(peft_model, weights: dict[str, tuple[torch.Tensor, torch.Tensor
             layer.lora_B["default"].weight.copy_(b)
 
 
-def _combined(batches: list[tuple[str, Batch]], pad_id: int) -> tuple[Batch, list[_Segment], list[torch.Tensor]]:
-    """Stack each trial's packed rows, padded to the widest: [ΣR_k, W]; each trial's target indices re-based."""
+def _combined(batches: list[tuple[str, Batch]], pad_id: int
+              ) -> tuple[torch.Tensor, torch.Tensor, list[_Segment], list[torch.Tensor]]:
+    """Each trial's packed rows stacked and padded to the widest: (input_ids, position_ids) [ΣR_k, W], the row range
+    of each trial, and each trial's target indices re-based into the stacked [ΣR_k·W] positions."""
     width = max(b.input_ids.shape[1] for _, b in batches)
     ids, pos, segments, targets = [], [], [], []
     row = 0
@@ -170,9 +172,7 @@ def _combined(batches: list[tuple[str, Batch]], pad_id: int) -> tuple[Batch, lis
         targets.append((rows + row) * width + cols)
         segments.append(_Segment(key, row, row + r))
         row += r
-    merged = Batch(torch.cat(ids), torch.cat(pos), torch.cat(targets), torch.cat([b.targets for _, b in batches]),
-                   sum(b.real_tokens for _, b in batches), sum(b.label_tokens for _, b in batches))
-    return merged, segments, targets
+    return torch.cat(ids), torch.cat(pos), segments, targets
 
 
 def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_id: int,
@@ -213,10 +213,9 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
             if not active:
                 break
             batches = [(m.key, make_batch(data, state[m.key][4][step - 1], "pack", pad_id)) for m in active]
-            merged, segments.rows, target_index = _combined(batches, pad_id)
-            merged = merged.to(device)
+            input_ids, position_ids, segments.rows, target_index = _combined(batches, pad_id)
             with autocast(device, dtype):
-                hidden = lm.base_model(input_ids=merged.input_ids, position_ids=merged.position_ids,
+                hidden = lm.base_model(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
                                        use_cache=False).last_hidden_state
                 hidden = hidden.reshape(-1, hidden.shape[-1])  # [ΣR_k·W, H]
                 losses = {}
@@ -228,6 +227,7 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
                     losses[key] = part / b.label_tokens  # this trial's token-weighted mean
             sum(losses.values()).backward()  # each trial's gradient reaches its own adapters only
             values = dict(zip(losses, torch.stack([v.detach() for v in losses.values()]).tolist(), strict=True))
+            by_key = dict(batches)
             for m in active:
                 params, opt, sched, total, _, outcome = state[m.key]
                 if not math.isfinite(values[m.key]):
@@ -244,7 +244,7 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
                 lr = sched.get_last_lr()[0]
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                b = dict(batches)[m.key]
+                b = by_key[m.key]
                 outcome.steps = step
                 outcome.real_tokens += b.real_tokens
                 outcome.label_tokens += b.label_tokens

@@ -133,3 +133,29 @@ def test_extending_the_lr_grid_reselects(tuned, tmp_path):
     assert summary.failed == 0 and summary.ran >= 2  # the new LR for each placement (+ follow-ups if it wins)
     analysis = analyze_store(db)
     assert all(1.0e-5 in sel.val_loss_by_lr for sel in analysis.selections.values())
+
+
+def test_a_field_added_since_the_store_was_written_is_not_a_change(tuned, tmp_path):
+    """A study stored before `execution` existed resumes; only its real changes are listed (regression: the
+    validation study's follow-up seeds were refused with "execution: added")."""
+    import shutil
+    import sqlite3
+
+    from loraplace.study import _as_read_now, run_study, spec_differences
+
+    db = tmp_path / "s.db"
+    shutil.copy(tuned[False], db)
+    with sqlite3.connect(db) as conn:
+        (stored,) = conn.execute("SELECT spec_json FROM studies").fetchone()
+        old = json.loads(stored)
+        del old["execution"]  # as an older loraplace wrote it
+        conn.execute("UPDATE studies SET spec_json = ?", (json.dumps(old),))
+    conn.close()
+    root = tuned[False].parent
+    current = load_study(root / "spec.yaml").model_dump(mode="json")
+    assert spec_differences(_as_read_now(old), current) == []
+    assert spec_differences(old, current) == ['execution: added ({"fuse": "auto"})']  # without it, it would
+    (tmp_path / "wider.yaml").write_text(_spec(root).replace(f"lr: {LRS}", f"lr: {LRS + [1.0e-5]}"))
+    with pytest.raises(StudyChanged) as info:
+        run_study(load_study(tmp_path / "wider.yaml"), db)
+    assert "tune.lr" in str(info.value) and "execution" not in str(info.value)

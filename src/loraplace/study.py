@@ -373,6 +373,15 @@ def spec_differences(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [f"{path}: {json.dumps(old)} → {json.dumps(new)}"]
 
 
+def _as_read_now(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored spec as this loraplace reads it: a field added since it was stored takes its default, so an added
+    field left at its default is not a change (a spec this version cannot read is compared as stored)."""
+    try:
+        return StudySpec.model_validate(stored).model_dump(mode="json")
+    except ValidationError:
+        return stored
+
+
 def _check_unchanged(study: StudySpec, store_path: Path, planned: list[PlannedTrial], extend: bool) -> None:
     """A study's identity is its resolved spec, i.e. its trials. Re-running a spec with the same trials resumes; a
     spec whose trials differ is refused with the differences, or with ``extend`` adds cells as long as no group
@@ -389,7 +398,7 @@ def _check_unchanged(study: StudySpec, store_path: Path, planned: list[PlannedTr
     existing_ids, planned_ids = {t.id for t in existing}, {p.id for p in planned}
     if existing_ids == planned_ids:
         return  # the same trials: a resume (a change that touches no trial, e.g. the baseline, is kept)
-    old = {k: v for k, v in record.spec.items() if k != "versions"}
+    old = _as_read_now({k: v for k, v in record.spec.items() if k != "versions"})
     differences = spec_differences(old, study.model_dump(mode="json"))
     if not differences and existing_ids <= planned_ids:
         return  # the same spec, its grid registered in part (another runner of it is starting right now)

@@ -18,12 +18,16 @@ GROUP = [("all-r4-s0", {"roles": ["all"]}, 4, 0, 3e-3, 6), ("attn-r2-s1", {"role
                                                             1e-3, 6)]
 
 
+EVAL_BATCH = 16  # eval_loss's own default: the fused eval then sees exactly its batches
+
+
 @pytest.fixture(scope="module")
 def setup():
     session = Session("tiny:llama", precision="fp32")
     splits = session.data(DataSpec(train="builtin:arithmetic?n=200", eval_count=16, max_len=160))
     members = [FusedMember(key, session.plan(parse_placement(p), rank=r),
-                           TrainSpec(steps=steps, batch=4, lr=lr, seed=seed, precision="fp32", schedule="linear"))
+                           TrainSpec(steps=steps, batch=4, lr=lr, seed=seed, precision="fp32", schedule="linear"),
+                           eval_batch=EVAL_BATCH)
                for key, p, r, seed, lr, steps in GROUP]
     return session, splits, members
 
@@ -32,8 +36,9 @@ def _alone(session, splits, member):
     with session.adapter(member.plan, member.train.seed) as model:
         out = train(model, splits.train, member.train, device=session.device, dtype=session.dtype,
                     pad_id=session.pad_id)
-        loss, _ = eval_loss(model, splits.eval, device=session.device, dtype=session.dtype, pad_id=session.pad_id)
-    return [p.loss for p in out.curve], loss
+        loss, tokens = eval_loss(model, splits.eval, device=session.device, dtype=session.dtype,
+                                 pad_id=session.pad_id, batch=EVAL_BATCH)
+    return [p.loss for p in out.curve], loss, tokens
 
 
 def _fused_eval(session, splits, member, result):
@@ -45,17 +50,20 @@ def _fused_eval(session, splits, member, result):
 
 def test_each_fused_trial_matches_the_trial_alone(setup, tmp_path):
     session, splits, members = setup
-    results = train_fused(session, splits.train, members, pad_id=session.pad_id)
+    results = train_fused(session, splits.train, members, pad_id=session.pad_id, evals={"test": splits.eval})
     worst = 0.0
     for m in members:
-        curve, loss = _alone(session, splits, m)
+        curve, loss, tokens = _alone(session, splits, m)
         fused = results[m.key]
         assert fused.failure is None and fused.outcome.steps == m.train.steps
         got = [p.loss for p in fused.outcome.curve]
         assert len(got) == len(curve)
         worst = max(worst, *(abs(a - b) / abs(b) for a, b in zip(got, curve, strict=True)))
-        fused_loss = _fused_eval(session, splits, m, fused)
-        worst = max(worst, abs(fused_loss - loss) / loss)
+        reloaded = _fused_eval(session, splits, m, fused)  # the trained adapters put back into PEFT
+        fused_eval, fused_tokens = fused.eval_losses["test"]  # the fused eval pass
+        assert fused_tokens == tokens
+        worst = max(worst, abs(reloaded - loss) / loss, abs(fused_eval - loss) / loss)
+    print(f"max relative difference, fused vs alone (curves, eval losses): {worst:.2e}")
     assert worst <= 1e-4, worst
     # The session's base model is back as it was: no fused layer left behind.
     assert not any(type(mod).__name__ == "FusedLoRA" for mod in session.model.modules())
@@ -105,7 +113,7 @@ def test_a_fused_study_stores_what_the_sequential_study_stores(tmp_path):
     from loraplace.study import load_study, run_study
 
     results = {}
-    for mode in ("off", "4"):
+    for mode in ("off", "4", "auto"):
         root = tmp_path / mode
         root.mkdir()
         (root / "s.yaml").write_text(tiny_study_yaml("fz", steps=4, extra=f"execution: {{fuse: {mode}}}\n"))
@@ -116,8 +124,13 @@ def test_a_fused_study_stores_what_the_sequential_study_stores(tmp_path):
         assert all(t.attempts == 1 and t.status == "done" for t in trials)
         assert all((root / "s_artifacts" / t.id / "adapter" / "adapter_config.json").is_file() for t in trials)
         assert all(t.outcome.fused_with == (3 if mode == "4" else 0) for t in trials)  # really fused (or not)
+        assert summary.execution == {"off": None, "4": "trials fused in groups of up to 4 (execution.fuse)",
+                                     "auto": "trials run one at a time (execution.fuse: auto — fusion is measured "
+                                             "not to pay on a CPU; fuse: K forces it)"}[mode]
         results[mode] = {t.id: t.outcome for t in trials}
-    assert results["off"].keys() == results["4"].keys()  # the same trial ids: fusion changes no trial
+    assert results["off"].keys() == results["4"].keys() == results["auto"].keys()  # fusion changes no trial id
+    assert {t: o.metrics.eval_loss for t, o in results["auto"].items()} == {
+        t: o.metrics.eval_loss for t, o in results["off"].items()}  # auto on a CPU: exactly the plain path
     for tid, alone in results["off"].items():
         fused = results["4"][tid]
         assert fused.metrics.eval_loss == pytest.approx(alone.metrics.eval_loss, rel=1e-4)
@@ -153,10 +166,12 @@ def test_groups_fusion_does_not_cover_are_refused_with_every_reason(setup):
                        members[0].train)
     evals = FusedMember("evals", members[1].plan, members[1].train, eval_every=2)
     micro = FusedMember("micro", members[2].plan, members[2].train.model_copy(update={"micro_batch": 2}))
+    dropout = FusedMember("dropout", session.plan(parse_placement({"roles": ["attn"], "dropout": 0.1}), rank=2),
+                          members[0].train)
     with pytest.raises(ConfigError) as info:
-        check_fusable(session.model, [dora, evals, micro])
+        check_fusable(session.model, [dora, evals, micro, dropout])
     text = str(info.value)
-    assert "variant dora" in text and "eval.every" in text and "micro_batch" in text
+    assert "variant dora" in text and "eval.every" in text and "micro_batch" in text and "dropout 0.1" in text
 
 
 def test_a_group_that_cannot_be_fused_runs_alone_and_says_why(tmp_path):
@@ -173,3 +188,38 @@ def test_a_group_that_cannot_be_fused_runs_alone_and_says_why(tmp_path):
         trials = store.trials(store.study().id)
     assert all(t.outcome.fused_with == 0 for t in trials)
     assert all(any("not fused" in w and "dora" in w for w in t.outcome.warnings) for t in trials)
+
+
+def test_trials_of_a_group_that_read_different_data_are_fused_per_data(tmp_path):
+    """A group mixing two max_len values runs as two fused pairs (Ray groups are formed before anyone looks)."""
+    from loraplace.runner import fused_outcomes
+    from loraplace.trial import TrialSpec
+
+    session = Session("tiny:llama", precision="fp32")
+    specs = [TrialSpec(model="tiny:llama", data=DataSpec(train="builtin:arithmetic?n=60", eval_count=8,
+                                                         max_len=max_len),
+                       placement=parse_placement({"preset": "all"}), rank=2,
+                       train=TrainSpec(steps=2, batch=2, seed=seed, precision="fp32"))
+             for max_len in (160, 192) for seed in (0, 1)]
+    members = [(f"t{i}", spec, tmp_path / f"t{i}") for i, spec in enumerate(specs)]
+    outcomes = dict(fused_outcomes(session, members))
+    assert [outcomes[f"t{i}"].status for i in range(4)] == ["done"] * 4
+    assert [outcomes[f"t{i}"].fused_with for i in range(4)] == [1, 1, 1, 1]  # two pairs, not one group of four
+    assert not any("not fused" in w for o in outcomes.values() for w in o.warnings)
+
+
+@pytest.mark.parametrize(("device", "trials_free", "expected"), [
+    ("cpu", 100, 1), ("mps", 100, 1), ("cuda", None, 1), ("cuda", 1.5, 1), ("cuda", 3.5, 3), ("cuda", 100, 8)])
+def test_fuse_auto_sizes_groups_from_the_device_and_memory(device, trials_free, expected):
+    """``trials_free``: the device's free memory in units of one trial's estimated activations (80 % usable)."""
+    from loraplace.fused import FUSE_AUTO_MAX, FUSE_AUTO_MEMORY_SHARE, auto_group_size
+    from loraplace.memory import estimate_activations
+    from loraplace.models import load_config
+
+    config = load_config("tiny:llama")
+    config.num_hidden_layers, config.hidden_size, config.intermediate_size = 30, 576, 1536  # SmolLM2-135M-shaped
+    per_trial = estimate_activations(config, 8 * 512, 8 * 512, 2).full_bytes
+    free = None if trials_free is None else int(trials_free * per_trial / FUSE_AUTO_MEMORY_SHARE)
+    size, why = auto_group_size(config, device, free, 2, 8 * 512, None)
+    assert size == expected and FUSE_AUTO_MAX == 8
+    assert ("one at a time" in why) == (size == 1) and ("fusion is measured not to pay" in why) == (device == "cpu")

@@ -418,6 +418,8 @@ def run(
         err.print(f"ran {summary.ran} trial(s): {summary.done} done, {summary.failed} failed; "
                   f"{summary.skipped} already done; {len(summary.recovered)} recovered from a dead run; "
                   f"{summary.wall_s:.1f} s", highlight=False)
+        if summary.execution:
+            err.print(summary.execution, highlight=False, style="dim")
     _print_status(store_path, study.name)
     if summary.done or summary.skipped:
         from loraplace.analysis import analyze_store

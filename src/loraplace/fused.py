@@ -14,21 +14,26 @@ the group), a non-finite loss (that trial fails at its step and leaves; the othe
 
 Initial weights come from PEFT itself: each trial's adapters are injected with ``Session.adapter`` (its seed, its
 plan) and copied out, so a fused trial starts exactly where the same trial alone starts. After training, the
-caller injects the plan again and loads the trained weights (:func:`load_weights`) to evaluate and save through
-the usual path — so eval and the saved PEFT adapter are the standalone ones.
+caller injects the plan again and loads the trained weights (:func:`load_weights`) to save through the usual path
+(and to evaluate what the fused eval did not cover: accuracy by generation) — the saved PEFT adapter is the
+standalone one.
 
 Scope now: plain LoRA and rsLoRA on ``nn.Linear`` / GPT-2 ``Conv1D`` sites of families whose packing is verified,
-one forward per step (no micro-batches), no compile, no checkpointing. Anything else is refused up front
-(:func:`check_fusable`). Not yet wired into the study runner.
+one forward per step (no micro-batches), no compile, no checkpointing, no LoRA dropout, no evals during training.
+Anything else is refused up front (:func:`check_fusable`); the study runner then runs the group one at a time
+and says why in each trial's warnings. After training, the surviving trials' validation and test losses are
+computed fused as well (each eval batch repeated once per trial); generation-based accuracy runs per trial.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,12 +41,19 @@ from torch import nn
 from loraplace.data import TokenizedSet
 from loraplace.data.batching import PACKING_VERIFIED, Batch, make_batch
 from loraplace.errors import ConfigError, TrialFailed
+from loraplace.memory import estimate_activations
 from loraplace.models import causal_lm
 from loraplace.placement.plan import Plan
 from loraplace.records import CurvePoint
 from loraplace.train import TrainOutcome, TrainSpec, autocast, batch_order, head_loss_sum, optimizer
 
 FUSABLE_VARIANTS = ("lora", "rslora")  # dora/pissa/eva change the base weights or their own forward
+# execution.fuse: auto. Fusion trades memory (activations grow with K) for fewer, larger kernels: it pays where a
+# step is launch-bound (a GPU at small batch), not where it is compute-bound. On the 2-core CPU it was measured at
+# 0.94× the sequential wall time (benchmarks/RESULTS.md, 2026-11-24), so auto leaves it off on a CPU; on CUDA it
+# groups as many trials as fit, up to FUSE_AUTO_MAX.
+FUSE_AUTO_MAX = 8
+FUSE_AUTO_MEMORY_SHARE = 0.8  # of the device's free memory (after the base model) the group's activations may use
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class FusedMember:
     plan: Plan
     train: TrainSpec
     eval_every: int | None = None  # periodic evals during training: not fusable yet
+    eval_batch: int | None = None  # examples per eval batch (the trial's eval.batch); None: not evaluated fused
 
 
 @dataclass
@@ -58,6 +71,8 @@ class FusedResult:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path → (A [r, in], B [out, r]), trained
     failure: TrialFailed | None = None
     group_size: int = 1  # trials trained in the same pass, this one included
+    eval_losses: dict[str, tuple[float, int]] = field(default_factory=dict)  # split → (loss, label tokens), fused
+    eval_s: float = 0.0  # the group's fused eval time
 
 
 @dataclass
@@ -126,6 +141,9 @@ def check_fusable(model, members: list[FusedMember]) -> None:
             problems.append(f"{m.key}: micro_batch, compile and checkpointing are not fusable yet")
         if m.eval_every:
             problems.append(f"{m.key}: evals during training (eval.every) are not fusable yet")
+        if m.plan.dropout:
+            problems.append(f"{m.key}: LoRA dropout {m.plan.dropout} is not fusable yet (each trial's dropout "
+                            "masks would differ from PEFT's)")
     if len({m.key for m in members}) != len(members):
         problems.append("two members share a trial id")
     if problems:
@@ -175,11 +193,57 @@ def _combined(batches: list[tuple[str, Batch]], pad_id: int
     return torch.cat(ids), torch.cat(pos), segments, targets
 
 
+def auto_group_size(config, device_type: str, free_bytes: int | None, dtype_bytes: int, step_tokens: int,
+                    loss_chunk: int | None) -> tuple[int, str]:
+    """(trials per fused group, why) for ``execution.fuse: auto``. ``step_tokens``: the most tokens one trial's
+    step can hold (batch × max_len); each trial of a group needs that step's activations
+    (:func:`loraplace.memory.estimate_activations`), and ``free_bytes`` is what the device has with the base model
+    loaded."""
+    if device_type != "cuda":
+        why = ("measured not to pay on a CPU" if device_type == "cpu" else f"not measured on {device_type}")
+        return 1, f"trials run one at a time (execution.fuse: auto — fusion is {why}; fuse: K forces it)"
+    if free_bytes is None:
+        return 1, "trials run one at a time (execution.fuse: auto — the device's free memory is unknown)"
+    per_trial = estimate_activations(config, step_tokens, step_tokens, dtype_bytes, loss_chunk).full_bytes
+    fits = int(FUSE_AUTO_MEMORY_SHARE * free_bytes // max(per_trial, 1))
+    memory = (f"≈ {per_trial / 2**30:.2f} GiB of activations per trial ({step_tokens} tokens a step), "
+              f"{FUSE_AUTO_MEMORY_SHARE:.0%} of the {free_bytes / 2**30:.1f} GiB free on {device_type}")
+    if fits < 2:
+        return 1, f"trials run one at a time (execution.fuse: auto — two trials do not fit: {memory})"
+    k = min(FUSE_AUTO_MAX, fits)
+    return k, f"trials fused in groups of up to {k} (execution.fuse: auto — {memory})"
+
+
+@torch.no_grad()
+def _eval_fused(lm, segments: _Segments, data: TokenizedSet, keys: list[str], batch: int, pad_id: int,
+                device: torch.device, dtype: torch.dtype) -> dict[str, tuple[float, int]]:
+    """Each trial's token-weighted eval loss over ``data``, all trials in one pass per batch: the batches are
+    :func:`loraplace.evaluate.eval_loss`'s (length-sorted, packed, ``batch`` examples), each repeated once per
+    trial, so every trial sees exactly the rows it would see alone. → key → (loss, label tokens)."""
+    order = np.argsort([len(x) for x in data.ids], kind="stable")
+    totals = {key: torch.zeros((), dtype=torch.float64, device=device) for key in keys}
+    count = 0
+    for i in range(0, len(order), batch):
+        b = make_batch(data, order[i:i + batch], "pack", pad_id)
+        input_ids, position_ids, segments.rows, target_index = _combined([(key, b) for key in keys], pad_id)
+        targets = b.targets.to(device)
+        with autocast(device, dtype):
+            hidden = lm.base_model(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+                                   use_cache=False).last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1])  # [K·R·W, H]
+            for key, index in zip(keys, target_index, strict=True):
+                totals[key] += head_loss_sum(lm, hidden.index_select(0, index.to(device)), targets).double()
+        count += b.label_tokens
+    return {key: (float(total.item()) / count, count) for key, total in totals.items()}
+
+
 def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_id: int,
+                evals: dict[str, TokenizedSet] | None = None,
                 fault: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None,
                 on_step: Callable[[int, int], None] | None = None) -> dict[str, FusedResult]:
     """Train every member in one pass per step over ``session.model``; see the module docstring.
-    ``on_step(step, steps of the longest member)`` after every step (heartbeats, progress)."""
+    ``evals``: split name → data each surviving member (with an ``eval_batch``, packing on) is then evaluated on,
+    fused too. ``on_step(step, steps of the longest member)`` after every step (heartbeats, progress)."""
     model, device, dtype = session.model, session.device, session.dtype
     check_fusable(model, members)
     inits = {m.key: initial_weights(session, m) for m in members}
@@ -252,10 +316,23 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
                 outcome.train_s = time.perf_counter() - t0  # the group's wall time while this trial was in it
             if on_step is not None:
                 on_step(step, max(st[3] for st in state.values()))
+        model.eval()
+        t_eval = time.perf_counter()
+        evaluated: dict[str, dict[str, tuple[float, int]]] = defaultdict(dict)
+        by_batch: dict[int, list[str]] = defaultdict(list)  # one fused pass per eval batch size
+        for m in members:
+            if m.key not in failures and m.eval_batch and m.train.packing:
+                by_batch[m.eval_batch].append(m.key)
+        for split, split_data in (evals or {}).items():
+            for batch, keys in by_batch.items():
+                for key, value in _eval_fused(lm, segments, split_data, keys, batch, pad_id, device, dtype).items():
+                    evaluated[key][split] = value
+        eval_s = time.perf_counter() - t_eval
         return {m.key: FusedResult(state[m.key][5], {pm.path: (wrapped[pm.path].lora_A[m.key].detach().clone(),
                                                                wrapped[pm.path].lora_B[m.key].detach().clone())
                                                      for pm in m.plan.modules} if m.key not in failures else {},
-                                   failures.get(m.key), len(members)) for m in members}
+                                   failures.get(m.key), len(members), dict(evaluated[m.key]),
+                                   eval_s if m.key in evaluated else 0.0) for m in members}
     finally:
         for path, layer in wrapped.items():  # the session's base model goes back as it was
             parent_path, _, leaf = path.rpartition(".")
@@ -264,5 +341,5 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
         model.eval()
 
 
-__all__ = ["FusedLoRA", "FusedMember", "FusedResult", "check_fusable", "initial_weights", "load_weights",
-           "train_fused"]
+__all__ = ["FUSE_AUTO_MAX", "FusedLoRA", "FusedMember", "FusedResult", "auto_group_size", "check_fusable",
+           "initial_weights", "load_weights", "train_fused"]

@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
+
+import torch
 
 from loraplace.records import Failure, TrialLabels, TrialOutcome
 from loraplace.store import Owner, Store
@@ -52,6 +54,7 @@ class RunSummary:
     recovered: list[str] = field(default_factory=list)  # left running by a dead process, re-run now
     failed_earlier: int = 0  # failed in an earlier run and not retried in this one (see --retry-failed)
     warnings: list[str] = field(default_factory=list)  # about the inputs, found before anything ran
+    execution: str | None = None  # how the trials ran, when fused or sized by execution.fuse: auto
     wall_s: float = 0.0
 
 
@@ -189,13 +192,51 @@ class LocalExecutor:
 class FusedExecutor(LocalExecutor):
     """Up to ``fuse`` claimed trials at a time, trained together in one pass over the shared base model
     (:func:`fused_outcomes`), then each evaluated, saved and yielded on its own, so the store records every trial
-    separately."""
+    separately. ``fuse="auto"``: the group size comes from the device and a memory estimate for ``widest`` (the
+    study's trial with the most tokens per step) once the base model is loaded
+    (:func:`loraplace.fused.auto_group_size`); ``decision`` then says what was chosen and why."""
 
-    def __init__(self, model: str, *, fuse: int, **kwargs):
+    def __init__(self, model: str, *, fuse: int | Literal["auto"], widest: TrialSpec | None = None, **kwargs):
         super().__init__(model, **kwargs)
-        self.capacity = fuse
+        if fuse == "auto" and widest is None:
+            raise ValueError("fuse='auto' needs the widest trial spec to size its groups")
+        self._group_size = fuse if isinstance(fuse, int) else None
+        self._widest = widest
+        self._load_failure: Failure | None = None
+        self.decision = None if fuse == "auto" else f"trials fused in groups of up to {fuse} (execution.fuse)"
+
+    @property
+    def capacity(self) -> int:  # type: ignore[override]
+        if self._group_size is None:
+            if not self._queue:  # nothing claimed yet: no model loaded for a study with nothing left to run
+                return 1
+            self._group_size = self._auto_group_size()
+        return self._group_size
+
+    def _auto_group_size(self) -> int:
+        from loraplace.fused import auto_group_size
+        from loraplace.models import causal_lm
+        from loraplace.train import free_memory_bytes
+
+        if self._load() is not None:  # the load failure surfaces as the first trial's outcome
+            self.decision = "trials run one at a time (the base model did not load)"
+            return 1
+        session, spec = self._session, self._widest
+        size, self.decision = auto_group_size(
+            causal_lm(session.model).config, session.device.type, free_memory_bytes(session.device),
+            torch.finfo(session.dtype).bits // 8, spec.train.batch * spec.data.max_len,
+            spec.train.resolved_loss_chunk(session.device.type))
+        return size
+
+    def _load(self) -> Failure | None:
+        if self._load_failure is None:
+            self._load_failure = super()._load()
+        return self._load_failure
 
     def wait(self) -> Iterator[tuple[str, TrialOutcome]]:
+        if len(self._queue) == 1:  # alone (auto chose 1, or the study's last trial): the plain path, with losses
+            yield from super().wait()
+            return
         group, self._queue = self._queue, []
         failure = self._load()
         if failure is not None:
@@ -216,22 +257,33 @@ class FusedExecutor(LocalExecutor):
 
 def fused_outcomes(session: Session, members: list[tuple[str, TrialSpec, Path]],
                    on_step: Callable[[int, int], None] | None = None) -> Iterator[tuple[str, TrialOutcome]]:
-    """(trial id, outcome) of each member: trained together by :func:`loraplace.fused.train_fused` when they share
-    their data and can be fused, else one at a time; then each evaluated and saved through ``run_trial``. The local
-    fused executor and the Ray backend's group tasks both run groups through here."""
+    """(trial id, outcome) of each member. Members that read the same data (source, splits, max_len) are trained
+    together by :func:`loraplace.fused.train_fused` and evaluated fused, or one at a time when they cannot be fused
+    (the reason goes into each trial's warnings); every trial is then saved (and scored by generation) through
+    ``run_trial``. The local fused executor and the Ray backend's group tasks both run groups through here."""
+    by_data: dict[str, list[tuple[str, TrialSpec, Path]]] = {}
+    for member in members:
+        by_data.setdefault(member[1].data.model_dump_json(), []).append(member)
+    for part in by_data.values():
+        yield from _one_data_group(session, part, on_step)
+
+
+def _one_data_group(session: Session, members: list[tuple[str, TrialSpec, Path]],
+                    on_step: Callable[[int, int], None] | None) -> Iterator[tuple[str, TrialOutcome]]:
     from loraplace.errors import ConfigError
     from loraplace.fused import FusedMember, train_fused
     from loraplace.trial import plan_of
 
     results = {}
     not_fused = None  # why a group of several ran one at a time (it goes into each trial's warnings)
-    if len(members) > 1 and len({spec.data.model_dump_json() for _, spec, _ in members}) > 1:
-        not_fused = "not fused: the group's trials read different data"
-    elif len(members) > 1:
+    if len(members) > 1:
         try:
-            fused = [FusedMember(tid, plan_of(session, spec), spec.train, spec.eval.every)
+            fused = [FusedMember(tid, plan_of(session, spec), spec.train, spec.eval.every, spec.eval.batch)
                      for tid, spec, _ in members]
-            results = train_fused(session, session.data(members[0][1].data).train, fused, pad_id=session.pad_id,
+            splits = session.data(members[0][1].data)
+            evals = {"test": splits.eval} | ({"validation": splits.validation} if splits.validation is not None
+                                             else {})
+            results = train_fused(session, splits.train, fused, pad_id=session.pad_id, evals=evals,
                                   on_step=on_step)
         except ConfigError as exc:  # a variant, site kind or setting fused training does not cover
             results, not_fused = {}, "not fused: " + "; ".join(exc.problems)

@@ -67,8 +67,9 @@ class ExecutionSpec(StrictModel):
 
     fuse: int | Literal["auto", "off"] = Field(
         default="auto", description="train up to K claimed trials together in one pass over the base model "
-        "(loraplace.fused); off: one at a time; auto: off until fusion is measured to pay on this kind of device "
-        "(benchmarks/bench_study.py --fuse)")
+        "(loraplace.fused); off: one at a time; auto: on CUDA as many as the free memory holds (at most "
+        "loraplace.fused.FUSE_AUTO_MAX), elsewhere one at a time (measured not to pay on a CPU: "
+        "benchmarks/bench_study.py --fuse); with the ray backend auto is off")
 
     @field_validator("fuse", mode="before")
     @classmethod
@@ -83,8 +84,8 @@ class ExecutionSpec(StrictModel):
             raise ValueError("fuse groups at least 2 trials (off: one at a time)")
         return value
 
-    def group_size(self) -> int:
-        """Trials per fused group; 1 = no fusion. auto is 1: fusion has not been measured to pay yet."""
+    def ray_group_size(self) -> int:
+        """Trials per Ray task; 1 = no fusion. auto is 1 there: the driver does not know its workers' devices."""
         return self.fuse if isinstance(self.fuse, int) else 1
 
 
@@ -462,10 +463,12 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
             from loraplace.ray_backend import RayExecutor
 
             executor = RayExecutor(cpus=study.resources.cpus, gpus=study.resources.gpus, artifacts=artifacts,
-                                   address=address, fuse=study.execution.group_size())
-        elif study.execution.group_size() > 1:
-            executor = FusedExecutor(study.model, fuse=study.execution.group_size(), device=study.train.device,
-                                     precision=study.train.precision, artifacts=artifacts, progress=hooks.progress)
+                                   address=address, fuse=study.execution.ray_group_size())
+        elif study.execution.fuse != "off":
+            widest = max(planned, key=lambda p: p.spec.train.batch * p.spec.data.max_len).spec
+            executor = FusedExecutor(study.model, fuse=study.execution.fuse, widest=widest,
+                                     device=study.train.device, precision=study.train.precision,
+                                     artifacts=artifacts, progress=hooks.progress)
         else:
             executor = LocalExecutor(study.model, device=study.train.device, precision=study.train.precision,
                                      artifacts=artifacts, progress=hooks.progress)
@@ -486,6 +489,7 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
                     by_id |= more
                     execute(store, record.id, more, executor, retry_failed=retry_failed, hooks=hooks,
                             summary=summary)
+        summary.execution = getattr(executor, "decision", None)
         summary.failed_earlier = sum(1 for t in store.trials(record.id) if t.id in by_id and t.status == "failed") \
             - summary.failed
     summary.wall_s = time.perf_counter() - t0

@@ -374,13 +374,17 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
                             on_step=progress, eval_fn=lambda: evaluate_on(watched)[0], eval_every=spec.eval.every,
                             eval_split="validation" if splits.validation is not None else "test", fault=fault)
         t0 = time.perf_counter()
-        val_loss = evaluate_on(splits.validation)[0] if splits.validation is not None else None
-        loss, eval_tokens = evaluate_on(splits.eval)
+        fused_evals = pretrained.eval_losses if pretrained is not None else {}  # evaluated in the fused pass
+        val_loss = None
+        if splits.validation is not None:
+            val_loss = fused_evals["validation"][0] if "validation" in fused_evals \
+                else evaluate_on(splits.validation)[0]
+        loss, eval_tokens = fused_evals["test"] if "test" in fused_evals else evaluate_on(splits.eval)
         detail = None
         if spec.eval.generate:
             detail = task_accuracy(model, session.tokenizer, splits.eval, spec.eval.generate, device=device,
                                    dtype=dtype, max_new_tokens=spec.eval.max_new_tokens)
-        eval_s = time.perf_counter() - t0
+        eval_s = time.perf_counter() - t0 + (pretrained.eval_s if pretrained is not None else 0.0)
         peak_mb = peak_memory_mb(device)
         adapter = None
         if out_dir is not None:

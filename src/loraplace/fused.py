@@ -18,8 +18,9 @@ caller injects the plan again and loads the trained weights (:func:`load_weights
 (and to evaluate what the fused eval did not cover: accuracy by generation) — the saved PEFT adapter is the
 standalone one.
 
-Scope now: plain LoRA and rsLoRA on ``nn.Linear`` / GPT-2 ``Conv1D`` sites of families whose packing is verified,
-one forward per step (no micro-batches), no compile, no checkpointing, no LoRA dropout, no evals during training.
+Scope now: LoRA, rsLoRA and DoRA on ``nn.Linear`` / GPT-2 ``Conv1D`` sites of families whose packing is verified,
+one forward per step (no micro-batches), no compile, no checkpointing, no dropout (LoRA's or the base model's: a
+fused trial would draw other masks than alone), no evals during training.
 Anything else is refused up front (:func:`check_fusable`); the study runner then runs the group one at a time
 and says why in each trial's warnings. After training, the surviving trials' validation and test losses are
 computed fused as well (each eval batch repeated once per trial); generation-based accuracy runs per trial.
@@ -47,7 +48,9 @@ from loraplace.placement.plan import Plan
 from loraplace.records import CurvePoint
 from loraplace.train import TrainOutcome, TrainSpec, autocast, batch_order, head_loss_sum, optimizer
 
-FUSABLE_VARIANTS = ("lora", "rslora")  # dora/pissa/eva change the base weights or their own forward
+# DoRA's math is per trial (its magnitude vector and the norm of its own W + ΔW), so it fuses; PiSSA rewrites the
+# shared base weights and EVA's data-driven init is not wired through the fused path yet.
+FUSABLE_VARIANTS = ("lora", "rslora", "dora")
 # execution.fuse: auto. Fusion trades memory (activations grow with K) for fewer, larger kernels: it pays where a
 # step is launch-bound (a GPU at small batch), not where it is compute-bound. On the 2-core CPU it was measured at
 # 0.94× the sequential wall time (benchmarks/RESULTS.md, 2026-11-24), so auto leaves it off on a CPU; on CUDA it
@@ -68,7 +71,7 @@ class FusedMember:
 @dataclass
 class FusedResult:
     outcome: TrainOutcome
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path → (A [r, in], B [out, r]), trained
+    weights: dict[str, tuple[torch.Tensor, ...]]  # module path → (A [r, in], B [out, r][, DoRA magnitude [out]])
     failure: TrialFailed | None = None
     group_size: int = 1  # trials trained in the same pass, this one included
     eval_losses: dict[str, tuple[float, int]] = field(default_factory=dict)  # split → (loss, label tokens), fused
@@ -97,19 +100,36 @@ class FusedLoRA(nn.Module):
         self.base = base
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.magnitude = nn.ParameterDict()  # DoRA trials only: [out]
         self.scaling: dict[str, float] = {}
         self._segments = segments
+        self._conv1d = type(base).__name__ == "Conv1D"  # weight stored [in, out] (PEFT: fan_in_fan_out)
 
-    def add(self, key: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    def add(self, key: str, a: torch.Tensor, b: torch.Tensor, scale: float,
+            magnitude: torch.Tensor | None = None) -> None:
         self.lora_A[key] = nn.Parameter(a.detach().clone().float())
         self.lora_B[key] = nn.Parameter(b.detach().clone().float())
+        if magnitude is not None:
+            self.magnitude[key] = nn.Parameter(magnitude.detach().clone().float())
         self.scaling[key] = scale
 
     def remove(self, key: str) -> None:
-        for store in (self.lora_A, self.lora_B):
+        for store in (self.lora_A, self.lora_B, self.magnitude):
             if key in store:
                 del store[key]
         self.scaling.pop(key, None)
+
+    def _dora(self, key: str, rows: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoRA (``DoraLinearLayer.forward``, no dropout): rows + (m/‖W + s·BA‖ − 1)·(rows − bias)
+        + m/‖W + s·BA‖ · s·B(A(x)); the row norm [out] is detached, as in the paper (§4.3) and PEFT."""
+        a, b, scale = self.lora_A[key], self.lora_B[key], self.scaling[key]
+        weight = self.base.weight.T if self._conv1d else self.base.weight  # [out, in]
+        lora_weight = (b @ a).detach().to(lora.dtype)  # [out, in]
+        weight = weight.to(lora.dtype)
+        norm = torch.linalg.norm(weight + scale * lora_weight, dim=1).to(weight.dtype).detach()  # [out]
+        mag_norm_scale = (self.magnitude[key] / norm).view(1, -1)
+        base_rows = rows if self.base.bias is None else rows - self.base.bias
+        return rows + (mag_norm_scale - 1) * base_rows + mag_norm_scale * lora * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [R, T, d_in] → [R, T, d_out]
         y = self.base(x)
@@ -119,18 +139,37 @@ class FusedLoRA(nn.Module):
         for seg in self._segments.rows:
             rows = y[seg.lo:seg.hi]
             if seg.key in self.scaling:
-                delta = F.linear(F.linear(x[seg.lo:seg.hi], self.lora_A[seg.key]), self.lora_B[seg.key])
-                rows = rows + delta * self.scaling[seg.key]
+                lora = F.linear(F.linear(x[seg.lo:seg.hi], self.lora_A[seg.key]), self.lora_B[seg.key])
+                if seg.key in self.magnitude:
+                    rows = self._dora(seg.key, rows, lora)
+                else:
+                    rows = rows + lora * self.scaling[seg.key]
             parts.append(rows)
         return torch.cat(parts, 0)
+
+
+def base_dropout(lm) -> str:
+    """The dropout the base model applies in training mode, in words ('' if none): dropout modules with p > 0,
+    and the attention dropout that attention functions take from the config."""
+    rates = sorted({f"{name.rsplit('.', 1)[-1]} {module.p:g}" for name, module in lm.named_modules()
+                    if isinstance(module, nn.Dropout) and module.p > 0})
+    attention = getattr(lm.config, "attention_dropout", 0.0)
+    if isinstance(attention, float) and attention > 0:
+        rates.append(f"attention_dropout {attention:g}")
+    return ", ".join(rates)
 
 
 def check_fusable(model, members: list[FusedMember]) -> None:
     """Every reason this group cannot be fused, at once."""
     problems = []
-    family = getattr(causal_lm(model).config, "model_type", None)
+    lm = causal_lm(model)
+    family = getattr(lm.config, "model_type", None)
     if family not in PACKING_VERIFIED:
         problems.append(f"family {family!r}: fused rows need packing, which is not verified for it")
+    dropout = base_dropout(lm)
+    if dropout:
+        problems.append(f"the base model drops out while training ({dropout}): a fused trial would draw other "
+                        "masks than it draws alone (GPT-2 checkpoints ship 0.1; set them to 0 to fuse)")
     for m in members:
         if m.plan.variant not in FUSABLE_VARIANTS:
             problems.append(f"{m.key}: variant {m.plan.variant} cannot share a base model (fusable: "
@@ -150,26 +189,39 @@ def check_fusable(model, members: list[FusedMember]) -> None:
         raise ConfigError(problems, "these trials cannot be fused")
 
 
-def initial_weights(session, member: FusedMember) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """The trial's adapters as PEFT initialises them alone (its seed, its plan): path → (A, B, scale)."""
+def initial_weights(session, member: FusedMember
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]:
+    """The trial's adapters as PEFT initialises them alone (its seed, its plan): path → (A, B, scale, DoRA
+    magnitude or None)."""
     out = {}
     with session.adapter(member.plan, member.train.seed) as peft_model:
         inner = peft_model.base_model.model
         for pm in member.plan.modules:
             layer = inner.get_submodule(pm.path)
+            magnitude = layer.lora_magnitude_vector["default"].weight.detach().clone() \
+                if "default" in getattr(layer, "lora_magnitude_vector", {}) else None
             out[pm.path] = (layer.lora_A["default"].weight.detach().clone(),
-                            layer.lora_B["default"].weight.detach().clone(), float(layer.scaling["default"]))
+                            layer.lora_B["default"].weight.detach().clone(), float(layer.scaling["default"]),
+                            magnitude)
     return out
 
 
-def load_weights(peft_model, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Put a fused trial's trained adapters into a PEFT model injected with the same plan."""
+def load_weights(peft_model, weights: dict[str, tuple[torch.Tensor, ...]]) -> None:
+    """Put a fused trial's trained adapters — path → (A, B) or (A, B, DoRA magnitude) — into a PEFT model
+    injected with the same plan."""
     inner = peft_model.base_model.model
     with torch.no_grad():
-        for path, (a, b) in weights.items():
+        for path, tensors in weights.items():
             layer = inner.get_submodule(path)
-            layer.lora_A["default"].weight.copy_(a)
-            layer.lora_B["default"].weight.copy_(b)
+            layer.lora_A["default"].weight.copy_(tensors[0])
+            layer.lora_B["default"].weight.copy_(tensors[1])
+            if len(tensors) > 2:
+                layer.lora_magnitude_vector["default"].weight.copy_(tensors[2])
+
+
+def _site_weights(layer: FusedLoRA, key: str) -> tuple[nn.Parameter, ...]:
+    """One trial's trainable tensors at one site, in :func:`load_weights`' order: A, B (and DoRA's magnitude)."""
+    return (layer.lora_A[key], layer.lora_B[key]) + ((layer.magnitude[key],) if key in layer.magnitude else ())
 
 
 def _combined(batches: list[tuple[str, Batch]], pad_id: int
@@ -256,13 +308,12 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
                 parent = model.get_submodule(parent_path)
                 wrapped[pm.path] = FusedLoRA(getattr(parent, leaf), segments)
                 setattr(parent, leaf, wrapped[pm.path])
-            a, b, scale = inits[m.key][pm.path]
-            wrapped[pm.path].add(m.key, a, b, scale)
+            a, b, scale, magnitude = inits[m.key][pm.path]
+            wrapped[pm.path].add(m.key, a, b, scale, magnitude)
     lm = causal_lm(model)
     state = {}
     for m in members:
-        params = [p for pm in m.plan.modules
-                  for p in (wrapped[pm.path].lora_A[m.key], wrapped[pm.path].lora_B[m.key])]
+        params = [p for pm in m.plan.modules for p in _site_weights(wrapped[pm.path], m.key)]
         total = m.train.total_steps(len(data))
         opt, sched = optimizer(params, m.train, device, total)
         state[m.key] = (params, opt, sched, total, batch_order(len(data), m.train.batch, total, m.train.seed),
@@ -328,8 +379,8 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
                 for key, value in _eval_fused(lm, segments, split_data, keys, batch, pad_id, device, dtype).items():
                     evaluated[key][split] = value
         eval_s = time.perf_counter() - t_eval
-        return {m.key: FusedResult(state[m.key][5], {pm.path: (wrapped[pm.path].lora_A[m.key].detach().clone(),
-                                                               wrapped[pm.path].lora_B[m.key].detach().clone())
+        return {m.key: FusedResult(state[m.key][5], {pm.path: tuple(w.detach().clone() for w in
+                                                                     _site_weights(wrapped[pm.path], m.key))
                                                      for pm in m.plan.modules} if m.key not in failures else {},
                                    failures.get(m.key), len(members), dict(evaluated[m.key]),
                                    eval_s if m.key in evaluated else 0.0) for m in members}

@@ -1,0 +1,37 @@
+"""The numbers docs/validation.md quotes are what `loraplace report` computes from the committed store."""
+
+import re
+
+import pytest
+
+from helpers import ROOT
+from loraplace.analysis import analyze_store
+
+STORE = ROOT / "docs" / "validation" / "validation.db"
+DOC = ROOT / "docs" / "validation.md"
+
+
+def _row(label: str, text: str) -> list[str]:
+    """The cells of the result table's row for arm ``label`` (its first cell is `label`)."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 8 and cells[0].startswith(f"`{label}`"):
+            return cells
+    raise AssertionError(f"no row for {label} in {DOC}")
+
+
+@pytest.mark.skipif(not STORE.is_file(), reason="the validation study's store is not in this checkout")
+def test_the_validation_table_is_the_store_s_analysis():
+    analysis = analyze_store(STORE)
+    assert analysis.counts["done"] == 36 and analysis.counts["failed"] == 0
+    text = DOC.read_text()
+    for group in analysis.compared:
+        cells = _row(group.placement, text)
+        lr = dict(group.key.axes)["lr"]
+        stats = group.stats["eval_loss"]
+        assert float(cells[1].split()[0]) == pytest.approx(lr), group.placement
+        assert cells[2].startswith(f"{group.trainable_params:,}"), group.placement
+        mean, ci = (float(x) for x in re.findall(r"[0-9.]+", cells[3].replace("*", ""))[:2])
+        assert (mean, ci) == (round(stats.mean, 4), round(stats.ci_half, 4)), group.placement
+        val = group.stats["val_loss"]
+        assert cells[4] == f"{val.mean:.4f} ± {val.ci_half:.4f}", group.placement

@@ -33,7 +33,7 @@ def setup():
 
 
 def _alone(session, splits, member):
-    with session.adapter(member.plan, member.train.seed) as model:
+    with session.adapter(member.plan, member.train.seed, init_data=splits.train) as model:  # (EVA reads it)
         out = train(model, splits.train, member.train, device=session.device, dtype=session.dtype,
                     pad_id=session.pad_id)
         loss, tokens = eval_loss(model, splits.eval, device=session.device, dtype=session.dtype,
@@ -266,3 +266,33 @@ def test_dora_trials_fuse_and_match_the_trial_alone(family, tmp_path):
     theirs, _ = eval_loss(vanilla, splits.eval, device=session.device, dtype=torch.float32, pad_id=session.pad_id,
                           batch=EVAL_BATCH)
     assert theirs == pytest.approx(results[member.key].eval_losses["test"][0], rel=1e-4)
+
+
+def test_an_eva_trial_fuses_with_its_own_data_driven_ranks(tmp_path):
+    """EVA's init (PEFT's SVD of the layer inputs on the training split) runs per trial as alone, moving rank between
+    sites; the fused trial then trains exactly what it trains alone, and run_trial's re-injection gets the same
+    ranks back, so the saved adapter is the trained one."""
+    from loraplace.trial import TrialSpec, run_trial
+
+    session = Session("tiny:llama", precision="fp32")
+    data = DataSpec(train="builtin:arithmetic?n=120", eval_count=12, max_len=160)
+    splits = session.data(data)
+    train_spec = TrainSpec(steps=3, batch=4, lr=1e-2, precision="fp32", schedule="linear")
+    placements = [("eva-all", {"roles": ["all"], "variant": "eva", "eva_rho": 2.0}, 0), ("lora-attn", {"roles":
+                                                                                                        ["attn"]}, 1)]
+    members = [FusedMember(key, session.plan(parse_placement(p), rank=4), train_spec.model_copy(update={"seed": seed}),
+                           eval_batch=EVAL_BATCH) for key, p, seed in placements]
+    results = train_fused(session, splits.train, members, pad_id=session.pad_id, evals={"test": splits.eval})
+    eva = results["eva-all"]
+    ranks = {path: w[0].shape[0] for path, w in eva.weights.items()}
+    assert set(ranks.values()) != {4}  # EVA moved rank between sites
+    for m in members:
+        curve, loss, _ = _alone(session, splits, m)
+        assert [p.loss for p in results[m.key].outcome.curve] == pytest.approx(curve, rel=1e-4)
+        assert results[m.key].eval_losses["test"][0] == pytest.approx(loss, rel=1e-4)
+    spec = TrialSpec(model="tiny:llama", data=data, placement=parse_placement(placements[0][1]), rank=4,
+                     train=train_spec)
+    outcome = run_trial(spec, session=session, out_dir=tmp_path / "eva", pretrained=eva)
+    assert outcome.status == "done" and outcome.fused_with == 1
+    assert outcome.metrics.eval_loss == eva.eval_losses["test"][0]
+    assert outcome.trainable_params == sum(a.numel() + b.numel() for a, b in eva.weights.values())

@@ -18,9 +18,9 @@ caller injects the plan again and loads the trained weights (:func:`load_weights
 (and to evaluate what the fused eval did not cover: accuracy by generation) — the saved PEFT adapter is the
 standalone one.
 
-Scope now: LoRA, rsLoRA and DoRA on ``nn.Linear`` / GPT-2 ``Conv1D`` sites of families whose packing is verified,
-one forward per step (no micro-batches), no compile, no checkpointing, no dropout (LoRA's or the base model's: a
-fused trial would draw other masks than alone), no evals during training.
+Scope now: LoRA, rsLoRA, DoRA and EVA (PEFT's init per trial, as alone) on ``nn.Linear`` / GPT-2 ``Conv1D`` sites
+of families whose packing is verified, one forward per step (no micro-batches), no compile, no checkpointing, no
+dropout (LoRA's or the base model's: a fused trial would draw other masks than alone), no evals during training.
 Anything else is refused up front (:func:`check_fusable`); the study runner then runs the group one at a time
 and says why in each trial's warnings. After training, the surviving trials' validation and test losses are
 computed fused as well (each eval batch repeated once per trial); generation-based accuracy runs per trial.
@@ -48,9 +48,9 @@ from loraplace.placement.plan import Plan
 from loraplace.records import CurvePoint
 from loraplace.train import TrainOutcome, TrainSpec, autocast, batch_order, head_loss_sum, optimizer
 
-# DoRA's math is per trial (its magnitude vector and the norm of its own W + ΔW), so it fuses; PiSSA rewrites the
-# shared base weights and EVA's data-driven init is not wired through the fused path yet.
-FUSABLE_VARIANTS = ("lora", "rslora", "dora")
+# DoRA's math is per trial (its magnitude vector and the norm of its own W + ΔW), so it fuses; EVA is plain LoRA
+# after PEFT's data-driven init (run per trial, as alone); PiSSA rewrites the shared base weights: not fusable.
+FUSABLE_VARIANTS = ("lora", "rslora", "dora", "eva")
 # execution.fuse: auto. Fusion trades memory (activations grow with K) for fewer, larger kernels: it pays where a
 # step is launch-bound (a GPU at small batch), not where it is compute-bound. On the 2-core CPU it was measured at
 # 0.94× the sequential wall time (benchmarks/RESULTS.md, 2026-11-24), so auto leaves it off on a CPU; on CUDA it
@@ -189,21 +189,25 @@ def check_fusable(model, members: list[FusedMember]) -> None:
         raise ConfigError(problems, "these trials cannot be fused")
 
 
-def initial_weights(session, member: FusedMember
-                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]:
-    """The trial's adapters as PEFT initialises them alone (its seed, its plan): path → (A, B, scale, DoRA
-    magnitude or None)."""
+def initial_weights(session, member: FusedMember, data: TokenizedSet
+                    ) -> tuple[Plan, dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]]:
+    """The trial's adapters as PEFT initialises them alone (its seed, its plan; EVA's SVD on ``data``, the training
+    split): (the plan as PEFT built it — EVA moves rank between sites —, path → (A, B, scale, DoRA magnitude or
+    None))."""
+    from loraplace.trial import resulting_plan
+
     out = {}
-    with session.adapter(member.plan, member.train.seed) as peft_model:
+    with session.adapter(member.plan, member.train.seed, init_data=data) as peft_model:
+        plan = resulting_plan(peft_model, member.plan)
         inner = peft_model.base_model.model
-        for pm in member.plan.modules:
+        for pm in plan.modules:
             layer = inner.get_submodule(pm.path)
             magnitude = layer.lora_magnitude_vector["default"].weight.detach().clone() \
                 if "default" in getattr(layer, "lora_magnitude_vector", {}) else None
             out[pm.path] = (layer.lora_A["default"].weight.detach().clone(),
                             layer.lora_B["default"].weight.detach().clone(), float(layer.scaling["default"]),
                             magnitude)
-    return out
+    return plan, out
 
 
 def load_weights(peft_model, weights: dict[str, tuple[torch.Tensor, ...]]) -> None:
@@ -213,6 +217,9 @@ def load_weights(peft_model, weights: dict[str, tuple[torch.Tensor, ...]]) -> No
     with torch.no_grad():
         for path, tensors in weights.items():
             layer = inner.get_submodule(path)
+            if layer.lora_A["default"].weight.shape != tensors[0].shape:  # e.g. an EVA init that chose other ranks
+                raise TrialFailed(f"{path}: the fused trial trained rank {tensors[0].shape[0]}, the re-injected "
+                                  f"adapter has rank {layer.lora_A['default'].weight.shape[0]}")
             layer.lora_A["default"].weight.copy_(tensors[0])
             layer.lora_B["default"].weight.copy_(tensors[1])
             if len(tensors) > 2:
@@ -298,11 +305,13 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
     fused too. ``on_step(step, steps of the longest member)`` after every step (heartbeats, progress)."""
     model, device, dtype = session.model, session.device, session.dtype
     check_fusable(model, members)
-    inits = {m.key: initial_weights(session, m) for m in members}
+    plans, inits = {}, {}
+    for m in members:
+        plans[m.key], inits[m.key] = initial_weights(session, m, data)
     segments = _Segments()
     wrapped: dict[str, FusedLoRA] = {}
     for m in members:
-        for pm in m.plan.modules:
+        for pm in plans[m.key].modules:
             if pm.path not in wrapped:
                 parent_path, _, leaf = pm.path.rpartition(".")
                 parent = model.get_submodule(parent_path)
@@ -313,7 +322,7 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
     lm = causal_lm(model)
     state = {}
     for m in members:
-        params = [p for pm in m.plan.modules for p in _site_weights(wrapped[pm.path], m.key)]
+        params = [p for pm in plans[m.key].modules for p in _site_weights(wrapped[pm.path], m.key)]
         total = m.train.total_steps(len(data))
         opt, sched = optimizer(params, m.train, device, total)
         state[m.key] = (params, opt, sched, total, batch_order(len(data), m.train.batch, total, m.train.seed),
@@ -381,7 +390,8 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
         eval_s = time.perf_counter() - t_eval
         return {m.key: FusedResult(state[m.key][5], {pm.path: tuple(w.detach().clone() for w in
                                                                      _site_weights(wrapped[pm.path], m.key))
-                                                     for pm in m.plan.modules} if m.key not in failures else {},
+                                                     for pm in plans[m.key].modules}
+                                   if m.key not in failures else {},
                                    failures.get(m.key), len(members), dict(evaluated[m.key]),
                                    eval_s if m.key in evaluated else 0.0) for m in members}
     finally:

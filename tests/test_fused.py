@@ -42,9 +42,10 @@ def _alone(session, splits, member):
 
 
 def _fused_eval(session, splits, member, result):
-    with session.adapter(member.plan, member.train.seed) as model:
+    with session.adapter(member.plan, member.train.seed, init_data=splits.train) as model:
         load_weights(model, result.weights)
-        loss, _ = eval_loss(model, splits.eval, device=session.device, dtype=session.dtype, pad_id=session.pad_id)
+        loss, _ = eval_loss(model, splits.eval, device=session.device, dtype=session.dtype, pad_id=session.pad_id,
+                            batch=EVAL_BATCH)
     return loss
 
 
@@ -296,3 +297,46 @@ def test_an_eva_trial_fuses_with_its_own_data_driven_ranks(tmp_path):
     assert outcome.status == "done" and outcome.fused_with == 1
     assert outcome.metrics.eval_loss == eva.eval_losses["test"][0]
     assert outcome.trainable_params == sum(a.numel() + b.numel() for a, b in eva.weights.values())
+
+
+@pytest.mark.parametrize(("family", "moe_placement"), [
+    ("qwen3_moe", {"roles": ["all", "moe.router"]}),  # expert stacks and the router weight: parameter sites
+    ("qwen2_moe", "mlp")])  # expert stacks + shared-expert linears, which see gathered tokens inside the block
+def test_moe_trials_fuse_block_by_block_and_match_the_trial_alone(family, moe_placement, tmp_path):
+    """A MoE block routes tokens across rows, so it runs once per trial's rows with that trial's expert adapters
+    (PEFT's own ΔW layout); everything else stays fused. Each trial's curve and eval loss equal the trial alone,
+    and its adapter loads back into PEFT with the fused eval loss."""
+    session = Session(f"tiny:{family}", precision="fp32")
+    splits = session.data(DataSpec(train="builtin:arithmetic?n=120", eval_count=12, max_len=160))
+    train_spec = TrainSpec(steps=3, batch=4, lr=1e-2, precision="fp32", schedule="linear")
+    members = [FusedMember(key, session.plan(parse_placement(p), rank=2), train_spec.model_copy(update={"seed": seed}),
+                           eval_batch=EVAL_BATCH)
+               for key, p, seed in [("moe", moe_placement, 0), ("all", "all", 1), ("attn", "attn", 0)]]
+    assert any(pm.parameter for pm in members[0].plan.modules)
+    results = train_fused(session, splits.train, members, pad_id=session.pad_id, evals={"test": splits.eval})
+    worst = 0.0
+    for m in members:
+        curve, loss, _ = _alone(session, splits, m)
+        got = results[m.key]
+        assert got.failure is None
+        worst = max(worst, *(abs(a.loss - b) / abs(b) for a, b in zip(got.outcome.curve, curve, strict=True)),
+                    abs(got.eval_losses["test"][0] - loss) / loss)
+        assert _fused_eval(session, splits, m, got) == pytest.approx(got.eval_losses["test"][0], rel=1e-4)
+    assert worst <= 1e-4, worst
+    assert not any(type(mod).__name__ in ("FusedLoRA", "FusedBlock") for mod in session.model.modules())
+
+
+def test_an_adapted_lm_head_fuses_with_a_chunked_loss():
+    """The head sees one trial's label positions at a time (its own adapter bound to the call, so a chunked loss's
+    recompute during backward gets the same trial)."""
+    session = Session("tiny:llama", precision="fp32")
+    splits = session.data(DataSpec(train="builtin:arithmetic?n=120", eval_count=12, max_len=160))
+    train_spec = TrainSpec(steps=3, batch=4, lr=1e-2, precision="fp32", schedule="linear", loss_chunk=16)
+    members = [FusedMember(key, session.plan(parse_placement(p), rank=2), train_spec.model_copy(update={"seed": seed}),
+                           eval_batch=EVAL_BATCH)
+               for key, p, seed in [("head", "all+head", 0), ("attn", "attn", 1), ("head-1", "all+head", 1)]]
+    results = train_fused(session, splits.train, members, pad_id=session.pad_id, evals={"test": splits.eval})
+    for m in members:
+        curve, loss, _ = _alone(session, splits, m)
+        assert [p.loss for p in results[m.key].outcome.curve] == pytest.approx(curve, rel=1e-4), m.key
+        assert results[m.key].eval_losses["test"][0] == pytest.approx(loss, rel=1e-4), m.key

@@ -19,8 +19,13 @@ caller injects the plan again and loads the trained weights (:func:`load_weights
 standalone one.
 
 Scope now: LoRA, rsLoRA, DoRA and EVA (PEFT's init per trial, as alone) on ``nn.Linear`` / GPT-2 ``Conv1D`` sites
-of families whose packing is verified, one forward per step (no micro-batches), no compile, no checkpointing, no
-dropout (LoRA's or the base model's: a fused trial would draw other masks than alone), no evals during training.
+and on parameter sites (PEFT ``target_parameters``: fused expert stacks, router weights) of families whose
+packing is verified. A mixture-of-experts block routes tokens across rows, so it is the one place the rows do not
+share a pass: a :class:`FusedBlock` runs it once per trial's rows with that trial's adapters (its expert stacks as
+W + ΔW in PEFT's layout; linears inside it, e.g. shared experts, see ``segments.only``). One forward per step
+(no micro-batches), no compile, no checkpointing, no dropout (LoRA's or the base model's: a fused trial would
+draw other masks than alone), no evals during training; per-expert linear modules (``expert_paths``) are not
+covered.
 Anything else is refused up front (:func:`check_fusable`); the study runner then runs the group one at a time
 and says why in each trial's warnings. After training, the surviving trials' validation and test losses are
 computed fused as well (each eval batch repeated once per trial); generation-based accuracy runs per trial.
@@ -28,6 +33,7 @@ computed fused as well (each eval batch repeated once per trial); generation-bas
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import defaultdict
@@ -90,6 +96,7 @@ class _Segments:
     """The current step's row ranges, shared by every FusedLoRA of the model."""
 
     rows: list[_Segment] = field(default_factory=list)
+    only: str | None = None  # inside a FusedBlock's per-trial pass: every row belongs to this trial
 
 
 class FusedLoRA(nn.Module):
@@ -131,10 +138,27 @@ class FusedLoRA(nn.Module):
         base_rows = rows if self.base.bias is None else rows - self.base.bias
         return rows + (mag_norm_scale - 1) * base_rows + mag_norm_scale * lora * scale
 
+    def _one_trial(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y = base(x) plus trial ``key``'s LoRA term on every row of x (x [..., d_in], y [..., d_out])."""
+        if key not in self.scaling:
+            return y
+        lora = F.linear(F.linear(x, self.lora_A[key]), self.lora_B[key])
+        return self._dora(key, y, lora) if key in self.magnitude else y + lora * self.scaling[key]
+
+    def forward_for(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """The layer for trial ``key`` alone: for the LM head, which sees one trial's label positions at a time
+        (and, with a chunked loss, again during backward, so the trial is bound here, not in shared state)."""
+        return self._one_trial(key, x, self.base(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [R, T, d_in] → [R, T, d_out]
         y = self.base(x)
         if not self.scaling:
             return y
+        if self._segments.only is not None:  # inside a FusedBlock: all of x is one trial's
+            return self._one_trial(self._segments.only, x, y)
+        rows = self._segments.rows
+        if x.dim() != 3 or x.shape[0] != rows[-1].hi:  # never guess which trial a gathered token belongs to
+            raise RuntimeError(f"a fused LoRA layer expects [rows, T, d] input, got {tuple(x.shape)}")
         parts = []
         for seg in self._segments.rows:
             rows = y[seg.lo:seg.hi]
@@ -146,6 +170,122 @@ class FusedLoRA(nn.Module):
                     rows = rows + lora * self.scaling[seg.key]
             parts.append(rows)
         return torch.cat(parts, 0)
+
+
+class _ParamSite(nn.Module):
+    """The LoRA factors of several trials on one parameter (PEFT ``target_parameters``: a fused expert stack
+    [E, ·, ·] or a 2-D weight such as a router's), and PEFT's layout of them (``ParamWrapper``)."""
+
+    def __init__(self, num_experts: int, swapped: bool, fan_in_fan_out: bool):
+        super().__init__()
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.magnitude = nn.ParameterDict()  # never used: DoRA is not offered on parameter targets
+        self.scaling: dict[str, float] = {}
+        self.num_experts, self.swapped, self.fan_in_fan_out = num_experts, swapped, fan_in_fan_out
+
+    def add(self, key: str, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude=None) -> None:
+        self.lora_A[key] = nn.Parameter(a.detach().clone().float())
+        self.lora_B[key] = nn.Parameter(b.detach().clone().float())
+        self.scaling[key] = scale
+
+    def remove(self, key: str) -> None:
+        for store in (self.lora_A, self.lora_B):
+            if key in store:
+                del store[key]
+        self.scaling.pop(key, None)
+
+    def weight(self, key: str, w: torch.Tensor) -> torch.Tensor:
+        """W + ΔW of trial ``key``, as PEFT's ParamWrapper builds it (``get_delta_factors`` folded with one
+        ``baddbmm`` for an expert stack; ``W + B·A·s`` for a 2-D weight)."""
+        a, b, scale = self.lora_A[key], self.lora_B[key], self.scaling[key]
+        if self.num_experts > 1:
+            a = a.reshape(self.num_experts, -1, a.shape[-1])  # [E, r, in]
+            b = b.reshape(b.shape[0], -1, self.num_experts).permute(2, 0, 1)  # [E, out, r]
+            lhs, rhs = (b, a) if self.swapped else (a.transpose(-2, -1), b.transpose(-2, -1))
+            with torch.autocast(device_type=w.device.type, enabled=False):
+                return torch.baddbmm(w, lhs.to(w.dtype), rhs.to(w.dtype), alpha=scale)
+        delta = (b @ a) * scale
+        return w + (delta.T if self.fan_in_fan_out else delta).to(w.dtype)
+
+
+class FusedBlock(nn.Module):
+    """A mixture-of-experts block (the decoder layer's child that holds expert-stack or router sites), run once per
+    trial's rows with that trial's adapters: its routing and expert matmuls gather tokens across rows, so rows of
+    different trials cannot share one pass. Inside, :class:`FusedLoRA` layers see ``segments.only`` and parameter
+    sites are substituted with ``torch.func.functional_call``. Shapes: hidden [R, T, H] → each trial's [R_k, T, H]."""
+
+    def __init__(self, block: nn.Module, segments: _Segments):
+        super().__init__()
+        self.block = block
+        self.sites = nn.ModuleDict()  # parameter name relative to the block ('.' → '__') → _ParamSite
+        self._segments = segments
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs):
+        rows = self._segments.rows
+        if hidden.dim() != 3 or hidden.shape[0] != (rows[-1].hi if rows else 0):
+            raise RuntimeError(f"a fused MoE block expects [rows, T, H] input, got {tuple(hidden.shape)}")
+        outs = []
+        for seg in rows:
+            overrides = {name.replace("__", "."): site.weight(seg.key, self.block.get_parameter(
+                name.replace("__", "."))) for name, site in self.sites.items() if seg.key in site.scaling}
+            self._segments.only = seg.key
+            try:
+                outs.append(torch.func.functional_call(self.block, overrides, (hidden[seg.lo:seg.hi], *args),
+                                                       kwargs, strict=False))
+            finally:
+                self._segments.only = None
+        return _cat_outputs(outs)
+
+
+def _cat_outputs(outs: list):
+    """Per-trial outputs of a block joined along dim 0 (tensors; tuples element-wise; None stays None)."""
+    first = outs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outs, 0)
+    if isinstance(first, tuple):
+        return tuple(_cat_outputs([o[i] for o in outs]) for i in range(len(first)))
+    if first is None:
+        return None
+    raise TypeError(f"a fused MoE block cannot join outputs of type {type(first).__name__}")
+
+
+def _head_of(lm, key: str):
+    """The LM head as trial ``key`` sees it: its own fused adapter when the head is adapted, else the plain head."""
+    head = lm.get_output_embeddings()
+    return functools.partial(head.forward_for, key) if isinstance(head, FusedLoRA) else head
+
+
+def _block_path(site_path: str) -> str | None:
+    """The decoder layer's child holding a site: model.layers.3.mlp.experts.down_proj → model.layers.3.mlp (None
+    outside the decoder layers, e.g. lm_head)."""
+    parts = site_path.split(".")
+    layer = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return None if layer is None or layer + 2 > len(parts) else ".".join(parts[:layer + 2])
+
+
+def _is_moe_block(module: nn.Module) -> bool:
+    """A block whose forward routes tokens to experts (transformers 5 keeps them as [E, ·, ·] stacks): linears
+    inside it (shared experts, a linear router) see gathered tokens, not rows."""
+    return any(p.dim() == 3 for p in module.parameters())
+
+
+def _peft_site(inner, path: str):
+    """PEFT's LoRA layer of a site: the module at ``path``, or, for a parameter target (``owner.name``), the
+    ``ParamWrapper`` of that parameter (wrappers of one module's parameters are nested through ``base_layer``)."""
+    try:
+        module = inner.get_submodule(path)
+        if hasattr(module, "lora_A"):
+            return module
+    except AttributeError:
+        pass
+    owner, _, name = path.rpartition(".")
+    module = inner.get_submodule(owner)
+    while hasattr(module, "parameter_name"):
+        if module.parameter_name == name:
+            return module
+        module = module.base_layer
+    raise KeyError(f"{path}: no PEFT LoRA layer adapts it")
 
 
 def base_dropout(lm) -> str:
@@ -174,8 +314,8 @@ def check_fusable(model, members: list[FusedMember]) -> None:
         if m.plan.variant not in FUSABLE_VARIANTS:
             problems.append(f"{m.key}: variant {m.plan.variant} cannot share a base model (fusable: "
                             f"{', '.join(FUSABLE_VARIANTS)})")
-        if any(pm.parameter or pm.expert_paths for pm in m.plan.modules):
-            problems.append(f"{m.key}: expert or parameter sites are not fusable yet")
+        if any(pm.expert_paths for pm in m.plan.modules):
+            problems.append(f"{m.key}: per-expert linear modules (expert_paths sites) are not fusable yet")
         if m.train.micro_batch not in (None, m.train.batch) or m.train.compile or m.train.checkpointing == "on":
             problems.append(f"{m.key}: micro_batch, compile and checkpointing are not fusable yet")
         if m.eval_every:
@@ -190,24 +330,28 @@ def check_fusable(model, members: list[FusedMember]) -> None:
 
 
 def initial_weights(session, member: FusedMember, data: TokenizedSet
-                    ) -> tuple[Plan, dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]]:
+                    ) -> tuple[Plan, dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]],
+                               dict[str, tuple[int, bool, bool]]]:
     """The trial's adapters as PEFT initialises them alone (its seed, its plan; EVA's SVD on ``data``, the training
     split): (the plan as PEFT built it — EVA moves rank between sites —, path → (A, B, scale, DoRA magnitude or
-    None))."""
+    None), parameter-site path → PEFT's layout (experts, in/out swapped, fan_in_fan_out))."""
     from loraplace.trial import resulting_plan
 
-    out = {}
+    out, layouts = {}, {}
     with session.adapter(member.plan, member.train.seed, init_data=data) as peft_model:
         plan = resulting_plan(peft_model, member.plan)
         inner = peft_model.base_model.model
         for pm in plan.modules:
-            layer = inner.get_submodule(pm.path)
+            layer = _peft_site(inner, pm.path)
             magnitude = layer.lora_magnitude_vector["default"].weight.detach().clone() \
                 if "default" in getattr(layer, "lora_magnitude_vector", {}) else None
             out[pm.path] = (layer.lora_A["default"].weight.detach().clone(),
                             layer.lora_B["default"].weight.detach().clone(), float(layer.scaling["default"]),
                             magnitude)
-    return plan, out
+            if pm.parameter:
+                layouts[pm.path] = (int(layer.num_experts), bool(layer._did_swap_in_out_features),
+                                    bool(layer.fan_in_fan_out))
+    return plan, out, layouts
 
 
 def load_weights(peft_model, weights: dict[str, tuple[torch.Tensor, ...]]) -> None:
@@ -216,7 +360,7 @@ def load_weights(peft_model, weights: dict[str, tuple[torch.Tensor, ...]]) -> No
     inner = peft_model.base_model.model
     with torch.no_grad():
         for path, tensors in weights.items():
-            layer = inner.get_submodule(path)
+            layer = _peft_site(inner, path)
             if layer.lora_A["default"].weight.shape != tensors[0].shape:  # e.g. an EVA init that chose other ranks
                 raise TrialFailed(f"{path}: the fused trial trained rank {tensors[0].shape[0]}, the re-injected "
                                   f"adapter has rank {layer.lora_A['default'].weight.shape[0]}")
@@ -226,7 +370,7 @@ def load_weights(peft_model, weights: dict[str, tuple[torch.Tensor, ...]]) -> No
                 layer.lora_magnitude_vector["default"].weight.copy_(tensors[2])
 
 
-def _site_weights(layer: FusedLoRA, key: str) -> tuple[nn.Parameter, ...]:
+def _site_weights(layer: FusedLoRA | _ParamSite, key: str) -> tuple[nn.Parameter, ...]:
     """One trial's trainable tensors at one site, in :func:`load_weights`' order: A, B (and DoRA's magnitude)."""
     return (layer.lora_A[key], layer.lora_B[key]) + ((layer.magnitude[key],) if key in layer.magnitude else ())
 
@@ -291,7 +435,8 @@ def _eval_fused(lm, segments: _Segments, data: TokenizedSet, keys: list[str], ba
                                    use_cache=False).last_hidden_state
             hidden = hidden.reshape(-1, hidden.shape[-1])  # [K·R·W, H]
             for key, index in zip(keys, target_index, strict=True):
-                totals[key] += head_loss_sum(lm, hidden.index_select(0, index.to(device)), targets).double()
+                totals[key] += head_loss_sum(lm, hidden.index_select(0, index.to(device)), targets,
+                                             head=_head_of(lm, key)).double()
         count += b.label_tokens
     return {key: (float(total.item()) / count, count) for key, total in totals.items()}
 
@@ -303,22 +448,60 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
     """Train every member in one pass per step over ``session.model``; see the module docstring.
     ``evals``: split name → data each surviving member (with an ``eval_batch``, packing on) is then evaluated on,
     fused too. ``on_step(step, steps of the longest member)`` after every step (heartbeats, progress)."""
-    model, device, dtype = session.model, session.device, session.dtype
+    model = session.model
     check_fusable(model, members)
-    plans, inits = {}, {}
+    plans, inits, layouts = {}, {}, {}
     for m in members:
-        plans[m.key], inits[m.key] = initial_weights(session, m, data)
+        plans[m.key], inits[m.key], member_layouts = initial_weights(session, m, data)
+        layouts.update(member_layouts)
     segments = _Segments()
-    wrapped: dict[str, FusedLoRA] = {}
+    wrapped: dict[str, FusedLoRA | _ParamSite] = {}
+    blocks: dict[str, FusedBlock] = {}  # MoE blocks (parameter sites, or linears that see gathered tokens)
+    try:
+        _wrap(model, members, plans, inits, layouts, segments, wrapped, blocks)
+        return _train_wrapped(session, data, members, plans, segments, wrapped, pad_id=pad_id, evals=evals,
+                              fault=fault, on_step=on_step)
+    finally:  # the session's base model goes back as it was: MoE blocks first (linears' paths run through them)
+        for path, block in blocks.items():
+            parent_path, _, leaf = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), leaf, block.block)
+        for path, layer in wrapped.items():
+            if isinstance(layer, FusedLoRA):
+                parent_path, _, leaf = path.rpartition(".")
+                setattr(model.get_submodule(parent_path), leaf, layer.base)
+        model.eval()
+
+
+def _wrap(model, members, plans, inits, layouts, segments, wrapped, blocks) -> None:
+    """Put every member's adapters into the model: a FusedLoRA per adapted linear, a _ParamSite per parameter site,
+    a FusedBlock per MoE block (set last: the linears inside are found by their original paths)."""
     for m in members:
         for pm in plans[m.key].modules:
-            if pm.path not in wrapped:
+            block = _block_path(pm.path)
+            if block is not None and block not in blocks and (pm.parameter or _is_moe_block(
+                    model.get_submodule(block))):
+                blocks[block] = FusedBlock(model.get_submodule(block), segments)
+            if pm.path not in wrapped and pm.parameter:
+                if block is None:
+                    raise ConfigError([f"{pm.path}: a parameter site outside the decoder layers"],
+                                      "these trials cannot be fused")
+                wrapped[pm.path] = _ParamSite(*layouts[pm.path])
+                blocks[block].sites[pm.path[len(block) + 1:].replace(".", "__")] = wrapped[pm.path]
+            elif pm.path not in wrapped:
                 parent_path, _, leaf = pm.path.rpartition(".")
                 parent = model.get_submodule(parent_path)
                 wrapped[pm.path] = FusedLoRA(getattr(parent, leaf), segments)
                 setattr(parent, leaf, wrapped[pm.path])
             a, b, scale, magnitude = inits[m.key][pm.path]
             wrapped[pm.path].add(m.key, a, b, scale, magnitude)
+    for path, block in blocks.items():
+        parent_path, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), leaf, block)
+
+
+def _train_wrapped(session, data, members, plans, segments, wrapped, *, pad_id, evals, fault, on_step
+                   ) -> dict[str, FusedResult]:
+    model, device, dtype = session.model, session.device, session.dtype
     lm = causal_lm(model)
     state = {}
     for m in members:
@@ -345,7 +528,7 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
                 losses = {}
                 for (key, b), index in zip(batches, target_index, strict=True):
                     part = head_loss_sum(lm, hidden.index_select(0, index.to(device)), b.targets.to(device),
-                                         chunks[key])
+                                         chunks[key], head=_head_of(lm, key))
                     if fault is not None:
                         part = fault(key, step, part)
                     losses[key] = part / b.label_tokens  # this trial's token-weighted mean
@@ -395,11 +578,7 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
                                    failures.get(m.key), len(members), dict(evaluated[m.key]),
                                    eval_s if m.key in evaluated else 0.0) for m in members}
     finally:
-        for path, layer in wrapped.items():  # the session's base model goes back as it was
-            parent_path, _, leaf = path.rpartition(".")
-            setattr(model.get_submodule(parent_path), leaf, layer.base)
         segments.rows = []
-        model.eval()
 
 
 __all__ = ["FUSE_AUTO_MAX", "FusedLoRA", "FusedMember", "FusedResult", "auto_group_size", "check_fusable",

@@ -108,12 +108,14 @@ def loss_sum(model, batch: Batch, decoder=None, chunk: int | None = None) -> tor
     return head_loss_sum(lm, hidden, batch.targets, chunk)
 
 
-def head_loss_sum(lm, hidden: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def head_loss_sum(lm, hidden: torch.Tensor, targets: torch.Tensor, chunk: int | None = None,
+                  head=None) -> torch.Tensor:
     """Σ cross-entropy of the LM head over ``hidden`` [N, H] against ``targets`` [N]. ``chunk``: the head and the
     loss run over at most ``chunk`` rows at a time, each chunk checkpointed, so the fp32 [N, vocab] logits and
     their gradient never exist at once (one chunk's do; backward recomputes a chunk's logits, one extra LM-head
-    matmul)."""
-    head = lm.get_output_embeddings()
+    matmul). ``head``: what computes the logits (default: the model's output embeddings; a fused trial passes its
+    own view of an adapted head)."""
+    head = head if head is not None else lm.get_output_embeddings()
 
     def head_loss(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = head(h).float()  # [n, V]

@@ -106,10 +106,22 @@ class Session:
         self.dtype = resolve_dtype(precision, self.device)
         t0 = time.perf_counter()
         # Frozen weights live in the compute dtype: autocast then never re-casts them step after step.
-        self.model = load_model(model_ref, dtype=self.dtype, device=self.device)
-        self.tokenizer = load_tokenizer(model_ref)
+        self._hold(load_model(model_ref, dtype=self.dtype, device=self.device), load_tokenizer(model_ref),
+                   time.perf_counter() - t0)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, *, name: str, device: str = "auto", precision: str = "auto") -> Session:
+        """A session over a model built in memory (e.g. a randomly initialised config, for benchmarks)."""
+        session = cls.__new__(cls)
+        session.model_ref = name
+        session.device = resolve_device(device)
+        session.dtype = resolve_dtype(precision, session.device)
+        session._hold(model.to(device=session.device, dtype=session.dtype), tokenizer, 0.0)
+        return session
+
+    def _hold(self, model, tokenizer, load_s: float) -> None:
+        self.model, self.tokenizer, self.load_s = model, tokenizer, load_s
         self.arch = map_architecture(self.model)
-        self.load_s = time.perf_counter() - t0
         self._data: dict[str, Splits] = {}
         self._probes: dict[tuple, ProbeScores] = {}
         for p in self.model.parameters():

@@ -88,7 +88,7 @@ def main() -> None:
     with session.adapter(warm.plan, warm.train.seed) as model:
         train(model, data, warm.train.model_copy(update={"steps": 2}), device=device, dtype=session.dtype,
               pad_id=session.pad_id)
-    train_fused(session, data, [m.__class__(m.key, m.plan, m.train.model_copy(update={"steps": 2}))
+    train_fused(session, data, [FusedMember(m.key, m.plan, m.train.model_copy(update={"steps": 2}))
                                 for m in members], pad_id=session.pad_id)
 
     if device.type == "cuda":

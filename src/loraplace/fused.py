@@ -99,18 +99,15 @@ class _Segments:
     only: str | None = None  # inside a FusedBlock's per-trial pass: every row belongs to this trial
 
 
-class FusedLoRA(nn.Module):
-    """A frozen base linear (``nn.Linear`` or GPT-2 ``Conv1D``) plus the LoRA adapters of several trials."""
+class _TrialAdapters(nn.Module):
+    """The LoRA factors of several trials at one site, keyed by trial id (DoRA's magnitude where a trial has one)."""
 
-    def __init__(self, base: nn.Module, segments: _Segments):
+    def __init__(self):
         super().__init__()
-        self.base = base
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.magnitude = nn.ParameterDict()  # DoRA trials only: [out]
         self.scaling: dict[str, float] = {}
-        self._segments = segments
-        self._conv1d = type(base).__name__ == "Conv1D"  # weight stored [in, out] (PEFT: fan_in_fan_out)
 
     def add(self, key: str, a: torch.Tensor, b: torch.Tensor, scale: float,
             magnitude: torch.Tensor | None = None) -> None:
@@ -125,6 +122,16 @@ class FusedLoRA(nn.Module):
             if key in store:
                 del store[key]
         self.scaling.pop(key, None)
+
+
+class FusedLoRA(_TrialAdapters):
+    """A frozen base linear (``nn.Linear`` or GPT-2 ``Conv1D``) plus the LoRA adapters of several trials."""
+
+    def __init__(self, base: nn.Module, segments: _Segments):
+        super().__init__()
+        self.base = base
+        self._segments = segments
+        self._conv1d = type(base).__name__ == "Conv1D"  # weight stored [in, out] (PEFT: fan_in_fan_out)
 
     def _dora(self, key: str, rows: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
         """PEFT's DoRA (``DoraLinearLayer.forward``, no dropout): rows + (m/‖W + s·BA‖ − 1)·(rows − bias)
@@ -156,44 +163,19 @@ class FusedLoRA(nn.Module):
             return y
         if self._segments.only is not None:  # inside a FusedBlock: all of x is one trial's
             return self._one_trial(self._segments.only, x, y)
-        rows = self._segments.rows
-        if x.dim() != 3 or x.shape[0] != rows[-1].hi:  # never guess which trial a gathered token belongs to
+        segments = self._segments.rows
+        if x.dim() != 3 or x.shape[0] != segments[-1].hi:  # never guess which trial a gathered token belongs to
             raise RuntimeError(f"a fused LoRA layer expects [rows, T, d] input, got {tuple(x.shape)}")
-        parts = []
-        for seg in self._segments.rows:
-            rows = y[seg.lo:seg.hi]
-            if seg.key in self.scaling:
-                lora = F.linear(F.linear(x[seg.lo:seg.hi], self.lora_A[seg.key]), self.lora_B[seg.key])
-                if seg.key in self.magnitude:
-                    rows = self._dora(seg.key, rows, lora)
-                else:
-                    rows = rows + lora * self.scaling[seg.key]
-            parts.append(rows)
-        return torch.cat(parts, 0)
+        return torch.cat([self._one_trial(seg.key, x[seg.lo:seg.hi], y[seg.lo:seg.hi]) for seg in segments], 0)
 
 
-class _ParamSite(nn.Module):
+class _ParamSite(_TrialAdapters):
     """The LoRA factors of several trials on one parameter (PEFT ``target_parameters``: a fused expert stack
-    [E, ·, ·] or a 2-D weight such as a router's), and PEFT's layout of them (``ParamWrapper``)."""
+    [E, ·, ·] or a 2-D weight such as a router's), and PEFT's layout of them (``ParamWrapper``; no DoRA there)."""
 
     def __init__(self, num_experts: int, swapped: bool, fan_in_fan_out: bool):
         super().__init__()
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        self.magnitude = nn.ParameterDict()  # never used: DoRA is not offered on parameter targets
-        self.scaling: dict[str, float] = {}
         self.num_experts, self.swapped, self.fan_in_fan_out = num_experts, swapped, fan_in_fan_out
-
-    def add(self, key: str, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude=None) -> None:
-        self.lora_A[key] = nn.Parameter(a.detach().clone().float())
-        self.lora_B[key] = nn.Parameter(b.detach().clone().float())
-        self.scaling[key] = scale
-
-    def remove(self, key: str) -> None:
-        for store in (self.lora_A, self.lora_B):
-            if key in store:
-                del store[key]
-        self.scaling.pop(key, None)
 
     def weight(self, key: str, w: torch.Tensor) -> torch.Tensor:
         """W + ΔW of trial ``key``, as PEFT's ParamWrapper builds it (``get_delta_factors`` folded with one

@@ -70,6 +70,58 @@ def test_each_fused_trial_matches_the_trial_alone(setup, tmp_path):
     assert not any(type(mod).__name__ == "FusedLoRA" for mod in session.model.modules())
 
 
+# Trials that train differently alone: micro-batches (two sizes), padded rows (packing off), static shapes,
+# activation checkpointing, and periodic evals at two intervals.
+MIXED = [("micro2-evals2", {"roles": ["all"]}, {"micro_batch": 2}, 2),
+         ("padded-evals3", {"roles": ["attn"]}, {"packing": False}, 3),
+         ("micro1-ckpt", {"roles": ["mlp"]}, {"micro_batch": 1, "checkpointing": "on"}, None),
+         ("static", {"roles": ["all"], "layers": "top:1"}, {"static_shapes": True, "micro_batch": 2}, 2)]
+
+
+def test_micro_batches_padding_checkpointing_and_periodic_evals_fuse_as_alone(setup):
+    session, splits, _ = setup
+    members = [FusedMember(key, session.plan(parse_placement(p), rank=2),
+                           TrainSpec(steps=6, batch=4, lr=3e-3, seed=i, precision="fp32", **train),
+                           eval_every=every, eval_batch=EVAL_BATCH)
+               for i, (key, p, train, every) in enumerate(MIXED)]
+    calls = []  # one per call of the first layer's attention with grad on: a training forward, or its recompute
+    layer = session.model.model.layers[0].self_attn
+    hook = layer.register_forward_pre_hook(lambda *_: calls.append(1) if torch.is_grad_enabled() else None)
+    try:
+        results = train_fused(session, splits.train, members, pad_id=session.pad_id, evals={"test": splits.eval})
+    finally:
+        hook.remove()
+    # 6 steps × 4 forwards (the most micro-batches a member cuts a step into: micro1), each recomputed once in
+    # backward by activation checkpointing.
+    assert len(calls) == 6 * 4 * 2
+    assert not session.model.is_activation_checkpointing  # the shared base model is back as it was
+    worst = 0.0
+    for m in members:
+        with session.adapter(m.plan, m.train.seed) as model:
+            alone = train(model, splits.train, m.train, device=session.device, dtype=session.dtype,
+                          pad_id=session.pad_id, eval_every=m.eval_every,
+                          eval_fn=lambda model=model, m=m: eval_loss(
+                              model, splits.eval, device=session.device, dtype=session.dtype, pad_id=session.pad_id,
+                              batch=EVAL_BATCH, packing=m.train.packing)[0])
+            final, _ = eval_loss(model, splits.eval, device=session.device, dtype=session.dtype,
+                                 pad_id=session.pad_id, batch=EVAL_BATCH, packing=m.train.packing)
+        fused = results[m.key]
+        assert fused.failure is None
+        assert [(p.step, p.tokens) for p in fused.outcome.curve] == [(p.step, p.tokens) for p in alone.curve]
+        assert [(e.step, e.split) for e in fused.outcome.evals] == [(e.step, e.split) for e in alone.evals]
+        assert fused.outcome.static_shape == alone.static_shape
+        pairs = [(a.loss, b.loss) for a, b in zip(fused.outcome.curve, alone.curve, strict=True)]
+        pairs += [(a.eval_loss, b.eval_loss) for a, b in zip(fused.outcome.evals, alone.evals, strict=True)]
+        pairs.append((fused.eval_losses["test"][0], final))
+        worst = max(worst, *(abs(a - b) / abs(b) for a, b in pairs))
+    print(f"max relative difference, fused vs alone (curves, periodic and final evals): {worst:.2e}")
+    assert worst <= 1e-4, worst
+    assert [len(results[m.key].outcome.evals) for m in members] == [2, 1, 0, 2]  # step 6 is the final eval
+    # Checkpointing served the whole group; the members that did not ask for it are told why it was on.
+    assert any("checkpointing on" in n for n in results["static"].outcome.notes)
+    assert not results["micro1-ckpt"].outcome.notes
+
+
 def test_a_fused_adapter_loads_in_vanilla_peft(setup, tmp_path):
     from peft import PeftModel
 
@@ -117,7 +169,8 @@ def test_a_fused_study_stores_what_the_sequential_study_stores(tmp_path):
     for mode in ("off", "4", "auto"):
         root = tmp_path / mode
         root.mkdir()
-        (root / "s.yaml").write_text(tiny_study_yaml("fz", steps=4, extra=f"execution: {{fuse: {mode}}}\n"))
+        (root / "s.yaml").write_text(tiny_study_yaml("fz", steps=4, extra=f"execution: {{fuse: {mode}}}\n"
+                                                                          "eval: {every: 2}\n"))
         summary = run_study(load_study(root / "s.yaml"), root / "s.db")
         assert summary.done == 4 and summary.failed == 0
         with Store.open_readonly(root / "s.db") as store:
@@ -136,6 +189,8 @@ def test_a_fused_study_stores_what_the_sequential_study_stores(tmp_path):
         fused = results["4"][tid]
         assert fused.metrics.eval_loss == pytest.approx(alone.metrics.eval_loss, rel=1e-4)
         assert [p.loss for p in fused.curve] == pytest.approx([p.loss for p in alone.curve], rel=1e-4)
+        assert [e.step for e in fused.evals] == [e.step for e in alone.evals] == [2]  # eval.every: fused too
+        assert fused.evals[0].eval_loss == pytest.approx(alone.evals[0].eval_loss, rel=1e-4)
 
 
 @pytest.mark.slow
@@ -165,14 +220,14 @@ def test_groups_fusion_does_not_cover_are_refused_with_every_reason(setup):
     session, splits, members = setup
     pissa = FusedMember("pissa", session.plan(parse_placement({"roles": ["attn"], "variant": "pissa"}), rank=2),
                         members[0].train)
-    evals = FusedMember("evals", members[1].plan, members[1].train, eval_every=2)
-    micro = FusedMember("micro", members[2].plan, members[2].train.model_copy(update={"micro_batch": 2}))
+    compiled = FusedMember("compiled", members[2].plan, members[2].train.model_copy(update={"compile": True}))
     dropout = FusedMember("dropout", session.plan(parse_placement({"roles": ["attn"], "dropout": 0.1}), rank=2),
                           members[0].train)
     with pytest.raises(ConfigError) as info:
-        check_fusable(session.model, [pissa, evals, micro, dropout])
+        check_fusable(session.model, [pissa, compiled, dropout, members[1]])
     text = str(info.value)
-    assert "variant pissa" in text and "eval.every" in text and "micro_batch" in text and "dropout 0.1" in text
+    assert "variant pissa" in text and "compiled: train.compile" in text and "dropout 0.1" in text
+    assert members[1].key not in text  # a plain member is not among the reasons
 
 
 def test_a_group_that_cannot_be_fused_runs_alone_and_says_why(tmp_path):
@@ -309,9 +364,12 @@ def test_moe_trials_fuse_block_by_block_and_match_the_trial_alone(family, moe_pl
     session = Session(f"tiny:{family}", precision="fp32")
     splits = session.data(DataSpec(train="builtin:arithmetic?n=120", eval_count=12, max_len=160))
     train_spec = TrainSpec(steps=3, batch=4, lr=1e-2, precision="fp32", schedule="linear")
-    members = [FusedMember(key, session.plan(parse_placement(p), rank=2), train_spec.model_copy(update={"seed": seed}),
-                           eval_batch=EVAL_BATCH)
-               for key, p, seed in [("moe", moe_placement, 0), ("all", "all", 1), ("attn", "attn", 0)]]
+    # The MoE trial also cuts its steps in two and checkpoints (the whole group then recomputes in backward,
+    # FusedBlock's per-trial expert stacks included).
+    members = [FusedMember(key, session.plan(parse_placement(p), rank=2),
+                           train_spec.model_copy(update={"seed": seed, **extra}), eval_batch=EVAL_BATCH)
+               for key, p, seed, extra in [("moe", moe_placement, 0, {"micro_batch": 2, "checkpointing": "on"}),
+                                           ("all", "all", 1, {}), ("attn", "attn", 0, {})]]
     assert any(pm.parameter for pm in members[0].plan.modules)
     results = train_fused(session, splits.train, members, pad_id=session.pad_id, evals={"test": splits.eval})
     worst = 0.0

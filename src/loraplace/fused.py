@@ -22,10 +22,12 @@ Scope now: LoRA, rsLoRA, DoRA and EVA (PEFT's init per trial, as alone) on ``nn.
 and on parameter sites (PEFT ``target_parameters``: fused expert stacks, router weights) of families whose
 packing is verified. A mixture-of-experts block routes tokens across rows, so it is the one place the rows do not
 share a pass: a :class:`FusedBlock` runs it once per trial's rows with that trial's adapters (its expert stacks as
-W + ΔW in PEFT's layout; linears inside it, e.g. shared experts, see ``segments.only``). One forward per step
-(no micro-batches), no compile, no checkpointing, no dropout (LoRA's or the base model's: a fused trial would
-draw other masks than alone), no evals during training; per-expert linear modules (``expert_paths``) are not
-covered.
+W + ΔW in PEFT's layout; linears inside it, e.g. shared experts, see ``segments.only``). Each trial cuts its
+steps into micro-batches, packs or pads its rows and evaluates every ``eval.every`` steps as it does alone: forward
+j of a step stacks every trial's j-th micro-batch, and a periodic eval is one fused pass for the trials due.
+Activation checkpointing is on for the whole group when a member asks for it (or ``auto`` finds the group's
+forward too big). Not covered: compile (the row routing is Python), dropout (LoRA's or the base model's: a fused
+trial would draw other masks than alone) and per-expert linear modules (``expert_paths``).
 Anything else is refused up front (:func:`check_fusable`); the study runner then runs the group one at a time
 and says why in each trial's warnings. After training, the surviving trials' validation and test losses are
 computed fused as well (each eval batch repeated once per trial); generation-based accuracy runs per trial.
@@ -33,6 +35,7 @@ computed fused as well (each eval batch repeated once per trial); generation-bas
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -46,13 +49,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplace.data import TokenizedSet
-from loraplace.data.batching import PACKING_VERIFIED, Batch, make_batch
+from loraplace.data.batching import PACKING_VERIFIED, Batch, batching_mode, make_batch
 from loraplace.errors import ConfigError, TrialFailed
 from loraplace.memory import estimate_activations
 from loraplace.models import causal_lm
 from loraplace.placement.plan import Plan
-from loraplace.records import CurvePoint
-from loraplace.train import TrainOutcome, TrainSpec, autocast, batch_order, head_loss_sum, optimizer
+from loraplace.records import CurvePoint, EvalPoint
+from loraplace.train import (
+    TrainOutcome,
+    TrainSpec,
+    autocast,
+    batch_order,
+    checkpointing_for,
+    head_loss_sum,
+    optimizer,
+    set_activation_checkpointing,
+    step_batcher,
+)
 
 # DoRA's math is per trial (its magnitude vector and the norm of its own W + ΔW), so it fuses; EVA is plain LoRA
 # after PEFT's data-driven init (run per trial, as alone); PiSSA rewrites the shared base weights: not fusable.
@@ -70,7 +83,7 @@ class FusedMember:
     key: str  # the trial id
     plan: Plan
     train: TrainSpec
-    eval_every: int | None = None  # periodic evals during training: not fusable yet
+    eval_every: int | None = None  # eval.every: a fused eval of the watched split every that many steps
     eval_batch: int | None = None  # examples per eval batch (the trial's eval.batch); None: not evaluated fused
 
 
@@ -298,10 +311,11 @@ def check_fusable(model, members: list[FusedMember]) -> None:
                             f"{', '.join(FUSABLE_VARIANTS)})")
         if any(pm.expert_paths for pm in m.plan.modules):
             problems.append(f"{m.key}: per-expert linear modules (expert_paths sites) are not fusable yet")
-        if m.train.micro_batch not in (None, m.train.batch) or m.train.compile or m.train.checkpointing == "on":
-            problems.append(f"{m.key}: micro_batch, compile and checkpointing are not fusable yet")
-        if m.eval_every:
-            problems.append(f"{m.key}: evals during training (eval.every) are not fusable yet")
+        if m.train.compile:
+            problems.append(f"{m.key}: train.compile is not fusable (the fused layers pick each trial's rows in "
+                            "Python: a compiled graph would be specialised to one group's row layout)")
+        if m.eval_every and not m.eval_batch:
+            problems.append(f"{m.key}: evals during training (eval.every) need an eval batch size")
         if m.plan.dropout:
             problems.append(f"{m.key}: LoRA dropout {m.plan.dropout} is not fusable yet (each trial's dropout "
                             "masks would differ from PEFT's)")
@@ -359,8 +373,9 @@ def _site_weights(layer: FusedLoRA | _ParamSite, key: str) -> tuple[nn.Parameter
 
 def _combined(batches: list[tuple[str, Batch]], pad_id: int
               ) -> tuple[torch.Tensor, torch.Tensor, list[_Segment], list[torch.Tensor]]:
-    """Each trial's packed rows stacked and padded to the widest: (input_ids, position_ids) [ΣR_k, W], the row range
-    of each trial, and each trial's target indices re-based into the stacked [ΣR_k·W] positions."""
+    """Each trial's rows (packed or padded, as it trains alone) stacked and padded to the widest: (input_ids,
+    position_ids) [ΣR_k, W], the row range of each trial, and each trial's target indices re-based into the stacked
+    [ΣR_k·W] positions."""
     width = max(b.input_ids.shape[1] for _, b in batches)
     ids, pos, segments, targets = [], [], [], []
     row = 0
@@ -368,9 +383,11 @@ def _combined(batches: list[tuple[str, Batch]], pad_id: int
         r, t = b.input_ids.shape
         pad = width - t
         ids.append(F.pad(b.input_ids, (0, pad), value=pad_id))
+        # A padded (unpacked) trial's rows are one sequence each: the positions its forward alone defaults to.
+        own = b.position_ids if b.position_ids is not None else torch.arange(t).expand(r, t)
         # Tail padding restarts its positions: a separate sequence nobody attends to (as in make_batch).
-        tail = torch.arange(pad, dtype=b.position_ids.dtype).expand(r, pad)
-        pos.append(torch.cat([b.position_ids, tail], 1))
+        tail = torch.arange(pad, dtype=own.dtype).expand(r, pad)
+        pos.append(torch.cat([own, tail], 1))
         rows, cols = b.target_index // t, b.target_index % t
         targets.append((rows + row) * width + cols)
         segments.append(_Segment(key, row, row + r))
@@ -378,10 +395,10 @@ def _combined(batches: list[tuple[str, Batch]], pad_id: int
     return torch.cat(ids), torch.cat(pos), segments, targets
 
 
-def auto_group_size(config, device_type: str, free_bytes: int | None, dtype_bytes: int, step_tokens: int,
+def auto_group_size(config, device_type: str, free_bytes: int | None, dtype_bytes: int, forward_tokens: int,
                     loss_chunk: int | None) -> tuple[int, str]:
-    """(trials per fused group, why) for ``execution.fuse: auto``. ``step_tokens``: the most tokens one trial's
-    step can hold (batch × max_len); each trial of a group needs that step's activations
+    """(trials per fused group, why) for ``execution.fuse: auto``. ``forward_tokens``: the most tokens one trial's
+    forward can hold (micro-batch × max_len); each trial of a group needs that forward's activations
     (:func:`loraplace.memory.estimate_activations`), and ``free_bytes`` is what the device has with the base model
     loaded."""
     if device_type != "cuda":
@@ -389,9 +406,9 @@ def auto_group_size(config, device_type: str, free_bytes: int | None, dtype_byte
         return 1, f"trials run one at a time (execution.fuse: auto — fusion is {why}; fuse: K forces it)"
     if free_bytes is None:
         return 1, "trials run one at a time (execution.fuse: auto — the device's free memory is unknown)"
-    per_trial = estimate_activations(config, step_tokens, step_tokens, dtype_bytes, loss_chunk).full_bytes
+    per_trial = estimate_activations(config, forward_tokens, forward_tokens, dtype_bytes, loss_chunk).full_bytes
     fits = int(FUSE_AUTO_MEMORY_SHARE * free_bytes // max(per_trial, 1))
-    memory = (f"≈ {per_trial / 2**30:.2f} GiB of activations per trial ({step_tokens} tokens a step), "
+    memory = (f"≈ {per_trial / 2**30:.2f} GiB of activations per trial ({forward_tokens} tokens a forward), "
               f"{FUSE_AUTO_MEMORY_SHARE:.0%} of the {free_bytes / 2**30:.1f} GiB free on {device_type}")
     if fits < 2:
         return 1, f"trials run one at a time (execution.fuse: auto — two trials do not fit: {memory})"
@@ -400,16 +417,17 @@ def auto_group_size(config, device_type: str, free_bytes: int | None, dtype_byte
 
 
 @torch.no_grad()
-def _eval_fused(lm, segments: _Segments, data: TokenizedSet, keys: list[str], batch: int, pad_id: int,
+def _eval_fused(lm, segments: _Segments, data: TokenizedSet, keys: list[str], batch: int, mode: str, pad_id: int,
                 device: torch.device, dtype: torch.dtype) -> dict[str, tuple[float, int]]:
     """Each trial's token-weighted eval loss over ``data``, all trials in one pass per batch: the batches are
-    :func:`loraplace.evaluate.eval_loss`'s (length-sorted, packed, ``batch`` examples), each repeated once per
-    trial, so every trial sees exactly the rows it would see alone. → key → (loss, label tokens)."""
+    :func:`loraplace.evaluate.eval_loss`'s (length-sorted, ``batch`` examples, packed or padded by ``mode``), each
+    repeated once per trial, so every trial sees exactly the rows it would see alone. → key → (loss, label
+    tokens)."""
     order = np.argsort([len(x) for x in data.ids], kind="stable")
     totals = {key: torch.zeros((), dtype=torch.float64, device=device) for key in keys}
     count = 0
     for i in range(0, len(order), batch):
-        b = make_batch(data, order[i:i + batch], "pack", pad_id)
+        b = make_batch(data, order[i:i + batch], mode, pad_id)
         input_ids, position_ids, segments.rows, target_index = _combined([(key, b) for key in keys], pad_id)
         targets = b.targets.to(device)
         with autocast(device, dtype):
@@ -481,86 +499,165 @@ def _wrap(model, members, plans, inits, layouts, segments, wrapped, blocks) -> N
         setattr(model.get_submodule(parent_path), leaf, block)
 
 
+@dataclass
+class _TrialState:
+    """One member's training state in the group."""
+
+    params: list[nn.Parameter]  # its adapters, in plan order
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    total: int  # its steps
+    order: list[np.ndarray]  # its example indices per step (its seed)
+    step_batches: Callable[[np.ndarray], list[Batch]]  # a step's examples → its micro-batches, as alone
+    mode: str  # packed or padded rows, as alone
+    outcome: TrainOutcome
+
+
+def _group_checkpointing(members: list[FusedMember], state: dict[str, _TrialState], config, device, dtype,
+                         chunks: dict[str, int | None]) -> bool:
+    """Activation checkpointing for the group's forwards: on when a member sets it on, or when ``auto`` finds the
+    group's largest forward (every trial's first micro-batch, stacked) too big for the device. It changes no
+    number (no dropout is fused), so one member's setting serves all; each member whose own setting did not ask
+    for it gets a note saying why it was on."""
+    firsts = [st.step_batches(st.order[0])[0] for st in state.values() if st.order]
+    forward = (sum(b.input_ids.shape[0] for b in firsts) * max(b.input_ids.shape[1] for b in firsts),
+               sum(b.label_tokens for b in firsts)) if firsts else None
+    why = None
+    if any(m.train.checkpointing == "on" for m in members):
+        why = "activation checkpointing on: a trial of its fused group sets train.checkpointing: on"
+    elif any(m.train.checkpointing == "auto" for m in members):
+        chunk = max((c for c in chunks.values() if c), default=None)
+        on, note = checkpointing_for("auto", config, forward, device, dtype, chunk)
+        why = (note.replace("a micro-batch's", "the fused group's") if note else None) if on else None
+    if why is None:
+        return False
+    for m in members:
+        if m.train.checkpointing != "on":
+            state[m.key].outcome.notes.append(why)
+    return True
+
+
 def _train_wrapped(session, data, members, plans, segments, wrapped, *, pad_id, evals, fault, on_step
                    ) -> dict[str, FusedResult]:
     model, device, dtype = session.model, session.device, session.dtype
     lm = causal_lm(model)
-    state = {}
+    state: dict[str, _TrialState] = {}
     for m in members:
         params = [p for pm in plans[m.key].modules for p in _site_weights(wrapped[pm.path], m.key)]
         total = m.train.total_steps(len(data))
         opt, sched = optimizer(params, m.train, device, total)
-        state[m.key] = (params, opt, sched, total, batch_order(len(data), m.train.batch, total, m.train.seed),
-                        TrainOutcome(steps=0, train_s=0.0, real_tokens=0, label_tokens=0))
+        order = batch_order(len(data), m.train.batch, total, m.train.seed)
+        mode = batching_mode(model, m.train.packing)
+        step_batches, shape = step_batcher(data, m.train, order, mode, pad_id)
+        state[m.key] = _TrialState(params, opt, sched, total, order, step_batches, mode,
+                                   TrainOutcome(steps=0, train_s=0.0, real_tokens=0, label_tokens=0,
+                                                static_shape=shape))
+    # Losses during training read the validation split when there is one, as alone (trial.run_trial).
+    watched = "validation" if "validation" in (evals or {}) else "test"
+    if any(m.eval_every for m in members) and watched not in (evals or {}):
+        raise ConfigError(["evals during training (eval.every) need the eval splits passed as evals"],
+                          "these trials cannot be fused")
     failures: dict[str, TrialFailed] = {}
     chunks = {m.key: m.train.resolved_loss_chunk(device.type) for m in members}
-    model.train()
-    t0 = time.perf_counter()
-    try:
-        for step in range(1, max(s[3] for s in state.values()) + 1):
-            active = [m for m in members if m.key not in failures and step <= state[m.key][3]]
+    longest = max(st.total for st in state.values())
+    eval_s = 0.0  # periodic evals so far: not training time (as alone)
+    with contextlib.ExitStack() as cleanup:  # undone in reverse order, failed or not
+        cleanup.callback(model.eval)
+        cleanup.callback(setattr, segments, "rows", [])
+        if _group_checkpointing(members, state, lm.config, device, dtype, chunks):
+            set_activation_checkpointing(lm, True)  # the session's base model is shared by the next trial
+            cleanup.callback(set_activation_checkpointing, lm, False)
+        model.train()
+        t0 = time.perf_counter()
+        for step in range(1, longest + 1):
+            active = [m for m in members if m.key not in failures and step <= state[m.key].total]
             if not active:
                 break
-            batches = [(m.key, make_batch(data, state[m.key][4][step - 1], "pack", pad_id)) for m in active]
-            input_ids, position_ids, segments.rows, target_index = _combined(batches, pad_id)
-            with autocast(device, dtype):
-                hidden = lm.base_model(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
-                                       use_cache=False).last_hidden_state
-                hidden = hidden.reshape(-1, hidden.shape[-1])  # [ΣR_k·W, H]
-                losses = {}
-                for (key, b), index in zip(batches, target_index, strict=True):
-                    part = head_loss_sum(lm, hidden.index_select(0, index.to(device)), b.targets.to(device),
-                                         chunks[key], head=_head_of(lm, key))
-                    if fault is not None:
-                        part = fault(key, step, part)
-                    losses[key] = part / b.label_tokens  # this trial's token-weighted mean
-            sum(losses.values()).backward()  # each trial's gradient reaches its own adapters only
-            values = dict(zip(losses, torch.stack([v.detach() for v in losses.values()]).tolist(), strict=True))
-            by_key = dict(batches)
+            micro = {m.key: state[m.key].step_batches(state[m.key].order[step - 1]) for m in active}
+            n_labels = {key: sum(b.label_tokens for b in bs) for key, bs in micro.items()}  # per trial, its step's
+            step_loss = {key: torch.zeros((), device=device) for key in micro}
+            # Forward j stacks every trial's j-th micro-batch (trials may cut their steps into different counts).
+            for j in range(max(len(bs) for bs in micro.values())):
+                batches = [(key, bs[j]) for key, bs in micro.items() if j < len(bs)]
+                input_ids, position_ids, segments.rows, target_index = _combined(batches, pad_id)
+                with autocast(device, dtype):
+                    hidden = lm.base_model(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+                                           use_cache=False).last_hidden_state
+                    hidden = hidden.reshape(-1, hidden.shape[-1])  # [ΣR_k·W, H]
+                    parts = {}
+                    for (key, b), index in zip(batches, target_index, strict=True):
+                        part = head_loss_sum(lm, hidden.index_select(0, index.to(device)), b.targets.to(device),
+                                             chunks[key], head=_head_of(lm, key))
+                        if fault is not None:
+                            part = fault(key, step, part)
+                        parts[key] = part / n_labels[key]  # this trial's token-weighted mean over its whole step
+                sum(parts.values()).backward()  # each trial's gradient reaches its own adapters only
+                for key, part in parts.items():
+                    step_loss[key] += part.detach()
+            values = dict(zip(step_loss, torch.stack(list(step_loss.values())).tolist(), strict=True))
             for m in active:
-                params, opt, sched, total, _, outcome = state[m.key]
+                st = state[m.key]
                 if not math.isfinite(values[m.key]):
                     failures[m.key] = TrialFailed(f"non-finite training loss ({values[m.key]}) at step {step}",
                                                   step=step, hint="lower the learning rate, or check the data")
                     for layer in wrapped.values():
                         layer.remove(m.key)
-                    opt.zero_grad(set_to_none=True)
+                    st.opt.zero_grad(set_to_none=True)
                     continue
                 if m.train.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, m.train.max_grad_norm,
+                    torch.nn.utils.clip_grad_norm_(st.params, m.train.max_grad_norm,
                                                    foreach=device.type != "cpu" or None)
-                opt.step()
-                lr = sched.get_last_lr()[0]
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                b = by_key[m.key]
+                st.opt.step()
+                lr = st.sched.get_last_lr()[0]
+                st.sched.step()
+                st.opt.zero_grad(set_to_none=True)
+                outcome = st.outcome
                 outcome.steps = step
-                outcome.real_tokens += b.real_tokens
-                outcome.label_tokens += b.label_tokens
+                outcome.real_tokens += sum(b.real_tokens for b in micro[m.key])
+                outcome.label_tokens += n_labels[m.key]
                 outcome.curve.append(CurvePoint(step=step, loss=values[m.key], tokens=outcome.real_tokens, lr=lr))
-                outcome.train_s = time.perf_counter() - t0  # the group's wall time while this trial was in it
+                # The group's wall time while this trial was in it, its periodic evals excluded.
+                outcome.train_s = time.perf_counter() - t0 - eval_s
+                if step == 1:
+                    outcome.first_step_s = outcome.train_s
+            due = [m for m in active if m.key not in failures and m.eval_every and step % m.eval_every == 0
+                   and step != state[m.key].total]  # the last step's eval is the final one, below
+            if due:
+                t_eval = time.perf_counter()
+                model.eval()
+                for key, (loss, _) in _eval_members(lm, segments, evals[watched], due, state, pad_id, device,
+                                                    dtype).items():
+                    state[key].outcome.evals.append(EvalPoint(step=step, eval_loss=loss, split=watched))
+                model.train()
+                eval_s += time.perf_counter() - t_eval
             if on_step is not None:
-                on_step(step, max(st[3] for st in state.values()))
+                on_step(step, longest)
         model.eval()
         t_eval = time.perf_counter()
+        survivors = [m for m in members if m.key not in failures and m.eval_batch]
         evaluated: dict[str, dict[str, tuple[float, int]]] = defaultdict(dict)
-        by_batch: dict[int, list[str]] = defaultdict(list)  # one fused pass per eval batch size
-        for m in members:
-            if m.key not in failures and m.eval_batch and m.train.packing:
-                by_batch[m.eval_batch].append(m.key)
         for split, split_data in (evals or {}).items():
-            for batch, keys in by_batch.items():
-                for key, value in _eval_fused(lm, segments, split_data, keys, batch, pad_id, device, dtype).items():
-                    evaluated[key][split] = value
-        eval_s = time.perf_counter() - t_eval
-        return {m.key: FusedResult(state[m.key][5], {pm.path: tuple(w.detach().clone() for w in
-                                                                     _site_weights(wrapped[pm.path], m.key))
-                                                     for pm in plans[m.key].modules}
-                                   if m.key not in failures else {},
-                                   failures.get(m.key), len(members), dict(evaluated[m.key]),
-                                   eval_s if m.key in evaluated else 0.0) for m in members}
-    finally:
-        segments.rows = []
+            for key, value in _eval_members(lm, segments, split_data, survivors, state, pad_id, device,
+                                            dtype).items():
+                evaluated[key][split] = value
+        final_eval_s = time.perf_counter() - t_eval
+    return {m.key: FusedResult(state[m.key].outcome,
+                               {pm.path: tuple(w.detach().clone() for w in _site_weights(wrapped[pm.path], m.key))
+                                for pm in plans[m.key].modules} if m.key not in failures else {},
+                               failures.get(m.key), len(members), dict(evaluated[m.key]),
+                               final_eval_s if m.key in evaluated else 0.0) for m in members}
+
+
+def _eval_members(lm, segments, data, members: list[FusedMember], state: dict[str, _TrialState], pad_id, device,
+                  dtype) -> dict[str, tuple[float, int]]:
+    """:func:`_eval_fused` for ``members``: one fused pass per (eval batch size, batching mode) they use."""
+    groups: dict[tuple[int, str], list[str]] = defaultdict(list)
+    for m in members:
+        groups[(m.eval_batch, state[m.key].mode)].append(m.key)
+    out = {}
+    for (batch, mode), keys in groups.items():
+        out.update(_eval_fused(lm, segments, data, keys, batch, mode, pad_id, device, dtype))
+    return out
 
 
 __all__ = ["FUSE_AUTO_MAX", "FusedLoRA", "FusedMember", "FusedResult", "auto_group_size", "check_fusable",

@@ -224,7 +224,7 @@ class FusedExecutor(LocalExecutor):
         session, spec = self._session, self._widest
         size, self.decision = auto_group_size(
             causal_lm(session.model).config, session.device.type, free_memory_bytes(session.device),
-            torch.finfo(session.dtype).bits // 8, spec.train.batch * spec.data.max_len,
+            torch.finfo(session.dtype).bits // 8, (spec.train.micro_batch or spec.train.batch) * spec.data.max_len,
             spec.train.resolved_loss_chunk(session.device.type))
         return size
 

@@ -465,7 +465,8 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
             executor = RayExecutor(cpus=study.resources.cpus, gpus=study.resources.gpus, artifacts=artifacts,
                                    address=address, fuse=study.execution.ray_group_size())
         elif study.execution.fuse != "off":
-            widest = max(planned, key=lambda p: p.spec.train.batch * p.spec.data.max_len).spec
+            widest = max(planned, key=lambda p: (p.spec.train.micro_batch or p.spec.train.batch)
+                         * p.spec.data.max_len).spec  # the most tokens one forward holds
             executor = FusedExecutor(study.model, fuse=study.execution.fuse, widest=widest,
                                      device=study.train.device, precision=study.train.precision,
                                      artifacts=artifacts, progress=hooks.progress)

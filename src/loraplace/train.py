@@ -194,6 +194,26 @@ def batch_order(n: int, batch: int, steps: int, seed: int) -> list[np.ndarray]:
     return out
 
 
+def step_batcher(data: TokenizedSet, spec: TrainSpec, order: list[np.ndarray], mode: str, pad_id: int
+                 ) -> tuple[Callable[[np.ndarray], list[Batch]], tuple[int, int] | None]:
+    """(one step's example indices → its micro-batches, the static [R, T] of every forward or None): ``batch``
+    examples cut into ``batch / micro_batch`` forwards; with static shapes (``static_shapes``, or ``compile``)
+    every forward is one [R, T] block (data.batching, "static shapes"). The fused trainer cuts each trial's
+    steps with this too."""
+    micro = spec.micro_batch or spec.batch
+    blocks = spec.batch // micro  # forwards per step
+    static = spec.static_shapes if spec.static_shapes is not None else spec.compile
+    shape = static_shape(data, order, mode, blocks) if static and order else None
+
+    def step_batches(example_index: np.ndarray) -> list[Batch]:
+        if shape is not None:
+            return static_batches(data, example_index, mode, pad_id, shape, blocks)
+        return [make_batch(data, example_index[i:i + micro], mode, pad_id)
+                for i in range(0, len(example_index), micro)]
+
+    return step_batches, shape
+
+
 def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, dtype: torch.dtype, pad_id: int,
           on_step: Callable[[int, int, float | None, float], None] | None = None,
           eval_fn: Callable[[], float] | None = None, eval_every: int | None = None, eval_split: str = "test",
@@ -208,19 +228,9 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
         raise TrialFailed("the model has no trainable parameters")
     total = spec.total_steps(len(data))
     opt, sched = optimizer(trainable, spec, device, total)
-    mode = batching_mode(model, spec.packing)
-    micro = spec.micro_batch or spec.batch
     sync_every = spec.sync_every or (1 if device.type == "cpu" else 10)
     order = batch_order(len(data), spec.batch, total, spec.seed)
-    blocks = spec.batch // micro  # forwards per step
-    static = spec.static_shapes if spec.static_shapes is not None else spec.compile
-    shape = static_shape(data, order, mode, blocks) if static and order else None
-
-    def step_batches(example_index: np.ndarray) -> list[Batch]:
-        if shape is not None:  # every forward is one [R, T] block (data.batching, "static shapes")
-            return static_batches(data, example_index, mode, pad_id, shape, blocks)
-        return [make_batch(data, example_index[i:i + micro], mode, pad_id)
-                for i in range(0, len(example_index), micro)]
+    step_batches, shape = step_batcher(data, spec, order, batching_mode(model, spec.packing), pad_id)
 
     # One shape: compile once, specialised to it. Otherwise widths are multiples of 8 and shapes are dynamic.
     decoder = torch.compile(causal_lm(model).base_model, dynamic=shape is None) if spec.compile else None
@@ -230,7 +240,9 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
     lm = causal_lm(model)
     first = step_batches(order[0])[0] if len(order) else None
     loss_chunk = spec.resolved_loss_chunk(device.type)
-    checkpointing, why = _checkpointing(spec.checkpointing, lm.config, first, device, dtype, loss_chunk)
+    checkpointing, why = checkpointing_for(spec.checkpointing, lm.config,
+                                           None if first is None else (first.input_ids.numel(), first.label_tokens),
+                                           device, dtype, loss_chunk)
     if why:
         outcome.notes.append(why)
     model.train()
@@ -328,18 +340,18 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def _checkpointing(setting: str, config, batch: Batch | None, device: torch.device, dtype: torch.dtype,
-                   loss_chunk: int | None) -> tuple[bool, str | None]:
-    """(use activation checkpointing, a note saying why auto turned it on)."""
+def checkpointing_for(setting: str, config, forward: tuple[int, int] | None, device: torch.device,
+                      dtype: torch.dtype, loss_chunk: int | None) -> tuple[bool, str | None]:
+    """(use activation checkpointing, a note saying why auto turned it on). ``forward``: (positions, label
+    positions) of the largest forward (a micro-batch; a fused group's forward holds every trial's), or None."""
     if setting != "auto":
         return setting == "on", None
     free = free_memory_bytes(device)
-    if batch is None or free is None:
+    if forward is None or free is None:
         return False, None
     from loraplace.memory import CPU_RESIDENT_FACTOR, estimate_activations
 
-    estimate = estimate_activations(config, batch.input_ids.numel(), batch.label_tokens,
-                                    torch.finfo(dtype).bits // 8, loss_chunk)
+    estimate = estimate_activations(config, forward[0], forward[1], torch.finfo(dtype).bits // 8, loss_chunk)
     # On a CPU the process's resident memory runs above its live tensors (glibc keeps freed heap pages).
     needed = estimate.full_bytes * (CPU_RESIDENT_FACTOR if device.type == "cpu" else 1.0)
     if needed <= 0.8 * free:

@@ -414,3 +414,24 @@ def test_the_fused_benchmark_runs_and_its_modes_agree(monkeypatch, capsys):
     fields = dict(item.split("=") for item in last.split())
     assert fields["trials"] == "6" and float(fields["fused_speedup"]) > 0
     assert float(fields["max_loss_rel_diff"]) <= 1e-4
+
+
+def test_the_run_command_shows_a_fused_group_as_one_bar(tmp_path, cli, monkeypatch):
+    """`loraplace run` with fuse: 2 — one progress bar per group (its steps, mean loss, tokens), each trial's
+    result line, and the execution decision."""
+    from helpers import tiny_study_yaml
+    from loraplace.cli import TrainProgress
+
+    bars, calls = [], []  # (rich draws no bar on a non-terminal console: what it is given is recorded instead)
+    monkeypatch.setattr(TrainProgress, "new_trial", lambda self, description: bars.append(description))
+    monkeypatch.setattr(TrainProgress, "__call__", lambda self, *args: calls.append((bars[-1], *args)))
+    (tmp_path / "s.yaml").write_text(tiny_study_yaml("bar", steps=2, extra="execution: {fuse: 2}\n"))
+    done = cli("run", tmp_path / "s.yaml", "--store", tmp_path / "s.db")
+    assert done.returncode == 0, done.stderr
+    assert bars == ["1/4 all r=2 seed=0", "1–2/4 fused ×2", "3/4 attn r=2 seed=0", "3–4/4 fused ×2"]
+    assert [(bar, step, total) for bar, step, total, _, _ in calls] == [
+        ("1–2/4 fused ×2", 1, 2), ("1–2/4 fused ×2", 2, 2), ("3–4/4 fused ×2", 1, 2), ("3–4/4 fused ×2", 2, 2)]
+    assert all(loss is not None and loss > 0 for *_, loss, _ in calls)  # the group's mean loss
+    assert [tokens for *_, tokens in calls][1] > [tokens for *_, tokens in calls][0] > 0
+    assert done.stderr.count("→ done eval_loss=") == 4
+    assert "trials fused in groups of up to 2 (execution.fuse)" in done.stdout + done.stderr

@@ -210,7 +210,8 @@ def probe(
 
 class TrainProgress:
     """Rich progress: an optional study bar over trials, and a bar over optimizer steps with loss, real tokens/s
-    and ETA (one bar, reset per trial). Silent when quiet. Called as ``progress(step, total, loss, tokens)``."""
+    and ETA (one bar, reset per trial — per group of fused trials, with their mean loss and summed tokens). Silent
+    when quiet. Called as ``progress(step, total, loss, tokens)``."""
 
     def __init__(self, quiet: bool, description: str = "train"):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -379,13 +380,19 @@ def run(
     store_path = Path(store) if store else default_store(study)
     bar = TrainProgress(quiet)
     counts = {"started": 0, "done": 0, "failed": 0}
+    in_flight: dict[str, int] = {}  # trial id → its index; several at once when trials are fused
 
     def start(trial, index: int, total: int) -> None:
         counts["started"] += 1
+        in_flight[trial.id] = index
         bar.start_study(total)
-        bar.new_trial(f"{index}/{total} {trial.labels.group.label} seed={trial.labels.seed}")
+        if len(in_flight) == 1:
+            bar.new_trial(f"{index}/{total} {trial.labels.group.label} seed={trial.labels.seed}")
+        else:  # a fused group: its bar shows the group's steps, mean loss and tokens/s
+            bar.new_trial(f"{min(in_flight.values())}–{index}/{total} fused ×{len(in_flight)}")
 
     def end(trial, outcome) -> None:
+        in_flight.pop(trial.id, None)
         counts["done" if outcome.status == "done" else "failed"] += 1
         bar.trial_done(counts["done"], counts["failed"])
         if not quiet:

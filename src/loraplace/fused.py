@@ -444,10 +444,12 @@ def _eval_fused(lm, segments: _Segments, data: TokenizedSet, keys: list[str], ba
 def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_id: int,
                 evals: dict[str, TokenizedSet] | None = None,
                 fault: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None,
-                on_step: Callable[[int, int], None] | None = None) -> dict[str, FusedResult]:
+                on_step: Callable[[int, int, float | None, int], None] | None = None) -> dict[str, FusedResult]:
     """Train every member in one pass per step over ``session.model``; see the module docstring.
     ``evals``: split name → data each surviving member (with an ``eval_batch``, packing on) is then evaluated on,
-    fused too. ``on_step(step, steps of the longest member)`` after every step (heartbeats, progress)."""
+    fused too; the watched split (validation, else test) also every ``eval_every`` steps of a member that sets it.
+    ``on_step(step, steps of the longest member, the step's mean loss over the members still in, real tokens
+    of all members so far)`` after every step (heartbeats, progress)."""
     model = session.model
     check_fusable(model, members)
     plans, inits, layouts = {}, {}, {}
@@ -631,7 +633,9 @@ def _train_wrapped(session, data, members, plans, segments, wrapped, *, pad_id, 
                 model.train()
                 eval_s += time.perf_counter() - t_eval
             if on_step is not None:
-                on_step(step, longest)
+                finite = [values[m.key] for m in active if m.key not in failures]
+                on_step(step, longest, sum(finite) / len(finite) if finite else None,
+                        sum(st.outcome.real_tokens for st in state.values()))
         model.eval()
         t_eval = time.perf_counter()
         survivors = [m for m in members if m.key not in failures and m.eval_batch]

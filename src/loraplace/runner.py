@@ -245,18 +245,18 @@ class FusedExecutor(LocalExecutor):
             return
         heartbeats = {trial.id: heartbeat for trial, heartbeat in group}
 
-        def on_step(step: int, total: int) -> None:
+        def on_step(step: int, total: int, loss: float | None, tokens: int) -> None:
             for heartbeat in heartbeats.values():
                 heartbeat()
-            if self.progress is not None:
-                self.progress(step, total, None, 0)
+            if self.progress is not None:  # the group's steps, mean loss and tokens
+                self.progress(step, total, loss, tokens)
 
         members = [(trial.id, trial.spec, trial_dir(self.artifacts, trial.id)) for trial, _ in group]
         yield from fused_outcomes(self._session, members, on_step)
 
 
 def fused_outcomes(session: Session, members: list[tuple[str, TrialSpec, Path]],
-                   on_step: Callable[[int, int], None] | None = None) -> Iterator[tuple[str, TrialOutcome]]:
+                   on_step: ProgressFn | None = None) -> Iterator[tuple[str, TrialOutcome]]:
     """(trial id, outcome) of each member. Members that read the same data (source, splits, max_len) are trained
     together by :func:`loraplace.fused.train_fused` and evaluated fused, or one at a time when they cannot be fused
     (the reason goes into each trial's warnings); every trial is then saved (and scored by generation) through
@@ -269,7 +269,7 @@ def fused_outcomes(session: Session, members: list[tuple[str, TrialSpec, Path]],
 
 
 def _one_data_group(session: Session, members: list[tuple[str, TrialSpec, Path]],
-                    on_step: Callable[[int, int], None] | None) -> Iterator[tuple[str, TrialOutcome]]:
+                    on_step: ProgressFn | None) -> Iterator[tuple[str, TrialOutcome]]:
     from loraplace.errors import ConfigError
     from loraplace.fused import FusedMember, train_fused
     from loraplace.trial import plan_of

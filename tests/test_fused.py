@@ -1,5 +1,7 @@
 """Fused trials: K trials in one pass over one base model give each trial what it gets alone (fp32)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -299,12 +301,13 @@ def test_dora_trials_fuse_and_match_the_trial_alone(family, tmp_path):
                for key, p, r, seed in [("dora-all", {"roles": ["all"], "variant": "dora"}, 4, 0),
                                        ("dora-attn", {"roles": ["attn"], "variant": "dora"}, 2, 1),
                                        ("lora-mlp", {"roles": ["mlp"]}, 4, 1)]]
-    if family == "gpt2":  # GPT-2 drops out while training (0.1): refused, since masks would differ; off here
-        with pytest.raises(ConfigError, match="drops out while training"):
+    if family == "gpt2":  # GPT-2 drops out while training (0.1): refused, since masks would differ …
+        with pytest.raises(ConfigError, match="drops out while training.*train.base_dropout: off"):
             check_fusable(session.model, members)
-        for module in session.model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        # … unless the trials turn it off (alone too: _alone trains with the same spec)
+        members = [dataclasses.replace(m, train=m.train.model_copy(update={"base_dropout": "off"}))
+                   for m in members]
+    rates = [m.p for m in session.model.modules() if isinstance(m, torch.nn.Dropout)]
     results = train_fused(session, splits.train, members, pad_id=session.pad_id, evals={"test": splits.eval})
     worst = 0.0
     for m in members:
@@ -314,6 +317,8 @@ def test_dora_trials_fuse_and_match_the_trial_alone(family, tmp_path):
         worst = max(worst, *(abs(a.loss - b) / abs(b) for a, b in zip(got.outcome.curve, curve, strict=True)),
                     abs(got.eval_losses["test"][0] - loss) / loss)
     assert worst <= 1e-4, worst
+    # the shared base model's own dropout is back after the fused group and the trials alone
+    assert [m.p for m in session.model.modules() if isinstance(m, torch.nn.Dropout)] == rates
     member = members[0]
     with session.adapter(member.plan, member.train.seed) as model:
         load_weights(model, results[member.key].weights)

@@ -222,3 +222,44 @@ def test_bf16_training_without_peft_input_casts_gives_the_same_losses(monkeypatc
     assert fast.status == default.status == "done"
     assert [p.loss for p in fast.curve] == pytest.approx([p.loss for p in default.curve], rel=1e-3)
     assert fast.metrics.eval_loss == pytest.approx(default.metrics.eval_loss, rel=1e-3)
+
+
+def test_base_dropout_off_turns_every_base_dropout_off_and_puts_it_back():
+    """train.base_dropout: off — GPT-2's dropout modules (0.1) and a llama's attention_dropout rate are 0 inside
+    (the training-mode forward is then the eval-mode one), and every rate is back afterwards; LoRA's own dropout
+    is the placement's and stays."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraplace.models import load_model
+    from loraplace.train import base_dropout_off, base_dropout_sites
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, attention_dropout=0.25))
+    for lm in (load_model("tiny:gpt2"), llama):
+        before = [(name, attr, getattr(module, attr)) for name, module, attr in base_dropout_sites(lm)]
+        assert before  # there is dropout to turn off
+        ids = torch.randint(0, 64, (2, 12))
+        lm.eval()
+        expected = lm(ids).logits
+        lm.train()
+        with base_dropout_off(lm):
+            assert base_dropout_sites(lm) == []
+            torch.testing.assert_close(lm(ids).logits, expected)
+        assert [(name, attr, getattr(module, attr)) for name, module, attr in base_dropout_sites(lm)] == before
+        assert not torch.allclose(lm(ids).logits, expected)  # dropping out again
+    session = Session("tiny:gpt2", precision="fp32")
+    with session.adapter(session.plan(parse_placement({"roles": ["attn"], "dropout": 0.1}), rank=2), 0) as model:
+        lora = [m for name, m in model.named_modules() if "lora_dropout" in name and isinstance(m, torch.nn.Dropout)]
+        with base_dropout_off(model):
+            assert lora and all(m.p == 0.1 for m in lora)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("checkpointing: off", ("off", "keep")),
+                                                ("checkpointing: on", ("on", "keep")),
+                                                ("base_dropout: off", ("auto", "off"))])
+def test_bare_yaml_on_off_reads_as_the_setting(text, expected):
+    """YAML 1.1 reads `off` as False: `train: {checkpointing: off}` in a study file must mean "off"."""
+    from loraplace.specs import parse_yaml
+
+    spec = TrainSpec.model_validate(parse_yaml(text))
+    assert (spec.checkpointing, spec.base_dropout) == expected

@@ -59,6 +59,8 @@ from loraplace.train import (
     TrainOutcome,
     TrainSpec,
     autocast,
+    base_dropout_off,
+    base_dropout_sites,
     batch_order,
     checkpointing_for,
     head_loss_sum,
@@ -284,14 +286,9 @@ def _peft_site(inner, path: str):
 
 
 def base_dropout(lm) -> str:
-    """The dropout the base model applies in training mode, in words ('' if none): dropout modules with p > 0,
-    and the attention dropout that attention functions take from the config."""
-    rates = sorted({f"{name.rsplit('.', 1)[-1]} {module.p:g}" for name, module in lm.named_modules()
-                    if isinstance(module, nn.Dropout) and module.p > 0})
-    attention = getattr(lm.config, "attention_dropout", 0.0)
-    if isinstance(attention, float) and attention > 0:
-        rates.append(f"attention_dropout {attention:g}")
-    return ", ".join(rates)
+    """The dropout the base model applies in training mode, in words ('' if none)."""
+    return ", ".join(sorted({f"{name.rsplit('.', 1)[-1] or 'model'}.{attr} {getattr(module, attr):g}"
+                             for name, module, attr in base_dropout_sites(lm)}))
 
 
 def check_fusable(model, members: list[FusedMember]) -> None:
@@ -302,9 +299,11 @@ def check_fusable(model, members: list[FusedMember]) -> None:
     if family not in PACKING_VERIFIED:
         problems.append(f"family {family!r}: fused rows need packing, which is not verified for it")
     dropout = base_dropout(lm)
-    if dropout:
+    keeping = [m.key for m in members if m.train.base_dropout == "keep"]
+    if dropout and keeping:
         problems.append(f"the base model drops out while training ({dropout}): a fused trial would draw other "
-                        "masks than it draws alone (GPT-2 checkpoints ship 0.1; set them to 0 to fuse)")
+                        "masks than it draws alone (GPT-2 checkpoints ship 0.1); train.base_dropout: off turns it "
+                        f"off and lets them fuse (kept by {', '.join(keeping)})")
     for m in members:
         if m.plan.variant not in FUSABLE_VARIANTS:
             problems.append(f"{m.key}: variant {m.plan.variant} cannot share a base model (fusable: "
@@ -566,6 +565,8 @@ def _train_wrapped(session, data, members, plans, segments, wrapped, *, pad_id, 
     with contextlib.ExitStack() as cleanup:  # undone in reverse order, failed or not
         cleanup.callback(model.eval)
         cleanup.callback(setattr, segments, "rows", [])
+        if all(m.train.base_dropout == "off" for m in members):  # check_fusable: else there is none to keep
+            cleanup.enter_context(base_dropout_off(lm))
         if _group_checkpointing(members, state, lm.config, device, dtype, chunks):
             set_activation_checkpointing(lm, True)  # the session's base model is shared by the next trial
             cleanup.callback(set_activation_checkpointing, lm, False)

@@ -267,6 +267,8 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
         if checkpointing:  # the session's base model is shared by the next trial
             set_activation_checkpointing(lm, True)
             cleanup.callback(set_activation_checkpointing, lm, False)
+        if spec.base_dropout == "off":
+            cleanup.enter_context(base_dropout_off(lm))
         # PEFT casts each adapted layer's input to the adapter's dtype (fp32 here), and autocast casts it straight
         # back to bf16 for the matmul: two copies of a [tokens, d_in] activation per adapted layer, 11 % of a bf16
         # CPU step (benchmarks/RESULTS.md). Under autocast the cast is pointless — the values are the same.
@@ -312,6 +314,42 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
             torch.cuda.synchronize()
         outcome.train_s += time.perf_counter() - t0
     return outcome
+
+
+# Float rates HF attention modules keep and pass to their attention function while training (llama-style
+# ``attention_dropout``; others name them so too); nn.Dropout modules hold theirs as ``p``.
+_DROPOUT_RATE_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "dropout_p")
+
+
+def base_dropout_sites(lm) -> list[tuple[str, torch.nn.Module, str]]:
+    """Every dropout the base model applies while training, as (module name, module, attribute): nn.Dropout
+    modules with p > 0 and float rates > 0 of the attributes above. PEFT's LoRA dropout (``lora_dropout``) is the
+    placement's, not the base model's: left out."""
+    sites = []
+    for name, module in lm.named_modules():
+        if "lora_dropout" in name:
+            continue
+        if isinstance(module, torch.nn.Dropout):
+            if module.p > 0:
+                sites.append((name, module, "p"))
+            continue
+        sites += [(name, module, attr) for attr in _DROPOUT_RATE_ATTRIBUTES
+                  if isinstance(getattr(module, attr, None), float) and getattr(module, attr) > 0]
+    return sites
+
+
+@contextlib.contextmanager
+def base_dropout_off(lm):
+    """``train.base_dropout: off`` — every base-model dropout at 0 inside, each rate put back on exit (the session's
+    model is shared by the next trial)."""
+    saved = [(module, attr, getattr(module, attr)) for _, module, attr in base_dropout_sites(lm)]
+    try:
+        for module, attr, _ in saved:
+            setattr(module, attr, 0.0)
+        yield
+    finally:
+        for module, attr, rate in saved:
+            setattr(module, attr, rate)
 
 
 def set_activation_checkpointing(lm, enabled: bool) -> None:

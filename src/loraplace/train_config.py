@@ -41,6 +41,9 @@ class TrainSpec(StrictModel):
         "rows as wide as the run's longest example, as many rows as its fullest micro-batch needs, so "
         "torch.compile compiles once (None: on when compile is)")
     sync_every: int | None = Field(default=None, gt=0, description="host sync interval (default 1 CPU, 10 CUDA)")
+    base_dropout: Literal["keep", "off"] = Field(
+        default="keep", description="the base model's own dropout while training (e.g. GPT-2 checkpoints' 0.1; LoRA's "
+        "is the placement's dropout): keep it, or turn it off — needed to fuse such trials (execution.fuse)")
     checkpointing: Literal["off", "on", "auto"] = Field(
         default="auto", description="activation checkpointing per decoder layer; auto: on when the estimated "
         "activations of a micro-batch exceed 80 % of the memory the device has free (loraplace.memory)")
@@ -50,7 +53,7 @@ class TrainSpec(StrictModel):
         "recomputed in backward: the fp32 [labels, vocab] logits are never held whole. 0: all at once. auto: "
         f"{CPU_LOSS_CHUNK} on a CPU (measured faster there as well as leaner), all at once elsewhere")
 
-    added_fields = frozenset({"checkpointing", "loss_chunk", "static_shapes"})
+    added_fields = frozenset({"checkpointing", "loss_chunk", "static_shapes", "base_dropout"})
 
     @model_validator(mode="before")
     @classmethod
@@ -74,6 +77,14 @@ class TrainSpec(StrictModel):
         batch = info.data.get("batch")
         if value is not None and batch is not None and batch % value:
             raise ValueError(f"batch {batch} is not a multiple of micro_batch {value}")
+        return value
+
+    @field_validator("checkpointing", "base_dropout", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean: `checkpointing: off` arrives as False.
+        if isinstance(value, bool):
+            return ("on" if info.field_name == "checkpointing" else "keep") if value else "off"
         return value
 
     @field_validator("loss_chunk", mode="before")

@@ -511,7 +511,8 @@ class _TrialState:
     order: list[np.ndarray]  # its example indices per step (its seed)
     step_batches: Callable[[np.ndarray], list[Batch]]  # a step's examples → its micro-batches, as alone
     mode: str  # packed or padded rows, as alone
-    outcome: TrainOutcome
+    outcome: TrainOutcome  # what has been read back (synced) so far
+    pending: list[_StepDone] = field(default_factory=list)  # steps taken since the last sync
 
 
 def _group_checkpointing(members: list[FusedMember], state: dict[str, _TrialState], config, device, dtype,
@@ -538,6 +539,51 @@ def _group_checkpointing(members: list[FusedMember], state: dict[str, _TrialStat
     return True
 
 
+@dataclass
+class _StepDone:
+    """A member's optimizer step whose loss is still on the device (read back at the next sync)."""
+
+    step: int
+    loss: torch.Tensor  # [] its token-weighted mean over the step
+    real_tokens: int
+    label_tokens: int
+    lr: float
+    elapsed: float = 0.0  # the group's training time when the step ended
+
+
+def _sync(state: dict[str, _TrialState], failures: dict[str, TrialFailed], wrapped) -> float | None:
+    """Read every member's pending losses back in one host sync and record them. A member whose loss is
+    non-finite fails at that step and leaves the group (its adapters removed; the steps it took after it, with
+    NaN in its own adapters only — rows never mix — are dropped). → the mean of the last finite losses read."""
+    pending = [(key, done) for key, st in state.items() for done in st.pending]
+    if not pending:
+        return None
+    values = torch.stack([done.loss for _, done in pending]).tolist()
+    last: dict[str, float] = {}
+    for (key, done), value in zip(pending, values, strict=True):
+        if key in failures:
+            continue
+        if not math.isfinite(value):
+            failures[key] = TrialFailed(f"non-finite training loss ({value}) at step {done.step}", step=done.step,
+                                        hint="lower the learning rate, or check the data")
+            for layer in wrapped.values():
+                layer.remove(key)
+            last.pop(key, None)
+            continue
+        outcome = state[key].outcome
+        outcome.steps = done.step
+        outcome.real_tokens += done.real_tokens
+        outcome.label_tokens += done.label_tokens
+        outcome.curve.append(CurvePoint(step=done.step, loss=value, tokens=outcome.real_tokens, lr=done.lr))
+        outcome.train_s = done.elapsed  # the group's wall time while this trial was in it
+        if done.step == 1:
+            outcome.first_step_s = done.elapsed
+        last[key] = value
+    for st in state.values():
+        st.pending.clear()
+    return sum(last.values()) / len(last) if last else None
+
+
 def _train_wrapped(session, data, members, plans, segments, wrapped, *, pad_id, evals, fault, on_step
                    ) -> dict[str, FusedResult]:
     model, device, dtype = session.model, session.device, session.dtype
@@ -560,6 +606,9 @@ def _train_wrapped(session, data, members, plans, segments, wrapped, *, pad_id, 
                           "these trials cannot be fused")
     failures: dict[str, TrialFailed] = {}
     chunks = {m.key: m.train.resolved_loss_chunk(device.type) for m in members}
+    # Losses are read back to the host (one sync) every sync_every steps — the most often a member asks for, as
+    # alone: 1 on a CPU, 10 on CUDA by default — and whenever a member finishes or is due an eval.
+    sync_every = min(m.train.sync_every or (1 if device.type == "cpu" else 10) for m in members)
     longest = max(st.total for st in state.values())
     eval_s = 0.0  # periodic evals so far: not training time (as alone)
     with contextlib.ExitStack() as cleanup:  # undone in reverse order, failed or not
@@ -597,16 +646,8 @@ def _train_wrapped(session, data, members, plans, segments, wrapped, *, pad_id, 
                 sum(parts.values()).backward()  # each trial's gradient reaches its own adapters only
                 for key, part in parts.items():
                     step_loss[key] += part.detach()
-            values = dict(zip(step_loss, torch.stack(list(step_loss.values())).tolist(), strict=True))
-            for m in active:
+            for m in active:  # a non-finite loss is found at the next sync (below); its trial is failed then
                 st = state[m.key]
-                if not math.isfinite(values[m.key]):
-                    failures[m.key] = TrialFailed(f"non-finite training loss ({values[m.key]}) at step {step}",
-                                                  step=step, hint="lower the learning rate, or check the data")
-                    for layer in wrapped.values():
-                        layer.remove(m.key)
-                    st.opt.zero_grad(set_to_none=True)
-                    continue
                 if m.train.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(st.params, m.train.max_grad_norm,
                                                    foreach=device.type != "cpu" or None)
@@ -614,17 +655,19 @@ def _train_wrapped(session, data, members, plans, segments, wrapped, *, pad_id, 
                 lr = st.sched.get_last_lr()[0]
                 st.sched.step()
                 st.opt.zero_grad(set_to_none=True)
-                outcome = st.outcome
-                outcome.steps = step
-                outcome.real_tokens += sum(b.real_tokens for b in micro[m.key])
-                outcome.label_tokens += n_labels[m.key]
-                outcome.curve.append(CurvePoint(step=step, loss=values[m.key], tokens=outcome.real_tokens, lr=lr))
-                # The group's wall time while this trial was in it, its periodic evals excluded.
-                outcome.train_s = time.perf_counter() - t0 - eval_s
-                if step == 1:
-                    outcome.first_step_s = outcome.train_s
-            due = [m for m in active if m.key not in failures and m.eval_every and step % m.eval_every == 0
+                st.pending.append(_StepDone(step, step_loss[m.key], sum(b.real_tokens for b in micro[m.key]),
+                                            n_labels[m.key], lr))
+            if step == 1 and device.type == "cuda":  # the first step's time is measured, as alone
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0 - eval_s  # the group's wall time so far, periodic evals excluded
+            for m in active:
+                state[m.key].pending[-1].elapsed = elapsed
+            due = [m for m in active if m.eval_every and step % m.eval_every == 0
                    and step != state[m.key].total]  # the last step's eval is the final one, below
+            loss = None
+            if due or step % sync_every == 0 or any(step == state[m.key].total for m in active):
+                loss = _sync(state, failures, wrapped)
+                due = [m for m in due if m.key not in failures]
             if due:
                 t_eval = time.perf_counter()
                 model.eval()
@@ -634,9 +677,8 @@ def _train_wrapped(session, data, members, plans, segments, wrapped, *, pad_id, 
                 model.train()
                 eval_s += time.perf_counter() - t_eval
             if on_step is not None:
-                finite = [values[m.key] for m in active if m.key not in failures]
-                on_step(step, longest, sum(finite) / len(finite) if finite else None,
-                        sum(st.outcome.real_tokens for st in state.values()))
+                on_step(step, longest, loss, sum(st.outcome.real_tokens for st in state.values()))
+        _sync(state, failures, wrapped)  # (every member's last step already synced; nothing is left behind)
         model.eval()
         t_eval = time.perf_counter()
         survivors = [m for m in members if m.key not in failures and m.eval_batch]

@@ -108,10 +108,54 @@ class _Segment:
 
 @dataclass
 class _Segments:
-    """The current step's row ranges, shared by every FusedLoRA of the model."""
+    """The current forward's row ranges, shared by every FusedLoRA of the model, and the batched layouts of them
+    the layers use (:meth:`gather`)."""
 
-    rows: list[_Segment] = field(default_factory=list)
+    _rows: list[_Segment] = field(default_factory=list)
     only: str | None = None  # inside a FusedBlock's per-trial pass: every row belongs to this trial
+    _plans: dict[tuple, _Gather] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> list[_Segment]:
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: list[_Segment]) -> None:
+        self._rows, self._plans = rows, {}
+
+    def gather(self, keys: tuple[str, ...], scales: tuple[float, ...], device: torch.device) -> _Gather:
+        """How the rows of ``keys`` are laid out as a [K, R_max, ·] batch and put back (cached until the rows
+        change: every site with the same trials and scales shares it)."""
+        cached = self._plans.get((keys, scales, device))
+        if cached is None:
+            where = {seg.key: seg for seg in self._rows}
+            r_max = max(where[key].hi - where[key].lo for key in keys)
+            slots, rows, slot_of_row = [], [], []
+            for i, key in enumerate(keys):
+                seg = where[key]
+                own = list(range(seg.lo, seg.hi))
+                # Spare slots repeat the trial's own first row: whatever they compute stays in its batch entry,
+                # and their outputs are never read.
+                slots += own + [seg.lo] * (r_max - len(own))
+                rows += own
+                slot_of_row += [i * r_max + j for j in range(len(own))]
+            as_index = functools.partial(torch.tensor, dtype=torch.long)
+            cached = self._plans[(keys, scales, device)] = _Gather(
+                as_index(slots).to(device, non_blocking=True), as_index(rows).to(device, non_blocking=True),
+                as_index(slot_of_row).to(device, non_blocking=True),
+                torch.tensor(scales).view(-1, 1, 1).to(device, non_blocking=True))
+        return cached
+
+
+@dataclass(frozen=True)
+class _Gather:
+    """Rows of K trials as one batched matmul's [K, R_max, ·] operand (``slots`` [K·R_max] → a row of x), and back
+    (``rows`` [n]: the trials' rows in x; ``slot_of_row`` [n]: where each sits in the batch); ``scales`` [K, 1, 1]."""
+
+    slots: torch.Tensor
+    rows: torch.Tensor
+    slot_of_row: torch.Tensor
+    scales: torch.Tensor
 
 
 class _TrialAdapters(nn.Module):
@@ -172,6 +216,26 @@ class FusedLoRA(_TrialAdapters):
         (and, with a chunked loss, again during backward, so the trial is bound here, not in shared state)."""
         return self._one_trial(key, x, self.base(x))
 
+    def _plain(self, x: torch.Tensor, y: torch.Tensor, keys: tuple[str, ...]) -> torch.Tensor:
+        """y plus every plain-LoRA trial's ``scale · B(A(x))`` on its own rows, as batched matmuls: one set of
+        kernels per distinct rank at this site, whatever K (a GPU step at small batch is launch-bound; a loop over
+        trials launches 4 kernels per trial). Each trial is its own batch entry — its rows, padded to the
+        group's most rows — so no reduction ever sums over two trials' numbers: a NaN in one trial's adapters
+        stays in its rows and its gradients. Shapes: x [R, T, d_in], y [R, T, d_out]."""
+        by_rank: dict[int, list[str]] = defaultdict(list)
+        for key in keys:
+            by_rank[self.lora_A[key].shape[0]].append(key)
+        t = x.shape[1]
+        for group in by_rank.values():
+            plan = self._segments.gather(tuple(group), tuple(self.scaling[key] for key in group), x.device)
+            xs = x.index_select(0, plan.slots).view(len(group), -1, x.shape[-1])  # [K, R_max·T, d_in]
+            a = torch.stack([self.lora_A[key] for key in group])  # [K, r, d_in]
+            b = torch.stack([self.lora_B[key] for key in group])  # [K, d_out, r]
+            out = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)) * plan.scales  # [K, R_max·T, d_out]
+            delta = out.view(-1, t, out.shape[-1]).index_select(0, plan.slot_of_row)  # [n, T, d_out]
+            y = y.index_add(0, plan.rows, delta.to(y.dtype))
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [R, T, d_in] → [R, T, d_out]
         y = self.base(x)
         if not self.scaling:
@@ -181,7 +245,14 @@ class FusedLoRA(_TrialAdapters):
         segments = self._segments.rows
         if x.dim() != 3 or x.shape[0] != segments[-1].hi:  # never guess which trial a gathered token belongs to
             raise RuntimeError(f"a fused LoRA layer expects [rows, T, d] input, got {tuple(x.shape)}")
-        return torch.cat([self._one_trial(seg.key, x[seg.lo:seg.hi], y[seg.lo:seg.hi]) for seg in segments], 0)
+        plain = tuple(seg.key for seg in segments if seg.key in self.scaling and seg.key not in self.magnitude)
+        if plain:
+            y = self._plain(x, y, plain)
+        if not self.magnitude:
+            return y
+        # DoRA trials (their output depends on their own weight norm): one at a time on their rows.
+        return torch.cat([self._one_trial(seg.key, x[seg.lo:seg.hi], y[seg.lo:seg.hi]) if seg.key in self.magnitude
+                          else y[seg.lo:seg.hi] for seg in segments], 0)
 
 
 class _ParamSite(_TrialAdapters):

@@ -60,6 +60,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--checkpointing", choices=["off", "on", "auto"], default="off",
+                        help="train.checkpointing of every trial (default off: the speed of the two ways of running "
+                             "them; auto turns it on for a fused group whose activations the estimate finds too big, "
+                             "e.g. 6 SmolLM2 trials on a 24 GiB CPU machine)")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -79,7 +83,8 @@ def main() -> None:
     members = []
     for i in range(args.trials):
         placement, rank, lr = TRIALS[i % len(TRIALS)]
-        spec = TrainSpec(steps=args.steps, batch=args.batch, lr=lr, seed=i, precision=args.precision)
+        spec = TrainSpec(steps=args.steps, batch=args.batch, lr=lr, seed=i, precision=args.precision,
+                         checkpointing=args.checkpointing)
         members.append(FusedMember(f"t{i}", session.plan(parse_placement(placement), rank=rank), spec))
     print(f"device={device} dtype={session.dtype} shape={args.shape} trials={args.trials} batch={args.batch} "
           f"max_len={args.max_len} steps={args.steps}", flush=True)
@@ -113,7 +118,9 @@ def main() -> None:
     sync(device)
     fused_s, fused_peak = time.perf_counter() - t0, peak_mb(device)
     fused_tokens = sum(r.outcome.real_tokens for r in fused.values())
-    print(f"fused: {fused_s:.1f} s, {fused_tokens / fused_s:,.0f} tok/s", flush=True)
+    notes = sorted({note for r in fused.values() for note in r.outcome.notes})
+    print(f"fused: {fused_s:.1f} s, {fused_tokens / fused_s:,.0f} tok/s{''.join('; ' + n for n in notes)}",
+          flush=True)
 
     diff = max(abs(a.loss - b) / abs(b) for m in members
                for a, b in zip(fused[m.key].outcome.curve, alone[m.key], strict=True))
@@ -121,7 +128,8 @@ def main() -> None:
           f"tokens_per_s_seq={tokens / seq_s:.0f} tokens_per_s_fused={fused_tokens / fused_s:.0f} "
           f"peak_mem_seq_mb={seq_peak if seq_peak is None else round(seq_peak)} "
           f"peak_mem_fused_mb={fused_peak if fused_peak is None else round(fused_peak)} "
-          f"max_loss_rel_diff={diff:.2e} device={device.type} trials={args.trials} batch={args.batch}")
+          f"max_loss_rel_diff={diff:.2e} device={device.type} trials={args.trials} batch={args.batch} "
+          f"checkpointing={args.checkpointing}")
 
 
 if __name__ == "__main__":

@@ -431,17 +431,25 @@ def test_the_run_command_shows_a_fused_group_as_one_bar(tmp_path, cli, monkeypat
     result line, and the execution decision."""
     from helpers import tiny_study_yaml
     from loraplace.cli import TrainProgress
+    from loraplace.store import Store
 
     bars, calls = [], []  # (rich draws no bar on a non-terminal console: what it is given is recorded instead)
     monkeypatch.setattr(TrainProgress, "new_trial", lambda self, description: bars.append(description))
     monkeypatch.setattr(TrainProgress, "__call__", lambda self, *args: calls.append((bars[-1], *args)))
-    (tmp_path / "s.yaml").write_text(tiny_study_yaml("bar", steps=2, extra="execution: {fuse: 2}\n"))
+    (tmp_path / "s.yaml").write_text(tiny_study_yaml("bar", steps=2, extra="execution: {fuse: 2}\n"
+                                                                         "eval: {every: 1}\n"))
     done = cli("run", tmp_path / "s.yaml", "--store", tmp_path / "s.db")
     assert done.returncode == 0, done.stderr
     assert bars == ["1/4 all r=2 seed=0", "1–2/4 fused ×2", "3/4 attn r=2 seed=0", "3–4/4 fused ×2"]
     assert [(bar, step, total) for bar, step, total, _, _ in calls] == [
         ("1–2/4 fused ×2", 1, 2), ("1–2/4 fused ×2", 2, 2), ("3–4/4 fused ×2", 1, 2), ("3–4/4 fused ×2", 2, 2)]
-    assert all(loss is not None and loss > 0 for *_, loss, _ in calls)  # the group's mean loss
+    with Store.open_readonly(tmp_path / "s.db") as store:
+        trials = store.trials(store.study().id)
+    for i, placement in enumerate(("all", "attn")):  # the bar's loss: the group's mean training loss of the step
+        curves = [t.outcome.curve for t in trials if t.labels.group.placement == placement]
+        for step in (1, 2):
+            mean = sum(curve[step - 1].loss for curve in curves) / len(curves)
+            assert calls[2 * i + step - 1][3] == pytest.approx(mean, rel=1e-6)
     assert [tokens for *_, tokens in calls][1] > [tokens for *_, tokens in calls][0] > 0
     assert done.stderr.count("→ done eval_loss=") == 4
     assert "trials fused in groups of up to 2 (execution.fuse)" in done.stdout + done.stderr

@@ -520,8 +520,9 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
                 fault: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None,
                 on_step: Callable[[int, int, float | None, int], None] | None = None) -> dict[str, FusedResult]:
     """Train every member in one pass per step over ``session.model``; see the module docstring.
-    ``evals``: split name → data each surviving member (with an ``eval_batch``, packing on) is then evaluated on,
-    fused too; the watched split (validation, else test) also every ``eval_every`` steps of a member that sets it.
+    ``evals``: split name → data each surviving member with an ``eval_batch`` is then evaluated on (its own rows,
+    packed or padded), fused too; the watched split (validation, else test) also every ``eval_every`` steps of a
+    member that sets it.
     ``on_step(step, steps of the longest member, the step's mean loss over the members still in, real tokens
     of all members so far)`` after every step (heartbeats, progress)."""
     model = session.model
@@ -732,23 +733,22 @@ def _train_wrapped(session, data, members, plans, segments, wrapped, *, pad_id, 
                 st.opt.zero_grad(set_to_none=True)
                 st.pending.append(_StepDone(step, step_loss[m.key], sum(b.real_tokens for b in micro[m.key]),
                                             n_labels[m.key], lr))
-            if step == 1 and device.type == "cuda":  # the first step's time is measured, as alone
+            due = [m for m in active if m.eval_every and step % m.eval_every == 0
+                   and step != state[m.key].total]  # the last step's eval is the final one, below
+            sync_now = bool(due) or step % sync_every == 0 or any(step == state[m.key].total for m in active)
+            if (sync_now or step == 1) and device.type == "cuda":  # time what the GPU has done, as alone
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0 - eval_s  # the group's wall time so far, periodic evals excluded
             for m in active:
                 state[m.key].pending[-1].elapsed = elapsed
-            due = [m for m in active if m.eval_every and step % m.eval_every == 0
-                   and step != state[m.key].total]  # the last step's eval is the final one, below
-            loss = None
-            if due or step % sync_every == 0 or any(step == state[m.key].total for m in active):
-                loss = _sync(state, failures, wrapped)
-                due = [m for m in due if m.key not in failures]
+            loss = _sync(state, failures, wrapped) if sync_now else None
+            due = [m for m in due if m.key not in failures]
             if due:
                 t_eval = time.perf_counter()
                 model.eval()
-                for key, (loss, _) in _eval_members(lm, segments, evals[watched], due, state, pad_id, device,
-                                                    dtype).items():
-                    state[key].outcome.evals.append(EvalPoint(step=step, eval_loss=loss, split=watched))
+                for key, (value, _) in _eval_members(lm, segments, evals[watched], due, state, pad_id, device,
+                                                     dtype).items():
+                    state[key].outcome.evals.append(EvalPoint(step=step, eval_loss=value, split=watched))
                 model.train()
                 eval_s += time.perf_counter() - t_eval
             if on_step is not None:

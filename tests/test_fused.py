@@ -237,20 +237,52 @@ def test_groups_fusion_does_not_cover_are_refused_with_every_reason(setup):
     assert members[1].key not in text  # a plain member is not among the reasons
 
 
-def test_a_group_that_cannot_be_fused_runs_alone_and_says_why(tmp_path):
+def test_a_trial_that_cannot_be_fused_runs_alone_and_the_rest_of_its_group_still_fuses(tmp_path):
     from helpers import tiny_study_yaml
     from loraplace.store import Store
     from loraplace.study import load_study, run_study
 
-    spec = tiny_study_yaml("nf", steps=2, seeds=[0], placements={"all": "{preset: all}",
+    spec = tiny_study_yaml("nf", steps=2, seeds=[0], placements={"all": "{preset: all}", "attn": "{preset: attn}",
                                                                   "pissa": "{roles: [attn], variant: pissa}"},
-                           extra="execution: {fuse: 2}\n")
+                           extra="execution: {fuse: 3}\n")
     (tmp_path / "s.yaml").write_text(spec)
-    assert run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db").done == 2
+    assert run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db").done == 3
     with Store.open_readonly(tmp_path / "s.db") as store:
-        trials = store.trials(store.study().id)
-    assert all(t.outcome.fused_with == 0 for t in trials)
-    assert all(any("not fused" in w and "pissa" in w for w in t.outcome.warnings) for t in trials)
+        trials = {t.labels.group.placement: t.outcome for t in store.trials(store.study().id)}
+    assert (trials["all"].fused_with, trials["attn"].fused_with, trials["pissa"].fused_with) == (1, 1, 0)
+    assert [w for w in trials["pissa"].warnings if "not fused" in w] == [
+        "not fused: variant pissa cannot share a base model (fusable: lora, rslora, dora, eva)"]
+    assert not any("not fused" in w for w in trials["all"].warnings + trials["attn"].warnings)
+
+
+def test_a_fused_group_out_of_memory_runs_its_trials_one_at_a_time(tmp_path, monkeypatch):
+    """K trials' activations may not fit where one trial's do: the group's trials then run alone (and say so);
+    any other error in the fused pass fails the group's trials, and the study goes on."""
+    import loraplace.fused
+    from helpers import tiny_study_yaml
+    from loraplace.store import Store
+    from loraplace.study import load_study, run_study
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loraplace.fused, "train_fused", out_of_memory)
+    (tmp_path / "s.yaml").write_text(tiny_study_yaml("oom", steps=2, extra="execution: {fuse: 4}\n"))
+    summary = run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db")
+    assert (summary.done, summary.failed) == (4, 0)
+    with Store.open_readonly(tmp_path / "s.db") as store:
+        outcomes = [t.outcome for t in store.trials(store.study().id)]
+    assert all(o.fused_with == 0 and any("ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in w
+                                         for w in o.warnings) for o in outcomes)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the fused pass")
+
+    monkeypatch.setattr(loraplace.fused, "train_fused", broken)
+    summary = run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s2.db")
+    assert (summary.done, summary.failed) == (0, 4)
+    with Store.open_readonly(tmp_path / "s2.db") as store:
+        assert all("a bug in the fused pass" in t.outcome.failure.message for t in store.trials(store.study().id))
 
 
 def test_trials_of_a_group_that_read_different_data_are_fused_per_data(tmp_path):

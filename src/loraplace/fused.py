@@ -32,8 +32,8 @@ j of a step stacks every trial's j-th micro-batch, and a periodic eval is one fu
 Activation checkpointing is on for the whole group when a member asks for it (or ``auto`` finds the group's
 forward too big). Not covered: compile (the row routing is Python), dropout (LoRA's or the base model's: a fused
 trial would draw other masks than alone) and per-expert linear modules (``expert_paths``).
-Anything else is refused up front (:func:`check_fusable`); the study runner then runs the group one at a time
-and says why in each trial's warnings. After training, the surviving trials' validation and test losses are
+Anything else is refused up front (:func:`fusion_problems`): the study runner runs such a trial alone, says why in
+its warnings, and fuses the rest of its group. After training, the surviving trials' validation and test losses are
 computed fused as well (each eval batch repeated once per trial); generation-based accuracy runs per trial.
 """
 
@@ -366,35 +366,43 @@ def base_dropout(lm) -> str:
                              for name, module, attr in base_dropout_sites(lm)}))
 
 
-def check_fusable(model, members: list[FusedMember]) -> None:
-    """Every reason this group cannot be fused, at once."""
-    problems = []
+def fusion_problems(model, members: list[FusedMember]) -> tuple[list[str], dict[str, list[str]]]:
+    """Why these members cannot all be fused: (problems of the group — the model, duplicate ids —, member key →
+    its own problems). Members with no problem of their own fuse together when the group has none."""
+    group: list[str] = []
+    own: dict[str, list[str]] = defaultdict(list)
     lm = causal_lm(model)
     family = getattr(lm.config, "model_type", None)
     if family not in PACKING_VERIFIED:
-        problems.append(f"family {family!r}: fused rows need packing, which is not verified for it")
-    dropout = base_dropout(lm)
-    keeping = [m.key for m in members if m.train.base_dropout == "keep"]
-    if dropout and keeping:
-        problems.append(f"the base model drops out while training ({dropout}): a fused trial would draw other "
-                        "masks than it draws alone (GPT-2 checkpoints ship 0.1); train.base_dropout: off turns it "
-                        f"off and lets them fuse (kept by {', '.join(keeping)})")
-    for m in members:
-        if m.plan.variant not in FUSABLE_VARIANTS:
-            problems.append(f"{m.key}: variant {m.plan.variant} cannot share a base model (fusable: "
-                            f"{', '.join(FUSABLE_VARIANTS)})")
-        if any(pm.expert_paths for pm in m.plan.modules):
-            problems.append(f"{m.key}: per-expert linear modules (expert_paths sites) are not fusable yet")
-        if m.train.compile:
-            problems.append(f"{m.key}: train.compile is not fusable (the fused layers pick each trial's rows in "
-                            "Python: a compiled graph would be specialised to one group's row layout)")
-        if m.eval_every and not m.eval_batch:
-            problems.append(f"{m.key}: evals during training (eval.every) need an eval batch size")
-        if m.plan.dropout:
-            problems.append(f"{m.key}: LoRA dropout {m.plan.dropout} is not fusable yet (each trial's dropout "
-                            "masks would differ from PEFT's)")
+        group.append(f"family {family!r}: fused rows need packing, which is not verified for it")
     if len({m.key for m in members}) != len(members):
-        problems.append("two members share a trial id")
+        group.append("two members share a trial id")
+    dropout = base_dropout(lm)
+    for m in members:
+        if dropout and m.train.base_dropout == "keep":
+            own[m.key].append(f"the base model drops out while training ({dropout}): a fused trial would draw other "
+                              "masks than it draws alone (GPT-2 checkpoints ship 0.1); train.base_dropout: off "
+                              "turns it off and lets it fuse")
+        if m.plan.variant not in FUSABLE_VARIANTS:
+            own[m.key].append(f"variant {m.plan.variant} cannot share a base model (fusable: "
+                              f"{', '.join(FUSABLE_VARIANTS)})")
+        if any(pm.expert_paths for pm in m.plan.modules):
+            own[m.key].append("per-expert linear modules (expert_paths sites) are not fusable yet")
+        if m.train.compile:
+            own[m.key].append("train.compile is not fusable (the fused layers pick each trial's rows in Python: a "
+                              "compiled graph would be specialised to one group's row layout)")
+        if m.eval_every and not m.eval_batch:
+            own[m.key].append("evals during training (eval.every) need an eval batch size")
+        if m.plan.dropout:
+            own[m.key].append(f"LoRA dropout {m.plan.dropout} is not fusable yet (each trial's dropout masks would "
+                              "differ from PEFT's)")
+    return group, dict(own)
+
+
+def check_fusable(model, members: list[FusedMember]) -> None:
+    """Every reason this group cannot be fused, at once (:func:`fusion_problems`)."""
+    group, own = fusion_problems(model, members)
+    problems = group + [f"{key}: {problem}" for key, found in own.items() for problem in found]
     if problems:
         raise ConfigError(problems, "these trials cannot be fused")
 
@@ -783,4 +791,4 @@ def _eval_members(lm, segments, data, members: list[FusedMember], state: dict[st
 
 
 __all__ = ["FUSE_AUTO_MAX", "FusedLoRA", "FusedMember", "FusedResult", "auto_group_size", "check_fusable",
-           "initial_weights", "load_weights", "train_fused"]
+           "fusion_problems", "initial_weights", "load_weights", "train_fused"]

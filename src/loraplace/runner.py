@@ -258,9 +258,10 @@ class FusedExecutor(LocalExecutor):
 def fused_outcomes(session: Session, members: list[tuple[str, TrialSpec, Path]],
                    on_step: ProgressFn | None = None) -> Iterator[tuple[str, TrialOutcome]]:
     """(trial id, outcome) of each member. Members that read the same data (source, splits, max_len) are trained
-    together by :func:`loraplace.fused.train_fused` and evaluated fused, or one at a time when they cannot be fused
-    (the reason goes into each trial's warnings); every trial is then saved (and scored by generation) through
-    ``run_trial``. The local fused executor and the Ray backend's group tasks both run groups through here."""
+    together by :func:`loraplace.fused.train_fused` and evaluated fused; a member that cannot be fused runs alone
+    (the reason goes into its warnings), as does every member of a group that ran out of memory; every trial is
+    then saved (and scored by generation) through ``run_trial``. The local fused executor and the Ray backend's
+    group tasks both run groups through here."""
     by_data: dict[str, list[tuple[str, TrialSpec, Path]]] = {}
     for member in members:
         by_data.setdefault(member[1].data.model_dump_json(), []).append(member)
@@ -271,26 +272,46 @@ def fused_outcomes(session: Session, members: list[tuple[str, TrialSpec, Path]],
 def _one_data_group(session: Session, members: list[tuple[str, TrialSpec, Path]],
                     on_step: ProgressFn | None) -> Iterator[tuple[str, TrialOutcome]]:
     from loraplace.errors import ConfigError
-    from loraplace.fused import FusedMember, train_fused
+    from loraplace.fused import FusedMember, fusion_problems, train_fused
     from loraplace.trial import plan_of
 
     results = {}
-    not_fused = None  # why a group of several ran one at a time (it goes into each trial's warnings)
+    not_fused: dict[str, str] = {}  # why a trial of a group ran alone (it goes into the trial's warnings)
+    failed: dict[str, Failure] = {}
     if len(members) > 1:
+        fusable = []
         try:
             fused = [FusedMember(tid, plan_of(session, spec), spec.train, spec.eval.every, spec.eval.batch)
                      for tid, spec, _ in members]
-            splits = session.data(members[0][1].data)
-            evals = {"test": splits.eval} | ({"validation": splits.validation} if splits.validation is not None
-                                             else {})
-            results = train_fused(session, splits.train, fused, pad_id=session.pad_id, evals=evals,
-                                  on_step=on_step)
-        except ConfigError as exc:  # a variant, site kind or setting fused training does not cover
-            results, not_fused = {}, "not fused: " + "; ".join(exc.problems)
-        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the group's trials fail, the study goes on
-            for tid, _, _ in members:
-                yield tid, TrialOutcome.failed(failure_of(exc))
-            return
+            group, own = fusion_problems(session.model, fused)
+            if group:
+                not_fused = {m.key: "not fused: " + "; ".join(group) for m in fused}
+            else:  # the members with a problem of their own run alone; the others still fuse
+                not_fused = {key: "not fused: " + "; ".join(found) for key, found in own.items()}
+                fusable = [m for m in fused if m.key not in own]
+                if len(fusable) == 1:
+                    not_fused[fusable[0].key] = "not fused: no other trial of its group could be fused with it"
+                elif fusable:
+                    splits = session.data(members[0][1].data)
+                    evals = {"test": splits.eval} | ({"validation": splits.validation}
+                                                     if splits.validation is not None else {})
+                    results = train_fused(session, splits.train, fusable, pad_id=session.pad_id, evals=evals,
+                                          on_step=on_step)
+        except ConfigError as exc:  # a site kind or setting fused training does not cover, found while wrapping
+            results, not_fused = {}, {tid: "not fused: " + "; ".join(exc.problems) for tid, _, _ in members}
+        except torch.OutOfMemoryError as exc:  # K trials' activations did not fit: each runs alone instead
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            results = {}
+            not_fused |= {m.key: f"not fused: the fused group ran out of memory ({str(exc).splitlines()[0]}); "
+                                 "its trials ran one at a time (a smaller execution.fuse avoids it)" for m in fusable}
+        except Exception as exc:  # noqa: BLE001 - the group's trials fail (the others still run), the study goes on
+            results = {}
+            failed = {m.key: failure_of(exc) for m in fusable} if fusable else {
+                tid: failure_of(exc) for tid, _, _ in members}
     for tid, spec, out_dir in members:
+        if tid in failed:
+            yield tid, TrialOutcome.failed(failed[tid])
+            continue
         yield tid, run_trial(spec, session=session, out_dir=out_dir, pretrained=results.get(tid),
-                             notes=(not_fused,) if not_fused else ())
+                             notes=(not_fused[tid],) if tid in not_fused else ())

@@ -169,6 +169,7 @@ def test_a_fused_study_stores_what_the_sequential_study_stores(tmp_path):
     """execution: {fuse: 4} — the four trials are claimed, trained together, and recorded one by one, with the
     results the one-at-a-time study records."""
     from helpers import tiny_study_yaml
+    from loraplace.analysis import analyze_store
     from loraplace.store import Store
     from loraplace.study import load_study, run_study
 
@@ -189,6 +190,11 @@ def test_a_fused_study_stores_what_the_sequential_study_stores(tmp_path):
                                      "auto": "trials run one at a time (execution.fuse: auto — fusion is measured "
                                              "not to pay on a CPU; fuse: K forces it)"}[mode]
         results[mode] = {t.id: t.outcome for t in trials}
+        speed = [w for w in analyze_store(root / "s.db").warnings if "speed comparisons" in w]
+        assert speed == ([] if mode != "4" else [  # a fused trial's timings are its group's: the report says so
+            "4 of 4 finished trial(s) trained fused with up to 3 other(s) (execution.fuse): their train time and "
+            "tokens/s are their group's, so speed comparisons between placements do not hold; run with "
+            "execution.fuse: off to compare speed"])
     assert results["off"].keys() == results["4"].keys() == results["auto"].keys()  # fusion changes no trial id
     assert {t: o.metrics.eval_loss for t, o in results["auto"].items()} == {
         t: o.metrics.eval_loss for t, o in results["off"].items()}  # auto on a CPU: exactly the plain path

@@ -350,6 +350,11 @@ def _warnings(groups: dict[GroupKey, Group], rows: list[TrialRow], counts: dict[
         out.append(f"{len(failed)} trial(s) failed: " + "; ".join(
             f"{r.key.label} seed {r.seed}: {(r.error or '').splitlines()[0][:120] if r.error else 'no message'}"
             for r in failed[:5]) + (" …" if len(failed) > 5 else ""))
+    fused = [r.outcome.fused_with for r in rows if r.status == "done" and r.outcome is not None]
+    if any(fused):
+        out.append(f"{sum(1 for k in fused if k)} of {len(fused)} finished trial(s) trained fused with up to "
+                   f"{max(fused)} other(s) (execution.fuse): their train time and tokens/s are their group's, so "
+                   "speed comparisons between placements do not hold; run with execution.fuse: off to compare speed")
     unfinished = counts.get("pending", 0) + counts.get("running", 0) + counts.get("interrupted", 0)
     if unfinished:
         out.append(f"{unfinished} trial(s) not finished yet (pending, running or interrupted): "

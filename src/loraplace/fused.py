@@ -78,8 +78,8 @@ from loraplace.train import (
 FUSABLE_VARIANTS = ("lora", "rslora", "dora", "eva")
 # execution.fuse: auto. Fusion trades memory (activations grow with K) for fewer, larger kernels: it pays where a
 # step is launch-bound (a GPU at small batch), not where it is compute-bound. On the 2-core CPU it was measured at
-# 0.94× the sequential wall time (benchmarks/RESULTS.md, 2026-11-24), so auto leaves it off on a CPU; on CUDA it
-# groups as many trials as fit, up to FUSE_AUTO_MAX.
+# 1.01× the sequential wall time on the quickstart and 0.76× on bench_fused.py (benchmarks/RESULTS.md, 2026-11-24),
+# so auto leaves it off on a CPU; on CUDA it groups as many trials as fit, up to FUSE_AUTO_MAX.
 FUSE_AUTO_MAX = 8
 FUSE_AUTO_MEMORY_SHARE = 0.8  # of the device's free memory (after the base model) the group's activations may use
 

@@ -298,7 +298,9 @@ def _one_data_group(session: Session, members: list[tuple[str, TrialSpec, Path]]
                     results = train_fused(session, splits.train, fusable, pad_id=session.pad_id, evals=evals,
                                           on_step=on_step)
         except ConfigError as exc:  # a site kind or setting fused training does not cover, found while wrapping
-            results, not_fused = {}, {tid: "not fused: " + "; ".join(exc.problems) for tid, _, _ in members}
+            results = {}
+            not_fused |= {key: "not fused: " + "; ".join(exc.problems)
+                          for key in ([m.key for m in fusable] or [tid for tid, _, _ in members])}
         except torch.OutOfMemoryError as exc:  # K trials' activations did not fit: each runs alone instead
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

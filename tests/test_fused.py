@@ -491,3 +491,19 @@ def test_the_run_command_shows_a_fused_group_as_one_bar(tmp_path, cli, monkeypat
     assert [tokens for *_, tokens in calls][1] > [tokens for *_, tokens in calls][0] > 0
     assert done.stderr.count("→ done eval_loss=") == 4
     assert "trials fused in groups of up to 2 (execution.fuse)" in done.stdout + done.stderr
+
+
+def test_checkpointing_auto_looks_at_the_whole_group(setup, monkeypatch):
+    """train.checkpointing: auto — the group's forward holds every member's rows, so the estimate is the group's,
+    and every member's notes say why checkpointing was on."""
+    import loraplace.train
+
+    session, splits, members = setup
+    members = [dataclasses.replace(m, train=m.train.model_copy(update={"steps": 1})) for m in members]
+    results = train_fused(session, splits.train, members, pad_id=session.pad_id)
+    assert not any(r.outcome.notes for r in results.values())  # plenty of memory here
+    monkeypatch.setattr(loraplace.train, "free_memory_bytes", lambda device: 2**20)  # 1 MiB free
+    results = train_fused(session, splits.train, members, pad_id=session.pad_id)
+    for r in results.values():
+        assert len(r.outcome.notes) == 1 and r.outcome.notes[0].startswith(
+            "activation checkpointing on: the fused group's activations (≈ "), r.outcome.notes

@@ -613,8 +613,7 @@ def _group_checkpointing(members: list[FusedMember], state: dict[str, _TrialStat
         why = "activation checkpointing on: a trial of its fused group sets train.checkpointing: on"
     elif any(m.train.checkpointing == "auto" for m in members):
         chunk = max((c for c in chunks.values() if c), default=None)
-        on, note = checkpointing_for("auto", config, forward, device, dtype, chunk)
-        why = (note.replace("a micro-batch's", "the fused group's") if note else None) if on else None
+        _, why = checkpointing_for("auto", config, forward, device, dtype, chunk, whose="the fused group's")
     if why is None:
         return False
     for m in members:

@@ -379,9 +379,11 @@ def free_memory_bytes(device: torch.device) -> int | None:
 
 
 def checkpointing_for(setting: str, config, forward: tuple[int, int] | None, device: torch.device,
-                      dtype: torch.dtype, loss_chunk: int | None) -> tuple[bool, str | None]:
+                      dtype: torch.dtype, loss_chunk: int | None, whose: str = "a micro-batch's"
+                      ) -> tuple[bool, str | None]:
     """(use activation checkpointing, a note saying why auto turned it on). ``forward``: (positions, label
-    positions) of the largest forward (a micro-batch; a fused group's forward holds every trial's), or None."""
+    positions) of the largest forward, ``whose`` it is in the note (a fused group's holds every trial's), or
+    None."""
     if setting != "auto":
         return setting == "on", None
     free = free_memory_bytes(device)
@@ -394,6 +396,6 @@ def checkpointing_for(setting: str, config, forward: tuple[int, int] | None, dev
     needed = estimate.full_bytes * (CPU_RESIDENT_FACTOR if device.type == "cpu" else 1.0)
     if needed <= 0.8 * free:
         return False, None
-    return True, (f"activation checkpointing on: a micro-batch's activations (≈ {needed / 2**30:.1f} GiB estimated"
+    return True, (f"activation checkpointing on: {whose} activations (≈ {needed / 2**30:.1f} GiB estimated"
                   f"{', resident' if device.type == 'cpu' else ''}) exceed 80 % of the {free / 2**30:.1f} GiB free "
                   f"on {device.type}")

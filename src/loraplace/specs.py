@@ -35,6 +35,11 @@ class StrictModel(BaseModel):
         return data
 
 
+def bare_on_off(value: Any, on: str, off: str = "off") -> Any:
+    """A setting's word for a bare YAML ``on``/``off`` (YAML 1.1 reads them as true/false); other values pass."""
+    return (on if value else off) if isinstance(value, bool) else value
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names at the location of an unknown key (walks nested models and lists of models)."""
     current: Any = model

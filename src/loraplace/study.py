@@ -25,7 +25,7 @@ from loraplace.errors import ConfigError, LoraplaceError
 from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill, PlacementSpec
 from loraplace.records import GroupKey, Size, StudyInfo, TrialLabels, TrialOutcome, config_without_seed
 from loraplace.runner import FusedExecutor, LocalExecutor, PlannedTrial, RunHooks, RunSummary, execute
-from loraplace.specs import StrictModel, load_yaml, validate
+from loraplace.specs import StrictModel, bare_on_off, load_yaml, validate
 from loraplace.store import Store, StoreError
 from loraplace.tracking import Tracker, TrackingSpec, check_tracking
 from loraplace.train_config import TrainSpec
@@ -74,8 +74,7 @@ class ExecutionSpec(StrictModel):
     @field_validator("fuse", mode="before")
     @classmethod
     def _yaml_off(cls, value: object) -> object:
-        # YAML reads a bare `off` as false (and `on` as true): they mean the words here.
-        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+        return bare_on_off(value, on="auto")
 
     @field_validator("fuse")
     @classmethod

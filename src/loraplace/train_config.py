@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from loraplace.specs import StrictModel
+from loraplace.specs import StrictModel, bare_on_off
 
 DEFAULT_STEPS = 20  # when neither steps nor epochs is given (the CLI and study YAML share this default)
 # train.loss_chunk: auto on a CPU. 1.17× the tokens/s of the whole-logits loss on the builtin model (bf16,
@@ -82,10 +82,7 @@ class TrainSpec(StrictModel):
     @field_validator("checkpointing", "base_dropout", mode="before")
     @classmethod
     def _yaml_on_off(cls, value: Any, info: ValidationInfo) -> Any:
-        # YAML 1.1 reads a bare on/off as a boolean: `checkpointing: off` arrives as False.
-        if isinstance(value, bool):
-            return ("on" if info.field_name == "checkpointing" else "keep") if value else "off"
-        return value
+        return bare_on_off(value, on="on" if info.field_name == "checkpointing" else "keep")
 
     @field_validator("loss_chunk", mode="before")
     @classmethod

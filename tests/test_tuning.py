@@ -159,3 +159,19 @@ def test_a_field_added_since_the_store_was_written_is_not_a_change(tuned, tmp_pa
     with pytest.raises(StudyChanged) as info:
         run_study(load_study(tmp_path / "wider.yaml"), db)
     assert "tune.lr" in str(info.value) and "execution" not in str(info.value)
+
+
+def test_a_fused_tuned_study_selects_and_stores_what_the_sequential_one_does(tuned, tmp_path):
+    """execution: {fuse: 4} — the selection pass (6 trials) and the follow-up seeds train fused; the validation
+    losses that select each LR come from the fused eval, and select what the one-at-a-time study selected."""
+    _write_splits(tmp_path)
+    fused_store = run_study_once(tmp_path, _spec(tmp_path) + "execution: {fuse: 4}\n")
+    plain, fused = analyze_store(tuned[False]), analyze_store(fused_store)
+    assert {c: s.lr for c, s in fused.selections.items()} == {c: s.lr for c, s in plain.selections.items()}
+    for cell, sel in fused.selections.items():
+        assert sel.val_loss_by_lr == pytest.approx(plain.selections[cell].val_loss_by_lr, rel=1e-4)
+    with Store.open_readonly(fused_store) as store:
+        trials = store.trials(store.study().id)
+    assert all(t.status == "done" for t in trials) and any(t.outcome.fused_with for t in trials)
+    assert [g.stats["eval_loss"].mean for g in fused.compared] == pytest.approx(
+        [g.stats["eval_loss"].mean for g in plain.compared], rel=1e-4)

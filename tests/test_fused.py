@@ -262,29 +262,44 @@ def test_a_trial_that_cannot_be_fused_runs_alone_and_the_rest_of_its_group_still
 
 
 def test_a_fused_group_out_of_memory_runs_its_trials_one_at_a_time(tmp_path, monkeypatch):
-    """K trials' activations may not fit where one trial's do: the group's trials then run alone (and say so);
-    any other error in the fused pass fails the group's trials, and the study goes on."""
+    """K trials' activations may not fit where one trial's do: the group's trials then run alone (and say so)
+    and later groups are halved; any other error in the fused pass fails the group's trials, and the study goes
+    on."""
     import loraplace.fused
     from helpers import tiny_study_yaml
     from loraplace.store import Store
     from loraplace.study import load_study, run_study
 
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    real_train_fused = loraplace.fused.train_fused
+    groups = []
 
-    monkeypatch.setattr(loraplace.fused, "train_fused", out_of_memory)
-    (tmp_path / "s.yaml").write_text(tiny_study_yaml("oom", steps=2, extra="execution: {fuse: 4}\n"))
+    def out_of_memory_above_two(session, data, members, **kwargs):  # as if three trials' activations did not fit
+        groups.append(len(members))
+        if len(members) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_train_fused(session, data, members, **kwargs)
+
+    monkeypatch.setattr(loraplace.fused, "train_fused", out_of_memory_above_two)
+    (tmp_path / "s.yaml").write_text(tiny_study_yaml("oom", steps=2, seeds=[0, 1, 2, 3],
+                                                     extra="execution: {fuse: 4}\n"))
     summary = run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db")
-    assert (summary.done, summary.failed) == (4, 0)
+    assert (summary.done, summary.failed) == (8, 0)
+    # The first group of 4 ran out of memory and its trials ran alone; later groups were halved, and fused.
+    assert groups == [4, 2, 2]
+    assert summary.execution == ("trials fused in groups of up to 4 (execution.fuse); then groups of up to 2, "
+                                 "after a group of 4 ran out of memory")
     with Store.open_readonly(tmp_path / "s.db") as store:
         outcomes = [t.outcome for t in store.trials(store.study().id)]
-    assert all(o.fused_with == 0 and any("ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in w
-                                         for w in o.warnings) for o in outcomes)
+    alone = [o for o in outcomes if o.fused_with == 0]
+    assert len(alone) == 4 and all(any("ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in w
+                                       for w in o.warnings) for o in alone)
+    assert sorted(o.fused_with for o in outcomes) == [0, 0, 0, 0, 1, 1, 1, 1]
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in the fused pass")
 
     monkeypatch.setattr(loraplace.fused, "train_fused", broken)
+    (tmp_path / "s.yaml").write_text(tiny_study_yaml("oom", steps=2, extra="execution: {fuse: 4}\n"))
     summary = run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s2.db")
     assert (summary.done, summary.failed) == (0, 4)
     with Store.open_readonly(tmp_path / "s2.db") as store:

@@ -252,25 +252,34 @@ class FusedExecutor(LocalExecutor):
                 self.progress(step, total, loss, tokens)
 
         members = [(trial.id, trial.spec, trial_dir(self.artifacts, trial.id)) for trial, _ in group]
-        yield from fused_outcomes(self._session, members, on_step)
+        yield from fused_outcomes(self._session, members, on_step, on_out_of_memory=self._shrink)
+
+    def _shrink(self, failed: int) -> None:
+        """A group of ``failed`` trials ran out of memory: later groups are at most half as large."""
+        smaller = max(1, failed // 2)
+        if smaller < self.capacity:
+            self._group_size = smaller
+            self.decision = (f"{self.decision}; then groups of up to {smaller}, after a group of {failed} ran out "
+                             "of memory")
 
 
 def fused_outcomes(session: Session, members: list[tuple[str, TrialSpec, Path]],
-                   on_step: ProgressFn | None = None) -> Iterator[tuple[str, TrialOutcome]]:
+                   on_step: ProgressFn | None = None, on_out_of_memory: Callable[[int], None] | None = None
+                   ) -> Iterator[tuple[str, TrialOutcome]]:
     """(trial id, outcome) of each member. Members that read the same data (source, splits, max_len) are trained
     together by :func:`loraplace.fused.train_fused` and evaluated fused; a member that cannot be fused runs alone
     (the reason goes into its warnings), as does every member of a group that ran out of memory; every trial is
-    then saved (and scored by generation) through ``run_trial``. The local fused executor and the Ray backend's
-    group tasks both run groups through here."""
+    then saved (and scored by generation) through ``run_trial``; ``on_out_of_memory(group size)`` hears of such a
+    group. The local fused executor and the Ray backend's group tasks both run groups through here."""
     by_data: dict[str, list[tuple[str, TrialSpec, Path]]] = {}
     for member in members:
         by_data.setdefault(member[1].data.model_dump_json(), []).append(member)
     for part in by_data.values():
-        yield from _one_data_group(session, part, on_step)
+        yield from _one_data_group(session, part, on_step, on_out_of_memory)
 
 
-def _one_data_group(session: Session, members: list[tuple[str, TrialSpec, Path]],
-                    on_step: ProgressFn | None) -> Iterator[tuple[str, TrialOutcome]]:
+def _one_data_group(session: Session, members: list[tuple[str, TrialSpec, Path]], on_step: ProgressFn | None,
+                    on_out_of_memory: Callable[[int], None] | None) -> Iterator[tuple[str, TrialOutcome]]:
     from loraplace.errors import ConfigError
     from loraplace.fused import FusedMember, fusion_problems, train_fused
     from loraplace.trial import plan_of
@@ -307,6 +316,8 @@ def _one_data_group(session: Session, members: list[tuple[str, TrialSpec, Path]]
             results = {}
             not_fused |= {m.key: f"not fused: the fused group ran out of memory ({str(exc).splitlines()[0]}); "
                                  "its trials ran one at a time (a smaller execution.fuse avoids it)" for m in fusable}
+            if on_out_of_memory is not None:
+                on_out_of_memory(len(fusable))
         except Exception as exc:  # noqa: BLE001 - the group's trials fail (the others still run), the study goes on
             results = {}
             failed = {m.key: failure_of(exc) for m in fusable} if fusable else {

@@ -308,8 +308,7 @@ def _one_data_group(session: Session, members: list[tuple[str, TrialSpec, Path]]
                                           on_step=on_step)
         except ConfigError as exc:  # a site kind or setting fused training does not cover, found while wrapping
             results = {}
-            not_fused |= {key: "not fused: " + "; ".join(exc.problems)
-                          for key in ([m.key for m in fusable] or [tid for tid, _, _ in members])}
+            not_fused |= dict.fromkeys(_in_group(fusable, members), "not fused: " + "; ".join(exc.problems))
         except torch.OutOfMemoryError as exc:  # K trials' activations did not fit: each runs alone instead
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -320,11 +319,16 @@ def _one_data_group(session: Session, members: list[tuple[str, TrialSpec, Path]]
                 on_out_of_memory(len(fusable))
         except Exception as exc:  # noqa: BLE001 - the group's trials fail (the others still run), the study goes on
             results = {}
-            failed = {m.key: failure_of(exc) for m in fusable} if fusable else {
-                tid: failure_of(exc) for tid, _, _ in members}
+            failed = dict.fromkeys(_in_group(fusable, members), failure_of(exc))
     for tid, spec, out_dir in members:
         if tid in failed:
             yield tid, TrialOutcome.failed(failed[tid])
             continue
         yield tid, run_trial(spec, session=session, out_dir=out_dir, pretrained=results.get(tid),
                              notes=(not_fused[tid],) if tid in not_fused else ())
+
+
+def _in_group(fusable: list, members: list[tuple[str, TrialSpec, Path]]) -> list[str]:
+    """The trials a failure of the fused pass concerns: the members being fused, or every member when it came
+    before they were known (e.g. while planning)."""
+    return [m.key for m in fusable] or [tid for tid, _, _ in members]

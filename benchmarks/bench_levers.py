@@ -62,7 +62,8 @@ def main() -> None:
     from loraplace.data import DataSpec
     from loraplace.data.batching import make_batch, static_batches, static_shape
     from loraplace.placement import parse_placement
-    from loraplace.train import TrainSpec, batch_order, train
+    from loraplace.stepper import batch_order
+    from loraplace.train import TrainSpec, train
     from loraplace.trial import Session
 
     train_path, eval_path = build_data(args)

@@ -60,7 +60,8 @@ def measure(args) -> dict:
     from loraplace.memory import CPU_RESIDENT_FACTOR, estimate_activations, hidden_bytes_per_token
     from loraplace.models import causal_lm
     from loraplace.placement import parse_placement
-    from loraplace.train import TrainSpec, batch_order, set_activation_checkpointing, train
+    from loraplace.stepper import batch_order
+    from loraplace.train import TrainSpec, set_activation_checkpointing, train
     from loraplace.trial import Session
 
     train_path, eval_path = build_data(args)

@@ -174,7 +174,7 @@ def trial_spec(args, model_ref: str):
 def run_one(args) -> dict:
     """One engine in this (fresh) process: the child side of main()."""
     from loraplace.models import checkpoint_path
-    from loraplace.train import batch_order
+    from loraplace.stepper import batch_order
     from loraplace.trial import Session, run_trial
 
     spec = trial_spec(args, args.model)
@@ -231,7 +231,8 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
 
-    from loraplace.train import batch_order, cpu_has_bf16
+    from loraplace.stepper import batch_order
+    from loraplace.train import cpu_has_bf16
     from loraplace.trial import Session
 
     if args.random_init:

@@ -190,11 +190,11 @@ def test_a_fused_study_stores_what_the_sequential_study_stores(tmp_path):
                                      "auto": "trials run one at a time (execution.fuse: auto — fusion is measured "
                                              "not to pay on a CPU; fuse: K forces it)"}[mode]
         results[mode] = {t.id: t.outcome for t in trials}
-        speed = [w for w in analyze_store(root / "s.db").warnings if "speed comparisons" in w]
+        speed = [w for w in analyze_store(root / "s.db").warnings if "speed and memory comparisons" in w]
         assert speed == ([] if mode != "4" else [  # a fused trial's timings are its group's: the report says so
-            "4 of 4 finished trial(s) trained fused with up to 3 other(s) (execution.fuse): their train time and "
-            "tokens/s are their group's, so speed comparisons between placements do not hold; run with "
-            "execution.fuse: off to compare speed"])
+            "4 of 4 finished trial(s) trained fused with up to 3 other(s) (execution.fuse): their train time, "
+            "tokens/s and peak memory are their group's, so speed and memory comparisons between placements do not "
+            "hold; run with execution.fuse: off to compare them"])
     assert results["off"].keys() == results["4"].keys() == results["auto"].keys()  # fusion changes no trial id
     assert {t: o.metrics.eval_loss for t, o in results["auto"].items()} == {
         t: o.metrics.eval_loss for t, o in results["off"].items()}  # auto on a CPU: exactly the plain path
@@ -411,7 +411,7 @@ def test_an_eva_trial_fuses_with_its_own_data_driven_ranks(tmp_path):
         assert results[m.key].eval_losses["test"][0] == pytest.approx(loss, rel=1e-4)
     spec = TrialSpec(model="tiny:llama", data=data, placement=parse_placement(placements[0][1]), rank=4,
                      train=train_spec)
-    outcome = run_trial(spec, session=session, out_dir=tmp_path / "eva", pretrained=eva)
+    outcome = run_trial(spec, session=session, out_dir=tmp_path / "eva", trained_in_group=eva)
     assert outcome.status == "done" and outcome.fused_with == 1
     assert outcome.metrics.eval_loss == eva.eval_losses["test"][0]
     assert outcome.trainable_params == sum(a.numel() + b.numel() for a, b in eva.weights.values())
@@ -522,3 +522,32 @@ def test_checkpointing_auto_looks_at_the_whole_group(setup, monkeypatch):
     for r in results.values():
         assert len(r.outcome.notes) == 1 and r.outcome.notes[0].startswith(
             "activation checkpointing on: the fused group's activations (≈ "), r.outcome.notes
+
+
+def test_a_fused_trials_peak_memory_is_its_groups_training_peak(tmp_path, monkeypatch):
+    """The peak a fused trial records is the one its group reached while training, not the (smaller) peak of its own
+    evaluation afterwards. A fake meter stands in for the device's: a training forward (grad on) reaches 1000 MiB,
+    an eval forward 10 MiB."""
+    import loraplace.fused
+    import loraplace.trial
+    from loraplace.runner import fused_outcomes
+    from loraplace.trial import TrialSpec
+
+    meter = {"peak": 0.0}
+    monkeypatch.setattr(loraplace.fused, "reset_peak_memory", lambda device: meter.update(peak=0.0))
+    monkeypatch.setattr(loraplace.trial, "reset_peak_memory", lambda device: meter.update(peak=0.0))
+    monkeypatch.setattr(loraplace.fused, "peak_memory_mb", lambda device: meter["peak"])
+    monkeypatch.setattr(loraplace.trial, "peak_memory_mb", lambda device: meter["peak"])
+    session = Session("tiny:llama", precision="fp32")
+    layer = session.model.model.layers[0]
+    hook = layer.register_forward_pre_hook(
+        lambda *_: meter.update(peak=max(meter["peak"], 1000.0 if torch.is_grad_enabled() else 10.0)))
+    specs = [TrialSpec(model="tiny:llama", data=DataSpec(train="builtin:arithmetic?n=60", eval_count=8, max_len=160),
+                       placement=parse_placement({"preset": p}), rank=2,
+                       train=TrainSpec(steps=2, batch=2, seed=0, precision="fp32")) for p in ("all", "attn")]
+    try:
+        outcomes = dict(fused_outcomes(session, [(f"t{i}", spec, tmp_path / f"t{i}") for i, spec in enumerate(specs)]))
+    finally:
+        hook.remove()
+    assert [o.fused_with for o in outcomes.values()] == [1, 1]
+    assert [o.metrics.peak_mem_mb for o in outcomes.values()] == [1000.0, 1000.0]

@@ -13,7 +13,8 @@ from loraplace.data.batching import batching_mode, make_batch
 from loraplace.errors import PlacementError
 from loraplace.placement import parse_placement
 from loraplace.probe import allocate, probe_model, top_singular_energy, units
-from loraplace.train import batch_order, loss_sum
+from loraplace.stepper import batch_order
+from loraplace.train import loss_sum
 from loraplace.trial import Session
 
 

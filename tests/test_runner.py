@@ -24,8 +24,10 @@ class FakeExecutor:
     """Runs nothing: trial t<i> is done with eval loss i, except those listed in ``fail`` (and ``interrupt_at``
     raises KeyboardInterrupt when that trial is waited for)."""
 
-    def __init__(self, capacity: int, fail=(), interrupt_at=None):
+    def __init__(self, capacity: int, fail=(), interrupt_at=None, prepared_capacity: int | None = None):
         self.capacity = capacity
+        self.prepared_capacity = prepared_capacity  # what prepare() sets the capacity to (as fuse: auto does)
+        self.prepared_after: list[list[str]] = []  # what had been submitted when prepare() ran
         self.fail, self.interrupt_at = set(fail), interrupt_at
         self.submitted: list[str] = []
         self.batches: list[list[str]] = []
@@ -48,6 +50,11 @@ class FakeExecutor:
             else:
                 yield trial_id, TrialOutcome(status="done", metrics=Metrics(eval_loss=float(trial_id[1:]),
                                                                             perplexity=1.0))
+
+    def prepare(self):
+        self.prepared_after.append(list(self.submitted))
+        if self.prepared_capacity is not None:
+            self.capacity = self.prepared_capacity
 
     def cancel(self):
         self.cancelled = True
@@ -84,6 +91,19 @@ def test_every_trial_is_claimed_run_and_recorded_once_in_grid_order(store, capac
     records = {t.id: t for t in store.trials(study_id)}
     assert records["t2"].metrics.eval_loss == 2.0 and records["t3"].error == "t3 broke"
     assert all(t.attempts == 1 and t.completions == int(t.status == "done") for t in records.values())
+
+
+def test_prepare_runs_once_after_the_first_claim_and_may_size_the_capacity(store):
+    """An executor is prepared (e.g. the base model loaded and fused groups sized) once a trial is claimed — never
+    for a study with nothing left to run — and the capacity it sets then applies to the next claims."""
+    trials = planned(5)
+    study_id = register(store, trials)
+    executor = FakeExecutor(1, prepared_capacity=3)
+    execute(store, study_id, trials, executor)
+    assert executor.prepared_after == [["t0"]]
+    assert executor.batches == [["t0", "t1", "t2"], ["t3", "t4"]]
+    idle = FakeExecutor(1, prepared_capacity=3)
+    assert execute(store, study_id, trials, idle).ran == 0 and idle.prepared_after == []
 
 
 def test_a_failed_trial_is_not_retried_in_the_same_run_even_with_retry_failed(store):

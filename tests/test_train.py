@@ -6,7 +6,8 @@ import torch
 from loraplace.data import DataSpec
 from loraplace.errors import TrialFailed
 from loraplace.placement import parse_placement
-from loraplace.train import TrainSpec, _lr_lambda, batch_order, train
+from loraplace.stepper import batch_order
+from loraplace.train import TrainSpec, train
 from loraplace.trial import Session, TrialSpec, run_trial
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -97,14 +98,6 @@ def test_one_default_for_the_length_of_training():
     assert TrainSpec(steps=3).steps == 3
     with pytest.raises(ValueError, match="steps or epochs"):
         TrainSpec(steps=3, epochs=1)
-
-
-def test_schedules():
-    lin = _lr_lambda("linear", 2, 10)
-    assert [round(lin(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
-    cos = _lr_lambda("cosine", 0, 10)
-    assert cos(0) == 1.0 and cos(5) == pytest.approx(0.5) and cos(10) == pytest.approx(0.0)
-    assert _lr_lambda("constant", 0, 10)(7) == 1.0
 
 
 def test_batch_order_covers_each_epoch():

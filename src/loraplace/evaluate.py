@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
 import torch
 
 from loraplace.data import TokenizedSet
-from loraplace.data.batching import batching_mode, make_batch
+from loraplace.data.batching import batching_mode, eval_batches
 from loraplace.data.formats import final_answer
 from loraplace.models import causal_lm, pad_token_id
 from loraplace.records import AccuracyDetail, GenerationSample
@@ -27,12 +26,10 @@ def eval_loss(model, data: TokenizedSet, *, device: torch.device, dtype: torch.d
     """(Σ token losses / Σ label tokens over the whole eval set, label token count)."""
     was_training = model.training
     model.eval()
-    order = np.argsort([len(x) for x in data.ids], kind="stable")  # length-sorted: little padding
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    mode = batching_mode(model, packing)
-    for i in range(0, len(order), batch):
-        b = make_batch(data, order[i:i + batch], mode, pad_id).to(device)
+    for b in eval_batches(data, batch, batching_mode(model, packing), pad_id):
+        b = b.to(device)
         with autocast(device, dtype):
             total += loss_sum(model, b).double()
         count += b.label_tokens

@@ -26,7 +26,7 @@ Scope now: LoRA, rsLoRA, DoRA and EVA (PEFT's init per trial, as alone) on ``nn.
 and on parameter sites (PEFT ``target_parameters``: fused expert stacks, router weights) of families whose
 packing is verified. A mixture-of-experts block routes tokens across rows, so it is the one place the rows do not
 share a pass: a :class:`FusedBlock` runs it once per trial's rows with that trial's adapters (its expert stacks as
-W + ΔW in PEFT's layout; linears inside it, e.g. shared experts, see ``segments.only``). Each trial cuts its
+W + ΔW in PEFT's layout; linears inside it, e.g. shared experts, see only that trial's rows). Each trial cuts its
 steps into micro-batches, packs or pads its rows and evaluates every ``eval.every`` steps as it does alone: forward
 j of a step stacks every trial's j-th micro-batch, and a periodic eval is one fused pass for the trials due.
 Activation checkpointing is on for the whole group when a member asks for it (or ``auto`` finds the group's
@@ -41,10 +41,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,25 +52,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplace.data import TokenizedSet
-from loraplace.data.batching import PACKING_VERIFIED, Batch, batching_mode, make_batch
+from loraplace.data.batching import PACKING_VERIFIED, Batch, batching_mode, eval_batches
 from loraplace.errors import ConfigError, TrialFailed
 from loraplace.memory import estimate_activations
 from loraplace.models import causal_lm
-from loraplace.placement.plan import Plan
-from loraplace.records import CurvePoint, EvalPoint
+from loraplace.peft_io import ParamLayout, SiteInit, SiteWeights, TrainedAdapters, load_weights, read_sites
+from loraplace.placement.plan import Plan, resulting_plan
+from loraplace.stepper import Continuation, TrainClock, TrialStepper, sync
 from loraplace.train import (
-    TrainOutcome,
-    TrainSpec,
     autocast,
     base_dropout_off,
     base_dropout_sites,
-    batch_order,
     checkpointing_for,
     head_loss_sum,
-    optimizer,
+    peak_memory_mb,
+    reset_peak_memory,
     set_activation_checkpointing,
     step_batcher,
 )
+from loraplace.train_config import TrainSpec
 
 # DoRA's math is per trial (its magnitude vector and the norm of its own W + ΔW), so it fuses; EVA is plain LoRA
 # after PEFT's data-driven init (run per trial, as alone); PiSSA rewrites the shared base weights: not fusable.
@@ -91,16 +90,7 @@ class FusedMember:
     train: TrainSpec
     eval_every: int | None = None  # eval.every: a fused eval of the watched split every that many steps
     eval_batch: int | None = None  # examples per eval batch (the trial's eval.batch); None: not evaluated fused
-
-
-@dataclass
-class FusedResult:
-    outcome: TrainOutcome
-    weights: dict[str, tuple[torch.Tensor, ...]]  # module path → (A [r, in], B [out, r][, DoRA magnitude [out]])
-    failure: TrialFailed | None = None
-    group_size: int = 1  # trials trained in the same pass, this one included
-    eval_losses: dict[str, tuple[float, int]] = field(default_factory=dict)  # split → (loss, label tokens), fused
-    eval_s: float = 0.0  # the group's fused eval time
+    continuation: Continuation | None = None  # continue a saved state, stop and save there (as alone)
 
 
 @dataclass
@@ -110,29 +100,48 @@ class _Segment:
     hi: int
 
 
-@dataclass
 class _Segments:
-    """The current forward's row ranges, shared by every FusedLoRA of the model, and the batched layouts of them
-    the layers use (:meth:`gather`)."""
+    """The current forward's row layout, shared by every FusedLoRA and FusedBlock of the model: bound for one
+    forward (and its backward, whose checkpoint recompute runs the layers again) by ``with segments.bound(rows)``,
+    cleared on exit; a fused layer run outside such a block raises. Inside a FusedBlock's per-trial pass
+    (``with segments.alone(key)``) every row is that trial's. Caches the batched layouts the layers use
+    (:meth:`gather`) while the rows stay bound."""
 
-    _rows: list[_Segment] = field(default_factory=list)
-    only: str | None = None  # inside a FusedBlock's per-trial pass: every row belongs to this trial
-    _plans: dict[tuple, _Gather] = field(default_factory=dict)
+    def __init__(self):
+        self._rows: list[_Segment] | None = None
+        self.only: str | None = None
+        self._plans: dict[tuple, _Gather] = {}
+
+    @contextlib.contextmanager
+    def bound(self, rows: list[_Segment]) -> Iterator[None]:
+        if self._rows is not None:
+            raise RuntimeError("fused rows are already bound (nested forwards)")
+        self._rows, self._plans = rows, {}
+        try:
+            yield
+        finally:
+            self._rows, self._plans = None, {}
+
+    @contextlib.contextmanager
+    def alone(self, key: str) -> Iterator[None]:
+        self.only = key
+        try:
+            yield
+        finally:
+            self.only = None
 
     @property
     def rows(self) -> list[_Segment]:
+        if self._rows is None:
+            raise RuntimeError("a fused layer ran outside a bound row layout (segments.bound)")
         return self._rows
-
-    @rows.setter
-    def rows(self, rows: list[_Segment]) -> None:
-        self._rows, self._plans = rows, {}
 
     def gather(self, keys: tuple[str, ...], scales: tuple[float, ...], device: torch.device) -> _Gather:
         """How the rows of ``keys`` are laid out as a [K, R_max, ·] batch and put back (cached until the rows
         change: every site with the same trials and scales shares it)."""
         cached = self._plans.get((keys, scales, device))
         if cached is None:
-            where = {seg.key: seg for seg in self._rows}
+            where = {seg.key: seg for seg in self.rows}
             r_max = max(where[key].hi - where[key].lo for key in keys)
             slots, rows, slot_of_row = [], [], []
             for i, key in enumerate(keys):
@@ -172,12 +181,11 @@ class _TrialAdapters(nn.Module):
         self.magnitude = nn.ParameterDict()  # DoRA trials only: [out]
         self.scaling: dict[str, float] = {}
 
-    def add(self, key: str, a: torch.Tensor, b: torch.Tensor, scale: float,
-            magnitude: torch.Tensor | None = None) -> None:
-        self.lora_A[key] = nn.Parameter(a.detach().clone().float())
-        self.lora_B[key] = nn.Parameter(b.detach().clone().float())
-        if magnitude is not None:
-            self.magnitude[key] = nn.Parameter(magnitude.detach().clone().float())
+    def add(self, key: str, weights: SiteWeights, scale: float) -> None:
+        self.lora_A[key] = nn.Parameter(weights.lora_A.detach().clone().float())
+        self.lora_B[key] = nn.Parameter(weights.lora_B.detach().clone().float())
+        if weights.magnitude is not None:
+            self.magnitude[key] = nn.Parameter(weights.magnitude.detach().clone().float())
         self.scaling[key] = scale
 
     def remove(self, key: str) -> None:
@@ -263,9 +271,9 @@ class _ParamSite(_TrialAdapters):
     """The LoRA factors of several trials on one parameter (PEFT ``target_parameters``: a fused expert stack
     [E, ·, ·] or a 2-D weight such as a router's), and PEFT's layout of them (``ParamWrapper``; no DoRA there)."""
 
-    def __init__(self, num_experts: int, swapped: bool, fan_in_fan_out: bool):
+    def __init__(self, layout: ParamLayout):
         super().__init__()
-        self.num_experts, self.swapped, self.fan_in_fan_out = num_experts, swapped, fan_in_fan_out
+        self.num_experts, self.swapped, self.fan_in_fan_out = layout.experts, layout.swapped, layout.fan_in_fan_out
 
     def weight(self, key: str, w: torch.Tensor) -> torch.Tensor:
         """W + ΔW of trial ``key``, as PEFT's ParamWrapper builds it (``get_delta_factors`` folded with one
@@ -295,18 +303,15 @@ class FusedBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs):
         rows = self._segments.rows
-        if hidden.dim() != 3 or hidden.shape[0] != (rows[-1].hi if rows else 0):
+        if hidden.dim() != 3 or hidden.shape[0] != rows[-1].hi:
             raise RuntimeError(f"a fused MoE block expects [rows, T, H] input, got {tuple(hidden.shape)}")
         outs = []
         for seg in rows:
             overrides = {name.replace("__", "."): site.weight(seg.key, self.block.get_parameter(
                 name.replace("__", "."))) for name, site in self.sites.items() if seg.key in site.scaling}
-            self._segments.only = seg.key
-            try:
+            with self._segments.alone(seg.key):
                 outs.append(torch.func.functional_call(self.block, overrides, (hidden[seg.lo:seg.hi], *args),
                                                        kwargs, strict=False))
-            finally:
-                self._segments.only = None
         return _cat_outputs(outs)
 
 
@@ -340,24 +345,6 @@ def _is_moe_block(module: nn.Module) -> bool:
     """A block whose forward routes tokens to experts (transformers 5 keeps them as [E, ·, ·] stacks): linears
     inside it (shared experts, a linear router) see gathered tokens, not rows."""
     return any(p.dim() == 3 for p in module.parameters())
-
-
-def _peft_site(inner, path: str):
-    """PEFT's LoRA layer of a site: the module at ``path``, or, for a parameter target (``owner.name``), the
-    ``ParamWrapper`` of that parameter (wrappers of one module's parameters are nested through ``base_layer``)."""
-    try:
-        module = inner.get_submodule(path)
-        if hasattr(module, "lora_A"):
-            return module
-    except AttributeError:
-        pass
-    owner, _, name = path.rpartition(".")
-    module = inner.get_submodule(owner)
-    while hasattr(module, "parameter_name"):
-        if module.parameter_name == name:
-            return module
-        module = module.base_layer
-    raise KeyError(f"{path}: no PEFT LoRA layer adapts it")
 
 
 def base_dropout(lm) -> str:
@@ -407,50 +394,17 @@ def check_fusable(model, members: list[FusedMember]) -> None:
         raise ConfigError(problems, "these trials cannot be fused")
 
 
-def initial_weights(session, member: FusedMember, data: TokenizedSet
-                    ) -> tuple[Plan, dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]],
-                               dict[str, tuple[int, bool, bool]]]:
+def initial_weights(session, member: FusedMember, data: TokenizedSet) -> tuple[Plan, dict[str, SiteInit]]:
     """The trial's adapters as PEFT initialises them alone (its seed, its plan; EVA's SVD on ``data``, the training
-    split): (the plan as PEFT built it — EVA moves rank between sites —, path → (A, B, scale, DoRA magnitude or
-    None), parameter-site path → PEFT's layout (experts, in/out swapped, fan_in_fan_out))."""
-    from loraplace.trial import resulting_plan
-
-    out, layouts = {}, {}
+    split): (the plan as PEFT built it — EVA moves rank between sites —, path → its :class:`SiteInit`)."""
     with session.adapter(member.plan, member.train.seed, init_data=data) as peft_model:
         plan = resulting_plan(peft_model, member.plan)
-        inner = peft_model.base_model.model
-        for pm in plan.modules:
-            layer = _peft_site(inner, pm.path)
-            magnitude = layer.lora_magnitude_vector["default"].weight.detach().clone() \
-                if "default" in getattr(layer, "lora_magnitude_vector", {}) else None
-            out[pm.path] = (layer.lora_A["default"].weight.detach().clone(),
-                            layer.lora_B["default"].weight.detach().clone(), float(layer.scaling["default"]),
-                            magnitude)
-            if pm.parameter:
-                layouts[pm.path] = (int(layer.num_experts), bool(layer._did_swap_in_out_features),
-                                    bool(layer.fan_in_fan_out))
-    return plan, out, layouts
+        return plan, read_sites(peft_model, plan)
 
 
-def load_weights(peft_model, weights: dict[str, tuple[torch.Tensor, ...]]) -> None:
-    """Put a fused trial's trained adapters — path → (A, B) or (A, B, DoRA magnitude) — into a PEFT model
-    injected with the same plan."""
-    inner = peft_model.base_model.model
-    with torch.no_grad():
-        for path, tensors in weights.items():
-            layer = _peft_site(inner, path)
-            if layer.lora_A["default"].weight.shape != tensors[0].shape:  # e.g. an EVA init that chose other ranks
-                raise TrialFailed(f"{path}: the fused trial trained rank {tensors[0].shape[0]}, the re-injected "
-                                  f"adapter has rank {layer.lora_A['default'].weight.shape[0]}")
-            layer.lora_A["default"].weight.copy_(tensors[0])
-            layer.lora_B["default"].weight.copy_(tensors[1])
-            if len(tensors) > 2:
-                layer.lora_magnitude_vector["default"].weight.copy_(tensors[2])
-
-
-def _site_weights(layer: FusedLoRA | _ParamSite, key: str) -> tuple[nn.Parameter, ...]:
-    """One trial's trainable tensors at one site, in :func:`load_weights`' order: A, B (and DoRA's magnitude)."""
-    return (layer.lora_A[key], layer.lora_B[key]) + ((layer.magnitude[key],) if key in layer.magnitude else ())
+def _site_weights(layer: FusedLoRA | _ParamSite, key: str) -> SiteWeights:
+    """One trial's trainable tensors at one site (the live parameters), as PEFT lays them out."""
+    return SiteWeights(layer.lora_A[key], layer.lora_B[key], layer.magnitude.get(key))
 
 
 def _combined(batches: list[tuple[str, Batch]], pad_id: int
@@ -502,17 +456,14 @@ def auto_group_size(config, device_type: str, free_bytes: int | None, dtype_byte
 def _eval_fused(lm, segments: _Segments, data: TokenizedSet, keys: list[str], batch: int, mode: str, pad_id: int,
                 device: torch.device, dtype: torch.dtype) -> dict[str, tuple[float, int]]:
     """Each trial's token-weighted eval loss over ``data``, all trials in one pass per batch: the batches are
-    :func:`loraplace.evaluate.eval_loss`'s (length-sorted, ``batch`` examples, packed or padded by ``mode``), each
-    repeated once per trial, so every trial sees exactly the rows it would see alone. → key → (loss, label
-    tokens)."""
-    order = np.argsort([len(x) for x in data.ids], kind="stable")
+    :func:`loraplace.evaluate.eval_loss`'s (:func:`~loraplace.data.batching.eval_batches`), each repeated once per
+    trial, so every trial sees exactly the rows it would see alone. → key → (loss, label tokens)."""
     totals = {key: torch.zeros((), dtype=torch.float64, device=device) for key in keys}
     count = 0
-    for i in range(0, len(order), batch):
-        b = make_batch(data, order[i:i + batch], mode, pad_id)
-        input_ids, position_ids, segments.rows, target_index = _combined([(key, b) for key in keys], pad_id)
+    for b in eval_batches(data, batch, mode, pad_id):
+        input_ids, position_ids, rows, target_index = _combined([(key, b) for key in keys], pad_id)
         targets = b.targets.to(device)
-        with autocast(device, dtype):
+        with segments.bound(rows), autocast(device, dtype):
             hidden = lm.base_model(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
                                    use_cache=False).last_hidden_state
             hidden = hidden.reshape(-1, hidden.shape[-1])  # [K·R·W, H]
@@ -526,26 +477,28 @@ def _eval_fused(lm, segments: _Segments, data: TokenizedSet, keys: list[str], ba
 def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_id: int,
                 evals: dict[str, TokenizedSet] | None = None,
                 fault: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None,
-                on_step: Callable[[int, int, float | None, int], None] | None = None) -> dict[str, FusedResult]:
+                on_step: Callable[[int, int, float | None, int], None] | None = None) -> dict[str, TrainedAdapters]:
     """Train every member in one pass per step over ``session.model``; see the module docstring.
     ``evals``: split name → data each surviving member with an ``eval_batch`` is then evaluated on (its own rows,
     packed or padded), fused too; the watched split (validation, else test) also every ``eval_every`` steps of a
-    member that sets it.
+    member that sets it. A member with a ``continuation`` continues its saved state (if any), stops at its
+    ``stop_after`` and saves its state there, as alone.
     ``on_step(step, steps of the longest member, the step's mean loss over the members still in, real tokens
     of all members so far)`` after every step (heartbeats, progress)."""
     model = session.model
     check_fusable(model, members)
-    plans, inits, layouts = {}, {}, {}
+    reset_peak_memory(session.device)  # the group's peak: its members' inits, training and fused evals
+    plans, inits = {}, {}
     for m in members:
-        plans[m.key], inits[m.key], member_layouts = initial_weights(session, m, data)
-        layouts.update(member_layouts)
+        plans[m.key], inits[m.key] = initial_weights(session, m, data)
     segments = _Segments()
     wrapped: dict[str, FusedLoRA | _ParamSite] = {}
     blocks: dict[str, FusedBlock] = {}  # MoE blocks (parameter sites, or linears that see gathered tokens)
     try:
-        _wrap(model, members, plans, inits, layouts, segments, wrapped, blocks)
-        return _train_wrapped(session, data, members, plans, segments, wrapped, pad_id=pad_id, evals=evals,
-                              fault=fault, on_step=on_step)
+        _wrap(model, members, plans, inits, segments, wrapped, blocks)
+        group = _Group.start(session, data, members, plans, segments, wrapped, pad_id, evals or {})
+        group.train(fault, on_step)
+        return group.collect(plans)
     finally:  # the session's base model goes back as it was: MoE blocks first (linears' paths run through them)
         for path, block in blocks.items():
             parent_path, _, leaf = path.rpartition(".")
@@ -557,7 +510,8 @@ def train_fused(session, data: TokenizedSet, members: list[FusedMember], *, pad_
         model.eval()
 
 
-def _wrap(model, members, plans, inits, layouts, segments, wrapped, blocks) -> None:
+def _wrap(model, members: list[FusedMember], plans: dict[str, Plan], inits: dict[str, dict[str, SiteInit]],
+          segments: _Segments, wrapped: dict[str, FusedLoRA | _ParamSite], blocks: dict[str, FusedBlock]) -> None:
     """Put every member's adapters into the model: a FusedLoRA per adapted linear, a _ParamSite per parameter site,
     a FusedBlock per MoE block (set last: the linears inside are found by their original paths)."""
     for m in members:
@@ -566,228 +520,230 @@ def _wrap(model, members, plans, inits, layouts, segments, wrapped, blocks) -> N
             if block is not None and block not in blocks and (pm.parameter or _is_moe_block(
                     model.get_submodule(block))):
                 blocks[block] = FusedBlock(model.get_submodule(block), segments)
+            init = inits[m.key][pm.path]
             if pm.path not in wrapped and pm.parameter:
                 if block is None:
                     raise ConfigError([f"{pm.path}: a parameter site outside the decoder layers"],
                                       "these trials cannot be fused")
-                wrapped[pm.path] = _ParamSite(*layouts[pm.path])
+                wrapped[pm.path] = _ParamSite(init.layout)
                 blocks[block].sites[pm.path[len(block) + 1:].replace(".", "__")] = wrapped[pm.path]
             elif pm.path not in wrapped:
                 parent_path, _, leaf = pm.path.rpartition(".")
                 parent = model.get_submodule(parent_path)
                 wrapped[pm.path] = FusedLoRA(getattr(parent, leaf), segments)
                 setattr(parent, leaf, wrapped[pm.path])
-            a, b, scale, magnitude = inits[m.key][pm.path]
-            wrapped[pm.path].add(m.key, a, b, scale, magnitude)
+            wrapped[pm.path].add(m.key, init.weights, init.scale)
     for path, block in blocks.items():
         parent_path, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent_path), leaf, block)
 
 
 @dataclass
-class _TrialState:
-    """One member's training state in the group."""
+class _Group:
+    """A fused pass in progress: the wrapped model, one :class:`TrialStepper` per member (its optimizer, schedule,
+    data order, curve — exactly as alone), how each member cuts its steps into micro-batches and packs its rows, and
+    the members that have failed so far."""
 
-    params: list[nn.Parameter]  # its adapters, in plan order
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
-    total: int  # its steps
-    order: list[np.ndarray]  # its example indices per step (its seed)
-    step_batches: Callable[[np.ndarray], list[Batch]]  # a step's examples → its micro-batches, as alone
-    mode: str  # packed or padded rows, as alone
-    outcome: TrainOutcome  # what has been read back (synced) so far
-    pending: list[_StepDone] = field(default_factory=list)  # steps taken since the last sync
+    model: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    pad_id: int
+    members: list[FusedMember]
+    segments: _Segments
+    wrapped: dict[str, FusedLoRA | _ParamSite]
+    evals: dict[str, TokenizedSet]  # split → data, for the final and periodic fused evals
+    watched: str  # the split periodic evals read: validation when there is one, else test (as alone)
+    steppers: dict[str, TrialStepper]
+    step_batches: dict[str, Callable[[np.ndarray], list[Batch]]]  # a step's examples → its micro-batches, as alone
+    modes: dict[str, str]  # packed or padded rows, as alone
+    chunks: dict[str, int | None]  # each member's loss chunk
+    failures: dict[str, TrialFailed] = field(default_factory=dict)
+    final_evals: dict[str, dict[str, tuple[float, int]]] = field(default_factory=dict)  # key → split → (loss, n)
+    eval_s: float = 0.0  # the final fused evals' time
+    peak_mem_mb: float = 0.0  # the group's peak, from before the members' inits to after the final evals
 
+    @classmethod
+    def start(cls, session, data: TokenizedSet, members: list[FusedMember], plans: dict[str, Plan],
+              segments: _Segments, wrapped: dict[str, FusedLoRA | _ParamSite], pad_id: int,
+              evals: dict[str, TokenizedSet]) -> _Group:
+        """Each member's stepper over its own adapters (in plan order, the order a saved state keeps), its saved
+        state restored when its continuation has one."""
+        model, device = session.model, session.device
+        watched = "validation" if "validation" in evals else "test"
+        if any(m.eval_every for m in members) and watched not in evals:
+            raise ConfigError(["evals during training (eval.every) need the eval splits passed as evals"],
+                              "these trials cannot be fused")
+        steppers, step_batches, modes = {}, {}, {}
+        for m in members:
+            params, names = [], []
+            for pm in plans[m.key].modules:
+                site = _site_weights(wrapped[pm.path], m.key)
+                params += site.tensors()
+                names += SiteWeights.names(pm.path, site.magnitude is not None)
+            stepper = TrialStepper(params, names, m.train, len(data), device, eval_every=m.eval_every,
+                                   stop_after=m.continuation.stop_after if m.continuation is not None else None)
+            saved = m.continuation.saved() if m.continuation is not None else None
+            if saved is not None:
+                stepper.restore(saved)
+            modes[m.key] = batching_mode(model, m.train.packing)
+            step_batches[m.key], stepper.outcome.static_shape = step_batcher(data, m.train, stepper.order,
+                                                                             modes[m.key], pad_id)
+            steppers[m.key] = stepper
+        return cls(model, device, session.dtype, pad_id, members, segments, wrapped, evals, watched, steppers,
+                   step_batches, modes, {m.key: m.train.resolved_loss_chunk(device.type) for m in members})
 
-def _group_checkpointing(members: list[FusedMember], state: dict[str, _TrialState], config, device, dtype,
-                         chunks: dict[str, int | None]) -> bool:
-    """Activation checkpointing for the group's forwards: on when a member sets it on, or when ``auto`` finds the
-    group's largest forward (every trial's first micro-batch, stacked) too big for the device. It changes no
-    number (no dropout is fused), so one member's setting serves all; each member whose own setting did not ask
-    for it gets a note saying why it was on."""
-    firsts = [st.step_batches(st.order[0])[0] for st in state.values() if st.order]
-    forward = (sum(b.input_ids.shape[0] for b in firsts) * max(b.input_ids.shape[1] for b in firsts),
-               sum(b.label_tokens for b in firsts)) if firsts else None
-    why = None
-    if any(m.train.checkpointing == "on" for m in members):
-        why = "activation checkpointing on: a trial of its fused group sets train.checkpointing: on"
-    elif any(m.train.checkpointing == "auto" for m in members):
-        chunk = max((c for c in chunks.values() if c), default=None)
-        _, why = checkpointing_for("auto", config, forward, device, dtype, chunk, whose="the fused group's")
-    if why is None:
-        return False
-    for m in members:
-        if m.train.checkpointing != "on":
-            state[m.key].outcome.notes.append(why)
-    return True
+    # ----------------------------------------------------------------------------------------- training
 
+    def train(self, fault, on_step) -> None:
+        """Step every member until it stops (its last step, its continuation's stop, or a failure); then the
+        final fused evals of the survivors."""
+        lm = causal_lm(self.model)
+        longest = max(st.stop - st.step for st in self.steppers.values())
+        with contextlib.ExitStack() as cleanup:  # undone in reverse order, failed or not
+            cleanup.callback(self.model.eval)
+            if all(m.train.base_dropout == "off" for m in self.members):  # check_fusable: else there is none
+                cleanup.enter_context(base_dropout_off(lm))
+            if self._checkpointing(lm.config):
+                set_activation_checkpointing(lm, True)  # the session's base model is shared by the next trial
+                cleanup.callback(set_activation_checkpointing, lm, False)
+            self.model.train()
+            clock = TrainClock(self.device)
+            for iteration in range(1, longest + 1):
+                active = [m for m in self.members if m.key not in self.failures and not self.steppers[m.key].finished]
+                if not active:
+                    break
+                losses, tokens = self._step(lm, active, fault)
+                # Each member its own clipping (by its own norm), AdamW step and schedule; its loss is read back at
+                # the next sync, where a non-finite one fails it (below).
+                lrs = {m.key: self.steppers[m.key].optimizer_step() for m in active}
+                due = [m for m in active if self.steppers[m.key].eval_due()]
+                sync_now = bool(due) or any(self.steppers[m.key].sync_due() for m in active)
+                elapsed = clock.elapsed(synchronize=sync_now or iteration == 1)  # the group's, evals excluded
+                for m in active:
+                    self.steppers[m.key].record(losses[m.key], *tokens[m.key], lrs[m.key], elapsed)
+                loss = self._sync() if sync_now else None
+                due = [m for m in due if m.key not in self.failures]
+                if due:
+                    with clock.excluded():
+                        self.model.eval()
+                        for key, (value, _) in self._eval(self.evals[self.watched], due).items():
+                            self.steppers[key].add_eval(value, self.watched)
+                        self.model.train()
+                if on_step is not None:
+                    on_step(iteration, longest, loss, sum(st.tokens_taken for st in self.steppers.values()))
+            self._sync()  # (every member's last step already synced; nothing is left behind)
+            self.model.eval()
+            t_eval = time.perf_counter()
+            self.final_evals = self._final_evals()
+            self.eval_s = time.perf_counter() - t_eval
+        self.peak_mem_mb = peak_memory_mb(self.device)
 
-@dataclass
-class _StepDone:
-    """A member's optimizer step whose loss is still on the device (read back at the next sync)."""
-
-    step: int
-    loss: torch.Tensor  # [] its token-weighted mean over the step
-    real_tokens: int
-    label_tokens: int
-    lr: float
-    elapsed: float = 0.0  # the group's training time when the step ended
-
-
-def _sync(state: dict[str, _TrialState], failures: dict[str, TrialFailed], wrapped) -> float | None:
-    """Read every member's pending losses back in one host sync and record them. A member whose loss is
-    non-finite fails at that step and leaves the group (its adapters removed; the steps it took after it, with
-    NaN in its own adapters only — rows never mix — are dropped). → the mean of the last finite losses read."""
-    pending = [(key, done) for key, st in state.items() for done in st.pending]
-    if not pending:
-        return None
-    values = torch.stack([done.loss for _, done in pending]).tolist()
-    last: dict[str, float] = {}
-    for (key, done), value in zip(pending, values, strict=True):
-        if key in failures:
-            continue
-        if not math.isfinite(value):
-            failures[key] = TrialFailed(f"non-finite training loss ({value}) at step {done.step}", step=done.step,
-                                        hint="lower the learning rate, or check the data")
-            for layer in wrapped.values():
-                layer.remove(key)
-            last.pop(key, None)
-            continue
-        outcome = state[key].outcome
-        outcome.steps = done.step
-        outcome.real_tokens += done.real_tokens
-        outcome.label_tokens += done.label_tokens
-        outcome.curve.append(CurvePoint(step=done.step, loss=value, tokens=outcome.real_tokens, lr=done.lr))
-        outcome.train_s = done.elapsed  # the group's wall time while this trial was in it
-        if done.step == 1:
-            outcome.first_step_s = done.elapsed
-        last[key] = value
-    for st in state.values():
-        st.pending.clear()
-    return sum(last.values()) / len(last) if last else None
-
-
-def _train_wrapped(session, data, members, plans, segments, wrapped, *, pad_id, evals, fault, on_step
-                   ) -> dict[str, FusedResult]:
-    model, device, dtype = session.model, session.device, session.dtype
-    lm = causal_lm(model)
-    state: dict[str, _TrialState] = {}
-    for m in members:
-        params = [p for pm in plans[m.key].modules for p in _site_weights(wrapped[pm.path], m.key)]
-        total = m.train.total_steps(len(data))
-        opt, sched = optimizer(params, m.train, device, total)
-        order = batch_order(len(data), m.train.batch, total, m.train.seed)
-        mode = batching_mode(model, m.train.packing)
-        step_batches, shape = step_batcher(data, m.train, order, mode, pad_id)
-        state[m.key] = _TrialState(params, opt, sched, total, order, step_batches, mode,
-                                   TrainOutcome(steps=0, train_s=0.0, real_tokens=0, label_tokens=0,
-                                                static_shape=shape))
-    # Losses during training read the validation split when there is one, as alone (trial.run_trial).
-    watched = "validation" if "validation" in (evals or {}) else "test"
-    if any(m.eval_every for m in members) and watched not in (evals or {}):
-        raise ConfigError(["evals during training (eval.every) need the eval splits passed as evals"],
-                          "these trials cannot be fused")
-    failures: dict[str, TrialFailed] = {}
-    chunks = {m.key: m.train.resolved_loss_chunk(device.type) for m in members}
-    # Losses are read back to the host (one sync) every sync_every steps — the most often a member asks for, as
-    # alone: 1 on a CPU, 10 on CUDA by default — and whenever a member finishes or is due an eval.
-    sync_every = min(m.train.sync_every or (1 if device.type == "cpu" else 10) for m in members)
-    longest = max(st.total for st in state.values())
-    eval_s = 0.0  # periodic evals so far: not training time (as alone)
-    with contextlib.ExitStack() as cleanup:  # undone in reverse order, failed or not
-        cleanup.callback(model.eval)
-        cleanup.callback(setattr, segments, "rows", [])
-        if all(m.train.base_dropout == "off" for m in members):  # check_fusable: else there is none to keep
-            cleanup.enter_context(base_dropout_off(lm))
-        if _group_checkpointing(members, state, lm.config, device, dtype, chunks):
-            set_activation_checkpointing(lm, True)  # the session's base model is shared by the next trial
-            cleanup.callback(set_activation_checkpointing, lm, False)
-        model.train()
-        t0 = time.perf_counter()
-        for step in range(1, longest + 1):
-            active = [m for m in members if m.key not in failures and step <= state[m.key].total]
-            if not active:
-                break
-            micro = {m.key: state[m.key].step_batches(state[m.key].order[step - 1]) for m in active}
-            n_labels = {key: sum(b.label_tokens for b in bs) for key, bs in micro.items()}  # per trial, its step's
-            step_loss = {key: torch.zeros((), device=device) for key in micro}
-            # Forward j stacks every trial's j-th micro-batch (trials may cut their steps into different counts).
-            for j in range(max(len(bs) for bs in micro.values())):
-                batches = [(key, bs[j]) for key, bs in micro.items() if j < len(bs)]
-                input_ids, position_ids, segments.rows, target_index = _combined(batches, pad_id)
-                with autocast(device, dtype):
-                    hidden = lm.base_model(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+    def _step(self, lm, active: list[FusedMember], fault) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+        """One step of every active member: forward j stacks every member's j-th micro-batch (members may cut their
+        steps into different counts), one backward per forward. → key → the step's loss (token-weighted mean, on
+        the device), key → (real tokens, label tokens)."""
+        micro = {m.key: self.step_batches[m.key](self.steppers[m.key].examples()) for m in active}
+        n_labels = {key: sum(b.label_tokens for b in bs) for key, bs in micro.items()}  # per trial, its step's
+        step_loss = {key: torch.zeros((), device=self.device) for key in micro}
+        for j in range(max(len(bs) for bs in micro.values())):
+            batches = [(key, bs[j]) for key, bs in micro.items() if j < len(bs)]
+            input_ids, position_ids, rows, target_index = _combined(batches, self.pad_id)
+            # Bound through the backward too: checkpointing recomputes the layers there.
+            with self.segments.bound(rows):
+                with autocast(self.device, self.dtype):
+                    hidden = lm.base_model(input_ids=input_ids.to(self.device),
+                                           position_ids=position_ids.to(self.device),
                                            use_cache=False).last_hidden_state
                     hidden = hidden.reshape(-1, hidden.shape[-1])  # [ΣR_k·W, H]
                     parts = {}
                     for (key, b), index in zip(batches, target_index, strict=True):
-                        part = head_loss_sum(lm, hidden.index_select(0, index.to(device)), b.targets.to(device),
-                                             chunks[key], head=_head_of(lm, key))
+                        part = head_loss_sum(lm, hidden.index_select(0, index.to(self.device)),
+                                             b.targets.to(self.device), self.chunks[key], head=_head_of(lm, key))
                         if fault is not None:
-                            part = fault(key, step, part)
+                            part = fault(key, self.steppers[key].step + 1, part)
                         parts[key] = part / n_labels[key]  # this trial's token-weighted mean over its whole step
                 sum(parts.values()).backward()  # each trial's gradient reaches its own adapters only
-                for key, part in parts.items():
-                    step_loss[key] += part.detach()
-            for m in active:  # a non-finite loss is found at the next sync (below); its trial is failed then
-                st = state[m.key]
-                if m.train.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(st.params, m.train.max_grad_norm,
-                                                   foreach=device.type != "cpu" or None)
-                st.opt.step()
-                lr = st.sched.get_last_lr()[0]
-                st.sched.step()
-                st.opt.zero_grad(set_to_none=True)
-                st.pending.append(_StepDone(step, step_loss[m.key], sum(b.real_tokens for b in micro[m.key]),
-                                            n_labels[m.key], lr))
-            due = [m for m in active if m.eval_every and step % m.eval_every == 0
-                   and step != state[m.key].total]  # the last step's eval is the final one, below
-            sync_now = bool(due) or step % sync_every == 0 or any(step == state[m.key].total for m in active)
-            if (sync_now or step == 1) and device.type == "cuda":  # time what the GPU has done, as alone
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - t0 - eval_s  # the group's wall time so far, periodic evals excluded
-            for m in active:
-                state[m.key].pending[-1].elapsed = elapsed
-            loss = _sync(state, failures, wrapped) if sync_now else None
-            due = [m for m in due if m.key not in failures]
-            if due:
-                t_eval = time.perf_counter()
-                model.eval()
-                for key, (value, _) in _eval_members(lm, segments, evals[watched], due, state, pad_id, device,
-                                                     dtype).items():
-                    state[key].outcome.evals.append(EvalPoint(step=step, eval_loss=value, split=watched))
-                model.train()
-                eval_s += time.perf_counter() - t_eval
-            if on_step is not None:
-                on_step(step, longest, loss, sum(st.outcome.real_tokens for st in state.values()))
-        _sync(state, failures, wrapped)  # (every member's last step already synced; nothing is left behind)
-        model.eval()
-        t_eval = time.perf_counter()
-        survivors = [m for m in members if m.key not in failures and m.eval_batch]
+            for key, part in parts.items():
+                step_loss[key] += part.detach()
+        return step_loss, {key: (sum(b.real_tokens for b in bs), n_labels[key]) for key, bs in micro.items()}
+
+    def _sync(self) -> float | None:
+        """Read every member's pending losses back in one host sync (:func:`loraplace.stepper.sync`). A member whose
+        loss is non-finite fails at that step and leaves the group: its adapters are removed (the steps it took
+        after it, with NaN in its own adapters only — rows never mix — are dropped). → the mean of the members'
+        latest losses read now."""
+        live = {key: st for key, st in self.steppers.items() if key not in self.failures}
+        before = {key: st.outcome.steps for key, st in live.items()}
+        failed = sync(live)
+        for key in failed:
+            for layer in self.wrapped.values():
+                layer.remove(key)
+        self.failures |= failed
+        read = [st.outcome.curve[-1].loss for key, st in live.items()
+                if key not in failed and st.outcome.steps > before[key]]
+        return sum(read) / len(read) if read else None
+
+    def _eval(self, data: TokenizedSet, members: list[FusedMember]) -> dict[str, tuple[float, int]]:
+        """:func:`_eval_fused` for ``members``: one fused pass per (eval batch size, batching mode) they use."""
+        groups: dict[tuple[int, str], list[str]] = defaultdict(list)
+        for m in members:
+            groups[(m.eval_batch, self.modes[m.key])].append(m.key)
+        out = {}
+        for (batch, mode), keys in groups.items():
+            out.update(_eval_fused(causal_lm(self.model), self.segments, data, keys, batch, mode, self.pad_id,
+                                   self.device, self.dtype))
+        return out
+
+    def _final_evals(self) -> dict[str, dict[str, tuple[float, int]]]:
+        """key → split → (loss, label tokens) of every surviving member with an eval batch."""
+        survivors = [m for m in self.members if m.key not in self.failures and m.eval_batch]
         evaluated: dict[str, dict[str, tuple[float, int]]] = defaultdict(dict)
-        for split, split_data in (evals or {}).items():
-            for key, value in _eval_members(lm, segments, split_data, survivors, state, pad_id, device,
-                                            dtype).items():
+        for split, split_data in self.evals.items():
+            for key, value in self._eval(split_data, survivors).items():
                 evaluated[key][split] = value
-        final_eval_s = time.perf_counter() - t_eval
-    return {m.key: FusedResult(state[m.key].outcome,
-                               {pm.path: tuple(w.detach().clone() for w in _site_weights(wrapped[pm.path], m.key))
-                                for pm in plans[m.key].modules} if m.key not in failures else {},
-                               failures.get(m.key), len(members), dict(evaluated[m.key]),
-                               final_eval_s if m.key in evaluated else 0.0) for m in members}
+        return dict(evaluated)
+
+    def _checkpointing(self, config) -> bool:
+        """Activation checkpointing for the group's forwards: on when a member sets it on, or when ``auto`` finds the
+        group's largest forward (every trial's first micro-batch, stacked) too big for the device. It changes no
+        number (no dropout is fused), so one member's setting serves all; each member whose own setting did not
+        ask for it gets a note saying why it was on."""
+        firsts = [self.step_batches[key](st.order[0])[0] for key, st in self.steppers.items() if st.order]
+        forward = (sum(b.input_ids.shape[0] for b in firsts) * max(b.input_ids.shape[1] for b in firsts),
+                   sum(b.label_tokens for b in firsts)) if firsts else None
+        why = None
+        if any(m.train.checkpointing == "on" for m in self.members):
+            why = "activation checkpointing on: a trial of its fused group sets train.checkpointing: on"
+        elif any(m.train.checkpointing == "auto" for m in self.members):
+            chunk = max((c for c in self.chunks.values() if c), default=None)
+            _, why = checkpointing_for("auto", config, forward, self.device, self.dtype, chunk,
+                                       whose="the fused group's")
+        if why is None:
+            return False
+        for m in self.members:
+            if m.train.checkpointing != "on":
+                self.steppers[m.key].note(why)
+        return True
+
+    # ----------------------------------------------------------------------------------------- results
+
+    def collect(self, plans: dict[str, Plan]) -> dict[str, TrainedAdapters]:
+        """Each member's :class:`TrainedAdapters`: copies of its trained tensors (none when it failed), its
+        outcome, fused eval losses, the group's size and training peak; a member with a continuation has its state
+        saved."""
+        out = {}
+        for m in self.members:
+            stepper, failure = self.steppers[m.key], self.failures.get(m.key)
+            if failure is None and m.continuation is not None:
+                stepper.state().save(m.continuation.file)
+            weights = {} if failure is not None else {
+                pm.path: SiteWeights(*(t.detach().clone() for t in _site_weights(self.wrapped[pm.path], m.key)))
+                for pm in plans[m.key].modules}
+            evaluated = self.final_evals.get(m.key, {})
+            out[m.key] = TrainedAdapters(stepper.outcome, weights, plans[m.key], failure, len(self.members),
+                                         evaluated, self.eval_s if evaluated else 0.0, self.peak_mem_mb)
+        return out
 
 
-def _eval_members(lm, segments, data, members: list[FusedMember], state: dict[str, _TrialState], pad_id, device,
-                  dtype) -> dict[str, tuple[float, int]]:
-    """:func:`_eval_fused` for ``members``: one fused pass per (eval batch size, batching mode) they use."""
-    groups: dict[tuple[int, str], list[str]] = defaultdict(list)
-    for m in members:
-        groups[(m.eval_batch, state[m.key].mode)].append(m.key)
-    out = {}
-    for (batch, mode), keys in groups.items():
-        out.update(_eval_fused(lm, segments, data, keys, batch, mode, pad_id, device, dtype))
-    return out
-
-
-__all__ = ["FUSE_AUTO_MAX", "FusedLoRA", "FusedMember", "FusedResult", "auto_group_size", "check_fusable",
+__all__ = ["FUSE_AUTO_MAX", "FusedLoRA", "FusedMember", "TrainedAdapters", "auto_group_size", "check_fusable",
            "fusion_problems", "initial_weights", "load_weights", "train_fused"]

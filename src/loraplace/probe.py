@@ -34,7 +34,8 @@ from loraplace.errors import PlacementError
 from loraplace.placement.roles import ROUTER_ROLES, AdaptableModule, ArchitectureMap
 from loraplace.placement.spec import AutoPlacement, PlacementSpec, SiteGroup
 from loraplace.records import ProbeScores, ProbeSite
-from loraplace.train import autocast, batch_order, loss_sum
+from loraplace.stepper import batch_order
+from loraplace.train import autocast, loss_sum
 
 SPECTRUM_KEEP = 128  # singular values kept per site: ranks above this are priced as buying nothing more
 

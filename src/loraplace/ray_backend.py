@@ -16,8 +16,9 @@ from typing import Any
 from loraplace.errors import LoraplaceError
 from loraplace.records import Failure, TrialOutcome
 from loraplace.runner import Heartbeat, PlannedTrial, trial_dir
+from loraplace.store import HEARTBEAT_EVERY_S
 
-RAY_WAIT_S = 5.0  # how often the driver wakes to send heartbeats for the trials in flight
+RAY_WAIT_S = HEARTBEAT_EVERY_S  # how often the driver wakes to send heartbeats for the trials in flight
 
 
 def _trial_task(spec_json: str, out_dir: str) -> str:
@@ -63,6 +64,9 @@ class RayExecutor:
         self.fuse = fuse
         self._forming: list[tuple[PlannedTrial, Heartbeat]] = []  # a fused group not submitted yet
         self._pending: dict[Any, list[tuple[str, Heartbeat]]] = {}  # task → its trials
+
+    def prepare(self) -> None:
+        """Nothing to do: Ray schedules the tasks."""
 
     def submit(self, trial: PlannedTrial, heartbeat: Heartbeat) -> None:
         if self.fuse <= 1:

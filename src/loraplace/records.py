@@ -84,6 +84,23 @@ class EvalPoint(Record):
     split: Literal["validation", "test"] = "test"
 
 
+class TrainerProgress(Record):
+    """What a trial's training recorded up to a saved state (``stepper.TrainerState``: the part that is not
+    tensors). A continued run starts from it and appends to it."""
+
+    steps: int = Field(ge=0, description="optimizer steps taken and read back")
+    total: int = Field(ge=1, description="the run's full length in steps (its LR schedule's horizon)")
+    real_tokens: int = Field(ge=0)
+    label_tokens: int = Field(ge=0)
+    train_s: float = Field(ge=0, description="training wall time so far, s (periodic evals excluded)")
+    first_step_s: float = Field(ge=0)
+    curve: tuple[CurvePoint, ...] = ()
+    evals: tuple[EvalPoint, ...] = ()
+    notes: tuple[str, ...] = ()
+    tensors: tuple[str, ...] = Field(description="the adapter tensors saved beside it, in order ('path:lora_A', …)")
+    train: str = Field(description="the TrainSpec JSON it trains under (a state continues only the same spec)")
+
+
 class Metrics(Record):
     """The measured quantities a study compares. Units are in the names or the descriptions."""
 

@@ -18,10 +18,8 @@ from typing import Literal, Protocol
 import torch
 
 from loraplace.records import Failure, TrialLabels, TrialOutcome
-from loraplace.store import Owner, Store
+from loraplace.store import HEARTBEAT_EVERY_S, Owner, Store
 from loraplace.trial import Session, TrialSpec, failure_of, run_trial
-
-HEARTBEAT_EVERY_S = 5.0  # a running trial's heartbeat; recovery calls a trial stale after store.recover_stale's limit
 
 
 @dataclass(frozen=True)
@@ -72,9 +70,15 @@ class Heartbeat:
 
 
 class Executor(Protocol):
-    """How trials run. :func:`execute` submits up to ``capacity`` trials, then waits for outcomes."""
+    """How trials run. :func:`execute` submits up to ``capacity`` trials, then waits for outcomes; once the first
+    trial is claimed it calls :meth:`prepare` (so nothing is loaded for a study with nothing left to run), which
+    may set ``capacity``."""
 
     capacity: int
+
+    def prepare(self) -> None:
+        """Get ready to run (e.g. load the base model and size fused groups from it); called once, after the first
+        trial is submitted."""
 
     def submit(self, trial: PlannedTrial, heartbeat: Heartbeat) -> None:
         """Take a claimed trial; it may start now or in :meth:`wait`."""
@@ -99,6 +103,7 @@ def execute(store: Store, study_id: int, planned: dict[str, PlannedTrial], execu
     remaining = set(planned)
     to_run = len(planned) - summary.skipped
     in_flight: dict[str, PlannedTrial] = {}
+    prepared = False
     try:
         while True:
             while len(in_flight) < executor.capacity:
@@ -112,6 +117,9 @@ def execute(store: Store, study_id: int, planned: dict[str, PlannedTrial], execu
                 if hooks.on_start is not None:
                     hooks.on_start(trial, summary.ran, max(to_run, summary.ran))
                 executor.submit(trial, Heartbeat(store, trial.id, owner))
+                if not prepared:
+                    executor.prepare()
+                    prepared = True
             if not in_flight:
                 return summary
             for trial_id, outcome in executor.wait():
@@ -147,6 +155,9 @@ class LocalExecutor:
         self.progress = progress
         self._session: Session | None = None
         self._queue: list[tuple[PlannedTrial, Heartbeat]] = []
+
+    def prepare(self) -> None:
+        """Nothing to do before the first trial: the model loads when it runs."""
 
     def submit(self, trial: PlannedTrial, heartbeat: Heartbeat) -> None:
         self._queue.append((trial, heartbeat))
@@ -193,25 +204,23 @@ class FusedExecutor(LocalExecutor):
     """Up to ``fuse`` claimed trials at a time, trained together in one pass over the shared base model
     (:func:`fused_outcomes`), then each evaluated, saved and yielded on its own, so the store records every trial
     separately. ``fuse="auto"``: the group size comes from the device and a memory estimate for ``widest`` (the
-    study's trial with the most tokens per step) once the base model is loaded
-    (:func:`loraplace.fused.auto_group_size`); ``decision`` then says what was chosen and why."""
+    study's trial with the most tokens per step), set by :meth:`prepare` once the base model is loaded
+    (:func:`loraplace.fused.auto_group_size`); ``decision`` then says what was chosen and why. Until then (and
+    for a study with nothing left to run) ``capacity`` is 1."""
 
     def __init__(self, model: str, *, fuse: int | Literal["auto"], widest: TrialSpec | None = None, **kwargs):
         super().__init__(model, **kwargs)
         if fuse == "auto" and widest is None:
             raise ValueError("fuse='auto' needs the widest trial spec to size its groups")
-        self._group_size = fuse if isinstance(fuse, int) else None
+        self.capacity = fuse if isinstance(fuse, int) else 1
+        self._auto = fuse == "auto"
         self._widest = widest
         self._load_failure: Failure | None = None
         self.decision = None if fuse == "auto" else f"trials fused in groups of up to {fuse} (execution.fuse)"
 
-    @property
-    def capacity(self) -> int:  # type: ignore[override]
-        if self._group_size is None:
-            if not self._queue:  # nothing claimed yet: no model loaded for a study with nothing left to run
-                return 1
-            self._group_size = self._auto_group_size()
-        return self._group_size
+    def prepare(self) -> None:
+        if self._auto:
+            self.capacity = self._auto_group_size()
 
     def _auto_group_size(self) -> int:
         from loraplace.fused import auto_group_size
@@ -258,7 +267,7 @@ class FusedExecutor(LocalExecutor):
         """A group of ``failed`` trials ran out of memory: later groups are at most half as large."""
         smaller = max(1, failed // 2)
         if smaller < self.capacity:
-            self._group_size = smaller
+            self.capacity = smaller
             self.decision = (f"{self.decision}; then groups of up to {smaller}, after a group of {failed} ran out "
                              "of memory")
 
@@ -324,7 +333,7 @@ def _one_data_group(session: Session, members: list[tuple[str, TrialSpec, Path]]
         if tid in failed:
             yield tid, TrialOutcome.failed(failed[tid])
             continue
-        yield tid, run_trial(spec, session=session, out_dir=out_dir, pretrained=results.get(tid),
+        yield tid, run_trial(spec, session=session, out_dir=out_dir, trained_in_group=results.get(tid),
                              notes=(not_fused[tid],) if tid in not_fused else ())
 
 

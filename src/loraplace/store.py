@@ -70,6 +70,14 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 
 Migration = str | Callable[[sqlite3.Connection], None]
 
+# A running trial's owner writes a heartbeat at most every HEARTBEAT_EVERY_S (runner.Heartbeat, called at step
+# boundaries; a Ray driver sends its trials' beats every time it wakes). An owner on another host is presumed dead
+# after STALE_AFTER_HEARTBEATS missed beats: beats come only between steps and evals, and one step or one eval of
+# a large model on a CPU can take minutes. (On this host a dead owner is found at once: its pid is gone.)
+HEARTBEAT_EVERY_S = 5.0
+STALE_AFTER_HEARTBEATS = 120
+STALE_AFTER_S = HEARTBEAT_EVERY_S * STALE_AFTER_HEARTBEATS
+
 
 def _v3_typed_records(db: sqlite3.Connection) -> None:
     """v2 → v3: result dicts become :class:`TrialOutcome` JSON, labels become :class:`TrialLabels`, each study gets
@@ -447,8 +455,9 @@ class Store:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
-    def recover_stale(self, study_id: int, stale_after_s: float = 600.0) -> list[str]:
-        """Mark ``running`` trials whose owner is dead as ``interrupted``; returns their ids."""
+    def recover_stale(self, study_id: int, stale_after_s: float = STALE_AFTER_S) -> list[str]:
+        """Mark ``running`` trials whose owner is dead as ``interrupted``: on this host, an owner whose process is
+        gone; on any host, one silent for ``stale_after_s``. Returns their ids."""
         me = Owner.current()
         now = time.time()
         recovered = []

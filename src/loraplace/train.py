@@ -11,11 +11,9 @@ the first non-finite step is still reported exactly.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
-import time
+import resource
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +24,7 @@ from loraplace.data import TokenizedSet
 from loraplace.data.batching import Batch, batching_mode, make_batch, static_batches, static_shape
 from loraplace.errors import ConfigError, TrialFailed
 from loraplace.models import causal_lm
-from loraplace.records import CurvePoint, EvalPoint
+from loraplace.stepper import Continuation, TrainClock, TrainOutcome, TrialStepper, sync
 from loraplace.train_config import TrainSpec
 
 # --------------------------------------------------------------------------------------------- device & precision
@@ -87,6 +85,30 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or this process's peak resident set (Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Linux: "5" resets the peak RSS (VmHWM) of this process
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The peak since :func:`reset_peak_memory`, MiB: CUDA's peak allocated, or this process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -142,58 +164,6 @@ def head_loss_sum(lm, hidden: torch.Tensor, targets: torch.Tensor, chunk: int | 
 # --------------------------------------------------------------------------------------------- loop
 
 
-@dataclass
-class TrainOutcome:
-    steps: int
-    train_s: float
-    real_tokens: int
-    label_tokens: int
-    curve: list[CurvePoint] = field(default_factory=list)
-    evals: list[EvalPoint] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # e.g. why activation checkpointing was turned on
-    static_shape: tuple[int, int] | None = None  # [R, T] of every forward, when shapes are static
-    first_step_s: float = 0.0  # the first step alone (torch.compile compiles there)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.real_tokens / self.train_s if self.train_s > 0 else 0.0
-
-
-def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
-    def fn(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return max(0.0, 1.0 - progress)
-
-    return fn
-
-
-def optimizer(params: list[torch.nn.Parameter], spec: TrainSpec, device: torch.device, total: int):
-    """(AdamW, its LR schedule) for one trial's adapters."""
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999), eps=1e-8,
-                            foreach=device.type != "cpu" or None)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec.schedule, spec.warmup, total))
-
-
-def batch_order(n: int, batch: int, steps: int, seed: int) -> list[np.ndarray]:
-    """Example indices per step: seeded permutations back to back (an epoch's remainder opens the next batch),
-    so the same seed always gives the same data order."""
-    rng = np.random.default_rng(seed)
-    pool = np.zeros(0, dtype=np.int64)
-    out: list[np.ndarray] = []
-    for _ in range(steps):
-        while len(pool) < batch:
-            pool = np.concatenate([pool, rng.permutation(n)])
-        out.append(pool[:batch])
-        pool = pool[batch:]
-    return out
-
-
 def step_batcher(data: TokenizedSet, spec: TrainSpec, order: list[np.ndarray], mode: str, pad_id: int
                  ) -> tuple[Callable[[np.ndarray], list[Batch]], tuple[int, int] | None]:
     """(one step's example indices → its micro-batches, the static [R, T] of every forward or None): ``batch``
@@ -217,50 +187,49 @@ def step_batcher(data: TokenizedSet, spec: TrainSpec, order: list[np.ndarray], m
 def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, dtype: torch.dtype, pad_id: int,
           on_step: Callable[[int, int, float | None, float], None] | None = None,
           eval_fn: Callable[[], float] | None = None, eval_every: int | None = None, eval_split: str = "test",
-          fault: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> TrainOutcome:
-    """Train the trainable parameters of ``model`` (the adapters) in place.
+          fault: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+          params: tuple[list[torch.nn.Parameter], list[str]] | None = None,
+          continuation: Continuation | None = None) -> TrainOutcome:
+    """Train the trainable parameters of ``model`` (the adapters) in place; one :class:`TrialStepper` does the
+    per-trial bookkeeping.
 
-    ``on_step(step, total, loss_or_None, tokens_so_far)`` drives progress bars; ``fault`` lets tests inject a
-    non-finite loss. Raises :class:`TrialFailed` at the first non-finite loss, with its step.
+    ``on_step(step, steps of this run, loss_or_None, tokens_so_far)`` drives progress bars; ``fault`` lets tests
+    inject a non-finite loss. ``params``: (the adapter tensors, their names) in the order a saved state keeps them
+    (``peft_io.site_parameters``; default: the model's trainable parameters in module order). ``continuation``:
+    continue its saved state if there is one, stop at its ``stop_after`` and save the state there. Raises
+    :class:`TrialFailed` at the first non-finite loss, with its step.
     """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if params is None:
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        params = ([p for _, p in named], [name for name, _ in named])
+    if not params[0]:  # before the data is looked at
         raise TrialFailed("the model has no trainable parameters")
-    total = spec.total_steps(len(data))
-    opt, sched = optimizer(trainable, spec, device, total)
-    sync_every = spec.sync_every or (1 if device.type == "cpu" else 10)
-    order = batch_order(len(data), spec.batch, total, spec.seed)
-    step_batches, shape = step_batcher(data, spec, order, batching_mode(model, spec.packing), pad_id)
+    stepper = TrialStepper(*params, spec, len(data), device, eval_every=eval_every if eval_fn is not None else None,
+                           stop_after=continuation.stop_after if continuation is not None else None)
+    saved = continuation.saved() if continuation is not None else None
+    if saved is not None:
+        stepper.restore(saved)
+    step_batches, shape = step_batcher(data, spec, stepper.order, batching_mode(model, spec.packing), pad_id)
+    stepper.outcome.static_shape = shape
 
     # One shape: compile once, specialised to it. Otherwise widths are multiples of 8 and shapes are dynamic.
     decoder = torch.compile(causal_lm(model).base_model, dynamic=shape is None) if spec.compile else None
-
-    outcome = TrainOutcome(steps=0, train_s=0.0, real_tokens=0, label_tokens=0, static_shape=shape)
-    pending: list[tuple[int, torch.Tensor, int, float]] = []  # (step, loss on device, tokens so far, lr)
     lm = causal_lm(model)
-    first = step_batches(order[0])[0] if len(order) else None
+    first = step_batches(stepper.order[0])[0] if stepper.order else None
     loss_chunk = spec.resolved_loss_chunk(device.type)
     checkpointing, why = checkpointing_for(spec.checkpointing, lm.config,
                                            None if first is None else (first.input_ids.numel(), first.label_tokens),
                                            device, dtype, loss_chunk)
-    if why:
-        outcome.notes.append(why)
-    model.train()
-    t0 = time.perf_counter()
+    stepper.note(why)
 
-    def flush() -> None:
-        if not pending:
-            return
-        values = torch.stack([p[1] for p in pending]).tolist()  # one host sync for many steps
-        for (step, _, tokens, lr), value in zip(pending, values, strict=True):
-            if not math.isfinite(value):
-                pending.clear()
-                raise TrialFailed(f"non-finite training loss ({value}) at step {step}", step=step,
-                                  hint="lower the learning rate, or check the data (precision: try fp32)")
-            outcome.curve.append(CurvePoint(step=step, loss=value, tokens=tokens, lr=lr))
-        pending.clear()
-        if on_step is not None:
-            on_step(outcome.curve[-1].step, total, outcome.curve[-1].loss, outcome.real_tokens)
+    def read_back() -> None:
+        before = len(stepper.outcome.curve)
+        failures = sync({"": stepper})
+        if failures:
+            raise failures[""]
+        if on_step is not None and len(stepper.outcome.curve) > before:
+            last = stepper.outcome.curve[-1]
+            on_step(last.step, stepper.stop, last.loss, stepper.tokens_taken)
 
     with contextlib.ExitStack() as cleanup:  # undone in reverse order, failed or not
         cleanup.callback(model.eval)
@@ -273,8 +242,10 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
         # back to bf16 for the matmul: two copies of a [tokens, d_in] activation per adapted layer, 11 % of a bf16
         # CPU step (benchmarks/RESULTS.md). Under autocast the cast is pointless — the values are the same.
         cleanup.enter_context(disable_input_dtype_casting(model, active=dtype != torch.float32))
-        for step, example_index in enumerate(order, start=1):
-            batches = step_batches(example_index)
+        model.train()
+        clock = TrainClock(device)
+        while not stepper.finished:
+            batches = step_batches(stepper.examples())
             n_labels = sum(b.label_tokens for b in batches)  # known on the host: no sync needed to normalise
             step_loss = torch.zeros((), device=device)
             for b in batches:
@@ -282,38 +253,27 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
                 with autocast(device, dtype):
                     part = loss_sum(model, b, decoder, loss_chunk)
                 if fault is not None:
-                    part = fault(step, part)
+                    part = fault(stepper.step + 1, part)
                 (part / n_labels).backward()
                 step_loss += part.detach() / n_labels
-            if spec.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm, foreach=device.type != "cpu" or None)
-            opt.step()
-            lr = sched.get_last_lr()[0]
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            outcome.steps = step
-            outcome.real_tokens += sum(b.real_tokens for b in batches)
-            outcome.label_tokens += n_labels
-            pending.append((step, step_loss, outcome.real_tokens, lr))
-            if step == 1:  # includes torch.compile's warm-up when compile is on
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                outcome.first_step_s = time.perf_counter() - t0
-            if step % sync_every == 0 or step == total:
-                flush()
+            lr = stepper.optimizer_step()
+            sync_now = stepper.sync_due()
+            # The first step includes torch.compile's warm-up when compile is on: timed after a sync too.
+            stepper.record(step_loss, sum(b.real_tokens for b in batches), n_labels, lr,
+                           clock.elapsed(synchronize=sync_now or stepper.step == 1))
+            if sync_now:
+                read_back()
             elif on_step is not None:
-                on_step(step, total, None, outcome.real_tokens)
-            if eval_fn is not None and eval_every and step % eval_every == 0 and step != total:
-                flush()
-                outcome.train_s += time.perf_counter() - t0
-                outcome.evals.append(EvalPoint(step=step, eval_loss=eval_fn(), split=eval_split))
-                model.train()
-                t0 = time.perf_counter()
-        flush()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        outcome.train_s += time.perf_counter() - t0
-    return outcome
+                on_step(stepper.step, stepper.stop, None, stepper.tokens_taken)
+            if stepper.eval_due():
+                read_back()
+                with clock.excluded():
+                    stepper.add_eval(eval_fn(), eval_split)
+                    model.train()
+        read_back()
+    if continuation is not None:
+        stepper.state().save(continuation.file)
+    return stepper.outcome
 
 
 # Float rates HF attention modules keep and pass to their attention function while training (llama-style

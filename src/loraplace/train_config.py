@@ -15,6 +15,8 @@ DEFAULT_STEPS = 20  # when neither steps nor epochs is given (the CLI and study 
 # AVX512-BF16, batch 8 × 256) and 433 MiB less live memory (benchmarks/RESULTS.md, 2026-11-24). On CUDA the
 # chunks' recomputed head is not measured yet, so auto keeps the whole loss there.
 CPU_LOSS_CHUNK = 256
+# Steps between host syncs on CUDA/MPS (TrainSpec.sync_every: None); a CPU syncs every step.
+ACCELERATOR_SYNC_EVERY = 10
 
 
 class TrainSpec(StrictModel):
@@ -40,7 +42,8 @@ class TrainSpec(StrictModel):
         default=None, description="every forward one fixed [rows, width] block: each step packed first-fit into "
         "rows as wide as the run's longest example, as many rows as its fullest micro-batch needs, so "
         "torch.compile compiles once (None: on when compile is)")
-    sync_every: int | None = Field(default=None, gt=0, description="host sync interval (default 1 CPU, 10 CUDA)")
+    sync_every: int | None = Field(default=None, gt=0, description="steps between host syncs (losses read back); "
+                                   "default 1 on a CPU, 10 on CUDA/MPS")
     base_dropout: Literal["keep", "off"] = Field(
         default="keep", description="the base model's own dropout while training (e.g. GPT-2 checkpoints' 0.1; LoRA's "
         "is the placement's dropout): keep it, or turn it off — needed to fuse such trials (execution.fuse)")
@@ -101,6 +104,14 @@ class TrainSpec(StrictModel):
         if self.loss_chunk == "auto":
             return CPU_LOSS_CHUNK if device_type == "cpu" else None
         return self.loss_chunk or None
+
+    def resolved_sync_every(self, device_type: str) -> int:
+        """Steps between host syncs (losses read back, non-finite check) on this device type: the setting, else
+        every step on a CPU (a sync costs nothing there) and every ACCELERATOR_SYNC_EVERY on a GPU (each one
+        stalls the launch queue)."""
+        if self.sync_every is not None:
+            return self.sync_every
+        return 1 if device_type == "cpu" else ACCELERATOR_SYNC_EVERY
 
     def total_steps(self, n_examples: int) -> int:
         if self.steps is not None:

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import os
 import platform
-import resource
 import shutil
 import tempfile
 import time
@@ -26,11 +25,28 @@ from loraplace.data import DataSpec, Splits, TokenizedSet, load_splits
 from loraplace.errors import LoraplaceError, PlacementError, TrialFailed
 from loraplace.evaluate import eval_loss, perplexity, task_accuracy
 from loraplace.models import pad_token_id
-from loraplace.placement import PlacementSpec, Plan, map_architecture, parse_placement, resolve_placement
+from loraplace.peft_io import TrainedAdapters, load_weights, site_parameters
+from loraplace.placement import (
+    PlacementSpec,
+    Plan,
+    map_architecture,
+    parse_placement,
+    resolve_placement,
+    resulting_plan,
+)
 from loraplace.placement.spec import DEFAULT_FILL, Fill
 from loraplace.records import Adapter, Environment, Failure, Metrics, ProbeScores, Timings, TrialOutcome
 from loraplace.specs import StrictModel
-from loraplace.train import TrainOutcome, TrainSpec, resolve_device, resolve_dtype, seed_everything, train
+from loraplace.stepper import Continuation, TrainOutcome
+from loraplace.train import (
+    TrainSpec,
+    peak_memory_mb,
+    reset_peak_memory,
+    resolve_device,
+    resolve_dtype,
+    seed_everything,
+    train,
+)
 
 
 class EvalSpec(StrictModel):
@@ -55,31 +71,6 @@ class TrialSpec(StrictModel):
         # ``fill`` only means something with a budget; "uniform" is how budgets were filled before it existed, so
         # a study stored then resumes with fill: uniform under its old trial ids.
         return super().id_neutral() | ({"fill"} if self.budget is None or self.fill == "uniform" else set())
-
-
-# --------------------------------------------------------------------------------------------- memory
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    # Linux: "5" resets the peak RSS (VmHWM) of this process
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def library_versions() -> dict[str, str]:
@@ -181,20 +172,30 @@ class Session:
         return self._data[key]
 
     @contextlib.contextmanager
-    def adapter(self, plan: Plan, seed: int, init_data: TokenizedSet | None = None):
+    def adapter(self, plan: Plan, seed: int, init_data: TokenizedSet | None = None, *, initialise: bool = True):
         """Inject the plan's adapters (seeded init, fp32) for the duration of a trial, then remove them.
 
         Variants run PEFT's own initialisation: PiSSA rewrites the adapted base weights to their residual (they are
         restored afterwards, so the next trial sees the base model); EVA reads ``init_data`` (the training split)
-        and may move rank between sites — :func:`resulting_plan` gives the plan as it ended up."""
-        from peft import get_peft_model
+        and may move rank between sites — :func:`~loraplace.placement.resulting_plan` gives the plan as it ended
+        up. ``initialise=False``: the adapters are about to be overwritten with trained ones, so EVA's SVD is
+        skipped — ``plan`` must then be the plan EVA built (its ranks), injected as it is."""
+        from peft import EvaConfig, get_peft_model
 
         seed_everything(seed)
         saved = self._snapshot(plan) if plan.variant == "pissa" else {}
-        peft_model = get_peft_model(self.model, plan.to_lora_config(), low_cpu_mem_usage=plan.variant == "eva")
+        eva = plan.variant == "eva" and initialise
+        # Without EVA's init the adapters start as plain LoRA's; the config says eva again afterwards, as PEFT's
+        # own EVA leaves it, so the saved adapter is the same whichever way it was injected.
+        config = plan.to_lora_config() if eva or plan.variant != "eva" else plan.to_lora_config(
+            init_lora_weights=True, eva_config=None)
+        peft_model = get_peft_model(self.model, config, low_cpu_mem_usage=eva)
         try:
-            if plan.variant == "eva":
+            if eva:
                 self._eva_init(peft_model, init_data)
+            elif plan.variant == "eva":
+                peft_model.peft_config["default"].init_lora_weights = "eva"
+                peft_model.peft_config["default"].eva_config = EvaConfig(rho=plan.eva_rho)
             expected = resulting_plan(peft_model, plan)
             for name, p in peft_model.named_parameters():
                 if p.requires_grad and p.dtype != torch.float32:
@@ -248,27 +249,6 @@ def hf_batches(data: TokenizedSet, batch: int, batches: int, pad_id: int, device
     return out
 
 
-def resulting_plan(peft_model, plan: Plan) -> Plan:
-    """The plan as PEFT built it: each site's rank read back from its LoRA layer (EVA moves rank between sites and
-    may drop a site to rank 0). For every other variant this is ``plan`` itself."""
-    if plan.variant != "eva":
-        return plan
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
-    for name, module in peft_model.named_modules():
-        r = getattr(module, "r", None)
-        if isinstance(r, dict) and "default" in r:
-            path = name.removeprefix("base_model.model.")
-            ranks[path], alphas[path] = int(r["default"]), float(module.lora_alpha["default"])
-    modules = tuple(dataclasses.replace(m, rank=ranks[m.path], alpha=alphas[m.path])
-                    for m in plan.modules if ranks.get(m.path, 0) > 0)
-    dropped = [m.path for m in plan.modules if ranks.get(m.path, 0) == 0]
-    note = (f"eva redistributed ranks (rho {plan.eva_rho:g}): {plan.trainable_params:,} → "
-            f"{sum(m.params for m in modules):,} trainable parameters"
-            + (f"; {len(dropped)} site(s) dropped to rank 0, e.g. {dropped[0]}" if dropped else ""))
-    return dataclasses.replace(plan, modules=modules, warnings=plan.warnings + (note,))
-
-
 # --------------------------------------------------------------------------------------------- artifacts
 
 
@@ -308,18 +288,20 @@ def save_adapter_atomic(peft_model, target: Path, base_path: str | None, pissa_i
 
 
 def run_trial(spec: TrialSpec, *, session: Session | None = None, out_dir: str | Path | None = None,
-              progress=None, fault=None, pretrained=None, notes: tuple[str, ...] = ()) -> TrialOutcome:
+              progress=None, fault=None, trained_in_group: TrainedAdapters | None = None,
+              continuation: Continuation | None = None, notes: tuple[str, ...] = ()) -> TrialOutcome:
     """Run one trial. It never raises for a failure of its own: a bad placement for this model (kind
     ``invalid``), a non-finite loss (``non_finite``, with its step) or any exception while training, evaluating or
     saving (``error``, e.g. out of memory) is a ``failed`` :class:`TrialOutcome`. Only ``KeyboardInterrupt`` (and
     ``SystemExit``) propagate: an interruption belongs to the run, not to the trial.
 
-    ``pretrained``: a :class:`loraplace.fused.FusedResult` of this trial — its adapters were trained in a fused
-    group, so this run loads them instead of training, then evaluates and saves as usual. ``notes``: more warnings
-    for the outcome (e.g. why a group ran unfused)."""
+    ``trained_in_group``: this trial's adapters, trained in a fused group (``fused.train_fused``) — this run loads
+    them into its PEFT model instead of training, then evaluates and saves as usual. ``continuation``: train from
+    its saved state (if any) to its ``stop_after`` and save the state there; the outcome is the trial's at that
+    step (evaluated there). ``notes``: more warnings for the outcome (e.g. why a group ran unfused)."""
     known: dict[str, Any] = {}  # what the trial learnt before it failed (its size, where its adapters were)
     try:
-        return _run_trial(spec, session, out_dir, progress, fault, known, pretrained, notes)
+        return _run_trial(spec, session, out_dir, progress, fault, known, trained_in_group, continuation, notes)
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory: this trial fails, a study goes on
         return TrialOutcome.failed(failure_of(exc), **known)
 
@@ -343,7 +325,8 @@ def failure_of(exc: Exception) -> Failure:
 
 
 def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | None, progress, fault,
-               known: dict[str, Any], pretrained=None, notes: tuple[str, ...] = ()) -> TrialOutcome:
+               known: dict[str, Any], grouped: TrainedAdapters | None, continuation: Continuation | None,
+               notes: tuple[str, ...]) -> TrialOutcome:
     from loraplace.models import ModelRef, checkpoint_path
 
     placement = parse_placement(spec.placement)
@@ -351,13 +334,16 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
     device, dtype = session.device, session.dtype
     splits = session.data(spec.data)
     data_key = spec.data.model_dump_json()  # probe cache key: the same data → the same probe, every seed
-    plan = plan_of(session, spec)
+    # Trained in a group: the plan as PEFT built it there (EVA's ranks), so its init is not redone.
+    plan = grouped.plan if grouped is not None else plan_of(session, spec)
     known.update(trainable_params=plan.trainable_params, total_params=plan.total_params, sites=plan.site_map())
+    if grouped is not None and grouped.failure is not None:  # failed in its group: nothing to inject or evaluate
+        raise grouped.failure
     probe = None
     if placement.auto is not None and placement.auto.method == "probe":  # the probe that chose the sites
         probe = session.auto_probe(placement.auto, splits.train, data_key)
     reset_peak_memory(device)
-    with session.adapter(plan, spec.train.seed, init_data=splits.train) as model:
+    with session.adapter(plan, spec.train.seed, init_data=splits.train, initialise=grouped is None) as model:
         plan = resulting_plan(model, plan)  # EVA: the ranks it chose
         known.update(trainable_params=plan.trainable_params, sites=plan.site_map())
         pissa_init = None
@@ -374,19 +360,16 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
 
         # Losses during training read the validation split when there is one: the test split is looked at once.
         watched = splits.validation if splits.validation is not None else splits.eval
-        if pretrained is not None:  # trained in a fused group (loraplace.fused): its weights, its curve
-            if pretrained.failure is not None:
-                raise pretrained.failure
-            from loraplace.fused import load_weights
-
-            load_weights(model, pretrained.weights)
-            trained: TrainOutcome = pretrained.outcome
+        if grouped is not None:  # trained in a fused group (loraplace.fused): its weights, its curve
+            load_weights(model, grouped.weights)
+            trained: TrainOutcome = grouped.outcome
         else:
             trained = train(model, splits.train, spec.train, device=device, dtype=dtype, pad_id=session.pad_id,
                             on_step=progress, eval_fn=lambda: evaluate_on(watched)[0], eval_every=spec.eval.every,
-                            eval_split="validation" if splits.validation is not None else "test", fault=fault)
+                            eval_split="validation" if splits.validation is not None else "test", fault=fault,
+                            params=site_parameters(model, plan), continuation=continuation)
         t0 = time.perf_counter()
-        fused_evals = pretrained.eval_losses if pretrained is not None else {}  # evaluated in the fused pass
+        fused_evals = grouped.eval_losses if grouped is not None else {}  # evaluated in the fused pass
         val_loss = None
         if splits.validation is not None:
             val_loss = fused_evals["validation"][0] if "validation" in fused_evals \
@@ -396,8 +379,9 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
         if spec.eval.generate:
             detail = task_accuracy(model, session.tokenizer, splits.eval, spec.eval.generate, device=device,
                                    dtype=dtype, max_new_tokens=spec.eval.max_new_tokens)
-        eval_s = time.perf_counter() - t0 + (pretrained.eval_s if pretrained is not None else 0.0)
-        peak_mb = peak_memory_mb(device)
+        eval_s = time.perf_counter() - t0 + (grouped.eval_s if grouped is not None else 0.0)
+        # A fused trial's peak is its group's (it trained there), or its own re-injection and eval if higher.
+        peak_mb = max(peak_memory_mb(device), grouped.peak_mem_mb if grouped is not None else 0.0)
         adapter = None
         if out_dir is not None:
             ref = ModelRef.parse(spec.model)
@@ -420,7 +404,7 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
         environment=Environment(device=str(device), dtype=str(dtype).removeprefix("torch."),
                                 versions=library_versions()),
         adapter=adapter, warnings=tuple(plan.warnings) + tuple(splits.warnings) + tuple(trained.notes) + notes,
-        fused_with=0 if pretrained is None else pretrained.group_size - 1)
+        fused_with=0 if grouped is None else grouped.group_size - 1)
     if out_dir is not None:
         write_json_atomic(Path(out_dir) / "metrics.json", outcome.model_dump(mode="json"))
         if probe is not None:

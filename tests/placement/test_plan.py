@@ -138,10 +138,10 @@ def test_meta_plan_equals_loaded_tiny_plan():
 @pytest.mark.slow
 @needs_smollm2
 def test_meta_plan_equals_loaded_builtin_plan():
+    loaded_arch = map_architecture(load_model("builtin:smollm2-135m"))  # loaded once: ~10 s on a 2-core CPU
     for placement in ("all", "attn", {"roles": ["mlp"], "layers": "top:50%"}):
         meta = plan_for_model("builtin:smollm2-135m", placement, rank=16)
-        loaded = resolve_placement(map_architecture(load_model("builtin:smollm2-135m")), placement,
-                                   model="builtin:smollm2-135m", rank=16)
+        loaded = resolve_placement(loaded_arch, placement, model="builtin:smollm2-135m", rank=16)
         assert meta.to_dict() == loaded.to_dict()
     assert meta.num_layers == 30 and meta.total_params == 134_515_008
 

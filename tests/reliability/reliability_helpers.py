@@ -33,7 +33,13 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start_run(spec: Path, db: Path, env: dict[str, str], **popen) -> subprocess.Popen:
+def start_run(spec: Path, db: Path, env: dict[str, str], server=None, **popen) -> subprocess.Popen:
+    """``loraplace run SPEC --store DB -q`` as a child process; ``server``: forked by a ``forkserver.ForkServer``
+    (imports paid once; output discarded) instead of a fresh interpreter."""
+    if server is not None:
+        forked = server.run(["run", spec, "--store", db, "-q"], env)
+        CHILDREN.append(forked)
+        return forked
     popen.setdefault("stdout", subprocess.DEVNULL)
     popen.setdefault("stderr", subprocess.DEVNULL)
     proc = subprocess.Popen([sys.executable, "-m", "loraplace", "run", str(spec), "--store", str(db), "-q"],

@@ -24,8 +24,10 @@ def snapshot(db) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("execution", ["", "execution: {fuse: 4}\n"], ids=["one-at-a-time", "fused"])
-def test_twenty_random_kills_lose_and_duplicate_nothing(tmp_path, execution):
-    """Fused: a kill during a group leaves its claimed trials to be re-run on resume, nothing half-written."""
+def test_twenty_random_kills_lose_and_duplicate_nothing(tmp_path, execution, fork_server):
+    """Fused: a kill during a group leaves its claimed trials to be re-run on resume, nothing half-written. The runs
+    are forked from a fork server (tests/reliability/forkserver.py): real processes, killed with SIGKILL, that
+    start at the command line with the imports already paid."""
     rng = random.Random(20261123)
     env = cli_env(tmp_path)
     kills, rounds, runs = 0, 0, 0
@@ -36,7 +38,7 @@ def test_twenty_random_kills_lose_and_duplicate_nothing(tmp_path, execution):
         seen: dict[str, str] = {}
         while True:
             before = attempts(db)
-            proc = start_run(spec, db, env)
+            proc = start_run(spec, db, env, server=fork_server)
             runs += 1
             # Wait until this run has claimed a trial (past imports and set-up), then kill it at a random moment:
             # inside training, around record_outcome, or in the next claim.

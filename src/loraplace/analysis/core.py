@@ -353,8 +353,9 @@ def _warnings(groups: dict[GroupKey, Group], rows: list[TrialRow], counts: dict[
     fused = [r.outcome.fused_with for r in rows if r.status == "done" and r.outcome is not None]
     if any(fused):
         out.append(f"{sum(1 for k in fused if k)} of {len(fused)} finished trial(s) trained fused with up to "
-                   f"{max(fused)} other(s) (execution.fuse): their train time and tokens/s are their group's, so "
-                   "speed comparisons between placements do not hold; run with execution.fuse: off to compare speed")
+                   f"{max(fused)} other(s) (execution.fuse): their train time, tokens/s and peak memory are their "
+                   "group's, so speed and memory comparisons between placements do not hold; run with "
+                   "execution.fuse: off to compare them")
     unfinished = counts.get("pending", 0) + counts.get("running", 0) + counts.get("interrupted", 0)
     if unfinished:
         out.append(f"{unfinished} trial(s) not finished yet (pending, running or interrupted): "

@@ -13,6 +13,7 @@ rows only (prompt and pad positions never reach it — on SmolLM2 the head is ~2
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,6 +126,15 @@ def make_batch(data: TokenizedSet, index: list[int] | np.ndarray, mode: str, pad
 # rows of T tokens, and the rows are dealt round-robin to the step's ``blocks`` micro-batches (so they carry similar
 # token counts); unused rows are padding. The loss is still normalised by the step's label count, so the gradient
 # is the one of the same examples batched any other way.
+
+
+def eval_batches(data: TokenizedSet, batch: int, mode: str, pad_id: int) -> Iterator[Batch]:
+    """An eval split's batches, the same every time: examples sorted by length (stable, so little padding), ``batch``
+    at a time, packed or padded by ``mode``. Both eval paths read these: a trial's own (``evaluate.eval_loss``) and
+    a fused group's (each batch repeated once per trial)."""
+    order = np.argsort([len(x) for x in data.ids], kind="stable")
+    for i in range(0, len(order), batch):
+        yield make_batch(data, order[i:i + batch], mode, pad_id)
 
 
 def _step_groups(data: TokenizedSet, index: list[int] | np.ndarray, mode: str, width: int,

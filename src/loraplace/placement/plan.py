@@ -7,6 +7,7 @@ leaves nothing to PEFT's suffix matching: ``target_modules`` are full paths and 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections import Counter
@@ -215,6 +216,30 @@ class Plan:
             "unassigned": list(self.unassigned),
             "active_params": self.active_params,
         }
+
+
+def resulting_plan(peft_model, plan: Plan) -> Plan:
+    """The inverse of :meth:`Plan.to_lora_config`: the plan as PEFT built it, each site's rank and alpha read back
+    from its LoRA layer. EVA moves rank between sites and may drop a site to rank 0 (the result says so in its
+    warnings); for every other variant this is ``plan`` itself."""
+    if plan.variant != "eva":
+        return plan
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for name, module in peft_model.named_modules():
+        r = getattr(module, "r", None)
+        if isinstance(r, dict) and "default" in r:
+            path = name.removeprefix("base_model.model.")
+            ranks[path], alphas[path] = int(r["default"]), float(module.lora_alpha["default"])
+    modules = tuple(dataclasses.replace(m, rank=ranks[m.path], alpha=alphas[m.path])
+                    for m in plan.modules if ranks.get(m.path, 0) > 0)
+    if modules == plan.modules and any(w.startswith("eva redistributed") for w in plan.warnings):
+        return plan  # already the plan PEFT built, re-injected as it is
+    dropped = [m.path for m in plan.modules if ranks.get(m.path, 0) == 0]
+    note = (f"eva redistributed ranks (rho {plan.eva_rho:g}): {plan.trainable_params:,} → "
+            f"{sum(m.params for m in modules):,} trainable parameters"
+            + (f"; {len(dropped)} site(s) dropped to rank 0, e.g. {dropped[0]}" if dropped else ""))
+    return dataclasses.replace(plan, modules=modules, warnings=plan.warnings + (note,))
 
 
 def peft_renamed_leaves(family: str) -> frozenset[str]:

@@ -15,7 +15,15 @@ from helpers import run_cli_in_process, tiny_study_yaml  # noqa: E402 - after th
 
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
-    """Tokenised data goes to a per-test cache (the converted builtin model is not used by tiny-model tests)."""
+    """Tokenised data goes to a per-test cache. Converted checkpoints (the builtin model, ~25 s to convert from its
+    GGUF on a 2-core CPU) are shared with the user's cache through a link: converting them is atomic and
+    deterministic, and a test that reads the builtin config must not pay the conversion again."""
+    from loraplace.models import cache_dir
+
+    shared_models = cache_dir() / "models"
+    shared_models.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache").mkdir(exist_ok=True)
+    (tmp_path / "cache" / "models").symlink_to(shared_models, target_is_directory=True)
     monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
 

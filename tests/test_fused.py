@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from loraplace.data import DataSpec
+from loraplace.errors import TrialFailed
 from loraplace.evaluate import eval_loss
 from loraplace.fused import FusedMember, load_weights, train_fused
 from loraplace.placement import parse_placement
@@ -204,26 +205,6 @@ def test_a_fused_study_stores_what_the_sequential_study_stores(tmp_path):
         assert [p.loss for p in fused.curve] == pytest.approx([p.loss for p in alone.curve], rel=1e-4)
         assert [e.step for e in fused.evals] == [e.step for e in alone.evals] == [2]  # eval.every: fused too
         assert fused.evals[0].eval_loss == pytest.approx(alone.evals[0].eval_loss, rel=1e-4)
-
-
-@pytest.mark.slow
-def test_the_ray_backend_runs_a_fused_group_as_one_task(tmp_path):
-    ray = pytest.importorskip("ray")
-    from helpers import tiny_study_yaml
-    from loraplace.store import Store
-    from loraplace.study import load_study, run_study
-
-    (tmp_path / "s.yaml").write_text(tiny_study_yaml("rayfz", steps=2, extra="execution: {fuse: 4}\n"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"LORAPLACE_CACHE": str(tmp_path / "cache")}})
-    try:
-        summary = run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db", backend="ray")
-    finally:
-        ray.shutdown()
-    assert (summary.ran, summary.done) == (4, 4)
-    with Store.open_readonly(tmp_path / "s.db") as store:
-        trials = store.trials(store.study().id)
-    assert all(t.status == "done" and t.completions == 1 and t.outcome.fused_with == 3 for t in trials)
 
 
 def test_groups_fusion_does_not_cover_are_refused_with_every_reason(setup):
@@ -551,3 +532,27 @@ def test_a_fused_trials_peak_memory_is_its_groups_training_peak(tmp_path, monkey
         hook.remove()
     assert [o.fused_with for o in outcomes.values()] == [1, 1]
     assert [o.metrics.peak_mem_mb for o in outcomes.values()] == [1000.0, 1000.0]
+
+
+def test_a_fused_member_is_saved_without_redoing_its_init_and_a_failed_one_is_never_injected(tmp_path, monkeypatch):
+    """run_trial(trained_in_group=…) injects the plan PEFT built in the group (EVA's ranks) without EVA's SVD — the
+    trained weights replace the init anyway — and a member that failed in its group fails before any injection."""
+    from loraplace.trial import TrialSpec, run_trial
+
+    session = Session("tiny:llama", precision="fp32")
+    data = DataSpec(train="builtin:arithmetic?n=120", eval_count=12, max_len=160)
+    splits = session.data(data)
+    spec = TrialSpec(model="tiny:llama", data=data, placement=parse_placement({"roles": ["all"], "variant": "eva"}),
+                     rank=4, train=TrainSpec(steps=2, batch=4, lr=1e-2, precision="fp32"))
+    member = FusedMember("eva", session.plan(spec.placement, rank=4), spec.train, eval_batch=EVAL_BATCH)
+    trained = train_fused(session, splits.train, [member], pad_id=session.pad_id, evals={"test": splits.eval})["eva"]
+    svds = []
+    monkeypatch.setattr(Session, "_eva_init", lambda self, model, data: svds.append(1))
+    outcome = run_trial(spec, session=session, out_dir=tmp_path / "eva", trained_in_group=trained)
+    assert outcome.status == "done" and svds == []
+    assert outcome.trainable_params == trained.plan.trainable_params
+    injected = []
+    monkeypatch.setattr(Session, "adapter", lambda *args, **kwargs: injected.append(1))
+    failed = dataclasses.replace(trained, failure=TrialFailed("non-finite training loss (nan) at step 2", step=2))
+    outcome = run_trial(spec, session=session, out_dir=tmp_path / "failed", trained_in_group=failed)
+    assert outcome.status == "failed" and outcome.failure.step == 2 and injected == []

@@ -116,29 +116,6 @@ def test_a_failing_trial_does_not_stop_the_study(tmp_path, write_study):
     assert (summary.done, summary.failed) == (1, 1)
 
 
-@pytest.mark.slow
-def test_ray_backend_runs_the_same_hooks_and_records(tmp_path, write_study):
-    ray = pytest.importorskip("ray")
-    from loraplace.runner import RunHooks
-
-    path = write_study(seeds=[0], steps=2)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"LORAPLACE_CACHE": str(tmp_path / "cache")}})
-    started, ended = [], []
-    try:
-        summary = run_study(load_study(path), tmp_path / "s.db", backend="ray",
-                            hooks=RunHooks(on_start=lambda t, i, n: started.append((t.id, i, n)),
-                                           on_end=lambda t, o: ended.append((t.id, o.status))))
-    finally:
-        ray.shutdown()
-    assert (summary.ran, summary.done) == (2, 2)
-    assert sorted(i for _, i, _ in started) == [1, 2] and {n for _, _, n in started} == {2}
-    assert sorted(ended) == sorted((tid, "done") for tid, _, _ in started)
-    with Store(tmp_path / "s.db") as store:
-        trials = store.trials(store.study().id)
-        assert all(t.status == "done" and t.metrics.eval_loss > 0 and t.outcome.sites is not None for t in trials)
-
-
 def test_stored_studies_keep_their_trial_ids(tmp_path):
     """The v2 fixture store (a budget study) was written by an older loraplace, which filled budgets with one
     uniform rank. With ``fill: uniform`` the same spec expands to its trial ids: fields added to the specs since

@@ -740,8 +740,9 @@ class _Group:
                 pm.path: SiteWeights(*(t.detach().clone() for t in _site_weights(self.wrapped[pm.path], m.key)))
                 for pm in plans[m.key].modules}
             evaluated = self.final_evals.get(m.key, {})
-            out[m.key] = TrainedAdapters(stepper.outcome, weights, plans[m.key], failure, len(self.members),
-                                         evaluated, self.eval_s if evaluated else 0.0, self.peak_mem_mb)
+            out[m.key] = TrainedAdapters(outcome=stepper.outcome, weights=weights, plan=plans[m.key], failure=failure,
+                                         group_size=len(self.members), eval_losses=evaluated,
+                                         eval_s=self.eval_s if evaluated else 0.0, peak_mem_mb=self.peak_mem_mb)
         return out
 
 

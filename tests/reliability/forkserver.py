@@ -8,29 +8,36 @@ after the fork, so the test exercises the same code; only the interpreter start-
 torch op before forking (a thread pool started before fork() would not survive it in the child).
 
 Protocol (one JSON object per line on stdin, one reply per line on stdout):
-``{"op": "run", "argv": [...], "env": {...}, "cwd": "..."}`` → ``{"pid": N}``;
+``{"op": "run", "argv": [...], "env": {...}, "cwd": "...", "stdout": path | null, "stderr": path | null}`` →
+``{"pid": N}`` (output goes to those files, else to /dev/null);
 ``{"op": "poll" | "wait", "pid": N}`` → ``{"returncode": int | null}`` (Popen's convention: −signal if killed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 
-def _child(argv: list[str], env: dict[str, str], cwd: str) -> None:
+def _child(argv: list[str], env: dict[str, str], cwd: str, stdout: str | None, stderr: str | None) -> None:
     """In the forked child: a fresh ``loraplace`` command line, then ``_exit`` with its status."""
     code = 1
     try:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a user's terminal gives it (see reliability_helpers)
+        # The signal dispositions a fresh interpreter starts with (the server's may differ): Ctrl-C raises
+        # KeyboardInterrupt, SIGTERM kills — until the command installs its own handlers.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
+        os.dup2(devnull, 0)
+        for fd, path in ((1, stdout), (2, stderr)):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if path else devnull, fd)
         os.environ.clear()
         os.environ.update(env)
         os.chdir(cwd)
@@ -44,6 +51,9 @@ def _child(argv: list[str], env: dict[str, str], cwd: str) -> None:
     except BaseException:  # noqa: BLE001 - an internal error: exit 1, as the command does
         code = 1
     finally:
+        with contextlib.suppress(Exception):  # what the command printed reaches its files before _exit
+            sys.stdout.flush()
+            sys.stderr.flush()
         os._exit(code)
 
 
@@ -55,6 +65,9 @@ def _status(pid: int, block: bool) -> int | None:
 
 
 def serve() -> None:
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1)  # a hung server tells where: kill -USR1 PID
     # The imports a `loraplace run` pays before its first claim; nothing is computed.
     import loraplace.cli  # noqa: F401
     import loraplace.fused  # noqa: F401
@@ -70,7 +83,8 @@ def serve() -> None:
             sys.stdout.flush()
             pid = os.fork()
             if pid == 0:
-                _child(request["argv"], request["env"], request["cwd"])
+                _child(request["argv"], request["env"], request["cwd"], request.get("stdout"),
+                       request.get("stderr"))
             reply = {"pid": pid}
         else:
             pid = request["pid"]
@@ -88,20 +102,29 @@ class ForkServer:
     def __init__(self, env: dict[str, str]):
         self._proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True, env=env)
+        self._runs = 0
+        self._lock = threading.Lock()
         assert self._request(None) == {"ready": True}
 
     def _request(self, request: dict | None) -> dict:
-        if request is not None:
-            self._proc.stdin.write(json.dumps(request) + "\n")
-            self._proc.stdin.flush()
-        line = self._proc.stdout.readline()
+        with self._lock:  # one request and its reply at a time, whichever thread asks (a test may poll from two)
+            if request is not None:
+                self._proc.stdin.write(json.dumps(request) + "\n")
+                self._proc.stdin.flush()
+            line = self._proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the fork server died (exit {self._proc.poll()})")
         return json.loads(line)
 
-    def run(self, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> ForkedRun:
-        reply = self._request({"op": "run", "argv": [str(a) for a in argv], "env": env, "cwd": str(cwd or Path.cwd())})
-        return ForkedRun(self, reply["pid"], argv)
+    def run(self, argv: list[str], env: dict[str, str], cwd: Path | None = None, capture: Path | None = None
+            ) -> ForkedRun:
+        """Fork ``loraplace ARGV``; ``capture``: a folder to write its stdout and stderr into (read back by
+        :meth:`ForkedRun.communicate`), else they are discarded."""
+        self._runs += 1
+        out = (capture / f"run{self._runs}.out", capture / f"run{self._runs}.err") if capture else (None, None)
+        reply = self._request({"op": "run", "argv": [str(a) for a in argv], "env": env, "cwd": str(cwd or Path.cwd()),
+                               "stdout": out[0] and str(out[0]), "stderr": out[1] and str(out[1])})
+        return ForkedRun(self, reply["pid"], argv, out)
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -116,8 +139,8 @@ class ForkServer:
 class ForkedRun:
     """A forked ``loraplace`` process, with the part of Popen's interface the kill tests use."""
 
-    def __init__(self, server: ForkServer, pid: int, args: list[str]):
-        self._server, self.pid, self.args = server, pid, args
+    def __init__(self, server: ForkServer, pid: int, args: list[str], output: tuple[Path | None, Path | None]):
+        self._server, self.pid, self.args, self._output = server, pid, args, output
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
@@ -132,6 +155,11 @@ class ForkedRun:
                 raise subprocess.TimeoutExpired(self.args, timeout)
             time.sleep(0.02)
         return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str | None, str | None]:
+        """Wait for the end; (stdout, stderr) as text when captured."""
+        self.wait(timeout)
+        return tuple(path.read_text() if path is not None else None for path in self._output)
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:

@@ -36,8 +36,11 @@ def _default_sigint() -> None:
 def start_run(spec: Path, db: Path, env: dict[str, str], server=None, **popen) -> subprocess.Popen:
     """``loraplace run SPEC --store DB -q`` as a child process; ``server``: forked by a ``forkserver.ForkServer``
     (imports paid once; output discarded) instead of a fresh interpreter."""
-    if server is not None:
-        forked = server.run(["run", spec, "--store", db, "-q"], env)
+    if server is not None:  # output is kept only when asked for (stdout/stderr=PIPE), in files next to the store
+        capture = db.parent / "output" if popen.get("stderr") == subprocess.PIPE else None
+        if capture is not None:
+            capture.mkdir(exist_ok=True)
+        forked = server.run(["run", spec, "--store", db, "-q"], env, capture=capture)
         CHILDREN.append(forked)
         return forked
     popen.setdefault("stdout", subprocess.DEVNULL)
@@ -56,7 +59,14 @@ def kill_children() -> None:
         proc.wait()
 
 
-def cli(*args, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(*args, env: dict[str, str], timeout: float = 300, server=None, capture: Path | None = None
+        ) -> subprocess.CompletedProcess:
+    """``loraplace ARGS`` run to its end: a fresh interpreter, or forked by ``server`` (its output written to
+    ``capture``, a folder)."""
+    if server is not None:
+        forked = server.run(list(args), env, capture=capture)
+        stdout, stderr = forked.communicate(timeout)
+        return subprocess.CompletedProcess(forked.args, forked.returncode, stdout, stderr)
     return subprocess.run([sys.executable, "-m", "loraplace", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout)
 

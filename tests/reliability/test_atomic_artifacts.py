@@ -20,7 +20,9 @@ def enospc(*_args, **_kwargs):
 
 
 def test_json_keeps_the_previous_file_when_the_disk_fills(tmp_path, monkeypatch):
-    path = tmp_path / "metrics.json"
+    out = tmp_path / "out"  # a folder of its own (tmp_path also holds the test's cache)
+    out.mkdir()
+    path = out / "metrics.json"
     write_json_atomic(path, {"eval_loss": 1.0})
     good = path.read_bytes()
     monkeypatch.setattr(atomic.os, "fsync", enospc)  # the data was written, the flush fails
@@ -28,13 +30,15 @@ def test_json_keeps_the_previous_file_when_the_disk_fills(tmp_path, monkeypatch)
         write_json_atomic(path, {"eval_loss": 2.0, "big": "x" * 100_000})
     assert info.value.errno == errno.ENOSPC
     assert path.read_bytes() == good and json.loads(good) == {"eval_loss": 1.0}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # the temp file is gone
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]  # the temp file is gone
 
 
 def test_adapter_keeps_the_previous_version_when_the_disk_fills(tmp_path):
     session = Session("tiny:llama", precision="fp32")
     plan = session.plan({"roles": ["attn"]}, rank=2)
-    target = tmp_path / "adapter"
+    out = tmp_path / "out"  # a folder of its own (tmp_path also holds the test's cache)
+    out.mkdir()
+    target = out / "adapter"
     with session.adapter(plan, seed=0) as model:
         save_adapter_atomic(model, target, None)
         good = {p.name: p.read_bytes() for p in target.iterdir()}
@@ -47,7 +51,7 @@ def test_adapter_keeps_the_previous_version_when_the_disk_fills(tmp_path):
         with pytest.raises(OSError, match="No space left"):
             save_adapter_atomic(model, target, None)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == good
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter"]
 
 
 def test_a_full_disk_fails_one_trial_and_the_study_goes_on(tmp_path, monkeypatch):

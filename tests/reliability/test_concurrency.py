@@ -38,13 +38,14 @@ def test_row_left_running_by_a_dead_process_is_rerun(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_live_runners_never_run_the_same_trial(tmp_path):
+def test_two_live_runners_never_run_the_same_trial(tmp_path, fork_server):
+    """Two `loraplace run` processes (forked from the fork server: imports paid once) on one store."""
     spec = write_study(tmp_path / "s.yaml", steps=3, seeds=2)
     db = tmp_path / "s.db"
     env = cli_env(tmp_path)
-    first = start_run(spec, db, env)
+    first = start_run(spec, db, env, server=fork_server)
     assert wait_for(lambda: attempts(db) > 0)
-    second = start_run(spec, db, env)  # starts while the first one is mid-study
+    second = start_run(spec, db, env, server=fork_server)  # starts while the first one is mid-study
     assert first.wait(timeout=300) == 0 and second.wait(timeout=300) == 0
     with Store(db) as store:
         trials = store.trials(store.study().id)
@@ -55,11 +56,13 @@ def test_two_live_runners_never_run_the_same_trial(tmp_path):
 
 
 @pytest.mark.slow
-def test_status_and_report_while_a_study_writes(tmp_path):
+def test_status_and_report_while_a_study_writes(tmp_path, fork_server):
+    """The writer is a `loraplace run` process and the commands are `loraplace status|report` processes, all forked
+    from the fork server; in-process analysis/report calls read as fast as they go."""
     spec = write_study(tmp_path / "s.yaml", steps=12, seeds=2)
     db = tmp_path / "s.db"
     env = cli_env(tmp_path)
-    runner = start_run(spec, db, env)
+    runner = start_run(spec, db, env, server=fork_server)
     assert wait_for(lambda: attempts(db) > 0)
     errors: list[str] = []
     reads = {"store": 0, "report": 0, "cli": 0}
@@ -77,9 +80,10 @@ def test_status_and_report_while_a_study_writes(tmp_path):
 
     thread = threading.Thread(target=read_loop)
     thread.start()
-    while runner.poll() is None:  # the commands a user types in another terminal
+    (tmp_path / "output").mkdir()
+    while runner.poll() is None:  # the commands a user types in another terminal (forked: no import each time)
         for command in ("status", "report"):
-            done = cli(command, db, env=env)
+            done = cli(command, db, env=env, server=fork_server, capture=tmp_path / "output")
             reads["cli"] += 1
             if done.returncode != 0 and "no finished trial yet" not in done.stderr:
                 errors.append(f"loraplace {command}: rc {done.returncode}: {done.stderr.strip()}")

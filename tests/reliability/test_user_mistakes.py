@@ -252,8 +252,9 @@ def test_an_interrupt_before_any_trial_does_not_claim_one_was_interrupted(cli, w
 @pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"),
                                                     (signal.SIGINT, 130, "interrupted")])
-def test_sigterm_stops_a_run_like_sigint(tmp_path, sig, code, word):
-    """SIGTERM (a scheduler, `kill`) marks the trial in flight interrupted and exits 143 with a message."""
+def test_sigterm_stops_a_run_like_sigint(tmp_path, sig, code, word, fork_server):
+    """SIGTERM (a scheduler, `kill`) marks the trial in flight interrupted and exits 143 with a message. The run is
+    forked from the fork server; its signal handling is installed by the command after the fork."""
     from reliability_helpers import attempts, wait_for
 
     from loraplace.store import Store
@@ -261,7 +262,8 @@ def test_sigterm_stops_a_run_like_sigint(tmp_path, sig, code, word):
     spec = tmp_path / "s.yaml"
     spec.write_text(tiny_study_yaml("sig", steps=400, seeds=[0]))
     db = tmp_path / "s.db"
-    proc = start_run(spec, db, cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_run(spec, db, cli_env(tmp_path), server=fork_server, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     text=True)
     assert wait_for(lambda: attempts(db) >= 1, timeout=180)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)

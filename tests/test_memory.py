@@ -44,27 +44,37 @@ def _live_peak(model, batch, chunk):
     return max(totals) - totals[0]
 
 
-@pytest.mark.parametrize(("checkpointing", "chunk"), [(False, None), (True, None), (False, 64), (True, 64)])
-def test_estimate_is_within_25_percent_of_the_live_peak(tmp_path, checkpointing, chunk):
-    """fp32, a llama large enough that activations dominate the profiler's bookkeeping."""
+@pytest.fixture(scope="module")
+def profiled_model(tmp_path_factory):
+    """fp32, a llama large enough that activations dominate the profiler's bookkeeping (saved, loaded as a session
+    and planned once for the module): (session, its training split, an all-linear r=8 plan)."""
     from transformers import LlamaForCausalLM
 
     from loraplace.data import DataSpec
-    from loraplace.data.batching import make_batch
-    from loraplace.models import causal_lm, load_tokenizer
-    from loraplace.train import set_activation_checkpointing
+    from loraplace.models import load_tokenizer
     from loraplace.trial import Session
 
-    torch.manual_seed(0)
-    config = _config(vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    tokenizer = load_tokenizer("tiny:llama")
-    tokenizer.save_pretrained(tmp_path / "model")
-    session = Session(str(tmp_path / "model"), precision="fp32")
-    splits = session.data(DataSpec(train="builtin:arithmetic?n=200", eval_count=8, max_len=160))
-    plan = session.plan({"roles": ["all"]}, rank=8)
+    root = tmp_path_factory.mktemp("profiled")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAPLACE_CACHE", str(root / "cache"))
+        torch.manual_seed(0)
+        config = _config(vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        LlamaForCausalLM(config).save_pretrained(root / "model")
+        load_tokenizer("tiny:llama").save_pretrained(root / "model")
+        session = Session(str(root / "model"), precision="fp32")
+        splits = session.data(DataSpec(train="builtin:arithmetic?n=200", eval_count=8, max_len=160))
+    return session, splits.train, session.plan({"roles": ["all"]}, rank=8)
+
+
+@pytest.mark.parametrize(("checkpointing", "chunk"), [(False, None), (True, None), (False, 64), (True, 64)])
+def test_estimate_is_within_25_percent_of_the_live_peak(profiled_model, checkpointing, chunk):
+    from loraplace.data.batching import make_batch
+    from loraplace.models import causal_lm
+    from loraplace.train import set_activation_checkpointing
+
+    session, train, plan = profiled_model
     with session.adapter(plan, 0) as model:
-        batch = make_batch(splits.train, list(range(32)), "pack", session.pad_id)
+        batch = make_batch(train, list(range(32)), "pack", session.pad_id)
         lm = causal_lm(model)
         set_activation_checkpointing(lm, checkpointing)
         model.train()

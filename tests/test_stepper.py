@@ -33,7 +33,7 @@ ALONE = TrialSpec(model="tiny:llama", data=DATA, placement=parse_placement({"rol
 MEMBERS = [("all-s0", {"roles": ["all"]}, 4, {"seed": 0, "lr": 3e-3}, 2),
            ("attn-s1", {"roles": ["attn"], "variant": "dora"}, 2, {"seed": 1, "lr": 1e-3, "micro_batch": 2}, 3)]
 
-# Runs in a fresh interpreter: phase "stop" trains to STOP and saves; phase "continue" continues to STEPS.
+# Runs in a fresh interpreter: phase "continue" continues the states saved by phase "stop" (trained to STOP) to STEPS.
 SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
@@ -95,8 +95,9 @@ def _same(got: dict, want: dict, what: str) -> None:
 
 @pytest.mark.slow
 def test_a_trial_stopped_and_continued_in_a_new_process_trains_what_it_trains_uninterrupted(tmp_path):
+    """Nothing of the stopping process reaches the continuing one but the saved states: it is a fresh Python."""
     uninterrupted = run_phase(None, None)
-    stopped = _fresh_process(tmp_path, "stop")
+    stopped = run_phase(tmp_path, "stop")  # here; the continuation below runs in a fresh interpreter
     assert stopped["alone"]["steps"] == STOP and all(f["steps"] == STOP for f in stopped["fused"].values())
     assert (tmp_path / "alone" / TrainerState.FILE).is_file()
     continued = _fresh_process(tmp_path, "continue")

@@ -10,8 +10,9 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -33,7 +34,10 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A file object (``mode`` "w" text, UTF-8, or "wb") whose content replaces ``path`` when the block ends without
+    an error — fsynced, renamed over it, the directory fsynced — and is deleted when it ends with one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -41,8 +45,8 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         # mkstemp creates the file 0600; give it the mode an ordinary open() would (0666 less the umask), so a
         # report or a config can be read by whoever could read any other file the user writes.
         os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -51,7 +55,12 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
-    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_file(path) as fh:
+        fh.write(text)
+    return Path(path)
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> Path:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loraplace.atomic import atomic_file
 from loraplace.errors import TrialFailed
 from loraplace.records import CurvePoint, EvalPoint, TrainerProgress
 from loraplace.train_config import TrainSpec
@@ -133,20 +132,10 @@ class TrainerState:
 
     def save(self, file: Path) -> None:
         """Written to a temporary file and renamed into place: a kill leaves the old state or the new one."""
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save({"format": self.FORMAT, "progress": self.progress.model_dump_json(),
-                            "tensors": list(self.tensors), "optimizer": self.optimizer, "scheduler": self.scheduler,
-                            "rng": self.rng}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, file)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_file(file, "wb") as fh:
+            torch.save({"format": self.FORMAT, "progress": self.progress.model_dump_json(),
+                        "tensors": list(self.tensors), "optimizer": self.optimizer, "scheduler": self.scheduler,
+                        "rng": self.rng}, fh)
 
     @classmethod
     def load(cls, file: Path) -> TrainerState:

@@ -551,6 +551,13 @@ def test_a_fused_member_is_saved_without_redoing_its_init_and_a_failed_one_is_ne
     outcome = run_trial(spec, session=session, out_dir=tmp_path / "eva", trained_in_group=trained)
     assert outcome.status == "done" and svds == []
     assert outcome.trainable_params == trained.plan.trainable_params
+    from peft import PeftModel
+
+    from loraplace.models import load_model
+
+    vanilla = PeftModel.from_pretrained(load_model("tiny:llama"), outcome.adapter.path)  # EVA's ranks, trained
+    theirs, _ = eval_loss(vanilla, splits.eval, device=session.device, dtype=torch.float32, pad_id=session.pad_id)
+    assert theirs == pytest.approx(outcome.metrics.eval_loss, rel=1e-5)
     injected = []
     monkeypatch.setattr(Session, "adapter", lambda *args, **kwargs: injected.append(1))
     failed = dataclasses.replace(trained, failure=TrialFailed("non-finite training loss (nan) at step 2", step=2))

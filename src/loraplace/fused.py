@@ -13,13 +13,15 @@ and fusion is off on a CPU by default; the one path CUDA needs is kept, so the s
 
 Per trial, everything else is its own: its loss (token-weighted mean over its labels; the step's objective is the
 sum, so each trial's gradients are exactly its own — its adapters are disjoint parameters and no op mixes rows),
-its AdamW state, LR schedule, gradient clipping by its own norm, step count (a trial that has finished leaves
-the group), a non-finite loss (that trial fails at its step and leaves; the others go on).
+and its :class:`~loraplace.stepper.TrialStepper` — the one a trial alone has: AdamW state, LR schedule, gradient
+clipping by its own norm, data order, step count (a trial that has finished leaves the group), a non-finite loss
+(that trial fails at its step and leaves; the others go on), and a saved state to continue from or stop at.
 
 Initial weights come from PEFT itself: each trial's adapters are injected with ``Session.adapter`` (its seed, its
-plan) and copied out, so a fused trial starts exactly where the same trial alone starts. After training, the
-caller injects the plan again and loads the trained weights (:func:`load_weights`) to save through the usual path
-(and to evaluate what the fused eval did not cover: accuracy by generation) — the saved PEFT adapter is the
+plan) and copied out (``peft_io.read_sites``), so a fused trial starts exactly where the same trial alone starts.
+Each member's result is a ``peft_io.TrainedAdapters``: the caller (``trial.run_trial(trained_in_group=…)``)
+injects the plan PEFT built again and loads the trained weights (:func:`load_weights`) to save through the usual
+path (and to evaluate what the fused eval did not cover: accuracy by generation) — the saved PEFT adapter is the
 standalone one.
 
 Scope now: LoRA, rsLoRA, DoRA and EVA (PEFT's init per trial, as alone) on ``nn.Linear`` / GPT-2 ``Conv1D`` sites

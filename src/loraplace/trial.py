@@ -185,8 +185,8 @@ class Session:
         seed_everything(seed)
         saved = self._snapshot(plan) if plan.variant == "pissa" else {}
         eva = plan.variant == "eva" and initialise
-        # Without EVA's init the adapters start as plain LoRA's; the config says eva again afterwards, as PEFT's
-        # own EVA leaves it, so the saved adapter is the same whichever way it was injected.
+        # Without EVA's init the adapters start as plain LoRA's (at EVA's ranks); the config says eva again
+        # afterwards, as PEFT's own EVA leaves it, so the saved adapter still says how it was initialised.
         config = plan.to_lora_config() if eva or plan.variant != "eva" else plan.to_lora_config(
             init_lora_weights=True, eva_config=None)
         peft_model = get_peft_model(self.model, config, low_cpu_mem_usage=eva)

@@ -582,11 +582,8 @@ class _Group:
                 site = _site_weights(wrapped[pm.path], m.key)
                 params += site.tensors()
                 names += SiteWeights.names(pm.path, site.magnitude is not None)
-            stepper = TrialStepper(params, names, m.train, len(data), device, eval_every=m.eval_every,
-                                   stop_after=m.continuation.stop_after if m.continuation is not None else None)
-            saved = m.continuation.saved() if m.continuation is not None else None
-            if saved is not None:
-                stepper.restore(saved)
+            stepper = TrialStepper.resuming(params, names, m.train, len(data), device, eval_every=m.eval_every,
+                                            continuation=m.continuation)
             modes[m.key] = batching_mode(model, m.train.packing)
             step_batches[m.key], stepper.outcome.static_shape = step_batcher(data, m.train, stepper.order,
                                                                              modes[m.key], pad_id)

@@ -226,6 +226,19 @@ class TrialStepper:
         self._earlier_s = 0.0  # training time of the runs before a restore
         self._pending: list[_PendingStep] = []
 
+    @classmethod
+    def resuming(cls, params: list[torch.nn.Parameter], names: list[str], spec: TrainSpec, n_examples: int,
+                 device: torch.device, *, eval_every: int | None = None,
+                 continuation: Continuation | None = None) -> TrialStepper:
+        """A stepper that stops where ``continuation`` says and starts from the state saved there, if any (a
+        fresh one without a continuation)."""
+        stepper = cls(params, names, spec, n_examples, device, eval_every=eval_every,
+                      stop_after=continuation.stop_after if continuation is not None else None)
+        saved = continuation.saved() if continuation is not None else None
+        if saved is not None:
+            stepper.restore(saved)
+        return stepper
+
     # ----------------------------------------------------------------------------------------- per step
 
     @property

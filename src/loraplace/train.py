@@ -204,11 +204,8 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
         params = ([p for _, p in named], [name for name, _ in named])
     if not params[0]:  # before the data is looked at
         raise TrialFailed("the model has no trainable parameters")
-    stepper = TrialStepper(*params, spec, len(data), device, eval_every=eval_every if eval_fn is not None else None,
-                           stop_after=continuation.stop_after if continuation is not None else None)
-    saved = continuation.saved() if continuation is not None else None
-    if saved is not None:
-        stepper.restore(saved)
+    stepper = TrialStepper.resuming(*params, spec, len(data), device, continuation=continuation,
+                                    eval_every=eval_every if eval_fn is not None else None)
     step_batches, shape = step_batcher(data, spec, stepper.order, batching_mode(model, spec.packing), pad_id)
     stepper.outcome.static_shape = shape
 

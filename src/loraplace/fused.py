@@ -58,7 +58,15 @@ from loraplace.data.batching import PACKING_VERIFIED, Batch, batching_mode, eval
 from loraplace.errors import ConfigError, TrialFailed
 from loraplace.memory import estimate_activations
 from loraplace.models import causal_lm
-from loraplace.peft_io import ParamLayout, SiteInit, SiteWeights, TrainedAdapters, load_weights, read_sites
+from loraplace.peft_io import (
+    ParamLayout,
+    SiteInit,
+    SiteWeights,
+    TrainedAdapters,
+    load_weights,
+    named_tensors,
+    read_sites,
+)
 from loraplace.placement.plan import Plan, resulting_plan
 from loraplace.stepper import Continuation, TrainClock, TrialStepper, sync
 from loraplace.train import (
@@ -577,11 +585,8 @@ class _Group:
                               "these trials cannot be fused")
         steppers, step_batches, modes = {}, {}, {}
         for m in members:
-            params, names = [], []
-            for pm in plans[m.key].modules:
-                site = _site_weights(wrapped[pm.path], m.key)
-                params += site.tensors()
-                names += SiteWeights.names(pm.path, site.magnitude is not None)
+            params, names = named_tensors({pm.path: _site_weights(wrapped[pm.path], m.key)
+                                           for pm in plans[m.key].modules})
             stepper = TrialStepper.resuming(params, names, m.train, len(data), device, eval_every=m.eval_every,
                                             continuation=m.continuation)
             modes[m.key] = batching_mode(model, m.train.packing)
@@ -736,8 +741,7 @@ class _Group:
             if failure is None and m.continuation is not None:
                 stepper.state().save(m.continuation.file)
             weights = {} if failure is not None else {
-                pm.path: SiteWeights(*(t.detach().clone() for t in _site_weights(self.wrapped[pm.path], m.key)))
-                for pm in plans[m.key].modules}
+                pm.path: _site_weights(self.wrapped[pm.path], m.key).detached() for pm in plans[m.key].modules}
             evaluated = self.final_evals.get(m.key, {})
             out[m.key] = TrainedAdapters(outcome=stepper.outcome, weights=weights, plan=plans[m.key], failure=failure,
                                          group_size=len(self.members), eval_losses=evaluated,

@@ -35,6 +35,10 @@ class SiteWeights:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.lora_A, self.lora_B) + (() if self.magnitude is None else (self.magnitude,))
 
+    def detached(self) -> SiteWeights:
+        """Copies, cut from the graph (what outlives the live parameters)."""
+        return SiteWeights(*(t.detach().clone() for t in self.tensors()))
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.tensors())
 
@@ -96,16 +100,21 @@ def _site_tensors(layer) -> SiteWeights:
     return SiteWeights(layer.lora_A["default"].weight, layer.lora_B["default"].weight, magnitude)
 
 
-def site_parameters(peft_model, plan: Plan) -> tuple[list[torch.nn.Parameter], list[str]]:
-    """The trainable tensors of a PEFT model injected with ``plan``, in plan order, and their names: the order and
-    names a trainer state is saved with, whichever engine trains the trial."""
-    inner = peft_model.base_model.model
+def named_tensors(sites: Mapping[str, SiteWeights]) -> tuple[list[torch.Tensor], list[str]]:
+    """The sites' tensors in order (path by path: A, B[, magnitude]) and their names: the order and names a trainer
+    state is saved with, whichever engine trains the trial."""
     params, names = [], []
-    for pm in plan.modules:
-        weights = _site_tensors(peft_site(inner, pm.path))
+    for path, weights in sites.items():
         params += weights.tensors()
-        names += SiteWeights.names(pm.path, weights.magnitude is not None)
+        names += SiteWeights.names(path, weights.magnitude is not None)
     return params, names
+
+
+def site_parameters(peft_model, plan: Plan) -> tuple[list[torch.nn.Parameter], list[str]]:
+    """The trainable tensors of a PEFT model injected with ``plan``, in plan order, and their names
+    (:func:`named_tensors`)."""
+    inner = peft_model.base_model.model
+    return named_tensors({pm.path: _site_tensors(peft_site(inner, pm.path)) for pm in plan.modules})
 
 
 def read_sites(peft_model, plan: Plan) -> dict[str, SiteInit]:
@@ -114,8 +123,7 @@ def read_sites(peft_model, plan: Plan) -> dict[str, SiteInit]:
     out = {}
     for pm in plan.modules:
         layer = peft_site(inner, pm.path)
-        live = _site_tensors(layer)
-        weights = SiteWeights(*(t.detach().clone() for t in live.tensors()))
+        weights = _site_tensors(layer).detached()
         layout = ParamLayout(int(layer.num_experts), bool(layer._did_swap_in_out_features),
                              bool(layer.fan_in_fan_out)) if pm.parameter else None
         out[pm.path] = SiteInit(weights, float(layer.scaling["default"]), layout)

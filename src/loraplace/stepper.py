@@ -222,7 +222,6 @@ class TrialStepper:
         self.step = 0  # optimizer steps taken (read back or not)
         self.tokens_taken = 0  # real tokens of those steps
         self.outcome = TrainOutcome(steps=0, train_s=0.0, real_tokens=0, label_tokens=0)  # what has been read back
-        self.started_at = 0  # the step this run started from (a restored state's)
         self._earlier_s = 0.0  # training time of the runs before a restore
         self._pending: list[_PendingStep] = []
 
@@ -328,7 +327,7 @@ class TrialStepper:
         self.opt.load_state_dict(state.optimizer)
         self.sched.load_state_dict(state.scheduler)
         _set_rng_state(state.rng, self.device)
-        self.step = self.started_at = progress.steps
+        self.step = progress.steps
         self.tokens_taken = progress.real_tokens
         self._earlier_s = progress.train_s
         self.outcome = TrainOutcome(steps=progress.steps, train_s=progress.train_s, real_tokens=progress.real_tokens,

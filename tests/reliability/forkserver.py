@@ -10,7 +10,8 @@ torch op before forking (a thread pool started before fork() would not survive i
 Protocol (one JSON object per line on stdin, one reply per line on stdout):
 ``{"op": "run", "argv": [...], "env": {...}, "cwd": "...", "stdout": path | null, "stderr": path | null}`` →
 ``{"pid": N}`` (output goes to those files, else to /dev/null);
-``{"op": "poll" | "wait", "pid": N}`` → ``{"returncode": int | null}`` (Popen's convention: −signal if killed).
+``{"op": "poll", "pid": N}`` → ``{"returncode": int | null}`` (null while it runs; Popen's convention: −signal
+if killed). The client waits by polling, so one child never blocks the server.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def _child(argv: list[str], env: dict[str, str], cwd: str, stdout: str | None, s
         os._exit(code)
 
 
-def _status(pid: int, block: bool) -> int | None:
-    done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+def _status(pid: int) -> int | None:
+    done, status = os.waitpid(pid, os.WNOHANG)
     if done == 0:
         return None
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
@@ -89,7 +90,7 @@ def serve() -> None:
         else:
             pid = request["pid"]
             if pid not in finished:
-                code = _status(pid, block=request["op"] == "wait")
+                code = _status(pid)
                 if code is not None:
                     finished[pid] = code
             reply = {"returncode": finished.get(pid)}

@@ -401,14 +401,22 @@ def run(
             bar.progress.console.print(f"{trial.id} {escape(trial.labels.group.label)} seed={trial.labels.seed} → "
                                        f"{outcome.status} {escape(what)}", highlight=False)
 
+    def note(line: str) -> None:
+        if not quiet:
+            bar.progress.console.print(escape(line), highlight=False)
+
+    def rung_start(label: str) -> None:
+        bar.new_trial(label)
+
     def terminate(_signum, _frame):  # SIGTERM stops the run like Ctrl-C: the trial in flight is marked interrupted
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         with bar:
+            hooks = RunHooks(on_start=start, on_end=end, progress=bar, on_note=note, on_rung_start=rung_start)
             summary = run_study(study, store_path, backend=backend, address=address, retry_failed=retry_failed,
-                                extend=extend, force=force, hooks=RunHooks(on_start=start, on_end=end, progress=bar))
+                                extend=extend, force=force, hooks=hooks)
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         in_flight = counts["started"] - counts["done"] - counts["failed"]

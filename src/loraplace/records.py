@@ -352,6 +352,8 @@ class StudyInfo(Record):
     tune_lrs: tuple[float, ...] = Field(default=(), description="tune: the LRs each cell selects from (empty: "
                                         "no tuning)")
     tune_seeds: tuple[int, ...] = Field(default=(), description="tune: the seeds of the selection pass")
+    search: bool = Field(default=False, description="a placement search (loraplace.search): its trials are the "
+                         "finalists, tune_lrs the LRs its candidates were drawn from")
 
 
 
@@ -399,3 +401,44 @@ class Recommendation(Record):
     tuned: bool = Field(description="each placement ran at its own selected learning rate")
     trial_spec: dict[str, Any] = Field(default_factory=dict, description="the resolved spec of the chosen group's "
                                        "first trial (model, data, train: what the result was measured with)")
+
+
+# --------------------------------------------------------------------------------------------- search
+
+
+class RungResult(Record):
+    """One candidate of a placement search measured at one rung: trained (continuing its saved state) up to
+    ``steps`` and evaluated on the validation split (or its first ``val_examples``). The cost fields count what
+    this rung spent on this candidate, for the search's compute ledger."""
+
+    candidate: str = Field(description="the candidate's key: its seed-0 trial id")
+    rung: int = Field(ge=0)
+    steps: int = Field(ge=1, description="optimizer steps the candidate has taken at this rung")
+    status: Literal["done", "failed"]
+    val_loss: float | None = Field(default=None, description="validation loss at ``steps``, nats/token")
+    failure: Failure | None = None
+    trained_steps: int = Field(ge=0, description="steps trained in this rung (from the saved state on)")
+    trained_examples: int = Field(default=0, ge=0, description="training examples those steps read (fwd+bwd)")
+    eval_examples: int = Field(default=0, ge=0, description="validation examples evaluated (forward only)")
+    init_examples: int = Field(default=0, ge=0, description="examples a data-driven init (EVA's SVD) ran forward "
+                               "when the candidate's adapters were injected for this rung")
+    train_s: float = Field(default=0.0, ge=0)
+    eval_s: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RungResult:
+        if (self.status == "done") != (self.val_loss is not None and self.failure is None):
+            raise ValueError("a done rung result has a validation loss and no failure; a failed one a failure")
+        return self
+
+
+class RungDecision(Record):
+    """What a search decided at one rung, from the rung's results (recorded once; a resumed search must take
+    the same decision)."""
+
+    rung: int = Field(ge=0)
+    steps: int = Field(ge=1)
+    ranked: tuple[str, ...] = Field(description="the candidates in, best first (failed last)")
+    kept: tuple[str, ...] = Field(description="promoted to the next rung (at the last rung: the finalists)")
+    anchored: str | None = Field(default=None, description="a preset kept only because it was the best preset "
+                                 "(never cut the best preset: the search's answer is never worse than it)")

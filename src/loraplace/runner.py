@@ -17,18 +17,34 @@ from typing import Literal, Protocol
 
 import torch
 
-from loraplace.records import Failure, TrialLabels, TrialOutcome
+from loraplace.records import Failure, RungResult, TrialLabels, TrialOutcome
+from loraplace.stepper import Continuation
 from loraplace.store import HEARTBEAT_EVERY_S, Owner, Store
-from loraplace.trial import Session, TrialSpec, failure_of, run_trial
+from loraplace.trial import Session, TrialSpec, failure_of, run_rung, run_trial
 
 
 @dataclass(frozen=True)
 class PlannedTrial:
-    """One trial of a study grid: its id (hash of the resolved spec), labels and resolved spec."""
+    """One trial of a study grid: its id (hash of the resolved spec), labels and resolved spec. ``state``: a saved
+    training state to continue (a search finalist's first seed continues where its last rung stopped)."""
 
     id: str
     labels: TrialLabels
     spec: TrialSpec
+    state: Path | None = None
+
+
+@dataclass(frozen=True)
+class RungTask:
+    """One candidate of a placement search at one rung (loraplace.search): continue the state in ``state`` up to
+    ``steps``, then evaluate the validation split (its first ``val_examples``)."""
+
+    candidate: str
+    spec: TrialSpec
+    state: Path
+    rung: int
+    steps: int
+    val_examples: int | None = None
 
 
 ProgressFn = Callable[[int, int, "float | None", int], None]  # (step, total steps, loss or None, tokens so far)
@@ -41,6 +57,8 @@ class RunHooks:
     on_start: Callable[[PlannedTrial, int, int], None] | None = None  # (trial, its 1-based index, trials to run)
     on_end: Callable[[PlannedTrial, TrialOutcome], None] | None = None
     progress: ProgressFn | None = None  # per optimizer step, where the executor can report steps
+    on_note: Callable[[str], None] | None = None  # a line for the user (a search's rungs and their results)
+    on_rung_start: Callable[[str], None] | None = None  # a search's candidate(s) start a rung (their label)
 
 
 @dataclass
@@ -53,6 +71,7 @@ class RunSummary:
     failed_earlier: int = 0  # failed in an earlier run and not retried in this one (see --retry-failed)
     warnings: list[str] = field(default_factory=list)  # about the inputs, found before anything ran
     execution: str | None = None  # how the trials ran, when fused or sized by execution.fuse: auto
+    rung_runs: int = 0  # a search's candidate runs to a rung in this run
     wall_s: float = 0.0
 
 
@@ -185,7 +204,19 @@ class LocalExecutor:
                 self.progress(step, total, loss, tokens)
 
         return run_trial(trial.spec, session=self._session, out_dir=trial_dir(self.artifacts, trial.id),
-                         progress=on_step)
+                         progress=on_step, continuation=None if trial.state is None else Continuation(trial.state))
+
+    def run_rung(self, tasks: list[RungTask]) -> Iterator[RungResult]:
+        """A search rung's candidates, one at a time; each result as it is ready."""
+        for task in tasks:
+            failure = self._load()
+            if failure is not None:
+                yield RungResult(candidate=task.candidate, rung=task.rung, steps=task.steps, status="failed",
+                                 failure=failure, trained_steps=0)
+                continue
+            yield run_rung(task.spec, session=self._session, state_dir=task.state, steps=task.steps,
+                           candidate=task.candidate, rung=task.rung, val_examples=task.val_examples,
+                           progress=self.progress)
 
     def cancel(self) -> None:
         self._queue.clear()
@@ -242,9 +273,24 @@ class FusedExecutor(LocalExecutor):
             self._load_failure = super()._load()
         return self._load_failure
 
+    def run_rung(self, tasks: list[RungTask]) -> Iterator[RungResult]:
+        """A search rung's candidates in fused groups of up to ``capacity`` (alone when that is 1)."""
+        if self.capacity <= 1 or len(tasks) == 1 or self._load() is not None:
+            yield from super().run_rung(tasks)
+            return
+        for i in range(0, len(tasks), self.capacity):
+            yield from fused_rung(self._session, tasks[i:i + self.capacity], self.progress)
+
     def wait(self) -> Iterator[tuple[str, TrialOutcome]]:
         if len(self._queue) == 1:  # alone (auto chose 1, or the study's last trial): the plain path, with losses
             yield from super().wait()
+            return
+        continuing = [item for item in self._queue if item[0].state is not None]
+        if continuing:  # a search finalist continuing its saved state runs alone (fused groups start fresh)
+            self._queue = [item for item in self._queue if item[0].state is None] + continuing[1:]
+            trial, heartbeat = continuing[0]
+            failure = self._load()
+            yield trial.id, TrialOutcome.failed(failure) if failure is not None else self._run(trial, heartbeat)
             return
         group, self._queue = self._queue, []
         failure = self._load()
@@ -341,3 +387,63 @@ def _in_group(fusable: list, members: list[tuple[str, TrialSpec, Path]]) -> list
     """The trials a failure of the fused pass concerns: the members being fused, or every member when it came
     before they were known (e.g. while planning)."""
     return [m.key for m in fusable] or [tid for tid, _, _ in members]
+
+
+def fused_rung(session: Session, tasks: list[RungTask], on_step: ProgressFn | None = None) -> Iterator[RungResult]:
+    """A search rung's candidates trained together in one pass per step over the base model
+    (:func:`loraplace.fused.train_fused`, each continuing its own saved state to the rung), then evaluated fused on
+    the validation split. Candidates that cannot be fused, or a group that fails as a whole, run alone."""
+    from loraplace.fused import FusedMember, fusion_problems, train_fused
+    from loraplace.trial import plan_of
+
+    splits = session.data(tasks[0].spec.data)
+    alone: list[RungTask] = []
+    out: list[RungResult] = []
+    try:
+        if splits.validation is None or any(t.spec.data != tasks[0].spec.data for t in tasks):
+            raise ValueError("not one validation split")
+        n = tasks[0].val_examples
+        watched = splits.validation if n is None else splits.validation.subset(range(min(n, len(splits.validation))))
+        before = {t.candidate: _saved(t.state) for t in tasks}  # (steps, train_s) of each saved state
+        members = [FusedMember(t.candidate, plan_of(session, t.spec), t.spec.train, None, t.spec.eval.batch,
+                               continuation=Continuation(t.state, stop_after=t.steps)) for t in tasks]
+        group, own = fusion_problems(session.model, members)
+        if group:
+            raise ValueError("; ".join(group))
+        fusable = [m for m in members if m.key not in own]
+        alone = [t for t in tasks if t.candidate in own]
+        if len(fusable) < 2:
+            alone = list(tasks)
+        else:
+            init_before = session.init_forward_examples
+            trained = train_fused(session, splits.train, fusable, pad_id=session.pad_id,
+                                  evals={"validation": watched}, on_step=on_step)
+            # a data-driven init (EVA) run for the group, shared out over the members that have one
+            inits = session.init_forward_examples - init_before
+            eva = [m.key for m in fusable if m.plan.variant == "eva"]
+            by_task = {t.candidate: t for t in tasks}
+            for m in fusable:
+                r, task = trained[m.key], by_task[m.key]
+                steps = max(r.outcome.steps - before[m.key][0], 0)
+                share = (inits // len(eva) + (inits % len(eva) if m.key == eva[0] else 0)) if m.key in eva else 0
+                common = dict(candidate=m.key, rung=task.rung, steps=task.steps, trained_steps=steps,
+                              trained_examples=steps * task.spec.train.batch)
+                if r.failure is not None:
+                    out.append(RungResult(status="failed", failure=failure_of(r.failure), **common))
+                else:
+                    out.append(RungResult(status="done", val_loss=r.eval_losses["validation"][0],
+                                          eval_examples=len(watched), init_examples=share,
+                                          train_s=max(r.outcome.train_s - before[m.key][1], 0.0),
+                                          eval_s=r.eval_s / len(fusable), **common))
+    except Exception:  # noqa: BLE001 - the group as a whole could not be fused: every candidate runs alone
+        alone, out = list(tasks), []
+    yield from out
+    for task in alone:
+        yield run_rung(task.spec, session=session, state_dir=task.state, steps=task.steps,
+                       candidate=task.candidate, rung=task.rung, val_examples=task.val_examples, progress=on_step)
+
+
+def _saved(state: Path) -> tuple[int, float]:
+    """(steps, training seconds) of the state saved in ``state`` ((0, 0) when there is none)."""
+    saved = Continuation(state).saved()
+    return (saved.progress.steps, saved.progress.train_s) if saved is not None else (0, 0.0)

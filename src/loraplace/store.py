@@ -23,7 +23,9 @@ Contract
   transaction; a store from a newer loraplace is refused with a clear message.
 
 Tables: ``studies`` (spec as written + :class:`StudyInfo`), ``trials`` (labels, resolved trial spec, lifecycle,
-the :class:`TrialOutcome` JSON), and two projections of the outcome kept for SQL users — ``metrics`` (the
+the :class:`TrialOutcome` JSON), for a placement search ``rungs`` (one :class:`RungResult` per candidate and rung,
+written once) and ``rung_decisions`` (one :class:`RungDecision` per rung, written once: a resumed search that
+decides differently is refused), and two projections of the outcome kept for SQL users — ``metrics`` (the
 :class:`Metrics` fields only) and ``curves`` — which records are never read back from.
 """
 
@@ -55,6 +57,8 @@ from loraplace.records import (
     Metrics,
     ProbeScores,
     ProbeSite,
+    RungDecision,
+    RungResult,
     Site,
     SiteMap,
     Size,
@@ -64,7 +68,7 @@ from loraplace.records import (
     TrialOutcome,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 TRIAL_STATUSES = ("pending", "running", "done", "failed", "interrupted")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -188,6 +192,15 @@ _MIGRATIONS: dict[int, list[Migration]] = {
         "CREATE INDEX trials_by_status ON trials(study_id, status)",
     ],
     3: [_v3_typed_records],
+    4: [
+        # v4: a placement search's rung results (one per candidate and rung) and its decisions (one per rung).
+        """CREATE TABLE rungs (
+            study_id INTEGER NOT NULL REFERENCES studies(id), candidate TEXT NOT NULL, rung INTEGER NOT NULL,
+            result_json TEXT NOT NULL, recorded_at REAL NOT NULL, PRIMARY KEY (study_id, candidate, rung))""",
+        """CREATE TABLE rung_decisions (
+            study_id INTEGER NOT NULL REFERENCES studies(id), rung INTEGER NOT NULL, decision_json TEXT NOT NULL,
+            recorded_at REAL NOT NULL, PRIMARY KEY (study_id, rung))""",
+    ],
 }
 
 
@@ -578,3 +591,58 @@ class Store:
         rows = self._conn.execute("SELECT status, COUNT(*) FROM trials WHERE study_id = ? GROUP BY status",
                                   (study_id,)).fetchall()
         return {status: 0 for status in TRIAL_STATUSES} | dict(rows)
+
+    # ------------------------------------------------------------------------------------------ search
+
+    def record_rung(self, study_id: int, result: RungResult) -> None:
+        """Record a candidate's result at a rung. A done result is final: recording another is refused (a failed
+        one may be replaced by a retry)."""
+        with self._tx() as db:
+            row = db.execute("SELECT result_json FROM rungs WHERE study_id = ? AND candidate = ? AND rung = ?",
+                             (study_id, result.candidate, result.rung)).fetchone()
+            if row is not None and RungResult.model_validate_json(row[0]).status == "done":
+                raise StoreError(f"rung {result.rung} of candidate {result.candidate} is already recorded",
+                                 "is another loraplace run of this search running?")
+            db.execute("INSERT OR REPLACE INTO rungs VALUES (?, ?, ?, ?, ?)",
+                       (study_id, result.candidate, result.rung, result.model_dump_json(), time.time()))
+
+    def rung_results(self, study_id: int) -> list[RungResult]:
+        """Every recorded rung result of a search, by rung then in the order recorded."""
+        if not self._has_table("rungs"):
+            return []
+        rows = self._conn.execute("SELECT result_json FROM rungs WHERE study_id = ? ORDER BY rung, recorded_at",
+                                  (study_id,)).fetchall()
+        return [self._read(RungResult, r[0]) for r in rows]
+
+    def record_decision(self, study_id: int, decision: RungDecision) -> None:
+        """Record a rung's decision once; the same decision again is a no-op, another one is refused."""
+        with self._tx() as db:
+            row = db.execute("SELECT decision_json FROM rung_decisions WHERE study_id = ? AND rung = ?",
+                             (study_id, decision.rung)).fetchone()
+            if row is not None:
+                if RungDecision.model_validate_json(row[0]) != decision:
+                    raise StoreError(f"rung {decision.rung} was decided differently before "
+                                     f"(kept {', '.join(RungDecision.model_validate_json(row[0]).kept)}); the "
+                                     f"results now give {', '.join(decision.kept)}",
+                                     "the store's rung results were changed, or loraplace's rule changed")
+                return
+            db.execute("INSERT INTO rung_decisions VALUES (?, ?, ?, ?)",
+                       (study_id, decision.rung, decision.model_dump_json(), time.time()))
+
+    def rung_decisions(self, study_id: int) -> list[RungDecision]:
+        if not self._has_table("rung_decisions"):
+            return []
+        rows = self._conn.execute("SELECT decision_json FROM rung_decisions WHERE study_id = ? ORDER BY rung",
+                                  (study_id,)).fetchall()
+        return [self._read(RungDecision, r[0]) for r in rows]
+
+    def _has_table(self, name: str) -> bool:
+        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                                  (name,)).fetchone() is not None
+
+    def _read(self, kind: type, text: str):
+        try:
+            return kind.model_validate_json(text)
+        except ValidationError as exc:
+            raise StoreError(f"{self.path}: holds a {kind.__name__} this loraplace cannot read ({exc})",
+                             "the store may have been edited by hand or by another program") from None

@@ -15,6 +15,7 @@ import json
 import time
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,7 +25,9 @@ from loraplace.data import DataSpec
 from loraplace.errors import ConfigError, LoraplaceError
 from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill, PlacementSpec
 from loraplace.records import GroupKey, Size, StudyInfo, TrialLabels, TrialOutcome, config_without_seed
-from loraplace.runner import FusedExecutor, LocalExecutor, PlannedTrial, RunHooks, RunSummary, execute
+from loraplace.runner import FusedExecutor, LocalExecutor, PlannedTrial, RungTask, RunHooks, RunSummary, execute
+from loraplace.search import Candidate, SearchSpec, SearchState, describe, is_preset, run_rungs, rung_steps, rungs_of
+from loraplace.search import state_dir as search_state_dir
 from loraplace.specs import StrictModel, bare_on_off, load_yaml, validate
 from loraplace.store import Store, StoreError
 from loraplace.tracking import Tracker, TrackingSpec, check_tracking
@@ -116,8 +119,38 @@ class StudySpec(StrictModel):
     tracking: TrackingSpec | None = Field(default=None, description="log every trial to MLflow and/or TensorBoard "
                                           "(loraplace.tracking); changes no trial")
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec, description="fused trials (local and Ray)")
+    search: SearchSpec | None = Field(default=None, description="successive halving over placements × tune.lr "
+                                      "instead of the full grid (loraplace.search); search: {} for the defaults")
 
-    added_fields = frozenset({"allow_unassigned", "fill", "tune", "tracking", "execution"})
+    added_fields = frozenset({"allow_unassigned", "fill", "tune", "tracking", "execution", "search"})
+
+    @field_validator("search")
+    @classmethod
+    def _search_needs(cls, value: SearchSpec | None, info: ValidationInfo) -> SearchSpec | None:
+        if value is None:
+            return value
+        problems = []
+        data, train, axes, tune = (info.data.get(k) for k in ("data", "train", "axes", "tune"))
+        seeds = info.data.get("seeds")
+        if data is not None and not data.has_validation:
+            problems.append("search judges candidates on the validation split: give data.validation, "
+                            "validation_count or validation_fraction")
+        if axes is not None and cls.axis_values(axes):
+            problems.append("search compares placements × tune.lr at one setting: it takes no axes")
+        if any(info.data.get(k) for k in ("ranks", "budgets")) and len(info.data.get("ranks") or
+                                                                      info.data.get("budgets") or []) > 1:
+            problems.append("search compares placements at one size: give one rank or one budget")
+        if train is not None and value.rungs is not None and value.rungs[-1] >= train.steps:
+            problems.append(f"search.rungs must stay below train.steps ({train.steps}): the finalists run the "
+                            "full horizon")
+        if train is not None and train.steps < 2:
+            problems.append("search needs train.steps ≥ 2 (a rung below the full horizon)")
+        if tune is not None and tune.seeds is not None and seeds and tune.seeds != seeds[:1]:
+            problems.append(f"search runs its rungs on the first seed ({seeds[0]}); tune.seeds {tune.seeds} would "
+                            "not be used: leave it out")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
     @field_validator("tune")
     @classmethod
@@ -222,8 +255,15 @@ class StudySpec(StrictModel):
         return StudyInfo(name=self.name, model=self.model, placements=tuple(self.placements),
                          baseline=self.baseline_placement(), baseline_given=self.baseline is not None,
                          versions=library_versions(),
-                         tune_lrs=tuple(self.tune.lr) if self.tune is not None else (),
-                         tune_seeds=tuple(self.tune_seeds()) if self.tune is not None else ())
+                         tune_lrs=tuple(self.search_lrs()) if self.search is not None else
+                         tuple(self.tune.lr) if self.tune is not None else (),
+                         tune_seeds=(self.seeds[0],) if self.search is not None else
+                         tuple(self.tune_seeds()) if self.tune is not None else (),
+                         search=self.search is not None)
+
+    def search_lrs(self) -> list[float]:
+        """The learning rates a search's candidates are drawn from: tune.lr, else the one train.lr."""
+        return list(self.tune.lr) if self.tune is not None else [self.train.lr]
 
 
 def load_study(path: str | Path) -> StudySpec:
@@ -449,12 +489,23 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
     warnings = check_inputs(study)
     if study.tracking is not None:
         check_tracking(study.tracking)
-    planned = expand_grid(study, _stored_selections(study, store_path))
-    _check_unchanged(study, store_path, planned, extend)
+    if study.search is not None:
+        if backend != "local":
+            raise LoraplaceError("a search runs on the local backend (its rungs decide between steps)",
+                                 "run it without --backend ray; execution.fuse still fuses its candidates")
+        if extend:
+            raise LoraplaceError("--extend does not apply to a search: its candidates and rungs come from the spec",
+                                 "to search other placements or LRs, use a new store (--store) or a new name:")
+        planned = search_candidates(study)
+        _check_search_unchanged(study, store_path)
+    else:
+        planned = expand_grid(study, _stored_selections(study, store_path))
+        _check_unchanged(study, store_path, planned, extend)
     by_id = {p.id: p for p in planned}
     with Store(store_path) as store:
         record = store.open_study(study.info(), study.model_dump(mode="json"))
-        store.add_trials(record.id, [(p.id, p.labels, p.spec.model_dump(mode="json")) for p in planned])
+        if study.search is None:
+            store.add_trials(record.id, [(p.id, p.labels, p.spec.model_dump(mode="json")) for p in planned])
         summary = RunSummary(recovered=store.recover_stale(record.id), warnings=warnings)
         summary.skipped = sum(1 for t in store.trials(record.id) if t.id in by_id and t.status == "done")
         artifacts = artifacts_dir(store_path)
@@ -479,8 +530,12 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
             if tracker is not None:
                 stack.callback(lambda: summary.warnings.extend(tracker.warnings))
                 stack.callback(tracker.close)
-            execute(store, record.id, by_id, executor, retry_failed=retry_failed, hooks=hooks, summary=summary)
-            if study.tune is not None:  # the selection pass is over: the other seeds at each cell's selected LR
+            if study.search is not None:
+                by_id = _search(study, store, record.id, planned, executor, artifacts, hooks, summary,
+                                retry_failed)
+            else:
+                execute(store, record.id, by_id, executor, retry_failed=retry_failed, hooks=hooks, summary=summary)
+            if study.tune is not None and study.search is None:  # the other seeds at each cell's selected LR
                 selected = expand_grid(study, selections_of(study.info(), store.trials(record.id)))
                 more = {p.id: p for p in selected if p.id not in by_id}
                 if more:
@@ -494,3 +549,89 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
             - summary.failed
     summary.wall_s = time.perf_counter() - t0
     return summary
+
+
+# --------------------------------------------------------------------------------------------- search
+
+
+def search_candidates(study: StudySpec) -> list[PlannedTrial]:
+    """A search's candidates as the full-horizon trials of its first seed: placements × LRs, in spec order (the
+    ids are the tuned grid's own: the trial a candidate reaches at the full horizon is the grid's)."""
+    assert study.search is not None
+    size = study.sizes()[0]
+    return [_planned(study, pname, placement, size, study.seeds[0], ((TUNED_AXIS, lr),))
+            for pname, placement in study.placement_specs().items() for lr in study.search_lrs()]
+
+
+def _check_search_unchanged(study: StudySpec, store_path: Path) -> None:
+    """A search resumes only under the spec it was started with (its rung decisions were made under it)."""
+    if not store_path.exists():
+        return
+    with Store.open_readonly(store_path) as store:
+        try:
+            record = store.study(study.name)
+        except StoreError:
+            return
+    differences = spec_differences(_as_read_now({k: v for k, v in record.spec.items() if k != "versions"}),
+                                   study.model_dump(mode="json"))
+    if differences:
+        shown = "\n".join(f"  {d}" for d in differences[:20])
+        raise StudyChanged(f"search {study.name!r} in {store_path} was run with a different spec:\n{shown}",
+                           "a search resumes only under its own spec: use a new store (--store) or a new name:")
+
+
+def _search(study: StudySpec, store: Store, study_id: int, planned: list[PlannedTrial], executor, artifacts: Path,
+            hooks: RunHooks, summary: RunSummary, retry_failed: bool) -> dict[str, PlannedTrial]:
+    """The rungs (each candidate's results and each rung's decision recorded in the store), then the finalists
+    at every seed as ordinary trials. Returns the finalists' trials."""
+    assert study.search is not None
+    search = study.search
+    specs = study.placement_specs()
+    candidates = [Candidate(p.id, p.labels.group.placement, float(dict(p.labels.group.axes)[TUNED_AXIS]),
+                            is_preset(study.placements[p.labels.group.placement]), p.labels.group) for p in planned]
+    by_key = {p.id: p for p in planned}
+    rungs = rungs_of(rung_steps(search, len(candidates), study.train.steps, study.train.warmup))
+    if hooks.on_note is not None:
+        hooks.on_note(describe(candidates, rungs, search))
+
+    def run(alive: list[Candidate], rung) -> Iterator:
+        tasks = [RungTask(c.key, by_key[c.key].spec, search_state_dir(artifacts, c.key), rung.index, rung.steps,
+                          search.rung_examples) for c in alive]
+        names = {c.key: f"{c.placement} lr={c.lr:g}" for c in alive}
+        if hooks.on_note is not None:
+            hooks.on_note(f"rung {rung.index + 1}/{len(rungs)}: {len(tasks)} candidate(s) to {rung.steps} steps")
+        step = max(1, executor.capacity)  # fused: the executor trains up to capacity candidates together
+        for chunk in (tasks[i:i + step] for i in range(0, len(tasks), step)):
+            if hooks.on_rung_start is not None:
+                hooks.on_rung_start(f"rung {rung.index + 1} ({rung.steps} steps) " + " + ".join(
+                    names[t.candidate] for t in chunk))
+            for result in executor.run_rung(chunk):
+                summary.rung_runs += 1
+                if hooks.on_note is not None:
+                    told = f"val_loss={result.val_loss:.4f}" if result.val_loss is not None else \
+                        f"failed: {result.failure.message if result.failure else ''}"
+                    hooks.on_note(f"  {names[result.candidate]} @ {rung.steps} steps → {told}")
+                yield result
+
+    state = SearchState.of(store.rung_results(study_id), store.rung_decisions(study_id))
+    finalists = run_rungs(candidates, rungs, search, state, run, lambda r: store.record_rung(study_id, r),
+                          lambda d: store.record_decision(study_id, d))
+    trials: dict[str, PlannedTrial] = {}
+    for c in finalists:
+        for seed in study.seeds:
+            p = _planned(study, c.placement, specs[c.placement], study.sizes()[0], seed, c.group.axes)
+            trials[p.id] = dataclasses.replace(p, state=search_state_dir(artifacts, c.key)) \
+                if seed == study.seeds[0] else p
+    # The finalists are compared with the best preset among them (a search always keeps one).
+    preset = next((c.placement for c in finalists if c.preset), None)
+    info = study.info()
+    if preset is not None:
+        info = info.model_copy(update={"baseline": preset, "baseline_given": True})
+    store.open_study(info, study.model_dump(mode="json"))
+    store.add_trials(study_id, [(p.id, p.labels, p.spec.model_dump(mode="json")) for p in trials.values()])
+    summary.skipped = sum(1 for t in store.trials(study_id) if t.id in trials and t.status == "done")
+    if hooks.on_note is not None and len(trials) > summary.skipped:
+        hooks.on_note(f"finalists: {', '.join(f'{c.placement} lr={c.lr:g}' for c in finalists)} "
+                      f"at {len(study.seeds)} seed(s)")
+    execute(store, study_id, trials, executor, retry_failed=retry_failed, hooks=hooks, summary=summary)
+    return trials

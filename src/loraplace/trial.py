@@ -35,7 +35,16 @@ from loraplace.placement import (
     resulting_plan,
 )
 from loraplace.placement.spec import DEFAULT_FILL, Fill
-from loraplace.records import Adapter, Environment, Failure, Metrics, ProbeScores, Timings, TrialOutcome
+from loraplace.records import (
+    Adapter,
+    Environment,
+    Failure,
+    Metrics,
+    ProbeScores,
+    RungResult,
+    Timings,
+    TrialOutcome,
+)
 from loraplace.specs import StrictModel
 from loraplace.stepper import Continuation, TrainOutcome
 from loraplace.train import (
@@ -115,6 +124,7 @@ class Session:
         self.arch = map_architecture(self.model)
         self._data: dict[str, Splits] = {}
         self._probes: dict[tuple, ProbeScores] = {}
+        self.init_forward_examples = 0  # examples a data-driven init (EVA) has run forward, over the session
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -229,7 +239,15 @@ class Session:
         if data is None or len(data) == 0:
             raise PlacementError("variant eva needs training data for its SVD", "run it as a trial or in a study")
         batches = hf_batches(data, EVA_BATCH, EVA_BATCHES, self.pad_id, self.device)
-        initialize_lora_eva_weights(peft_model, batches, show_progress_bar=False)
+
+        def count(module, args, kwargs) -> None:  # EVA cycles the batches until its SVDs converge
+            self.init_forward_examples += int(kwargs["input_ids"].shape[0]) if "input_ids" in kwargs else 0
+
+        handle = peft_model.register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            initialize_lora_eva_weights(peft_model, batches, show_progress_bar=False)
+        finally:
+            handle.remove()
 
 
 EVA_BATCH = 8  # examples per batch of EVA's input SVD
@@ -304,6 +322,46 @@ def run_trial(spec: TrialSpec, *, session: Session | None = None, out_dir: str |
         return _run_trial(spec, session, out_dir, progress, fault, known, trained_in_group, continuation, notes)
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory: this trial fails, a study goes on
         return TrialOutcome.failed(failure_of(exc), **known)
+
+
+def run_rung(spec: TrialSpec, *, session: Session, state_dir: Path, steps: int, candidate: str, rung: int,
+             val_examples: int | None = None, progress=None) -> RungResult:
+    """One rung of a placement search for one candidate: continue the trial's saved state in ``state_dir`` (or
+    start it) up to ``steps`` of its full-horizon schedule, save the state there, and evaluate the validation
+    split (its first ``val_examples``). The test split is never looked at; nothing else is saved. Never raises
+    for the candidate's own failure (a failed :class:`RungResult`), like :func:`run_trial`."""
+    state = Continuation(Path(state_dir), stop_after=steps)
+    saved = state.saved()
+    before = saved.progress.steps if saved is not None else 0
+    known: dict[str, Any] = {"trained_steps": 0}
+    try:
+        splits = session.data(spec.data)
+        if splits.validation is None:
+            raise LoraplaceError("a search judges candidates on the validation split; the data has none",
+                                 "give data.validation, validation_count or validation_fraction")
+        watched = splits.validation if val_examples is None else splits.validation.subset(
+            range(min(val_examples, len(splits.validation))))
+        plan = plan_of(session, spec)
+        init_before = session.init_forward_examples
+        with session.adapter(plan, spec.train.seed, init_data=splits.train) as model:
+            trained = train(model, splits.train, spec.train, device=session.device, dtype=session.dtype,
+                            pad_id=session.pad_id, on_step=progress, params=site_parameters(model, plan),
+                            continuation=state)
+            known["trained_steps"] = trained.steps - before
+            known["train_s"] = trained.train_s - (saved.progress.train_s if saved is not None else 0.0)
+            t0 = time.perf_counter()
+            val_loss = eval_loss(model, watched, device=session.device, dtype=session.dtype, pad_id=session.pad_id,
+                                 batch=spec.eval.batch, packing=spec.train.packing)[0]
+            eval_s = time.perf_counter() - t0
+        return RungResult(candidate=candidate, rung=rung, steps=steps, status="done", val_loss=val_loss,
+                          trained_steps=known["trained_steps"],
+                          trained_examples=known["trained_steps"] * spec.train.batch,
+                          eval_examples=len(watched), init_examples=session.init_forward_examples - init_before,
+                          train_s=max(known["train_s"], 0.0), eval_s=eval_s)
+    except Exception as exc:  # noqa: BLE001 - the candidate fails (and is cut), the search goes on
+        return RungResult(candidate=candidate, rung=rung, steps=steps, status="failed", failure=failure_of(exc),
+                          trained_steps=known["trained_steps"],
+                          trained_examples=known["trained_steps"] * spec.train.batch)
 
 
 def plan_of(session: Session, spec: TrialSpec) -> Plan:

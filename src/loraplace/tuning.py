@@ -110,4 +110,7 @@ def selections_of(info: StudyInfo, records: list[TrialRecord]) -> dict[GroupKey,
     is unfinished has none)."""
     results = [TrialResult(r.labels.group, r.labels.seed, r.metrics.val_loss if r.metrics is not None else None)
                for r in records if r.status in ("done", "failed")]
+    if info.search:  # a search's trials are its finalists, each placement at the one LR its rungs selected
+        return select_lrs(results, {lr for r in results if (lr := tuned_lr(r.key)) is not None}, info.tune_seeds,
+                          complete_only=False)
     return select_lrs(results, info.tune_lrs, info.tune_seeds)

@@ -424,6 +424,8 @@ class RungResult(Record):
                                "when the candidate's adapters were injected for this rung")
     train_s: float = Field(default=0.0, ge=0)
     eval_s: float = Field(default=0.0, ge=0)
+    fused_with: int = Field(default=0, ge=0, description="other candidates trained in the same pass (0: alone)")
+    notes: tuple[str, ...] = Field(default=(), description="e.g. why a candidate of a fused rung ran alone")
 
     @model_validator(mode="after")
     def _consistent(self) -> RungResult:

@@ -397,11 +397,11 @@ def fused_rung(session: Session, tasks: list[RungTask], on_step: ProgressFn | No
     from loraplace.trial import plan_of
 
     splits = session.data(tasks[0].spec.data)
-    alone: list[RungTask] = []
+    alone: dict[str, str] = {}  # candidate → why it runs alone
     out: list[RungResult] = []
     try:
         if splits.validation is None or any(t.spec.data != tasks[0].spec.data for t in tasks):
-            raise ValueError("not one validation split")
+            raise ValueError("the candidates do not share one validation split")
         n = tasks[0].val_examples
         watched = splits.validation if n is None else splits.validation.subset(range(min(n, len(splits.validation))))
         before = {t.candidate: _saved(t.state) for t in tasks}  # (steps, train_s) of each saved state
@@ -410,10 +410,10 @@ def fused_rung(session: Session, tasks: list[RungTask], on_step: ProgressFn | No
         group, own = fusion_problems(session.model, members)
         if group:
             raise ValueError("; ".join(group))
+        alone = {key: "; ".join(found) for key, found in own.items()}
         fusable = [m for m in members if m.key not in own]
-        alone = [t for t in tasks if t.candidate in own]
         if len(fusable) < 2:
-            alone = list(tasks)
+            alone |= {m.key: "no other candidate of its rung could be fused with it" for m in fusable}
         else:
             init_before = session.init_forward_examples
             trained = train_fused(session, splits.train, fusable, pad_id=session.pad_id,
@@ -427,7 +427,7 @@ def fused_rung(session: Session, tasks: list[RungTask], on_step: ProgressFn | No
                 steps = max(r.outcome.steps - before[m.key][0], 0)
                 share = (inits // len(eva) + (inits % len(eva) if m.key == eva[0] else 0)) if m.key in eva else 0
                 common = dict(candidate=m.key, rung=task.rung, steps=task.steps, trained_steps=steps,
-                              trained_examples=steps * task.spec.train.batch)
+                              trained_examples=steps * task.spec.train.batch, fused_with=len(fusable) - 1)
                 if r.failure is not None:
                     out.append(RungResult(status="failed", failure=failure_of(r.failure), **common))
                 else:
@@ -435,12 +435,13 @@ def fused_rung(session: Session, tasks: list[RungTask], on_step: ProgressFn | No
                                           eval_examples=len(watched), init_examples=share,
                                           train_s=max(r.outcome.train_s - before[m.key][1], 0.0),
                                           eval_s=r.eval_s / len(fusable), **common))
-    except Exception:  # noqa: BLE001 - the group as a whole could not be fused: every candidate runs alone
-        alone, out = list(tasks), []
+    except Exception as exc:  # noqa: BLE001 - the group as a whole could not be fused: every candidate runs alone
+        alone, out = {t.candidate: f"{type(exc).__name__}: {exc}" for t in tasks}, []
     yield from out
-    for task in alone:
-        yield run_rung(task.spec, session=session, state_dir=task.state, steps=task.steps,
-                       candidate=task.candidate, rung=task.rung, val_examples=task.val_examples, progress=on_step)
+    for task in (t for t in tasks if t.candidate in alone):
+        result = run_rung(task.spec, session=session, state_dir=task.state, steps=task.steps,
+                          candidate=task.candidate, rung=task.rung, val_examples=task.val_examples, progress=on_step)
+        yield result.model_copy(update={"notes": result.notes + (f"not fused: {alone[task.candidate]}",)})
 
 
 def _saved(state: Path) -> tuple[int, float]:

@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraplace.analysis.stats import Paired, Summary, paired, pareto_front, summarize
 from loraplace.records import (
@@ -25,6 +25,9 @@ from loraplace.records import (
     config_without_seed,
 )
 from loraplace.store import StudyRecord, TrialRecord
+
+if TYPE_CHECKING:
+    from loraplace.analysis.search import SearchAnalysis
 from loraplace.tuning import Selection, selections_of, tuned_cell, tuned_lr
 
 # metric → (label, lower is better); the keys are :class:`Metrics` fields, the quantities a study compares
@@ -135,6 +138,7 @@ class StudyAnalysis:
     warnings: tuple[str, ...]
     environment: EnvironmentSummary = field(default_factory=lambda: EnvironmentSummary((), (), {}))
     selections: dict[GroupKey, Selection] = field(default_factory=dict)  # tuned: cell → its selected LR
+    search: SearchAnalysis | None = None  # a placement search: its rungs, decisions and cost
 
     @property
     def tuned(self) -> bool:
@@ -195,7 +199,14 @@ def analyze_store(store_path: str | Path, name: str | None = None) -> StudyAnaly
         study = store.study(name)
         records = store.trials(study.id)
         counts = store.counts(study.id)
-    return analyze_records(study, str(store_path), records, counts)
+        rung_results, rung_decisions = store.rung_results(study.id), store.rung_decisions(study.id)
+    analysis = analyze_records(study, str(store_path), records, counts)
+    if study.info.search:
+        from loraplace.analysis.search import analyze_search
+
+        analysis = replace(analysis, search=analyze_search(study.spec, study.info, rung_results, rung_decisions,
+                                                            records))
+    return analysis
 
 
 def analyze_records(study: StudyRecord, store: str, records: list[TrialRecord],

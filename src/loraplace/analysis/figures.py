@@ -245,7 +245,7 @@ def lr_sensitivity_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | No
         lr, s = tuned_lr(g.key), g.stats.get("val_loss")
         if lr is not None and s is not None:
             lines.setdefault(tuned_cell(g.key), []).append((lr, s, bool(g.selected)))
-    if not analysis.tuned or not lines:
+    if not analysis.tuned or not lines or analysis.search is not None:  # a search: see rung_figure
         return None
     colors = _colors([c.label for c in lines])
     with plt.rc_context(STYLE):
@@ -269,9 +269,48 @@ def lr_sensitivity_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | No
                      "test split.")
 
 
+def rung_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
+    """A search: validation loss against steps, one line per candidate, ending (×) where a rung cut it; the
+    finalists' lines run on to their full-horizon trial (seed 0)."""
+    search = analysis.search
+    if search is None or not (search.rungs or search.pending):
+        return None
+    placements = list(dict.fromkeys(n.placement for n in search.names.values()))
+    lrs = sorted({n.lr for n in search.names.values()})
+    colors = _colors(placements)
+    styles = ["-", "--", "-.", ":"]
+    seed = analysis.spec.get("seeds", [0])[0]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.2, 3.2))
+        for key, name in search.names.items():
+            points = search.curve(key)
+            if key in search.finalists:
+                full = next((r.outcome.metrics.val_loss for r in analysis.trials if r.id == key
+                             and r.outcome is not None and r.outcome.metrics is not None), None)
+                if full is not None:
+                    points.append((search.total_steps, full))
+            if not points:
+                continue
+            style = styles[lrs.index(name.lr) % len(styles)]
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", ms=2.5, lw=0.9,
+                    color=colors[name.placement], label=name.label)
+            if search.cut_at(key) is not None:
+                ax.plot([points[-1][0]], [points[-1][1]], "x", ms=5, color=colors[name.placement])
+        for rung in search.rungs:
+            ax.axvline(rung.decision.steps, color="0.6", lw=0.5, ls=":")
+        ax.set_xlabel("optimizer steps")
+        ax.set_ylabel("validation loss")
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=5.5, ncol=1)
+        return _save(fig, out_dir, "rungs", "Search: validation loss at each rung",
+                     "Each candidate (placement: colour; learning rate: line style) at every rung it reached, on the "
+                     "rung's validation examples; × marks where a rung cut it. The finalists continue to the full "
+                     f"horizon ({search.total_steps} steps), where the point is their seed-{seed} trial on the whole "
+                     "validation split. Dotted verticals: the rungs.")
+
+
 def study_figures(analysis: StudyAnalysis, out_dir: Path) -> list[Figure]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    makers = (pareto_figure, lr_sensitivity_figure, curves_figure, efficiency_figure, placement_heatmap,
+    makers = (pareto_figure, rung_figure, lr_sensitivity_figure, curves_figure, efficiency_figure, placement_heatmap,
               study_probe_figure)
     with warnings.catch_warnings():
         # Names in scripts the bundled font lacks (CJK, …) are drawn as boxes; matplotlib would otherwise print a

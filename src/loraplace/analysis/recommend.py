@@ -4,8 +4,10 @@ The candidates are the compared groups (in a tuned study: each placement at its 
 measured and, with a budget, at most that many trainable parameters. The best mean wins; the runner-up is the next
 best. When the seed-paired 95 % interval of their difference includes 0 the two are not distinguishable, and the
 one with fewer trainable parameters is recommended instead (it costs less for an answer the data cannot tell
-apart). The chosen placement is returned as an exact placement spec rebuilt from its trials' sites, so plan and
-export-placement reproduce exactly what was measured.
+apart). A placement search (``search:``) answers with a preset instead: when its best placement is not a bare
+preset and is not distinguishable from the best preset among its finalists, the preset is the answer (simpler,
+supported by every framework). The chosen placement is returned as an exact placement spec rebuilt from its
+trials' sites, so plan and export-placement reproduce exactly what was measured.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ def recommend_from_store(store_path: str, name: str | None = None, budget: int |
     analysis = analyze_records(study, str(store_path), records, counts)
     specs = {rec.id: rec.spec for rec in records}
     return recommend(analysis, specs, budget, metric)
+
+
+def _presets(analysis: StudyAnalysis) -> set[str]:
+    """The study's placements written as a bare preset (a search never answers worse than the best of them)."""
+    from loraplace.search import is_preset
+
+    placements = analysis.spec.get("placements", {})
+    return {name for name, p in placements.items() if is_preset(PlacementSpec.model_validate(p))}
 
 
 def _metric_label(analysis: StudyAnalysis, metric: str) -> str:
@@ -98,7 +108,11 @@ def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget:
     ranked = sorted(pool, key=rank_key)
     best = ranked[0]
     label = _metric_label(analysis, metric)
-    runner = ranked[1] if len(ranked) > 1 else None
+    presets = _presets(analysis) if analysis.info.search else None
+    if presets is not None and best.placement not in presets:  # a search: the best preset is the one to beat
+        runner = next((g for g in ranked if g.placement in presets), ranked[1] if len(ranked) > 1 else None)
+    else:
+        runner = ranked[1] if len(ranked) > 1 else None
     chosen, other = best, runner
     distinguishable = difference = interval = p_value = None
     if runner is None:
@@ -108,7 +122,13 @@ def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget:
         test = paired(best.by_seed[metric], runner.by_seed[metric])
         verdict = test.verdict(lower) if test is not None else "no shared seeds"
         distinguishable = verdict in ("better", "worse")
-        if not distinguishable and runner.trainable_params < best.trainable_params:
+        if presets is not None:  # a search: a preset wins every tie (simpler; every framework takes it)
+            to_preset = best.placement not in presets and runner.placement in presets
+            smaller = runner.trainable_params < best.trainable_params and (runner.placement in presets
+                                                                           or best.placement not in presets)
+            if not distinguishable and (to_preset or smaller):
+                chosen, other = runner, best
+        elif not distinguishable and runner.trainable_params < best.trainable_params:
             chosen, other = runner, best
         if test is not None:
             sign = 1.0 if chosen is best else -1.0
@@ -116,6 +136,10 @@ def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget:
             interval = None if test.ci is None else tuple(sorted((sign * test.ci[0], sign * test.ci[1])))
             p_value = test.p_value
         reason = _reason(best, runner, chosen, label, metric, verdict, test, budget)
+        if presets is not None and chosen.placement in presets and best.placement not in presets:
+            reason = (reason.split(" The interval includes 0")[0] + f" The interval includes 0: {best.key.label} is "
+                      f"not distinguishable from the best preset, so the search answers with the preset "
+                      f"{runner.key.label} (simpler, and supported by every framework).")
     first_spec = specs[chosen.trials[0].id]
     placement = PlacementSpec.model_validate(first_spec["placement"])
     placement_spec = (exact_placement_spec(chosen.sites, placement) if chosen.sites is not None else

@@ -25,6 +25,9 @@ from loraplace.analysis.tables import (
     comparison_table,
     lr_table,
     progress_table,
+    rung_agreement_table,
+    search_cost_table,
+    search_table,
     site_table,
     trial_table,
 )
@@ -50,7 +53,8 @@ def write_report(analysis: StudyAnalysis, out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = study_figures(analysis, out / "figures") if {"html", "md", "tex"} & set(formats) else []
-    tables = [t for t in (comparison_table(analysis), accuracy_table(analysis), lr_table(analysis),
+    tables = [t for t in (comparison_table(analysis), accuracy_table(analysis), search_table(analysis),
+                          search_cost_table(analysis), rung_agreement_table(analysis), lr_table(analysis),
                           budget_table(analysis), site_table(analysis), progress_table(analysis)) if t is not None]
     trials = trial_table(analysis)
     written: dict[str, Path] = {}

@@ -174,7 +174,7 @@ def progress_table(analysis: StudyAnalysis) -> Table | None:
 
 def lr_table(analysis: StudyAnalysis) -> Table | None:
     """Tuned studies: every cell's validation loss at each LR tried, and the LR it selected."""
-    if not analysis.tuned:
+    if not analysis.tuned or analysis.search is not None:  # a search's LRs are in its rung table
         return None
     lrs = list(analysis.info.tune_lrs)
     rows = []
@@ -259,3 +259,72 @@ def export_rows(records: list[TrialRecord]) -> list[dict[str, Any]]:
             row |= t.outcome.summary(scalars_only=True)
         rows.append(row)
     return rows
+
+
+# --------------------------------------------------------------------------------------------- search
+
+
+def search_table(analysis: StudyAnalysis) -> Table | None:
+    """A search's rungs: every candidate at every rung it ran, its validation loss and what the rung decided."""
+    search = analysis.search
+    if search is None or not (search.rungs or search.pending):
+        return None
+    rows = []
+    for rung in search.rungs:
+        d = rung.decision
+        for place, key in enumerate(d.ranked, 1):
+            r = rung.results.get(key)
+            loss = f"{r.val_loss:.4f}" if r is not None and r.val_loss is not None else "failed"
+            verdict = ("kept (best preset)" if key == d.anchored else "finalist" if key in d.kept and
+                       rung is search.rungs[-1] and search.finalists else "kept" if key in d.kept else "cut")
+            rows.append((str(d.rung + 1), str(d.steps), search.names[key].label, loss, str(place), verdict))
+    for index, results in sorted(search.pending.items()):
+        for key, r in results.items():
+            loss = f"{r.val_loss:.4f}" if r.val_loss is not None else "failed"
+            rows.append((str(index + 1), str(r.steps), search.names[key].label, loss, "—", "running"))
+    counts = "; ".join(f"rung {r.decision.rung + 1} at {r.decision.steps} steps: {len(r.decision.ranked)} in, "
+                       f"{len(r.decision.kept)} kept, {len(r.cut)} cut" for r in search.rungs)
+    return Table("Search: rungs and decisions (validation split)",
+                 ("rung", "steps", "candidate", "val loss", "rank", "decision"), tuple(rows),
+                 (True, True, False, True, True, False),
+                 (counts, "Each rung ranks its candidates by validation loss (failed last, ties in spec order) and "
+                  "keeps the best 1/eta; the last rung keeps the best LR of each of the best placements (the "
+                  "finalists). The best preset is never cut. The test split played no part."))
+
+
+def search_cost_table(analysis: StudyAnalysis) -> Table | None:
+    """The search's compute ledger in training-step equivalents, against the full tuned grid of the same spec."""
+    from loraplace.analysis.search import FORWARD_COST_HIGH
+
+    search = analysis.search
+    if search is None or not search.ledger:
+        return None
+    rows = [(item.what, f"{item.trained_examples:,}", f"{item.forward_examples:,}",
+             f"{item.steps(search.batch):.1f}", f"{item.seconds:.0f}" if item.seconds else "—")
+            for item in search.ledger]
+    rows.append(("search, total", f"{sum(i.trained_examples for i in search.ledger):,}",
+                 f"{sum(i.forward_examples for i in search.ledger):,}", f"{search.search_steps():.1f}",
+                 f"{sum(i.seconds for i in search.ledger):.0f}"))
+    rows.append((f"full tuned grid ({search.grid_trials} trials × {search.total_steps} steps, evals not counted)",
+                 "", "", f"{search.grid_steps:,}", ""))
+    return Table("Search: compute against the full grid", ("part", "trained examples", "forward-only examples",
+                                                          "step-equivalents", "seconds"), tuple(rows),
+                 (False, True, True, True, True),
+                 (f"search / grid = {search.ratio():.3f} (a forward-only example counts 1/3 of a trained one; at "
+                  f"1/2, the upper bound with a frozen base: {search.ratio(FORWARD_COST_HIGH):.3f}). A "
+                  f"step-equivalent is {search.batch} trained examples.", *search.notes))
+
+
+def rung_agreement_table(analysis: StudyAnalysis) -> Table | None:
+    """Kendall's tau between the rankings of consecutive rungs (candidates in both)."""
+    search = analysis.search
+    if search is None or not search.kendall:
+        return None
+    rows = []
+    for a, b, tau, n in search.kendall:
+        later = f"full horizon ({search.total_steps} steps, seed {analysis.spec.get('seeds', [0])[0]})" \
+            if b == -1 else f"rung {b + 1}"
+        rows.append((f"rung {a + 1}", later, str(n), "—" if tau is None else f"{tau:+.2f}"))
+    return Table("Search: ranking agreement between rungs (Kendall τ)", ("rung", "against", "candidates", "τ"),
+                 tuple(rows), (False, False, True, True),
+                 ("τ = 1: the later rung ranks the candidates it shares with the earlier one in the same order.",))

@@ -1,0 +1,226 @@
+"""What a placement search did and what it cost: its rungs, their decisions, the ranking agreement between
+consecutive rungs, and a compute ledger in training-step equivalents against the full tuned grid.
+
+Cost rule (one home: :data:`FORWARD_COST`): a training example (forward + backward) counts 1, an example run
+forward only (an eval, EVA's SVD) counts 1/3 — the 2N-vs-6N FLOP accounting; with a frozen base the backward pass
+skips the weight gradients, so a forward costs *more* than 1/3 of a LoRA step in FLOPs (at most 1/2), and the
+ledger also shows the ratio at 1/2. A step-equivalent is ``train.batch`` examples. A probe pass counts its batches
+as training examples (it backpropagates). Measured seconds are shown beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraplace.records import RungDecision, RungResult, StudyInfo
+from loraplace.store import TrialRecord
+
+FORWARD_COST = 1 / 3  # an example run forward only, in training examples
+FORWARD_COST_HIGH = 1 / 2  # the upper bound with a frozen base (backward without weight gradients)
+
+
+@dataclass(frozen=True)
+class CandidateName:
+    key: str
+    placement: str
+    lr: float
+    preset: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.placement} lr={self.lr:g}"
+
+
+@dataclass(frozen=True)
+class CostItem:
+    """One line of the ledger: examples trained (fwd+bwd) and run forward only, and measured seconds."""
+
+    what: str
+    trained_examples: int
+    forward_examples: int
+    seconds: float
+
+    def steps(self, batch: int, forward_cost: float = FORWARD_COST) -> float:
+        return (self.trained_examples + forward_cost * self.forward_examples) / batch
+
+
+@dataclass(frozen=True)
+class RungSummary:
+    decision: RungDecision
+    results: dict[str, RungResult]  # candidate → its result at this rung
+
+    @property
+    def cut(self) -> tuple[str, ...]:
+        return tuple(k for k in self.decision.ranked if k not in self.decision.kept)
+
+
+@dataclass(frozen=True)
+class SearchAnalysis:
+    names: dict[str, CandidateName]
+    rungs: tuple[RungSummary, ...]
+    pending: dict[int, dict[str, RungResult]]  # results of a rung not decided yet
+    ledger: tuple[CostItem, ...]
+    batch: int
+    total_steps: int  # train.steps (the full horizon)
+    grid_steps: int  # training steps of the full tuned grid of the same spec
+    grid_trials: int
+    finalists: tuple[str, ...]
+    kendall: tuple[tuple[int, int, float | None, int], ...]  # (rung a, rung b, tau, candidates in both)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def search_steps(self, forward_cost: float = FORWARD_COST) -> float:
+        return sum(item.steps(self.batch, forward_cost) for item in self.ledger)
+
+    def ratio(self, forward_cost: float = FORWARD_COST) -> float:
+        return self.search_steps(forward_cost) / self.grid_steps if self.grid_steps else math.nan
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.finalists)
+
+    def curve(self, key: str) -> list[tuple[int, float]]:
+        """(steps, validation loss) of a candidate at every rung it ran."""
+        points = [(r.results[key].steps, r.results[key].val_loss) for r in self.rungs if key in r.results]
+        points += [(res[key].steps, res[key].val_loss) for res in self.pending.values() if key in res]
+        return [(s, v) for s, v in points if v is not None]
+
+    def cut_at(self, key: str) -> int | None:
+        """The rung (0-based) a candidate was cut at; None: it was kept to the end."""
+        return next((r.decision.rung for r in self.rungs if key in r.cut), None)
+
+
+def kendall_tau(a: list[float], b: list[float]) -> float | None:
+    """Kendall's tau-b of two paired lists (scipy), None when fewer than 2 pairs or undefined."""
+    if len(a) < 2:
+        return None
+    from scipy.stats import kendalltau
+
+    tau = kendalltau(a, b).statistic
+    return None if tau is None or not math.isfinite(tau) else float(tau)
+
+
+def analyze_search(spec: dict[str, Any], info: StudyInfo, results: list[RungResult], decisions: list[RungDecision],
+                   records: list[TrialRecord]) -> SearchAnalysis:
+    """The search of a stored study: ``spec`` as stored, its rung results and decisions, its (finalist) trials."""
+    from loraplace.search import is_preset
+    from loraplace.study import StudySpec, expand_grid, search_candidates
+
+    study = StudySpec.model_validate({k: v for k, v in spec.items() if k != "versions"})
+    names = {p.id: CandidateName(p.id, p.labels.group.placement, float(dict(p.labels.group.axes)["lr"]),
+                                 is_preset(study.placements[p.labels.group.placement]))
+             for p in search_candidates(study)}
+    by_rung: dict[int, dict[str, RungResult]] = {}
+    for r in results:
+        by_rung.setdefault(r.rung, {})[r.candidate] = r
+    decided = {d.rung for d in decisions}
+    rungs = tuple(RungSummary(d, by_rung.get(d.rung, {})) for d in sorted(decisions, key=lambda d: d.rung))
+    pending = {k: v for k, v in by_rung.items() if k not in decided}
+    batch = study.train.batch
+    ledger, notes = _ledger(study, names, results, records)
+    # The grid it replaces selects each placement's LR on the first seed, as the search does (a grid selecting on
+    # every seed would cost more, and make the ratio look better than the fair one).
+    no_search = study.model_copy(update={"search": None, "tune": None if study.tune is None else
+                                         study.tune.model_copy(update={"seeds": [study.seeds[0]]})})
+    grid = expand_grid(no_search, _all_selected(no_search))
+    kendall = []
+    for a, b in zip(rungs, rungs[1:], strict=False):
+        both = [k for k in b.results if k in a.results and a.results[k].val_loss is not None
+                and b.results[k].val_loss is not None]
+        kendall.append((a.decision.rung, b.decision.rung,
+                        kendall_tau([a.results[k].val_loss for k in both], [b.results[k].val_loss for k in both]),
+                        len(both)))
+    final_rung = rungs[-1] if rungs else None
+    last = max((r.index for r in _rungs(study, len(names))), default=-1)
+    finalists = final_rung.decision.kept if final_rung is not None and final_rung.decision.rung == last else ()
+    if finalists:  # the last rung against the finalists' full-horizon validation loss (seed 0)
+        full = {k: _val_at_full(records, names[k], study.seeds[0]) for k in final_rung.results}
+        both = [k for k in finalists if full.get(k) is not None and final_rung.results[k].val_loss is not None]
+        kendall.append((final_rung.decision.rung, -1,
+                        kendall_tau([final_rung.results[k].val_loss for k in both], [full[k] for k in both]),
+                        len(both)))
+    return SearchAnalysis(names, rungs, pending, tuple(ledger), batch, study.train.steps,
+                          len(grid) * study.train.steps, len(grid), tuple(finalists), tuple(kendall), tuple(notes))
+
+
+def _rungs(study, n: int):
+    from loraplace.search import rung_steps, rungs_of
+
+    return rungs_of(rung_steps(study.search, n, study.train.steps, study.train.warmup))
+
+
+def _all_selected(study) -> dict:
+    """Every cell of the tuned grid with a selection (which LR does not matter for counting its trials)."""
+    from loraplace.records import GroupKey
+    from loraplace.tuning import Selection
+
+    if study.tune is None:
+        return {}
+    out = {}
+    for pname in study.placements:
+        for size in study.sizes():
+            cell = GroupKey(placement=pname, size=size, axes=())
+            out[cell] = Selection(cell, study.tune.lr[0], {}, ())
+    return out
+
+
+def _val_at_full(records: list[TrialRecord], name: CandidateName, seed: int) -> float | None:
+    for r in records:
+        if r.labels.group.placement == name.placement and r.labels.seed == seed and r.metrics is not None \
+                and dict(r.labels.group.axes).get("lr") == name.lr:
+            return r.metrics.val_loss
+    return None
+
+
+def _ledger(study, names: dict[str, CandidateName], results: list[RungResult],
+            records: list[TrialRecord]) -> tuple[list[CostItem], list[str]]:
+    notes: list[str] = []
+    items: list[CostItem] = []
+    for rung in sorted({r.rung for r in results}):
+        at = [r for r in results if r.rung == rung]
+        items.append(CostItem(f"rung {rung + 1}: training ({len(at)} candidates)",
+                              sum(r.trained_examples for r in at), 0, sum(r.train_s for r in at)))
+        items.append(CostItem(f"rung {rung + 1}: validation evals", 0, sum(r.eval_examples for r in at),
+                              sum(r.eval_s for r in at)))
+        inits = sum(r.init_examples for r in at)
+        if inits:
+            items.append(CostItem(f"rung {rung + 1}: EVA's SVD passes (forward)", 0, inits, 0.0))
+    probes = [p for p in study.placements.values() if p.auto is not None and p.auto.method == "probe"]
+    for p in probes:
+        items.append(CostItem(f"probe pass ({p.auto.batches} batches of {p.auto.batch}, fwd+bwd)",
+                              p.auto.batches * p.auto.batch, 0, 0.0))
+    done = [r for r in records if r.outcome is not None and r.status == "done"]
+    if done:
+        trained = 0
+        for r in done:
+            # a finalist's first seed is a candidate (same trial id): it continued from its last rung
+            start = max((res.steps for res in results if res.candidate == r.id and res.status == "done"), default=0)
+            trained += (r.outcome.steps - start) * study.train.batch
+        test_examples = sum(_examples(r, study) for r in done)
+        val_examples = len(done) * (study.data.validation_count or 0)
+        if not study.data.validation_count:
+            notes.append("the finalists' validation evals are not counted: the validation split is not given "
+                         "as a count")
+        items.append(CostItem(f"finalists: training ({len(done)} trials at the full horizon)", trained, 0,
+                              sum(r.metrics.train_s or 0.0 for r in done if r.metrics is not None)))
+        items.append(CostItem("finalists: validation + test evals", 0, test_examples + val_examples,
+                              sum(r.outcome.timings.eval_s for r in done)))
+        eva = [r for r in done if r.spec.get("placement", {}).get("variant") == "eva"]
+        if eva:
+            per = [res.init_examples for res in results if res.init_examples]
+            if per:
+                items.append(CostItem(f"finalists: EVA's SVD passes ({len(eva)} trials, as measured in the rungs)",
+                                      0, round(sum(per) / len(per)) * len(eva), 0.0))
+    return items, notes
+
+
+def _examples(record: TrialRecord, study) -> int:
+    """Test examples a finalist trial evaluated: the split's count when the spec gives one, else estimated from
+    its label tokens (per training example)."""
+    count = study.data.test_count or study.data.eval_count
+    if count:
+        return count
+    o = record.outcome
+    per_example = o.label_tokens / max(o.steps * study.train.batch, 1)
+    return round(o.eval_tokens / per_example) if per_example else 0

@@ -1,0 +1,300 @@
+"""Placement search (loraplace.search): the rung rule, the spec, and tiny searches end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from helpers import tiny_study_yaml
+from loraplace.analysis import analyze_store
+from loraplace.analysis.recommend import recommend_from_store
+from loraplace.errors import ConfigError
+from loraplace.records import GroupKey, RungDecision, RungResult, Size
+from loraplace.search import Candidate, Rung, SearchSpec, SearchState, decide, is_preset, run_rungs, rung_steps
+from loraplace.store import Store, StoreError
+from loraplace.study import load_study, run_study, search_candidates
+
+SIZE = Size(kind="rank", value=2)
+
+
+def candidate(key: str, placement: str, lr: float = 1e-3, preset: bool = False) -> Candidate:
+    return Candidate(key, placement, lr, preset, GroupKey(placement=placement, size=SIZE, axes=(("lr", lr),)))
+
+
+def done(key: str, loss: float, rung: int = 0, steps: int = 1) -> RungResult:
+    return RungResult(candidate=key, rung=rung, steps=steps, status="done", val_loss=loss, trained_steps=steps)
+
+
+# --------------------------------------------------------------------------------------------- the rule
+
+
+def test_default_rungs_halve_down_to_the_finalists_and_respect_the_floor():
+    # 24 candidates, eta 3, 2 finalists: 24 → 8 → 3 → 2 needs 3 cuts at 40/27, 40/9, 40/3; the floor (warmup 4)
+    # lifts the first two to 4 and 4, which merge.
+    assert rung_steps(SearchSpec(), 24, 40, warmup=4) == [4, 13]
+    assert rung_steps(SearchSpec(), 24, 40, warmup=0) == [1, 4, 13]
+    assert rung_steps(SearchSpec(eta=4), 24, 40, warmup=0) == [2, 10]
+    assert rung_steps(SearchSpec(rungs=[3, 10]), 24, 40, warmup=4) == [3, 10]
+    assert rung_steps(SearchSpec(), 2, 10, warmup=0) == [3]  # already at the finalists: one rung picks them
+    assert all(s < 40 for s in rung_steps(SearchSpec(min_steps=39), 24, 40, warmup=0))
+
+
+def test_a_rung_keeps_the_best_third_and_failed_candidates_rank_last():
+    cands = [candidate(f"c{i}", f"p{i}") for i in range(6)]
+    results = {"c0": done("c0", 3.0), "c1": done("c1", 1.0), "c2": done("c2", 2.0), "c3": done("c3", 0.5),
+               "c4": RungResult(candidate="c4", rung=0, steps=1, status="failed", trained_steps=0,
+                                failure={"kind": "non_finite", "message": "nan", "step": 1}),
+               "c5": done("c5", math.nan)}
+    d = decide(Rung(0, 1, last=False), cands, results, eta=3, finalists=2)
+    assert d.ranked[:4] == ("c3", "c1", "c2", "c0") and set(d.ranked[4:]) == {"c4", "c5"}
+    assert d.kept == ("c3", "c1") and d.anchored is None
+
+
+def test_the_best_preset_is_never_cut():
+    cands = [candidate("a", "auto"), candidate("b", "other"), candidate("c", "third"),
+             candidate("p", "all", preset=True), candidate("q", "attn", preset=True)]
+    results = {"a": done("a", 1.0), "b": done("b", 1.1), "c": done("c", 1.2), "p": done("p", 1.4),
+               "q": done("q", 1.3)}
+    d = decide(Rung(0, 1, last=False), cands, results, eta=3, finalists=2)
+    assert d.kept == ("a", "q") and d.anchored == "q"  # q (best preset) takes b's place
+    last = decide(Rung(1, 3, last=True), cands, results, eta=3, finalists=1)
+    assert last.kept == ("a", "q") and last.anchored == "q"  # one finalist: the preset joins it
+
+
+def test_the_last_rung_keeps_each_finalist_placement_at_its_best_lr():
+    cands = [candidate("a1", "a", 1e-3), candidate("a2", "a", 1e-2), candidate("b1", "b", 1e-3),
+             candidate("b2", "b", 1e-2, ), candidate("c1", "c", 1e-3)]
+    results = {"a1": done("a1", 1.0), "a2": done("a2", 0.9), "b1": done("b1", 0.95), "b2": done("b2", 1.5),
+               "c1": done("c1", 1.2)}
+    d = decide(Rung(1, 3, last=True), cands, results, eta=3, finalists=2)
+    assert d.kept == ("a2", "b1")
+
+
+def test_ties_are_broken_by_spec_order_so_decisions_repeat():
+    cands = [candidate(k, k) for k in "dcba"]
+    results = {k: done(k, 1.0) for k in "abcd"}
+    first = decide(Rung(0, 1, last=False), cands, results, eta=2, finalists=1)
+    again = decide(Rung(0, 1, last=False), cands, dict(reversed(results.items())), eta=2, finalists=1)
+    assert first == again and first.kept == ("d", "c")
+
+
+def test_run_rungs_resumes_from_recorded_results_and_runs_only_the_rest():
+    cands = [candidate(k, k) for k in "abcd"]
+    rungs = [Rung(0, 1, False), Rung(1, 3, True)]
+    losses = {"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0}
+    ran: list[tuple[str, int]] = []
+
+    def run(alive, rung):
+        for c in alive:
+            ran.append((c.key, rung.index))
+            yield done(c.key, losses[c.key] / (rung.index + 1), rung.index, rung.steps)
+
+    recorded: list = []
+    state = SearchState.of([done("a", 4.0), done("b", 3.0)], [])  # a kill after two results of rung 0
+    finalists = run_rungs(cands, rungs, SearchSpec(eta=2, finalists=1), state, run, recorded.append,
+                          recorded.append)
+    assert ran == [("c", 0), ("d", 0), ("d", 1), ("c", 1)] or ran == [("c", 0), ("d", 0), ("c", 1), ("d", 1)]
+    assert [c.key for c in finalists] == ["d"]
+
+
+def test_is_preset_means_a_bare_preset():
+    from loraplace.placement.spec import PlacementSpec
+
+    assert is_preset(PlacementSpec(preset="all")) and is_preset(PlacementSpec(preset="mlp.up"))
+    assert not is_preset(PlacementSpec(roles=["all"]))
+    assert not is_preset(PlacementSpec(preset="all", rank=4))
+    assert not is_preset(PlacementSpec(preset="all", variant="dora"))
+
+
+# --------------------------------------------------------------------------------------------- the spec
+
+
+def search_yaml(name: str = "srch", *, placements: dict[str, str] | None = None, search: str = "{}",
+                lrs: str = "[1.0e-4, 1.0e-2]", seeds=(0, 1), steps: int = 6, extra: str = "") -> str:
+    text = tiny_study_yaml(name, placements=placements or {"all": "{preset: all}", "attn": "{preset: attn}",
+                                                           "q": "{roles: [attn.q]}"},
+                           steps=steps, seeds=list(seeds), n=80, baseline=None,
+                           extra=f"tune: {{lr: {lrs}}}\nsearch: {search}\n" + extra)
+    return text.replace("eval_count: 8,", "eval_count: 8, validation_count: 8,")
+
+
+def test_search_spec_problems_are_reported_together(tmp_path):
+    text = search_yaml(search="{eta: 1, rungs: [4, 2]}").replace("validation_count: 8, ", "")
+    text = text.replace("ranks: [2]", "ranks: [2, 4]") + "axes: {batch: [2, 4]}\n"
+    (tmp_path / "s.yaml").write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_study(tmp_path / "s.yaml")
+    message = str(exc.value) + " ".join(exc.value.problems)
+    for part in ("eta", "strictly increasing"):
+        assert part in message
+    (tmp_path / "t.yaml").write_text(search_yaml(search="{rungs: [2, 6]}").replace("validation_count: 8, ", ""))
+    with pytest.raises(ConfigError) as exc:
+        load_study(tmp_path / "t.yaml")
+    problems = " ".join(exc.value.problems)
+    assert "validation split" in problems and "below train.steps" in problems
+
+
+def test_candidates_are_the_tuned_grids_own_first_seed_trials(tmp_path):
+    from loraplace.study import expand_grid
+
+    (tmp_path / "s.yaml").write_text(search_yaml())
+    study = load_study(tmp_path / "s.yaml")
+    grid = {p.id for p in expand_grid(study.model_copy(update={"search": None}))}
+    candidates = search_candidates(study)
+    assert len(candidates) == 6 and {p.id for p in candidates} <= grid
+    assert {p.labels.seed for p in candidates} == {0}
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A search where one non-preset candidate is clearly best: every linear at the high LR, against two presets
+    that adapt one projection each; the low LR barely moves anything in 8 steps."""
+    root = tmp_path_factory.mktemp("planted")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORAPLACE_CACHE", str(root / "cache"))
+    try:
+        (root / "s.yaml").write_text(search_yaml(
+            "planted", placements={"q": "{preset: attn.q+attn.v}", "up": "{preset: mlp.up}",
+                                   "wide": "{roles: [all]}"},
+            lrs="[1.0e-5, 3.0e-2]", seeds=(0, 1, 2), steps=8, search="{eta: 3, finalists: 2}"))
+        study = load_study(root / "s.yaml")
+        summary = run_study(study, root / "s.db")
+    finally:
+        mp.undo()
+    return root, study, summary
+
+
+def test_a_planted_clearly_best_candidate_is_found_and_recommended(planted):
+    root, study, summary = planted
+    assert summary.failed == 0 and summary.rung_runs > 0
+    analysis = analyze_store(root / "s.db")
+    search = analysis.search
+    assert search is not None and search.finished
+    winner = [search.names[k] for k in search.finalists]
+    assert ("wide", 3e-2) in [(n.placement, n.lr) for n in winner]
+    assert any(n.preset for n in winner)  # the best preset is a finalist, always
+    rec = recommend_from_store(str(root / "s.db"))
+    assert rec.chosen.placement == "wide" and rec.distinguishable
+    # Every cut candidate was cut at a rung before the full horizon; the finalists' seeds all ran.
+    assert {t.seed for t in analysis.trials} == {0, 1, 2}
+    assert len(analysis.trials) == 3 * len(search.finalists)
+
+
+def test_a_rerun_of_a_finished_search_trains_nothing_and_decides_the_same(planted):
+    root, study, _ = planted
+    with Store.open_readonly(root / "s.db") as store:
+        before = store.rung_decisions(store.study().id)
+    summary = run_study(study, root / "s.db")
+    assert summary.rung_runs == 0 and summary.ran == 0
+    with Store.open_readonly(root / "s.db") as store:
+        assert store.rung_decisions(store.study().id) == before
+
+
+def test_the_finalists_first_seed_continues_its_search_state_exactly(planted, tmp_path, monkeypatch):
+    """The seed-0 finalist trained in pieces (rung by rung, then to the end) equals the same trial run straight
+    through in a plain study: the search's rungs are prefixes of the grid's own trials."""
+    root, study, _ = planted
+    analysis = analyze_store(root / "s.db")
+    key = next(k for k in analysis.search.finalists if analysis.search.names[k].placement == "wide")
+    searched = next(t for t in analysis.trials if t.id == key)
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    plain = study.model_copy(update={"search": None, "tune": None, "seeds": [0],
+                                     "placements": {"wide": study.placements["wide"]},
+                                     "train": study.train.model_copy(update={"lr": 3e-2})})
+    run_study(plain, tmp_path / "plain.db")
+    with Store.open_readonly(tmp_path / "plain.db") as store:
+        (straight,) = store.trials(store.study().id)
+    assert straight.outcome.metrics.eval_loss == pytest.approx(searched.outcome.metrics.eval_loss, abs=1e-5)
+    assert [p.loss for p in straight.outcome.curve] == pytest.approx([p.loss for p in searched.outcome.curve],
+                                                                     abs=1e-5)
+
+
+def test_the_report_and_ledger_of_a_search(planted, tmp_path):
+    from loraplace.analysis.report import write_report
+
+    root, study, _ = planted
+    analysis = analyze_store(root / "s.db")
+    search = analysis.search
+    # The ledger counts every rung's training and eval, the finalists' remaining steps and their evals.
+    trained = sum(i.trained_examples for i in search.ledger)
+    with Store.open_readonly(root / "s.db") as store:
+        results = store.rung_results(store.study().id)
+    rung_trained = sum(r.trained_steps for r in results) * study.train.batch
+    final_trained = sum((t.outcome.steps - max((r.steps for r in results if r.candidate == t.id), default=0))
+                        for t in analysis.trials) * study.train.batch
+    assert trained == rung_trained + final_trained
+    assert search.grid_trials == 3 * 2 + 3 * 2 and search.grid_steps == 12 * 8
+    assert 0 < search.ratio() < 1
+    written = write_report(analysis, tmp_path / "rep", ["md", "html"])
+    text = written["md"].read_text()
+    for part in ("Search: rungs and decisions", "Search: compute against the full grid", "Kendall", "rungs.png"):
+        assert part in text
+
+
+def test_all_candidates_tied_answers_with_the_preset(tmp_path, monkeypatch):
+    """Two placements that resolve to the same sites (one written as roles, listed first, one as a bare preset)
+    train identically: a tie everywhere. The search must answer with the preset."""
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "s.yaml").write_text(search_yaml("tie", placements={"same": "{roles: [all]}", "all": "{preset: all}"},
+                                                 lrs="[1.0e-3, 1.0e-2]", steps=4, search="{eta: 2}"))
+    run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db")
+    analysis = analyze_store(tmp_path / "s.db")
+    assert {analysis.search.names[k].placement for k in analysis.search.finalists} == {"same", "all"}
+    rec = recommend_from_store(str(tmp_path / "s.db"))
+    assert rec.chosen.placement == "all" and not rec.distinguishable
+    assert "preset" in rec.reason
+
+
+def test_a_different_decision_for_a_recorded_rung_is_refused(tmp_path):
+    from loraplace.records import StudyInfo
+
+    with Store(tmp_path / "s.db") as store:
+        study = store.open_study(StudyInfo(name="x", model="m", placements=("a",), baseline="a",
+                                           baseline_given=False), {"name": "x"})
+        decision = RungDecision(rung=0, steps=1, ranked=("a", "b"), kept=("a",))
+        store.record_decision(study.id, decision)
+        store.record_decision(study.id, decision)  # the same again: a no-op
+        with pytest.raises(StoreError, match="decided differently"):
+            store.record_decision(study.id, decision.model_copy(update={"kept": ("b",)}))
+        store.record_rung(study.id, done("a", 1.0))
+        with pytest.raises(StoreError, match="already recorded"):
+            store.record_rung(study.id, done("a", 2.0))
+        assert [r.val_loss for r in store.rung_results(study.id)] == [1.0]
+
+
+def test_fused_rungs_match_rungs_run_alone(tmp_path, monkeypatch):
+    """execution.fuse: a rung's candidates trained in one pass over the base model decide like alone."""
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    losses = {}
+    for fuse in ("off", "3"):
+        (tmp_path / f"{fuse}.yaml").write_text(search_yaml(f"f{fuse}", steps=4, seeds=(0,),
+                                                           extra=f"execution: {{fuse: {fuse}}}\n"))
+        run_study(load_study(tmp_path / f"{fuse}.yaml"), tmp_path / f"{fuse}.db")
+        with Store.open_readonly(tmp_path / f"{fuse}.db") as store:
+            sid = store.study().id
+            results = store.rung_results(sid)
+            losses[fuse] = {(r.candidate, r.rung): r.val_loss for r in results}
+            assert all(r.fused_with == (2 if fuse == "3" else 0) and not r.notes for r in results if r.rung == 0)
+            decisions = [d.kept for d in store.rung_decisions(sid)]
+        losses[fuse + "kept"] = decisions
+    assert losses["offkept"] == losses["3kept"]
+    assert losses["off"].keys() == losses["3"].keys()
+    for key, value in losses["off"].items():
+        assert losses["3"][key] == pytest.approx(value, abs=2e-4)
+
+
+def test_a_search_refuses_the_ray_backend_and_extend(tmp_path, monkeypatch):
+    from loraplace.errors import LoraplaceError
+
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "s.yaml").write_text(search_yaml())
+    study = load_study(tmp_path / "s.yaml")
+    with pytest.raises(LoraplaceError, match="local backend"):
+        run_study(study, tmp_path / "s.db", backend="ray")
+    with pytest.raises(LoraplaceError, match="--extend"):
+        run_study(study, tmp_path / "s.db", extend=True)
+    assert not (tmp_path / "s.db").exists()

@@ -456,6 +456,32 @@ def _print_status(store_path, name: str | None = None) -> None:
     with Store.open_readonly(store_path) as store:
         study = store.study(name)
         print_status(study, store.trials(study.id), store.counts(study.id), out)
+        if study.info.search:
+            from loraplace.analysis.search import analyze_search
+
+            search = analyze_search(study.spec, study.info, store.rung_results(study.id),
+                                    store.rung_decisions(study.id), store.trials(study.id))
+            _print_search(search)
+
+
+def _print_search(search) -> None:
+    """A search's progress: each decided rung (kept, cut) and the results of the rung in progress."""
+    for rung in search.rungs:
+        d = rung.decision
+
+        def named(keys, rung=rung) -> str:
+            return ", ".join(f"{search.names[k].label} ({rung.results[k].val_loss:.4f})"
+                             if k in rung.results and rung.results[k].val_loss is not None
+                             else f"{search.names[k].label} (failed)" for k in keys)
+
+        out.print(f"rung {d.rung + 1} at {d.steps} steps: {len(d.ranked)} in; kept {named(d.kept)}"
+                  + (f" [{search.names[d.anchored].label}: best preset, kept]" if d.anchored else ""),
+                  highlight=False)
+        out.print(f"  cut: {named(rung.cut)}", highlight=False, style="dim")
+    for index, results in sorted(search.pending.items()):
+        out.print(f"rung {index + 1} in progress: {len(results)} candidate(s) measured", highlight=False)
+    out.print(f"search compute so far: {search.search_steps():.0f} step-equivalents; the full tuned grid: "
+              f"{search.grid_steps:,} steps ({search.ratio():.2f}×)", highlight=False)
 
 
 @app.command()

@@ -22,10 +22,10 @@ install: $(STAMP)
 
 # The offline default end to end: a placement study on builtin:smollm2-135m (resumable: re-running is instant).
 demo: $(STAMP)
-	$(VENV)/bin/loraplace run examples/quickstart.yaml --store runs/quickstart.db
-	$(VENV)/bin/loraplace report runs/quickstart.db --out runs/quickstart_report --quiet
-	$(VENV)/bin/loraplace recommend runs/quickstart.db
-	$(VENV)/bin/loraplace export-placement --from runs/quickstart.db --to peft --out runs/adapter_config.json
+	$(VENV)/bin/loraplace run examples/search-quickstart.yaml --store runs/search-quickstart.db
+	$(VENV)/bin/loraplace report runs/search-quickstart.db --out runs/search-quickstart_report --quiet
+	$(VENV)/bin/loraplace recommend runs/search-quickstart.db
+	$(VENV)/bin/loraplace export-placement --from runs/search-quickstart.db --to peft --out runs/adapter_config.json
 
 # Headless Chromium for the HTML report test; best effort (the test skips, saying why, where none installs).
 browser:

@@ -417,7 +417,8 @@ class RungResult(Record):
     status: Literal["done", "failed"]
     val_loss: float | None = Field(default=None, description="validation loss at ``steps``, nats/token")
     failure: Failure | None = None
-    trained_steps: int = Field(ge=0, description="steps trained in this rung (from the saved state on)")
+    trained_steps: int = Field(ge=0, description="steps this rung adds: from the previous rung's on (what it costs "
+                               "uninterrupted; steps a kill made it redo are not counted)")
     trained_examples: int = Field(default=0, ge=0, description="training examples those steps read (fwd+bwd)")
     eval_examples: int = Field(default=0, ge=0, description="validation examples evaluated (forward only)")
     init_examples: int = Field(default=0, ge=0, description="examples a data-driven init (EVA's SVD) ran forward "

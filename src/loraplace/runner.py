@@ -45,6 +45,7 @@ class RungTask:
     rung: int
     steps: int
     val_examples: int | None = None
+    from_steps: int = 0  # the previous rung's steps: where an uninterrupted search would continue from
 
 
 ProgressFn = Callable[[int, int, "float | None", int], None]  # (step, total steps, loss or None, tokens so far)
@@ -216,7 +217,7 @@ class LocalExecutor:
                 continue
             yield run_rung(task.spec, session=self._session, state_dir=task.state, steps=task.steps,
                            candidate=task.candidate, rung=task.rung, val_examples=task.val_examples,
-                           progress=self.progress)
+                           from_steps=task.from_steps, progress=self.progress)
 
     def cancel(self) -> None:
         self._queue.clear()
@@ -424,7 +425,7 @@ def fused_rung(session: Session, tasks: list[RungTask], on_step: ProgressFn | No
             by_task = {t.candidate: t for t in tasks}
             for m in fusable:
                 r, task = trained[m.key], by_task[m.key]
-                steps = max(r.outcome.steps - before[m.key][0], 0)
+                steps = max(r.outcome.steps - task.from_steps, 0)
                 share = (inits // len(eva) + (inits % len(eva) if m.key == eva[0] else 0)) if m.key in eva else 0
                 common = dict(candidate=m.key, rung=task.rung, steps=task.steps, trained_steps=steps,
                               trained_examples=steps * task.spec.train.batch, fused_with=len(fusable) - 1)
@@ -440,7 +441,8 @@ def fused_rung(session: Session, tasks: list[RungTask], on_step: ProgressFn | No
     yield from out
     for task in (t for t in tasks if t.candidate in alone):
         result = run_rung(task.spec, session=session, state_dir=task.state, steps=task.steps,
-                          candidate=task.candidate, rung=task.rung, val_examples=task.val_examples, progress=on_step)
+                          candidate=task.candidate, rung=task.rung, val_examples=task.val_examples,
+                          from_steps=task.from_steps, progress=on_step)
         yield result.model_copy(update={"notes": result.notes + (f"not fused: {alone[task.candidate]}",)})
 
 

@@ -595,8 +595,9 @@ def _search(study: StudySpec, store: Store, study_id: int, planned: list[Planned
         hooks.on_note(describe(candidates, rungs, search))
 
     def run(alive: list[Candidate], rung) -> Iterator:
+        previous = rungs[rung.index - 1].steps if rung.index > 0 else 0
         tasks = [RungTask(c.key, by_key[c.key].spec, search_state_dir(artifacts, c.key), rung.index, rung.steps,
-                          search.rung_examples) for c in alive]
+                          search.rung_examples, previous) for c in alive]
         names = {c.key: f"{c.placement} lr={c.lr:g}" for c in alive}
         if hooks.on_note is not None:
             hooks.on_note(f"rung {rung.index + 1}/{len(rungs)}: {len(tasks)} candidate(s) to {rung.steps} steps")

@@ -325,15 +325,17 @@ def run_trial(spec: TrialSpec, *, session: Session | None = None, out_dir: str |
 
 
 def run_rung(spec: TrialSpec, *, session: Session, state_dir: Path, steps: int, candidate: str, rung: int,
-             val_examples: int | None = None, progress=None) -> RungResult:
+             val_examples: int | None = None, from_steps: int = 0, progress=None) -> RungResult:
     """One rung of a placement search for one candidate: continue the trial's saved state in ``state_dir`` (or
     start it) up to ``steps`` of its full-horizon schedule, save the state there, and evaluate the validation
     split (its first ``val_examples``). The test split is never looked at; nothing else is saved. Never raises
-    for the candidate's own failure (a failed :class:`RungResult`), like :func:`run_trial`."""
+    for the candidate's own failure (a failed :class:`RungResult`), like :func:`run_trial`. The result counts
+    the steps from ``from_steps`` (the previous rung's) on: what the rung costs uninterrupted, however much of it
+    a killed run had already trained (a state saved at ``steps`` is only evaluated) or had to redo."""
     state = Continuation(Path(state_dir), stop_after=steps)
     saved = state.saved()
     before = saved.progress.steps if saved is not None else 0
-    known: dict[str, Any] = {"trained_steps": 0}
+    known: dict[str, Any] = {"trained_steps": max(before - from_steps, 0)}
     try:
         splits = session.data(spec.data)
         if splits.validation is None:
@@ -347,7 +349,7 @@ def run_rung(spec: TrialSpec, *, session: Session, state_dir: Path, steps: int, 
             trained = train(model, splits.train, spec.train, device=session.device, dtype=session.dtype,
                             pad_id=session.pad_id, on_step=progress, params=site_parameters(model, plan),
                             continuation=state)
-            known["trained_steps"] = trained.steps - before
+            known["trained_steps"] = max(trained.steps - from_steps, 0)
             known["train_s"] = trained.train_s - (saved.progress.train_s if saved is not None else 0.0)
             t0 = time.perf_counter()
             val_loss = eval_loss(model, watched, device=session.device, dtype=session.dtype, pad_id=session.pad_id,

@@ -13,7 +13,7 @@ from loraplace.analysis.recommend import recommend_from_store
 from loraplace.store import Store
 from loraplace.study import load_study, run_study
 
-KILLS = 8
+KILLS = 12
 
 
 def search_spec(path, name: str):

@@ -15,9 +15,19 @@ pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_every_shipped_yaml_validates():
-    assert {p.name for p in EXAMPLES} >= {"quickstart.yaml", "seed-study-gpt2-medium.yaml", "gsm8k.yaml"}
+    assert {p.name for p in EXAMPLES} >= {"quickstart.yaml", "seed-study-gpt2-medium.yaml", "gsm8k.yaml",
+                                          "search-quickstart.yaml", "gsm8k-search.yaml"}
     for path in EXAMPLES:
         study = load_study(path)
+        if study.search is not None:  # candidates: every placement at every LR, the grid's first-seed trials
+            from loraplace.search import rung_steps
+            from loraplace.study import search_candidates
+
+            candidates = search_candidates(study)
+            assert len(candidates) == len(study.placements) * len(study.search_lrs())
+            assert {c.id for c in candidates} <= {t.id for t in expand_grid(study)}
+            steps = rung_steps(study.search, len(candidates), study.train.steps, study.train.warmup)
+            assert steps == sorted(set(steps)) and steps[-1] < study.train.steps
         grid = expand_grid(study)
         axes = 1
         for values in study.axis_values(study.axes).values():

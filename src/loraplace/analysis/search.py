@@ -224,3 +224,37 @@ def _examples(record: TrialRecord, study) -> int:
     o = record.outcome
     per_example = o.label_tokens / max(o.steps * study.train.batch, 1)
     return round(o.eval_tokens / per_example) if per_example else 0
+
+
+@dataclass(frozen=True)
+class AgainstGrid:
+    """One search candidate beside the full grid's trial of it (the same trial id: the grid's first seed)."""
+
+    name: CandidateName
+    cut_at: int | None  # 0-based rung; None: a finalist
+    rung_loss: float | None  # its validation loss at the rung that cut it (or at the last rung)
+    grid_val_loss: float | None  # the grid's trial at the full horizon, first seed: validation loss
+    grid_rank: int | None  # 1-based rank of that among the grid's first-seed trials (validation)
+    grid_test_mean: float | None  # the grid's test loss over its seeds at this LR (None: the grid ran one seed)
+    grid_seeds: int
+
+
+def against_grid(search: SearchAnalysis, grid: list[TrialRecord]) -> list[AgainstGrid]:
+    """Every candidate of a search beside the full tuned grid's result for it: where the search cut it, and what
+    the grid measured for it at the full horizon — so a reader sees whether a cut ever removed the arm the grid
+    found best."""
+    by_id = {r.id: r for r in grid if r.metrics is not None}
+    first_val = {k: by_id[k].metrics.val_loss for k in search.names if k in by_id}
+    ranked = sorted((v, k) for k, v in first_val.items() if v is not None)
+    rank = {k: i + 1 for i, (_, k) in enumerate(ranked)}
+    out = []
+    for key, name in search.names.items():
+        tests = [r.metrics.eval_loss for r in grid if r.metrics is not None
+                 and r.labels.group.placement == name.placement and dict(r.labels.group.axes).get("lr") == name.lr]
+        cut = search.cut_at(key)
+        curve = search.curve(key)
+        rung_loss = next((r.results[key].val_loss for r in search.rungs if r.decision.rung == cut
+                          and key in r.results), None) if cut is not None else (curve[-1][1] if curve else None)
+        out.append(AgainstGrid(name, cut, rung_loss, first_val.get(key), rank.get(key),
+                               sum(tests) / len(tests) if tests else None, len(tests)))
+    return out

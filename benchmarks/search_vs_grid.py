@@ -1,0 +1,101 @@
+"""A placement search against the full tuned grid of the same set-up: its answer's test loss against the grid's
+best arm (seed-paired), its compute against the grid's, and every candidate it cut beside the grid's result.
+
+    python benchmarks/search_vs_grid.py docs/search/search.db docs/validation/validation.db
+
+Prints Markdown tables (for docs/search.md) and, last, the machine-readable line
+``search_steps=N grid_steps=G ratio=R answer=NAME delta_vs_grid_best=D ci_low=L ci_high=H`` (Δ = the search's
+answer − the grid's best arm, test eval loss, 95 % seed-paired interval over the seeds both ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from loraplace.analysis import analyze_store
+from loraplace.analysis.recommend import recommend_from_store
+from loraplace.analysis.search import FORWARD_COST_HIGH, against_grid
+from loraplace.analysis.stats import paired
+from loraplace.store import Store
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("search_store")
+    parser.add_argument("grid_store")
+    args = parser.parse_args(argv)
+
+    searched = analyze_store(args.search_store)
+    search = searched.search
+    if search is None or not search.finished:
+        print(f"{args.search_store}: not a finished search", file=sys.stderr)
+        return 2
+    grid = analyze_store(args.grid_store)
+    with Store.open_readonly(args.grid_store) as store:
+        grid_records = store.trials(store.study().id)
+
+    answer = recommend_from_store(args.search_store)
+    chosen = next(g for g in searched.compared if g.placement == answer.chosen.placement)
+    grid_best = min((g for g in grid.compared if "eval_loss" in g.stats), key=lambda g: g.stats["eval_loss"].mean)
+    test = paired(chosen.by_seed["eval_loss"], grid_best.by_seed["eval_loss"])
+    assert test is not None and test.ci is not None
+
+    print("## The answer against the grid's best arm (test split)\n")
+    print("| | placement | LR | seeds | test eval loss |")
+    print("|---|---|---:|---:|---:|")
+    for what, g in (("search's answer", chosen), ("grid's best arm", grid_best)):
+        s = g.stats["eval_loss"]
+        lr = dict(g.key.axes).get("lr")
+        print(f"| {what} | `{g.placement}` | {lr:g} | {s.n} | {s.mean:.4f} ± {s.ci_half or 0:.4f} |")
+    print(f"\nΔ (answer − grid best), seed-paired over seeds {list(test.seeds)}: {test.mean_diff:+.4f} "
+          f"[{test.ci[0]:+.4f}, {test.ci[1]:+.4f}], p = {test.p_value:.3g}\n")
+    print(f"recommend: {answer.reason}\n")
+
+    print("## Each finalist against the grid's trials of the same placement and LR\n")
+    print("| finalist | LR | seeds | search: test loss | grid: test loss | Δ (search − grid), paired |")
+    print("|---|---:|---:|---:|---:|---:|")
+    by_key = {g.key: g for g in grid.groups}
+    for g in searched.compared:
+        twin = by_key.get(g.key)
+        if twin is None:
+            print(f"| `{g.placement}` | {dict(g.key.axes)['lr']:g} | {g.n} | {g.stats['eval_loss'].mean:.4f} | "
+                  "not in the grid's seeds | — |")
+            continue
+        d = paired(g.by_seed["eval_loss"], twin.by_seed["eval_loss"])
+        interval = f" [{d.ci[0]:+.4f}, {d.ci[1]:+.4f}]" if d is not None and d.ci is not None else ""
+        print(f"| `{g.placement}` | {dict(g.key.axes)['lr']:g} | {len(d.seeds) if d else 0} | "
+              f"{g.stats['eval_loss'].mean:.4f} | {twin.stats['eval_loss'].mean:.4f} | "
+              f"{d.mean_diff:+.4f}{interval} |" if d is not None else "| — |")
+
+    print("\n## Every candidate beside the grid's result for it\n")
+    print(f"| candidate | search: cut at | its val loss there | grid: val loss at {search.total_steps} (first seed) "
+          "| grid rank | grid: test loss (seeds) |")
+    print("|---|---|---:|---:|---:|---:|")
+    rows = against_grid(search, grid_records)
+    for row in sorted(rows, key=lambda r: (r.grid_rank or 99)):
+        cut = f"rung {row.cut_at + 1} ({search.rungs[row.cut_at].decision.steps} steps)" \
+            if row.cut_at is not None else "finalist"
+        print(f"| `{row.name.label}` | {cut} | {row.rung_loss:.4f} | "
+              f"{row.grid_val_loss:.4f} | {row.grid_rank} | "
+              f"{row.grid_test_mean:.4f} ({row.grid_seeds}) |")
+
+    print("\n## Compute\n")
+    for item in search.ledger:
+        print(f"- {item.what}: {item.trained_examples:,} trained + {item.forward_examples:,} forward-only examples"
+              f" = {item.steps(search.batch):.1f} step-equivalents ({item.seconds:.0f} s)")
+    print(f"- total: {search.search_steps():.1f} step-equivalents; the grid: {search.grid_steps:,} steps "
+          f"({search.grid_trials} trials); ratio {search.ratio():.3f} (forward at 1/2: "
+          f"{search.ratio(FORWARD_COST_HIGH):.3f})")
+    for a, b, tau, n in search.kendall:
+        print(f"- Kendall τ rung {a + 1} vs {'full horizon' if b == -1 else f'rung {b + 1}'}: "
+              f"{'—' if tau is None else f'{tau:+.2f}'} over {n}")
+    name = answer.chosen.placement
+    print(f"\nsearch_steps={search.search_steps():.0f} grid_steps={search.grid_steps} ratio={search.ratio():.3f} "
+          f"answer={name} delta_vs_grid_best={test.mean_diff:+.4f} ci_low={test.ci[0]:+.4f} "
+          f"ci_high={test.ci[1]:+.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -33,7 +33,8 @@ PLACEMENTS = {"all": {"preset": "all"}, "attn": {"preset": "attn"}, "mlp.up": {"
 
 def cpu_kind() -> str:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else platform.machine()
+    return ("amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "avx2" if " avx2" in flags
+            else platform.machine())
 
 
 def main() -> None:

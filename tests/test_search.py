@@ -298,3 +298,31 @@ def test_a_search_refuses_the_ray_backend_and_extend(tmp_path, monkeypatch):
     with pytest.raises(LoraplaceError, match="--extend"):
         run_study(study, tmp_path / "s.db", extend=True)
     assert not (tmp_path / "s.db").exists()
+
+
+def test_each_candidate_beside_the_full_grid_and_the_finalists_are_the_grids_trials(planted, tmp_path, monkeypatch):
+    """The full tuned grid of the same spec (LR selected on the first seed, as the search does): the search's
+    finalists are its very trials (same ids, same losses), and every cut candidate is listed beside the grid's
+    result for it, at the rung that cut it."""
+    from loraplace.analysis.search import against_grid
+
+    root, study, _ = planted
+    monkeypatch.setenv("LORAPLACE_CACHE", str(root / "cache"))
+    grid_spec = study.model_copy(update={"search": None, "tune": study.tune.model_copy(update={"seeds": [0]})})
+    run_study(grid_spec, tmp_path / "grid.db")
+    with Store.open_readonly(tmp_path / "grid.db") as store:
+        grid = store.trials(store.study().id)
+    analysis = analyze_store(root / "s.db")
+    by_id = {t.id: t for t in grid}
+    for trial in analysis.trials:
+        if trial.id in by_id and by_id[trial.id].outcome is not None:
+            assert trial.outcome.metrics.eval_loss == pytest.approx(by_id[trial.id].outcome.metrics.eval_loss,
+                                                                    abs=1e-5)
+    rows = against_grid(analysis.search, grid)
+    assert len(rows) == 6 and all(r.grid_val_loss is not None for r in rows)
+    assert sorted(r.grid_rank for r in rows) == list(range(1, 7))
+    finalists = {analysis.search.names[k].label for k in analysis.search.finalists}
+    assert {r.name.label for r in rows if r.cut_at is None} == finalists
+    assert all(r.cut_at == 0 for r in rows if r.cut_at is not None)  # one rung here
+    best = min(rows, key=lambda r: r.grid_val_loss)
+    assert best.cut_at is None  # the grid's best first-seed candidate was not cut

@@ -326,3 +326,17 @@ def test_each_candidate_beside_the_full_grid_and_the_finalists_are_the_grids_tri
     assert all(r.cut_at == 0 for r in rows if r.cut_at is not None)  # one rung here
     best = min(rows, key=lambda r: r.grid_val_loss)
     assert best.cut_at is None  # the grid's best first-seed candidate was not cut
+
+
+def test_status_recommend_and_export_read_a_search_store(planted, cli, tmp_path):
+    root, _, _ = planted
+    status = cli("status", root / "s.db")
+    assert status.returncode == 0, status.stderr
+    assert "rung 1 at 3 steps: 6 in; kept" in status.stdout and "cut:" in status.stdout
+    assert "search compute so far" in status.stdout
+    rec = cli("recommend", root / "s.db")
+    assert rec.returncode == 0 and "recommended: wide" in rec.stdout
+    out = tmp_path / "adapter_config.json"
+    exported = cli("export-placement", "--from", root / "s.db", "--to", "peft", "--out", out)
+    assert exported.returncode == 0, exported.stderr
+    assert out.is_file()

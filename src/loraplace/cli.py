@@ -440,7 +440,13 @@ def run(
         from loraplace.analysis import analyze_store
         from loraplace.report_terminal import print_comparison
 
-        print_comparison(analyze_store(store_path, study.name), out)
+        analysis = analyze_store(store_path, study.name)
+        print_comparison(analysis, out)
+        if analysis.search is not None and analysis.search.finished:
+            search = analysis.search
+            out.print(f"search: {search.search_steps():.0f} training-step equivalents against {search.grid_steps:,} "
+                      f"steps for the full tuned grid ({search.ratio():.2f}×); answer: loraplace recommend "
+                      f"{store_path}", highlight=False)
     out.print(f"store: {store_path}  (report: loraplace report {store_path})", highlight=False)
     if summary.failed_earlier:
         err.print(f"[red]{summary.failed_earlier} trial(s) failed in an earlier run and were not run again[/]; "

@@ -509,7 +509,7 @@ def export(store: str = typer.Argument(..., help="study store (.db)"),
     if fmt not in ("csv", "json", "parquet"):
         raise LoraplaceError(f"unknown export format {fmt!r}", "use csv, json or parquet")
     if output is not None:
-        _output_file(output)  # a bad --out fails before the store is read
+        _output_file(output, fmt, (store,))  # a bad --out fails before the store is read
     with Store.open_readonly(store) as st:
         rows = export_rows(st.trials(st.study(name).id))
     if fmt == "json":
@@ -530,12 +530,12 @@ def export(store: str = typer.Argument(..., help="study store (.db)"),
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows), _output_file(output))
+        pq.write_table(pa.Table.from_pylist(rows), _output_file(output, fmt, (store,)))
         return
     if output:
         from loraplace.atomic import write_text_atomic
 
-        write_text_atomic(_output_file(output), text)
+        write_text_atomic(_output_file(output, fmt, (store,)), text)
     else:
         sys.stdout.write(text)
 
@@ -632,8 +632,9 @@ def export_placement(
 
     if to not in EXPORT_FORMATS:
         raise LoraplaceError(f"--to {to!r}: one of {', '.join(EXPORT_FORMATS)}")
+    inputs = tuple(x for x in (source,) if x is not None)
     if output is not None:
-        _output_file(output)
+        _output_file(output, to, inputs)
     hints = TrainingHints()
     if source is not None:
         if model is not None:
@@ -673,7 +674,7 @@ def export_placement(
     if output:
         from loraplace.atomic import write_text_atomic
 
-        write_text_atomic(_output_file(output), exported.text)
+        write_text_atomic(_output_file(output, to, inputs), exported.text)
         err.print(f"{to}: {output} ({exported.params:,} trainable parameters"
                   f"{', exact' if exported.exact else ''})", highlight=False)
     else:
@@ -697,16 +698,48 @@ def _track_single_trial(tracking, spec, outcome) -> None:
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
-def _output_file(path: str):
-    """An --out file path that can be written: its directory exists and it is not itself a directory."""
+def _output_file(path: str, kind: str, inputs: tuple[str, ...] = ()):
+    """An --out file path that can be written: its directory exists, it is not a directory, not one of the
+    command's ``inputs`` (the store, …), and not an existing file other than an earlier output of this ``kind``
+    (``export``'s csv/json/parquet, ``export-placement``'s formats) — a command never writes over what it did not
+    write itself."""
     from pathlib import Path
+
+    from loraplace.store import SQLITE_MAGIC
 
     target = Path(path)
     if target.is_dir():
         raise LoraplaceError(f"--out {target} is a directory", "give a file path, e.g. trials.csv")
     if not target.parent.is_dir():
         raise LoraplaceError(f"--out {target}: directory {target.parent} does not exist", "create it first")
+    for given in inputs:
+        if target.exists() and Path(given).exists() and target.samefile(given):
+            raise LoraplaceError(f"--out {target} is this command's input", "give another file path")
+    if target.exists():
+        with open(target, "rb") as fh:
+            head = fh.read(4096)
+        what = "a loraplace store (or another SQLite database)" if head.startswith(SQLITE_MAGIC) else None
+        if what is None and not _earlier_output(head, kind):
+            what = "a file loraplace did not write"
+        if what is not None:
+            raise LoraplaceError(f"--out {target} exists and is {what}; it is not an earlier {kind} output of "
+                                 "this command, so it is not overwritten", "give a new file name, or move that "
+                                 "file away first")
     return target
+
+
+def _earlier_output(head: bytes, kind: str) -> bool:
+    """Whether the first bytes of an existing file are what this command writes for ``kind``."""
+    if kind == "parquet":
+        return head.startswith(b"PAR1")
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff").lstrip()
+    if kind == "csv":
+        return text.startswith("trial_id,")
+    if kind == "json":
+        return text.startswith("[") and ('"trial_id"' in text or text.rstrip() == "[]")
+    if kind == "peft":
+        return text.startswith("{") and '"peft_type"' in text
+    return "loraplace export-placement" in text  # every other format names its writer near its top
 
 
 def _fill(value: str):

@@ -317,3 +317,37 @@ def test_reads_work_on_a_read_only_store_and_change_nothing(finished_store, tmp_
         ro.chmod(0o755)
     assert snapshot(ro) == before
     assert sorted(p.name for p in ro.iterdir()) == ["s.db", "v1.db"]  # not even a -wal or -shm sidecar
+
+
+# Every command that writes an --out file, with the format it writes (export-placement: --from the store, or a model).
+OUT_COMMANDS = [
+    ("export csv", ["export", "s.db", "--format", "csv", "--out"]),
+    ("export json", ["export", "s.db", "--format", "json", "--out"]),
+    ("export parquet", ["export", "s.db", "--format", "parquet", "--out"]),
+    *[(f"export-placement --from {fmt}", ["export-placement", "--from", "s.db", "--to", fmt, "--lossy", "--out"])
+      for fmt in ("peft", "trl", "axolotl", "llamafactory")],
+    ("export-placement --from torchtune", ["export-placement", "--from", "s.db", "--to", "torchtune", "--lossy",
+                                           "--torchtune-component", "torchtune.models.llama3_2.lora_llama3_2_1b",
+                                           "--out"]),
+    ("export-placement MODEL peft", ["export-placement", "tiny:llama", "-p", "attn", "--to", "peft", "--out"]),
+]
+
+
+@pytest.mark.parametrize("victim", ["s.db", "spec.yaml", "notes.txt", "columns.jsonl"])
+@pytest.mark.parametrize("command", OUT_COMMANDS, ids=[c[0] for c in OUT_COMMANDS])
+def test_no_out_option_writes_over_a_store_a_spec_data_or_a_foreign_file(cli, workdir, command, victim):
+    """`export s.db --format csv --out s.db` once turned the store into CSV text. Every --out refuses an existing
+    file it did not write itself (the store, the spec, data, anything else) and changes nothing; its own earlier
+    output of the same kind is replaced."""
+    _, args = command
+    before = snapshot(workdir)
+    done = cli(*args, victim)
+    output = " ".join((done.stdout + done.stderr).split())  # unwrapped
+    assert done.returncode == 2, (done.returncode, output)
+    assert "is not overwritten" in output or "this command's input" in output, output
+    assert "Traceback" not in output and "internal error" not in output
+    assert snapshot(workdir) == before
+    first = cli(*args, "fresh.out")  # a new file: written
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = cli(*args, "fresh.out")  # its own earlier output: replaced
+    assert again.returncode == 0, again.stdout + again.stderr

@@ -136,6 +136,11 @@ def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget:
             interval = None if test.ci is None else tuple(sorted((sign * test.ci[0], sign * test.ci[1])))
             p_value = test.p_value
         reason = _reason(best, runner, chosen, label, metric, verdict, test, budget)
+        if presets is not None and chosen is best and best.placement in presets and not distinguishable \
+                and runner.placement not in presets:
+            reason = (reason.split(" The interval includes 0")[0] + f" The interval includes 0: they are not "
+                      f"distinguishable; {best.key.label} is a preset, and a search keeps the preset when the two "
+                      "cannot be told apart (simpler, and supported by every framework).")
         if presets is not None and chosen.placement in presets and best.placement not in presets:
             reason = (reason.split(" The interval includes 0")[0] + f" The interval includes 0: {best.key.label} is "
                       f"not distinguishable from the best preset, so the search answers with the preset "

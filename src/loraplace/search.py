@@ -73,6 +73,10 @@ class Candidate:
     preset: bool
     group: GroupKey
 
+    @property
+    def label(self) -> str:
+        return f"{self.placement} lr={self.lr:g}"
+
 
 @dataclasses.dataclass(frozen=True)
 class Rung:

@@ -563,6 +563,13 @@ def search_candidates(study: StudySpec) -> list[PlannedTrial]:
             for pname, placement in study.placement_specs().items() for lr in study.search_lrs()]
 
 
+def candidates_of(study: StudySpec, planned: list[PlannedTrial] | None = None) -> list[Candidate]:
+    """The search's candidates (placement, LR, preset or not) keyed by their first-seed trial ids."""
+    planned = search_candidates(study) if planned is None else planned
+    return [Candidate(p.id, p.labels.group.placement, float(dict(p.labels.group.axes)[TUNED_AXIS]),
+                      is_preset(study.placements[p.labels.group.placement]), p.labels.group) for p in planned]
+
+
 def _check_search_unchanged(study: StudySpec, store_path: Path) -> None:
     """A search resumes only under the spec it was started with (its rung decisions were made under it)."""
     if not store_path.exists():
@@ -587,8 +594,7 @@ def _search(study: StudySpec, store: Store, study_id: int, planned: list[Planned
     assert study.search is not None
     search = study.search
     specs = study.placement_specs()
-    candidates = [Candidate(p.id, p.labels.group.placement, float(dict(p.labels.group.axes)[TUNED_AXIS]),
-                            is_preset(study.placements[p.labels.group.placement]), p.labels.group) for p in planned]
+    candidates = candidates_of(study, planned)
     by_key = {p.id: p for p in planned}
     rungs = rungs_of(rung_steps(search, len(candidates), study.train.steps, study.train.warmup))
     if hooks.on_note is not None:

@@ -15,22 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraplace.records import RungDecision, RungResult, StudyInfo
+from loraplace.search import Candidate
 from loraplace.store import TrialRecord
 
 FORWARD_COST = 1 / 3  # an example run forward only, in training examples
 FORWARD_COST_HIGH = 1 / 2  # the upper bound with a frozen base (backward without weight gradients)
-
-
-@dataclass(frozen=True)
-class CandidateName:
-    key: str
-    placement: str
-    lr: float
-    preset: bool
-
-    @property
-    def label(self) -> str:
-        return f"{self.placement} lr={self.lr:g}"
 
 
 @dataclass(frozen=True)
@@ -58,7 +47,7 @@ class RungSummary:
 
 @dataclass(frozen=True)
 class SearchAnalysis:
-    names: dict[str, CandidateName]
+    names: dict[str, Candidate]
     rungs: tuple[RungSummary, ...]
     pending: dict[int, dict[str, RungResult]]  # results of a rung not decided yet
     ledger: tuple[CostItem, ...]
@@ -104,13 +93,10 @@ def kendall_tau(a: list[float], b: list[float]) -> float | None:
 def analyze_search(spec: dict[str, Any], info: StudyInfo, results: list[RungResult], decisions: list[RungDecision],
                    records: list[TrialRecord]) -> SearchAnalysis:
     """The search of a stored study: ``spec`` as stored, its rung results and decisions, its (finalist) trials."""
-    from loraplace.search import is_preset
-    from loraplace.study import StudySpec, expand_grid, search_candidates
+    from loraplace.study import StudySpec, candidates_of, expand_grid
 
     study = StudySpec.model_validate({k: v for k, v in spec.items() if k != "versions"})
-    names = {p.id: CandidateName(p.id, p.labels.group.placement, float(dict(p.labels.group.axes)["lr"]),
-                                 is_preset(study.placements[p.labels.group.placement]))
-             for p in search_candidates(study)}
+    names = {c.key: c for c in candidates_of(study)}
     by_rung: dict[int, dict[str, RungResult]] = {}
     for r in results:
         by_rung.setdefault(r.rung, {})[r.candidate] = r
@@ -135,7 +121,8 @@ def analyze_search(spec: dict[str, Any], info: StudyInfo, results: list[RungResu
     last = max((r.index for r in _rungs(study, len(names))), default=-1)
     finalists = final_rung.decision.kept if final_rung is not None and final_rung.decision.rung == last else ()
     if finalists:  # the last rung against the finalists' full-horizon validation loss (seed 0)
-        full = {k: _val_at_full(records, names[k], study.seeds[0]) for k in final_rung.results}
+        # a finalist's first-seed trial has its candidate's key as its id
+        full = {r.id: r.metrics.val_loss for r in records if r.id in final_rung.results and r.metrics is not None}
         both = [k for k in finalists if full.get(k) is not None and final_rung.results[k].val_loss is not None]
         kendall.append((final_rung.decision.rung, -1,
                         kendall_tau([final_rung.results[k].val_loss for k in both], [full[k] for k in both]),
@@ -165,15 +152,7 @@ def _all_selected(study) -> dict:
     return out
 
 
-def _val_at_full(records: list[TrialRecord], name: CandidateName, seed: int) -> float | None:
-    for r in records:
-        if r.labels.group.placement == name.placement and r.labels.seed == seed and r.metrics is not None \
-                and dict(r.labels.group.axes).get("lr") == name.lr:
-            return r.metrics.val_loss
-    return None
-
-
-def _ledger(study, names: dict[str, CandidateName], results: list[RungResult],
+def _ledger(study, names: dict[str, Candidate], results: list[RungResult],
             records: list[TrialRecord]) -> tuple[list[CostItem], list[str]]:
     notes: list[str] = []
     items: list[CostItem] = []
@@ -230,7 +209,7 @@ def _examples(record: TrialRecord, study) -> int:
 class AgainstGrid:
     """One search candidate beside the full grid's trial of it (the same trial id: the grid's first seed)."""
 
-    name: CandidateName
+    name: Candidate
     cut_at: int | None  # 0-based rung; None: a finalist
     rung_loss: float | None  # its validation loss at the rung that cut it (or at the last rung)
     grid_val_loss: float | None  # the grid's trial at the full horizon, first seed: validation loss

@@ -3,6 +3,7 @@ exactly what it trains uninterrupted — alone (PEFT's model) and as a member of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -163,3 +164,41 @@ def test_schedules():
     cos = lr_lambda("cosine", 0, 10)
     assert cos(0) == 1.0 and cos(5) == pytest.approx(0.5) and cos(10) == pytest.approx(0.0)
     assert lr_lambda("constant", 0, 10)(7) == 1.0
+
+
+def test_an_eva_trial_continued_from_its_state_skips_the_svd_and_trains_the_same(tmp_path):
+    """EVA's ranks are saved beside the state when it is first initialised; a continued run injects them and loads
+    the state over the adapters without running EVA's SVD passes again (they would be overwritten) — alone and in
+    a fused group — and ends where the uninterrupted trial ends."""
+    from loraplace.records import BuiltRanks
+
+    spec = ALONE.model_copy(update={"placement": parse_placement({"roles": ["all"], "variant": "eva"}),
+                                    "eval": EvalSpec()})
+    session = Session("tiny:llama", precision="fp32")
+    straight = run_trial(spec, session=session)
+    assert straight.status == "done", straight.failure
+    assert any(w.startswith("eva redistributed") for w in straight.warnings)
+
+    stopped = run_trial(spec, session=session, continuation=Continuation(tmp_path / "alone", STOP))
+    assert stopped.steps == STOP and (tmp_path / "alone" / BuiltRanks.FILE).is_file()
+    before = session.init_forward_examples
+    continued = run_trial(spec, session=session, continuation=Continuation(tmp_path / "alone"))
+    assert session.init_forward_examples == before  # no SVD pass: the saved ranks, the state over them
+    assert continued.steps == STEPS and continued.trainable_params == straight.trainable_params
+    assert continued.sites == straight.sites
+    assert continued.metrics.eval_loss == pytest.approx(straight.metrics.eval_loss, rel=1e-6)
+
+    # Without the saved ranks (a state saved before they were kept) the SVD runs again: still correct, dearer.
+    (tmp_path / "alone" / BuiltRanks.FILE).unlink()
+    run_trial(spec, session=session, continuation=Continuation(tmp_path / "alone"))
+    assert session.init_forward_examples > before
+
+    splits = session.data(DATA)
+    member = FusedMember("eva", session.plan(spec.placement, rank=spec.rank), spec.train,
+                         continuation=Continuation(tmp_path / "fused", STOP))
+    train_fused(session, splits.train, [member], pad_id=session.pad_id)
+    before = session.init_forward_examples
+    done = train_fused(session, splits.train, [dataclasses.replace(member, continuation=Continuation(
+        tmp_path / "fused"))], pad_id=session.pad_id)["eva"]
+    assert session.init_forward_examples == before and done.outcome.steps == STEPS
+    assert done.plan.trainable_params == straight.trainable_params

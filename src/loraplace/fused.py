@@ -406,8 +406,9 @@ def check_fusable(model, members: list[FusedMember]) -> None:
 
 def initial_weights(session, member: FusedMember, data: TokenizedSet) -> tuple[Plan, dict[str, SiteInit]]:
     """The trial's adapters as PEFT initialises them alone (its seed, its plan; EVA's SVD on ``data``, the training
-    split): (the plan as PEFT built it — EVA moves rank between sites —, path → its :class:`SiteInit`)."""
-    with session.adapter(member.plan, member.train.seed, init_data=data) as peft_model:
+    split, unless its continuation has a saved state to load over them): (the plan as PEFT built it — EVA moves
+    rank between sites —, path → its :class:`SiteInit`)."""
+    with session.adapter(member.plan, member.train.seed, init_data=data, state=member.continuation) as peft_model:
         plan = resulting_plan(peft_model, member.plan)
         return plan, read_sites(peft_model, plan)
 

@@ -16,7 +16,7 @@ no torch and no SQL; the store, the runners and the analysis all depend on it an
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -99,6 +99,18 @@ class TrainerProgress(Record):
     notes: tuple[str, ...] = ()
     tensors: tuple[str, ...] = Field(description="the adapter tensors saved beside it, in order ('path:lora_A', …)")
     train: str = Field(description="the TrainSpec JSON it trains under (a state continues only the same spec)")
+
+
+class BuiltRanks(Record):
+    """The rank and alpha a data-driven init (EVA) gave each of a trial's sites, kept beside its saved training
+    state (``built_ranks.json``): a continued run injects its adapters at these ranks and loads the state over
+    them, instead of redoing the init's SVD passes, whose weights the state overwrites anyway."""
+
+    FILE: ClassVar[str] = "built_ranks.json"
+
+    variant: str = Field(description="the variant whose init chose them (eva)")
+    ranks: dict[str, int] = Field(description="site path → rank; a site the init dropped is absent")
+    alphas: dict[str, float] = Field(description="site path → lora_alpha, as the init left it")
 
 
 class Metrics(Record):
@@ -262,6 +274,9 @@ class TrialOutcome(Record):
     warnings: tuple[str, ...] = ()
     fused_with: int = Field(default=0, ge=0, description="other trials trained in the same pass over the base model "
                             "(loraplace.fused); 0: trained alone")
+    init_examples: int | None = Field(default=None, ge=0, description="examples a data-driven init (EVA's SVD) ran "
+                                      "forward for this trial (0: none, e.g. its saved state was continued); None: "
+                                      "not measured (trained in a fused group, or by an older loraplace)")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrialOutcome:

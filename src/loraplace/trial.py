@@ -31,12 +31,14 @@ from loraplace.placement import (
     Plan,
     map_architecture,
     parse_placement,
+    rebuilt_plan,
     resolve_placement,
     resulting_plan,
 )
 from loraplace.placement.spec import DEFAULT_FILL, Fill
 from loraplace.records import (
     Adapter,
+    BuiltRanks,
     Environment,
     Failure,
     Metrics,
@@ -182,16 +184,26 @@ class Session:
         return self._data[key]
 
     @contextlib.contextmanager
-    def adapter(self, plan: Plan, seed: int, init_data: TokenizedSet | None = None, *, initialise: bool = True):
+    def adapter(self, plan: Plan, seed: int, init_data: TokenizedSet | None = None, *, initialise: bool = True,
+                state: Continuation | None = None):
         """Inject the plan's adapters (seeded init, fp32) for the duration of a trial, then remove them.
 
         Variants run PEFT's own initialisation: PiSSA rewrites the adapted base weights to their residual (they are
         restored afterwards, so the next trial sees the base model); EVA reads ``init_data`` (the training split)
         and may move rank between sites — :func:`~loraplace.placement.resulting_plan` gives the plan as it ended
         up. ``initialise=False``: the adapters are about to be overwritten with trained ones, so EVA's SVD is
-        skipped — ``plan`` must then be the plan EVA built (its ranks), injected as it is."""
+        skipped — ``plan`` must then be the plan EVA built (its ranks), injected as it is.
+
+        ``state``: where the trial keeps its training state. EVA's chosen ranks are saved there
+        (:class:`~loraplace.records.BuiltRanks`) right after its init, before any state is; when a state is
+        already saved there, the adapters are injected at the saved ranks without the SVD — the state is about to
+        overwrite them."""
         from peft import EvaConfig, get_peft_model
 
+        built = Path(state.path) / BuiltRanks.FILE if state is not None and plan.variant == "eva" else None
+        if built is not None and initialise and state.file.is_file() and built.is_file():
+            saved_ranks = BuiltRanks.model_validate_json(built.read_text())
+            plan, initialise = rebuilt_plan(plan, saved_ranks.ranks, saved_ranks.alphas), False
         seed_everything(seed)
         saved = self._snapshot(plan) if plan.variant == "pissa" else {}
         eva = plan.variant == "eva" and initialise
@@ -203,6 +215,11 @@ class Session:
         try:
             if eva:
                 self._eva_init(peft_model, init_data)
+                if built is not None:  # before training saves a state that needs these ranks to load
+                    made = resulting_plan(peft_model, plan)
+                    write_json_atomic(built, BuiltRanks(
+                        variant=plan.variant, ranks={m.path: m.rank for m in made.modules},
+                        alphas={m.path: m.alpha for m in made.modules}).model_dump(mode="json"))
             elif plan.variant == "eva":
                 peft_model.peft_config["default"].init_lora_weights = "eva"
                 peft_model.peft_config["default"].eva_config = EvaConfig(rho=plan.eva_rho)
@@ -345,7 +362,8 @@ def run_rung(spec: TrialSpec, *, session: Session, state_dir: Path, steps: int, 
             range(min(val_examples, len(splits.validation))))
         plan = plan_of(session, spec)
         init_before = session.init_forward_examples
-        with session.adapter(plan, spec.train.seed, init_data=splits.train) as model:
+        with session.adapter(plan, spec.train.seed, init_data=splits.train, state=state) as model:
+            plan = resulting_plan(model, plan)  # EVA: the ranks it chose (or chose before this state was saved)
             trained = train(model, splits.train, spec.train, device=session.device, dtype=session.dtype,
                             pad_id=session.pad_id, on_step=progress, params=site_parameters(model, plan),
                             continuation=state)
@@ -403,7 +421,9 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
     if placement.auto is not None and placement.auto.method == "probe":  # the probe that chose the sites
         probe = session.auto_probe(placement.auto, splits.train, data_key)
     reset_peak_memory(device)
-    with session.adapter(plan, spec.train.seed, init_data=splits.train, initialise=grouped is None) as model:
+    init_before = session.init_forward_examples
+    with session.adapter(plan, spec.train.seed, init_data=splits.train, initialise=grouped is None,
+                         state=continuation) as model:
         plan = resulting_plan(model, plan)  # EVA: the ranks it chose
         known.update(trainable_params=plan.trainable_params, sites=plan.site_map())
         pissa_init = None
@@ -464,7 +484,8 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
         environment=Environment(device=str(device), dtype=str(dtype).removeprefix("torch."),
                                 versions=library_versions()),
         adapter=adapter, warnings=tuple(plan.warnings) + tuple(splits.warnings) + tuple(trained.notes) + notes,
-        fused_with=0 if grouped is None else grouped.group_size - 1)
+        fused_with=0 if grouped is None else grouped.group_size - 1,
+        init_examples=session.init_forward_examples - init_before if grouped is None else None)
     if out_dir is not None:
         write_json_atomic(Path(out_dir) / "metrics.json", outcome.model_dump(mode="json"))
         if probe is not None:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraplace.placement.spec import parse_placement
 from loraplace.records import RungDecision, RungResult, StudyInfo
 from loraplace.search import Candidate
 from loraplace.store import TrialRecord
@@ -185,12 +186,17 @@ def _ledger(study, names: dict[str, Candidate], results: list[RungResult],
                               sum(r.metrics.train_s or 0.0 for r in done if r.metrics is not None)))
         items.append(CostItem("finalists: validation + test evals", 0, test_examples + val_examples,
                               sum(r.outcome.timings.eval_s for r in done)))
-        eva = [r for r in done if r.spec.get("placement", {}).get("variant") == "eva"]
-        if eva:
-            per = [res.init_examples for res in results if res.init_examples]
-            if per:
-                items.append(CostItem(f"finalists: EVA's SVD passes ({len(eva)} trials, as measured in the rungs)",
-                                      0, round(sum(per) / len(per)) * len(eva), 0.0))
+        measured = [r for r in done if r.outcome.init_examples is not None]
+        if sum(r.outcome.init_examples or 0 for r in measured):
+            items.append(CostItem(f"finalists: EVA's SVD passes (forward, {len(measured)} trials measured)", 0,
+                                  sum(r.outcome.init_examples or 0 for r in measured), 0.0))
+        # Not measured (fused, or an older store): each EVA finalist counted at the rungs' mean SVD pass.
+        unmeasured = [r for r in done if r.outcome.init_examples is None
+                      and parse_placement(r.spec["placement"]).variant == "eva"]
+        per = [res.init_examples for res in results if res.init_examples]
+        if unmeasured and per:
+            items.append(CostItem(f"finalists: EVA's SVD passes ({len(unmeasured)} trials, not measured: as in the "
+                                  "rungs)", 0, round(sum(per) / len(per)) * len(unmeasured), 0.0))
     return items, notes
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loraplace.placement.plan import Plan, PlannedModule, resolve_placement, resulting_plan
+from loraplace.placement.plan import Plan, PlannedModule, rebuilt_plan, resolve_placement, resulting_plan
 from loraplace.placement.presets import PRESETS
 from loraplace.placement.roles import ROLE_GROUPS, ROLES, AdaptableModule, ArchitectureMap, map_architecture
 from loraplace.placement.selectors import select_layers
@@ -12,8 +12,8 @@ from loraplace.placement.spec import DEFAULT_FILL, Fill, PlacementSpec, SiteGrou
 
 __all__ = [
     "PRESETS", "ROLES", "ROLE_GROUPS", "AdaptableModule", "ArchitectureMap", "Plan", "PlacementSpec", "PlannedModule",
-    "SiteGroup", "map_architecture", "parse_placement", "plan_for_model", "resolve_placement", "resulting_plan",
-    "select_layers",
+    "SiteGroup", "map_architecture", "parse_placement", "plan_for_model", "rebuilt_plan", "resolve_placement",
+    "resulting_plan", "select_layers",
     "meta_architecture", "model_config_of",
 ]
 

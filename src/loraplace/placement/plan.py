@@ -231,6 +231,13 @@ def resulting_plan(peft_model, plan: Plan) -> Plan:
         if isinstance(r, dict) and "default" in r:
             path = name.removeprefix("base_model.model.")
             ranks[path], alphas[path] = int(r["default"]), float(module.lora_alpha["default"])
+    return rebuilt_plan(plan, ranks, alphas)
+
+
+def rebuilt_plan(plan: Plan, ranks: dict[str, int], alphas: dict[str, float]) -> Plan:
+    """``plan`` with the ranks and alphas an EVA init chose (site path → value; a site missing or at rank 0 was
+    dropped), its warnings saying so — the same plan whether read back from the model (:func:`resulting_plan`) or
+    from a saved :class:`~loraplace.records.BuiltRanks`."""
     modules = tuple(dataclasses.replace(m, rank=ranks[m.path], alpha=alphas[m.path])
                     for m in plan.modules if ranks.get(m.path, 0) > 0)
     if modules == plan.modules and any(w.startswith("eva redistributed") for w in plan.warnings):

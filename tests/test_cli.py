@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from helpers import tiny_study_yaml
+from helpers import run_cli_in_process, tiny_study_yaml
 from loraplace.records import TrialOutcome
 
 GPT2_MEDIUM_CFG = "model_type=gpt2,n_layer=24,n_embd=1024,n_head=16,vocab_size=50257"
@@ -145,3 +145,20 @@ def test_report_errors(cli, tmp_path):
     assert bad.returncode == 2 and "unknown report format" in bad.stderr and "Traceback" not in bad.stderr
     missing = cli("report", tmp_path / "nope.db")
     assert missing.returncode == 2 and "no store" in missing.stderr
+
+
+def test_probe_shows_each_measure(tmp_path, capsys, monkeypatch):
+    """`loraplace probe` scores by gradient or by nfn: the table, probe.json and the heatmap; a bad measure is one
+    clear error before the model loads."""
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    common = ["probe", "tiny:llama", "--data", "builtin:arithmetic?n=32", "--batches", "2", "--batch", "4"]
+    done = run_cli_in_process(*common, "--measure", "nfn", "--out", tmp_path / "nfn", capsys=capsys)
+    assert done.returncode == 0, done.stderr
+    assert "normalized feature norm" in done.stdout and "roles by mean NFN, lowest first" in done.stdout
+    saved = json.loads((tmp_path / "nfn" / "probe.json").read_text())
+    assert saved["measure"] == "nfn" and all(s["actual"] is not None for s in saved["sites"])
+    assert (tmp_path / "nfn" / "probe.png").is_file()
+    done = run_cli_in_process(*common, "--json", capsys=capsys)
+    assert done.returncode == 0 and json.loads(done.stdout)["measure"] == "gradient"
+    bad = run_cli_in_process(*common, "--measure", "norm", capsys=capsys)
+    assert bad.returncode == 2 and "--measure" in bad.stderr and "Traceback" not in bad.stderr

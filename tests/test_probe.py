@@ -178,3 +178,121 @@ def test_random_control_allocates_like_auto_without_the_ranking(session, probe):
     blank = unscored(session.arch, 2)
     assert [s.path for s in blank.sites] == [s.path for s in probe.sites]
     assert allocate_random(probe, 3000, step=2) == allocate_random(blank, 3000, step=2)  # scores are ignored
+
+
+# --------------------------------------------------------------------------------------------- nfn, gradient
+
+
+def test_nfn_equals_the_formula_on_real_tokens_only(session):
+    """PLoP's NFN of every site from one padded batch of examples of unequal lengths equals the formula computed
+    from each example's own forward (no padding at all): so padding never enters it."""
+    from loraplace.probe import nfn_model
+
+    data = load_tokenized("builtin:arithmetic?n=16", session.tokenizer, DataSpec(train="x", max_len=1024))[0]
+    scores = nfn_model(session.model, session.arch, data, batches=1, batch=4, rank=2, device=session.device,
+                       dtype=session.dtype, pad_id=session.pad_id)
+    index = batch_order(len(data), 4, 1, 0)[0]
+    assert len({len(data.ids[i]) for i in index}) > 1  # the batch is padded
+    inputs: dict[str, list[torch.Tensor]] = {}
+    modules = dict(session.model.named_modules())
+    hooks = [modules[s.path].register_forward_hook(
+        lambda _m, args, _o, path=s.path: inputs.setdefault(path, []).append(args[0][0].detach()))
+        for s in scores.sites]
+    try:
+        with torch.no_grad():
+            for i in index:  # one example at a time: every position is a real token
+                session.model(input_ids=torch.as_tensor(data.ids[i], dtype=torch.long)[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    for site in scores.sites:
+        z = torch.cat(inputs[site.path]).double()  # [real tokens, d_in]
+        w = modules[site.path].weight.double()
+        w_hat = w / w.pow(2).mean().sqrt()
+        z_hat = z / z.norm(dim=1, keepdim=True)
+        actual = float((z_hat @ w_hat.T).norm(dim=1).mean() / z.shape[1] ** 0.5)
+        assert site.actual == pytest.approx(actual, rel=1e-4), site.path
+        # The Gaussian baseline: E‖Ŵu‖ ≈ √(‖Ŵ‖²_F / d_in) for a unit Gaussian u, over √d_in.
+        expected_random = (w_hat.pow(2).sum() / z.shape[1]).sqrt().item() / z.shape[1] ** 0.5
+        assert site.random == pytest.approx(expected_random, rel=0.1), site.path
+        assert site.score == pytest.approx(site.actual / site.random, rel=1e-9)
+    assert scores.measure == "nfn" and scores.label_tokens == sum(
+        len(data.ids[i]) - int(data.prompt_lens[i]) for i in index)
+
+
+def test_the_gradient_method_ranks_a_useful_large_matrix_above_a_small_one():
+    """A planted pair: the large site's gradient energy is 3× the small one's but it is 4× larger. Today's probe
+    (energy per parameter) spends the budget on the small site; ``gradient`` ranks the large one first."""
+    from loraplace.probe import ranked_units
+    from loraplace.records import ProbeScores, ProbeSite
+
+    def site(role, d_out, score):
+        return ProbeSite(layer=0, role=role, path=f"m.{role}", in_features=64, out_features=d_out, score=score,
+                         grad_norm=score, rank=2, spectrum=(score ** 2, 0.0))
+
+    large, small = site("mlp.up", 448, 3.0), site("attn.k", 64, 1.0)
+    probe = ProbeScores(model="planted", rank=2, batches=1, label_tokens=1, seconds=0.0, passes=1, num_layers=1,
+                        roles=("attn.k", "mlp.up"), sites=(small, large))
+    assert small.efficiency > large.efficiency
+    assert allocate(probe, small.params, "site") == {"L0 attn.k": 2}  # per parameter: the small one
+    assert [u.key for u, _ in ranked_units(probe, "site", "gradient")] == ["L0 mlp.up", "L0 attn.k"]
+    with pytest.raises(PlacementError, match="ranks nfn scores"):
+        ranked_units(probe, "role", "nfn")
+
+
+@pytest.mark.parametrize("method", ["nfn", "gradient"])
+def test_top_methods_adapt_their_top_roles_and_fill_the_budget_exactly(session, data, method):
+    from loraplace.probe import ranked_units
+
+    budget = 3000
+    plan = session.plan({"auto": {"method": method, "budget": budget, "batches": 2, "batch": 4, "rank": 2,
+                                  "top": 2}}, budget=None, data=data, data_key="arith64")
+    scores = session.probe(data, batches=2, batch=4, rank=2, key="arith64",
+                           measure="nfn" if method == "nfn" else "gradient")
+    want = {u.key for u, _ in ranked_units(scores, "role", method)[:2]}
+    assert {m.role for m in plan.modules} == want
+    assert all(len({m.layer for m in plan.modules if m.role == role}) == session.arch.num_layers for role in want)
+    assert abs(plan.trainable_params - budget) / budget < 0.1  # exact fill: one rank over the chosen sites, +1 on some
+    assert plan.placement["label"] == f"auto:{method}:top2-role@{budget:,}"
+    # PLoP's defaults: roles, three of them.
+    default = parse_placement({"auto": {"method": method}}).auto
+    assert (default.granularity, default.top) == ("role", 3)
+    with pytest.raises(PlacementError, match="only"):
+        session.plan({"auto": {"method": method, "budget": budget, "batches": 2, "batch": 4, "rank": 2,
+                               "top": 99}}, data=data, data_key="arith64")
+
+
+def test_top_is_refused_where_it_cannot_take_effect():
+    from loraplace.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="top applies to method nfn and gradient"):
+        parse_placement({"auto": {"method": "probe", "top": 2}})
+    # probe placements dump as before (trial ids of stored studies do not move)
+    assert "top" not in parse_placement({"auto": {}}).model_dump()["auto"]
+
+
+def test_nfn_and_gradient_arms_in_a_study_and_their_probe_passes_in_a_search_ledger(tmp_path, monkeypatch):
+    """Each method is a study arm (its scores kept with the trial) and, in a search, its probe pass is counted
+    once per distinct probe: forward only for nfn, forward and backward for probe and gradient (shared)."""
+    from loraplace.analysis.search import _ledger
+    from loraplace.store import Store
+    from loraplace.study import load_study, run_study
+
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    auto = "batches: 2, batch: 4, rank: 2"
+    text = tiny_study_yaml("methods", steps=2, size="budgets: [2100]", seeds=[0], placements={
+        "all": "{preset: all}", "nfn": f"{{auto: {{method: nfn, top: 2, {auto}}}}}",
+        "grad": f"{{auto: {{method: gradient, top: 2, {auto}}}}}", "probe": f"{{auto: {{{auto}}}}}"})
+    (tmp_path / "s.yaml").write_text(text)
+    study = load_study(tmp_path / "s.yaml")
+    summary = run_study(study, tmp_path / "s.db")
+    assert (summary.done, summary.failed) == (4, 0)
+    with Store(tmp_path / "s.db") as store:
+        by_arm = {t.labels.group.placement: t.outcome for t in store.trials(store.study().id)}
+    assert by_arm["nfn"].probe.measure == "nfn" and by_arm["grad"].probe.measure == "gradient"
+    assert {s.role for s in by_arm["nfn"].sites.sites} != {s.role for s in by_arm["all"].sites.sites}
+    for arm in ("nfn", "grad"):
+        assert 2100 * 0.9 < by_arm[arm].trainable_params <= 2100 * 1.01
+    items, _ = _ledger(study, {}, [], [])
+    assert [(i.what, i.trained_examples, i.forward_examples) for i in items] == [
+        ("gradient probe pass (2 batches of 4, fwd+bwd)", 8, 0), ("nfn probe pass (2 batches of 4, forward)", 0, 8)]

@@ -180,19 +180,25 @@ def probe(
     batches: int = typer.Option(8, "--batches", min=1, help="batches of data to accumulate gradients over"),
     batch: int = typer.Option(8, "--batch", min=1, help="examples per batch"),
     rank: int = typer.Option(8, "--rank", min=1, help="rank r of the scored update: score = ‖G_r‖_F"),
+    measure: str = typer.Option("gradient", "--measure", help="gradient (‖G_r‖_F: auto methods probe and "
+                                "gradient) | nfn (PLoP's normalized feature norm, forward only: auto method nfn)"),
     max_len: int = typer.Option(512, "--max-len", min=8, help="token limit per example"),
     out_dir: str | None = typer.Option(None, "--out", "-o", help="write probe.json and the heatmap here"),
     as_json: bool = typer.Option(False, "--json", help="print the scores as one JSON object"),
 ) -> None:
-    """Importance probe: score every (layer, role) site by the top-r singular values of its loss gradient on a
-    few batches of your data, and its efficiency per trainable parameter. Trains nothing."""
+    """Importance probe: score every (layer, role) site on a few batches of your data — by the top-r singular
+    values of its loss gradient and its efficiency per trainable parameter (--measure gradient), or by PLoP's
+    normalized feature norm (--measure nfn). Trains nothing."""
     from pathlib import Path
 
     from loraplace.report_terminal import print_probe
 
+    if measure not in ("gradient", "nfn"):
+        raise ConfigError([f"--measure: {measure!r} is not one of gradient, nfn"], "invalid probe options")
     session, tokenized = _probe_session(model, data, max_len, as_json)
     with _probe_progress(as_json, batches) as progress:
-        result = session.probe(tokenized, batches=batches, batch=batch, rank=rank, key=data, progress=progress)
+        result = session.probe(tokenized, batches=batches, batch=batch, rank=rank, key=data, progress=progress,
+                               measure=measure)
     if out_dir is not None:
         from loraplace.analysis.figures import probe_heatmap
         from loraplace.atomic import write_json_atomic

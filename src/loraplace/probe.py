@@ -18,10 +18,20 @@ aggregated over its experts**, because that is what a placement adapts (PEFT giv
 pair; a placement cannot pick experts). Its spectrum is the per-index sum over experts of σ_{e,i}², so
 ``value(r) = sqrt(Σ_e Σ_{i≤r} σ_{e,i}²)`` is the first-order gain of a rank-r update on every expert, and its price
 is E·r·(d_in + d_out).
+
+A second, forward-only measure (:func:`nfn_model`): PLoP's *normalized feature norm* (Hayou, Ghosh, Yu, ICLR
+2026; official code ``src/metrics.py::calculate_nfn_scores``). For a linear with weight W [d_out, d_in] and token
+inputs z: Ŵ = W / rms(W), ẑ = z / ‖z‖; ``actual`` = mean over tokens of ‖Ŵẑ‖ / √d_in; ``random`` = the same with
+ẑ a normalised Gaussian vector; NFN = actual / random, averaged over batches. A low NFN means the module's input
+features are no better aligned with its weight than noise — PLoP adapts the lowest-scoring module types. Where we
+differ from the official code: padding positions are excluded (it averages over every position of a padded
+batch, so its score depends on how much padding a batch has); the Gaussian baseline is seeded; the batches are
+the gradient probe's (seeded samples of the training split, prompt and response) rather than questions alone.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,6 +128,105 @@ def probe_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: 
     return ProbeScores(model=model_ref, rank=rank, batches=len(order), label_tokens=label_tokens,
                        seconds=time.perf_counter() - t0, passes=len(groups), num_layers=arch.num_layers,
                        roles=arch.grid_roles(), sites=tuple(scores))
+
+
+@torch.no_grad()
+def nfn_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: str = "", batches: int = 8,
+              batch: int = 8, rank: int = 8, device: torch.device, dtype: torch.dtype, pad_id: int, seed: int = 0,
+              progress: Callable[[int, int], None] | None = None) -> ProbeScores:
+    """PLoP's normalized feature norm of every linear site (see the module docstring), from forward passes over
+    ``batches`` padded batches of ``data`` (the gradient probe's seeded samples). An expert site scores each expert
+    linear on the tokens routed to it and averages them. ``rank`` only prices the sites (``ProbeSite.params``)."""
+    if len(data) == 0:
+        raise PlacementError("the probe needs data: the training set is empty")
+    fused = [s.path for s in arch.sites.values() if s.parameter and s.role not in ROUTER_ROLES]
+    if fused:
+        raise PlacementError(f"nfn scores linear modules by their inputs; {len(fused)} site(s) of this model are "
+                             f"fused weight tensors with no per-expert input to read (e.g. {fused[0]})",
+                             "use auto method probe or gradient for this model")
+    t0 = time.perf_counter()
+    sites = sorted(arch.sites.values(), key=lambda s: (s.layer, s.role))
+    scored = [s for s in sites if not s.parameter]  # routers: shown unscored, never allocated
+    modules = dict(model.named_modules())
+    generator = torch.Generator(device="cpu").manual_seed(seed)  # the Gaussian baseline, reproducible
+    # path of each hooked linear → its site; per (site path, batch): lists of (actual, random) over its linears
+    linears = {p: s for s in scored for p in (s.expert_paths or (s.path,))}
+    sums: dict[str, list[tuple[float, float]]] = {s.path: [] for s in scored}
+    current: dict[str, list[tuple[float, float]]] = {}
+    mask: torch.Tensor | None = None  # [B, T] real tokens of the batch in flight
+
+    def hook(path: str):
+        site = linears[path]
+
+        def forward_hook(module, inputs, _output):
+            z = inputs[0]
+            # Per-expert linears see only their routed tokens ([N, d_in]); a block linear sees [B, T, d_in].
+            if z.ndim == 3:
+                z = z[mask]
+            elif z.shape[0] == mask.numel():  # a block linear over flattened tokens
+                z = z[mask.reshape(-1)]
+            if z.shape[0] == 0:
+                return
+            current.setdefault(site.path, []).append(_nfn_terms(module.weight, z, site.conv1d, generator))
+
+        return forward_hook
+
+    order = batch_order(len(data), batch, batches, seed)
+    label_tokens = 0
+    was_training = model.training
+    model.eval()
+    hooks = [modules[p].register_forward_hook(hook(p)) for p in linears]
+    try:
+        for step, index in enumerate(order):
+            rows = [data.ids[i] for i in index]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros(len(rows), width, dtype=torch.bool)
+            for i, r in enumerate(rows):  # right-padded; the attention mask keeps padding out of every real token
+                ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+                mask[i, :len(r)] = True
+            label_tokens += int(sum(len(data.ids[i]) - int(data.prompt_lens[i]) for i in index))
+            mask = mask.to(device)
+            current.clear()
+            with autocast(device, dtype):
+                model(input_ids=ids.to(device), attention_mask=mask.long())
+            for path, terms in current.items():  # an expert site: the mean over the experts that saw tokens
+                sums[path].append((sum(a for a, _ in terms) / len(terms), sum(r for _, r in terms) / len(terms)))
+            if progress is not None:
+                progress(step + 1, len(order))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    out = []
+    for s in sites:
+        terms = sums.get(s.path, [])
+        # NFN per batch, averaged over batches (the official main.py's average_metrics)
+        nfn = sum(a / r for a, r in terms) / len(terms) if terms else math.nan
+        actual = sum(a for a, _ in terms) / len(terms) if terms else None
+        rand = sum(r for _, r in terms) / len(terms) if terms else None
+        out.append(ProbeSite(layer=s.layer, role=s.role, path=s.path, in_features=s.in_features,
+                             out_features=s.out_features, experts=s.experts, score=nfn, grad_norm=0.0, rank=rank,
+                             actual=actual, random=rand))
+    return ProbeScores(measure="nfn", model=model_ref, rank=rank, batches=len(order), label_tokens=label_tokens,
+                       seconds=time.perf_counter() - t0, passes=1, num_layers=arch.num_layers,
+                       roles=arch.grid_roles(), sites=tuple(out))
+
+
+def _nfn_terms(weight: torch.Tensor, z: torch.Tensor, conv1d: bool, generator: torch.Generator
+               ) -> tuple[float, float]:
+    """(actual, random) of one linear on tokens ``z`` [N, d_in]: mean ‖Ŵẑ‖/√d_in for the real inputs and for
+    normalised Gaussian ones. ``conv1d``: GPT-2's Conv1D keeps W as [d_in, d_out]."""
+    w = weight.float()
+    w = (w.T if conv1d else w) / (w.pow(2).mean().sqrt() + 1e-8)  # Ŵ [d_out, d_in], rms 1
+    z = z.float()
+    d_in = z.shape[1]
+    z_hat = z / (z.norm(dim=1, keepdim=True) + 1e-8)
+    g = torch.randn(z.shape, generator=generator).to(z.device)
+    g_hat = g / (g.norm(dim=1, keepdim=True) + 1e-8)
+    actual = (z_hat @ w.T).norm(dim=1).mean().item() / math.sqrt(d_in)
+    rand = (g_hat @ w.T).norm(dim=1).mean().item() / math.sqrt(d_in)
+    return actual, rand
 
 
 def _by_weight(site: AdaptableModule) -> bool:
@@ -279,13 +388,44 @@ def unscored(arch: ArchitectureMap, rank: int, model_ref: str = "") -> ProbeScor
                        num_layers=arch.num_layers, roles=arch.grid_roles(), sites=sites)
 
 
+def ranked_units(probe: ProbeScores, granularity: str, method: str) -> list[tuple[Unit, float]]:
+    """(unit, its score) best first, for the methods that adapt the top units: ``nfn`` — the mean NFN of the
+    unit's sites, lowest first (PLoP: inputs least aligned with the weights gain most from an adapter);
+    ``gradient`` — the mean ‖G_r‖_F of its sites, highest first, with no division by the unit's size (AdamW moves
+    every coordinate by about the LR whatever its gradient's scale, so gain per parameter favours small matrices
+    for their size alone). Ties keep the architecture's order."""
+    wanted = {"nfn": "nfn", "gradient": "gradient"}[method]
+    if probe.measure != wanted:
+        raise PlacementError(f"method {method} ranks {wanted} scores; these are {probe.measure} scores")
+    scored = [(u, sum(s.score for s in u.sites) / len(u.sites)) for u in units(probe, granularity)]
+    scored = [(u, v) for u, v in scored if math.isfinite(v)]
+    return sorted(scored, key=lambda uv: uv[1] if method == "nfn" else -uv[1])
+
+
 def compile_auto(placement: PlacementSpec, probe: ProbeScores, budget: int | None = None) -> PlacementSpec:
     """The auto placement as an ordinary one: groups of (role, layers, rank), so it resolves like any other
-    placement and ``loraplace plan`` shows exactly what was chosen."""
+    placement and ``loraplace plan`` shows exactly what was chosen. For ``nfn`` and ``gradient`` the groups carry
+    no rank: the placement has the budget, and resolving it solves one rank over the chosen sites (and fills the
+    budget as the study's ``fill`` says)."""
     auto: AutoPlacement = placement.auto
     budget = budget if budget is not None else auto.budget
     if budget is None:
         raise PlacementError("an auto placement needs a budget", "give auto: {budget: N} or a study budget:")
+    keep = dict(alpha_ratio=placement.alpha_ratio, alpha=placement.alpha, dropout=placement.dropout,
+                variant=placement.variant, eva_rho=placement.eva_rho)
+    if auto.method in ("nfn", "gradient"):
+        ranked = ranked_units(probe, auto.granularity, auto.method)
+        if auto.top > len(ranked):
+            raise PlacementError(f"auto top {auto.top}: this model has only {len(ranked)} scored "
+                                 f"{auto.granularity}(s)", f"lower auto.top to at most {len(ranked)}")
+        layers_of: dict[str, list[int]] = {}
+        for unit, _ in ranked[:auto.top]:
+            for s in unit.sites:
+                layers_of.setdefault(s.role, []).append(s.layer)
+        role_order = list(probe.roles)
+        groups = [SiteGroup(roles=[role], layers=",".join(map(str, sorted(layers))))
+                  for role, layers in sorted(layers_of.items(), key=lambda kv: role_order.index(kv[0]))]
+        return PlacementSpec(groups=groups, budget=budget, **keep)
     if auto.method == "random":
         chosen = allocate_random(probe, budget, auto.granularity, auto.rank)
     else:
@@ -299,5 +439,4 @@ def compile_auto(placement: PlacementSpec, probe: ProbeScores, budget: int | Non
     groups = [SiteGroup(roles=[role], layers=",".join(map(str, sorted(layers))), rank=rank)
               for (role, rank), layers in sorted(layers_by.items(), key=lambda kv: (role_order.index(kv[0][0]),
                                                                                     kv[0][1]))]
-    return PlacementSpec(groups=groups, alpha_ratio=placement.alpha_ratio, alpha=placement.alpha,
-                         dropout=placement.dropout, variant=placement.variant, eva_rho=placement.eva_rho)
+    return PlacementSpec(groups=groups, **keep)

@@ -191,12 +191,16 @@ class ProbeSite(Record):
     path: str
     in_features: int
     out_features: int
-    score: float = Field(description="‖G_r‖_F of the loss gradient, per label token")
-    grad_norm: float = Field(description="‖G‖_F")
+    score: float = Field(description="the measure's score (ProbeScores.measure): gradient — ‖G_r‖_F of the loss "
+                         "gradient, per label token; nfn — the normalized feature norm (actual / random)")
+    grad_norm: float = Field(description="‖G‖_F (gradient; 0 for nfn)")
     rank: int = Field(description="the r the score is taken at")
     spectrum: tuple[float, ...] = Field(default=(), description="σ_i² of G, largest first (may be dropped); for "
                                         "an expert site, summed over experts per index")
     experts: int = Field(default=1, ge=1, description="LoRA pairs a rank buys here: one per expert (1: a linear)")
+    actual: float | None = Field(default=None, description="nfn: mean over real tokens of ‖Ŵẑ‖/√d_in (Ŵ = W/rms(W), "
+                                 "ẑ = z/‖z‖), averaged over batches")
+    random: float | None = Field(default=None, description="nfn: the same for normalised Gaussian inputs")
 
     def value(self, rank: int) -> float:
         """‖G_rank‖_F: what a rank-``rank`` adapter on this site can buy, to first order."""
@@ -223,6 +227,9 @@ class ProbeSite(Record):
 class ProbeScores(Record):
     """The importance probe's scores of every (layer, role) site of a model on some data."""
 
+    measure: Literal["gradient", "nfn"] = Field(default="gradient", description="gradient: ‖G_r‖_F of the loss "
+                                                "gradient (forward + backward); nfn: PLoP's normalized feature norm "
+                                                "(forward only)")
     model: str
     rank: int
     batches: int
@@ -237,7 +244,8 @@ class ProbeScores(Record):
         """layers × roles (``self.roles`` order) of a site attribute; NaN where the architecture has no such site."""
         out = [[math.nan] * len(self.roles) for _ in range(self.num_layers)]
         for s in self.sites:
-            out[s.layer][self.roles.index(s.role)] = getattr(s, value)
+            v = getattr(s, value)
+            out[s.layer][self.roles.index(s.role)] = math.nan if v is None else v
         return out
 
     def without_spectra(self) -> ProbeScores:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -166,16 +168,25 @@ def print_comparison(analysis, console: Console) -> None:
 
 
 def print_probe(result, console: Console) -> None:
-    """Layers × roles table of probe scores; the best site per role is bold, the top-10 by efficiency starred."""
-    top = sorted(result.sites, key=lambda s: -s.efficiency)[:10]
+    """Layers × roles table of probe scores. Gradient: the best site per role is bold, the top-10 by efficiency
+    starred. NFN: the lowest site per role is bold, the 10 lowest starred (PLoP adapts the lowest), and the
+    roles' means (what ``auto: {method: nfn}`` ranks) follow."""
+    nfn = result.measure == "nfn"
+    finite = [s for s in result.sites if s.score == s.score]
+    top = sorted(finite, key=lambda s: s.score if nfn else -s.efficiency)[:10]
     starred = {(s.layer, s.role) for s in top}
-    table = Table(title=f"importance probe · {result.model} · ‖G_r‖_F at r={result.rank} over {result.batches} "
-                        f"batches ({result.label_tokens:,} label tokens, {result.seconds:.1f} s)", pad_edge=False)
+    what = "normalized feature norm (NFN)" if nfn else f"‖G_r‖_F at r={result.rank}"
+    table = Table(title=f"importance probe · {result.model} · {what} over {result.batches} batches "
+                        f"({result.label_tokens:,} label tokens, {result.seconds:.1f} s)", pad_edge=False)
     table.add_column("layer", justify="right")
     for role in result.roles:
         table.add_column(short_role(role), justify="right")
     matrix = result.matrix("score")
-    best = {j: max(range(result.num_layers), key=lambda i, j=j: matrix[i][j]) for j in range(len(result.roles))}
+
+    def key(v: float) -> float:  # NaN (no such site, or unscored) never wins
+        return -math.inf if v != v else (-v if nfn else v)
+
+    best = {j: max(range(result.num_layers), key=lambda i, j=j: key(matrix[i][j])) for j in range(len(result.roles))}
     for i, row in enumerate(matrix):
         cells = []
         for j, value in enumerate(row):
@@ -185,8 +196,18 @@ def print_probe(result, console: Console) -> None:
             cells.append(f"[bold]{text}[/]" if best[j] == i else text)
         table.add_row(str(i), *cells)
     console.print(table)
-    console.print("* = top 10 sites by efficiency (score per trainable parameter at this rank); bold = best layer "
-                  "per role", highlight=False)
+    if not nfn:
+        console.print("* = top 10 sites by efficiency (score per trainable parameter at this rank); bold = best "
+                      "layer per role", highlight=False)
+        return
+    console.print("* = the 10 lowest sites; bold = lowest layer per role. Low NFN: the inputs are no better aligned "
+                  "with the weight than noise — PLoP adapts the lowest roles", highlight=False)
+    from loraplace.probe import ranked_units  # (torch is loaded: the probe just ran)
+
+    ranked = ranked_units(result, "role", "nfn")
+    if ranked:
+        console.print("roles by mean NFN, lowest first: " + ", ".join(
+            f"{u.key} {v:.3f}" for u, v in ranked), highlight=False)
 
 
 def print_recommendation(result, store: str, console: Console) -> None:

@@ -152,7 +152,7 @@ def _outcome_v2(status: str, error: str | None, failed_step: int | None, result:
                                              sites=tuple(Site(layer=s[0], role=s[1], rank=s[2])
                                                          for s in sites["sites"])),
         probe=None if not probe else ProbeScores(
-            **{k: probe[k] for k in ProbeScores.model_fields if k != "sites"},
+            **{k: probe[k] for k in ProbeScores.model_fields if k in probe and k != "sites"},  # v2 had no measure
             sites=tuple(ProbeSite(**{k: s[k] for k in ProbeSite.model_fields if k in s}) for s in probe["sites"])),
         accuracy_detail=None if not detail else AccuracyDetail.model_validate(detail),
         timings=Timings(load_s=result.get("load_s", 0.0), tokenize_s=result.get("tokenize_s", 0.0),

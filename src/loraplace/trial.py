@@ -153,27 +153,31 @@ class Session:
             scores = self.auto_probe(auto, data, data_key, progress)
         target = budget if budget is not None else auto.budget
         compiled = compile_auto(spec, scores, target)
-        plan = resolve_placement(self.arch, compiled, model=self.model_ref)
-        described = {"label": f"auto:{auto.method if auto.method != 'probe' else auto.granularity}@{target:,}",
+        plan = resolve_placement(self.arch, compiled, model=self.model_ref, fill=fill)
+        method = auto.granularity if auto.method == "probe" else (
+            f"{auto.method}:top{auto.top}-{auto.granularity}" if auto.top is not None else auto.method)
+        described = {"label": f"auto:{method}@{target:,}",
                      "compiled": compiled.model_dump(exclude_none=True, exclude_defaults=True)}
         return dataclasses.replace(plan, budget=target,
                                    placement=spec.model_dump(exclude_none=True, exclude_defaults=True) | described)
 
     def auto_probe(self, auto, data: TokenizedSet, data_key: str = "", progress=None) -> ProbeScores:
-        """The (cached) probe an auto placement reads: its batches, batch size and rank on ``data``."""
+        """The (cached) probe an auto placement reads: its measure, batches, batch size and rank on ``data``."""
         return self.probe(data, batches=auto.batches, batch=auto.batch, rank=auto.rank, key=data_key,
-                          progress=progress)
+                          progress=progress, measure="nfn" if auto.method == "nfn" else "gradient")
 
     def probe(self, data: TokenizedSet, *, batches: int = 8, batch: int = 8, rank: int = 8, key: str = "",
-              progress=None) -> ProbeScores:
-        """Importance scores of every site on ``data``; computed once per (data, batches, batch, rank)."""
-        from loraplace.probe import probe_model
+              progress=None, measure: str = "gradient") -> ProbeScores:
+        """Scores of every site on ``data`` (``measure``: gradient energy, or PLoP's forward-only normalized
+        feature norm); computed once per (data, measure, batches, batch, rank)."""
+        from loraplace.probe import nfn_model, probe_model
 
-        cache_key = (key or str(id(data)), batches, batch, rank)
+        cache_key = (key or str(id(data)), measure, batches, batch, rank)
         if cache_key not in self._probes:
-            self._probes[cache_key] = probe_model(self.model, self.arch, data, model_ref=self.model_ref,
-                                                  batches=batches, batch=batch, rank=rank, device=self.device,
-                                                  dtype=self.dtype, pad_id=self.pad_id, progress=progress)
+            score = nfn_model if measure == "nfn" else probe_model
+            self._probes[cache_key] = score(self.model, self.arch, data, model_ref=self.model_ref, batches=batches,
+                                            batch=batch, rank=rank, device=self.device, dtype=self.dtype,
+                                            pad_id=self.pad_id, progress=progress)
         return self._probes[cache_key]
 
     def data(self, spec: DataSpec) -> Splits:
@@ -418,7 +422,7 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
     if grouped is not None and grouped.failure is not None:  # failed in its group: nothing to inject or evaluate
         raise grouped.failure
     probe = None
-    if placement.auto is not None and placement.auto.method == "probe":  # the probe that chose the sites
+    if placement.auto is not None and placement.auto.method != "random":  # the scores that chose the sites
         probe = session.auto_probe(placement.auto, splits.train, data_key)
     reset_peak_memory(device)
     init_before = session.init_forward_examples

@@ -221,6 +221,13 @@ def placement_heatmap(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
 def probe_heatmap(probe, out_dir: Path, name: str = "probe") -> Figure:
     """Probe scores and efficiencies, layers × roles (``probe``: :class:`loraplace.records.ProbeScores`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if probe.measure == "nfn":
+        return site_heatmap({"NFN (actual / random)": probe.matrix("score"), "actual ‖Ŵẑ‖/√d_in":
+                             probe.matrix("actual")}, probe.roles, out_dir, name, "Normalized feature norm",
+                            f"Left: PLoP's normalized feature norm of each site over {probe.batches} batches — how "
+                            "much better the module's real inputs align with its weight than Gaussian inputs do; "
+                            "low: an adapter is likely to help (PLoP adapts the lowest roles). Right: the actual "
+                            "term alone.", "NFN", per_panel_scale=True)
     scale = max(s.efficiency for s in probe.sites) or 1.0
     matrices = {"score ‖G_r‖_F": probe.matrix("score"),
                 "efficiency (relative)": [[v / scale for v in row] for row in probe.matrix("efficiency")]}

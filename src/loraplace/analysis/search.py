@@ -166,10 +166,15 @@ def _ledger(study, names: dict[str, Candidate], results: list[RungResult],
         inits = sum(r.init_examples for r in at)
         if inits:
             items.append(CostItem(f"rung {rung + 1}: EVA's SVD passes (forward)", 0, inits, 0.0))
-    probes = [p for p in study.placements.values() if p.auto is not None and p.auto.method == "probe"]
-    for p in probes:
-        items.append(CostItem(f"probe pass ({p.auto.batches} batches of {p.auto.batch}, fwd+bwd)",
-                              p.auto.batches * p.auto.batch, 0, 0.0))
+    # One pass per distinct probe: methods probe and gradient read the same cached gradient probe.
+    passes = {("nfn" if p.auto.method == "nfn" else "gradient", p.auto.batches, p.auto.batch, p.auto.rank)
+              for p in study.placements.values() if p.auto is not None and p.auto.method != "random"}
+    for measure, batches, batch, _ in sorted(passes):
+        examples = batches * batch
+        if measure == "nfn":  # forward only
+            items.append(CostItem(f"nfn probe pass ({batches} batches of {batch}, forward)", 0, examples, 0.0))
+        else:
+            items.append(CostItem(f"gradient probe pass ({batches} batches of {batch}, fwd+bwd)", examples, 0, 0.0))
     done = [r for r in records if r.outcome is not None and r.status == "done"]
     if done:
         trained = 0

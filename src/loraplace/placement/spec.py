@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from loraplace.errors import ConfigError
 from loraplace.placement.selectors import LayerSelector
@@ -47,17 +47,51 @@ class SiteGroup(StrictModel):
     _split = field_validator("roles", mode="before")(_split_roles)
 
 
+AutoMethod = Literal["probe", "random", "nfn", "gradient"]
+TOP_METHODS = ("nfn", "gradient")  # methods that adapt the k best-ranked units and fill the budget over them
+DEFAULT_TOP = 3  # PLoP adapts the three lowest-NFN module types
+
+
 class AutoPlacement(StrictModel):
-    """Budget-aware automatic placement from importance-probe scores (see ``loraplace.probe``): sites are taken
-    greedily by score per trainable parameter until the budget is spent."""
+    """Budget-aware automatic placement from site scores (see ``loraplace.probe``).
+
+    ``probe`` (gradient energy per trainable parameter) and ``random`` (its control) allocate rank greedily over
+    units until the budget is spent. ``nfn`` (PLoP's normalized feature norm, forward only: the *lowest* units) and
+    ``gradient`` (‖G_r‖_F itself, not divided by a unit's size: the *highest*) adapt the ``top`` best-ranked
+    units and spend the budget over them at one rank (the study's ``fill``), by role unless ``granularity`` says
+    otherwise."""
 
     budget: int | None = Field(default=None, gt=0, description="trainable params (default: the study's/CLI budget)")
-    method: Literal["probe", "random"] = Field(
-        default="probe", description="probe: gradient scores; random: seeded random sites (a control for studies)")
-    granularity: Literal["site", "role", "layer"] = "site"
+    method: AutoMethod = Field(
+        default="probe", description="probe: gradient energy per parameter, greedy; random: seeded random sites (a "
+        "control); nfn: PLoP's normalized feature norm, the lowest `top` units; gradient: ‖G_r‖_F, the highest "
+        "`top` units")
+    granularity: Literal["site", "role", "layer"] = Field(
+        default="site", description="what is scored and chosen: a (layer, role) site, a role over all layers, or a "
+        "layer (default: site; role for nfn and gradient)")
     batches: int = Field(default=8, gt=0, description="batches of the training data the probe reads")
     batch: int = Field(default=8, gt=0, description="examples per probe batch")
     rank: int = Field(default=8, gt=0, description="rank at which sites are scored and priced")
+    top: int | None = Field(default=None, gt=0, description=f"nfn, gradient: how many units are adapted (default "
+                            f"{DEFAULT_TOP})")
+
+    added_fields = frozenset({"top"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        """nfn and gradient choose roles, three of them, unless told otherwise (PLoP's defaults)."""
+        if isinstance(data, dict) and data.get("method") in TOP_METHODS:
+            data = {"granularity": "role", "top": DEFAULT_TOP} | data
+        return data
+
+    @field_validator("top")
+    @classmethod
+    def _top_for_top_methods(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("method") not in TOP_METHODS:
+            raise ValueError(f"top applies to method {' and '.join(TOP_METHODS)} (method "
+                             f"{info.data.get('method')!r} allocates greedily over the budget)")
+        return value
 
 
 _KINDS = ("preset", "roles", "groups", "target_modules", "auto")  # "auto" last: its validator checks the others

@@ -158,3 +158,15 @@ def test_allow_unassigned_in_a_study(tmp_path):
     grid = expand_grid(allowed)
     assert all(t.spec.placement.allow_unassigned for t in grid)
     assert not {t.id for t in grid} & {t.id for t in expand_grid(load_study(tmp_path / "s.yaml"))}
+
+
+def test_yaml_words_are_keys_as_written(tmp_path):
+    """YAML 1.1 reads a bare on/off/yes/no as a boolean; as a key it is the word: `tune: {on: validation}` works
+    as documented, and a placement may be named `off`."""
+    from helpers import tiny_study_yaml
+
+    text = tiny_study_yaml("words", placements={"off": "{preset: all}", "yes": "{preset: attn}"}, baseline="\"off\"")
+    text = text.replace("eval_count: 8", "eval_count: 8, validation_count: 8")
+    (tmp_path / "s.yaml").write_text(text + "tune: {lr: [1.0e-3, 3.0e-3], on: validation}\n")
+    study = load_study(tmp_path / "s.yaml")
+    assert list(study.placements) == ["off", "yes"] and study.tune.on == "validation"

@@ -113,9 +113,40 @@ def load_yaml(path: str | Path) -> Any:
     return parse_yaml(text, str(path))
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, line: int, first: int):
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter where a spec needs it: a key given twice in one mapping is an error (PyYAML
+    keeps the last one silently — an arm named ``all`` would train what the second ``all`` says), and a key is read
+    as the word it is (YAML 1.1 reads a bare ``on``/``off``/``yes``/``no`` as a boolean, even as a key)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` then an explicit key: an override, as YAML means it
+                if key_node.tag == "tag:yaml.org,2002:bool" and getattr(key_node, "style", None) is None:
+                    key_node.tag = "tag:yaml.org,2002:str"
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, str | int | float):
+                    continue  # a complex key: not something a spec has
+                if key in lines:
+                    raise _DuplicateKey(str(key), key_node.start_mark.line + 1, lines[key])
+                lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_yaml(text: str, source: str = "<inline>") -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError([f"{source}:{exc.line}: key {exc.key!r} is given twice (first at line {exc.first}); the "
+                           "second would silently replace the first"], "cannot parse YAML") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source

@@ -143,6 +143,13 @@ CASES = [
         **{"eval_count: 8": "eval_count: 8, test_count: 8"})),
     ("held-out splits as large as the data", ["run", "bad.yaml"], "leave no training examples", spec_with(
         **{"eval_count: 8": "eval_count: 40, validation_count: 30"})),
+    # round 2 (issue 28): a key given twice would silently keep the last one
+    ("a placement name given twice", ["run", "bad.yaml"], "key 'all' is given twice (first at line 6)",
+     spec_with(**{"  attn: {preset: attn}": "  all: {preset: attn}"})),
+    ("a section given twice", ["run", "bad.yaml"], "key 'train' is given twice (first at line 4)",
+     spec_with(**{"seeds: [0]": "seeds: [0]\ntrain: {steps: 5}"})),
+    ("a key given twice in an inline placement", ["plan", "tiny:llama", "--placement",
+     "{roles: [attn], roles: [mlp]}"], "key 'roles' is given twice"),
 ]
 
 

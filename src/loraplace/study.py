@@ -202,6 +202,9 @@ class StudySpec(StrictModel):
             return value
         problems = []
         for name, values in cls.axis_values(value).items():
+            repeated = [v for i, v in enumerate(values) if v in values[:i]]
+            if repeated:
+                problems.append(f"{name} has duplicates ({', '.join(map(str, repeated))}): the same trials twice")
             for i, v in enumerate(values):
                 try:
                     TrainSpec.model_validate(train.model_dump() | {name: v})
@@ -223,6 +226,26 @@ class StudySpec(StrictModel):
         if long:
             raise ValueError(f"placement names are labels in tables and figures: at most {MAX_NAME_LEN} "
                              f"characters (got {len(long[0])}: {long[0][:24]!r}…)")
+        # A trial's id hashes its spec, not its arm's name: two arms with one placement would be the same trials,
+        # and one of them would vanish from the store and the comparison.
+        same: dict[str, list[str]] = {}
+        for name, placement in value.items():
+            same.setdefault(placement.model_dump_json(), []).append(name)
+        twins = [names for names in same.values() if len(names) > 1]
+        if twins:
+            raise ValueError("; ".join(f"placements {', '.join(names)} are the same placement: they would train the "
+                                       "same trials (a trial is its spec, not its name), so only one arm would "
+                                       "remain" for names in twins) + " — give each placement once (seeds: measure "
+                                       "seed-to-seed noise)")
+        return value
+
+    @field_validator("ranks", "budgets")
+    @classmethod
+    def _distinct_sizes(cls, value: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            repeated = sorted({v for v in value if value.count(v) > 1})
+            raise ValueError(f"{info.field_name} has duplicates ({', '.join(map(str, repeated))}): the same trials "
+                             "twice")
         return value
 
     @field_validator("baseline")

@@ -42,6 +42,13 @@ class TuneSpec(StrictModel):
             raise ValueError("tune.lr has duplicates")
         return sorted(value)
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("tune.seeds has duplicates")
+        return value
+
 
 def tuned_cell(key: GroupKey) -> GroupKey:
     """A group's key without its tuned LR: the cell whose LRs compete."""

@@ -150,6 +150,17 @@ CASES = [
      spec_with(**{"seeds: [0]": "seeds: [0]\ntrain: {steps: 5}"})),
     ("a key given twice in an inline placement", ["plan", "tiny:llama", "--placement",
      "{roles: [attn], roles: [mlp]}"], "key 'roles' is given twice"),
+    # round 2: arms or grid values that would be the same trials (one would vanish from the comparison)
+    ("two arms with one placement", ["run", "bad.yaml"], "placements all, control are the same placement",
+     spec_with(**{"  attn: {preset: attn}": "  control: {preset: all}\n  attn: {preset: attn}"})),
+    ("a rank twice", ["run", "bad.yaml"], "ranks has duplicates (2)", spec_with(**{"ranks: [2]": "ranks: [2, 4, 2]"})),
+    ("a budget twice", ["run", "bad.yaml"], "budgets has duplicates (900)",
+     spec_with(**{"ranks: [2]": "budgets: [900, 900]"})),
+    ("an axis value twice", ["run", "bad.yaml"], "lr has duplicates (0.001)",
+     spec_with(**{"seeds: [0]": "seeds: [0]\naxes: {lr: [1.0e-3, 1.0e-3]}"})),
+    ("a tune seed twice", ["run", "bad.yaml"], "tune.seeds has duplicates", spec_with(
+        **{"seeds: [0]": "seeds: [0]\ntune: {lr: [1.0e-3, 3.0e-3], seeds: [0, 0]}",
+           "eval_count: 8": "eval_count: 8, validation_count: 8"})),
 ]
 
 

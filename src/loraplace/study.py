@@ -485,6 +485,13 @@ def _check_unchanged(study: StudySpec, store_path: Path, planned: list[PlannedTr
                            f"than this spec gives them. Changes:\n{shown}",
                            "--extend only adds cells (placements, sizes, seeds, axis values); to change settings, "
                            "use a new store (--store) or a new name:")
+    dropped = sorted({t.labels.group.label for t in existing if t.id not in planned_ids})
+    if dropped:  # the store would keep arms the spec no longer names, and report and recommend them
+        raise StudyChanged(f"--extend only adds cells, but this spec drops stored ones: group(s) "
+                           f"{', '.join(dropped[:8])}{' …' if len(dropped) > 8 else ''} are in the store and not in "
+                           f"the spec. Changes:\n{shown}",
+                           "keep every stored placement, size, seed and axis value in the spec and add to it; to "
+                           "compare a different set, use a new store (--store) or a new name:")
 
 
 def _tracked(hooks: RunHooks, tracker: Tracker) -> RunHooks:

@@ -193,6 +193,16 @@ def test_an_edited_spec_is_refused_with_its_differences(cli, workdir):
     assert snapshot(workdir) == before
 
 
+def test_extend_never_drops_or_replaces_an_arm(cli, workdir):
+    """`attn` replaced by `mlp` under --extend: refused, naming the stored group the spec drops; nothing written."""
+    (workdir / "spec.yaml").write_text(spec_with(**{"  attn: {preset: attn}": "  mlp: {preset: mlp}"}))
+    before = snapshot(workdir)
+    done = cli("run", "spec.yaml", "--store", "s.db", "--extend")
+    assert done.returncode == 2 and "--extend only adds cells" in done.stderr and "attn r=2" in done.stderr
+    assert "placements.attn: removed" in done.stderr and "Traceback" not in done.stderr
+    assert snapshot(workdir) == before
+
+
 def test_extend_adds_cells_and_keeps_every_group_homogeneous(cli, workdir):
     from loraplace.store import Store
 

@@ -169,3 +169,13 @@ def test_export_placement_command(cli, tmp_path):
     assert lossy.returncode == 0 and "lossy:" in lossy.stderr and "lora_r:" in lossy.stdout
     bad = cli("export-placement", "tiny:llama", "--to", "unsloth")
     assert bad.returncode == 2 and "peft" in bad.stderr
+
+
+@pytest.mark.parametrize("fmt", ["axolotl", "llamafactory", "torchtune"])
+def test_one_rank_formats_count_dora_magnitudes(fmt):
+    """The export's own count and the plan's agree for DoRA (an exact export prints no difference)."""
+    plan = plan_for_model("tiny:llama", {"roles": ["all"], "variant": "dora"}, rank=4)
+    exported = export_plan(plan, fmt, "tiny:llama", config=load_config("tiny:llama"),
+                           torchtune_component="torchtune.models.llama3_2.lora_llama3_2_1b")
+    assert exported.exact and exported.params == plan.trainable_params
+    assert "this config trains" not in exported.text

@@ -110,8 +110,7 @@ class Uniform:
     lost: tuple[str, ...]
 
     def params(self, modules: tuple[PlannedModule, ...] | None = None) -> int:
-        return sum(m.experts * lora_params(self.rank, m.in_features, m.out_features)
-                   + (m.out_features if m.magnitude else 0) for m in (self.modules if modules is None else modules))
+        return sum(m.params_at(self.rank) for m in (self.modules if modules is None else modules))
 
 
 # How each one-rank format switches a LoRA variant on (axolotl: peft_use_dora / peft_use_rslora /
@@ -135,7 +134,7 @@ def _uniform(plan: Plan, fmt: str, lossy: bool) -> Uniform:
             "use --to peft or --to trl, which run PEFT's own code for every variant")
     ranks = Counter(m.rank for m in plan.modules)
     per_unit = sum(m.experts * lora_params(1, m.in_features, m.out_features) for m in plan.modules)
-    lora_total = plan.trainable_params - sum(m.out_features for m in plan.modules if m.magnitude)
+    lora_total = plan.trainable_params - sum(m.magnitude_params for m in plan.modules)
     lost: list[str] = []
     if len(ranks) == 1:
         rank = next(iter(ranks))
@@ -359,7 +358,8 @@ def _torchtune(plan: Plan, hints: TrainingHints, uniform: Uniform, component: st
             sibling = next(widths[r] for r in _TORCHTUNE_MLP if r in widths)
             m = sibling if role != "mlp.down" else PlannedModule("", None, role, sibling.out_features,
                                                                  sibling.in_features, 1, 1.0)
-        exp += plan.num_layers * lora_params(uniform.rank, m.in_features, m.out_features)
+        magnitude = m.out_features if plan.variant == "dora" else 0  # DoRA: one per output feature
+        exp += plan.num_layers * (lora_params(uniform.rank, m.in_features, m.out_features) + magnitude)
     cfg: dict[str, Any] = {"model": {"_component_": component, "lora_attn_modules": attn,
                                      "apply_lora_to_mlp": full_mlp, "apply_lora_to_output": False,
                                      "lora_rank": uniform.rank, "lora_alpha": _num(uniform.alpha),

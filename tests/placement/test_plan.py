@@ -181,3 +181,15 @@ def test_exact_fill_spreads_the_extra_rank():
     plan = plan_for_model("gpt2-medium", "mlp.up", budget=1_000_000, model_type="gpt2", model_config=overrides)
     raised = sorted(m.layer for m in plan.modules if m.rank > min(plan.rank_by_module.values()))
     assert len(raised) >= 3 and raised[-1] - raised[0] >= 12  # spread over the depth, not the lowest layers
+
+
+def test_a_dora_budget_counts_the_magnitudes_peft_creates():
+    """DoRA trains a magnitude per output feature of each adapted linear: the solver pays for them first, so the
+    plan stays within the budget, and its count is what PEFT creates."""
+    plan = plan_for_model("tiny:llama", {"roles": ["all"], "variant": "dora"}, budget=6000)
+    assert -0.01 < plan.budget_deviation <= 0
+    assert sum(m.magnitude_params for m in plan.modules) == sum(m.out_features for m in plan.modules)
+    model = get_peft_model(load_model("tiny:llama"), plan.to_lora_config())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.trainable_params
+    with pytest.raises(PlacementError, match="of them DoRA's magnitudes"):
+        plan_for_model("tiny:llama", {"roles": ["all"], "variant": "dora"}, budget=3000)

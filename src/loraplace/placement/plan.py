@@ -56,8 +56,16 @@ class PlannedModule:
 
     @property
     def params(self) -> int:
-        lora = self.experts * lora_params(self.rank, self.in_features, self.out_features)
-        return lora + (self.out_features if self.magnitude else 0)
+        return self.params_at(self.rank)
+
+    @property
+    def magnitude_params(self) -> int:
+        """DoRA's magnitudes: one per output feature of each adapted linear (0 without DoRA), whatever the rank."""
+        return self.experts * self.out_features if self.magnitude else 0
+
+    def params_at(self, rank: int) -> int:
+        """Trainable parameters of this site at ``rank``: every expert's LoRA pair, and DoRA's magnitudes."""
+        return self.experts * lora_params(rank, self.in_features, self.out_features) + self.magnitude_params
 
     @property
     def module_targets(self) -> tuple[str, ...]:
@@ -561,13 +569,16 @@ def resolve_placement(arch: ArchitectureMap, spec: PlacementSpec | dict | str, *
         if any(r is not None for r in explicit.values()):
             problems.append("a budget solves one rank for every site; remove the per-role/per-group ranks")
         unit = sum(site.lora_params(1) for site, _ in picked)
-        solved = budget // unit if unit else 0
+        # DoRA trains a magnitude per output feature of each adapted linear, whatever the rank: paid first.
+        fixed = sum(site.experts * site.out_features for site, _ in picked) if spec.variant == "dora" else 0
+        solved = (budget - fixed) // unit if unit else 0
         if unit and solved < 1 and check_budget_fits:
             problems.append(f"budget {budget:,} is smaller than rank 1 allows for this placement "
-                            f"({unit:,} trainable parameters)")
+                            f"({unit + fixed:,} trainable parameters"
+                            + (f", {fixed:,} of them DoRA's magnitudes" if fixed else "") + ")")
         ranks = {site.path: max(solved, 1) for site, _ in picked}
         if fill == "exact" and solved >= 1:
-            ranks = _exact_fill([site for site, _ in picked], ranks, budget)
+            ranks = _exact_fill([site for site, _ in picked], ranks, budget - fixed)
     else:
         fallback = rank if rank is not None else DEFAULT_RANK
         ranks = {path: r if r is not None else fallback for path, r in explicit.items()}

@@ -85,3 +85,36 @@ def test_recommend_command(cli, study_store):
     exported = cli("export-placement", "--from", str(study_store), "--to", "peft")
     assert exported.returncode == 0, exported.stderr
     assert json.loads(exported.stdout)["peft_type"] == "LORA"
+
+
+def test_an_eva_arm_exports_the_ranks_it_was_measured_at(cli, tmp_path, monkeypatch):
+    """A budget-matched EVA arm ends with the ranks its SVD chose; recommend and export-placement --from give those
+    (rho 1: PEFT's EVA then keeps every site at its rank), not the starting rank 16 of the bare placement."""
+    from peft import LoraConfig, get_peft_model, initialize_lora_eva_weights
+
+    from helpers import tiny_study_yaml
+    from loraplace.data import DataSpec
+    from loraplace.models import load_model
+    from loraplace.trial import Session, hf_batches
+
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "s.yaml").write_text(tiny_study_yaml("eva", steps=1, seeds=[0], size="budget: 6000", placements={
+        "eva": "{roles: [all], variant: eva}"}, baseline="eva"))
+    assert cli("run", tmp_path / "s.yaml", "--store", tmp_path / "s.db", "-q").returncode == 0
+    analysis, specs = _analysis_and_specs(tmp_path / "s.db")
+    (eva,) = analysis.groups
+    assert eva.trainable_params != 6000  # EVA moved rank between sites (and may have dropped some)
+    data = json.loads(cli("recommend", tmp_path / "s.db", "--json").stdout)
+    plan = plan_for_model("tiny:llama", data["placement_spec"])
+    assert plan.trainable_params == eva.trainable_params and plan.site_map().sites == eva.sites.sites
+    assert plan.eva_rho == 1.0
+    exported = cli("export-placement", "--from", tmp_path / "s.db", "--to", "peft")
+    assert exported.returncode == 0, exported.stderr
+    config = json.loads(exported.stdout)
+    config = LoraConfig(**{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__})
+    # PEFT's EVA from the exported config keeps exactly the measured ranks.
+    session = Session("tiny:llama", precision="fp32")
+    train = session.data(DataSpec.model_validate(next(iter(specs.values()))["data"])).train
+    model = get_peft_model(load_model("tiny:llama"), config, low_cpu_mem_usage=True)
+    initialize_lora_eva_weights(model, hf_batches(train, 8, 8, session.pad_id, "cpu"), show_progress_bar=False)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == eva.trainable_params

@@ -63,11 +63,10 @@ def _candidate(group: Group, metric: str, specs: dict[str, dict[str, Any]]) -> C
 
 def exact_placement_spec(sites: SiteMap, trial_placement: PlacementSpec) -> dict[str, Any]:
     """A placement spec that resolves to exactly these sites and ranks: one group per (role, rank) with its
-    layers; alpha, dropout and variant as the trial had them. EVA redistributes ranks from data at init, so an EVA
-    trial's own placement (its budget or rank) is returned instead."""
+    layers; alpha, dropout and variant as the trial had them. An EVA trial's sites are the ranks EVA ended with
+    (what was measured), not its starting size: they are exported with ``eva_rho: 1``, under which PEFT's EVA
+    initialises each site at its given rank and moves no rank between sites."""
     own = trial_placement.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
-    if trial_placement.variant == "eva":
-        return own
     layers: dict[tuple[str, int], list[int]] = defaultdict(list)
     for site in sites.sites:
         if site.layer is None:
@@ -81,7 +80,8 @@ def exact_placement_spec(sites: SiteMap, trial_placement: PlacementSpec) -> dict
     groups = [{"roles": [role], "layers": sorted(ls), "rank": rank} for (role, rank), ls in sorted(layers.items(),
                                                                                                   key=order)]
     keep = ("alpha", "alpha_ratio", "dropout", "variant", "allow_unassigned")
-    return {"groups": groups} | {key: own[key] for key in keep if key in own}
+    exact = {"groups": groups} | {key: own[key] for key in keep if key in own}
+    return exact | ({"eva_rho": 1.0} if trial_placement.variant == "eva" else {})
 
 
 def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget: int | None = None,

@@ -158,6 +158,13 @@ CASES = [
      spec_with(**{"ranks: [2]": "budgets: [900, 900]"})),
     ("an axis value twice", ["run", "bad.yaml"], "lr has duplicates (0.001)",
      spec_with(**{"seeds: [0]": "seeds: [0]\naxes: {lr: [1.0e-3, 1.0e-3]}"})),
+    ("a test split given twice without a count", ["run", "bad.yaml"], "give one of test, test_fraction",
+     spec_with(**{"eval_count: 8": "eval: columns.jsonl, test_fraction: 0.5"})),
+    ("a validation split given twice without a count", ["run", "bad.yaml"], "give one of validation, "
+     "validation_fraction", spec_with(**{"eval_count: 8": "eval_count: 8, validation: columns.jsonl, "
+                                         "validation_fraction: 0.5"})),
+    ("validation and test the same file", ["run", "bad.yaml"], "validation and test are the same source",
+     spec_with(**{"eval_count: 8": "test: columns.jsonl, validation: columns.jsonl"})),
     ("a tune seed twice", ["run", "bad.yaml"], "tune.seeds has duplicates", spec_with(
         **{"seeds: [0]": "seeds: [0]\ntune: {lr: [1.0e-3, 3.0e-3], seeds: [0, 0]}",
            "eval_count: 8": "eval_count: 8, validation_count: 8"})),

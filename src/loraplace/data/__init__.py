@@ -39,6 +39,14 @@ def _at_most_one(earlier: tuple[str, ...], name: str, value: Any, info: Validati
         raise ValueError(f"{message} (got {', '.join(given)})")
 
 
+def _same_source(a: str, b: str) -> bool:
+    """Two data sources are the same: the same string, or paths to the same file."""
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    return pa.is_file() and pb.is_file() and pa.resolve() == pb.resolve()
+
+
 class DataSpec(StrictModel):
     """Where the examples come from and how they split into **train**, **validation** and **test**.
 
@@ -62,10 +70,12 @@ class DataSpec(StrictModel):
     split_seed: int = 0
     test: str | None = Field(default=None, description="test split: a file")
     test_fraction: float | None = Field(default=None, gt=0, lt=1, description="test split: carved, a fraction")
-    test_count: int | None = Field(default=None, gt=0, description="test split: carved, a count")
+    test_count: int | None = Field(default=None, gt=0, validate_default=True,
+                                   description="test split: carved, a count")
     validation: str | None = Field(default=None, description="validation split (selection only): a file")
     validation_fraction: float | None = Field(default=None, gt=0, lt=1, description="validation: a fraction")
-    validation_count: int | None = Field(default=None, gt=0, description="validation: carved, a count")
+    validation_count: int | None = Field(default=None, gt=0, validate_default=True,
+                                         description="validation: carved, a count")
 
     added_fields = frozenset({"test", "test_fraction", "test_count", "validation", "validation_fraction",
                               "validation_count"})
@@ -84,6 +94,12 @@ class DataSpec(StrictModel):
     def _one_validation_split(cls, value: int | None, info: ValidationInfo) -> int | None:
         _at_most_one(("validation", "validation_fraction"), "validation_count", value, info,
                      "give one of validation, validation_fraction, validation_count")
+        test = info.data.get("test") or info.data.get("eval")
+        validation = info.data.get("validation")
+        if test is not None and validation is not None and _same_source(test, validation):
+            raise ValueError(f"validation and test are the same source ({validation}): selection would read the "
+                             "test split, and the test split would no longer be held out; give another file, or "
+                             "carve one with validation_count")
         return value
 
     @property

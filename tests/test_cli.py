@@ -55,7 +55,7 @@ def test_plan_from_placement_file(cli, tmp_path):
     [
         (["--placement", "attn.q", "--rank", "16"], "use 'attn.qkv'"),
         (["--placement", "{roles: [attn], layers: '30-31'}"], "does not exist"),
-        (["--placement", "all", "--rank", "0"], "rank must be a positive"),
+        (["--placement", "all", "--rank", "0"], "Invalid value for '--rank'"),
         (["--placement", "all", "--budget", "100"], "smaller than rank 1 allows"),
         (["--placement", "{roles: [attn], layerz: all}"], "did you mean 'layers'"),
     ],

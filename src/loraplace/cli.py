@@ -82,15 +82,18 @@ def plan(
     model: str = typer.Argument(..., help="hub id, checkpoint dir, config.json, builtin:smollm2-135m or tiny:FAMILY"),
     placement: str = typer.Option("all", "--placement", "-p",
                                   help="preset name, role list (attn,mlp.up), inline YAML/JSON or a YAML file"),
-    rank: int | None = typer.Option(None, "--rank", "-r", help=f"LoRA rank for every site (default {DEFAULT_RANK})"),
-    budget: int | None = typer.Option(None, "--budget", help="trainable-parameter budget: solve the rank"),
-    fill: str = typer.Option(DEFAULT_FILL, "--fill", help=FILL_HELP),
+    rank: int | None = typer.Option(None, "--rank", "-r", min=1,
+                                    help=f"LoRA rank for every site (default {DEFAULT_RANK})"),
+    budget: int | None = typer.Option(None, "--budget", min=1, help="trainable-parameter budget: solve the rank"),
+    fill: str | None = typer.Option(None, "--fill", help=FILL_HELP),
     model_config: str | None = typer.Option(
         None, "--model-config", help="config overrides k=v,...; with model_type=NAME no hub is needed"),
-    data: str = typer.Option(DEFAULT_PROBE_DATA, "--data", help="auto placements only: data the probe reads"),
-    max_len: int = typer.Option(512, "--max-len", help="token limit per example (the activation estimate; the "
+    data: str | None = typer.Option(None, "--data", help=f"auto placements only: data the probe reads (default "
+                                    f"{DEFAULT_PROBE_DATA})"),
+    max_len: int = typer.Option(512, "--max-len", min=8, help="token limit per example (the activation estimate; the "
                                 "probe data of an auto placement)"),
-    batch: int = typer.Option(8, "--batch", help="examples per micro-batch, for the activation-memory estimate"),
+    batch: int = typer.Option(8, "--batch", min=1,
+                              help="examples per micro-batch, for the activation-memory estimate"),
     device_memory: str | None = typer.Option(None, "--device-memory",
                                              help="e.g. 24GiB: say whether training fits, with and without "
                                                   "activation checkpointing"),
@@ -108,7 +111,10 @@ def plan(
                                    allow_unassigned, quiet=as_json)
     result.check_size(force)
     memory = training_memory(config, batch, max_len, 2, result.total_params, result.trainable_params)
-    device_bytes = parse_bytes(device_memory) if device_memory else None
+    try:
+        device_bytes = parse_bytes(device_memory, "--device-memory") if device_memory is not None else None
+    except ValueError as exc:
+        raise ConfigError([str(exc)], "invalid plan options") from None
     if as_json:
         out.print_json(json.dumps(result.to_dict() | {"training_memory": {
             "batch": batch, "max_len": max_len, "activations_bytes": memory.activations_bytes,
@@ -126,24 +132,37 @@ def plan(
               "the activations without checkpointing: the allocator keeps freed pages)", highlight=False, style="dim")
 
 
-def _resolve_plan(model: str, placement: str | dict, rank: int | None, budget: int | None, fill: str,
-                  model_config: str | None, data: str, max_len: int, allow_unassigned: bool, quiet: bool):
+def _resolve_plan(model: str, placement: str | dict, rank: int | None, budget: int | None, fill: str | None,
+                  model_config: str | None, data: str | None, max_len: int, allow_unassigned: bool, quiet: bool):
     """(the exact plan, the model config) for plan and export-placement: an auto placement loads the model and
-    runs its probe on ``data``; anything else is resolved on a meta model from the config alone."""
+    runs its probe on ``data``; anything else is resolved on a meta model from the config alone. An option that
+    could not take effect (``--data`` without an auto placement, ``--fill`` without a budget) is refused."""
     from loraplace.placement import model_config_of, parse_placement, plan_for_model
 
     overrides = parse_kv(model_config)
     model_type = overrides.pop("model_type", None)
     spec = parse_placement(placement)
+    problems = []
+    if data is not None and spec.auto is None:
+        problems.append(f"--data {data}: only an auto placement's probe reads data; this placement has none")
+    if fill is not None and budget is None and spec.budget is None and (spec.auto is None or spec.auto.method in (
+            "probe", "random")):
+        problems.append(f"--fill {fill}: fill says how a budget is spent (--budget, or the placement's budget:); "
+                        "there is none here" if spec.auto is None else f"--fill {fill}: auto method "
+                        f"{spec.auto.method} allocates rank itself; fill applies to methods nfn and gradient")
+    if problems:
+        raise ConfigError(problems, "options that would not take effect")
+    fill = _fill(fill) if fill is not None else DEFAULT_FILL
     if allow_unassigned:
         spec = spec.model_copy(update={"allow_unassigned": True})
     if spec.auto is not None:
+        data = data if data is not None else DEFAULT_PROBE_DATA
         session, tokenized = _probe_session(model, data, max_len, quiet)
         with _probe_progress(quiet, spec.auto.batches) as progress:
-            result = session.plan(spec, budget=budget, data=tokenized, data_key=data, progress=progress)
+            result = session.plan(spec, budget=budget, fill=fill, data=tokenized, data_key=data, progress=progress)
         return result, session.model.config
     config = model_config_of(model, overrides or None, model_type)  # read once: the plan and the memory lines
-    return plan_for_model(model, spec, rank=rank, budget=budget, fill=_fill(fill), config=config), config
+    return plan_for_model(model, spec, rank=rank, budget=budget, fill=fill, config=config), config
 
 
 def _probe_session(model: str, data: str, max_len: int, quiet: bool):
@@ -580,8 +599,8 @@ def report(store: str = typer.Argument(..., help="study store (.db)"),
 
 @app.command()
 def recommend(store: str = typer.Argument(..., help="study store (.db)"),
-              budget: int | None = typer.Option(None, "--budget", help="consider only placements with at most this "
-                                                "many trainable parameters"),
+              budget: int | None = typer.Option(None, "--budget", min=1, help="consider only placements with at "
+                                                "most this many trainable parameters"),
               metric: str = typer.Option("eval_loss", "--metric", help="eval_loss (the test split) | accuracy"),
               name: str | None = typer.Option(None, "--study", help="study name (default: the latest)"),
               as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
@@ -610,22 +629,23 @@ def recommend(store: str = typer.Argument(..., help="study store (.db)"),
 @app.command("export-placement")
 def export_placement(
     model: str | None = typer.Argument(None, help="the model (as for plan); not with --from"),
-    placement: str = typer.Option("all", "--placement", "-p", help="as for plan"),
+    placement: str | None = typer.Option(None, "--placement", "-p", help="as for plan (default: all)"),
     source: str | None = typer.Option(None, "--from", help="a study store: export its recommendation (as "
                                       "loraplace recommend gives it, with --budget/--metric/--study)"),
     to: str = typer.Option(..., "--to", help="peft | trl | axolotl | llamafactory | torchtune"),
     output: str | None = typer.Option(None, "--out", "-o", help="file (default: stdout)"),
     lossy: bool = typer.Option(False, "--lossy", help="where the format cannot express the placement, write the "
                                "closest form it can (the parameter difference is printed) instead of failing"),
-    rank: int | None = typer.Option(None, "--rank", "-r", help=f"LoRA rank (default {DEFAULT_RANK})"),
-    budget: int | None = typer.Option(None, "--budget", help="trainable-parameter budget (with --from: only "
+    rank: int | None = typer.Option(None, "--rank", "-r", min=1, help=f"LoRA rank (default {DEFAULT_RANK})"),
+    budget: int | None = typer.Option(None, "--budget", min=1, help="trainable-parameter budget (with --from: only "
                                       "placements within it are recommended)"),
-    fill: str = typer.Option(DEFAULT_FILL, "--fill", help=FILL_HELP),
-    metric: str = typer.Option("eval_loss", "--metric", help="with --from: eval_loss | accuracy"),
+    fill: str | None = typer.Option(None, "--fill", help=FILL_HELP),
+    metric: str | None = typer.Option(None, "--metric", help="with --from: eval_loss (default) | accuracy"),
     name: str | None = typer.Option(None, "--study", help="with --from: study name (default: the latest)"),
     model_config: str | None = typer.Option(None, "--model-config", help="config overrides k=v,..."),
-    data: str = typer.Option(DEFAULT_PROBE_DATA, "--data", help="auto placements only: data the probe reads"),
-    max_len: int = typer.Option(512, "--max-len", help="auto placements only: token limit of the probe data"),
+    data: str | None = typer.Option(None, "--data", help=f"auto placements only: data the probe reads (default "
+                                    f"{DEFAULT_PROBE_DATA})"),
+    max_len: int = typer.Option(512, "--max-len", min=8, help="auto placements only: token limit of the probe data"),
     allow_unassigned: bool = typer.Option(False, "--allow-unassigned", help=ALLOW_UNASSIGNED_HELP),
     torchtune_component: str | None = typer.Option(None, "--torchtune-component",
                                                    help="torchtune's LoRA builder for a model loraplace cannot "
@@ -643,12 +663,18 @@ def export_placement(
         _output_file(output, to, inputs)
     hints = TrainingHints()
     if source is not None:
-        if model is not None:
-            raise LoraplaceError("give a MODEL with --placement, or --from STORE, not both")
+        # --from exports what the store measured: options that shape a placement would be ignored
+        ignored = [opt for opt, value in (("MODEL", model), ("--placement", placement), ("--rank", rank),
+                                           ("--fill", fill), ("--model-config", model_config), ("--data", data),
+                                           ("--allow-unassigned", allow_unassigned or None)) if value is not None]
+        if ignored:
+            raise ConfigError([f"{opt}: --from exports the placement the study measured; {opt} cannot change it"
+                               for opt in ignored], "options that would not take effect",
+                              "drop them, or export a placement of your own: export-placement MODEL --placement …")
         from loraplace.analysis.recommend import recommend_from_store
         from loraplace.trial import TrialSpec
 
-        rec = recommend_from_store(source, name, budget, metric)
+        rec = recommend_from_store(source, name, budget, metric or "eval_loss")
         model, spec_placement = rec.model, rec.placement_spec
         measured = TrialSpec.model_validate(rec.trial_spec)  # what the recommended trials ran with
         hints = TrainingHints(lr=measured.train.lr, batch=measured.train.batch, steps=measured.train.steps,
@@ -658,14 +684,17 @@ def export_placement(
                   f"{rec.chosen.trainable_params:,} trainable parameters", highlight=False)
         result, config = _resolve_plan(model, spec_placement, None, None, fill, model_config, data, max_len,
                                        allow_unassigned, quiet=True)
-        if result.trainable_params != rec.chosen.trainable_params and measured.placement.variant != "eva":
+        if result.trainable_params != rec.chosen.trainable_params:
             raise LoraplaceError(f"the recommended placement resolves to {result.trainable_params:,} trainable "
                                  f"parameters, not the {rec.chosen.trainable_params:,} its trials had",
                                  "the model's config changed since the study? plan it by hand")
     else:
         if model is None:
             raise LoraplaceError("export-placement needs a MODEL (with --placement) or --from STORE")
-        result, config = _resolve_plan(model, placement, rank, budget, fill, model_config, data, max_len,
+        if metric is not None or name is not None:
+            raise ConfigError([f"{opt}: reads a study store, with --from" for opt, v in (("--metric", metric),
+                               ("--study", name)) if v is not None], "options that would not take effect")
+        result, config = _resolve_plan(model, placement or "all", rank, budget, fill, model_config, data, max_len,
                                        allow_unassigned, quiet=False)
     from loraplace.models import meta_model
 

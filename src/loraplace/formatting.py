@@ -12,15 +12,21 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def parse_bytes(text: str) -> int:
-    """"24GiB", "24 GB", "512MiB", "2e9" → bytes (binary units for KiB/MiB/GiB/TiB, decimal for KB/MB/GB/TB)."""
+def parse_bytes(text: str, option: str = "size") -> int:
+    """"24GiB", "24 GB", "512MiB", "2e9" → bytes (binary units for KiB/MiB/GiB/TiB, decimal for KB/MB/GB/TB).
+    Anything that is not a positive size is refused (ValueError naming ``option``)."""
     units = {"tib": 2**40, "gib": 2**30, "mib": 2**20, "kib": 2**10, "tb": 10**12, "gb": 10**9, "mb": 10**6,
              "kb": 10**3, "b": 1}
     raw = text.strip().lower().replace(" ", "")
-    for unit, scale in units.items():
-        if raw.endswith(unit):
-            return int(float(raw.removesuffix(unit)) * scale)
-    return int(float(raw))
+    scale = next((s for unit, s in units.items() if raw.endswith(unit)), 1)
+    number = next((raw.removesuffix(unit) for unit in units if raw.endswith(unit)), raw)
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(f"{option} {text!r} is not a size (e.g. 24GiB, 512MiB, 2e9)") from None
+    if not value >= 1:  # also NaN
+        raise ValueError(f"{option} {text!r}: a size must be positive")
+    return int(value)
 
 
 def human_count(n: float) -> str:

@@ -22,11 +22,14 @@ is E·r·(d_in + d_out).
 A second, forward-only measure (:func:`nfn_model`): PLoP's *normalized feature norm* (Hayou, Ghosh, Yu, ICLR
 2026; official code ``src/metrics.py::calculate_nfn_scores``). For a linear with weight W [d_out, d_in] and token
 inputs z: Ŵ = W / rms(W), ẑ = z / ‖z‖; ``actual`` = mean over tokens of ‖Ŵẑ‖ / √d_in; ``random`` = the same with
-ẑ a normalised Gaussian vector; NFN = actual / random, averaged over batches. A low NFN means the module's input
-features are no better aligned with its weight than noise — PLoP adapts the lowest-scoring module types. Where we
-differ from the official code: padding positions are excluded (it averages over every position of a padded
-batch, so its score depends on how much padding a batch has); the Gaussian baseline is seeded; the batches are
-the gradient probe's (seeded samples of the training split, prompt and response) rather than questions alone.
+ẑ a normalised Gaussian vector; NFN = actual / random. A low NFN means the module's input features are no better
+aligned with its weight than noise — PLoP adapts the lowest-scoring module types. Where we differ from the
+official code: padding positions are excluded (it averages over every position of a padded batch, so its score
+depends on how much padding a batch has); ``actual`` is averaged over batches and divided by one random baseline
+per site (the official code draws one Gaussian per token and averages the per-batch ratios: the same expectation,
+since the baseline is a constant of W, for one forward pass per batch instead of three); the Gaussian draws are
+seeded; the batches are the gradient probe's (seeded samples of the training split, prompt and response) rather
+than questions alone.
 """
 
 from __future__ import annotations
@@ -130,13 +133,20 @@ def probe_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: 
                        roles=arch.grid_roles(), sites=tuple(scores))
 
 
+NFN_RANDOM_SAMPLES = 2048  # Gaussian inputs per site for the random baseline (a constant of W: sampled once)
+
+
 @torch.no_grad()
 def nfn_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: str = "", batches: int = 8,
               batch: int = 8, rank: int = 8, device: torch.device, dtype: torch.dtype, pad_id: int, seed: int = 0,
               progress: Callable[[int, int], None] | None = None) -> ProbeScores:
     """PLoP's normalized feature norm of every linear site (see the module docstring), from forward passes over
     ``batches`` padded batches of ``data`` (the gradient probe's seeded samples). An expert site scores each expert
-    linear on the tokens routed to it and averages them. ``rank`` only prices the sites (``ProbeSite.params``)."""
+    linear on the tokens routed to it and averages them. ``rank`` only prices the sites (``ProbeSite.params``).
+
+    Cost: one forward per batch. ``actual`` reads the module's own output (Wz = y − b, so no second product), and
+    the random baseline — E‖Ŵĝ‖ over unit Gaussian ĝ, a constant of W — is sampled once per linear
+    (``NFN_RANDOM_SAMPLES`` inputs) instead of once per token as the official code does."""
     if len(data) == 0:
         raise PlacementError("the probe needs data: the training set is empty")
     fused = [s.path for s in arch.sites.values() if s.parameter and s.role not in ROUTER_ROLES]
@@ -149,25 +159,24 @@ def nfn_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: st
     scored = [s for s in sites if not s.parameter]  # routers: shown unscored, never allocated
     modules = dict(model.named_modules())
     generator = torch.Generator(device="cpu").manual_seed(seed)  # the Gaussian baseline, reproducible
-    # path of each hooked linear → its site; per (site path, batch): lists of (actual, random) over its linears
-    linears = {p: s for s in scored for p in (s.expert_paths or (s.path,))}
-    sums: dict[str, list[tuple[float, float]]] = {s.path: [] for s in scored}
-    current: dict[str, list[tuple[float, float]]] = {}
+    linears = {p: s for s in scored for p in (s.expert_paths or (s.path,))}  # hooked linear → its site
+    random = {p: _nfn_random(modules[p].weight, linears[p].conv1d, generator) for p in linears}
+    actual: dict[str, list[float]] = {s.path: [] for s in scored}  # site → per batch (mean over its linears)
+    current: dict[str, list[float]] = {}
     mask: torch.Tensor | None = None  # [B, T] real tokens of the batch in flight
 
     def hook(path: str):
-        site = linears[path]
+        site, module = linears[path], modules[path]
 
-        def forward_hook(module, inputs, _output):
-            z = inputs[0]
-            # Per-expert linears see only their routed tokens ([N, d_in]); a block linear sees [B, T, d_in].
-            if z.ndim == 3:
-                z = z[mask]
+        def forward_hook(_module, inputs, output):
+            z, y = inputs[0], output
+            if z.ndim == 3:  # a block linear: [B, T, d] → its real tokens
+                z, y = z[mask], y[mask]
             elif z.shape[0] == mask.numel():  # a block linear over flattened tokens
-                z = z[mask.reshape(-1)]
-            if z.shape[0] == 0:
+                z, y = z[mask.reshape(-1)], y[mask.reshape(-1)]
+            if z.shape[0] == 0:  # an expert no real token was routed to
                 return
-            current.setdefault(site.path, []).append(_nfn_terms(module.weight, z, site.conv1d, generator))
+            current.setdefault(site.path, []).append(_nfn_actual(module, z, y))
 
         return forward_hook
 
@@ -190,8 +199,8 @@ def nfn_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: st
             current.clear()
             with autocast(device, dtype):
                 model(input_ids=ids.to(device), attention_mask=mask.long())
-            for path, terms in current.items():  # an expert site: the mean over the experts that saw tokens
-                sums[path].append((sum(a for a, _ in terms) / len(terms), sum(r for _, r in terms) / len(terms)))
+            for path, values in current.items():  # an expert site: the mean over the experts that saw tokens
+                actual[path].append(sum(values) / len(values))
             if progress is not None:
                 progress(step + 1, len(order))
     finally:
@@ -200,33 +209,42 @@ def nfn_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: st
         model.train(was_training)
     out = []
     for s in sites:
-        terms = sums.get(s.path, [])
-        # NFN per batch, averaged over batches (the official main.py's average_metrics)
-        nfn = sum(a / r for a, r in terms) / len(terms) if terms else math.nan
-        actual = sum(a for a, _ in terms) / len(terms) if terms else None
-        rand = sum(r for _, r in terms) / len(terms) if terms else None
+        values = actual.get(s.path, [])
+        paths = [p for p in (s.expert_paths or (s.path,)) if p in random]
+        base = sum(random[p] for p in paths) / len(paths) if paths else math.nan
+        mean_actual = sum(values) / len(values) if values else math.nan
         out.append(ProbeSite(layer=s.layer, role=s.role, path=s.path, in_features=s.in_features,
-                             out_features=s.out_features, experts=s.experts, score=nfn, grad_norm=0.0, rank=rank,
-                             actual=actual, random=rand))
+                             out_features=s.out_features, experts=s.experts, score=mean_actual / base,
+                             grad_norm=0.0, rank=rank, actual=mean_actual if values else None,
+                             random=base if paths else None))
     return ProbeScores(measure="nfn", model=model_ref, rank=rank, batches=len(order), label_tokens=label_tokens,
                        seconds=time.perf_counter() - t0, passes=1, num_layers=arch.num_layers,
                        roles=arch.grid_roles(), sites=tuple(out))
 
 
-def _nfn_terms(weight: torch.Tensor, z: torch.Tensor, conv1d: bool, generator: torch.Generator
-               ) -> tuple[float, float]:
-    """(actual, random) of one linear on tokens ``z`` [N, d_in]: mean ‖Ŵẑ‖/√d_in for the real inputs and for
-    normalised Gaussian ones. ``conv1d``: GPT-2's Conv1D keeps W as [d_in, d_out]."""
+def _weight_rms(weight: torch.Tensor) -> torch.Tensor:
+    return weight.float().pow(2).mean().sqrt() + 1e-8
+
+
+def _nfn_actual(module, z: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over tokens of ‖Ŵẑ‖/√d_in, from the linear's input z [N, d_in] and output y [N, d_out]: Wz = y − b, so
+    ‖Ŵẑ‖ = ‖y − b‖ / (rms(W)·‖z‖). (GPT-2's Conv1D computes zW + b with W [d_in, d_out]: the same identity.)"""
+    z, y = z.float(), y.float()
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        y = y - bias.float()
+    norms = y.norm(dim=1) / (_weight_rms(module.weight) * (z.norm(dim=1) + 1e-8))
+    return norms.mean().item() / math.sqrt(z.shape[1])
+
+
+def _nfn_random(weight: torch.Tensor, conv1d: bool, generator: torch.Generator) -> float:
+    """E‖Ŵĝ‖/√d_in over unit Gaussian inputs ĝ (PLoP's random baseline), from ``NFN_RANDOM_SAMPLES`` samples."""
     w = weight.float()
-    w = (w.T if conv1d else w) / (w.pow(2).mean().sqrt() + 1e-8)  # Ŵ [d_out, d_in], rms 1
-    z = z.float()
-    d_in = z.shape[1]
-    z_hat = z / (z.norm(dim=1, keepdim=True) + 1e-8)
-    g = torch.randn(z.shape, generator=generator).to(z.device)
-    g_hat = g / (g.norm(dim=1, keepdim=True) + 1e-8)
-    actual = (z_hat @ w.T).norm(dim=1).mean().item() / math.sqrt(d_in)
-    rand = (g_hat @ w.T).norm(dim=1).mean().item() / math.sqrt(d_in)
-    return actual, rand
+    w = (w.T if conv1d else w) / _weight_rms(weight)  # Ŵ [d_out, d_in], rms 1
+    d_in = w.shape[1]
+    g = torch.randn(NFN_RANDOM_SAMPLES, d_in, generator=generator).to(w.device)
+    g = g / g.norm(dim=1, keepdim=True)
+    return (g @ w.T).norm(dim=1).mean().item() / math.sqrt(d_in)
 
 
 def _by_weight(site: AdaptableModule) -> bool:

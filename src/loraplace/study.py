@@ -396,13 +396,19 @@ def check_placements(study: StudySpec, force: bool = False) -> None:
 
 def check_inputs(study: StudySpec) -> list[str]:
     """Everything a study can get wrong before a trial runs, checked before the store is written: the device,
-    the model reference (its config), the data (readable, non-empty, a known format) and the placements.
+    the model reference (its config), the data (readable, non-empty, a known format in every record, at least
+    one trainable example in every split after tokenisation) and the placements.
     Returns warnings (e.g. eval examples that are also training examples)."""
-    from loraplace.data import check_data
+    from loraplace.data import check_data, load_splits
+    from loraplace.models import load_tokenizer
     from loraplace.train import resolve_device
 
     resolve_device(study.train.device)
-    return check_data(study.data)
+    warnings = check_data(study.data)
+    # Tokenised once here (cached on disk, so the trials read it back): data that leaves no trainable example,
+    # e.g. every one longer than max_len, is refused now rather than failing every trial after the store exists.
+    load_splits(study.data, load_tokenizer(study.model))
+    return warnings
 
 
 def default_store(study: StudySpec) -> Path:

@@ -51,6 +51,8 @@ def workdir(tmp_path, finished_store, monkeypatch):
     (tmp_path / "wrong-type.json").write_text('{"model_type": "llama", "num_hidden_layers": "x"}')
     (tmp_path / "columns.jsonl").write_text('{"foo": "bar"}\n')
     (tmp_path / "empty.jsonl").write_text("")
+    good_row = '{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\\n#### 4"}\n'
+    (tmp_path / "broken.jsonl").write_text(good_row * 12 + '{"question": "no answer here"}\n' + good_row * 3)
     (tmp_path / "latin1.jsonl").write_bytes(b'{"question": "caf\xe9", "answer": "#### 1"}\n')
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -182,6 +184,14 @@ CASES = [
      "fill says how a budget is spent"),
     ("export --metric without --from", ["export-placement", "tiny:llama", "--to", "peft", "--metric", "accuracy"],
      "--metric: reads a study store"),
+    # round 2: data that leaves nothing to train, known before the store exists
+    ("every example too long for max_len", ["run", "bad.yaml"], "the training set is empty after the guards",
+     spec_with(**{"max_len: 160": "max_len: 24"})),
+    ("a builtin source of no examples", ["run", "bad.yaml"], "holds no records", spec_with(**{"n=60": "n=0"})),
+    ("train on a builtin source of no examples", ["train", "--model", "tiny:llama", "--data",
+     "builtin:arithmetic?n=0", "--steps", "1"], "builtin:arithmetic?n=0 holds no records"),
+    ("a record after the first breaks the format", ["run", "bad.yaml"], "record 13 of 16: format 'gsm8k' needs "
+     "columns", spec_with(**{'"builtin:arithmetic?n=60"': '"broken.jsonl"'})),
     ("a tune seed twice", ["run", "bad.yaml"], "tune.seeds has duplicates", spec_with(
         **{"seeds: [0]": "seeds: [0]\ntune: {lr: [1.0e-3, 3.0e-3], seeds: [0, 0]}",
            "eval_count: 8": "eval_count: 8, validation_count: 8"})),

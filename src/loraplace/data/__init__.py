@@ -163,6 +163,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def tokenize_records(records: list[dict], tokenizer, fmt: str, template: TemplateSpec | None, max_len: int,
                      train_on_prompt: bool) -> TokenizedSet:
+    if not records:
+        raise DataError("no records to tokenise", "give a source with examples")
     fmt = detect_format(records[0]) if fmt == "auto" else fmt
     check_columns(records, fmt)
     tmpl = (template.prompt, template.response) if template else None
@@ -206,6 +208,8 @@ def _cache_path(key: dict) -> Path:
 def load_tokenized(source: str, tokenizer, spec: DataSpec) -> tuple[TokenizedSet, bool]:
     """Tokenise a source, through the on-disk cache keyed by (tokenizer, content, format, template, max_len)."""
     records, fingerprint = read_records(source)
+    if not records:
+        raise DataError(f"{source} holds no records", "give a source with examples")
     key = {"v": CACHE_VERSION, "tok": tokenizer_fingerprint(tokenizer), "src": fingerprint, "fmt": spec.format,
            "tmpl": spec.template.model_dump() if spec.template else None, "max_len": spec.max_len,
            "train_on_prompt": spec.train_on_prompt}
@@ -239,8 +243,10 @@ def check_data(spec: DataSpec) -> list[str]:
     """Read every source of ``spec`` and check its format and columns, without a tokenizer: the problems a study
     must refuse before it writes anything. Returns warnings (e.g. eval examples that are also training examples)."""
     train, _ = read_records(spec.train)
+    if not train:
+        raise DataError(f"{spec.train} holds no records", "give a source with examples")
     fmt = detect_format(train[0]) if spec.format == "auto" else spec.format
-    check_columns(train, fmt)
+    check_columns(train, fmt, spec.train)
     n_test, n_val = spec.carved(len(train))
     if n_test + n_val >= len(train):  # the guards can only drop more: certain before any tokenisation
         raise DataError(f"held-out splits of {n_test + n_val} ({n_test} test, {n_val} validation) leave no training "
@@ -252,7 +258,9 @@ def check_data(spec: DataSpec) -> list[str]:
         if source is None:
             continue
         held_out, _ = read_records(source)
-        check_columns(held_out, detect_format(held_out[0]) if spec.format == "auto" else spec.format)
+        if not held_out:
+            raise DataError(f"{source} ({name} split) holds no records", "give a source with examples")
+        check_columns(held_out, detect_format(held_out[0]) if spec.format == "auto" else spec.format, source)
         overlap = sum(json.dumps(r, sort_keys=True, default=str) in seen for r in held_out)
         if overlap:
             same = " (the same data)" if overlap == len(held_out) else ""

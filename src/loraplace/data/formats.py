@@ -30,11 +30,17 @@ def detect_format(record: dict) -> str:
                     "prompt+completion | text; or declare format: and map columns")
 
 
-def check_columns(records: list[dict], fmt: str) -> None:
-    missing = [k for k in _REQUIRED[fmt] if k not in records[0]]
-    if missing:
-        raise DataError(f"format {fmt!r} needs columns {list(_REQUIRED[fmt])}; missing {missing} "
-                        f"(found {sorted(records[0])})", "declare the right format, or rename the columns")
+def check_columns(records: list[dict], fmt: str, source: str = "") -> None:
+    """Every record has the format's columns; the first that does not is named (1-based), with how many more."""
+    bad = [i for i, r in enumerate(records) if any(k not in r for k in _REQUIRED[fmt])]
+    if bad:
+        record = records[bad[0]]
+        missing = [k for k in _REQUIRED[fmt] if k not in record]
+        where = f"{source}: " if source else ""
+        more = f" ({len(bad) - 1} more record(s) like it)" if len(bad) > 1 else ""
+        raise DataError(f"{where}record {bad[0] + 1} of {len(records)}: format {fmt!r} needs columns "
+                        f"{list(_REQUIRED[fmt])}; missing {missing} (found {sorted(record)}){more}",
+                        "declare the right format, or fix or rename the columns")
 
 
 def render(record: dict, fmt: str, template: tuple[str, str] | None, tokenizer=None) -> tuple[str, str]:

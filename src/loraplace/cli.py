@@ -214,6 +214,8 @@ def probe(
 
     if measure not in ("gradient", "nfn"):
         raise ConfigError([f"--measure: {measure!r} is not one of gradient, nfn"], "invalid probe options")
+    if out_dir is not None:
+        _output_dir(out_dir, {"probe.json": "sites"})
     session, tokenized = _probe_session(model, data, max_len, as_json)
     with _probe_progress(as_json, batches) as progress:
         result = session.probe(tokenized, batches=batches, batch=batch, rank=rank, key=data, progress=progress,
@@ -350,6 +352,8 @@ def train(
         "eval": given(generate=generate),
     } | given(rank=rank, budget=budget, fill=fill)
     spec = validate(TrialSpec, raw, "invalid trial options")
+    if out_dir is not None:  # before any work: a trial must not train and then fail to save
+        _output_dir(out_dir, {"metrics.json": "status", "adapter": "adapter", "probe.json": "sites"})
     if spec.placement.auto is None:  # on the meta model, before any weight loads
         from loraplace.placement import plan_for_model
 
@@ -761,6 +765,31 @@ def _output_file(path: str, kind: str, inputs: tuple[str, ...] = ()):
                                  "this command, so it is not overwritten", "give a new file name, or move that "
                                  "file away first")
     return target
+
+
+def _output_dir(path: str, owned: dict[str, str]) -> None:
+    """An --out directory a command can write into, checked before any work: not a file, and each entry the
+    command writes there (``owned``: name → what it is) either absent or its own earlier output — a JSON record
+    it wrote, a directory holding an adapter — never a file of someone else's."""
+    from pathlib import Path
+
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise LoraplaceError(f"--out {target} is a file; this command writes a directory there",
+                             "give a directory path (it is created if missing)")
+    for name, what in owned.items():
+        entry = target / name
+        if not entry.exists():
+            continue
+        if what == "adapter":
+            ours = entry.is_dir() and (entry / "adapter_config.json").is_file()
+        else:
+            with open(entry, "rb") as fh:
+                head = fh.read(4096).decode("utf-8", errors="replace").lstrip()
+            ours = entry.is_file() and head.startswith("{") and f'"{what}"' in head
+        if not ours:
+            raise LoraplaceError(f"--out {target}: {entry} exists and is not an earlier output of this command, "
+                                 "so it is not overwritten", "give a new directory, or move that file away first")
 
 
 def _earlier_output(head: bytes, kind: str) -> bool:

@@ -413,3 +413,38 @@ def test_no_out_option_writes_over_a_store_a_spec_data_or_a_foreign_file(cli, wo
     assert first.returncode == 0, first.stdout + first.stderr
     again = cli(*args, "fresh.out")  # its own earlier output: replaced
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+DIR_OUT_COMMANDS = [
+    ("train", ["train", "--model", "tiny:llama", "--data", "builtin:arithmetic?n=24", "--steps", "1", "--out"]),
+    ("probe", ["probe", "tiny:llama", "--data", "builtin:arithmetic?n=16", "--batches", "1", "--batch", "2",
+               "--out"]),
+    ("report", ["report", "s.db", "--out"]),
+]
+
+
+@pytest.mark.parametrize("victim", ["s.db", "spec.yaml", "notes.txt"])
+@pytest.mark.parametrize("command", DIR_OUT_COMMANDS, ids=[c[0] for c in DIR_OUT_COMMANDS])
+def test_a_directory_out_option_refuses_a_file_before_any_work(cli, workdir, command, victim):
+    """`train --out f.txt` once trained first and then failed to save. A command that writes a directory refuses an
+    existing file there before loading, tokenising or training anything."""
+    _, args = command
+    before = snapshot(workdir)
+    done = cli(*args, victim)
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2 and "is a file" in output, output
+    assert "Traceback" not in output and "step" not in output.lower()
+    assert snapshot(workdir) == before
+
+
+def test_train_out_never_replaces_a_file_it_did_not_write(cli, workdir):
+    (workdir / "a-dir" / "metrics.json").write_text("my own notes\n")
+    before = snapshot(workdir)
+    done = cli("train", "--model", "tiny:llama", "--data", "builtin:arithmetic?n=24", "--steps", "1", "--out", "a-dir")
+    assert done.returncode == 2 and "is not overwritten" in " ".join(done.stderr.split())
+    assert snapshot(workdir) == before
+    (workdir / "a-dir" / "metrics.json").unlink()
+    first = cli("train", "--model", "tiny:llama", "--data", "builtin:arithmetic?n=24", "--steps", "1", "--out", "run1")
+    assert first.returncode == 0, first.stderr
+    again = cli("train", "--model", "tiny:llama", "--data", "builtin:arithmetic?n=24", "--steps", "1", "--out", "run1")
+    assert again.returncode == 0, again.stderr  # its own earlier output is replaced

@@ -832,6 +832,13 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
+    except PermissionError as exc:  # a folder or file the user may not write (or read): name it
+        if _STATE["debug"]:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {escape(str(exc.filename or exc))}: permission denied\n  hint: this command "
+                  "needs access to that path; run it where you may write, or point its --out/--store elsewhere",
+                  highlight=False)
+        sys.exit(2)
     except _USAGE_ERRORS as exc:  # a mistyped command, option or value: click's own message, exit 2
         exc.show()
         sys.exit(exc.exit_code)

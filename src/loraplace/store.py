@@ -208,6 +208,26 @@ class StoreError(LoraplaceError):
     pass
 
 
+def _read_only(path: Path) -> StoreError:
+    return StoreError(f"{path}: the store cannot be written (permission denied)",
+                      "a run needs write access to the store file and its folder (SQLite keeps -wal and -shm files "
+                      "beside it); status, report and export only read it. Copy it somewhere writable, or give "
+                      "another --store")
+
+
+@contextlib.contextmanager
+def _unwritable(path: Path) -> Iterator[None]:
+    """SQLite's own words for a store it may not write ("attempt to write a readonly database", "unable to open
+    database file") as one clear :class:`StoreError` naming the store."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        text = str(exc).lower()
+        if "readonly" in text or "unable to open database file" in text or "read-only" in text:
+            raise _read_only(path) from None
+        raise
+
+
 @dataclass(frozen=True)
 class StudyRecord:
     id: int
@@ -300,7 +320,14 @@ class Store:
             return
         if self.path.exists():
             _check_store_file(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with _unwritable(self.path):
+                self._open_writable(busy_timeout_s)
+        except PermissionError:
+            raise _read_only(self.path) from None
+
+    def _open_writable(self, busy_timeout_s: float) -> None:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, in _tx.
         self._conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
                                      check_same_thread=False)
@@ -371,7 +398,7 @@ class Store:
         """One write transaction on the store; a reader refuses (it never writes)."""
         if self.readonly:
             raise StoreError(f"{self.path} is open read-only")
-        with self._transaction() as db:
+        with _unwritable(self.path), self._transaction() as db:
             yield db
 
     @contextlib.contextmanager

@@ -448,3 +448,35 @@ def test_train_out_never_replaces_a_file_it_did_not_write(cli, workdir):
     assert first.returncode == 0, first.stderr
     again = cli("train", "--model", "tiny:llama", "--data", "builtin:arithmetic?n=24", "--steps", "1", "--out", "run1")
     assert again.returncode == 0, again.stderr  # its own earlier output is replaced
+
+
+@pytest.mark.slow
+def test_writing_where_it_may_not_is_one_clear_error(finished_store, tmp_path):
+    """A run into a read-only store, a run into a read-only folder, a report beside a store in a read-only folder:
+    exit 2 and a message naming the path, never SQLite's or Python's own words."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(GOOD)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    shutil.copy(finished_store, ro / "s.db")
+    ro_file = tmp_path / "ro-file.db"
+    shutil.copy(finished_store, ro_file)
+    ro_file.chmod(0o444)
+    ro.chmod(0o555)
+    try:
+        prefix = _unprivileged(ro)
+        if prefix is None:
+            pytest.skip("permissions are not enforced for this user (root with CAP_DAC_OVERRIDE and no setpriv)")
+        env = dict(os.environ, LORAPLACE_CACHE=str(tmp_path / "cache"), MPLCONFIGDIR=str(tmp_path / "mpl"))
+        for args, path in ((["run", spec, "--store", ro_file, "-q"], ro_file),
+                           (["run", spec, "--store", ro / "new.db", "-q"], ro / "new.db"),
+                           (["run", spec, "--store", ro / "s.db", "-q"], ro / "s.db"),
+                           (["report", ro / "s.db", "-q"], ro / "s_report")):
+            done = subprocess.run([*prefix, sys.executable, "-m", "loraplace", *map(str, args)], capture_output=True,
+                                  text=True, env=env, timeout=300)
+            output = " ".join(done.stderr.split())
+            assert done.returncode == 2, (args, done.stderr)
+            assert str(path) in output and ("cannot be written" in output or "permission denied" in output), output
+            assert "internal error" not in output and "Traceback" not in output and "readonly database" not in output
+    finally:
+        ro.chmod(0o755)

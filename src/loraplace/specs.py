@@ -71,10 +71,41 @@ def key_path(loc: tuple) -> str:
     return out or "(top level)"
 
 
+_UNION_TAGS = ("int", "str", "float", "bool", "none")
+_UNION_TAG_PREFIXES = ("literal[", "function-", "list[", "dict[", "constrained-", "tuple[", "lax-or-strict[")
+
+
+def _union_tag(part: Any) -> bool:
+    """A location part pydantic adds for one member of a union (``int``, ``literal['auto','off']``), not a key."""
+    return isinstance(part, str) and (part in _UNION_TAGS or part.startswith(_UNION_TAG_PREFIXES))
+
+
+def _merge_union_errors(errors: list[dict]) -> list[dict]:
+    """A value that fits no member of a union is one problem at its key, not one per member with internal names:
+    ``execution.fuse: Input should be a valid integer, or Input should be 'auto' or 'off' (got 'many')``."""
+    out: list[dict] = []
+    merged: dict[tuple, dict] = {}
+    for err in errors:
+        loc = tuple(err["loc"])
+        cut = next((i for i, part in enumerate(loc) if _union_tag(part)), None)
+        if cut is None:
+            out.append(err)
+            continue
+        key = loc[:cut]
+        msg = err["msg"].removeprefix("Value error, ")
+        if key in merged:
+            if msg not in merged[key]["msg"]:
+                merged[key]["msg"] += f", or {msg[0].lower()}{msg[1:]}"
+            continue
+        merged[key] = {"loc": key, "msg": msg, "type": "union", "input": err.get("input")}
+        out.append(merged[key])
+    return out
+
+
 def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
     """One line per problem: dotted key path, what is wrong, and a "did you mean" for misspelt keys."""
     problems = []
-    for err in exc.errors():
+    for err in _merge_union_errors(exc.errors()):
         loc = tuple(err["loc"])
         path = key_path(((prefix,) if prefix else ()) + loc)
         if err["type"] == "extra_forbidden":

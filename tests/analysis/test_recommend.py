@@ -118,3 +118,24 @@ def test_an_eva_arm_exports_the_ranks_it_was_measured_at(cli, tmp_path, monkeypa
     model = get_peft_model(load_model("tiny:llama"), config, low_cpu_mem_usage=True)
     initialize_lora_eva_weights(model, hf_batches(train, 8, 8, session.pad_id, "cpu"), show_progress_bar=False)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == eva.trainable_params
+
+
+def test_recommend_before_any_lr_is_selected_says_what_will_select_it(tmp_path, monkeypatch):
+    """A tuned study interrupted after its first trial: a trial is done, but no placement has an LR yet."""
+    from helpers import tiny_study_yaml
+    from loraplace.analysis.recommend import recommend_from_store
+    from loraplace.runner import RunHooks
+    from loraplace.study import load_study, run_study
+
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    text = tiny_study_yaml("tuned", steps=1, seeds=[0]).replace("eval_count: 8", "eval_count: 8, validation_count: 8")
+    (tmp_path / "s.yaml").write_text(text + "tune: {lr: [1.0e-3, 3.0e-3]}\n")
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db", hooks=RunHooks(on_end=stop))
+    with pytest.raises(LoraplaceError, match="no learning rate is selected yet") as info:
+        recommend_from_store(tmp_path / "s.db")
+    assert "loraplace run SPEC --store" in info.value.hint

@@ -192,6 +192,8 @@ CASES = [
      "builtin:arithmetic?n=0", "--steps", "1"], "builtin:arithmetic?n=0 holds no records"),
     ("a record after the first breaks the format", ["run", "bad.yaml"], "record 13 of 16: format 'gsm8k' needs "
      "columns", spec_with(**{'"builtin:arithmetic?n=60"': '"broken.jsonl"'})),
+    ("fuse not a number, auto or off", ["run", "bad.yaml"], "or input should be 'auto' or 'off' (got 'many')",
+     spec_with(**{"seeds: [0]": "seeds: [0]\nexecution: {fuse: many}"})),
     ("a tune seed twice", ["run", "bad.yaml"], "tune.seeds has duplicates", spec_with(
         **{"seeds: [0]": "seeds: [0]\ntune: {lr: [1.0e-3, 3.0e-3], seeds: [0, 0]}",
            "eval_count: 8": "eval_count: 8, validation_count: 8"})),

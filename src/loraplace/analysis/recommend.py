@@ -90,6 +90,12 @@ def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget:
         raise LoraplaceError(f"--metric {metric!r}: one of {', '.join(RECOMMEND_METRICS)}")
     lower = METRICS[metric][1]
     measured = [g for g in analysis.compared if metric in g.stats]
+    if not measured and analysis.tuned and any(metric in g.stats for g in analysis.groups):
+        raise LoraplaceError(f"study {analysis.name!r} has finished trials, but no learning rate is selected yet: "
+                             "a tuned study compares each placement at the LR its selection pass chose, and a "
+                             "placement's LR is chosen when it has run every tune LR on the selection seed(s)",
+                             f"finish the selection pass: loraplace run SPEC --store {analysis.store} (it resumes); "
+                             f"loraplace status {analysis.store} shows what is left")
     if not measured:
         hint = ("accuracy needs generation: eval: {generate: N} in the study (train --generate N)"
                 if metric == "accuracy" else f"run it first, or check loraplace status {analysis.store}")

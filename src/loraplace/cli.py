@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from loraplace.data import DataSpec
 from loraplace.errors import ConfigError, LoraplaceError
+from loraplace.formatting import one_line
 from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill
 from loraplace.train_config import DEFAULT_STEPS, TrainSpec
 
@@ -426,7 +427,7 @@ def run(
         bar.trial_done(counts["done"], counts["failed"])
         if not quiet:
             what = (f"eval_loss={outcome.metrics.eval_loss:.4f}" if outcome.metrics is not None
-                    else outcome.failure.message if outcome.failure is not None else "")
+                    else one_line(outcome.failure.message, 300) if outcome.failure is not None else "")
             bar.progress.console.print(f"{trial.id} {escape(trial.labels.group.label)} seed={trial.labels.seed} → "
                                        f"{outcome.status} {escape(what)}", highlight=False)
 

@@ -35,3 +35,15 @@ def human_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g}{unit}"
     return f"{n:.0f}"
+
+
+def one_line(text: str, limit: int = 240) -> str:
+    """A multi-line message (``placement does not resolve:`` then ``  - reason`` lines) as one line that keeps
+    the reasons: ``placement does not resolve: reason; reason``, cut at ``limit`` characters with an ellipsis."""
+    lines = [line.strip().removeprefix("- ") for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    joined = lines[0] + "".join((" " if out.endswith(":") else "; ") + line
+                                for out, line in zip(lines, lines[1:], strict=False))
+    return joined if len(joined) <= limit else joined[:limit - 1] + "…"
+

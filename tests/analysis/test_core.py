@@ -167,3 +167,19 @@ def test_a_warning_shared_by_cells_that_differ_only_in_another_axis_is_given_onc
                 recs.append(dataclasses.replace(rec, labels=TrialLabels(group=group, seed=seed)))
     a = analyze_records(study(("all", "attn")), "s.db", recs, {"done": len(recs)})
     assert sum("not budget-matched" in w for w in a.warnings) == 1
+
+
+def test_a_failed_trials_reason_is_kept_whole_in_the_warnings(tmp_path, monkeypatch, capsys):
+    """`placement does not resolve:` then the reason on the next line: the summary, the table and the run's
+    progress line keep the reason, not just the first line."""
+    from helpers import run_cli_in_process, tiny_study_yaml
+    from loraplace.analysis.tables import trial_table
+
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "s.yaml").write_text(tiny_study_yaml("cut", steps=1, seeds=[0], size="budget: 500"))
+    done = run_cli_in_process("run", tmp_path / "s.yaml", "--store", tmp_path / "s.db", capsys=capsys)
+    reason = "budget 500 is smaller than rank 1 allows"
+    assert f"failed placement does not resolve: {reason}" in " ".join((done.stdout + done.stderr).split())
+    analysis = analyze_store(tmp_path / "s.db")
+    assert any(f"placement does not resolve: {reason}" in w for w in analysis.warnings)
+    assert any(reason in row[-1] for row in trial_table(analysis).rows)

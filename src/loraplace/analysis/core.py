@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraplace.analysis.stats import Paired, Summary, paired, pareto_front, summarize
+from loraplace.formatting import one_line
 from loraplace.records import (
     CurvePoint,
     GroupKey,
@@ -359,7 +360,7 @@ def _warnings(groups: dict[GroupKey, Group], rows: list[TrialRow], counts: dict[
     failed = [r for r in rows if r.status == "failed"]
     if failed:
         out.append(f"{len(failed)} trial(s) failed: " + "; ".join(
-            f"{r.key.label} seed {r.seed}: {(r.error or '').splitlines()[0][:120] if r.error else 'no message'}"
+            f"{r.key.label} seed {r.seed}: {one_line(r.error, 200) if r.error else 'no message'}"
             for r in failed[:5]) + (" …" if len(failed) > 5 else ""))
     fused = [r.outcome.fused_with for r in rows if r.status == "done" and r.outcome is not None]
     if any(fused):

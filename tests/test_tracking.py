@@ -60,11 +60,38 @@ def test_every_trial_is_an_mlflow_run_and_a_tensorboard_run(tmp_path):
     assert len(again) == 1
 
 
-def test_a_broken_tracker_warns_and_loses_nothing(tmp_path):
-    (tmp_path / "a-file").write_text("not a directory")  # no database can be created under it
-    summary, trials = _run(tmp_path, f"{{mlflow: {{tracking_uri: 'sqlite:///{tmp_path}/a-file/mlflow.db'}}}}")
+def test_a_broken_tracker_warns_and_loses_nothing(tmp_path, monkeypatch):
+    """A tracker that fails mid-run (the server went away, a disk filled): a warning, every trial still stored."""
+    from loraplace.tracking import Tracker
+
+    def broken(*_args, **_kw):
+        raise RuntimeError("the tracking server went away")
+
+    monkeypatch.setattr(Tracker, "_mlflow_trial", broken)
+    summary, trials = _run(tmp_path, f"{{mlflow: {{tracking_uri: 'sqlite:///{tmp_path}/mlflow.db'}}}}")
     assert summary.done == 4 and all(t.status == "done" for t in trials)
-    assert any("mlflow tracking failed" in w for w in summary.warnings)
+    assert any("mlflow tracking failed" in w and "went away" in w for w in summary.warnings)
+
+
+@pytest.mark.parametrize(("tracking", "message"), [
+    ("{mlflow: {tracking_uri: 'http://127.0.0.1:9'}}", "the server does not answer (127.0.0.1:9"),
+    ("{mlflow: {tracking_uri: 'sqlite:///TMP/a-file/mlflow.db'}}", "a-file is a file, not a directory"),
+    ("{mlflow: {tracking_uri: 'gopher://x'}}", "unknown scheme 'gopher'"),
+    ("{tensorboard: {dir: 'TMP/a-file'}}", "tracking.tensorboard.dir: TMP/a-file is a file"),
+])
+def test_tracking_that_cannot_work_is_refused_before_any_trial(tmp_path, tracking, message):
+    """An unreachable server, a store or event folder that cannot be written, an unknown scheme: one error within
+    seconds, before the store exists — not minutes of retries, nor a warning after every trial has run."""
+    import time
+
+    from loraplace.errors import ConfigError
+
+    (tmp_path / "a-file").write_text("not a directory")
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="tracking cannot work") as info:
+        _run(tmp_path, tracking.replace("TMP", str(tmp_path)))
+    assert message.replace("TMP", str(tmp_path)) in str(info.value)
+    assert time.perf_counter() - t0 < 30 and not (tmp_path / "s.db").exists()
 
 
 def test_train_command_tracks_its_trial(cli, tmp_path):

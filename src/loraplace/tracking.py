@@ -55,21 +55,78 @@ class TrackingSpec(StrictModel):
     tensorboard: TensorBoardSpec | None = None
 
 
+REACH_TIMEOUT_S = 3.0  # a tracking server that does not answer a TCP connect in this long is refused up front
+MLFLOW_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
+
+
 def check_tracking(spec: TrackingSpec) -> None:
-    """The extras a spec asks for are installed: one error naming every missing one, before anything runs."""
+    """Before anything runs, one error naming every problem: the extras a spec asks for are installed, an MLflow
+    server answers (a TCP connect within ``REACH_TIMEOUT_S``; MLflow's own client would retry for minutes), a
+    ``sqlite:///`` or file store's folder and a TensorBoard directory can be written."""
     problems = []
     if spec.mlflow is not None:
         try:
             import mlflow  # noqa: F401
         except ImportError:
             problems.append("tracking.mlflow needs MLflow: pip install 'loraplace[mlflow]'")
+        problems += _mlflow_uri_problems(spec.mlflow.tracking_uri)
     if spec.tensorboard is not None:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except ImportError:
             problems.append("tracking.tensorboard needs TensorBoard: pip install 'loraplace[tensorboard]'")
+        problem = _unwritable_dir(Path(spec.tensorboard.dir))
+        if problem:
+            problems.append(f"tracking.tensorboard.dir: {problem}")
     if problems:
-        raise ConfigError(problems, "tracking extras missing")
+        raise ConfigError(problems, "tracking cannot work", "fix the tracking settings, or leave tracking out")
+
+
+def _mlflow_uri_problems(uri: str) -> list[str]:
+    import socket
+    from urllib.parse import urlparse
+
+    where = f"tracking.mlflow.tracking_uri {uri!r}"
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0].lower()
+    if scheme == "" or (len(scheme) == 1 and uri[1:3] in (":\\", ":/")):  # a plain path (or a Windows drive)
+        problem = _unwritable_dir(Path(uri))
+        return [f"{where}: {problem}"] if problem else []
+    if scheme not in MLFLOW_SCHEMES:
+        return [f"{where}: unknown scheme {parsed.scheme!r} (MLflow takes {', '.join(MLFLOW_SCHEMES)} or a path)"]
+    if scheme in ("http", "https"):
+        if not parsed.hostname:
+            return [f"{where}: no host"]
+        port = parsed.port or (443 if scheme == "https" else 80)
+        try:
+            with socket.create_connection((parsed.hostname, port), timeout=REACH_TIMEOUT_S):
+                return []
+        except OSError as exc:
+            return [f"{where}: the server does not answer ({parsed.hostname}:{port}: "
+                    f"{exc.strerror or type(exc).__name__}, {REACH_TIMEOUT_S:g} s)"]
+    if scheme == "sqlite":
+        path = uri.removeprefix(f"{parsed.scheme}:///")
+        problem = _unwritable_dir(Path(path).parent) if path and path != ":memory:" else None
+        return [f"{where}: the database's folder {problem}"] if problem else []
+    if scheme == "file":
+        problem = _unwritable_dir(Path(parsed.path))
+        return [f"{where}: {problem}"] if problem else []
+    return []  # a database server or Databricks: MLflow's own client says what is wrong
+
+
+def _unwritable_dir(path: Path) -> str | None:
+    """Why files cannot be written in directory ``path`` (created if missing, as the tracker would), or None."""
+    import tempfile
+
+    try:
+        if path.exists() and not path.is_dir():
+            return f"{path} is a file, not a directory"
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".loraplace-write-check-"):
+            pass
+    except OSError as exc:
+        return f"{path} cannot be written ({exc.strerror or type(exc).__name__})"
+    return None
 
 
 def _flat(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:

@@ -108,3 +108,74 @@ def test_train_command_tracks_its_trial(cli, tmp_path):
     assert len(runs) == 1 and runs[0].data.tags["placement"] == "attn"
     assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 3
     assert list((tmp_path / "tb" / "train").iterdir())
+
+
+def _wandb_records(run_file):
+    """The records of an offline W&B run file (``run-ID.wandb``): W&B's header, then LevelDB-log records of
+    ``wandb_internal_pb2.Record`` (read here because the W&B SDK no longer ships a reader for them)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    raw, block, pos = run_file.read_bytes(), 32768, 7  # ':W&B', a 2-byte magic, a version byte
+    assert raw.startswith(b":W&B")
+    out, pending = [], b""
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a record header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        data, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = data if kind in (1, 2) else pending + data  # 1 full, 2 first, 3 middle, 4 last
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+    return out
+
+
+def test_every_trial_is_a_wandb_run(tmp_path, monkeypatch):
+    """Offline W&B (no network): one run per trial, grouped by the study, its curve by step, its final metrics in
+    the summary — read back from the run files."""
+    pytest.importorskip("wandb", reason="the wandb extra (make test installs it)")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    summary, trials = _run(tmp_path, f"{{wandb: {{project: loraplace-test, mode: offline, dir: '{tmp_path}/wb'}}}}")
+    assert summary.done == 4 and not summary.warnings
+    runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 4
+    seen = {}
+    for run_file in runs:
+        records = _wandb_records(run_file)
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        assert run.run_group == "tracked" and run.project == "loraplace-test"
+        def key(item):  # a key with "/" is stored as its nested_key
+            return item.key or "/".join(item.nested_key)
+
+        history = [values for r in records if r.WhichOneof("record_type") == "history"
+                   for values in [{key(i): float(i.value_json) for i in r.history.item
+                                   if key(i) in ("_step", "train/loss")}] if "train/loss" in values]
+        final = {key(i): i.value_json for r in records if r.WhichOneof("record_type") == "summary"
+                 for i in r.summary.update if key(i)}
+        seen[final["trial_id"].strip('"')] = (run.display_name, history, float(final["final/eval_loss"]))
+    for trial in trials:
+        name, history, eval_loss = seen[trial.id]
+        assert name == f"{trial.labels.group.label} seed={trial.labels.seed}"
+        assert [(h["_step"], pytest.approx(h["train/loss"])) for h in history] == \
+            [(p.step, pytest.approx(p.loss)) for p in trial.outcome.curve]
+        assert eval_loss == pytest.approx(trial.outcome.metrics.eval_loss)
+
+
+def test_wandb_online_without_a_login_is_refused_up_front(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="the wandb extra (make test installs it)")
+    from loraplace.errors import ConfigError
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.raises(ConfigError, match="online mode needs a W&B login"):
+        _run(tmp_path, "{wandb: {project: p}}")
+    assert not (tmp_path / "s.db").exists()

@@ -328,10 +328,13 @@ def train(
     force: bool = typer.Option(False, "--force", help="allow adapters larger than the base model"),
     allow_unassigned: bool = typer.Option(False, "--allow-unassigned", help=ALLOW_UNASSIGNED_HELP),
     mlflow_uri: str | None = typer.Option(None, "--mlflow-uri", help="log the trial as an MLflow run (e.g. "
-                                          "sqlite:///mlflow.db); needs loraplace[mlflow]"),
+                                          "sqlite:///mlflow.db); needs loraplace\\[mlflow]"),
     mlflow_experiment: str = typer.Option("loraplace", "--mlflow-experiment"),
     tensorboard_dir: str | None = typer.Option(None, "--tensorboard-dir", help="write TensorBoard event files "
-                                               "here; needs loraplace[tensorboard]"),
+                                               "here; needs loraplace\\[tensorboard]"),
+    wandb_project: str | None = typer.Option(None, "--wandb-project", help="log the trial as a W&B run in this "
+                                             "project (WANDB_MODE=offline: written locally); needs "
+                                             "loraplace\\[wandb]"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (no progress bar)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> int:
@@ -361,12 +364,13 @@ def train(
         plan_for_model(spec.model, spec.placement, rank=spec.rank, budget=spec.budget,
                        fill=spec.fill).check_size(force)
     tracking = None
-    if mlflow_uri or tensorboard_dir:
+    if mlflow_uri or tensorboard_dir or wandb_project:
         from loraplace.tracking import TrackingSpec, check_tracking
 
         tracking = TrackingSpec.model_validate(
             ({"mlflow": {"tracking_uri": mlflow_uri, "experiment": mlflow_experiment}} if mlflow_uri else {})
-            | ({"tensorboard": {"dir": tensorboard_dir}} if tensorboard_dir else {}))
+            | ({"tensorboard": {"dir": tensorboard_dir}} if tensorboard_dir else {})
+            | ({"wandb": {"project": wandb_project}} if wandb_project else {}))
         check_tracking(tracking)
     with TrainProgress(quiet or as_json) as progress:
         outcome = run_trial(spec, out_dir=out_dir, progress=progress)

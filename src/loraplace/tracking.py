@@ -1,4 +1,4 @@
-"""A study's trials where people already look: MLflow runs and TensorBoard event files.
+"""A study's trials where people already look: MLflow runs, TensorBoard event files and W&B runs.
 
 The contract: tracking happens on the driver, after the store has recorded a trial's outcome, from that outcome
 (its curve, evals, metrics, adapter), so every backend (local, Ray) is tracked alike and nothing a tracker does can
@@ -6,17 +6,22 @@ fail a trial or lose store data — every tracker error becomes a warning, and a
 off for the rest of the run. MLflow: one parent run per study (found again by its tags on resume), one child run per
 trial with its resolved config as params, per-step ``train_loss``/``lr``/``tokens``, ``eval_loss`` at each eval,
 the final metrics, tags (placement, size, seed, study, trial id) and the adapter directory as an artifact.
-TensorBoard: one event-file directory per trial under ``dir/STUDY/``, the same curves as scalars.
+TensorBoard: one event-file directory per trial under ``dir/STUDY/``, the same curves as scalars. Weights &
+Biases: one run per trial in the project, grouped by study (``group``), the resolved trial spec as its config, the
+same curves by step and the final metrics in its summary; ``mode: offline`` writes the runs locally for
+``wandb sync``.
 
-Both are optional extras: ``pip install 'loraplace[mlflow]'`` / ``'loraplace[tensorboard]'``.
+Each is an optional extra: ``pip install 'loraplace[mlflow]'`` / ``'loraplace[tensorboard]'`` /
+``'loraplace[wandb]'``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -48,11 +53,25 @@ class TensorBoardSpec(StrictModel):
     dir: str = Field(min_length=1, description="event files go to DIR/STUDY/TRIAL")
 
 
+class WandbSpec(StrictModel):
+    project: str = Field(min_length=1, description="W&B project (created if missing)")
+    entity: str | None = Field(default=None, description="W&B team or user (default: your default entity)")
+    mode: Literal["online", "offline"] | None = Field(
+        default=None, description="offline: runs are written under dir for `wandb sync` later; default: W&B's own "
+        "(WANDB_MODE, else online)")
+    dir: str | None = Field(default=None, description="where W&B's wandb/ run folders go (default: W&B's own)")
+
+    def resolved_mode(self) -> str:
+        return self.mode or os.environ.get("WANDB_MODE", "online")
+
+
 class TrackingSpec(StrictModel):
-    """``tracking:`` in a study spec (and ``--mlflow-uri``/``--tensorboard-dir`` on ``train``)."""
+    """``tracking:`` in a study spec (and ``--mlflow-uri``/``--tensorboard-dir``/``--wandb-project`` on
+    ``train``)."""
 
     mlflow: MlflowSpec | None = None
     tensorboard: TensorBoardSpec | None = None
+    wandb: WandbSpec | None = Field(default=None, description="Weights & Biases: one run per trial, grouped by study")
 
 
 REACH_TIMEOUT_S = 3.0  # a tracking server that does not answer a TCP connect in this long is refused up front
@@ -78,6 +97,8 @@ def check_tracking(spec: TrackingSpec) -> None:
         problem = _unwritable_dir(Path(spec.tensorboard.dir))
         if problem:
             problems.append(f"tracking.tensorboard.dir: {problem}")
+    if spec.wandb is not None:
+        problems += _wandb_problems(spec.wandb)
     if problems:
         raise ConfigError(problems, "tracking cannot work", "fix the tracking settings, or leave tracking out")
 
@@ -112,6 +133,36 @@ def _mlflow_uri_problems(uri: str) -> list[str]:
         problem = _unwritable_dir(Path(parsed.path))
         return [f"{where}: {problem}"] if problem else []
     return []  # a database server or Databricks: MLflow's own client says what is wrong
+
+
+def _wandb_problems(spec: WandbSpec) -> list[str]:
+    import socket
+
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return ["tracking.wandb needs Weights & Biases: pip install 'loraplace[wandb]'"]
+    problems = []
+    if spec.dir is not None:
+        problem = _unwritable_dir(Path(spec.dir))
+        if problem:
+            problems.append(f"tracking.wandb.dir: {problem}")
+    if spec.resolved_mode() in ("offline", "disabled", "dryrun"):
+        return problems
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text(
+        errors="replace"))
+    if not logged_in:
+        problems.append("tracking.wandb: online mode needs a W&B login (`wandb login`, or WANDB_API_KEY); or set "
+                        "mode: offline and `wandb sync` later")
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443),
+                                 timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        problems.append(f"tracking.wandb: {host} does not answer ({exc.strerror or type(exc).__name__}, "
+                        f"{REACH_TIMEOUT_S:g} s); set mode: offline to write runs locally and `wandb sync` later")
+    return problems
 
 
 def _unwritable_dir(path: Path) -> str | None:
@@ -164,7 +215,7 @@ class Tracker:
             if name == "mlflow":
                 self._mlflow = None
             else:
-                self.spec = self.spec.model_copy(update={"tensorboard": None})
+                self.spec = self.spec.model_copy(update={name: None})
 
     def _open_mlflow(self, spec: MlflowSpec, study_spec: dict[str, Any]) -> None:
         from mlflow.tracking import MlflowClient
@@ -191,6 +242,36 @@ class Tracker:
             self._guard("mlflow", lambda: self._mlflow_trial(trial_id, labels, trial_spec, outcome))
         if self.spec.tensorboard is not None:
             self._guard("tensorboard", lambda: self._tensorboard_trial(trial_id, labels, trial_spec, outcome))
+        if self.spec.wandb is not None:
+            self._guard("wandb", lambda: self._wandb_trial(trial_id, labels, trial_spec, outcome))
+
+    def _wandb_trial(self, trial_id: str, labels: TrialLabels, trial_spec: dict[str, Any],
+                     outcome: TrialOutcome) -> None:
+        import wandb
+
+        spec = self.spec.wandb
+        if spec.dir is not None:
+            Path(spec.dir).mkdir(parents=True, exist_ok=True)
+        run = wandb.init(project=spec.project, entity=spec.entity, group=self.study, job_type="trial",
+                         name=trial_run_name(labels), config=trial_spec, dir=spec.dir, mode=spec.mode,
+                         reinit="create_new", tags=[labels.group.placement, labels.group.size_label],
+                         settings=wandb.Settings(silent=True, console="off"))
+        try:
+            by_step: dict[int, dict[str, float]] = {}  # W&B wants each step's values together, steps in order
+            for point in outcome.curve:
+                by_step.setdefault(point.step, {}).update({"train/loss": point.loss, "train/lr": point.lr,
+                                                           "train/tokens": float(point.tokens)})
+            for e in outcome.evals:
+                by_step.setdefault(e.step, {})[f"{e.split}/loss_during_training"] = e.eval_loss
+            for step in sorted(by_step):
+                run.log(by_step[step], step=step)
+            run.summary.update({"trial_id": trial_id, "study": self.study, "status": outcome.status, "seed":
+                                labels.seed, "trainable_params": outcome.trainable_params}
+                               | ({f"final/{k}": v for k, v in outcome.metrics.measured().items()}
+                                  if outcome.metrics is not None else {})
+                               | ({"error": outcome.failure.message} if outcome.failure is not None else {}))
+        finally:
+            run.finish(exit_code=0 if outcome.status == "done" else 1)
 
     def _mlflow_trial(self, trial_id: str, labels: TrialLabels, trial_spec: dict[str, Any],
                       outcome: TrialOutcome) -> None:

@@ -175,3 +175,20 @@ def test_a_fused_tuned_study_selects_and_stores_what_the_sequential_one_does(tun
     assert all(t.status == "done" for t in trials) and any(t.outcome.fused_with for t in trials)
     assert [g.stats["eval_loss"].mean for g in fused.compared] == pytest.approx(
         [g.stats["eval_loss"].mean for g in plain.compared], rel=1e-4)
+
+
+def test_the_progress_total_of_a_tuned_study_counts_its_other_seeds(tmp_path, monkeypatch):
+    """The selection pass, then the other seeds at the selected LR: every on_start sees a total that includes the
+    trials still to come in this run (never "8/4")."""
+    from helpers import tiny_study_yaml
+    from loraplace.runner import RunHooks
+    from loraplace.study import load_study, run_study
+
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    text = tiny_study_yaml("t", steps=1, seeds=[0, 1]).replace("eval_count: 8", "eval_count: 8, validation_count: 8")
+    (tmp_path / "s.yaml").write_text(text + "tune: {lr: [1.0e-3, 3.0e-3], seeds: [0]}\n")
+    seen = []
+    summary = run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db",
+                        hooks=RunHooks(on_start=lambda _t, index, total: seen.append((index, total))))
+    assert summary.ran == 6 and [i for i, _ in seen] == list(range(1, 7))
+    assert all(i <= total for i, total in seen) and seen[-1][1] == 6

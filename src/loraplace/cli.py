@@ -264,8 +264,12 @@ class TrainProgress:
             self.progress.stop()
 
     def start_study(self, total: int) -> None:
-        if self.progress is not None and self.study is None:
+        if self.progress is None:
+            return
+        if self.study is None:
             self.study = self.progress.add_task("study", total=total, info="")
+        else:  # more trials joined the run (a tuned study's other seeds)
+            self.progress.update(self.study, total=max(total, self.progress.tasks[self.study].total or 0))
 
     def trial_done(self, done: int, failed: int) -> None:
         if self.progress is not None and self.study is not None:

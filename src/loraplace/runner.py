@@ -121,7 +121,10 @@ def execute(store: Store, study_id: int, planned: dict[str, PlannedTrial], execu
     summary = summary or RunSummary()
     owner = Owner.current()
     remaining = set(planned)
-    to_run = len(planned) - summary.skipped
+    # What this call will run, after what earlier calls of this run ran (a tuned study calls again for the other
+    # seeds): the progress bar's total grows with it instead of showing "8/4".
+    runnable = ("pending", "interrupted") + (("failed",) if retry_failed else ())
+    to_run = summary.ran + sum(1 for t in store.trials(study_id) if t.id in planned and t.status in runnable)
     in_flight: dict[str, PlannedTrial] = {}
     prepared = False
     try:

@@ -634,7 +634,8 @@ def recommend(store: str = typer.Argument(..., help="study store (.db)"),
             "distinguishable": result.distinguishable, "difference": result.difference,
             "difference_interval": result.difference_interval, "p_value": result.p_value,
             "reason": result.reason, "placement_spec": result.placement_spec, "model": result.model,
-            "study": result.study, "budget": result.budget, "tuned": result.tuned}))
+            "study": result.study, "budget": result.budget, "tuned": result.tuned, "adapter": result.adapter,
+            "adapter_seed": result.adapter_seed}))
         return
     print_recommendation(result, store, out)
 
@@ -862,7 +863,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, traceback on --debug
         if _STATE["debug"]:
             traceback.print_exc()
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n  hint: run with --debug for the "
-                  "traceback and report it", highlight=False)
+        hint = ("the traceback is above: please report it" if _STATE["debug"] else
+                "run with --debug for the traceback and report it")
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n  hint: {hint}", highlight=False)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)

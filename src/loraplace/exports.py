@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from loraplace.errors import LoraplaceError
+from loraplace.formatting import plural
 from loraplace.placement.plan import Plan, PlannedModule
 from loraplace.records import lora_params
 
@@ -141,8 +142,8 @@ def _uniform(plan: Plan, fmt: str, lossy: bool) -> Uniform:
     else:
         # The one rank whose parameter count is nearest the plan's.
         rank = max(1, round(lora_total / per_unit))
-        lost.append(f"per-site ranks ({', '.join(f'r={r}: {n} sites' for r, n in sorted(ranks.items()))}) become "
-                    f"one rank r={rank}")
+        per_rank = ", ".join(f"r={r}: {plural(n, 'site')}" for r, n in sorted(ranks.items()))
+        lost.append(f"per-site ranks ({per_rank}) become one rank r={rank}")
     ratios = {m.alpha / m.rank for m in plan.modules}
     alpha_values = {m.alpha for m in plan.modules}
     if len(alpha_values) == 1:
@@ -184,7 +185,7 @@ def _header(plan: Plan, exp_params: int, lost: tuple[str, ...], fmt: str) -> str
     label = str(plan.placement.get("label", ""))
     label = label if len(label) <= 80 else label[:77] + "…"
     lines = [f"# loraplace export-placement --to {fmt}: {plan.model}" + (f", placement {label}" if label else ""),
-             f"# {len(plan.modules)} sites, {plan.trainable_params:,} trainable parameters in the plan"]
+             f"# {plural(len(plan.modules), 'site')}, {plan.trainable_params:,} trainable parameters in the plan"]
     if lost:
         lines += _lossy_note(lost)
         diff = exp_params - plan.trainable_params

@@ -47,3 +47,8 @@ def one_line(text: str, limit: int = 240) -> str:
                                 for out, line in zip(lines, lines[1:], strict=False))
     return joined if len(joined) <= limit else joined[:limit - 1] + "…"
 
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 site``, ``2 sites`` (``many``: an irregular plural)."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
+

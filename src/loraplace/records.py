@@ -424,6 +424,9 @@ class Recommendation(Record):
     tuned: bool = Field(description="each placement ran at its own selected learning rate")
     trial_spec: dict[str, Any] = Field(default_factory=dict, description="the resolved spec of the chosen group's "
                                        "first trial (model, data, train: what the result was measured with)")
+    adapter: str | None = Field(default=None, description="the trained PEFT adapter of the chosen group's best seed "
+                                "(a directory PeftModel.from_pretrained loads), when the store kept it")
+    adapter_seed: int | None = Field(default=None, description="the seed whose adapter that is")
 
 
 # --------------------------------------------------------------------------------------------- search

@@ -102,11 +102,11 @@ def print_status(study: StudyRecord, trials: list[TrialRecord], counts: dict[str
     table = Table(title=f"study {study.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v),
                   pad_edge=False)
     # With a validation split the validation loss comes first: it is what a tuned study selects on, and the test
-    # split is for the report.
+    # split's ("eval loss", as in the comparison and the report) is for the report.
     with_val = any(t.metrics is not None and t.metrics.val_loss is not None for t in trials)
     for col, justify in (("trial", "left"), ("placement", "left"), ("size", "right"), ("seed", "right"),
                          ("status", "left")) + ((("val loss", "right"),) if with_val else ()) + (
-                            ("test loss" if with_val else "eval loss", "right"), ("ppl", "right"),
+                            ("eval loss", "right"), ("ppl", "right"),
                             ("params", "right"), ("tok/s", "right"), ("train s", "right")):
         table.add_column(col, justify=justify, overflow="fold")
     style = {"done": "green", "failed": "red", "running": "yellow", "interrupted": "magenta", "pending": "dim"}
@@ -214,7 +214,7 @@ def print_recommendation(result, store: str, console: Console) -> None:
     """``loraplace recommend``: the choice, its evidence, and how to carry it on."""
     chosen = result.chosen
     interval = "" if chosen.interval is None else f", 95 % CI [{chosen.interval[0]:.4f}, {chosen.interval[1]:.4f}]"
-    lr = "" if chosen.lr is None else f" at lr {chosen.lr:g}"
+    lr = "" if chosen.lr is None or "lr=" in chosen.size else f" at lr {chosen.lr:g}"  # a tuned size says it
     console.print(f"[bold]recommended:[/] {escape(chosen.placement)} ({escape(chosen.size)}){lr}: "
                   f"{result.metric_label} {chosen.value:.4f}{interval}, {chosen.trainable_params:,} trainable "
                   f"parameters, {chosen.seeds} seed{'s' if chosen.seeds != 1 else ''}", highlight=False)
@@ -228,5 +228,10 @@ def print_recommendation(result, store: str, console: Console) -> None:
     if not result.tuned:
         console.print("[dim]the study did not tune the learning rate per placement (tune:); the comparison is at "
                       "the LRs it ran[/]", highlight=False)
+    if result.adapter is not None:
+        path = escape(repr(result.adapter))
+        console.print(f"trained adapter (seed {result.adapter_seed}): {escape(result.adapter)}\n  load it: "
+                      f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {path}); merge it "
+                      "into the base: .merge_and_unload()", highlight=False)
     console.print(f"use it: loraplace export-placement --from {escape(store)} --to peft --out adapter_config.json",
                   highlight=False)

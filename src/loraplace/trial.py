@@ -24,6 +24,7 @@ from loraplace.atomic import write_json_atomic
 from loraplace.data import DataSpec, Splits, TokenizedSet, load_splits
 from loraplace.errors import LoraplaceError, PlacementError, TrialFailed
 from loraplace.evaluate import eval_loss, perplexity, task_accuracy
+from loraplace.formatting import plural
 from loraplace.models import pad_token_id
 from loraplace.peft_io import TrainedAdapters, load_weights, site_parameters
 from loraplace.placement import (
@@ -237,7 +238,7 @@ class Session:
             if created != expected.trainable_params:  # PEFT adapted other than the plan: never train that
                 raise TrialFailed(f"PEFT created {created:,} trainable parameters where the plan has "
                                   f"{expected.trainable_params:,}: it did not adapt exactly the planned sites "
-                                  f"({len(plan.modules)} sites, family {plan.family})")
+                                  f"({plural(len(plan.modules), 'site')}, family {plan.family})")
             yield peft_model
         finally:
             self.model = peft_model.unload()

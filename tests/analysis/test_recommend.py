@@ -78,9 +78,13 @@ def test_recommend_command(cli, study_store):
     text = cli("recommend", str(study_store))
     assert text.returncode == 0 and "recommended:" in text.stdout and "runner-up:" in text.stdout
     assert "export-placement --from" in text.stdout
+    assert "trained adapter (seed" in text.stdout and "PeftModel.from_pretrained" in text.stdout
     data = json.loads(cli("recommend", str(study_store), "--json").stdout)
-    for key in ("placement", "size", "metric", "value", "interval", "runner_up", "distinguishable"):
+    for key in ("placement", "size", "metric", "value", "interval", "runner_up", "distinguishable", "adapter"):
         assert key in data
+    from pathlib import Path
+
+    assert (Path(data["adapter"]) / "adapter_config.json").is_file()
     assert data["metric"] == "eval_loss" and data["placement"] in ("all", "attn", "top")
     exported = cli("export-placement", "--from", str(study_store), "--to", "peft")
     assert exported.returncode == 0, exported.stderr

@@ -155,7 +155,13 @@ def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget:
     placement = PlacementSpec.model_validate(first_spec["placement"])
     placement_spec = (exact_placement_spec(chosen.sites, placement) if chosen.sites is not None else
                       placement.model_dump(mode="json", exclude_none=True, exclude_defaults=True))
+    # The chosen group's best seed whose adapter is on disk: what a user loads or merges right away.
+    kept = [t for t in chosen.trials if t.outcome is not None and t.outcome.adapter is not None
+            and metric in t.metrics]
+    best_trial = (min if lower else max)(kept, key=lambda t: t.metrics[metric]) if kept else None
     return Recommendation(
+        adapter=None if best_trial is None else best_trial.outcome.adapter.path,
+        adapter_seed=None if best_trial is None else best_trial.seed,
         study=analysis.name, model=analysis.model, metric=metric, metric_label=label, lower_is_better=lower,
         budget=budget, chosen=_candidate(chosen, metric, specs),
         runner_up=None if other is None else _candidate(other, metric, specs),

@@ -162,3 +162,21 @@ def test_probe_shows_each_measure(tmp_path, capsys, monkeypatch):
     assert done.returncode == 0 and json.loads(done.stdout)["measure"] == "gradient"
     bad = run_cli_in_process(*common, "--measure", "norm", capsys=capsys)
     assert bad.returncode == 2 and "--measure" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_train_reproduces_a_study_arm(tmp_path, capsys, monkeypatch):
+    """One trial with a carved validation split and a LoRA variant, as a study's arm has them."""
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    done = run_cli_in_process("train", "--model", "tiny:llama", "--data", "builtin:arithmetic?n=48", "--steps", "2",
+                              "--batch", "4", "--precision", "fp32", "--test-count", "8", "--validation-count", "8",
+                              "--variant", "dora", "--placement", "attn", "--rank", "2", "--json", capsys=capsys)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["val_loss"] is not None and summary["trainable_params"] > 0
+    from loraplace.placement import plan_for_model
+
+    assert summary["trainable_params"] == plan_for_model("tiny:llama", {"roles": ["attn"], "variant": "dora"},
+                                                         rank=2).trainable_params
+    clash = run_cli_in_process("train", "--model", "tiny:llama", "--placement", "{roles: [attn], variant: eva}",
+                               "--variant", "dora", capsys=capsys)
+    assert clash.returncode == 2 and "give it in one place" in clash.stderr

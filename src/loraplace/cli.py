@@ -306,10 +306,20 @@ def train(
     model: str = typer.Option("builtin:smollm2-135m", "--model", "-m", help="model reference"),
     data: str = typer.Option("builtin:arithmetic", "--data", "-d", help="training data source"),
     eval_data: str | None = typer.Option(None, "--eval-data", help="separate eval source (default: 10% split)"),
-    eval_fraction: float | None = typer.Option(None, "--eval-fraction"),
+    eval_fraction: float | None = typer.Option(None, "--eval-fraction", help="test split carved from --data, a "
+                                               "fraction"),
+    test_count: int | None = typer.Option(None, "--test-count", min=1, help="test split carved from --data, a "
+                                          "count (a study's data.test_count)"),
+    validation_count: int | None = typer.Option(None, "--validation-count", min=1, help="validation split carved "
+                                                "from --data, a count: the trial reports its validation loss too"),
+    validation_fraction: float | None = typer.Option(None, "--validation-fraction", help="validation split "
+                                                     "carved from --data, a fraction"),
+    split_seed: int | None = typer.Option(None, "--split-seed", help=_default(DataSpec, "split_seed")),
     limit: int | None = typer.Option(None, "--limit", help="use the first N training examples"),
     data_format: str | None = typer.Option(None, "--format", help="auto|alpaca|gsm8k|messages|prompt_completion|text"),
     placement: str = typer.Option("all", "--placement", "-p"),
+    variant: str | None = typer.Option(None, "--variant", help="lora | rslora | dora | pissa | eva (default: the "
+                                       "placement's, else lora)"),
     rank: int | None = typer.Option(None, "--rank", "-r", help=f"default {DEFAULT_RANK}"),
     budget: int | None = typer.Option(None, "--budget", help="trainable-parameter budget: solve the rank"),
     fill: str | None = typer.Option(None, "--fill", help=FILL_HELP),
@@ -351,14 +361,20 @@ def train(
 
     raw = {
         "model": model,
-        "data": given(train=data, eval=eval_data, eval_fraction=eval_fraction, limit=limit, format=data_format,
-                      max_len=max_len),
-        "placement": _placement_dict(placement) | ({"allow_unassigned": True} if allow_unassigned else {}),
+        "data": given(train=data, eval=eval_data, eval_fraction=eval_fraction, test_count=test_count,
+                      validation_count=validation_count, validation_fraction=validation_fraction,
+                      split_seed=split_seed, limit=limit, format=data_format, max_len=max_len),
+        "placement": _placement_dict(placement) | ({"allow_unassigned": True} if allow_unassigned else {})
+        | given(variant=variant),
         "train": given(steps=steps, epochs=epochs, batch=batch, micro_batch=micro_batch, lr=lr, schedule=schedule,
                        warmup=warmup, seed=seed, precision=precision, device=device,
                        packing=False if no_packing else None),
         "eval": given(generate=generate),
     } | given(rank=rank, budget=budget, fill=fill)
+    own_variant = _placement_dict(placement).get("variant")
+    if variant is not None and own_variant is not None and own_variant != variant:
+        raise ConfigError([f"--variant {variant}: the placement says variant {own_variant}; give it in one place"],
+                          "invalid trial options")
     spec = validate(TrialSpec, raw, "invalid trial options")
     if out_dir is not None:  # before any work: a trial must not train and then fail to save
         _output_dir(out_dir, {"metrics.json": "status", "adapter": "adapter", "probe.json": "sites"})

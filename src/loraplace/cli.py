@@ -488,7 +488,10 @@ def run(
                   f"{summary.skipped} already done; {len(summary.recovered)} recovered from a dead run; "
                   f"{summary.wall_s:.1f} s", highlight=False)
         if summary.execution:
-            err.print(summary.execution, highlight=False, style="dim")
+            fused_note = "" if summary.fused or "fused in groups" not in summary.execution else (
+                "; none of this run's trials was fused with another (one trial at a time, or groups that could "
+                "not fuse: their warnings say why)")
+            err.print(summary.execution + fused_note, highlight=False, style="dim")
     _print_status(store_path, study.name)
     if summary.done or summary.skipped:
         from loraplace.analysis import analyze_store

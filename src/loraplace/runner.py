@@ -73,6 +73,7 @@ class RunSummary:
     warnings: list[str] = field(default_factory=list)  # about the inputs, found before anything ran
     execution: str | None = None  # how the trials ran, when fused or sized by execution.fuse: auto
     rung_runs: int = 0  # a search's candidate runs to a rung in this run
+    fused: int = 0  # trials of this run that trained fused with others
     wall_s: float = 0.0
 
 
@@ -152,6 +153,7 @@ def execute(store: Store, study_id: int, planned: dict[str, PlannedTrial], execu
                     summary.done += 1
                 else:
                     summary.failed += 1
+                summary.fused += outcome.fused_with > 0
                 if hooks.on_end is not None:
                     hooks.on_end(trial, outcome)
     except KeyboardInterrupt:

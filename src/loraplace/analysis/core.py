@@ -356,7 +356,11 @@ def _warnings(groups: dict[GroupKey, Group], rows: list[TrialRow], counts: dict[
             out.append(f"placements at {size.label} are not budget-matched (trainable params "
                        f"{min(params):,}–{max(params):,}): lower loss may only mean more parameters; "
                        "read the Pareto plot, or run with budget:/budgets:")
-    out += [f"{placement}: {w}" for placement, ws in trial_warnings.items() for w in ws]
+    # A warning every placement shares (the data's truncation, say) is said once, not once per placement.
+    shared = [w for w in next(iter(trial_warnings.values()), []) if len(trial_warnings) > 1
+              and all(w in ws for ws in trial_warnings.values())]
+    out += [f"every placement: {w}" for w in shared]
+    out += [f"{placement}: {w}" for placement, ws in trial_warnings.items() for w in ws if w not in shared]
     failed = [r for r in rows if r.status == "failed"]
     if failed:
         out.append(f"{len(failed)} trial(s) failed: " + "; ".join(

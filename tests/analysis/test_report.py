@@ -113,3 +113,19 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1280,2400",
                     f"--screenshot={shot}", written["html"].as_uri()], capture_output=True, timeout=120)
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def test_a_two_layer_placement_map_has_whole_layer_ticks(tmp_path, monkeypatch):
+    """Layers are whole numbers: a 2-layer model's map is ticked 0 and 1, never −0.5, 0.5 …"""
+    from loraplace.analysis import figures
+
+    ticks = []
+    save = figures._save
+
+    def keep(fig, *args, **kwargs):
+        ticks.extend(t for ax in fig.axes if ax.get_ylabel() == "layer" for t in ax.get_yticks())
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    figures.site_heatmap({"all": [[1.0, 0.0], [0.0, 1.0]]}, ("attn.q", "mlp.up"), tmp_path, "sites", "t", "c", "r")
+    assert ticks and all(float(t).is_integer() for t in ticks)

@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display is ever needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from loraplace.analysis.core import StudyAnalysis  # noqa: E402
 from loraplace.analysis.stats import summarize  # noqa: E402
@@ -184,6 +185,7 @@ def site_heatmap(matrices: dict[str, list[list[float]]], roles: Sequence[str], o
             if per_panel_scale:
                 fig.colorbar(image, ax=ax, shrink=0.8)
             ax.set_title(label, fontsize=7)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole: no 0.5 ticks on 2 layers
             ax.set_xticks(range(len(roles)), [short_role(r) for r in roles], rotation=90, fontsize=6)
             ax.grid(False)
             for spine in ax.spines.values():

@@ -91,6 +91,7 @@ h1{font-size:1.6em;margin:.2em 0}h2{font-size:1.2em;margin-top:2em;border-bottom
 .meta{color:#555}.warn{background:#fff7e0;border-left:4px solid #f0b400;padding:.5em 1em;margin:1em 0}
 .warn li{margin:.2em 0}table{border-collapse:collapse;font-size:12.5px;margin:.6em 0;display:block;overflow-x:auto}
 th,td{padding:.3em .6em;border-bottom:1px solid #e6e6e6;text-align:left;white-space:nowrap}
+td:not(.num),th{white-space:normal;overflow-wrap:anywhere;min-width:4em}th{max-width:10em}
 th{background:#f6f6f8;font-weight:600;position:sticky;top:0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.baseline td{background:#f3f6fb}tr.muted td{color:#777}.note{color:#666;font-size:12px;margin:.2em 0}
 .figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:0 1.5em}

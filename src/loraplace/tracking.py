@@ -218,7 +218,13 @@ class Tracker:
                 self.spec = self.spec.model_copy(update={name: None})
 
     def _open_mlflow(self, spec: MlflowSpec, study_spec: dict[str, Any]) -> None:
+        import logging
+
         from mlflow.tracking import MlflowClient
+
+        # MLflow's and its database migrations' INFO lines are not the user's business on a study's stderr.
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         client = MlflowClient(tracking_uri=spec.tracking_uri)
         experiment = client.get_experiment_by_name(spec.experiment)

@@ -180,3 +180,12 @@ def test_train_reproduces_a_study_arm(tmp_path, capsys, monkeypatch):
     clash = run_cli_in_process("train", "--model", "tiny:llama", "--placement", "{roles: [attn], variant: eva}",
                                "--variant", "dora", capsys=capsys)
     assert clash.returncode == 2 and "give it in one place" in clash.stderr
+
+
+def test_help_names_the_extras_and_shows_no_type_for_flags(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    done = run_cli_in_process("train", "--help", capsys=capsys)
+    assert "loraplace[mlflow]" in done.stdout and "loraplace[tensorboard]" in done.stdout
+    assert "loraplace[wandb]" in done.stdout
+    flags = [line for line in done.stdout.splitlines() if "--force" in line or "--json" in line]
+    assert flags and not any("<bool>" in line for line in flags)

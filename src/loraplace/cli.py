@@ -30,6 +30,7 @@ from loraplace.formatting import one_line
 from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill
 from loraplace.train_config import DEFAULT_STEPS, TrainSpec
 
+FLAG = ""  # a flag takes no value: --help shows no "<bool>" type for it
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Selective LoRA placement studies: where should the adapters go, and at what rank?")
 # Piped output (make, CI logs) gets a readable width instead of rich's 80-column fallback.
@@ -47,7 +48,7 @@ class Terminated(KeyboardInterrupt):
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", metavar=FLAG, help="Show tracebacks on errors.")) -> None:
     _STATE["debug"] = debug
 
 
@@ -98,9 +99,9 @@ def plan(
     device_memory: str | None = typer.Option(None, "--device-memory",
                                              help="e.g. 24GiB: say whether training fits, with and without "
                                                   "activation checkpointing"),
-    force: bool = typer.Option(False, "--force", help="allow adapters larger than the base model"),
-    allow_unassigned: bool = typer.Option(False, "--allow-unassigned", help=ALLOW_UNASSIGNED_HELP),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    force: bool = typer.Option(False, "--force", metavar=FLAG, help="allow adapters larger than the base model"),
+    allow_unassigned: bool = typer.Option(False, "--allow-unassigned", metavar=FLAG, help=ALLOW_UNASSIGNED_HELP),
+    as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="print one JSON object"),
 ) -> None:
     """Dry-run: show every module a placement adapts and the exact trainable-parameter count. Loads no weights
     (an auto placement loads the model to run its importance probe first)."""
@@ -204,7 +205,7 @@ def probe(
                                 "gradient) | nfn (PLoP's normalized feature norm, forward only: auto method nfn)"),
     max_len: int = typer.Option(512, "--max-len", min=8, help="token limit per example"),
     out_dir: str | None = typer.Option(None, "--out", "-o", help="write probe.json and the heatmap here"),
-    as_json: bool = typer.Option(False, "--json", help="print the scores as one JSON object"),
+    as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="print the scores as one JSON object"),
 ) -> None:
     """Importance probe: score every (layer, role) site on a few batches of your data — by the top-r singular
     values of its loss gradient and its efficiency per trainable parameter (--measure gradient), or by PLoP's
@@ -336,11 +337,11 @@ def train(
     precision: str | None = typer.Option(None, "--precision", help="auto|bf16|fp32; " + _default(TrainSpec,
                                                                                                   "precision")),
     device: str | None = typer.Option(None, "--device", help=_default(TrainSpec, "device")),
-    no_packing: bool = typer.Option(False, "--no-packing", help="pad instead of packing examples"),
+    no_packing: bool = typer.Option(False, "--no-packing", metavar=FLAG, help="pad instead of packing examples"),
     generate: int | None = typer.Option(None, "--generate", help="greedy-generate N eval examples for task accuracy"),
     out_dir: str | None = typer.Option(None, "--out", help="directory for adapter/ and metrics.json"),
-    force: bool = typer.Option(False, "--force", help="allow adapters larger than the base model"),
-    allow_unassigned: bool = typer.Option(False, "--allow-unassigned", help=ALLOW_UNASSIGNED_HELP),
+    force: bool = typer.Option(False, "--force", metavar=FLAG, help="allow adapters larger than the base model"),
+    allow_unassigned: bool = typer.Option(False, "--allow-unassigned", metavar=FLAG, help=ALLOW_UNASSIGNED_HELP),
     mlflow_uri: str | None = typer.Option(None, "--mlflow-uri", help="log the trial as an MLflow run (e.g. "
                                           "sqlite:///mlflow.db); needs loraplace\\[mlflow]"),
     mlflow_experiment: str = typer.Option("loraplace", "--mlflow-experiment"),
@@ -349,8 +350,8 @@ def train(
     wandb_project: str | None = typer.Option(None, "--wandb-project", help="log the trial as a W&B run in this "
                                              "project (WANDB_MODE=offline: written locally); needs "
                                              "loraplace\\[wandb]"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object (no progress bar)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="print one JSON object (no progress bar)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar=FLAG),
 ) -> int:
     """Run one trial: data → train → evaluate → PEFT adapter."""
     from loraplace.specs import validate
@@ -413,13 +414,14 @@ def run(
     store: str | None = typer.Option(None, "--store", help="SQLite store (default runs/NAME.db)"),
     backend: str = typer.Option("local", "--backend", help="local | ray"),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start one here)"),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="re-run failed trials too"),
-    extend: bool = typer.Option(False, "--extend", help="add new cells (placements, sizes, seeds, axis values) to "
+    retry_failed: bool = typer.Option(False, "--retry-failed", metavar=FLAG, help="re-run failed trials too"),
+    extend: bool = typer.Option(False, "--extend", metavar=FLAG, help="add new cells (placements, sizes, seeds, "
+                                "axis values) to "
                                 "an existing study; settings of existing groups cannot change"),
-    force: bool = typer.Option(False, "--force", help="allow adapters larger than the base model"),
-    allow_unassigned: bool = typer.Option(False, "--allow-unassigned", help=ALLOW_UNASSIGNED_HELP
+    force: bool = typer.Option(False, "--force", metavar=FLAG, help="allow adapters larger than the base model"),
+    allow_unassigned: bool = typer.Option(False, "--allow-unassigned", metavar=FLAG, help=ALLOW_UNASSIGNED_HELP
                                           + " (the same as allow_unassigned: true in the spec)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar=FLAG),
 ) -> int:
     """Run a study: every unfinished trial of the grid, into a crash-safe store (resumable)."""
     import signal
@@ -603,7 +605,8 @@ def report(store: str = typer.Argument(..., help="study store (.db)"),
                                               "the store)"),
            formats: str = typer.Option("html,md,tex,csv", "--format", help="comma-separated: html,md,tex,csv"),
            name: str | None = typer.Option(None, "--study", help="study name (default: the latest)"),
-           quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the report's path")) -> None:
+           quiet: bool = typer.Option(False, "--quiet", "-q", metavar=FLAG,
+                                      help="print only the report's path")) -> None:
     """Statistics across seeds, baseline comparison, Pareto frontier and figures: HTML, Markdown, LaTeX, CSV.
     Safe while a study is running (it reads finished trials)."""
     from pathlib import Path
@@ -635,7 +638,7 @@ def recommend(store: str = typer.Argument(..., help="study store (.db)"),
                                                 "most this many trainable parameters"),
               metric: str = typer.Option("eval_loss", "--metric", help="eval_loss (the test split) | accuracy"),
               name: str | None = typer.Option(None, "--study", help="study name (default: the latest)"),
-              as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+              as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="print one JSON object")) -> None:
     """The placement to use: the best at or under the budget on the metric (each placement at its selected LR
     when the study tuned it), its interval, the runner-up, and whether the two are distinguishable. Safe while a
     study is running (it reads finished trials)."""
@@ -667,7 +670,8 @@ def export_placement(
                                       "loraplace recommend gives it, with --budget/--metric/--study)"),
     to: str = typer.Option(..., "--to", help="peft | trl | axolotl | llamafactory | torchtune"),
     output: str | None = typer.Option(None, "--out", "-o", help="file (default: stdout)"),
-    lossy: bool = typer.Option(False, "--lossy", help="where the format cannot express the placement, write the "
+    lossy: bool = typer.Option(False, "--lossy", metavar=FLAG, help="where the format cannot express the placement, "
+                               "write the "
                                "closest form it can (the parameter difference is printed) instead of failing"),
     rank: int | None = typer.Option(None, "--rank", "-r", min=1, help=f"LoRA rank (default {DEFAULT_RANK})"),
     budget: int | None = typer.Option(None, "--budget", min=1, help="trainable-parameter budget (with --from: only "
@@ -679,7 +683,7 @@ def export_placement(
     data: str | None = typer.Option(None, "--data", help=f"auto placements only: data the probe reads (default "
                                     f"{DEFAULT_PROBE_DATA})"),
     max_len: int = typer.Option(512, "--max-len", min=8, help="auto placements only: token limit of the probe data"),
-    allow_unassigned: bool = typer.Option(False, "--allow-unassigned", help=ALLOW_UNASSIGNED_HELP),
+    allow_unassigned: bool = typer.Option(False, "--allow-unassigned", metavar=FLAG, help=ALLOW_UNASSIGNED_HELP),
     torchtune_component: str | None = typer.Option(None, "--torchtune-component",
                                                    help="torchtune's LoRA builder for a model loraplace cannot "
                                                         "map (e.g. torchtune.models.llama3_2.lora_llama3_2_1b)"),

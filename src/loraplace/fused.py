@@ -85,6 +85,7 @@ from loraplace.train_config import TrainSpec
 # DoRA's math is per trial (its magnitude vector and the norm of its own W + ΔW), so it fuses; EVA is plain LoRA
 # after PEFT's data-driven init (run per trial, as alone); PiSSA rewrites the shared base weights: not fusable.
 FUSABLE_VARIANTS = ("lora", "rslora", "dora", "eva")
+BNB_LAYERS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' quantized linears (a QLoRA base)
 # execution.fuse: auto. Fusion trades memory (activations grow with K) for fewer, larger kernels: it pays where a
 # step is launch-bound (a GPU at small batch), not where it is compute-bound. On the 2-core CPU it was measured at
 # 1.01× the sequential wall time on the quickstart and 0.76× on bench_fused.py (benchmarks/RESULTS.md, 2026-11-24),
@@ -374,6 +375,10 @@ def fusion_problems(model, members: list[FusedMember]) -> tuple[list[str], dict[
         group.append(f"family {family!r}: fused rows need packing, which is not verified for it")
     if len({m.key for m in members}) != len(members):
         group.append("two members share a trial id")
+    quantized = sorted({type(mod).__name__ for mod in lm.modules() if type(mod).__name__ in BNB_LAYERS})
+    if quantized:
+        group.append(f"the base is quantized by bitsandbytes ({', '.join(quantized)}): fused LoRA layers wrap plain "
+                     "linear weights")
     dropout = base_dropout(lm)
     for m in members:
         if dropout and m.train.base_dropout == "keep":

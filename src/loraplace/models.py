@@ -425,23 +425,52 @@ def load_tokenizer(ref: str | ModelRef):
     return tok
 
 
+def quantization_config(quantize: str, compute_dtype: torch.dtype, double_quant: bool = True):
+    """Hugging Face's ``BitsAndBytesConfig`` for a ``TrainSpec.quantize`` value (None for "none")."""
+    if quantize == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise ModelError(f"quantize: {quantize} needs bitsandbytes", "pip install 'loraplace[qlora]'") from None
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_use_double_quant=double_quant)
+
+
 def load_model(ref: str | ModelRef, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               seed: int = 0) -> nn.Module:
-    """Load the causal LM with weights (tiny: random init from ``seed``), in eval mode, on ``device``."""
+               seed: int = 0, quantize: str = "none", double_quant: bool = True) -> nn.Module:
+    """Load the causal LM with weights (tiny: random init from ``seed``), in eval mode, on ``device``. ``quantize``
+    (nf4 | fp4 | int8) loads the linear weights of the blocks through bitsandbytes, as QLoRA does; the rest (the
+    embeddings, norms, head) stays in ``dtype``."""
     from transformers import AutoModelForCausalLM
 
     mref = ref if isinstance(ref, ModelRef) else ModelRef.parse(ref)
     if mref.kind == "config":
         raise ModelError(f"{mref.name} is a config file: it has no weights",
                          "plan with it, or train with a checkpoint directory, a hub id or builtin:smollm2-135m")
+    quantized = quantization_config(quantize, dtype, double_quant)
     with _quiet_transformers():
-        if mref.kind == "tiny":
+        if mref.kind == "tiny" and quantized is not None:
+            # bitsandbytes quantizes while loading a checkpoint: the tiny model's seeded weights, saved once.
+            source = cache_dir() / "tiny" / f"{mref.name}-seed{seed}"
+            if not (source / "config.json").is_file():
+                with _seeded(seed):
+                    AutoModelForCausalLM.from_config(_tiny_config(mref.name), dtype=torch.float32).save_pretrained(
+                        source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, quantization_config=quantized,
+                                                         device_map={"": str(device)})
+        elif mref.kind == "tiny":
             config = _tiny_config(mref.name)
             with _seeded(seed):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         else:
             try:
-                model = AutoModelForCausalLM.from_pretrained(checkpoint_path(mref), dtype=dtype)
+                extra = {} if quantized is None else {"quantization_config": quantized,
+                                                      "device_map": {"": str(device)}}
+                model = AutoModelForCausalLM.from_pretrained(checkpoint_path(mref), dtype=dtype, **extra)
             except ModelError:
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -449,7 +478,7 @@ def load_model(ref: str | ModelRef, dtype: torch.dtype = torch.float32, device: 
                     raise _hub_error(mref.name, exc) from exc
                 raise ModelError(f"cannot load {mref}: {exc}") from exc
     model.config.name_or_path = str(mref)
-    return model.to(device).eval()
+    return (model if quantized is not None else model.to(device)).eval()  # bnb weights are placed as loaded
 
 
 @contextlib.contextmanager

@@ -147,6 +147,8 @@ class Environment(Record):
     device: str = ""
     dtype: str = ""
     versions: dict[str, str] = Field(default_factory=dict)
+    quantize: str = Field(default="none", description="how the frozen base was loaded: none, or the bitsandbytes "
+                          "quantization (nf4 | fp4 | int8)")
 
 
 class GenerationSample(Record):

@@ -9,6 +9,7 @@ executor, several at once on one base. Executors never touch the store; they get
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -189,33 +190,41 @@ class LocalExecutor:
 
     def wait(self) -> Iterator[tuple[str, TrialOutcome]]:
         trial, heartbeat = self._queue.pop(0)
-        failure = self._load()
+        failure = self._load(trial.spec)
         if failure is not None:  # the model did not load: this trial fails like any other
             yield trial.id, TrialOutcome.failed(failure)
             return
         yield trial.id, self._run(trial, heartbeat)
 
-    def _load(self) -> Failure | None:
+    def _load(self, spec: TrialSpec | None = None) -> Failure | None:
+        """The session for ``spec``'s base (loaded on first use; loaded again when a trial wants the base
+        quantized otherwise — ``axes: {quantize: …}`` — the previous one released first)."""
+        base = ("none", True) if spec is None else (spec.train.quantize, spec.train.bnb_4bit_use_double_quant)
         try:
+            if self._session is not None and self._session.base != base:
+                self._session = None
+                gc.collect()
             if self._session is None:
-                self._session = Session(self.model, device=self.device, precision=self.precision)
+                self._session = Session(self.model, device=self.device, precision=self.precision,
+                                        quantize=base[0], double_quant=base[1])
         except Exception as exc:  # noqa: BLE001
             return failure_of(exc)
         return None
 
-    def _run(self, trial: PlannedTrial, heartbeat: Heartbeat) -> TrialOutcome:
+    def _run(self, trial: PlannedTrial, heartbeat: Heartbeat, notes: tuple[str, ...] = ()) -> TrialOutcome:
         def on_step(step: int, total: int, loss: float | None, tokens: int) -> None:
             heartbeat()
             if self.progress is not None:
                 self.progress(step, total, loss, tokens)
 
         return run_trial(trial.spec, session=self._session, out_dir=trial_dir(self.artifacts, trial.id),
-                         progress=on_step, continuation=None if trial.state is None else Continuation(trial.state))
+                         progress=on_step, continuation=None if trial.state is None else Continuation(trial.state),
+                         notes=notes)
 
     def run_rung(self, tasks: list[RungTask]) -> Iterator[RungResult]:
         """A search rung's candidates, one at a time; each result as it is ready."""
         for task in tasks:
-            failure = self._load()
+            failure = self._load(task.spec)
             if failure is not None:
                 yield RungResult(candidate=task.candidate, rung=task.rung, steps=task.steps, status="failed",
                                  failure=failure, trained_steps=0)
@@ -264,7 +273,7 @@ class FusedExecutor(LocalExecutor):
         from loraplace.models import causal_lm
         from loraplace.train import free_memory_bytes
 
-        if self._load() is not None:  # the load failure surfaces as the first trial's outcome
+        if self._load(self._widest) is not None:  # the load failure surfaces as the first trial's outcome
             self.decision = "trials run one at a time (the base model did not load)"
             return 1
         session, spec = self._session, self._widest
@@ -274,20 +283,32 @@ class FusedExecutor(LocalExecutor):
             spec.train.resolved_loss_chunk(session.device.type))
         return size
 
-    def _load(self) -> Failure | None:
+    def _load(self, spec: TrialSpec | None = None) -> Failure | None:
         if self._load_failure is None:
-            self._load_failure = super()._load()
+            self._load_failure = super()._load(spec)
         return self._load_failure
 
     def run_rung(self, tasks: list[RungTask]) -> Iterator[RungResult]:
-        """A search rung's candidates in fused groups of up to ``capacity`` (alone when that is 1)."""
-        if self.capacity <= 1 or len(tasks) == 1 or self._load() is not None:
+        """A search rung's candidates in fused groups of up to ``capacity`` (alone when that is 1, or on a
+        quantized base)."""
+        if self.capacity <= 1 or len(tasks) == 1 or any(t.spec.train.quantize != "none" for t in tasks) \
+                or self._load(tasks[0].spec) is not None:
             yield from super().run_rung(tasks)
             return
         for i in range(0, len(tasks), self.capacity):
             yield from fused_rung(self._session, tasks[i:i + self.capacity], self.progress)
 
     def wait(self) -> Iterator[tuple[str, TrialOutcome]]:
+        quantized = [item for item in self._queue if item[0].spec.train.quantize != "none"]
+        if quantized:  # fused LoRA layers wrap plain linears, not bitsandbytes ones: these run alone, saying so
+            trial, heartbeat = quantized[0]
+            self._queue.remove(quantized[0])
+            failure = self._load(trial.spec)
+            note = (f"not fused: the base is quantized ({trial.spec.train.quantize}); fused LoRA layers wrap plain "
+                    "linear weights, not bitsandbytes ones",)
+            yield trial.id, TrialOutcome.failed(failure) if failure is not None else self._run(trial, heartbeat,
+                                                                                                 note)
+            return
         if len(self._queue) == 1:  # alone (auto chose 1, or the study's last trial): the plain path, with losses
             yield from super().wait()
             return
@@ -295,11 +316,11 @@ class FusedExecutor(LocalExecutor):
         if continuing:  # a search finalist continuing its saved state runs alone (fused groups start fresh)
             self._queue = [item for item in self._queue if item[0].state is None] + continuing[1:]
             trial, heartbeat = continuing[0]
-            failure = self._load()
+            failure = self._load(trial.spec)
             yield trial.id, TrialOutcome.failed(failure) if failure is not None else self._run(trial, heartbeat)
             return
         group, self._queue = self._queue, []
-        failure = self._load()
+        failure = self._load(group[0][0].spec)
         if failure is not None:
             for trial, _ in group:
                 yield trial.id, TrialOutcome.failed(failure)

@@ -38,7 +38,7 @@ from loraplace.tuning import TUNED_AXIS, Selection, TuneSpec, selections_of
 BACKENDS = ("local", "ray")
 MAX_NAME_LEN = 48  # a placement name is a column value in every table; longer ones break terminal layouts
 
-AXIS_FIELDS = ("lr", "steps", "batch", "warmup", "schedule", "weight_decay")
+AXIS_FIELDS = ("lr", "steps", "batch", "warmup", "schedule", "weight_decay", "quantize")
 
 
 def _axes_model() -> type[StrictModel]:

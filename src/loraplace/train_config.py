@@ -56,7 +56,14 @@ class TrainSpec(StrictModel):
         "recomputed in backward: the fp32 [labels, vocab] logits are never held whole. 0: all at once. auto: "
         f"{CPU_LOSS_CHUNK} on a CPU (measured faster there as well as leaner), all at once elsewhere")
 
-    added_fields = frozenset({"checkpointing", "loss_chunk", "static_shapes", "base_dropout"})
+    quantize: Literal["none", "nf4", "fp4", "int8"] = Field(
+        default="none", description="load the frozen base quantized by bitsandbytes (QLoRA: nf4); the adapters "
+        "train in fp32 on top, through PEFT's bitsandbytes LoRA layers. 4-bit compute dtype: the trial's precision")
+    bnb_4bit_use_double_quant: bool = Field(
+        default=True, description="nf4/fp4: quantize the quantization constants too (QLoRA's double quantization)")
+
+    added_fields = frozenset({"checkpointing", "loss_chunk", "static_shapes", "base_dropout", "quantize",
+                              "bnb_4bit_use_double_quant"})
 
     @model_validator(mode="before")
     @classmethod

@@ -101,16 +101,20 @@ def library_versions() -> dict[str, str]:
 class Session:
     """A loaded base model shared by many trials (plus tokenised data keyed by spec)."""
 
-    def __init__(self, model_ref: str, *, device: str = "auto", precision: str = "auto"):
+    def __init__(self, model_ref: str, *, device: str = "auto", precision: str = "auto", quantize: str = "none",
+                 double_quant: bool = True):
         from loraplace.models import load_model, load_tokenizer
 
         self.model_ref = model_ref
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(precision, self.device)
         t0 = time.perf_counter()
-        # Frozen weights live in the compute dtype: autocast then never re-casts them step after step.
-        self._hold(load_model(model_ref, dtype=self.dtype, device=self.device), load_tokenizer(model_ref),
-                   time.perf_counter() - t0)
+        # Frozen weights live in the compute dtype: autocast then never re-casts them step after step. Quantized
+        # (QLoRA): the blocks' linears are bitsandbytes layers computing in that dtype; PEFT's bnb LoRA layers sit
+        # on them.
+        self._hold(load_model(model_ref, dtype=self.dtype, device=self.device, quantize=quantize,
+                              double_quant=double_quant), load_tokenizer(model_ref), time.perf_counter() - t0)
+        self.base = (quantize, double_quant)
 
     @classmethod
     def from_model(cls, model, tokenizer, *, name: str, device: str = "auto", precision: str = "auto") -> Session:
@@ -124,6 +128,7 @@ class Session:
 
     def _hold(self, model, tokenizer, load_s: float) -> None:
         self.model, self.tokenizer, self.load_s = model, tokenizer, load_s
+        self.base = ("none", True)  # (TrainSpec.quantize, its double quantization) of the loaded base
         self.arch = map_architecture(self.model)
         self._data: dict[str, Splits] = {}
         self._probes: dict[tuple, ProbeScores] = {}
@@ -413,7 +418,12 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
     from loraplace.models import ModelRef, checkpoint_path
 
     placement = parse_placement(spec.placement)
-    session = session or Session(spec.model, device=spec.train.device, precision=spec.train.precision)
+    session = session or Session(spec.model, device=spec.train.device, precision=spec.train.precision,
+                                 quantize=spec.train.quantize, double_quant=spec.train.bnb_4bit_use_double_quant)
+    wanted = (spec.train.quantize, spec.train.bnb_4bit_use_double_quant)
+    if session.base[0] != wanted[0] or (wanted[0] in ("nf4", "fp4") and session.base != wanted):
+        raise LoraplaceError(f"this trial trains on a base quantized {wanted[0]}, the session holds one quantized "
+                             f"{session.base[0]}", "run it in a session loaded with its quantize setting")
     device, dtype = session.device, session.dtype
     splits = session.data(spec.data)
     data_key = spec.data.model_dump_json()  # probe cache key: the same data → the same probe, every seed
@@ -487,7 +497,7 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
         timings=Timings(load_s=session.load_s, tokenize_s=splits.tokenize_s, eval_s=eval_s,
                         first_step_s=trained.first_step_s),
         environment=Environment(device=str(device), dtype=str(dtype).removeprefix("torch."),
-                                versions=library_versions()),
+                                versions=library_versions(), quantize=session.base[0]),
         adapter=adapter, warnings=tuple(plan.warnings) + tuple(splits.warnings) + tuple(trained.notes) + notes,
         fused_with=0 if grouped is None else grouped.group_size - 1,
         init_examples=session.init_forward_examples - init_before if grouped is None else None)

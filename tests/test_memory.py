@@ -26,7 +26,7 @@ def test_checkpointing_and_loss_chunks_shrink_the_estimate():
     assert whole.checkpointed_bytes(hidden) < whole.full_bytes
     # With checkpointing, backward holds the head's logits or one rebuilt layer, not both.
     assert whole.checkpointed_bytes(hidden) == hidden * 4 * 4096 + max(whole.per_layer_bytes, whole.logits_bytes)
-    memory = training_memory(config, 8, 512, 2, 10_000_000, 100_000)
+    memory = training_memory(config, 8, 512, 2, 2 * 10_000_000, 100_000)
     assert memory.verdict(10**12) == "fits" and "does not fit" in memory.verdict(10**6)
 
 

@@ -65,3 +65,41 @@ def test_a_study_compares_bases_on_a_quantize_axis_and_never_fuses_a_quantized_o
         if base == "nf4":
             assert outcome.fused_with == 0 and any("not fused: the base is quantized" in w for w in outcome.warnings), \
                 outcome.warnings
+
+
+def _bnb_bytes(model) -> int:
+    """What bitsandbytes allocates for a loaded model's weights: every parameter (4-bit ones packed two a byte) and
+    each quantized weight's constants (absmax, code, offset, and the nested ones of double quantization)."""
+    total = 0
+    for p in model.parameters():
+        total += p.numel() * p.element_size()
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            parts = [state.absmax, state.code, getattr(state, "offset", None)]
+            if state.state2 is not None:
+                parts += [state.state2.absmax, state.state2.code]
+            total += sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
+    return total
+
+
+@pytest.mark.parametrize(("quantize", "double_quant"), [("nf4", True), ("nf4", False), ("fp4", True)])
+def test_the_planned_base_memory_is_what_bitsandbytes_allocates(quantize, double_quant):
+    from loraplace.memory import base_weight_bytes
+    from loraplace.placement import meta_architecture
+
+    model = load_model("tiny:llama", dtype=torch.bfloat16, quantize=quantize, double_quant=double_quant)
+    planned = base_weight_bytes(meta_architecture("tiny:llama"), 2, quantize, double_quant)
+    assert planned == pytest.approx(_bnb_bytes(model), rel=0.02)
+    assert planned < base_weight_bytes(meta_architecture("tiny:llama"), 2)
+
+
+def test_plan_says_the_4bit_base_memory(cli):
+    import json
+
+    done = cli("plan", "tiny:llama", "--quantize", "nf4", "--json")
+    data = json.loads(done.stdout)["training_memory"]
+    assert data["quantize"] == "nf4" and data["base_weights_bytes"] < data["base_weights_bf16_bytes"]
+    text = cli("plan", "tiny:llama", "--quantize", "nf4").stdout
+    assert "base weights quantized nf4 (double quantization)" in " ".join(text.split())
+    bad = cli("plan", "tiny:llama", "--quantize", "nf3")
+    assert bad.returncode == 2 and "--quantize 'nf3'" in bad.stderr

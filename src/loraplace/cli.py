@@ -99,6 +99,10 @@ def plan(
     device_memory: str | None = typer.Option(None, "--device-memory",
                                              help="e.g. 24GiB: say whether training fits, with and without "
                                                   "activation checkpointing"),
+    quantize: str = typer.Option("none", "--quantize", help="none | nf4 | fp4 | int8: the base loaded by "
+                                 "bitsandbytes (QLoRA: nf4): its memory below"),
+    no_double_quant: bool = typer.Option(False, "--no-double-quant", metavar=FLAG,
+                                         help="nf4/fp4 without double quantization of the constants"),
     force: bool = typer.Option(False, "--force", metavar=FLAG, help="allow adapters larger than the base model"),
     allow_unassigned: bool = typer.Option(False, "--allow-unassigned", metavar=FLAG, help=ALLOW_UNASSIGNED_HELP),
     as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="print one JSON object"),
@@ -106,28 +110,42 @@ def plan(
     """Dry-run: show every module a placement adapts and the exact trainable-parameter count. Loads no weights
     (an auto placement loads the model to run its importance probe first)."""
     from loraplace.formatting import human_bytes, parse_bytes
-    from loraplace.memory import CPU_RESIDENT_FACTOR, training_memory
+    from loraplace.memory import CPU_RESIDENT_FACTOR, base_weight_bytes, training_memory
+    from loraplace.placement import meta_architecture
     from loraplace.report_terminal import print_plan
 
+    quantizations = typing.get_args(TrainSpec.model_fields["quantize"].annotation)
+    if quantize not in quantizations:
+        raise ConfigError([f"--quantize {quantize!r}: one of {', '.join(quantizations)}"], "invalid plan options")
     result, config = _resolve_plan(model, placement, rank, budget, fill, model_config, data, max_len,
                                    allow_unassigned, quiet=as_json)
     result.check_size(force)
-    memory = training_memory(config, batch, max_len, 2, result.total_params, result.trainable_params)
+    arch = meta_architecture(model, config=config)
+    base_bytes = base_weight_bytes(arch, 2, quantize, not no_double_quant)
+    bf16_bytes = base_weight_bytes(arch, 2)
+    memory = training_memory(config, batch, max_len, 2, base_bytes, result.trainable_params)
     try:
         device_bytes = parse_bytes(device_memory, "--device-memory") if device_memory is not None else None
     except ValueError as exc:
         raise ConfigError([str(exc)], "invalid plan options") from None
     if as_json:
         out.print_json(json.dumps(result.to_dict() | {"training_memory": {
-            "batch": batch, "max_len": max_len, "activations_bytes": memory.activations_bytes,
+            "batch": batch, "max_len": max_len, "quantize": quantize, "base_weights_bytes": base_bytes,
+            "base_weights_bf16_bytes": bf16_bytes, "activations_bytes": memory.activations_bytes,
             "checkpointed_activations_bytes": memory.checkpointed_bytes, "weights_and_optimizer_bytes":
             memory.fixed_bytes, "verdict": memory.verdict(device_bytes) if device_bytes else None}}))
         return
     print_plan(result, out)
+    if quantize != "none":
+        double = "" if no_double_quant or quantize == "int8" else " (double quantization)"
+        out.print(f"base weights quantized {quantize}{double}: {human_bytes(base_bytes)}, "
+                  f"{base_bytes / bf16_bytes:.2f}× their {human_bytes(bf16_bytes)} in bf16 (embeddings, norms and "
+                  "the head stay bf16)", highlight=False)
     out.print(f"activations, micro-batch of {batch} × {max_len} tokens (bound: every position labelled, packed): "
               f"≈ {human_bytes(memory.activations_bytes)}; with activation checkpointing ≈ "
-              f"{human_bytes(memory.checkpointed_bytes)}; plus {human_bytes(memory.fixed_bytes)} of bf16 weights, "
-              "adapters and optimizer state", highlight=False)
+              f"{human_bytes(memory.checkpointed_bytes)}; plus {human_bytes(memory.fixed_bytes)} of "
+              f"{'bf16' if quantize == 'none' else quantize + '-quantized'} weights, adapters and optimizer state",
+              highlight=False)
     if device_bytes:
         out.print(f"in {human_bytes(device_bytes)}: {memory.verdict(device_bytes)}", highlight=False)
     out.print(f"(live tensor bytes; on a CPU the process's resident memory runs higher, ≈ {CPU_RESIDENT_FACTOR:g}× "

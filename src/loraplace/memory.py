@@ -27,6 +27,7 @@ not set). ``train.checkpointing: auto`` allows ``CPU_RESIDENT_FACTOR`` × the es
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,10 +141,45 @@ class TrainingMemory:
         return "does not fit, even with activation checkpointing: lower batch (micro_batch) or max_len"
 
 
-def training_memory(config: Any, batch: int, max_len: int, dtype_bytes: int, base_params: int,
+QUANT_BLOCK = 64  # bitsandbytes' 4-bit blocksize: one absmax per 64 weights
+NESTED_BLOCK = 256  # double quantization: one fp32 absmax per 256 first-level absmax bytes
+
+
+def quantized_linear_bytes(in_features: int, out_features: int, quantize: str, double_quant: bool = True) -> int:
+    """Bytes bitsandbytes holds for one linear's weight quantized ``quantize`` (its bias is not counted): nf4/fp4 —
+    two weights a byte, an absmax per 64 (fp32; or uint8 plus a second-level fp32 absmax per 256 blocks, a 256-entry
+    fp32 code and an fp32 offset with double quantization) and the 16-entry fp32 code; int8 (LLM.int8) — a byte a
+    weight and an fp32 scale per output row."""
+    n = in_features * out_features
+    if quantize == "int8":
+        return n + 4 * out_features
+    blocks = math.ceil(n / QUANT_BLOCK)
+    constants = (blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 * 256 + 4) if double_quant else 4 * blocks
+    return math.ceil(n / 2) + constants + 4 * 16
+
+
+def base_weight_bytes(arch, dtype_bytes: int, quantize: str = "none", double_quant: bool = True) -> int:
+    """The frozen base's weights in memory: every parameter in the compute dtype, except — quantized — the blocks'
+    linear weights (every expert's, when experts are separate linears), which bitsandbytes holds as
+    :func:`quantized_linear_bytes`. Embeddings, norms, biases, the head and fused expert tensors stay in the
+    compute dtype, as bitsandbytes leaves them."""
+    total = arch.total_params * dtype_bytes
+    if quantize == "none":
+        return total
+    for site in arch.sites.values():
+        if site.parameter or site.layer is None:  # fused tensors and the head are not quantized
+            continue
+        n = site.experts * site.in_features * site.out_features
+        total += site.experts * quantized_linear_bytes(site.in_features, site.out_features, quantize,
+                                                       double_quant) - n * dtype_bytes
+    return total
+
+
+def training_memory(config: Any, batch: int, max_len: int, dtype_bytes: int, base_bytes: int,
                     trainable_params: int) -> TrainingMemory:
+    """``base_bytes``: the frozen base's weights (:func:`base_weight_bytes`)."""
     tokens = batch * max_len
     est = estimate_activations(config, tokens, tokens, dtype_bytes)
-    fixed = base_params * dtype_bytes + 16 * trainable_params  # fp32 weights + gradient + two AdamW moments
+    fixed = base_bytes + 16 * trainable_params  # fp32 weights + gradient + two AdamW moments
     return TrainingMemory(batch, max_len, est.full_bytes, est.checkpointed_bytes(hidden_bytes_per_token(
         config, dtype_bytes)), fixed)

@@ -179,3 +179,32 @@ def test_one_rank_formats_count_dora_magnitudes(fmt):
                            torchtune_component="torchtune.models.llama3_2.lora_llama3_2_1b")
     assert exported.exact and exported.params == plan.trainable_params
     assert "this config trains" not in exported.text
+
+
+def test_a_quantized_base_is_carried_into_every_format():
+    """QLoRA: axolotl's adapter qlora + load_in_4bit, LLaMA-Factory's quantization_bit, TRL's BitsAndBytesConfig,
+    torchtune's qlora_ builder (NF4 only: fp4 refused)."""
+    import ast
+
+    from loraplace.exports import TrainingHints
+
+    plan = plan_for_model("tiny:llama", {"roles": ["attn"]}, rank=4)
+    hints = TrainingHints(quantize="nf4")
+    axolotl = yaml.safe_load(export_plan(plan, "axolotl", "tiny:llama", hints=hints).text)
+    assert axolotl["adapter"] == "qlora" and axolotl["load_in_4bit"] is True
+    assert axolotl["bnb_config_kwargs"] == {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    factory = yaml.safe_load(export_plan(plan, "llamafactory", "tiny:llama", hints=hints).text)
+    assert (factory["quantization_bit"], factory["quantization_type"], factory["double_quantization"]) == (
+        4, "nf4", True)
+    trl = export_plan(plan, "trl", "tiny:llama", hints=hints).text
+    ast.parse(trl)
+    assert "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'" in trl and "model=model" in trl
+    component = "torchtune.models.llama3_2.lora_llama3_2_1b"
+    tune = yaml.safe_load(export_plan(plan, "torchtune", "tiny:llama", hints=hints,
+                                      torchtune_component=component).text)
+    assert tune["model"]["_component_"] == "torchtune.models.llama3_2.qlora_llama3_2_1b"
+    with pytest.raises(LoraplaceError, match="NF4 only"):
+        export_plan(plan, "torchtune", "tiny:llama", hints=TrainingHints(quantize="fp4"),
+                    torchtune_component=component)
+    plain = yaml.safe_load(export_plan(plan, "axolotl", "tiny:llama").text)
+    assert plain["adapter"] == "lora" and "load_in_4bit" not in plain

@@ -702,6 +702,8 @@ def export_placement(
                                     f"{DEFAULT_PROBE_DATA})"),
     max_len: int = typer.Option(512, "--max-len", min=8, help="auto placements only: token limit of the probe data"),
     allow_unassigned: bool = typer.Option(False, "--allow-unassigned", metavar=FLAG, help=ALLOW_UNASSIGNED_HELP),
+    quantize: str | None = typer.Option(None, "--quantize", help="none | nf4 | fp4 | int8: train on a base "
+                                        "quantized by bitsandbytes (QLoRA: nf4); with --from, the study's"),
     torchtune_component: str | None = typer.Option(None, "--torchtune-component",
                                                    help="torchtune's LoRA builder for a model loraplace cannot "
                                                         "map (e.g. torchtune.models.llama3_2.lora_llama3_2_1b)"),
@@ -721,6 +723,7 @@ def export_placement(
         # --from exports what the store measured: options that shape a placement would be ignored
         ignored = [opt for opt, value in (("MODEL", model), ("--placement", placement), ("--rank", rank),
                                            ("--fill", fill), ("--model-config", model_config), ("--data", data),
+                                           ("--quantize", quantize),
                                            ("--allow-unassigned", allow_unassigned or None)) if value is not None]
         if ignored:
             raise ConfigError([f"{opt}: --from exports the placement the study measured; {opt} cannot change it"
@@ -734,7 +737,8 @@ def export_placement(
         measured = TrialSpec.model_validate(rec.trial_spec)  # what the recommended trials ran with
         hints = TrainingHints(lr=measured.train.lr, batch=measured.train.batch, steps=measured.train.steps,
                               max_len=measured.data.max_len, warmup=measured.train.warmup or None,
-                              schedule=measured.train.schedule)
+                              schedule=measured.train.schedule, quantize=measured.train.quantize,
+                              double_quant=measured.train.bnb_4bit_use_double_quant)
         err.print(f"recommended by {source}: {rec.chosen.placement} ({rec.chosen.size}), "
                   f"{rec.chosen.trainable_params:,} trainable parameters", highlight=False)
         result, config = _resolve_plan(model, spec_placement, None, None, fill, model_config, data, max_len,
@@ -749,6 +753,10 @@ def export_placement(
         if metric is not None or name is not None:
             raise ConfigError([f"{opt}: reads a study store, with --from" for opt, v in (("--metric", metric),
                                ("--study", name)) if v is not None], "options that would not take effect")
+        quantizations = typing.get_args(TrainSpec.model_fields["quantize"].annotation)
+        if quantize is not None and quantize not in quantizations:
+            raise ConfigError([f"--quantize {quantize!r}: one of {', '.join(quantizations)}"], "invalid options")
+        hints = TrainingHints(quantize=quantize or "none")
         result, config = _resolve_plan(model, placement or "all", rank, budget, fill, model_config, data, max_len,
                                        allow_unassigned, quiet=False)
     from loraplace.models import meta_model

@@ -39,6 +39,8 @@ class TrainingHints:
     max_len: int | None = None
     warmup: int | None = None
     schedule: str | None = None
+    quantize: str = "none"  # the base as the study loaded it (TrainSpec.quantize): QLoRA when nf4/fp4
+    double_quant: bool = True
 
 
 @dataclass(frozen=True)
@@ -218,21 +220,33 @@ def _trl_script(plan: Plan, model_ref: str, hints: TrainingHints) -> str:
     if hints.max_len:
         args["max_length"] = hints.max_len
     eva = plan.variant == "eva"
+    quantized = hints.quantize != "none"
+    if quantized:
+        bnb = ("BitsAndBytesConfig(load_in_8bit=True)" if hints.quantize == "int8" else
+               f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={hints.quantize!r}, "
+               f"bnb_4bit_use_double_quant={hints.double_quant!r}, bnb_4bit_compute_dtype=torch.bfloat16)")
+        model_line = [f"# The base quantized as the study measured it (quantize: {hints.quantize}): QLoRA.",
+                      f"model = AutoModelForCausalLM.from_pretrained({hub_id(model_ref)!r}, "
+                      f"quantization_config={bnb})", ""]
     lines = [
         f'"""Train {hub_id(model_ref)} with the placement loraplace planned ({plan.trainable_params:,} trainable',
         'parameters), using TRL\'s SFTTrainer and PEFT\'s exact LoraConfig. Written by loraplace export-placement."""',
         "",
+        *(["import torch"] if quantized else []),
         "from datasets import load_dataset",
         "from peft import " + ("EvaConfig, LoraConfig" if eva else "LoraConfig"),
+        *(["from transformers import AutoModelForCausalLM, BitsAndBytesConfig"] if quantized else []),
         "from trl import SFTConfig, SFTTrainer",
         "",
+        *(model_line if quantized else []),
         f"peft_config = LoraConfig(**{_py(kwargs)}" + (f", eva_config=EvaConfig(rho={plan.eva_rho!r}))"
                                                       if eva else ")"),
         "",
         "# A prompt/completion JSONL (TRL puts the loss on the completion only); replace with your data.",
         'train_dataset = load_dataset("json", data_files="train.jsonl", split="train")',
         f"args = SFTConfig(**{_py(args)})",
-        f"trainer = SFTTrainer(model={hub_id(model_ref)!r}, args=args, train_dataset=train_dataset, "
+        f"trainer = SFTTrainer(model={'model' if quantized else repr(hub_id(model_ref))}, args=args, "
+        "train_dataset=train_dataset, "
         "peft_config=peft_config)",
         "trainer.model.print_trainable_parameters()  # " + f"{plan.trainable_params:,} expected",
         "trainer.train()",
@@ -260,6 +274,11 @@ def _axolotl(plan: Plan, model_ref: str, hints: TrainingHints, uniform: Uniform,
     if params:
         cfg["lora_target_parameters"] = params
     cfg |= _variant_fields("axolotl", plan.variant)
+    if hints.quantize == "int8":
+        cfg["load_in_8bit"] = True
+    elif hints.quantize != "none":  # QLoRA: axolotl's adapter qlora, a 4-bit base and its bitsandbytes settings
+        cfg |= {"adapter": "qlora", "load_in_4bit": True, "bnb_config_kwargs": {
+            "bnb_4bit_quant_type": hints.quantize, "bnb_4bit_use_double_quant": hints.double_quant}}
     cfg |= {k: v for k, v in {"learning_rate": hints.lr, "micro_batch_size": hints.batch, "max_steps": hints.steps,
                               "sequence_len": hints.max_len, "lr_scheduler": hints.schedule,
                               "warmup_steps": hints.warmup}.items() if v is not None}
@@ -289,6 +308,9 @@ def _llamafactory(plan: Plan, model_ref: str, hints: TrainingHints, uniform: Uni
                            "finetuning_type": "lora", "lora_rank": uniform.rank, "lora_alpha": _num(uniform.alpha),
                            "lora_dropout": plan.dropout, "lora_target": ",".join(_module_names(modules, module_paths))}
     cfg |= _variant_fields("llamafactory", plan.variant)
+    if hints.quantize != "none":  # ModelArguments' on-the-fly bitsandbytes quantization (the default method)
+        cfg |= {"quantization_bit": 8} if hints.quantize == "int8" else {
+            "quantization_bit": 4, "quantization_type": hints.quantize, "double_quantization": hints.double_quant}
     cfg |= {k: v for k, v in {"learning_rate": hints.lr, "per_device_train_batch_size": hints.batch,
                               "max_steps": hints.steps, "cutoff_len": hints.max_len,
                               "lr_scheduler_type": hints.schedule, "warmup_steps": hints.warmup}.items()
@@ -330,6 +352,12 @@ def _torchtune(plan: Plan, hints: TrainingHints, uniform: Uniform, component: st
         raise LoraplaceError(f"torchtune has no LoRA builder known to loraplace for {plan.model} "
                              f"({plan.family}, {plan.num_layers} layers)",
                              "pass --torchtune-component torchtune.models.<family>.lora_<size> (its builder)")
+    if hints.quantize not in ("none", "nf4"):
+        raise LoraplaceError(f"torchtune's QLoRA builders quantize to NF4 only; the study's base was {hints.quantize}",
+                             "use --to peft / trl / axolotl / llamafactory, which take bitsandbytes' settings")
+    if hints.quantize == "nf4":  # torchtune's QLoRA builders: the same arguments, the base in NF4 (torchao)
+        module, _, name = component.rpartition(".")
+        component = f"{module}.q{name}" if name.startswith("lora_") else component
     lost = list(uniform.lost)
     roles_layers: dict[str, set[int | None]] = {}
     for m in uniform.modules:

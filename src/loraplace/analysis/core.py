@@ -122,9 +122,11 @@ class EnvironmentSummary:
     devices: tuple[str, ...]
     dtypes: tuple[str, ...]
     versions: dict[str, str]
+    quantize: tuple[str, ...] = ("none",)  # how the trials' base was loaded (bitsandbytes quantization)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"device": list(self.devices), "dtype": list(self.dtypes), "versions": self.versions}
+        return {"device": list(self.devices), "dtype": list(self.dtypes), "base quantization": list(self.quantize),
+                "versions": self.versions}
 
 
 @dataclass(frozen=True)
@@ -384,4 +386,5 @@ def _environment(rows: list[TrialRow], info: StudyInfo) -> EnvironmentSummary:
     if not done:
         return EnvironmentSummary((), (), info.versions)
     return EnvironmentSummary(tuple(sorted({o.environment.device for o in done})),
-                              tuple(sorted({o.environment.dtype for o in done})), done[0].environment.versions)
+                              tuple(sorted({o.environment.dtype for o in done})), done[0].environment.versions,
+                              tuple(sorted({o.environment.quantize for o in done})))

@@ -126,7 +126,10 @@ def render_html(analysis: StudyAnalysis, tables: list[Table], trials: Table, fig
     counts = ", ".join(f"{v} {k}" for k, v in analysis.counts.items() if v)
     classes = ["baseline" if g.is_baseline else ("muted" if g.dominated_by else "") for g in analysis.compared]
     parts = [f"<h1>Study {html.escape(analysis.name)}</h1>",
-             f'<p class="meta">model <b>{html.escape(analysis.model)}</b> · baseline '
+             f'<p class="meta">model <b>{html.escape(analysis.model)}</b>'
+             + ("" if analysis.environment.quantize == ("none",) else
+                f" (base quantized: <b>{html.escape(', '.join(analysis.environment.quantize))}</b>)")
+             + " · baseline "
              f"<b>{html.escape(str(analysis.baseline))}</b> · trials: {html.escape(counts)} · store "
              f"<code>{html.escape(analysis.store)}</code> · generated "
              f"{_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}</p>"]

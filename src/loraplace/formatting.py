@@ -37,10 +37,12 @@ def human_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def one_line(text: str, limit: int = 240) -> str:
+def one_line(text: str, limit: int = 240, hints: bool = True) -> str:
     """A multi-line message (``placement does not resolve:`` then ``  - reason`` lines) as one line that keeps
-    the reasons: ``placement does not resolve: reason; reason``, cut at ``limit`` characters with an ellipsis."""
-    lines = [line.strip().removeprefix("- ") for line in text.splitlines() if line.strip()]
+    the reasons: ``placement does not resolve: reason; reason``, cut at ``limit`` characters with an ellipsis.
+    ``hints=False`` leaves out ``hint:`` lines (what to do, not what happened)."""
+    lines = [line.strip().removeprefix("- ") for line in text.splitlines()
+             if line.strip() and (hints or not line.strip().startswith("hint:"))]
     if not lines:
         return ""
     joined = lines[0] + "".join((" " if out.endswith(":") else "; ") + line

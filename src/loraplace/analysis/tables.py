@@ -242,7 +242,7 @@ def trial_table(analysis: StudyAnalysis) -> Table:
         rows.append((t.id, t.key.label, str(t.seed), t.status, num("eval_loss", ".4f"), num("perplexity", ".3f"),
                      num("accuracy", ".3f"), params, num("tokens_per_s", ",.1f"),
                      num("train_s", ".1f"), num("peak_mem_mb", ",.0f"),
-                     one_line(t.error, 200) if t.error else ""))
+                     one_line(t.error, 200, hints=False) if t.error else ""))
     return Table("Every trial", ("trial", "group", "seed", "status", "eval loss", "perplexity", "accuracy",
                                  "trainable params", "tokens/s", "train s", "peak MiB", "error"),
                  tuple(rows), (False, False, True, False, True, True, True, True, True, True, True, False))

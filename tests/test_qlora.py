@@ -103,3 +103,18 @@ def test_plan_says_the_4bit_base_memory(cli):
     assert "base weights quantized nf4 (double quantization)" in " ".join(text.split())
     bad = cli("plan", "tiny:llama", "--quantize", "nf3")
     assert bad.returncode == 2 and "--quantize 'nf3'" in bad.stderr
+
+
+def test_the_probes_read_a_4bit_base_as_its_forward_does():
+    """NFN dequantizes a bitsandbytes weight (the packed bytes are not the weight): on the nf4 base every site's
+    score is close to the full-precision base's."""
+    from loraplace.data import load_tokenized
+    from loraplace.trial import Session
+
+    scores = {}
+    for quantize in ("none", "nf4"):
+        session = Session("tiny:llama", precision="fp32", quantize=quantize)
+        data = load_tokenized("builtin:arithmetic?n=16", session.tokenizer, DataSpec(train="x", max_len=160))[0]
+        scores[quantize] = {s.path: s.score for s in session.probe(data, batches=1, batch=4, measure="nfn").sites}
+    for path, value in scores["none"].items():
+        assert scores["nf4"][path] == pytest.approx(value, rel=0.1), path

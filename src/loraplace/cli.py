@@ -185,14 +185,14 @@ def _resolve_plan(model: str, placement: str | dict, rank: int | None, budget: i
     return plan_for_model(model, spec, rank=rank, budget=budget, fill=fill, config=config), config
 
 
-def _probe_session(model: str, data: str, max_len: int, quiet: bool):
+def _probe_session(model: str, data: str, max_len: int, quiet: bool, quantize: str = "none"):
     """The loaded model and the tokenised probe data (the whole source: the probe only reads it)."""
     from loraplace.data import DataSpec, load_tokenized
     from loraplace.trial import Session
 
     if not quiet:
         err.print(f"loading {model} and tokenising {data} for the importance probe …", highlight=False)
-    session = Session(model)
+    session = Session(model, quantize=quantize)
     tokenized, _ = load_tokenized(data, session.tokenizer, DataSpec(train=data, max_len=max_len))
     if len(tokenized) == 0:
         raise LoraplaceError(f"{data}: no usable example for the probe", "check --data and --max-len")
@@ -219,6 +219,8 @@ def probe(
     batches: int = typer.Option(8, "--batches", min=1, help="batches of data to accumulate gradients over"),
     batch: int = typer.Option(8, "--batch", min=1, help="examples per batch"),
     rank: int = typer.Option(8, "--rank", min=1, help="rank r of the scored update: score = ‖G_r‖_F"),
+    quantize: str = typer.Option("none", "--quantize", help="none | nf4 | fp4 | int8: probe the base as "
+                                 "bitsandbytes loads it"),
     measure: str = typer.Option("gradient", "--measure", help="gradient (‖G_r‖_F: auto methods probe and "
                                 "gradient) | nfn (PLoP's normalized feature norm, forward only: auto method nfn)"),
     max_len: int = typer.Option(512, "--max-len", min=8, help="token limit per example"),
@@ -234,9 +236,12 @@ def probe(
 
     if measure not in ("gradient", "nfn"):
         raise ConfigError([f"--measure: {measure!r} is not one of gradient, nfn"], "invalid probe options")
+    quantizations = typing.get_args(TrainSpec.model_fields["quantize"].annotation)
+    if quantize not in quantizations:
+        raise ConfigError([f"--quantize {quantize!r}: one of {', '.join(quantizations)}"], "invalid probe options")
     if out_dir is not None:
         _output_dir(out_dir, {"probe.json": "sites"})
-    session, tokenized = _probe_session(model, data, max_len, as_json)
+    session, tokenized = _probe_session(model, data, max_len, as_json, quantize)
     with _probe_progress(as_json, batches) as progress:
         result = session.probe(tokenized, batches=batches, batch=batch, rank=rank, key=data, progress=progress,
                                measure=measure)
@@ -339,6 +344,8 @@ def train(
     placement: str = typer.Option("all", "--placement", "-p"),
     variant: str | None = typer.Option(None, "--variant", help="lora | rslora | dora | pissa | eva (default: the "
                                        "placement's, else lora)"),
+    quantize: str | None = typer.Option(None, "--quantize", help="none | nf4 | fp4 | int8: the base loaded by "
+                                        "bitsandbytes (QLoRA: nf4); " + _default(TrainSpec, "quantize")),
     rank: int | None = typer.Option(None, "--rank", "-r", help=f"default {DEFAULT_RANK}"),
     budget: int | None = typer.Option(None, "--budget", help="trainable-parameter budget: solve the rank"),
     fill: str | None = typer.Option(None, "--fill", help=FILL_HELP),
@@ -386,7 +393,7 @@ def train(
         "placement": _placement_dict(placement) | ({"allow_unassigned": True} if allow_unassigned else {})
         | given(variant=variant),
         "train": given(steps=steps, epochs=epochs, batch=batch, micro_batch=micro_batch, lr=lr, schedule=schedule,
-                       warmup=warmup, seed=seed, precision=precision, device=device,
+                       warmup=warmup, seed=seed, precision=precision, device=device, quantize=quantize,
                        packing=False if no_packing else None),
         "eval": given(generate=generate),
     } | given(rank=rank, budget=budget, fill=fill)

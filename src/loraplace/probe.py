@@ -160,7 +160,8 @@ def nfn_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: st
     modules = dict(model.named_modules())
     generator = torch.Generator(device="cpu").manual_seed(seed)  # the Gaussian baseline, reproducible
     linears = {p: s for s in scored for p in (s.expert_paths or (s.path,))}  # hooked linear → its site
-    random = {p: _nfn_random(modules[p].weight, linears[p].conv1d, generator) for p in linears}
+    random = {p: _nfn_random(_dense_weight(modules[p]), linears[p].conv1d, generator) for p in linears}
+    rms = {p: _weight_rms(_dense_weight(modules[p])) for p in linears}  # once per linear, not per batch
     actual: dict[str, list[float]] = {s.path: [] for s in scored}  # site → per batch (mean over its linears)
     current: dict[str, list[float]] = {}
     mask: torch.Tensor | None = None  # [B, T] real tokens of the batch in flight
@@ -176,7 +177,7 @@ def nfn_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: st
                 z, y = z[mask.reshape(-1)], y[mask.reshape(-1)]
             if z.shape[0] == 0:  # an expert no real token was routed to
                 return
-            current.setdefault(site.path, []).append(_nfn_actual(module, z, y))
+            current.setdefault(site.path, []).append(_nfn_actual(module, z, y, rms[path]))
 
         return forward_hook
 
@@ -222,18 +223,32 @@ def nfn_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: st
                        roles=arch.grid_roles(), sites=tuple(out))
 
 
+def _dense_weight(module) -> torch.Tensor:
+    """A linear's weight as numbers: a bitsandbytes 4-bit weight (a QLoRA base) dequantized, as its forward uses
+    it; other weights as they are."""
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, state)
+    if type(module).__name__ == "Linear8bitLt":
+        raise PlacementError("nfn on an int8 base is not supported", "use nf4/fp4, or auto method probe/gradient")
+    return weight
+
+
 def _weight_rms(weight: torch.Tensor) -> torch.Tensor:
     return weight.float().pow(2).mean().sqrt() + 1e-8
 
 
-def _nfn_actual(module, z: torch.Tensor, y: torch.Tensor) -> float:
+def _nfn_actual(module, z: torch.Tensor, y: torch.Tensor, weight_rms: torch.Tensor) -> float:
     """Mean over tokens of ‖Ŵẑ‖/√d_in, from the linear's input z [N, d_in] and output y [N, d_out]: Wz = y − b, so
     ‖Ŵẑ‖ = ‖y − b‖ / (rms(W)·‖z‖). (GPT-2's Conv1D computes zW + b with W [d_in, d_out]: the same identity.)"""
     z, y = z.float(), y.float()
     bias = getattr(module, "bias", None)
     if bias is not None:
         y = y - bias.float()
-    norms = y.norm(dim=1) / (_weight_rms(module.weight) * (z.norm(dim=1) + 1e-8))
+    norms = y.norm(dim=1) / (weight_rms * (z.norm(dim=1) + 1e-8))
     return norms.mean().item() / math.sqrt(z.shape[1])
 
 

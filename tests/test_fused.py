@@ -317,9 +317,15 @@ def test_fuse_auto_sizes_groups_from_the_device_and_memory(device, trials_free, 
     config.num_hidden_layers, config.hidden_size, config.intermediate_size = 30, 576, 1536  # SmolLM2-135M-shaped
     per_trial = estimate_activations(config, 8 * 512, 8 * 512, 2).full_bytes
     free = None if trials_free is None else int(trials_free * per_trial / FUSE_AUTO_MEMORY_SHARE)
-    size, why = auto_group_size(config, device, free, 2, 8 * 512, None)
+    size, why = auto_group_size(config, device, free, 2, 8 * 512, None, cuda_verified=True)
     assert size == expected and FUSE_AUTO_MAX == 8
     assert ("one at a time" in why) == (size == 1) and ("fusion is measured not to pay" in why) == (device == "cpu")
+    # Until gpu_check.py has run on a GPU, auto on CUDA is off (the default the module ships with).
+    from loraplace.fused import CUDA_FUSE_VERIFIED
+
+    size, why = auto_group_size(config, device, free, 2, 8 * 512, None)
+    if device == "cuda" and not CUDA_FUSE_VERIFIED:
+        assert size == 1 and "has not yet run on a GPU" in why
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear without bias; Conv1D (weight [in, out]) with bias
@@ -563,3 +569,19 @@ def test_a_fused_member_is_saved_without_redoing_its_init_and_a_failed_one_is_ne
     failed = dataclasses.replace(trained, failure=TrialFailed("non-finite training loss (nan) at step 2", step=2))
     outcome = run_trial(spec, session=session, out_dir=tmp_path / "failed", trained_in_group=failed)
     assert outcome.status == "failed" and outcome.failure.step == 2 and injected == []
+
+
+def test_the_gpu_check_runs_dry_on_a_cpu():
+    """benchmarks/gpu_check.py in CI: without CUDA (or with --dry-run) every CUDA part is skipped, saying why, the
+    scripts it would run parse their options, and the summary line says cuda=none."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert sum("skipped (--dry-run)" in line for line in lines) == 3
+    assert lines[-1].startswith("gpu_check cuda=none equality=skipped")

@@ -89,9 +89,13 @@ BNB_LAYERS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' quantized linears (
 # execution.fuse: auto. Fusion trades memory (activations grow with K) for fewer, larger kernels: it pays where a
 # step is launch-bound (a GPU at small batch), not where it is compute-bound. On the 2-core CPU it was measured at
 # 1.01× the sequential wall time on the quickstart and 0.76× on bench_fused.py (benchmarks/RESULTS.md, 2026-11-24),
-# so auto leaves it off on a CPU; on CUDA it groups as many trials as fit, up to FUSE_AUTO_MAX.
+# so auto leaves it off on a CPU; on CUDA (once verified there) it groups as many trials as fit, up to FUSE_AUTO_MAX.
 FUSE_AUTO_MAX = 8
 FUSE_AUTO_MEMORY_SHARE = 0.8  # of the device's free memory (after the base model) the group's activations may use
+# A default must be a path that has run on the hardware it is the default for. Fusion on CUDA is tested on the CPU
+# only until benchmarks/gpu_check.py has run on a GPU (its equality tests and bench_fused.py there); until then
+# fuse: auto on CUDA runs trials one at a time, and fuse: K forces fusion. Set from what gpu_check measures.
+CUDA_FUSE_VERIFIED = False
 
 
 @dataclass(frozen=True)
@@ -448,14 +452,17 @@ def _combined(batches: list[tuple[str, Batch]], pad_id: int
 
 
 def auto_group_size(config, device_type: str, free_bytes: int | None, dtype_bytes: int, forward_tokens: int,
-                    loss_chunk: int | None) -> tuple[int, str]:
+                    loss_chunk: int | None, cuda_verified: bool | None = None) -> tuple[int, str]:
     """(trials per fused group, why) for ``execution.fuse: auto``. ``forward_tokens``: the most tokens one trial's
     forward can hold (micro-batch × max_len); each trial of a group needs that forward's activations
     (:func:`loraplace.memory.estimate_activations`), and ``free_bytes`` is what the device has with the base model
-    loaded."""
+    loaded. ``cuda_verified`` (default :data:`CUDA_FUSE_VERIFIED`): whether fusion has run on a GPU."""
     if device_type != "cuda":
         why = ("measured not to pay on a CPU" if device_type == "cpu" else f"not measured on {device_type}")
         return 1, f"trials run one at a time (execution.fuse: auto — fusion is {why}; fuse: K forces it)"
+    if not (CUDA_FUSE_VERIFIED if cuda_verified is None else cuda_verified):
+        return 1, ("trials run one at a time (execution.fuse: auto — fusion has not yet run on a GPU through "
+                   "benchmarks/gpu_check.py, so it is not a CUDA default; fuse: K forces it)")
     if free_bytes is None:
         return 1, "trials run one at a time (execution.fuse: auto — the device's free memory is unknown)"
     per_trial = estimate_activations(config, forward_tokens, forward_tokens, dtype_bytes, loss_chunk).full_bytes

@@ -86,15 +86,15 @@ def test_bad_data_is_refused_before_the_store_is_written(cli, tmp_path, content,
     assert not (tmp_path / "s.db").exists()  # no store that would later look finished
 
 
-def test_data_whose_every_response_is_truncated_away_fails_each_trial(cli, tmp_path):
-    # Readable and well-formed, so it passes the up-front check; tokenising finds nothing left to train on.
+def test_data_whose_every_response_is_truncated_away_is_refused_before_the_store(cli, tmp_path):
+    # Readable and well-formed; tokenising (done up front, before the store exists) finds nothing left to train on.
+    # It once wrote the store and failed every trial one by one, after which the corrected spec was an "edit".
     data = _write(tmp_path / "d.jsonl", (b'{"question": "' + b"word " * 400 + b'", "answer": "#### 4"}\n') * 20)
     text = GOOD.replace('"builtin:arithmetic?n=60"', f'"{data}"').replace("eval_count: 8", "eval_count: 2")
     done = run_spec(cli, tmp_path, text)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    rows = json.loads(cli("export", tmp_path / "s.db", "--format", "json").stdout)
-    assert rows and all(r["status"] == "failed" and "too long" in r["error"] for r in rows)
-    assert all("eval_loss" not in r for r in rows)  # no 0.0 / NaN loss recorded
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "the training set is empty after the guards" in done.stderr and "too long" in done.stderr
+    assert not (tmp_path / "s.db").exists()
 
 
 def test_fully_truncated_responses_are_counted_not_trained_on(cli, tmp_path):

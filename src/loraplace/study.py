@@ -491,13 +491,25 @@ def _check_unchanged(study: StudySpec, store_path: Path, planned: list[PlannedTr
                            f"than this spec gives them. Changes:\n{shown}",
                            "--extend only adds cells (placements, sizes, seeds, axis values); to change settings, "
                            "use a new store (--store) or a new name:")
-    dropped = sorted({t.labels.group.label for t in existing if t.id not in planned_ids})
+    dropped = sorted({t.labels.group.label for t in existing if t.id not in planned_ids
+                      and not _in_spec(study, t.labels)})
     if dropped:  # the store would keep arms the spec no longer names, and report and recommend them
         raise StudyChanged(f"--extend only adds cells, but this spec drops stored ones: group(s) "
                            f"{', '.join(dropped[:8])}{' …' if len(dropped) > 8 else ''} are in the store and not in "
                            f"the spec. Changes:\n{shown}",
                            "keep every stored placement, size, seed and axis value in the spec and add to it; to "
                            "compare a different set, use a new store (--store) or a new name:")
+
+
+def _in_spec(study: StudySpec, labels: TrialLabels) -> bool:
+    """Whether a stored trial's cell is still one the spec names (its placement, size, seed and axis values; a
+    tuned LR among tune.lr). A tuned study's other seeds at a selected LR are planned only once selection is made,
+    so a stored one that is not planned now (a new LR not yet run) is still in the spec."""
+    group = labels.group
+    sweep = study.axis_values(study.axes)
+    tuned = study.search_lrs() if study.tune is not None or study.search is not None else []
+    return (group.placement in study.placements and group.size in study.sizes() and labels.seed in study.seeds
+            and all((v in tuned) if (k == TUNED_AXIS and tuned) else v in sweep.get(k, []) for k, v in group.axes))
 
 
 def _tracked(hooks: RunHooks, tracker: Tracker) -> RunHooks:

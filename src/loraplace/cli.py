@@ -114,9 +114,7 @@ def plan(
     from loraplace.placement import meta_architecture
     from loraplace.report_terminal import print_plan
 
-    quantizations = typing.get_args(TrainSpec.model_fields["quantize"].annotation)
-    if quantize not in quantizations:
-        raise ConfigError([f"--quantize {quantize!r}: one of {', '.join(quantizations)}"], "invalid plan options")
+    _quantize(quantize)
     result, config = _resolve_plan(model, placement, rank, budget, fill, model_config, data, max_len,
                                    allow_unassigned, quiet=as_json)
     result.check_size(force)
@@ -236,9 +234,7 @@ def probe(
 
     if measure not in ("gradient", "nfn"):
         raise ConfigError([f"--measure: {measure!r} is not one of gradient, nfn"], "invalid probe options")
-    quantizations = typing.get_args(TrainSpec.model_fields["quantize"].annotation)
-    if quantize not in quantizations:
-        raise ConfigError([f"--quantize {quantize!r}: one of {', '.join(quantizations)}"], "invalid probe options")
+    _quantize(quantize)
     if out_dir is not None:
         _output_dir(out_dir, {"probe.json": "sites"})
     session, tokenized = _probe_session(model, data, max_len, as_json, quantize)
@@ -760,10 +756,7 @@ def export_placement(
         if metric is not None or name is not None:
             raise ConfigError([f"{opt}: reads a study store, with --from" for opt, v in (("--metric", metric),
                                ("--study", name)) if v is not None], "options that would not take effect")
-        quantizations = typing.get_args(TrainSpec.model_fields["quantize"].annotation)
-        if quantize is not None and quantize not in quantizations:
-            raise ConfigError([f"--quantize {quantize!r}: one of {', '.join(quantizations)}"], "invalid options")
-        hints = TrainingHints(quantize=quantize or "none")
+        hints = TrainingHints(quantize=_quantize(quantize or "none"))
         result, config = _resolve_plan(model, placement or "all", rank, budget, fill, model_config, data, max_len,
                                        allow_unassigned, quiet=False)
     from loraplace.models import meta_model
@@ -870,6 +863,13 @@ def _earlier_output(head: bytes, kind: str) -> bool:
     if kind == "peft":
         return text.startswith("{") and '"peft_type"' in text
     return "loraplace export-placement" in text  # every other format names its writer near its top
+
+
+def _quantize(value: str) -> str:
+    choices = typing.get_args(TrainSpec.model_fields["quantize"].annotation)  # the spec's own literal
+    if value not in choices:
+        raise ConfigError([f"--quantize {value!r}: one of {', '.join(choices)}"], "invalid --quantize")
+    return value
 
 
 def _fill(value: str):

@@ -160,8 +160,11 @@ def nfn_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: st
     modules = dict(model.named_modules())
     generator = torch.Generator(device="cpu").manual_seed(seed)  # the Gaussian baseline, reproducible
     linears = {p: s for s in scored for p in (s.expert_paths or (s.path,))}  # hooked linear → its site
-    random = {p: _nfn_random(_dense_weight(modules[p]), linears[p].conv1d, generator) for p in linears}
-    rms = {p: _weight_rms(_dense_weight(modules[p])) for p in linears}  # once per linear, not per batch
+    random: dict[str, float] = {}
+    rms: dict[str, torch.Tensor] = {}  # once per linear, not per batch
+    for p in linears:  # one dequantized weight at a time (a 4-bit base never holds all of them dense)
+        weight = _dense_weight(modules[p])
+        random[p], rms[p] = _nfn_random(weight, linears[p].conv1d, generator), _weight_rms(weight)
     actual: dict[str, list[float]] = {s.path: [] for s in scored}  # site → per batch (mean over its linears)
     current: dict[str, list[float]] = {}
     mask: torch.Tensor | None = None  # [B, T] real tokens of the batch in flight

@@ -199,7 +199,7 @@ class LocalExecutor:
     def _load(self, spec: TrialSpec | None = None) -> Failure | None:
         """The session for ``spec``'s base (loaded on first use; loaded again when a trial wants the base
         quantized otherwise — ``axes: {quantize: …}`` — the previous one released first)."""
-        base = ("none", True) if spec is None else (spec.train.quantize, spec.train.bnb_4bit_use_double_quant)
+        base = ("none", True) if spec is None else spec.train.base
         try:
             if self._session is not None and self._session.base != base:
                 self._session = None

@@ -62,6 +62,11 @@ class TrainSpec(StrictModel):
     bnb_4bit_use_double_quant: bool = Field(
         default=True, description="nf4/fp4: quantize the quantization constants too (QLoRA's double quantization)")
 
+    @property
+    def base(self) -> tuple[str, bool]:
+        """How the frozen base is loaded: (quantize, double quantization) — what a ``Session`` holds."""
+        return self.quantize, self.bnb_4bit_use_double_quant
+
     added_fields = frozenset({"checkpointing", "loss_chunk", "static_shapes", "base_dropout", "quantize",
                               "bnb_4bit_use_double_quant"})
 

@@ -170,7 +170,7 @@ class Session:
     def auto_probe(self, auto, data: TokenizedSet, data_key: str = "", progress=None) -> ProbeScores:
         """The (cached) probe an auto placement reads: its measure, batches, batch size and rank on ``data``."""
         return self.probe(data, batches=auto.batches, batch=auto.batch, rank=auto.rank, key=data_key,
-                          progress=progress, measure="nfn" if auto.method == "nfn" else "gradient")
+                          progress=progress, measure=auto.measure)
 
     def probe(self, data: TokenizedSet, *, batches: int = 8, batch: int = 8, rank: int = 8, key: str = "",
               progress=None, measure: str = "gradient") -> ProbeScores:
@@ -420,7 +420,7 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
     placement = parse_placement(spec.placement)
     session = session or Session(spec.model, device=spec.train.device, precision=spec.train.precision,
                                  quantize=spec.train.quantize, double_quant=spec.train.bnb_4bit_use_double_quant)
-    wanted = (spec.train.quantize, spec.train.bnb_4bit_use_double_quant)
+    wanted = spec.train.base
     if session.base[0] != wanted[0] or (wanted[0] in ("nf4", "fp4") and session.base != wanted):
         raise LoraplaceError(f"this trial trains on a base quantized {wanted[0]}, the session holds one quantized "
                              f"{session.base[0]}", "run it in a session loaded with its quantize setting")

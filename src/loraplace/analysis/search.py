@@ -167,7 +167,7 @@ def _ledger(study, names: dict[str, Candidate], results: list[RungResult],
         if inits:
             items.append(CostItem(f"rung {rung + 1}: EVA's SVD passes (forward)", 0, inits, 0.0))
     # One pass per distinct probe: methods probe and gradient read the same cached gradient probe.
-    passes = {("nfn" if p.auto.method == "nfn" else "gradient", p.auto.batches, p.auto.batch, p.auto.rank)
+    passes = {(p.auto.measure, p.auto.batches, p.auto.batch, p.auto.rank)
               for p in study.placements.values() if p.auto is not None and p.auto.method != "random"}
     for measure, batches, batch, _ in sorted(passes):
         examples = batches * batch

@@ -77,6 +77,11 @@ class AutoPlacement(StrictModel):
 
     added_fields = frozenset({"top"})
 
+    @property
+    def measure(self) -> Literal["gradient", "nfn"]:
+        """The probe a method reads (``ProbeScores.measure``): ``probe`` and ``gradient`` share the gradient probe."""
+        return "nfn" if self.method == "nfn" else "gradient"
+
     @model_validator(mode="before")
     @classmethod
     def _method_defaults(cls, data: Any) -> Any:

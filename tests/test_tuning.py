@@ -192,3 +192,49 @@ def test_the_progress_total_of_a_tuned_study_counts_its_other_seeds(tmp_path, mo
                         hooks=RunHooks(on_start=lambda _t, index, total: seen.append((index, total))))
     assert summary.ran == 6 and [i for i, _ in seen] == list(range(1, 7))
     assert all(i <= total for i, total in seen) and seen[-1][1] == 6
+
+
+def test_each_placement_selects_from_its_own_lrs(tuned, tmp_path):
+    """tune.lr as a list per placement (the horizon study's form): a stored one-list study extends to it, each
+    placement trains and selects among its own LRs only, and the LR table leaves the others blank."""
+    import shutil
+
+    from loraplace.study import run_study
+
+    root = tuned[False].parent
+    db = tmp_path / "s.db"
+    shutil.copy(tuned[False], db)
+    own = {"all": LRS, "attn": LRS + [1.0e-1]}  # attn also tries 1e-1; `all` keeps the stored grid
+    (tmp_path / "own.yaml").write_text(_spec(root).replace(f"lr: {LRS}", f"lr: {own}"))
+    spec = load_study(tmp_path / "own.yaml")
+    assert spec.tune.lrs_for("attn") == sorted(own["attn"]) and spec.tune.all_lrs() == sorted(own["attn"])
+    assert len(expand_grid(spec)) == 3 + 4  # the selection pass: each placement its own LRs, seed 0
+    summary = run_study(spec, db, extend=True)
+    assert summary.failed == 0 and summary.ran >= 1  # attn at 1e-1 (+ its other seed if 1e-1 wins)
+    analysis = analyze_store(db)
+    by_placement = {c.placement: s for c, s in analysis.selections.items()}
+    assert set(by_placement["all"].val_loss_by_lr) == set(LRS)  # never offered attn's extra LR
+    assert set(by_placement["attn"].val_loss_by_lr) == set(own["attn"])
+    with Store.open_readonly(db) as store:
+        trials = store.trials(store.study().id)
+    assert not [t for t in trials if t.labels.group.placement == "all" and dict(t.labels.group.axes)["lr"] == 1e-1]
+    md = write_report(analysis, tmp_path / "report", ("md",))["md"].read_text()
+    assert "Each placement tried its own LRs" in md
+
+
+def test_per_placement_lrs_name_every_placement(tmp_path):
+    base = ("name: t\nmodel: tiny:llama\ntrain: {steps: 2}\nplacements: {all: {preset: all}, attn: {preset: attn}}\n"
+            "data: {train: 'builtin:arithmetic?n=40', validation_count: 5}\n")
+    (tmp_path / "a.yaml").write_text(base + "tune: {lr: {all: [1.0e-3, 1.0e-2], mlp: [1.0e-3, 2.0e-3, 2.0e-3]}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_study(tmp_path / "a.yaml")
+    text = str(err.value)
+    assert "tune.lr.mlp has duplicates" in text
+    (tmp_path / "b.yaml").write_text(base + "tune: {lr: {all: [1.0e-3, 1.0e-2], mlp: [1.0e-3, 2.0e-3]}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_study(tmp_path / "b.yaml")
+    text = str(err.value)
+    assert "none for attn" in text and "tune.lr names mlp" in text
+    (tmp_path / "c.yaml").write_text(base + "tune: {lr: {all: [1.0e-3], attn: [1.0e-3, 2.0e-3]}}\n")
+    with pytest.raises(ConfigError, match=r"tune.lr.all has 1 LR\(s\)"):
+        load_study(tmp_path / "c.yaml")

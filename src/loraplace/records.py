@@ -376,6 +376,9 @@ class StudyInfo(Record):
     versions: dict[str, str] = Field(default_factory=dict)
     tune_lrs: tuple[float, ...] = Field(default=(), description="tune: the LRs each cell selects from (empty: "
                                         "no tuning)")
+    tune_lrs_by_placement: dict[str, tuple[float, ...]] = Field(
+        default_factory=dict, description="tune with a list per placement: placement → the LRs its cells select "
+        "from (tune_lrs is then their union); empty: every placement selects from tune_lrs")
     tune_seeds: tuple[int, ...] = Field(default=(), description="tune: the seeds of the selection pass")
     search: bool = Field(default=False, description="a placement search (loraplace.search): its trials are the "
                          "finalists, tune_lrs the LRs its candidates were drawn from")

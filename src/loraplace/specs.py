@@ -75,6 +75,16 @@ _UNION_TAGS = ("int", "str", "float", "bool", "none")
 _UNION_TAG_PREFIXES = ("literal[", "function-", "list[", "dict[", "constrained-", "tuple[", "lax-or-strict[")
 
 
+# Tags of tagged unions whose member is chosen by the value's shape (see ``by_shape``): one member is tried, so its
+# errors are the problem, at their own keys; the tag itself is dropped from the path.
+SHAPE_TAGS = ("one-list", "per-name")
+
+
+def by_shape(value: Any) -> str:
+    """The member of a ``list | dict`` field a value means: a mapping is per name, anything else one list."""
+    return "per-name" if isinstance(value, dict) else "one-list"
+
+
 def _union_tag(part: Any) -> bool:
     """A location part pydantic adds for one member of a union (``int``, ``literal['auto','off']``), not a key."""
     return isinstance(part, str) and (part in _UNION_TAGS or part.startswith(_UNION_TAG_PREFIXES))
@@ -86,7 +96,8 @@ def _merge_union_errors(errors: list[dict]) -> list[dict]:
     out: list[dict] = []
     merged: dict[tuple, dict] = {}
     for err in errors:
-        loc = tuple(err["loc"])
+        loc = tuple(part for part in err["loc"] if part not in SHAPE_TAGS)
+        err = err | {"loc": loc}
         cut = next((i for i, part in enumerate(loc) if _union_tag(part)), None)
         if cut is None:
             out.append(err)

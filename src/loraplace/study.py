@@ -159,6 +159,16 @@ class StudySpec(StrictModel):
             return value
         problems = []
         data, axes, seeds = info.data.get("data"), info.data.get("axes"), info.data.get("seeds")
+        placements = info.data.get("placements")
+        if isinstance(value.lr, dict) and placements is not None:
+            missing = [p for p in placements if p not in value.lr]
+            unknown = [p for p in value.lr if p not in placements]
+            if missing:
+                problems.append(f"tune.lr gives a list per placement but none for {', '.join(missing)}: name every "
+                                "placement (or give one list for all)")
+            if unknown:
+                problems.append(f"tune.lr names {', '.join(unknown)}, not among placements "
+                                f"({', '.join(placements)})")
         if data is not None and not data.has_validation:
             problems.append("tune selects on the validation split: give data.validation, validation_count or "
                             "validation_fraction (the test split is never used to select)")
@@ -279,14 +289,19 @@ class StudySpec(StrictModel):
                          baseline=self.baseline_placement(), baseline_given=self.baseline is not None,
                          versions=library_versions(),
                          tune_lrs=tuple(self.search_lrs()) if self.search is not None else
-                         tuple(self.tune.lr) if self.tune is not None else (),
+                         tuple(self.tune.all_lrs()) if self.tune is not None else (),
+                         tune_lrs_by_placement={p: tuple(self.tune.lrs_for(p)) for p in self.placements}
+                         if self.tune is not None and isinstance(self.tune.lr, dict) else {},
                          tune_seeds=(self.seeds[0],) if self.search is not None else
                          tuple(self.tune_seeds()) if self.tune is not None else (),
                          search=self.search is not None)
 
-    def search_lrs(self) -> list[float]:
-        """The learning rates a search's candidates are drawn from: tune.lr, else the one train.lr."""
-        return list(self.tune.lr) if self.tune is not None else [self.train.lr]
+    def search_lrs(self, placement: str | None = None) -> list[float]:
+        """The learning rates a search's (or a tuned grid's) candidates are drawn from: ``placement``'s tune.lr
+        (every placement's: their union), else the one train.lr."""
+        if self.tune is None:
+            return [self.train.lr]
+        return self.tune.all_lrs() if placement is None else self.tune.lrs_for(placement)
 
 
 def load_study(path: str | Path) -> StudySpec:
@@ -325,7 +340,7 @@ def expand_grid(study: StudySpec, selections: dict[GroupKey, Selection] | None =
         def with_lr(lr: float, axes=axes) -> tuple:
             return tuple(sorted(axes + ((TUNED_AXIS, lr),)))
 
-        out += [_planned(study, pname, placement, size, seed, with_lr(lr)) for lr in study.tune.lr
+        out += [_planned(study, pname, placement, size, seed, with_lr(lr)) for lr in study.tune.lrs_for(pname)
                 for seed in tune_seeds]
         selection = (selections or {}).get(GroupKey(placement=pname, size=size, axes=axes))
         if selection is not None:
@@ -507,8 +522,10 @@ def _in_spec(study: StudySpec, labels: TrialLabels) -> bool:
     so a stored one that is not planned now (a new LR not yet run) is still in the spec."""
     group = labels.group
     sweep = study.axis_values(study.axes)
-    tuned = study.search_lrs() if study.tune is not None or study.search is not None else []
-    return (group.placement in study.placements and group.size in study.sizes() and labels.seed in study.seeds
+    if group.placement not in study.placements:
+        return False
+    tuned = study.search_lrs(group.placement) if study.tune is not None or study.search is not None else []
+    return ( group.size in study.sizes() and labels.seed in study.seeds
             and all((v in tuned) if (k == TUNED_AXIS and tuned) else v in sweep.get(k, []) for k, v in group.axes))
 
 
@@ -608,7 +625,7 @@ def search_candidates(study: StudySpec) -> list[PlannedTrial]:
     assert study.search is not None
     size = study.sizes()[0]
     return [_planned(study, pname, placement, size, study.seeds[0], ((TUNED_AXIS, lr),))
-            for pname, placement in study.placement_specs().items() for lr in study.search_lrs()]
+            for pname, placement in study.placement_specs().items() for lr in study.search_lrs(pname)]
 
 
 def candidates_of(study: StudySpec, planned: list[PlannedTrial] | None = None) -> list[Candidate]:

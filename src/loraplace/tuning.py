@@ -16,12 +16,12 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, PositiveFloat, field_validator
+from pydantic import Discriminator, Field, PositiveFloat, Tag, field_validator
 
 from loraplace.records import GroupKey, StudyInfo
-from loraplace.specs import StrictModel
+from loraplace.specs import StrictModel, by_shape
 from loraplace.store import TrialRecord
 
 TUNED_AXIS = "lr"
@@ -30,17 +30,39 @@ TUNED_AXIS = "lr"
 class TuneSpec(StrictModel):
     """``tune:`` in a study: the learning rates every cell is trained at, and how one is selected."""
 
-    lr: list[PositiveFloat] = Field(min_length=2, description="learning rates to select from (each cell its own)")
+    lr: Annotated[Annotated[list[PositiveFloat], Tag("one-list")] | Annotated[dict[str, list[PositiveFloat]],
+                                                                               Tag("per-name")],
+                  Discriminator(by_shape)] = Field(
+        description="learning rates to select from (each cell its own): one list for every placement, or a list per "
+        "placement (`{all: [1.5e-3, 3e-3], mlp: [5e-3, 1e-2]}`: each arm around the LR it is known to want; every "
+        "placement named)")
     on: Literal["validation"] = Field(default="validation", description="the split selection reads (only this)")
     seeds: list[int] | None = Field(default=None, min_length=1, description="seeds of the selection pass (default: "
                                     "every seed); the other seeds run at the selected LR only")
 
     @field_validator("lr")
     @classmethod
-    def _distinct(cls, value: list[float]) -> list[float]:
-        if len(set(value)) != len(value):
-            raise ValueError("tune.lr has duplicates")
-        return sorted(value)
+    def _distinct(cls, value: list[float] | dict[str, list[float]]) -> list[float] | dict[str, list[float]]:
+        lists = value if isinstance(value, dict) else {"": value}
+        problems = []
+        for name, lrs in lists.items():
+            where = f"tune.lr.{name}" if name else "tune.lr"
+            if len(lrs) < 2:
+                problems.append(f"{where} has {len(lrs)} LR(s): selection needs at least 2 (one LR: set train.lr "
+                                "or an axis instead)")
+            if len(set(lrs)) != len(lrs):
+                problems.append(f"{where} has duplicates")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return {name: sorted(lrs) for name, lrs in value.items()} if isinstance(value, dict) else sorted(value)
+
+    def lrs_for(self, placement: str) -> list[float]:
+        """The LRs ``placement``'s cells select from."""
+        return self.lr[placement] if isinstance(self.lr, dict) else self.lr
+
+    def all_lrs(self) -> list[float]:
+        """Every LR any placement tries, ascending."""
+        return sorted({lr for lrs in self.lr.values() for lr in lrs}) if isinstance(self.lr, dict) else self.lr
 
     @field_validator("seeds")
     @classmethod
@@ -120,4 +142,9 @@ def selections_of(info: StudyInfo, records: list[TrialRecord]) -> dict[GroupKey,
     if info.search:  # a search's trials are its finalists, each placement at the one LR its rungs selected
         return select_lrs(results, {lr for r in results if (lr := tuned_lr(r.key)) is not None}, info.tune_seeds,
                           complete_only=False)
-    return select_lrs(results, info.tune_lrs, info.tune_seeds)
+    if not info.tune_lrs_by_placement:
+        return select_lrs(results, info.tune_lrs, info.tune_seeds)
+    out: dict[GroupKey, Selection] = {}
+    for placement, lrs in info.tune_lrs_by_placement.items():  # each placement selects from its own list
+        out |= select_lrs([r for r in results if r.key.placement == placement], lrs, info.tune_seeds)
+    return out

@@ -149,7 +149,7 @@ def _all_selected(study) -> dict:
     for pname in study.placements:
         for size in study.sizes():
             cell = GroupKey(placement=pname, size=size, axes=())
-            out[cell] = Selection(cell, study.tune.lr[0], {}, ())
+            out[cell] = Selection(cell, study.tune.lrs_for(pname)[0], {}, ())
     return out
 
 

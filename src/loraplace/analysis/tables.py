@@ -180,7 +180,8 @@ def lr_table(analysis: StudyAnalysis) -> Table | None:
     lrs = list(analysis.info.tune_lrs)
     rows = []
     for cell, sel in analysis.selections.items():
-        rows.append((cell.label, *[("—" if v != v else f"{v:.4f}") + (" ◀" if lr == sel.lr else "")
+        rows.append((cell.label, *["" if lr not in sel.val_loss_by_lr else  # not among this placement's LRs
+                                   ("—" if v != v else f"{v:.4f}") + (" ◀" if lr == sel.lr else "")
                                    for lr, v in ((lr, sel.val_loss_by_lr.get(lr, float("nan"))) for lr in lrs)],
                      f"{sel.lr:g}" + (" (edge)" if sel.at_edge else "")))
     if not rows:
@@ -189,7 +190,9 @@ def lr_table(analysis: StudyAnalysis) -> Table | None:
                  ("cell", *[f"lr={lr:g}" for lr in lrs], "selected"), tuple(rows),
                  (False, *[True] * len(lrs), True),
                  (f"mean validation loss over the selection seeds {list(analysis.info.tune_seeds)}; ◀ marks the "
-                  "selected LR (lowest mean; an LR with a failed seed is out, —). The test split played no part.",))
+                  "selected LR (lowest mean; an LR with a failed seed is out, —). The test split played no part."
+                  + (" Each placement tried its own LRs (tune.lr per placement); blank: not among them."
+                     if analysis.info.tune_lrs_by_placement else ""),))
 
 
 def budget_table(analysis: StudyAnalysis) -> Table | None:

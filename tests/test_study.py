@@ -170,3 +170,32 @@ def test_yaml_words_are_keys_as_written(tmp_path):
     (tmp_path / "s.yaml").write_text(text + "tune: {lr: [1.0e-3, 3.0e-3], on: validation}\n")
     study = load_study(tmp_path / "s.yaml")
     assert list(study.placements) == ["off", "yes"] and study.tune.on == "validation"
+
+
+def test_a_study_resumed_where_auto_means_another_precision_is_refused(tmp_path, monkeypatch, cli):
+    """precision: auto is bf16 on CPUs with native bf16 and fp32 elsewhere: the GSM8K validation study (bf16, an
+    AVX512-BF16 machine) resumed on an AVX2 one would have added fp32 arms to it. Refused, store untouched; with
+    --allow-mixed-precision it runs and the report says the study mixes two dtypes."""
+    import loraplace.train
+
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    text = tiny_study_yaml("p", steps=1, seeds=[0], placements={"all": "{preset: all}"}).replace(
+        "precision: fp32", "precision: auto")
+    (tmp_path / "s.yaml").write_text(text)
+    monkeypatch.setattr(loraplace.train, "cpu_has_bf16", lambda: False)  # the machine that started it: fp32
+    assert run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db").done == 1
+    (tmp_path / "s.yaml").write_text(text.replace("seeds: [0]", "seeds: [0, 1]"))
+    monkeypatch.setattr(loraplace.train, "cpu_has_bf16", lambda: True)  # resumed where auto is bf16
+    before = (tmp_path / "s.db").read_bytes()
+    refused = cli("run", tmp_path / "s.yaml", "--store", tmp_path / "s.db", "--extend", "-q")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    said = " ".join(refused.stderr.split())  # the message wraps at the terminal width
+    assert "float32 (1 trial)" in said and "auto is bfloat16" in said
+    assert "--allow-mixed-precision" in said and (tmp_path / "s.db").read_bytes() == before
+    pinned = text.replace("precision: auto", "precision: fp32").replace("name: p", "name: q")
+    (tmp_path / "q.yaml").write_text(pinned)  # pinned: the same dtype everywhere, nothing to check
+    assert run_study(load_study(tmp_path / "q.yaml"), tmp_path / "s.db").done == 1
+    ran = cli("run", tmp_path / "s.yaml", "--store", tmp_path / "s.db", "--extend", "-q", "--allow-mixed-precision")
+    assert ran.returncode == 0, ran.stderr
+    warnings = analyze_store(tmp_path / "s.db", "p").warnings
+    assert any("bfloat16 and float32" in w for w in warnings)

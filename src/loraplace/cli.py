@@ -442,6 +442,9 @@ def run(
     force: bool = typer.Option(False, "--force", metavar=FLAG, help="allow adapters larger than the base model"),
     allow_unassigned: bool = typer.Option(False, "--allow-unassigned", metavar=FLAG, help=ALLOW_UNASSIGNED_HELP
                                           + " (the same as allow_unassigned: true in the spec)"),
+    allow_mixed_precision: bool = typer.Option(
+        False, "--allow-mixed-precision", metavar=FLAG, help="resume a precision: auto study on a machine where "
+        "auto means another dtype than the one its trials ran in (refused without this)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", metavar=FLAG),
 ) -> int:
     """Run a study: every unfinished trial of the grid, into a crash-safe store (resumable)."""
@@ -493,7 +496,8 @@ def run(
         with bar:
             hooks = RunHooks(on_start=start, on_end=end, progress=bar, on_note=note, on_rung_start=rung_start)
             summary = run_study(study, store_path, backend=backend, address=address, retry_failed=retry_failed,
-                                extend=extend, force=force, hooks=hooks)
+                                extend=extend, force=force, allow_mixed_precision=allow_mixed_precision,
+                                hooks=hooks)
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         in_flight = counts["started"] - counts["done"] - counts["failed"]

@@ -7,6 +7,7 @@ the rest. :func:`run_study` checks the spec, registers the grid in the store and
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -23,6 +24,7 @@ from pydantic import Field, ValidationError, ValidationInfo, create_model, field
 
 from loraplace.data import DataSpec
 from loraplace.errors import ConfigError, LoraplaceError
+from loraplace.formatting import plural
 from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill, PlacementSpec
 from loraplace.records import GroupKey, Size, StudyInfo, TrialLabels, TrialOutcome, config_without_seed
 from loraplace.runner import FusedExecutor, LocalExecutor, PlannedTrial, RungTask, RunHooks, RunSummary, execute
@@ -540,9 +542,35 @@ def _tracked(hooks: RunHooks, tracker: Tracker) -> RunHooks:
     return dataclasses.replace(hooks, on_end=on_end)
 
 
+def _check_precision(study: StudySpec, store_path: Path) -> None:
+    """``precision: auto`` is bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere: a study started on one
+    kind of machine and resumed on another would compare arms computed in different precisions (differences of the
+    size the arms differ by). Refused, naming both, unless the spec pins the precision. Reads the store read-only."""
+    if study.train.precision != "auto" or not store_path.exists():
+        return
+    from loraplace.train import resolve_device, resolve_dtype  # torch: only when there is a store to resume
+
+    with Store.open_readonly(store_path) as store:
+        try:
+            record = store.study(study.name)
+        except StoreError:
+            return
+        ran = [t.outcome.environment.dtype for t in store.trials(record.id)
+               if t.status == "done" and t.outcome is not None and t.outcome.environment.dtype]
+    here = str(resolve_dtype("auto", resolve_device(study.train.device))).removeprefix("torch.")
+    if ran and here not in ran:
+        kinds = " and ".join(f"{d} ({plural(n, 'trial')})" for d, n in sorted(collections.Counter(ran).items()))
+        raise StudyChanged(
+            f"study {study.name!r} in {store_path}: its finished trials ran in {kinds} under precision: auto; on this "
+            f"machine auto is {here}{' (this CPU has no native bf16)' if here == 'float32' else ''}, so the "
+            "study would compare arms trained in different precisions",
+            "resume it on a machine of the kind that started it; or run with --allow-mixed-precision (the report "
+            "names both); a new study can pin train.precision: fp32 to run the same everywhere")
+
+
 def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["local", "ray"] = "local",
               address: str | None = None, retry_failed: bool = False, extend: bool = False, force: bool = False,
-              hooks: RunHooks = RunHooks()) -> RunSummary:
+              allow_mixed_precision: bool = False, hooks: RunHooks = RunHooks()) -> RunSummary:
     """Run every unfinished trial of ``study`` into ``store_path``. Everything checkable — backend, device, model,
     data, placements, an edited spec — is checked before the store is written. Ctrl-C marks the trials in flight
     interrupted and re-raises ``KeyboardInterrupt``."""
@@ -551,6 +579,8 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
     if backend not in BACKENDS:
         raise LoraplaceError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
     check_placements(study, force)
+    if not allow_mixed_precision and backend == "local":  # Ray workers resolve auto on their own machines
+        _check_precision(study, store_path)
     warnings = check_inputs(study)
     if study.tracking is not None:
         check_tracking(study.tracking)

@@ -33,6 +33,7 @@ def test_a_4bit_trial_trains_near_the_full_precision_one_and_vanilla_peft_loads_
     assert nf4.curve[-1].loss < nf4.curve[0].loss - 0.02  # it trains
     assert nf4.environment.quantize == "nf4" and full.environment.quantize == "none"
     assert nf4.trainable_params == full.trainable_params  # the adapters are the same size on either base
+    assert nf4.total_params == full.total_params  # a 4-bit weight counts its parameters, not its packed bytes
     # A random tiny model's 4-bit weights lose ~10 % of their precision; the eval loss stays close.
     assert nf4.metrics.eval_loss == pytest.approx(full.metrics.eval_loss, rel=0.02)
     assert nf4.metrics.eval_loss != full.metrics.eval_loss  # the base really was quantized

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -288,8 +289,13 @@ def pad_token_id(tokenizer) -> int:
 
 
 def count_params(model: nn.Module) -> int:
-    """Parameters of the base model, each shared (tied) tensor counted once."""
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the base model, each shared (tied) tensor counted once. A 4-bit weight (bitsandbytes'
+    ``Params4bit``) is a packed byte tensor of half its count: its quantization state knows the real shape."""
+    total = 0
+    for p in model.parameters():
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        total += math.prod(shape) if shape is not None else p.numel()
+    return total
 
 
 @contextlib.contextmanager

@@ -42,6 +42,8 @@ def run_one(args) -> dict:
 
     session = Session(args.model, quantize=args.only)
     rss_loaded_mb = _vm_kb("VmRSS") / 1024  # the process with the base loaded, before any training
+    # of which anonymous (the tensors; the rest is file-backed: a checkpoint the loader mapped, reclaimable)
+    anon_loaded_mb = _vm_kb("RssAnon") / 1024
     spec = TrialSpec(model=args.model, data=DataSpec(train=args.train_file, eval=args.eval_file, max_len=args.max_len),
                      placement=parse_placement(args.placement), budget=args.budget,
                      train=TrainSpec(steps=args.steps, batch=args.batch, lr=args.lr, quantize=args.only))
@@ -51,6 +53,7 @@ def run_one(args) -> dict:
     return {"tokens_per_s": outcome.metrics.tokens_per_s, "train_s": outcome.metrics.train_s,
             "first_step_s": outcome.timings.first_step_s, "eval_loss": outcome.metrics.eval_loss,
             "peak_mem_mb": outcome.metrics.peak_mem_mb, "rss_loaded_mb": rss_loaded_mb,
+            "anon_loaded_mb": anon_loaded_mb,
             "dtype": str(session.dtype).removeprefix("torch."),
             "trainable_params": outcome.trainable_params,
             "base_bytes": base_weight_bytes(session.arch, dtype_bytes, args.only)}
@@ -91,7 +94,8 @@ def main() -> None:
         results[base] = json.loads(done.stdout.strip().splitlines()[-1])
         r = results[base]
         print(f"  {base:5s} compute {r['dtype']:8s} {r['tokens_per_s']:7.1f} tok/s  first step "
-              f"{r['first_step_s']:5.1f} s  resident after load {r['rss_loaded_mb']:6.0f} MiB, peak "
+              f"{r['first_step_s']:5.1f} s  resident after load {r['rss_loaded_mb']:6.0f} MiB "
+              f"({r['anon_loaded_mb']:.0f} anonymous), peak "
               f"{r['peak_mem_mb']:6.0f} MiB  base weights {r['base_bytes'] / 2**20:6.1f} MiB  eval loss "
               f"{r['eval_loss']:.4f}  ({r['trainable_params']:,} trainable)")
     none = results["none"]

@@ -119,3 +119,21 @@ def test_the_probes_read_a_4bit_base_as_its_forward_does():
         scores[quantize] = {s.path: s.score for s in session.probe(data, batches=1, batch=4, measure="nfn").sites}
     for path, value in scores["none"].items():
         assert scores["nf4"][path] == pytest.approx(value, rel=0.1), path
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_expert_parameters_on_a_4bit_base_train(family):
+    """Experts are 3-D parameter stacks (PEFT target_parameters), which bitsandbytes leaves unquantized: on a nf4
+    base the attention/dense linears are 4-bit and the expert stacks train through PEFT's parameter LoRA as on any
+    base — the same adapter size, a falling loss, and a loss near the full-precision base's."""
+    placement = parse_placement({"roles": ["moe.experts", "attn.q"]})
+
+    def spec(quantize: str) -> TrialSpec:
+        return TrialSpec(model=f"tiny:{family}", data=DATA, placement=placement, rank=4,
+                         train=TrainSpec(steps=8, batch=4, lr=5e-3, precision="fp32", quantize=quantize))
+
+    full, nf4 = run_trial(spec("none")), run_trial(spec("nf4"))
+    assert nf4.status == "done", nf4.failure
+    assert nf4.trainable_params == full.trainable_params > 0 and nf4.total_params == full.total_params
+    assert nf4.curve[-1].loss < nf4.curve[0].loss
+    assert nf4.metrics.eval_loss == pytest.approx(full.metrics.eval_loss, rel=0.02)

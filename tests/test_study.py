@@ -33,8 +33,9 @@ def test_every_shipped_yaml_validates():
         for values in study.axis_values(study.axes).values():
             axes *= len(values)
         # tuned: the selection pass until its LRs are selected (every LR × the selection seeds)
-        seeds = len(study.tune.lr) * len(study.tune_seeds()) if study.tune is not None else len(study.seeds)
-        assert len(grid) == len(study.placements) * len(study.sizes()) * seeds * axes
+        runs = (sum(len(study.tune.lrs_for(p)) for p in study.placements) * len(study.tune_seeds())
+                if study.tune is not None else len(study.placements) * len(study.seeds))
+        assert len(grid) == runs * len(study.sizes()) * axes
         assert len({t.id for t in grid}) == len(grid)
         assert study.baseline_placement() in study.placements
         if study.model.startswith("builtin:") and HAS_SMOLLM2:  # every placement resolves on the real model

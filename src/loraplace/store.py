@@ -343,6 +343,18 @@ class Store:
         self._conn.execute("PRAGMA foreign_keys = ON")
         self._migrate()
 
+    @staticmethod
+    def check_writable(path: str | Path) -> None:
+        """Refuse, before any work, a store this process could not write: the file (if it exists) and the folder
+        that gets its -wal/-shm files (or, for a new store, the nearest existing folder above it). Touches
+        nothing; opening the store stays the authority (this is the early, cheap answer)."""
+        path = Path(path)
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if (path.exists() and not os.access(path, os.W_OK)) or not os.access(folder, os.W_OK | os.X_OK):
+            raise _read_only(path)
+
     @classmethod
     def open_readonly(cls, path: str | Path) -> Store:
         """Open a store for reading without changing a byte of it; an old schema is migrated in memory."""

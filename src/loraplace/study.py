@@ -578,6 +578,7 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
     store_path = Path(store_path)
     if backend not in BACKENDS:
         raise LoraplaceError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
+    Store.check_writable(store_path)  # before the model and the data are read: seconds, not a minute
     check_placements(study, force)
     if not allow_mixed_precision and backend == "local":  # Ray workers resolve auto on their own machines
         _check_precision(study, store_path)

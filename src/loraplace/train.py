@@ -18,7 +18,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peft.helpers import disable_input_dtype_casting
 
 from loraplace.data import TokenizedSet
 from loraplace.data.batching import Batch, batching_mode, make_batch, static_batches, static_shape
@@ -238,6 +237,8 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
         # PEFT casts each adapted layer's input to the adapter's dtype (fp32 here), and autocast casts it straight
         # back to bf16 for the matmul: two copies of a [tokens, d_in] activation per adapted layer, 11 % of a bf16
         # CPU step (benchmarks/RESULTS.md). Under autocast the cast is pointless — the values are the same.
+        from peft.helpers import disable_input_dtype_casting  # peft: ~6 s to import; only a training run needs it
+
         cleanup.enter_context(disable_input_dtype_casting(model, active=dtype != torch.float32))
         model.train()
         clock = TrainClock(device)

@@ -129,9 +129,11 @@ def test_run_then_report_end_to_end(tmp_path):
         return subprocess.run([sys.executable, "-m", "loraplace", *map(str, args)], capture_output=True, text=True,
                               env=env, timeout=300)
 
-    ran = run_cli("run", spec, "--store", tmp_path / "s.db", "--quiet")
+    ran = run_cli("run", spec, "--store", tmp_path / "s.db")
     assert ran.returncode == 0, ran.stderr
     assert "Placements compared" in ran.stdout and "not budget-matched" in ran.stdout
+    # Not a terminal (as under nohup): plain progress lines, one when each trial starts training, then its end.
+    assert ran.stderr.count("training, 2 steps") == 4 and ran.stderr.count("→ done") == 4, ran.stderr
     rep = run_cli("report", tmp_path / "s.db", "--format", "html,md")
     assert rep.returncode == 0, rep.stderr
     html = tmp_path / "s_report" / "report.html"

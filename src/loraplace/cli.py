@@ -273,6 +273,10 @@ class TrainProgress:
         self.t0 = 0.0
         self.tokens0 = 0
         self.last_loss = "…"
+        # Not a terminal (nohup, a log file, CI): rich draws no bars there, so a long trial would log nothing until
+        # it ends. A plain line every tenth of its steps instead (and when it starts), with loss and tokens/s.
+        self.plain = self.progress is not None and not self.progress.console.is_terminal
+        self.next_line = 0
 
     def __enter__(self):
         if self.progress is not None:
@@ -308,12 +312,22 @@ class TrainProgress:
             self.task = self.progress.add_task(self.description, total=total, info="loss …")
             self.t0, self.tokens0 = time.perf_counter(), tokens
             self.progress.update(self.task, completed=step)
+            if self.plain:
+                self._line(f"{self.description}: training, {total} steps")
+                self.next_line = step + max(1, total // 10)
             return
         if loss is not None:
             self.last_loss = f"{loss:.4f}"
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        self.progress.update(self.task, completed=step,
-                             info=f"loss {self.last_loss}  {(tokens - self.tokens0) / elapsed:,.0f} tok/s")
+        info = f"loss {self.last_loss}  {(tokens - self.tokens0) / elapsed:,.0f} tok/s"
+        self.progress.update(self.task, completed=step, info=info)
+        if self.plain and step >= self.next_line and step < total:
+            self._line(f"{self.description}: step {step}/{total}  {info}")
+            self.next_line = step + max(1, total // 10)
+
+    def _line(self, text: str) -> None:
+        assert self.progress is not None
+        self.progress.console.print(f"{time.strftime('%H:%M:%S')} {escape(text)}", highlight=False)
 
 
 def _default(model, name: str) -> str:

@@ -70,6 +70,8 @@ def serve() -> None:
 
     faulthandler.register(signal.SIGUSR1)  # a hung server tells where: kill -USR1 PID
     # The imports a `loraplace run` pays before its first claim; nothing is computed.
+    import peft.helpers  # noqa: F401 - imported by a trial when it trains (loraplace.train), not by the modules
+
     import loraplace.cli  # noqa: F401
     import loraplace.fused  # noqa: F401
     import loraplace.runner  # noqa: F401

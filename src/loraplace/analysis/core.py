@@ -263,12 +263,13 @@ def analyze_records(study: StudyRecord, store: str, records: list[TrialRecord],
     groups = _compare(groups, study.info.baseline, warnings, cell)
     groups = _pareto(groups)
     warnings += _warnings(groups, rows, counts, trial_warnings, cell)
-    dtypes = sorted({r.outcome.environment.dtype for r in rows if r.status == "done" and r.outcome is not None})
-    if len(dtypes) > 1:
-        warnings.append(f"the trials ran in {' and '.join(dtypes)} (precision: auto on machines of different "
-                        "kinds): a difference between arms of the size of the rounding difference is not evidence")
+    environment = _environment(rows, study.info)
+    if len(environment.dtypes) > 1:
+        warnings.append(f"the trials ran in {' and '.join(environment.dtypes)} (precision: auto on machines of "
+                        "different kinds): a difference between arms of the size of the rounding difference is not "
+                        "evidence")
     return StudyAnalysis(study.name, store, study.spec, study.info, tuple(groups.values()), tuple(rows), counts,
-                         tuple(warnings), _environment(rows, study.info), selections)
+                         tuple(warnings), environment, selections)
 
 
 def _plain_cell(key: GroupKey) -> tuple:

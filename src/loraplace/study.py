@@ -31,7 +31,7 @@ from loraplace.runner import FusedExecutor, LocalExecutor, PlannedTrial, RungTas
 from loraplace.search import Candidate, SearchSpec, SearchState, describe, is_preset, run_rungs, rung_steps, rungs_of
 from loraplace.search import state_dir as search_state_dir
 from loraplace.specs import StrictModel, bare_on_off, load_yaml, validate
-from loraplace.store import Store, StoreError
+from loraplace.store import Store, StoreError, StudyRecord, TrialRecord
 from loraplace.tracking import Tracker, TrackingSpec, check_tracking
 from loraplace.train_config import TrainSpec
 from loraplace.trial import EvalSpec, TrialSpec, library_versions
@@ -367,16 +367,23 @@ def trial_id(spec: TrialSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _stored_selections(study: StudySpec, store_path: Path) -> dict[GroupKey, Selection]:
-    """Selections already made in the store (read-only), so a resumed tuned study plans its follow-up trials."""
-    if study.tune is None or not store_path.exists():
-        return {}
+def _stored(study: StudySpec, store_path: Path) -> tuple[StudyRecord, list[TrialRecord]] | None:
+    """This study's record and trials as the store holds them (read-only), or None: no store, or no study of this
+    name in it yet (a new one). The one read every resume check starts from."""
+    if not store_path.exists():
+        return None
     with Store.open_readonly(store_path) as store:
         try:
             record = store.study(study.name)
         except StoreError:
-            return {}
-        return selections_of(study.info(), store.trials(record.id))
+            return None
+        return record, store.trials(record.id)
+
+
+def _stored_selections(study: StudySpec, store_path: Path) -> dict[GroupKey, Selection]:
+    """Selections already made in the store (read-only), so a resumed tuned study plans its follow-up trials."""
+    stored = _stored(study, store_path) if study.tune is not None else None
+    return {} if stored is None else selections_of(study.info(), stored[1])
 
 
 def check_placements(study: StudySpec, force: bool = False) -> None:
@@ -473,14 +480,10 @@ def _check_unchanged(study: StudySpec, store_path: Path, planned: list[PlannedTr
     spec whose trials differ is refused with the differences, or with ``extend`` adds cells as long as no group
     would mix configurations (a group's trials may differ only by seed). Reads the store read-only: a refusal
     changes nothing."""
-    if not store_path.exists():
-        return
-    with Store.open_readonly(store_path) as store:
-        try:
-            record = store.study(study.name)
-        except StoreError:
-            return  # no study of this name yet: a new one
-        existing = store.trials(record.id)
+    stored = _stored(study, store_path)
+    if stored is None:
+        return  # no study of this name yet: a new one
+    record, existing = stored
     existing_ids, planned_ids = {t.id for t in existing}, {p.id for p in planned}
     if existing_ids == planned_ids:
         return  # the same trials: a resume (a change that touches no trial, e.g. the baseline, is kept)
@@ -546,17 +549,13 @@ def _check_precision(study: StudySpec, store_path: Path) -> None:
     """``precision: auto`` is bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere: a study started on one
     kind of machine and resumed on another would compare arms computed in different precisions (differences of the
     size the arms differ by). Refused, naming both, unless the spec pins the precision. Reads the store read-only."""
-    if study.train.precision != "auto" or not store_path.exists():
+    stored = _stored(study, store_path) if study.train.precision == "auto" else None
+    if stored is None:
         return
     from loraplace.train import resolve_device, resolve_dtype  # torch: only when there is a store to resume
 
-    with Store.open_readonly(store_path) as store:
-        try:
-            record = store.study(study.name)
-        except StoreError:
-            return
-        ran = [t.outcome.environment.dtype for t in store.trials(record.id)
-               if t.status == "done" and t.outcome is not None and t.outcome.environment.dtype]
+    ran = [t.outcome.environment.dtype for t in stored[1]
+           if t.status == "done" and t.outcome is not None and t.outcome.environment.dtype]
     here = str(resolve_dtype("auto", resolve_device(study.train.device))).removeprefix("torch.")
     if ran and here not in ran:
         kinds = " and ".join(f"{d} ({plural(n, 'trial')})" for d, n in sorted(collections.Counter(ran).items()))
@@ -668,13 +667,10 @@ def candidates_of(study: StudySpec, planned: list[PlannedTrial] | None = None) -
 
 def _check_search_unchanged(study: StudySpec, store_path: Path) -> None:
     """A search resumes only under the spec it was started with (its rung decisions were made under it)."""
-    if not store_path.exists():
+    stored = _stored(study, store_path)
+    if stored is None:
         return
-    with Store.open_readonly(store_path) as store:
-        try:
-            record = store.study(study.name)
-        except StoreError:
-            return
+    record = stored[0]
     differences = spec_differences(_as_read_now({k: v for k, v in record.spec.items() if k != "versions"}),
                                    study.model_dump(mode="json"))
     if differences:

@@ -45,9 +45,9 @@ def full_logits_loss_sum(model, batch, decoder=None, chunk=None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:smollm2-135m")
-    parser.add_argument("--data", default="auto", help="auto | builtin | a GSM8K-format JSONL")
-    parser.add_argument("--train-examples", type=int, default=160)
-    parser.add_argument("--eval-examples", type=int, default=16)
+    from bench_train import add_data_args
+
+    add_data_args(parser, train_examples=160, eval_examples=16)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=256)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import build_data, cpu_kind  # noqa: E402 - the benchmarks' shared data and machine kind
+from bench_train import add_data_args, build_data, cpu_kind  # noqa: E402 - the benchmarks' shared data and machine kind
 
 
 def _vm_kb(field: str) -> int:
@@ -62,9 +62,7 @@ def run_one(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:smollm2-135m")
-    ap.add_argument("--data", default="auto", help="auto: the GSM8K file beside the project, else builtin")
-    ap.add_argument("--train-examples", type=int, default=64)
-    ap.add_argument("--eval-examples", type=int, default=32)
+    add_data_args(ap, train_examples=64, eval_examples=32)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=256)

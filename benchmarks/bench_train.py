@@ -71,6 +71,14 @@ def flops_per_step(plan, n_layers: int, d_model: int, real_tokens: int, label_to
     return base + adapters + attention
 
 
+def add_data_args(parser, *, train_examples: int, eval_examples: int) -> None:
+    """The options :func:`build_data` reads, for every benchmark that builds its data with it."""
+    parser.add_argument("--data", default="auto", help="auto: ../shared GSM8K if present, else builtin:arithmetic; "
+                        "or a GSM8K-format .jsonl path, or 'builtin'")
+    parser.add_argument("--train-examples", type=int, default=train_examples)
+    parser.add_argument("--eval-examples", type=int, default=eval_examples)
+
+
 def build_data(args) -> tuple[str, str]:
     workdir = Path(tempfile.mkdtemp(prefix="loraplace-bench-"))
     source = SHARED_GSM8K if args.data == "auto" else Path(args.data)
@@ -202,10 +210,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:smollm2-135m")
     ap.add_argument("--random-init", default=None, help="dir with config.json + tokenizer: random weights")
-    ap.add_argument("--data", default="auto", help="auto: ../shared GSM8K if present, else builtin:arithmetic; "
-                    "or a GSM8K-format .jsonl path, or 'builtin'")
-    ap.add_argument("--train-examples", type=int, default=240)
-    ap.add_argument("--eval-examples", type=int, default=100)
+    add_data_args(ap, train_examples=240, eval_examples=100)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=256)

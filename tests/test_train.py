@@ -256,3 +256,32 @@ def test_bare_yaml_on_off_reads_as_the_setting(text, expected):
 
     spec = TrainSpec.model_validate(parse_yaml(text))
     assert (spec.checkpointing, spec.base_dropout) == expected
+
+
+def test_compile_keeps_compiling_past_dynamos_recompile_limit(monkeypatch):
+    """Dynamo traces at most ``recompile_limit`` (8) graphs per code object and then runs it eagerly, silently:
+    a study's ninth distinct rank would have trained uncompiled. Each new graph must really be traced; a repeat of
+    the previous trial's graph (another LR or seed of a placement) reuses it without tracing. Dynamo's eager
+    backend and a limit of 1 keep this fast: the limit is dynamo's, whatever compiles the graphs."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    session = Session("tiny:llama", precision="fp32")
+    splits = session.data(DataSpec(train="builtin:arithmetic?n=40", eval_count=8, max_len=160))
+
+    def traced(rank: int) -> int:
+        before = counters["frames"]["ok"]
+        with session.adapter(session.plan(parse_placement("all"), rank=rank), 0) as model:
+            train(model, splits.train, TrainSpec(steps=1, batch=4, lr=1e-3, precision="fp32", compile=True),
+                  device=session.device, dtype=session.dtype, pad_id=session.pad_id)
+        return counters["frames"]["ok"] - before
+
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert [traced(rank) > 0 for rank in (1, 2, 3)] == [True] * 3
+        assert traced(3) == 0  # the same graph as the trial before: reused
+        assert traced(3) == 0
+    torch._dynamo.reset()

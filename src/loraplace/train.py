@@ -183,6 +183,31 @@ def step_batcher(data: TokenizedSet, spec: TrainSpec, order: list[np.ndarray], m
     return step_batches, shape
 
 
+# The graph the last compiled trial of this process traced (see _prepare_compile).
+_last_compiled: tuple | None = None
+
+
+def _prepare_compile(lm, shape: tuple[int, int] | None, dtype: torch.dtype) -> None:
+    """Make this trial's ``torch.compile`` really compile, reusing the previous trial's graph when it is the same.
+
+    Dynamo keeps the graphs it traced per code object — here the decoder's ``forward``, shared by every trial of a
+    session — and after ``recompile_limit`` (8) of them it silently runs that code *eagerly* from then on: the
+    ninth distinct placement or rank of a study would have trained uncompiled while its spec said compile. So
+    when a trial's graph differs from the previous compiled trial's, the in-memory graphs are dropped
+    (``torch._dynamo.reset``); inductor's on-disk caches (FX graph, AOTAutograd) still spare most of the
+    recompilation. Trials with the same graph — every LR and seed of a placement, run one after another in a
+    grid — reuse the traced graph and compile nothing (benchmarks/RESULTS.md).
+    The graph's key: the adapters' names and shapes (placement, rank, variant), the static shape, the dtype.
+    """
+    global _last_compiled
+    import torch._dynamo
+
+    key = (id(lm), shape, dtype, tuple((n, tuple(p.shape)) for n, p in lm.named_parameters() if p.requires_grad))
+    if _last_compiled is not None and key != _last_compiled:
+        torch._dynamo.reset()
+    _last_compiled = key
+
+
 def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, dtype: torch.dtype, pad_id: int,
           on_step: Callable[[int, int, float | None, float], None] | None = None,
           eval_fn: Callable[[], float] | None = None, eval_every: int | None = None, eval_split: str = "test",
@@ -208,9 +233,12 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
     step_batches, shape = step_batcher(data, spec, stepper.order, batching_mode(model, spec.packing), pad_id)
     stepper.outcome.static_shape = shape
 
-    # One shape: compile once, specialised to it. Otherwise widths are multiples of 8 and shapes are dynamic.
-    decoder = torch.compile(causal_lm(model).base_model, dynamic=shape is None) if spec.compile else None
     lm = causal_lm(model)
+    # One shape: compile once, specialised to it. Otherwise widths are multiples of 8 and shapes are dynamic.
+    decoder = None
+    if spec.compile:
+        _prepare_compile(lm, shape, dtype)
+        decoder = torch.compile(lm.base_model, dynamic=shape is None)
     first = step_batches(stepper.order[0])[0] if stepper.order else None
     loss_chunk = spec.resolved_loss_chunk(device.type)
     checkpointing, why = checkpointing_for(spec.checkpointing, lm.config,

@@ -54,32 +54,19 @@ def copy_strided(t: torch.Tensor) -> torch.Tensor:
     return out.requires_grad_(t.requires_grad)
 
 
-class _TimedBackward(torch.autograd.Function):
-    """Identity on the attention output whose backward notes when the SDPA backward is about to start and ends."""
+class _Stamp(torch.autograd.Function):
+    """Identity whose backward writes the time it runs into ``stamps[call_index]``. On the attention output it runs
+    just before that call's SDPA backward; on the query, just after it (the next node autograd reaches)."""
 
     @staticmethod
-    def forward(ctx, out, call_index):
-        ctx.call_index = call_index
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        _BWD_START[ctx.call_index] = time.perf_counter()
-        return grad, None
-
-
-class _MarkInputs(torch.autograd.Function):
-    """Identity on the query whose backward runs right after SDPA's backward: the end of that call's backward."""
-
-    @staticmethod
-    def forward(ctx, q, call_index):
-        ctx.call_index = call_index
-        return q.view_as(q)
+    def forward(ctx, x, stamps, call_index):
+        ctx.stamps, ctx.call_index = stamps, call_index
+        return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        _BWD_END[ctx.call_index] = time.perf_counter()
-        return grad, None
+        ctx.stamps[ctx.call_index] = time.perf_counter()
+        return grad, None, None
 
 
 _BWD_START: dict[int, float] = {}
@@ -118,14 +105,9 @@ def per_document_call(sdpa, q, k, v, call: Call, n_rep: int) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="builtin:smollm2-135m")
-    from bench_train import add_data_args, build_data, cpu_kind
+    from bench_train import add_trial_args, build_data, cpu_kind
 
-    add_data_args(parser, train_examples=64, eval_examples=8)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max-len", type=int, default=256)
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    add_trial_args(parser, steps=3, train_examples=64, eval_examples=8)
     parser.add_argument("--replays", type=int, default=3, help="times each recorded call is replayed alone")
     args = parser.parse_args()
 
@@ -150,13 +132,13 @@ def main() -> None:
         if not recording["on"] or not torch.is_grad_enabled():
             return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
         i = len(calls)
-        q = _MarkInputs.apply(q, i)
+        q = _Stamp.apply(q, _BWD_END, i)
         t0 = time.perf_counter()
         out = sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
         fwd = time.perf_counter() - t0
         calls.append(Call((copy_strided(q), copy_strided(k), copy_strided(v)),
                           None if attn_mask is None else attn_mask.clone(), dict(kwargs), fwd))
-        return _TimedBackward.apply(out, i)
+        return _Stamp.apply(out, _BWD_START, i)
 
     base = dict(batch=args.batch, lr=2e-4, seed=0, precision=args.precision, checkpointing="off")
     torch.nn.functional.scaled_dot_product_attention = timed_sdpa

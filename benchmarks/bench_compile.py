@@ -61,16 +61,11 @@ def one_process(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from bench_train import add_data_args, cpu_kind
+    from bench_train import add_trial_args, cpu_kind
 
-    parser.add_argument("--model", default="builtin:smollm2-135m")
-    add_data_args(parser, train_examples=64, eval_examples=8)
+    add_trial_args(parser, steps=6, train_examples=64, eval_examples=8)
     parser.add_argument("--placement", default="all")
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max-len", type=int, default=256)
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--study-trials", type=int, default=12, help="trials per placement of the extrapolated study")
     parser.add_argument("--study-steps", type=int, default=40, help="steps per trial of the extrapolated study")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # the child process

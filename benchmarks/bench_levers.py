@@ -44,14 +44,9 @@ def full_logits_loss_sum(model, batch, decoder=None, chunk=None):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="builtin:smollm2-135m")
-    from bench_train import add_data_args
+    from bench_train import add_trial_args
 
-    add_data_args(parser, train_examples=160, eval_examples=16)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max-len", type=int, default=256)
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    add_trial_args(parser, steps=8, train_examples=160, eval_examples=16)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--only", default=None, help="comma-separated lever labels to run (defaults always run)")
     parser.add_argument("--no-profile", action="store_true")

@@ -105,14 +105,9 @@ def measure(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="builtin:smollm2-135m")
-    from bench_train import add_data_args
+    from bench_train import add_trial_args
 
-    add_data_args(parser, train_examples=64, eval_examples=8)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max-len", type=int, default=256)
-    parser.add_argument("--precision", default="auto")
+    add_trial_args(parser, steps=3, train_examples=64, eval_examples=8)
     parser.add_argument("--loss-chunk", type=int, default=None, help="train.loss_chunk for both settings")
     parser.add_argument("--only", choices=["off", "on"], help=argparse.SUPPRESS)
     args = parser.parse_args()

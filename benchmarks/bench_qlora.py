@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import add_data_args, build_data, cpu_kind  # noqa: E402 - the benchmarks' shared data and machine kind
+from bench_train import add_trial_args, build_data, cpu_kind  # noqa: E402 - the benchmarks' shared data and machine kind
 
 
 def _vm_kb(field: str) -> int:
@@ -61,11 +61,7 @@ def run_one(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="builtin:smollm2-135m")
-    add_data_args(ap, train_examples=64, eval_examples=32)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=256)
+    add_trial_args(ap, steps=6, train_examples=64, eval_examples=32, precision=False)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--placement", default="all")
     ap.add_argument("--budget", type=int, default=1_000_000)

@@ -71,6 +71,18 @@ def flops_per_step(plan, n_layers: int, d_model: int, real_tokens: int, label_to
     return base + adapters + attention
 
 
+def add_trial_args(parser, *, steps: int, train_examples: int, eval_examples: int, precision: bool = True) -> None:
+    """The options of a benchmark that trains the builtin model on :func:`build_data`'s data: model, data, steps,
+    batch, max_len and (unless the bench fixes it) precision."""
+    parser.add_argument("--model", default="builtin:smollm2-135m")
+    add_data_args(parser, train_examples=train_examples, eval_examples=eval_examples)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-len", type=int, default=256)
+    if precision:
+        parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+
+
 def add_data_args(parser, *, train_examples: int, eval_examples: int) -> None:
     """The options :func:`build_data` reads, for every benchmark that builds its data with it."""
     parser.add_argument("--data", default="auto", help="auto: ../shared GSM8K if present, else builtin:arithmetic; "

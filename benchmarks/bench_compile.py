@@ -80,7 +80,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for mode in ("eager", "cold", "warm"):
         env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache}
-        cmd = [sys.executable, __file__, "--mode", mode] + [a for a in sys.argv[1:]]
+        cmd = [sys.executable, __file__, "--mode", mode, *sys.argv[1:]]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -12,6 +12,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from helpers import run_cli_in_process, tiny_study_yaml  # noqa: E402 - after the offline switches
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `make test` runs two workers on a 2-core machine: two intra-op threads each would oversubscribe the cores
+    # (OpenMP threads spin while they wait), and the tests' tiny models gain nothing from a second thread.
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):

@@ -150,8 +150,8 @@ def test_report_errors(cli, tmp_path):
 
 
 def test_probe_shows_each_measure(tmp_path, capsys, monkeypatch):
-    """`loraplace probe` scores by gradient or by nfn: the table, probe.json and the heatmap; a bad measure is one
-    clear error before the model loads."""
+    """`loraplace probe` scores by gradient, nfn or warmup: the table, probe.json and the heatmap; bad options are
+    one clear error before the model loads."""
     monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
     common = ["probe", "tiny:llama", "--data", "builtin:arithmetic?n=32", "--batches", "2", "--batch", "4"]
     done = run_cli_in_process(*common, "--measure", "nfn", "--out", tmp_path / "nfn", capsys=capsys)
@@ -162,8 +162,17 @@ def test_probe_shows_each_measure(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "nfn" / "probe.png").is_file()
     done = run_cli_in_process(*common, "--json", capsys=capsys)
     assert done.returncode == 0 and json.loads(done.stdout)["measure"] == "gradient"
-    bad = run_cli_in_process(*common, "--measure", "norm", capsys=capsys)
-    assert bad.returncode == 2 and "--measure" in bad.stderr and "Traceback" not in bad.stderr
+    done = run_cli_in_process(*common, "--measure", "warmup", "--warmup-steps", "2", "--warmup-lr", "0.01",
+                              "--out", tmp_path / "warmup", capsys=capsys)
+    assert done.returncode == 0, done.stderr
+    shown = " ".join(done.stdout.split())  # the table's title wraps
+    assert "after 2 warm-up steps at lr 0.01" in shown and "roles by mean relative update" in shown
+    saved = json.loads((tmp_path / "warmup" / "probe.json").read_text())
+    assert (saved["measure"], saved["warmup_steps"], saved["warmup_lr"]) == ("warmup", 2, 0.01)
+    assert all(s["update_norm"] > 0 for s in saved["sites"]) and (tmp_path / "warmup" / "probe.png").is_file()
+    bad = run_cli_in_process(*common, "--measure", "norm", "--warmup-lr", "0", capsys=capsys)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "--measure" in bad.stderr and "--warmup-lr" in bad.stderr  # every problem, at once
 
 
 def test_train_reproduces_a_study_arm(tmp_path, capsys, monkeypatch):

@@ -240,15 +240,16 @@ def test_the_gradient_method_ranks_a_useful_large_matrix_above_a_small_one():
         ranked_units(probe, "role", "nfn")
 
 
-@pytest.mark.parametrize("method", ["nfn", "gradient"])
+@pytest.mark.parametrize("method", ["nfn", "gradient", "warmup"])
 def test_top_methods_adapt_their_top_roles_and_fill_the_budget_exactly(session, data, method):
     from loraplace.probe import ranked_units
 
     budget = 3000
+    warmup = {"warmup_steps": 2, "warmup_lr": 1e-2} if method == "warmup" else {}
     plan = session.plan({"auto": {"method": method, "budget": budget, "batches": 2, "batch": 4, "rank": 2,
-                                  "top": 2}}, budget=None, data=data, data_key="arith64")
+                                  "top": 2} | warmup}, budget=None, data=data, data_key="arith64")
     scores = session.probe(data, batches=2, batch=4, rank=2, key="arith64",
-                           measure="nfn" if method == "nfn" else "gradient")
+                           measure="gradient" if method == "gradient" else method, **warmup)
     want = {u.key for u, _ in ranked_units(scores, "role", method)[:2]}
     assert {m.role for m in plan.modules} == want
     assert all(len({m.layer for m in plan.modules if m.role == role}) == session.arch.num_layers for role in want)
@@ -265,10 +266,89 @@ def test_top_methods_adapt_their_top_roles_and_fill_the_budget_exactly(session, 
 def test_top_is_refused_where_it_cannot_take_effect():
     from loraplace.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="top applies to method nfn and gradient"):
+    with pytest.raises(ConfigError, match="top applies to method nfn, gradient, warmup"):
         parse_placement({"auto": {"method": "probe", "top": 2}})
+    with pytest.raises(ConfigError, match="warmup_steps applies to method warmup"):
+        parse_placement({"auto": {"method": "nfn", "warmup_steps": 5}})
     # probe placements dump as before (trial ids of stored studies do not move)
-    assert "top" not in parse_placement({"auto": {}}).model_dump()["auto"]
+    dumped = parse_placement({"auto": {}}).model_dump()["auto"]
+    assert not {"top", "warmup_steps", "warmup_lr"} & set(dumped)
+    warmup = parse_placement({"auto": {"method": "warmup"}}).auto
+    assert (warmup.granularity, warmup.top, warmup.warmup_steps, warmup.warmup_lr) == ("role", 3, 10, 1e-3)
+
+
+def test_warmup_scores_equal_a_direct_computation_on_real_tokens(session):
+    """The warm-up measure of every site, from padded batches of examples of unequal lengths, equals
+    mean ‖s·B·A·x‖ and mean ‖W·x + b‖ computed from each example's own forward (no padding at all), and the score
+    is their ratio. The adapters carry planted random B (as if trained), so every update is non-zero."""
+    from loraplace.placement import resolve_placement
+    from loraplace.probe import warmup_scores
+
+    data = load_tokenized("builtin:arithmetic?n=16", session.tokenizer, DataSpec(train="x", max_len=1024))[0]
+    plan = resolve_placement(session.arch, {"roles": ["all"], "rank": 2})
+    order = batch_order(len(data), 4, 2, 0)
+    assert any(len({len(data.ids[i]) for i in index}) > 1 for index in order)  # the batches are padded
+    with session.adapter(plan, seed=0) as peft_model:
+        torch.manual_seed(1)
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.1)
+        scores = warmup_scores(peft_model, session.arch, data, batches=2, batch=4, rank=2, device=session.device,
+                               dtype=session.dtype, pad_id=session.pad_id, warmup_steps=1, warmup_lr=1e-3)
+        layers = dict(peft_model.get_base_model().named_modules())
+        inputs: dict[str, list[torch.Tensor]] = {}
+        hooks = [layers[s.path].base_layer.register_forward_hook(
+            lambda _m, args, _o, path=s.path: inputs.setdefault(path, []).append(args[0][0].detach()))
+            for s in scores.sites]
+        try:
+            with torch.no_grad():
+                for index in order:
+                    for i in index:  # one example at a time: every position is a real token
+                        peft_model(input_ids=torch.as_tensor(data.ids[i], dtype=torch.long)[None])
+        finally:
+            for h in hooks:
+                h.remove()
+        for site in scores.sites:
+            layer = layers[site.path]
+            x = torch.cat(inputs[site.path]).double()  # [real tokens, d_in]
+            with torch.no_grad():
+                delta = layer.scaling["default"] * (layer.lora_B["default"].weight.double()
+                                                    @ layer.lora_A["default"].weight.double())  # [d_out, d_in]
+            base = layer.base_layer
+            out = x @ base.weight.double().T + (0 if base.bias is None else base.bias.double())
+            assert site.update_norm == pytest.approx(float((x @ delta.T).norm(dim=1).mean()), rel=1e-4), site.path
+            assert site.output_norm == pytest.approx(float(out.norm(dim=1).mean()), rel=1e-4), site.path
+            assert site.score == pytest.approx(site.update_norm / site.output_norm, rel=1e-9)
+    assert scores.measure == "warmup" and (scores.warmup_steps, scores.warmup_lr) == (1, 1e-3)
+
+
+def test_the_warmup_probe_refuses_expert_sites_before_it_trains():
+    """A MoE's experts are fused stacks (one adapter per expert, no per-site module to read): refused with the
+    methods that can score them, before any adapter is injected."""
+    moe = Session("tiny:qwen3_moe", precision="fp32")
+    data = load_tokenized("builtin:arithmetic?n=8", moe.tokenizer, DataSpec(train="x", max_len=160))[0]
+    with pytest.raises(PlacementError, match="warmup scores linear modules") as refused:
+        moe.probe(data, batches=1, batch=2, rank=2, measure="warmup", warmup_steps=1, warmup_lr=1e-3)
+    assert "method probe or gradient" in refused.value.hint
+    assert not any(p.requires_grad for p in moe.model.parameters())
+
+
+def test_the_warmup_probe_trains_then_leaves_the_base_as_it_was(session, data):
+    """Session.probe(measure="warmup") trains adapters on every linear (their updates are non-zero: B starts at 0)
+    and removes them: the base's outputs are bit-identical afterwards and nothing is left trainable. Cached."""
+    ids = torch.as_tensor(data.ids[0], dtype=torch.long)[None]
+    with torch.no_grad():
+        before = session.model(input_ids=ids).logits
+    scores = session.probe(data, batches=2, batch=4, rank=2, key="arith64", measure="warmup", warmup_steps=2,
+                           warmup_lr=1e-2)
+    with torch.no_grad():
+        assert torch.equal(session.model(input_ids=ids).logits, before)
+    assert not any(p.requires_grad for p in session.model.parameters())
+    assert {(s.layer, s.role) for s in scores.sites} == set(session.arch.sites)
+    assert all(s.update_norm > 0 and s.output_norm > 0 for s in scores.sites)
+    assert scores.seconds > 0 and scores.warmup_steps == 2
+    assert session.probe(data, batches=2, batch=4, rank=2, key="arith64", measure="warmup", warmup_steps=2,
+                         warmup_lr=1e-2) is scores
 
 
 def test_nfn_and_gradient_arms_in_a_study_and_their_probe_passes_in_a_search_ledger(tmp_path, monkeypatch):
@@ -282,17 +362,20 @@ def test_nfn_and_gradient_arms_in_a_study_and_their_probe_passes_in_a_search_led
     auto = "batches: 2, batch: 4, rank: 2"
     text = tiny_study_yaml("methods", steps=2, size="budgets: [2100]", seeds=[0], placements={
         "all": "{preset: all}", "nfn": f"{{auto: {{method: nfn, top: 2, {auto}}}}}",
-        "grad": f"{{auto: {{method: gradient, top: 2, {auto}}}}}", "probe": f"{{auto: {{{auto}}}}}"})
+        "grad": f"{{auto: {{method: gradient, top: 2, {auto}}}}}", "probe": f"{{auto: {{{auto}}}}}",
+        "warm": f"{{auto: {{method: warmup, top: 2, warmup_steps: 2, warmup_lr: 0.01, {auto}}}}}"})
     (tmp_path / "s.yaml").write_text(text)
     study = load_study(tmp_path / "s.yaml")
     summary = run_study(study, tmp_path / "s.db")
-    assert (summary.done, summary.failed) == (4, 0)
+    assert (summary.done, summary.failed) == (5, 0)
     with Store(tmp_path / "s.db") as store:
         by_arm = {t.labels.group.placement: t.outcome for t in store.trials(store.study().id)}
     assert by_arm["nfn"].probe.measure == "nfn" and by_arm["grad"].probe.measure == "gradient"
+    assert by_arm["warm"].probe.measure == "warmup" and by_arm["warm"].probe.warmup_steps == 2
     assert {s.role for s in by_arm["nfn"].sites.sites} != {s.role for s in by_arm["all"].sites.sites}
-    for arm in ("nfn", "grad"):
+    for arm in ("nfn", "grad", "warm"):
         assert 2100 * 0.9 < by_arm[arm].trainable_params <= 2100 * 1.01
     items, _ = _ledger(study, {}, [], [])
     assert [(i.what, i.trained_examples, i.forward_examples) for i in items] == [
-        ("gradient probe pass (2 batches of 4, fwd+bwd)", 8, 0), ("nfn probe pass (2 batches of 4, forward)", 0, 8)]
+        ("gradient probe pass (2 batches of 4, fwd+bwd)", 8, 0), ("nfn probe pass (2 batches of 4, forward)", 0, 8),
+        ("warmup probe (2 training steps of 4, then 2 batches forward)", 8, 8)]

@@ -27,7 +27,14 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from loraplace.data import DataSpec
 from loraplace.errors import ConfigError, LoraplaceError
 from loraplace.formatting import one_line
-from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill
+from loraplace.placement.spec import (
+    DEFAULT_FILL,
+    DEFAULT_RANK,
+    DEFAULT_WARMUP_LR,
+    DEFAULT_WARMUP_STEPS,
+    TOP_METHODS,
+    Fill,
+)
 from loraplace.train_config import DEFAULT_STEPS, TrainSpec
 
 FLAG = ""  # a flag takes no value: --help shows no "<bool>" type for it
@@ -163,11 +170,11 @@ def _resolve_plan(model: str, placement: str | dict, rank: int | None, budget: i
     problems = []
     if data is not None and spec.auto is None:
         problems.append(f"--data {data}: only an auto placement's probe reads data; this placement has none")
-    if fill is not None and budget is None and spec.budget is None and (spec.auto is None or spec.auto.method in (
-            "probe", "random")):
+    if fill is not None and budget is None and spec.budget is None and (
+            spec.auto is None or spec.auto.method not in TOP_METHODS):
         problems.append(f"--fill {fill}: fill says how a budget is spent (--budget, or the placement's budget:); "
                         "there is none here" if spec.auto is None else f"--fill {fill}: auto method "
-                        f"{spec.auto.method} allocates rank itself; fill applies to methods nfn and gradient")
+                        f"{spec.auto.method} allocates rank itself; fill applies to methods {', '.join(TOP_METHODS)}")
     if problems:
         raise ConfigError(problems, "options that would not take effect")
     fill = _fill(fill) if fill is not None else DEFAULT_FILL
@@ -204,7 +211,8 @@ def _probe_progress(quiet: bool, batches: int):
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("probe"), BarColumn(), TextColumn("{task.completed}/{task.total} batches"),
+    # Counts batches (a warmup probe: its training steps, then its scoring batches).
+    with Progress(TextColumn("probe"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn(), console=err, transient=True) as bar:
         task = bar.add_task("probe", total=batches)
         yield lambda done, total: bar.update(task, completed=done, total=total)
@@ -220,27 +228,38 @@ def probe(
     quantize: str = typer.Option("none", "--quantize", help="none | nf4 | fp4 | int8: probe the base as "
                                  "bitsandbytes loads it"),
     measure: str = typer.Option("gradient", "--measure", help="gradient (‖G_r‖_F: auto methods probe and "
-                                "gradient) | nfn (PLoP's normalized feature norm, forward only: auto method nfn)"),
+                                "gradient) | nfn (PLoP's normalized feature norm, forward only: auto method nfn) | "
+                                "warmup (relative update after a short all-linear warm-up: auto method warmup)"),
+    warmup_steps: int = typer.Option(DEFAULT_WARMUP_STEPS, "--warmup-steps", min=1, help="--measure warmup: "
+                                     "training steps of the rank-r adapters on every linear"),
+    warmup_lr: float = typer.Option(DEFAULT_WARMUP_LR, "--warmup-lr", min=0.0, help="--measure warmup: their "
+                                    "constant learning rate"),
     max_len: int = typer.Option(512, "--max-len", min=8, help="token limit per example"),
     out_dir: str | None = typer.Option(None, "--out", "-o", help="write probe.json and the heatmap here"),
     as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="print the scores as one JSON object"),
 ) -> None:
     """Importance probe: score every (layer, role) site on a few batches of your data — by the top-r singular
-    values of its loss gradient and its efficiency per trainable parameter (--measure gradient), or by PLoP's
-    normalized feature norm (--measure nfn). Trains nothing."""
+    values of its loss gradient and its efficiency per trainable parameter (--measure gradient), by PLoP's
+    normalized feature norm (--measure nfn), or by how far rank-r adapters on every linear moved each module's
+    output after a short warm-up (--measure warmup: the only one that trains, and keeps nothing)."""
     from pathlib import Path
 
     from loraplace.report_terminal import print_probe
 
-    if measure not in ("gradient", "nfn"):
-        raise ConfigError([f"--measure: {measure!r} is not one of gradient, nfn"], "invalid probe options")
+    problems = [] if measure in ("gradient", "nfn", "warmup") else [
+        f"--measure: {measure!r} is not one of gradient, nfn, warmup"]
+    if warmup_lr <= 0:
+        problems.append(f"--warmup-lr: {warmup_lr:g} is not positive")
+    if problems:
+        raise ConfigError(problems, "invalid probe options")
     _quantize(quantize)
     if out_dir is not None:
         _output_dir(out_dir, {"probe.json": "sites"})
     session, tokenized = _probe_session(model, data, max_len, as_json, quantize)
     with _probe_progress(as_json, batches) as progress:
+        warmup = {"warmup_steps": warmup_steps, "warmup_lr": warmup_lr} if measure == "warmup" else {}
         result = session.probe(tokenized, batches=batches, batch=batch, rank=rank, key=data, progress=progress,
-                               measure=measure)
+                               measure=measure, **warmup)
     if out_dir is not None:
         from loraplace.analysis.figures import probe_heatmap
         from loraplace.atomic import write_json_atomic

@@ -45,7 +45,7 @@ from loraplace.data import TokenizedSet
 from loraplace.data.batching import batching_mode, make_batch
 from loraplace.errors import PlacementError
 from loraplace.placement.roles import ROUTER_ROLES, AdaptableModule, ArchitectureMap
-from loraplace.placement.spec import AutoPlacement, PlacementSpec, SiteGroup
+from loraplace.placement.spec import TOP_METHODS, AutoPlacement, PlacementSpec, SiteGroup
 from loraplace.records import ProbeScores, ProbeSite
 from loraplace.stepper import batch_order
 from loraplace.train import autocast, loss_sum
@@ -149,11 +149,7 @@ def nfn_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: st
     (``NFN_RANDOM_SAMPLES`` inputs) instead of once per token as the official code does."""
     if len(data) == 0:
         raise PlacementError("the probe needs data: the training set is empty")
-    fused = [s.path for s in arch.sites.values() if s.parameter and s.role not in ROUTER_ROLES]
-    if fused:
-        raise PlacementError(f"nfn scores linear modules by their inputs; {len(fused)} site(s) of this model are "
-                             f"fused weight tensors with no per-expert input to read (e.g. {fused[0]})",
-                             "use auto method probe or gradient for this model")
+    require_linear_sites(arch, "nfn", "by their inputs")
     t0 = time.perf_counter()
     sites = sorted(arch.sites.values(), key=lambda s: (s.layer, s.role))
     scored = [s for s in sites if not s.parameter]  # routers: shown unscored, never allocated
@@ -167,50 +163,28 @@ def nfn_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: st
         random[p], rms[p] = _nfn_random(weight, linears[p].conv1d, generator), _weight_rms(weight)
     actual: dict[str, list[float]] = {s.path: [] for s in scored}  # site → per batch (mean over its linears)
     current: dict[str, list[float]] = {}
-    mask: torch.Tensor | None = None  # [B, T] real tokens of the batch in flight
+    real = RealTokens()
 
     def hook(path: str):
         site, module = linears[path], modules[path]
 
         def forward_hook(_module, inputs, output):
-            z, y = inputs[0], output
-            if z.ndim == 3:  # a block linear: [B, T, d] → its real tokens
-                z, y = z[mask], y[mask]
-            elif z.shape[0] == mask.numel():  # a block linear over flattened tokens
-                z, y = z[mask.reshape(-1)], y[mask.reshape(-1)]
+            z, y = real.select(inputs[0]), real.select(output)
             if z.shape[0] == 0:  # an expert no real token was routed to
                 return
             current.setdefault(site.path, []).append(_nfn_actual(module, z, y, rms[path]))
 
         return forward_hook
 
+    def batch_done() -> None:
+        for path, values in current.items():  # an expert site: the mean over the experts that saw tokens
+            actual[path].append(sum(values) / len(values))
+        current.clear()
+
     order = batch_order(len(data), batch, batches, seed)
-    label_tokens = 0
-    was_training = model.training
-    model.eval()
-    hooks = [modules[p].register_forward_hook(hook(p)) for p in linears]
-    try:
-        for step, index in enumerate(order):
-            rows = [data.ids[i] for i in index]
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros(len(rows), width, dtype=torch.bool)
-            for i, r in enumerate(rows):  # right-padded; the attention mask keeps padding out of every real token
-                ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
-                mask[i, :len(r)] = True
-            label_tokens += int(sum(len(data.ids[i]) - int(data.prompt_lens[i]) for i in index))
-            mask = mask.to(device)
-            current.clear()
-            with autocast(device, dtype):
-                model(input_ids=ids.to(device), attention_mask=mask.long())
-            for path, values in current.items():  # an expert site: the mean over the experts that saw tokens
-                actual[path].append(sum(values) / len(values))
-            if progress is not None:
-                progress(step + 1, len(order))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    _, label_tokens = real.run(model, data, order, pad_id=pad_id, device=device, dtype=dtype,
+                               hooks=[(modules[p], hook(p)) for p in linears], batch_done=batch_done,
+                               progress=progress)
     out = []
     for s in sites:
         values = actual.get(s.path, [])
@@ -224,6 +198,123 @@ def nfn_model(model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: st
     return ProbeScores(measure="nfn", model=model_ref, rank=rank, batches=len(order), label_tokens=label_tokens,
                        seconds=time.perf_counter() - t0, passes=1, num_layers=arch.num_layers,
                        roles=arch.grid_roles(), sites=tuple(out))
+
+
+def require_linear_sites(arch: ArchitectureMap, method: str, how: str) -> None:
+    """Refuse a model whose sites include fused expert stacks: a forward-hook measure reads linear modules."""
+    fused = [s.path for s in arch.sites.values() if s.parameter and s.role not in ROUTER_ROLES]
+    if fused:
+        raise PlacementError(f"{method} scores linear modules {how}; {len(fused)} site(s) of this model are fused "
+                             f"weight tensors with no per-expert input to read (e.g. {fused[0]})",
+                             "use auto method probe or gradient for this model")
+
+
+class RealTokens:
+    """No-grad forwards over padded batches for the forward-hook measures (nfn, warmup), whose hooks read real
+    tokens only: :meth:`select` keeps the rows of the batch in flight that are not padding."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None  # [B, T] real tokens of the batch in flight
+
+    def select(self, t: torch.Tensor) -> torch.Tensor:
+        """The real-token rows of an activation: [B, T, d] or flattened [B·T, d] → [real tokens, d]; any other
+        row count (an expert's routed tokens, already real) passes unchanged."""
+        if t.ndim == 3:
+            return t[self.mask]
+        return t[self.mask.reshape(-1)] if t.shape[0] == self.mask.numel() else t
+
+    @torch.no_grad()
+    def run(self, model, data: TokenizedSet, order: list, *, pad_id: int, device: torch.device, dtype: torch.dtype,
+            hooks: list[tuple[torch.nn.Module, Callable]], batch_done: Callable[[], None] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+        """One forward per batch of ``order`` (example indices), right-padded to its longest example — the
+        attention mask keeps padding out of every real token — with ``hooks`` ((module, forward hook)) registered
+        and the model in eval mode for the passes; ``batch_done()`` after each. → (real tokens, label tokens)."""
+        tokens = label_tokens = 0
+        was_training = model.training
+        model.eval()
+        handles = [module.register_forward_hook(hook) for module, hook in hooks]
+        try:
+            for step, index in enumerate(order):
+                rows = [data.ids[i] for i in index]
+                ids = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
+                mask = torch.zeros(ids.shape, dtype=torch.bool)
+                for i, r in enumerate(rows):
+                    ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+                    mask[i, :len(r)] = True
+                self.mask = mask.to(device)
+                tokens += int(mask.sum())
+                label_tokens += int(sum(len(data.ids[i]) - int(data.prompt_lens[i]) for i in index))
+                with autocast(device, dtype):
+                    model(input_ids=ids.to(device), attention_mask=self.mask.long())
+                if batch_done is not None:
+                    batch_done()
+                if progress is not None:
+                    progress(step + 1, len(order))
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        return tokens, label_tokens
+
+
+@torch.no_grad()
+def warmup_scores(peft_model, arch: ArchitectureMap, data: TokenizedSet, *, model_ref: str = "", batches: int = 8,
+                  batch: int = 8, rank: int = 8, device: torch.device, dtype: torch.dtype, pad_id: int,
+                  warmup_steps: int, warmup_lr: float, train_seconds: float = 0.0, seed: int = 0,
+                  progress: Callable[[int, int], None] | None = None) -> ProbeScores:
+    """Score every linear site by how far its warmed-up adapter moved the module's output (LoRA-drop's output
+    view, Zhou et al. 2024): ``peft_model`` carries rank-``rank`` LoRA on every site, already trained
+    ``warmup_steps`` steps together (:meth:`loraplace.trial.Session.probe`). Over the gradient probe's seeded
+    batches (padding excluded): update_norm = mean ‖s·B·A·x‖ (the adapter's output, s its scaling), output_norm =
+    mean ‖W·x + b‖ (the frozen module's), score = update_norm / output_norm, highest adapted first.
+
+    Why this is not biased towards small matrices the way gain per parameter is: AdamW moves every coordinate of B
+    by about the LR a step whatever its gradient's scale, so after a few steps a site's update is large where its
+    gradient's *direction* stayed consistent across batches — where training wants to go — and dividing by the
+    module's own output makes a 576→192 and a 576→1,536 projection comparable. Unlike the gradient at init, it is
+    read after training has started, when B ≠ 0 and the sites have interacted."""
+    if len(data) == 0:
+        raise PlacementError("the probe needs data: the training set is empty")
+    require_linear_sites(arch, "warmup", "by their adapters' outputs")
+    experts = [s.path for s in arch.sites.values() if s.expert_paths]
+    if experts:
+        raise PlacementError(f"warmup scores one adapter per site; {len(experts)} site(s) of this model are expert "
+                             f"groups with one adapter per expert (e.g. {experts[0]})",
+                             "use auto method probe or gradient for this model")
+    t0 = time.perf_counter()
+    sites = sorted(arch.sites.values(), key=lambda s: (s.layer, s.role))
+    scored = [s for s in sites if not s.parameter]  # routers: shown unscored, never allocated
+    modules = dict(peft_model.get_base_model().named_modules())  # the model's own paths, LoRA layers in place
+    sums: dict[str, list[float]] = {s.path: [0.0, 0.0] for s in scored}  # site → [Σ‖ΔW·x‖, Σ‖W·x + b‖]
+    real = RealTokens()
+
+    def hooks_of(site: AdaptableModule) -> list:
+        layer = modules[site.path]  # PEFT's LoRA layer wrapping the base module
+        adapter = next(iter(layer.lora_B))  # the one adapter ("default")
+        scaling = layer.scaling[adapter]
+
+        def on_update(_module, _inputs, output):  # lora_B's output: B·A·x [B, T, d_out], before the scaling
+            sums[site.path][0] += float(real.select(output).float().norm(dim=-1).sum()) * scaling
+
+        def on_base(_module, _inputs, output):  # the frozen module: W·x + b [B, T, d_out]
+            sums[site.path][1] += float(real.select(output).float().norm(dim=-1).sum())
+
+        return [(layer.lora_B[adapter], on_update), (layer.base_layer, on_base)]
+
+    order = batch_order(len(data), batch, batches, seed)
+    tokens, label_tokens = real.run(peft_model, data, order, pad_id=pad_id, device=device, dtype=dtype,
+                                    hooks=[h for s in scored for h in hooks_of(s)], progress=progress)
+    out = []
+    for s in sites:
+        update, output = (x / max(tokens, 1) for x in sums[s.path]) if s.path in sums else (math.nan, math.nan)
+        out.append(ProbeSite(layer=s.layer, role=s.role, path=s.path, in_features=s.in_features,
+                             out_features=s.out_features, experts=s.experts, score=update / (output + 1e-12),
+                             grad_norm=0.0, rank=rank, update_norm=None if s.parameter else update,
+                             output_norm=None if s.parameter else output))
+    return ProbeScores(measure="warmup", model=model_ref, rank=rank, batches=len(order), label_tokens=label_tokens,
+                       seconds=train_seconds + time.perf_counter() - t0, passes=1, num_layers=arch.num_layers,
+                       roles=arch.grid_roles(), sites=tuple(out), warmup_steps=warmup_steps, warmup_lr=warmup_lr)
 
 
 def _dense_weight(module) -> torch.Tensor:
@@ -429,10 +520,10 @@ def ranked_units(probe: ProbeScores, granularity: str, method: str) -> list[tupl
     unit's sites, lowest first (PLoP: inputs least aligned with the weights gain most from an adapter);
     ``gradient`` — the mean ‖G_r‖_F of its sites, highest first, with no division by the unit's size (AdamW moves
     every coordinate by about the LR whatever its gradient's scale, so gain per parameter favours small matrices
-    for their size alone). Ties keep the architecture's order."""
-    wanted = {"nfn": "nfn", "gradient": "gradient"}[method]
-    if probe.measure != wanted:
-        raise PlacementError(f"method {method} ranks {wanted} scores; these are {probe.measure} scores")
+    for their size alone); ``warmup`` — the mean relative update of its sites after the warm-up, highest first.
+    Ties keep the architecture's order."""
+    if probe.measure != method:
+        raise PlacementError(f"method {method} ranks {method} scores; these are {probe.measure} scores")
     scored = [(u, sum(s.score for s in u.sites) / len(u.sites)) for u in units(probe, granularity)]
     scored = [(u, v) for u, v in scored if math.isfinite(v)]
     return sorted(scored, key=lambda uv: uv[1] if method == "nfn" else -uv[1])
@@ -440,16 +531,16 @@ def ranked_units(probe: ProbeScores, granularity: str, method: str) -> list[tupl
 
 def compile_auto(placement: PlacementSpec, probe: ProbeScores, budget: int | None = None) -> PlacementSpec:
     """The auto placement as an ordinary one: groups of (role, layers, rank), so it resolves like any other
-    placement and ``loraplace plan`` shows exactly what was chosen. For ``nfn`` and ``gradient`` the groups carry
-    no rank: the placement has the budget, and resolving it solves one rank over the chosen sites (and fills the
-    budget as the study's ``fill`` says)."""
+    placement and ``loraplace plan`` shows exactly what was chosen. For ``nfn``, ``gradient`` and ``warmup`` the
+    groups carry no rank: the placement has the budget, and resolving it solves one rank over the chosen sites (and
+    fills the budget as the study's ``fill`` says)."""
     auto: AutoPlacement = placement.auto
     budget = budget if budget is not None else auto.budget
     if budget is None:
         raise PlacementError("an auto placement needs a budget", "give auto: {budget: N} or a study budget:")
     keep = dict(alpha_ratio=placement.alpha_ratio, alpha=placement.alpha, dropout=placement.dropout,
                 variant=placement.variant, eva_rho=placement.eva_rho)
-    if auto.method in ("nfn", "gradient"):
+    if auto.method in TOP_METHODS:
         ranked = ranked_units(probe, auto.granularity, auto.method)
         if auto.top > len(ranked):
             raise PlacementError(f"auto top {auto.top}: this model has only {len(ranked)} scored "

@@ -194,8 +194,9 @@ class ProbeSite(Record):
     in_features: int
     out_features: int
     score: float = Field(description="the measure's score (ProbeScores.measure): gradient — ‖G_r‖_F of the loss "
-                         "gradient, per label token; nfn — the normalized feature norm (actual / random)")
-    grad_norm: float = Field(description="‖G‖_F (gradient; 0 for nfn)")
+                         "gradient, per label token; nfn — the normalized feature norm (actual / random); warmup — "
+                         "the relative update (update_norm / output_norm)")
+    grad_norm: float = Field(description="‖G‖_F (gradient; 0 for nfn and warmup)")
     rank: int = Field(description="the r the score is taken at")
     spectrum: tuple[float, ...] = Field(default=(), description="σ_i² of G, largest first (may be dropped); for "
                                         "an expert site, summed over experts per index")
@@ -203,6 +204,10 @@ class ProbeSite(Record):
     actual: float | None = Field(default=None, description="nfn: mean over real tokens of ‖Ŵẑ‖/√d_in (Ŵ = W/rms(W), "
                                  "ẑ = z/‖z‖), averaged over batches")
     random: float | None = Field(default=None, description="nfn: the same for normalised Gaussian inputs")
+    update_norm: float | None = Field(default=None, description="warmup: mean over real tokens of ‖ΔW·x‖, the "
+                                      "warmed-up adapter's output (scaling included)")
+    output_norm: float | None = Field(default=None, description="warmup: mean over the same tokens of the frozen "
+                                      "module's output norm ‖W·x + b‖")
 
     def value(self, rank: int) -> float:
         """‖G_rank‖_F: what a rank-``rank`` adapter on this site can buy, to first order."""
@@ -229,9 +234,10 @@ class ProbeSite(Record):
 class ProbeScores(Record):
     """The importance probe's scores of every (layer, role) site of a model on some data."""
 
-    measure: Literal["gradient", "nfn"] = Field(default="gradient", description="gradient: ‖G_r‖_F of the loss "
-                                                "gradient (forward + backward); nfn: PLoP's normalized feature norm "
-                                                "(forward only)")
+    measure: Literal["gradient", "nfn", "warmup"] = Field(
+        default="gradient", description="gradient: ‖G_r‖_F of the loss gradient (forward + backward); nfn: PLoP's "
+        "normalized feature norm (forward only); warmup: the relative update of rank-r adapters on every linear "
+        "after a short warm-up (trains warmup_steps steps, then forward only)")
     model: str
     rank: int
     batches: int
@@ -241,6 +247,8 @@ class ProbeScores(Record):
     num_layers: int
     roles: tuple[str, ...]
     sites: tuple[ProbeSite, ...]
+    warmup_steps: int | None = Field(default=None, description="warmup: optimizer steps the adapters trained")
+    warmup_lr: float | None = Field(default=None, description="warmup: their constant learning rate")
 
     def matrix(self, value: str = "score") -> list[list[float]]:
         """layers × roles (``self.roles`` order) of a site attribute; NaN where the architecture has no such site."""

@@ -169,13 +169,19 @@ def print_comparison(analysis, console: Console) -> None:
 
 def print_probe(result, console: Console) -> None:
     """Layers × roles table of probe scores. Gradient: the best site per role is bold, the top-10 by efficiency
-    starred. NFN: the lowest site per role is bold, the 10 lowest starred (PLoP adapts the lowest), and the
-    roles' means (what ``auto: {method: nfn}`` ranks) follow."""
-    nfn = result.measure == "nfn"
+    starred. NFN: the lowest site per role is bold, the 10 lowest starred (PLoP adapts the lowest). Warmup: the
+    highest relative update per role is bold, the 10 highest starred. For NFN and warmup the roles' means (what
+    ``auto: {method: nfn | warmup}`` ranks) follow."""
+    measure = result.measure
+    low_first = measure == "nfn"
     finite = [s for s in result.sites if s.score == s.score]
-    top = sorted(finite, key=lambda s: s.score if nfn else -s.efficiency)[:10]
+    top = sorted(finite, key=lambda s: {"nfn": s.score, "warmup": -s.score}.get(measure, -s.efficiency))[:10]
     starred = {(s.layer, s.role) for s in top}
-    what = "normalized feature norm (NFN)" if nfn else f"‖G_r‖_F at r={result.rank}"
+    if measure == "warmup":
+        what = (f"relative update ‖ΔW·x‖/‖W·x‖ after {result.warmup_steps} warm-up steps at lr "
+                f"{result.warmup_lr:g}, r={result.rank}")
+    else:
+        what = "normalized feature norm (NFN)" if low_first else f"‖G_r‖_F at r={result.rank}"
     table = Table(title=f"importance probe · {result.model} · {what} over {result.batches} batches "
                         f"({result.label_tokens:,} label tokens, {result.seconds:.1f} s)", pad_edge=False)
     table.add_column("layer", justify="right")
@@ -184,7 +190,7 @@ def print_probe(result, console: Console) -> None:
     matrix = result.matrix("score")
 
     def key(v: float) -> float:  # NaN (no such site, or unscored) never wins
-        return -math.inf if v != v else (-v if nfn else v)
+        return -math.inf if v != v else (-v if low_first else v)
 
     best = {j: max(range(result.num_layers), key=lambda i, j=j: key(matrix[i][j])) for j in range(len(result.roles))}
     for i, row in enumerate(matrix):
@@ -196,18 +202,23 @@ def print_probe(result, console: Console) -> None:
             cells.append(f"[bold]{text}[/]" if best[j] == i else text)
         table.add_row(str(i), *cells)
     console.print(table)
-    if not nfn:
+    if measure == "gradient":
         console.print("* = top 10 sites by efficiency (score per trainable parameter at this rank); bold = best "
                       "layer per role", highlight=False)
         return
-    console.print("* = the 10 lowest sites; bold = lowest layer per role. Low NFN: the inputs are no better aligned "
-                  "with the weight than noise — PLoP adapts the lowest roles", highlight=False)
+    if low_first:
+        console.print("* = the 10 lowest sites; bold = lowest layer per role. Low NFN: the inputs are no better "
+                      "aligned with the weight than noise — PLoP adapts the lowest roles", highlight=False)
+    else:
+        console.print("* = the 10 highest sites; bold = highest layer per role. High: the warmed-up adapter moved "
+                      "the module's output furthest — auto method warmup adapts the highest roles", highlight=False)
     from loraplace.probe import ranked_units  # (torch is loaded: the probe just ran)
 
-    ranked = ranked_units(result, "role", "nfn")
+    ranked = ranked_units(result, "role", measure)
     if ranked:
-        console.print("roles by mean NFN, lowest first: " + ", ".join(
-            f"{u.key} {v:.3f}" for u, v in ranked), highlight=False)
+        order = "lowest" if low_first else "highest"
+        console.print(f"roles by mean {'NFN' if low_first else 'relative update'}, {order} first: " + ", ".join(
+            f"{u.key} {v:.3g}" for u, v in ranked), highlight=False)
 
 
 def print_recommendation(result, store: str, console: Console) -> None:

@@ -170,21 +170,54 @@ class Session:
     def auto_probe(self, auto, data: TokenizedSet, data_key: str = "", progress=None) -> ProbeScores:
         """The (cached) probe an auto placement reads: its measure, batches, batch size and rank on ``data``."""
         return self.probe(data, batches=auto.batches, batch=auto.batch, rank=auto.rank, key=data_key,
-                          progress=progress, measure=auto.measure)
+                          progress=progress, measure=auto.measure, warmup_steps=auto.warmup_steps,
+                          warmup_lr=auto.warmup_lr)
 
     def probe(self, data: TokenizedSet, *, batches: int = 8, batch: int = 8, rank: int = 8, key: str = "",
-              progress=None, measure: str = "gradient") -> ProbeScores:
-        """Scores of every site on ``data`` (``measure``: gradient energy, or PLoP's forward-only normalized
-        feature norm); computed once per (data, measure, batches, batch, rank)."""
+              progress=None, measure: str = "gradient", warmup_steps: int | None = None,
+              warmup_lr: float | None = None) -> ProbeScores:
+        """Scores of every site on ``data`` (``measure``: gradient energy, PLoP's forward-only normalized feature
+        norm, or the relative update after a warm-up); computed once per (data, measure, batches, batch, rank,
+        warm-up)."""
         from loraplace.probe import nfn_model, probe_model
 
-        cache_key = (key or str(id(data)), measure, batches, batch, rank)
+        cache_key = (key or str(id(data)), measure, batches, batch, rank, warmup_steps, warmup_lr)
         if cache_key not in self._probes:
-            score = nfn_model if measure == "nfn" else probe_model
-            self._probes[cache_key] = score(self.model, self.arch, data, model_ref=self.model_ref, batches=batches,
-                                            batch=batch, rank=rank, device=self.device, dtype=self.dtype,
-                                            pad_id=self.pad_id, progress=progress)
+            if measure == "warmup":
+                if warmup_steps is None or warmup_lr is None:
+                    raise PlacementError("the warmup probe needs warmup_steps and warmup_lr")
+                self._probes[cache_key] = self._warmup_probe(data, batches=batches, batch=batch, rank=rank,
+                                                             steps=warmup_steps, lr=warmup_lr, progress=progress)
+            else:
+                score = nfn_model if measure == "nfn" else probe_model
+                self._probes[cache_key] = score(self.model, self.arch, data, model_ref=self.model_ref,
+                                                batches=batches, batch=batch, rank=rank, device=self.device,
+                                                dtype=self.dtype, pad_id=self.pad_id, progress=progress)
         return self._probes[cache_key]
+
+    def _warmup_probe(self, data: TokenizedSet, *, batches: int, batch: int, rank: int, steps: int, lr: float,
+                      progress=None) -> ProbeScores:
+        """Rank-``rank`` adapters on every linear site, trained ``steps`` steps at a constant ``lr`` by our own loop
+        (seed 0, the probe's batch size), then scored by :func:`loraplace.probe.warmup_scores`; the adapters are
+        removed afterwards, so the base is as it was."""
+        from loraplace.placement.spec import SiteGroup
+        from loraplace.probe import require_linear_sites, warmup_scores
+
+        require_linear_sites(self.arch, "warmup", "by their adapters' outputs")
+        roles = sorted({s.role for s in self.arch.sites.values() if not s.parameter})
+        plan = resolve_placement(self.arch, PlacementSpec(groups=[SiteGroup(roles=roles)], rank=rank),
+                                 model=self.model_ref)
+        spec = TrainSpec(steps=steps, lr=lr, batch=batch, schedule="constant", seed=0)
+        t0 = time.perf_counter()
+        # Progress: the warm-up's steps, then the scoring batches, as one count.
+        on_step = None if progress is None else (lambda step, _total, _loss, _tokens: progress(step, steps + batches))
+        with self.adapter(plan, seed=0) as peft_model:
+            train(peft_model, data, spec, device=self.device, dtype=self.dtype, pad_id=self.pad_id, on_step=on_step)
+            return warmup_scores(peft_model, self.arch, data, model_ref=self.model_ref, batches=batches, batch=batch,
+                                 rank=rank, device=self.device, dtype=self.dtype, pad_id=self.pad_id,
+                                 warmup_steps=steps, warmup_lr=lr, train_seconds=time.perf_counter() - t0,
+                                 progress=None if progress is None else
+                                 (lambda done, _total: progress(steps + done, steps + batches)))
 
     def data(self, spec: DataSpec) -> Splits:
         """The tokenised splits of ``spec``, loaded once per session."""

@@ -230,6 +230,14 @@ def probe_heatmap(probe, out_dir: Path, name: str = "probe") -> Figure:
                             "much better the module's real inputs align with its weight than Gaussian inputs do; "
                             "low: an adapter is likely to help (PLoP adapts the lowest roles). Right: the actual "
                             "term alone.", "NFN", per_panel_scale=True)
+    if probe.measure == "warmup":
+        return site_heatmap({"relative update ‖ΔW·x‖ / ‖W·x‖": probe.matrix("score"), "update ‖ΔW·x‖":
+                             probe.matrix("update_norm")}, probe.roles, out_dir, name, "Warm-up probe",
+                            f"Left: how far each site's rank-{probe.rank} adapter moved its module's output after "
+                            f"{probe.warmup_steps} steps of training adapters on every linear at lr "
+                            f"{probe.warmup_lr:g}, relative to the frozen module's output, over {probe.batches} "
+                            "batches; high: training wanted to change this site (auto method warmup adapts the "
+                            "highest roles). Right: the update's own norm.", "score", per_panel_scale=True)
     scale = max(s.efficiency for s in probe.sites) or 1.0
     matrices = {"score ‖G_r‖_F": probe.matrix("score"),
                 "efficiency (relative)": [[v / scale for v in row] for row in probe.matrix("efficiency")]}

@@ -167,12 +167,16 @@ def _ledger(study, names: dict[str, Candidate], results: list[RungResult],
         if inits:
             items.append(CostItem(f"rung {rung + 1}: EVA's SVD passes (forward)", 0, inits, 0.0))
     # One pass per distinct probe: methods probe and gradient read the same cached gradient probe.
-    passes = {(p.auto.measure, p.auto.batches, p.auto.batch, p.auto.rank)
+    passes = {(p.auto.measure, p.auto.batches, p.auto.batch, p.auto.rank, p.auto.warmup_steps or 0,
+               p.auto.warmup_lr or 0.0)
               for p in study.placements.values() if p.auto is not None and p.auto.method != "random"}
-    for measure, batches, batch, _ in sorted(passes):
+    for measure, batches, batch, _, warmup_steps, _ in sorted(passes):
         examples = batches * batch
         if measure == "nfn":  # forward only
             items.append(CostItem(f"nfn probe pass ({batches} batches of {batch}, forward)", 0, examples, 0.0))
+        elif measure == "warmup":  # the all-linear warm-up trains, then its scoring batches run forward
+            items.append(CostItem(f"warmup probe ({warmup_steps} training steps of {batch}, then {batches} batches "
+                                  "forward)", warmup_steps * batch, examples, 0.0))
         else:
             items.append(CostItem(f"gradient probe pass ({batches} batches of {batch}, fwd+bwd)", examples, 0, 0.0))
     done = [r for r in records if r.outcome is not None and r.status == "done"]

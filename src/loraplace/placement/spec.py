@@ -47,55 +47,77 @@ class SiteGroup(StrictModel):
     _split = field_validator("roles", mode="before")(_split_roles)
 
 
-AutoMethod = Literal["probe", "random", "nfn", "gradient"]
-TOP_METHODS = ("nfn", "gradient")  # methods that adapt the k best-ranked units and fill the budget over them
+AutoMethod = Literal["probe", "random", "nfn", "gradient", "warmup"]
+# Methods that adapt the k best-ranked units and fill the budget over them.
+TOP_METHODS = ("nfn", "gradient", "warmup")
 DEFAULT_TOP = 3  # PLoP adapts the three lowest-NFN module types
+# method warmup: rank-r adapters on every linear, trained this many steps at this LR before the sites are scored.
+# 10 steps of 40 is the fast phase's first quarter on GSM8K (docs/validation.md); 1e-3 sits inside every preset's
+# stable range there (the selected LRs ran 1e-3 to 1e-2), so no site diverges and none stays at its init.
+DEFAULT_WARMUP_STEPS = 10
+DEFAULT_WARMUP_LR = 1e-3
 
 
 class AutoPlacement(StrictModel):
     """Budget-aware automatic placement from site scores (see ``loraplace.probe``).
 
     ``probe`` (gradient energy per trainable parameter) and ``random`` (its control) allocate rank greedily over
-    units until the budget is spent. ``nfn`` (PLoP's normalized feature norm, forward only: the *lowest* units) and
-    ``gradient`` (‖G_r‖_F itself, not divided by a unit's size: the *highest*) adapt the ``top`` best-ranked
-    units and spend the budget over them at one rank (the study's ``fill``), by role unless ``granularity`` says
-    otherwise."""
+    units until the budget is spent. ``nfn`` (PLoP's normalized feature norm, forward only: the *lowest* units),
+    ``gradient`` (‖G_r‖_F itself, not divided by a unit's size: the *highest*) and ``warmup`` (adapters on every
+    linear trained ``warmup_steps`` steps, then each site's relative update ‖ΔW·x‖ / ‖W·x‖: the *highest*) adapt
+    the ``top`` best-ranked units and spend the budget over them at one rank (the study's ``fill``), by role
+    unless ``granularity`` says otherwise."""
 
     budget: int | None = Field(default=None, gt=0, description="trainable params (default: the study's/CLI budget)")
     method: AutoMethod = Field(
         default="probe", description="probe: gradient energy per parameter, greedy; random: seeded random sites (a "
         "control); nfn: PLoP's normalized feature norm, the lowest `top` units; gradient: ‖G_r‖_F, the highest "
-        "`top` units")
+        "`top` units; warmup: the relative update ‖ΔW·x‖/‖W·x‖ after a short all-linear warm-up, the highest `top` "
+        "units")
     granularity: Literal["site", "role", "layer"] = Field(
         default="site", description="what is scored and chosen: a (layer, role) site, a role over all layers, or a "
-        "layer (default: site; role for nfn and gradient)")
+        "layer (default: site; role for nfn, gradient and warmup)")
     batches: int = Field(default=8, gt=0, description="batches of the training data the probe reads")
     batch: int = Field(default=8, gt=0, description="examples per probe batch")
     rank: int = Field(default=8, gt=0, description="rank at which sites are scored and priced")
-    top: int | None = Field(default=None, gt=0, description=f"nfn, gradient: how many units are adapted (default "
-                            f"{DEFAULT_TOP})")
+    top: int | None = Field(default=None, gt=0, description=f"nfn, gradient, warmup: how many units are adapted "
+                            f"(default {DEFAULT_TOP})")
+    warmup_steps: int | None = Field(default=None, gt=0, description="warmup: optimizer steps of the all-linear "
+                                     f"warm-up (default {DEFAULT_WARMUP_STEPS})")
+    warmup_lr: float | None = Field(default=None, gt=0, description="warmup: the warm-up's constant learning rate "
+                                    f"(default {DEFAULT_WARMUP_LR:g})")
 
-    added_fields = frozenset({"top"})
+    added_fields = frozenset({"top", "warmup_steps", "warmup_lr"})
 
     @property
-    def measure(self) -> Literal["gradient", "nfn"]:
+    def measure(self) -> Literal["gradient", "nfn", "warmup"]:
         """The probe a method reads (``ProbeScores.measure``): ``probe`` and ``gradient`` share the gradient probe."""
-        return "nfn" if self.method == "nfn" else "gradient"
+        return self.method if self.method in ("nfn", "warmup") else "gradient"
 
     @model_validator(mode="before")
     @classmethod
     def _method_defaults(cls, data: Any) -> Any:
-        """nfn and gradient choose roles, three of them, unless told otherwise (PLoP's defaults)."""
+        """nfn, gradient and warmup choose roles, three of them, unless told otherwise (PLoP's defaults)."""
         if isinstance(data, dict) and data.get("method") in TOP_METHODS:
             data = {"granularity": "role", "top": DEFAULT_TOP} | data
+        if isinstance(data, dict) and data.get("method") == "warmup":
+            data = {"warmup_steps": DEFAULT_WARMUP_STEPS, "warmup_lr": DEFAULT_WARMUP_LR} | data
         return data
 
     @field_validator("top")
     @classmethod
     def _top_for_top_methods(cls, value, info: ValidationInfo):
         if value is not None and info.data.get("method") not in TOP_METHODS:
-            raise ValueError(f"top applies to method {' and '.join(TOP_METHODS)} (method "
+            raise ValueError(f"top applies to method {', '.join(TOP_METHODS)} (method "
                              f"{info.data.get('method')!r} allocates greedily over the budget)")
+        return value
+
+    @field_validator("warmup_steps", "warmup_lr")
+    @classmethod
+    def _for_warmup(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("method") != "warmup":
+            raise ValueError(f"{info.field_name} applies to method warmup (method {info.data.get('method')!r} trains "
+                             "nothing before it scores)")
         return value
 
 

@@ -190,3 +190,33 @@ def test_a_failed_trials_reason_is_kept_whole_in_the_warnings(tmp_path, monkeypa
     analysis = analyze_store(tmp_path / "s.db")
     assert any(f"placement does not resolve: {reason}" in w for w in analysis.warnings)
     assert any(reason in row[-1] for row in trial_table(analysis).rows)
+
+
+def test_a_swept_axis_is_compared_per_placement_against_its_first_value():
+    """axes: {quantize: [none, nf4]}: each placement at nf4 against itself at none (the spec's — the grid's — first
+    value, not the alphabetical one), seed-paired; the table says when the placements' order changes."""
+    import dataclasses
+
+    from loraplace.analysis.tables import axis_table
+
+    loss = {("none", "all"): 1.00, ("none", "attn"): 1.10, ("nf4", "all"): 1.20, ("nf4", "attn"): 1.15}
+    recs = []
+    for quantize in ("none", "nf4"):  # grid order follows the spec's list
+        for placement in ("all", "attn"):
+            for seed in (0, 1, 2):
+                rec = record(f"{quantize}{placement}{seed}", placement, seed, trainable_params=100,
+                             eval_loss=loss[quantize, placement] + 0.01 * seed * (1 + (quantize == "nf4")))
+                group = GroupKey(placement=placement, size=Size(kind="rank", value=8), axes=(("quantize", quantize),))
+                recs.append(dataclasses.replace(rec, labels=TrialLabels(group=group, seed=seed)))
+    a = analyze_records(study(("all", "attn")), "s.db", recs, {"done": len(recs)})
+    effects = {e.group.placement: e for e in a.axis_effects}
+    assert set(effects) == {"all", "attn"} and all(e.axis == "quantize" for e in effects.values())
+    assert dict(effects["all"].reference.axes)["quantize"] == "none"
+    assert effects["all"].delta_loss.mean_diff == pytest.approx(0.21)  # 0.20 + the seeds' extra 0.01·seed
+    assert effects["attn"].delta_loss.seeds == (0, 1, 2) and effects["attn"].delta_loss.verdict() == "worse"
+    table = axis_table(a)
+    assert [row[:5] for row in table.rows] == [("quantize", "all", "r=8", "none", "nf4"),
+                                               ("quantize", "attn", "r=8", "none", "nf4")]
+    assert any("quantize=none: all < attn; quantize=nf4: attn < all. The order changes." in n for n in table.notes)
+    # No swept axis: no effects, no table.
+    assert analyze_records(study(), "s.db", records(), {"done": 5, "failed": 1}).axis_effects == ()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from loraplace.analysis.stats import Paired, Summary, paired, pareto_front, summarize
 from loraplace.formatting import one_line
 from loraplace.records import (
+    AxisValue,
     CurvePoint,
     GroupKey,
     Metrics,
@@ -118,6 +119,18 @@ class Group:
 
 
 @dataclass(frozen=True)
+class AxisEffect:
+    """What moving one swept axis (``axes:``) off its first listed value does to one placement, the rest of its
+    cell held — in a tuned study each side at its own selected LR: eval loss, seed-paired (group − reference)."""
+
+    axis: str
+    reference: GroupKey  # the placement's group at the axis's first value (e.g. quantize=none)
+    group: GroupKey  # the same placement and cell at another value (e.g. quantize=nf4)
+    delta_loss: Paired | None  # None: no seed in common
+    delta_loss_pct: float | None  # mean difference in % of the reference's mean eval loss
+
+
+@dataclass(frozen=True)
 class EnvironmentSummary:
     devices: tuple[str, ...]
     dtypes: tuple[str, ...]
@@ -142,6 +155,7 @@ class StudyAnalysis:
     environment: EnvironmentSummary = field(default_factory=lambda: EnvironmentSummary((), (), {}))
     selections: dict[GroupKey, Selection] = field(default_factory=dict)  # tuned: cell → its selected LR
     search: SearchAnalysis | None = None  # a placement search: its rungs, decisions and cost
+    axis_effects: tuple[AxisEffect, ...] = ()  # every swept axis's effect per placement (compared groups)
 
     @property
     def tuned(self) -> bool:
@@ -269,7 +283,7 @@ def analyze_records(study: StudyRecord, store: str, records: list[TrialRecord],
                         "different kinds): a difference between arms of the size of the rounding difference is not "
                         "evidence")
     return StudyAnalysis(study.name, store, study.spec, study.info, tuple(groups.values()), tuple(rows), counts,
-                         tuple(warnings), environment, selections)
+                         tuple(warnings), environment, selections, axis_effects=_axis_effects(groups, rows, cell))
 
 
 def _plain_cell(key: GroupKey) -> tuple:
@@ -327,6 +341,32 @@ def _compare(groups: dict[GroupKey, Group], baseline: str, warnings: list[str],
     if missing:
         warnings.append(f"baseline {baseline!r} has no finished trial at {', '.join(missing)}: no comparison there")
     return out
+
+
+def _axis_effects(groups: dict[GroupKey, Group], rows: list[TrialRow], cell=_plain_cell) -> tuple[AxisEffect, ...]:
+    """Per swept axis (the cell's axes: a tuned study's LR is selected, not compared) and per compared group at
+    another value: the seed-paired eval-loss difference to the same placement and cell at the axis's first value.
+    The first value is the spec's first: trials are stored in grid order, which follows the spec's lists."""
+    first: dict[str, AxisValue] = {}
+    for row in rows:  # grid order
+        for name, value in row.key.axes:
+            first.setdefault(name, value)
+    scored = [g for g in groups.values() if g.compared and "eval_loss" in g.stats]
+    out = []
+    for axis in sorted({name for g in scored for name, _ in cell(g.key)[1]}):
+        def rest(key: GroupKey, axis: str = axis) -> tuple:  # everything but this axis's value
+            size, axes = cell(key)
+            return key.placement, size, tuple((k, v) for k, v in axes if k != axis)
+
+        references = {rest(g.key): g for g in scored if dict(g.key.axes)[axis] == first[axis]}
+        for g in scored:
+            ref = references.get(rest(g.key))
+            if ref is None or ref is g:
+                continue
+            delta = paired(g.by_seed["eval_loss"], ref.by_seed["eval_loss"])
+            pct = None if delta is None else 100.0 * delta.mean_diff / ref.stats["eval_loss"].mean
+            out.append(AxisEffect(axis, ref.key, g.key, delta, pct))
+    return tuple(out)
 
 
 def _pareto(groups: dict[GroupKey, Group]) -> dict[GroupKey, Group]:

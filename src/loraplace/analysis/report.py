@@ -21,6 +21,7 @@ from loraplace.analysis.figures import Figure, study_figures
 from loraplace.analysis.tables import (
     Table,
     accuracy_table,
+    axis_table,
     budget_table,
     comparison_table,
     lr_table,
@@ -53,8 +54,9 @@ def write_report(analysis: StudyAnalysis, out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = study_figures(analysis, out / "figures") if {"html", "md", "tex"} & set(formats) else []
-    tables = [t for t in (comparison_table(analysis), accuracy_table(analysis), search_table(analysis),
-                          search_cost_table(analysis), rung_agreement_table(analysis), lr_table(analysis),
+    tables = [t for t in (comparison_table(analysis), accuracy_table(analysis), axis_table(analysis),
+                          search_table(analysis), search_cost_table(analysis), rung_agreement_table(analysis),
+                          lr_table(analysis),
                           budget_table(analysis), site_table(analysis), progress_table(analysis)) if t is not None]
     trials = trial_table(analysis)
     written: dict[str, Path] = {}

@@ -173,6 +173,55 @@ def progress_table(analysis: StudyAnalysis) -> Table | None:
                   "may change with longer training.",))
 
 
+def axis_table(analysis: StudyAnalysis) -> Table | None:
+    """Every swept axis's effect on each placement (``axes:``, e.g. quantize none → nf4): the seed-paired eval-loss
+    difference to the same placement and cell at the axis's first value, and whether the placements' order by
+    mean eval loss is the same at every value (the notes)."""
+    from loraplace.tuning import tuned_lr
+
+    effects = analysis.axis_effects
+    if not effects:
+        return None
+
+    def at(key, axis: str) -> str:
+        lr = tuned_lr(key) if analysis.tuned else None
+        return f"{dict(key.axes)[axis]}" + ("" if lr is None else f" (lr {lr:g})")
+
+    def cell_label(key, axis: str) -> str:  # the size and the other swept axes, held fixed
+        return " ".join([key.size.label] + [f"{k}={v}" for k, v in key.axes if k != axis and
+                                            not (analysis.tuned and k == "lr")])
+
+    loss = {g.key: g.stats["eval_loss"] for g in analysis.compared if "eval_loss" in g.stats}
+    rows = []
+    for e in effects:
+        d = e.delta_loss
+        rows.append((e.axis, e.group.placement, cell_label(e.group, e.axis), at(e.reference, e.axis),
+                     at(e.group, e.axis), fmt_mean(loss[e.reference]), fmt_mean(loss[e.group]),
+                     "—" if d is None else f"{d.mean_diff:+.4f}" + (f" ± {d.ci_half:.4f}" if d.ci_half else ""),
+                     "—" if e.delta_loss_pct is None else f"{e.delta_loss_pct:+.2f}%",
+                     "—" if d is None else fmt_p(d.p_value), "no shared seeds" if d is None else d.verdict()))
+    notes = ["Δ: eval loss (test split) at the value minus at the axis's first value, same placement and cell, "
+             "seed-paired (± 95% t-interval); " + ("each side at its own selected LR." if analysis.tuned else
+                                                    "everything else held.")]
+    for axis in dict.fromkeys(e.axis for e in effects):
+        orders: dict[str, dict[str, list[str]]] = {}  # cell → value → placements, best first
+        for g in sorted((g for g in analysis.compared if g.key in loss and axis in dict(g.key.axes)),
+                        key=lambda g: loss[g.key].mean):
+            orders.setdefault(cell_label(g.key, axis), {}).setdefault(str(dict(g.key.axes)[axis]), []).append(
+                g.placement)
+        for cell, by_value in orders.items():
+            everywhere = set.intersection(*(set(order) for order in by_value.values()))
+            same = len({tuple(p for p in order if p in everywhere) for order in by_value.values()}) == 1
+            verdict = ("The same order" if same else "The order changes") + (
+                "" if all(len(order) == len(everywhere) for order in by_value.values())
+                else f" among the placements finished at every value: {', '.join(sorted(everywhere)) or 'none'}")
+            notes.append(f"{cell}: placements by mean eval loss, best first — " + "; ".join(
+                f"{axis}={value}: {' < '.join(order)}" for value, order in by_value.items()) + f". {verdict}.")
+    return Table("Effect of each swept axis", ("axis", "placement", "cell", "from", "to", "eval loss (from)",
+                                               "eval loss (to)", "Δ eval loss", "Δ %", "p (paired t)", "verdict"),
+                 tuple(rows), (False, False, False, False, False, True, True, True, True, True, False), tuple(notes))
+
+
 def lr_table(analysis: StudyAnalysis) -> Table | None:
     """Tuned studies: every cell's validation loss at each LR tried, and the LR it selected."""
     if not analysis.tuned or analysis.search is not None:  # a search's LRs are in its rung table

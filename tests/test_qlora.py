@@ -2,6 +2,8 @@
 layers and our training loop. The tiny model's seeded weights are quantized while loading, as a real
 checkpoint's are."""
 
+import math
+
 import pytest
 import torch
 
@@ -108,7 +110,7 @@ def test_plan_says_the_4bit_base_memory(cli):
 
 def test_the_probes_read_a_4bit_base_as_its_forward_does():
     """NFN dequantizes a bitsandbytes weight (the packed bytes are not the weight): on the nf4 base every site's
-    score is close to the full-precision base's."""
+    score is close to the full-precision base's. The warm-up probe runs there too."""
     from loraplace.data import load_tokenized
     from loraplace.trial import Session
 
@@ -119,6 +121,11 @@ def test_the_probes_read_a_4bit_base_as_its_forward_does():
         scores[quantize] = {s.path: s.score for s in session.probe(data, batches=1, batch=4, measure="nfn").sites}
     for path, value in scores["none"].items():
         assert scores["nf4"][path] == pytest.approx(value, rel=0.1), path
+    # The warm-up probe trains PEFT's bitsandbytes LoRA layers on the 4-bit base, then reads them: every site scored.
+    warm = session.probe(data, batches=1, batch=4, measure="warmup", warmup_steps=2, warmup_lr=1e-2)
+    assert {s.path for s in warm.sites} == set(scores["nf4"])
+    assert all(s.update_norm > 0 and s.output_norm > 0 and math.isfinite(s.score) for s in warm.sites)
+    assert type(session.model.get_submodule(warm.sites[0].path)).__name__ == "Linear4bit"  # the base, unwrapped
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])

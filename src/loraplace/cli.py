@@ -38,7 +38,26 @@ from loraplace.placement.spec import (
 from loraplace.train_config import DEFAULT_STEPS, TrainSpec
 
 FLAG = ""  # a flag takes no value: --help shows no "<bool>" type for it
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+
+def _flag(option):
+    """Typer builds each command's --help option itself: shown like our flags, with no "<bool>" type."""
+    if option is not None:
+        option.metavar = FLAG
+    return option
+
+
+class _Group(typer.core.TyperGroup):
+    def get_help_option(self, ctx):
+        return _flag(super().get_help_option(ctx))
+
+
+class _Command(typer.core.TyperCommand):
+    def get_help_option(self, ctx):
+        return _flag(super().get_help_option(ctx))
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
                   help="Selective LoRA placement studies: where should the adapters go, and at what rank?")
 # Piped output (make, CI logs) gets a readable width instead of rich's 80-column fallback.
 out = Console() if sys.stdout.isatty() else Console(width=140)
@@ -86,7 +105,7 @@ ALLOW_UNASSIGNED_HELP = ("let all/mlp/attn/moe resolve although some weights in 
                          "are not adapted; the plan, the store and the report warn)")
 
 
-@app.command()
+@app.command(cls=_Command)
 def plan(
     model: str = typer.Argument(..., help="hub id, checkpoint dir, config.json, builtin:smollm2-135m or tiny:FAMILY"),
     placement: str = typer.Option("all", "--placement", "-p",
@@ -218,13 +237,14 @@ def _probe_progress(quiet: bool, batches: int):
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-@app.command()
+@app.command(cls=_Command)
 def probe(
     model: str = typer.Argument(..., help="hub id, checkpoint dir, builtin:smollm2-135m or tiny:FAMILY"),
     data: str = typer.Option(DEFAULT_PROBE_DATA, "--data", help="data source (JSONL/CSV/Parquet, hf:, builtin:)"),
-    batches: int = typer.Option(8, "--batches", min=1, help="batches of data to accumulate gradients over"),
+    batches: int = typer.Option(8, "--batches", min=1, help="batches of data the sites are scored on"),
     batch: int = typer.Option(8, "--batch", min=1, help="examples per batch"),
-    rank: int = typer.Option(8, "--rank", min=1, help="rank r of the scored update: score = ‖G_r‖_F"),
+    rank: int = typer.Option(8, "--rank", min=1, help="rank r: of the scored gradient update (‖G_r‖_F), or of the "
+                             "warm-up's adapters; every measure prices a site at this rank"),
     quantize: str = typer.Option("none", "--quantize", help="none | nf4 | fp4 | int8: probe the base as "
                                  "bitsandbytes loads it"),
     measure: str = typer.Option("gradient", "--measure", help="gradient (‖G_r‖_F: auto methods probe and "
@@ -354,7 +374,7 @@ def _default(model, name: str) -> str:
     return f"default {model.model_fields[name].get_default(call_default_factory=True)}"
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     model: str = typer.Option("builtin:smollm2-135m", "--model", "-m", help="model reference"),
     data: str = typer.Option("builtin:arithmetic", "--data", "-d", help="training data source"),
@@ -462,7 +482,7 @@ def train(
     return 0 if outcome.status == "done" else 1
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(
     spec_path: str = typer.Argument(..., metavar="SPEC", help="study YAML"),
     store: str | None = typer.Option(None, "--store", help="SQLite store (default runs/NAME.db)"),
@@ -607,14 +627,14 @@ def _print_search(search) -> None:
               f"{search.grid_steps:,} steps ({search.ratio():.2f}×)", highlight=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def status(store: str = typer.Argument(..., help="study store (.db)"),
            name: str | None = typer.Option(None, "--study", help="study name (default: the latest)")) -> None:
     """Table of a study's trials: status and key metrics. Safe while a study is running."""
     _print_status(store, name)
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(store: str = typer.Argument(..., help="study store (.db)"),
            fmt: str = typer.Option("csv", "--format", help="csv | json | parquet"),
            output: str | None = typer.Option(None, "--out", "-o", help="file (default: stdout for csv/json)"),
@@ -657,7 +677,7 @@ def export(store: str = typer.Argument(..., help="study store (.db)"),
         sys.stdout.write(text)
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(store: str = typer.Argument(..., help="study store (.db)"),
            out_dir: str | None = typer.Option(None, "--out", "-o", help="directory (default: STORE_report/ beside "
                                               "the store)"),
@@ -690,7 +710,7 @@ def report(store: str = typer.Argument(..., help="study store (.db)"),
     out.print(f"report: {main_file}", highlight=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def recommend(store: str = typer.Argument(..., help="study store (.db)"),
               budget: int | None = typer.Option(None, "--budget", min=1, help="consider only placements with at "
                                                 "most this many trainable parameters"),
@@ -720,7 +740,7 @@ def recommend(store: str = typer.Argument(..., help="study store (.db)"),
     print_recommendation(result, store, out)
 
 
-@app.command("export-placement")
+@app.command("export-placement", cls=_Command)
 def export_placement(
     model: str | None = typer.Argument(None, help="the model (as for plan); not with --from"),
     placement: str | None = typer.Option(None, "--placement", "-p", help="as for plan (default: all)"),

@@ -68,6 +68,15 @@ def test_a_study_compares_bases_on_a_quantize_axis_and_never_fuses_a_quantized_o
         if base == "nf4":
             assert outcome.fused_with == 0 and any("not fused: the base is quantized" in w for w in outcome.warnings), \
                 outcome.warnings
+    # The report compares each placement on nf4 with itself on the full-precision base (one seed: no test).
+    from loraplace.analysis import analyze_store
+
+    effects = analyze_store(tmp_path / "s.db").axis_effects
+    assert sorted((e.group.placement, dict(e.reference.axes)["quantize"], dict(e.group.axes)["quantize"])
+                  for e in effects) == [(p, "none", "nf4") for p in sorted({p for p, _ in by_base})]
+    for e in effects:
+        assert e.delta_loss.mean_diff == pytest.approx(
+            by_base[e.group.placement, "nf4"].metrics.eval_loss - by_base[e.group.placement, "none"].metrics.eval_loss)
 
 
 def _bnb_bytes(model) -> int:

@@ -159,10 +159,16 @@ def print_table(table, console: Console, columns: tuple[str, ...] | None = None)
 
 
 def print_comparison(analysis, console: Console) -> None:
-    from loraplace.analysis.tables import comparison_table
+    from loraplace.analysis.tables import axis_table, comparison_table
 
     # The terminal says "dominated"; the report names the dominating group.
     print_table(comparison_table(analysis, name_dominator=False), console, TERMINAL_COLUMNS)
+    axes = axis_table(analysis)  # a swept axis (e.g. quantize): each placement against itself at the first value
+    if axes is not None:
+        print_table(axes, console, ("axis", "placement", "cell", "from", "to", "Δ eval loss", "p (paired t)",
+                                    "verdict"))
+        for note in axes.notes[1:]:  # the placements' order at each value
+            console.print(escape(note), highlight=False)
     for warning in analysis.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 

@@ -134,6 +134,7 @@ def test_run_then_report_end_to_end(tmp_path):
     assert "Placements compared" in ran.stdout and "not budget-matched" in ran.stdout
     # Not a terminal (as under nohup): plain progress lines, one when each trial starts training, then its end.
     assert ran.stderr.count("training, 2 steps") == 4 and ran.stderr.count("→ done") == 4, ran.stderr
+    assert "━" not in ran.stderr  # and no progress bar (rich would print the bars' last frame when they stop)
     rep = run_cli("report", tmp_path / "s.db", "--format", "html,md")
     assert rep.returncode == 0, rep.stderr
     html = tmp_path / "s_report" / "report.html"

@@ -318,7 +318,7 @@ class TrainProgress:
         self.next_line = 0
 
     def __enter__(self):
-        if self.progress is not None:
+        if self.progress is not None and not self.plain:  # not a terminal: plain lines only, no bars' last frame
             self.progress.start()
         return self
 

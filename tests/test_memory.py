@@ -84,3 +84,16 @@ def test_estimate_is_within_25_percent_of_the_live_peak(profiled_model, checkpoi
     estimated = est.checkpointed_bytes(hidden_bytes_per_token(session.model.config, 4)) if checkpointing \
         else est.full_bytes
     assert 0.75 < estimated / live < 1.25, (estimated, live)
+
+
+def test_quantized_weights_cost_the_qlora_papers_bits_per_parameter():
+    """The published figure (QLoRA, Dettmers et al. 2023, §3 "Double Quantization"): 4-bit blocks of 64 with an fp32
+    absmax cost 4 + 32/64 = 4.5 bits a weight; double quantization stores the absmax in 8 bits with an fp32 constant
+    per 256 of them, 4 + 8/64 + 32/(64·256) ≈ 4.127 bits. A Llama-3-8B MLP projection (4,096 × 14,336) planned both
+    ways."""
+    from loraplace.memory import quantized_linear_bytes
+
+    n = 4096 * 14336
+    assert 8 * quantized_linear_bytes(4096, 14336, "nf4", double_quant=True) / n == pytest.approx(
+        4 + 8 / 64 + 32 / (64 * 256), abs=1e-3)
+    assert 8 * quantized_linear_bytes(4096, 14336, "nf4", double_quant=False) / n == pytest.approx(4.5, abs=1e-3)

@@ -30,6 +30,11 @@ per site (the official code draws one Gaussian per token and averages the per-ba
 since the baseline is a constant of W, for one forward pass per batch instead of three); the Gaussian draws are
 seeded; the batches are the gradient probe's (seeded samples of the training split, prompt and response) rather
 than questions alone.
+
+A third measure (:func:`warmup_scores`, the ``warmup`` method): rank-r adapters on every linear are trained a few
+steps together by our own loop (:meth:`loraplace.trial.Session.probe`), then each site is scored by its relative
+update ‖s·B·A·x‖ / ‖W·x + b‖ over real tokens — LoRA-drop's output view (Zhou et al. 2024), read after training
+has started rather than at B = 0. Both forward-hook measures share :class:`RealTokens`.
 """
 
 from __future__ import annotations

@@ -77,6 +77,11 @@ def test_a_study_compares_bases_on_a_quantize_axis_and_never_fuses_a_quantized_o
     for e in effects:
         assert e.delta_loss.mean_diff == pytest.approx(
             by_base[e.group.placement, "nf4"].metrics.eval_loss - by_base[e.group.placement, "none"].metrics.eval_loss)
+    from loraplace.analysis.report import write_report
+
+    written = write_report(analyze_store(tmp_path / "s.db"), tmp_path / "report", formats=["md", "tex"])
+    for name in ("results.md", "results.tex"):  # the paper's second table, and the Markdown's
+        assert "Effect of each swept axis" in (tmp_path / "report" / name).read_text(), written
 
 
 def _bnb_bytes(model) -> int:

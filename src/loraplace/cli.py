@@ -710,12 +710,26 @@ def report(store: str = typer.Argument(..., help="study store (.db)"),
     out.print(f"report: {main_file}", highlight=False)
 
 
+AT_HELP = ("recommend at these values of the study's swept axes only, e.g. quantize=nf4 (the best placement on the "
+           "4-bit base); default: compared across them")
+
+
+def _at(text: str | None) -> dict[str, str]:
+    """``--at quantize=nf4[,axis=value]`` → {axis: value} (values as text: the group keys are matched to them)."""
+    pairs = [item.split("=", 1) for item in (text or "").split(",") if item.strip()]
+    bad = [f"--at: {'='.join(p)!r} is not axis=value" for p in pairs if len(p) != 2 or not p[0].strip()]
+    if bad:
+        raise ConfigError(bad, "invalid --at")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 @app.command(cls=_Command)
 def recommend(store: str = typer.Argument(..., help="study store (.db)"),
               budget: int | None = typer.Option(None, "--budget", min=1, help="consider only placements with at "
                                                 "most this many trainable parameters"),
               metric: str = typer.Option("eval_loss", "--metric", help="eval_loss (the test split) | accuracy"),
               name: str | None = typer.Option(None, "--study", help="study name (default: the latest)"),
+              at: str | None = typer.Option(None, "--at", help=AT_HELP),
               as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="print one JSON object")) -> None:
     """The placement to use: the best at or under the budget on the metric (each placement at its selected LR
     when the study tuned it), its interval, the runner-up, and whether the two are distinguishable. Safe while a
@@ -723,7 +737,7 @@ def recommend(store: str = typer.Argument(..., help="study store (.db)"),
     from loraplace.analysis.recommend import recommend_from_store
     from loraplace.report_terminal import print_recommendation
 
-    result = recommend_from_store(store, name, budget, metric)
+    result = recommend_from_store(store, name, budget, metric, _at(at))
     if as_json:
         chosen = result.chosen
         out.print_json(json.dumps({
@@ -735,7 +749,7 @@ def recommend(store: str = typer.Argument(..., help="study store (.db)"),
             "difference_interval": result.difference_interval, "p_value": result.p_value,
             "reason": result.reason, "placement_spec": result.placement_spec, "model": result.model,
             "study": result.study, "budget": result.budget, "tuned": result.tuned, "adapter": result.adapter,
-            "adapter_seed": result.adapter_seed}))
+            "adapter_seed": result.adapter_seed, "at": result.at}))
         return
     print_recommendation(result, store, out)
 
@@ -757,6 +771,7 @@ def export_placement(
     fill: str | None = typer.Option(None, "--fill", help=FILL_HELP),
     metric: str | None = typer.Option(None, "--metric", help="with --from: eval_loss (default) | accuracy"),
     name: str | None = typer.Option(None, "--study", help="with --from: study name (default: the latest)"),
+    at: str | None = typer.Option(None, "--at", help="with --from: " + AT_HELP),
     model_config: str | None = typer.Option(None, "--model-config", help="config overrides k=v,..."),
     data: str | None = typer.Option(None, "--data", help=f"auto placements only: data the probe reads (default "
                                     f"{DEFAULT_PROBE_DATA})"),
@@ -792,7 +807,7 @@ def export_placement(
         from loraplace.analysis.recommend import recommend_from_store
         from loraplace.trial import TrialSpec
 
-        rec = recommend_from_store(source, name, budget, metric or "eval_loss")
+        rec = recommend_from_store(source, name, budget, metric or "eval_loss", _at(at))
         model, spec_placement = rec.model, rec.placement_spec
         measured = TrialSpec.model_validate(rec.trial_spec)  # what the recommended trials ran with
         hints = TrainingHints(lr=measured.train.lr, batch=measured.train.batch, steps=measured.train.steps,
@@ -810,9 +825,9 @@ def export_placement(
     else:
         if model is None:
             raise LoraplaceError("export-placement needs a MODEL (with --placement) or --from STORE")
-        if metric is not None or name is not None:
+        if metric is not None or name is not None or at is not None:
             raise ConfigError([f"{opt}: reads a study store, with --from" for opt, v in (("--metric", metric),
-                               ("--study", name)) if v is not None], "options that would not take effect")
+                               ("--study", name), ("--at", at)) if v is not None], "options that would not take effect")
         hints = TrainingHints(quantize=_quantize(quantize or "none"))
         result, config = _resolve_plan(model, placement or "all", rank, budget, fill, model_config, data, max_len,
                                        allow_unassigned, quiet=False)

@@ -440,6 +440,8 @@ class Recommendation(Record):
     adapter: str | None = Field(default=None, description="the trained PEFT adapter of the chosen group's best seed "
                                 "(a directory PeftModel.from_pretrained loads), when the store kept it")
     adapter_seed: int | None = Field(default=None, description="the seed whose adapter that is")
+    at: dict[str, str] = Field(default_factory=dict, description="recommended among the groups at these values of "
+                               "the study's swept axes only (--at; empty: across every value)")
 
 
 # --------------------------------------------------------------------------------------------- search

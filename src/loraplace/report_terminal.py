@@ -250,5 +250,6 @@ def print_recommendation(result, store: str, console: Console) -> None:
         console.print(f"trained adapter (seed {result.adapter_seed}): {escape(result.adapter)}\n  load it: "
                       f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {path}); merge it "
                       "into the base: .merge_and_unload()", highlight=False)
-    console.print(f"use it: loraplace export-placement --from {escape(store)} --to peft --out adapter_config.json",
-                  highlight=False)
+    at = f" --at {','.join(f'{k}={v}' for k, v in result.at.items())}" if result.at else ""
+    console.print(f"use it: loraplace export-placement --from {escape(store)}{escape(at)} --to peft --out "
+                  "adapter_config.json", highlight=False)

@@ -143,3 +143,42 @@ def test_recommend_before_any_lr_is_selected_says_what_will_select_it(tmp_path, 
     with pytest.raises(LoraplaceError, match="no learning rate is selected yet") as info:
         recommend_from_store(tmp_path / "s.db")
     assert "loraplace run SPEC --store" in info.value.hint
+
+
+def test_at_recommends_on_one_value_of_a_swept_axis(cli, tmp_path):
+    """A study over quantize [none, nf4]: without --at the recommendation is across both bases and says so; with
+    --at quantize=nf4 it is the best placement on the 4-bit base. An axis or value the study does not sweep is one
+    clear error."""
+    from loraplace.records import GroupKey, Metrics, Site, SiteMap, Size, StudyInfo, TrialLabels, TrialOutcome
+    from loraplace.store import StudyRecord, TrialRecord
+
+    loss = {("none", "all"): 1.00, ("none", "attn"): 1.10, ("nf4", "all"): 1.30, ("nf4", "attn"): 1.20}
+    records = []
+    for quantize in ("none", "nf4"):
+        for placement in ("all", "attn"):
+            for seed in (0, 1, 2):
+                outcome = TrialOutcome(status="done", trainable_params=100, total_params=10_000,
+                                       metrics=Metrics(eval_loss=loss[quantize, placement] + 0.01 * seed, perplexity=2.0),
+                                       sites=SiteMap(num_layers=1, roles=("attn.q",),
+                                                     sites=(Site(layer=0, role="attn.q", rank=2),)))
+                group = GroupKey(placement=placement, size=Size(kind="rank", value=2),
+                                 axes=(("quantize", quantize),))
+                records.append(TrialRecord(f"{quantize}{placement}{seed}", 1, 0, TrialLabels(group=group, seed=seed),
+                                           {"placement": {"preset": placement}, "train": {"quantize": quantize}},
+                                           "done", 1, 1, None, None, None, None, None, None, None, outcome))
+    info = StudyInfo(name="q", model="tiny:llama", placements=("all", "attn"), baseline="all", baseline_given=True)
+    analysis = analyze_records(StudyRecord(1, "q", {"name": "q"}, info, 0.0), "q.db", records, {"done": 12})
+    specs = {r.id: r.spec for r in records}
+    across = recommend(analysis, specs)
+    assert (across.chosen.placement, across.at) == ("all", {}) and "quantize=none" in across.chosen.size
+    assert "The study sweeps quantize (none, nf4)" in across.reason and "--at quantize=nf4" in across.reason
+    on_nf4 = recommend(analysis, specs, at={"quantize": "nf4"})
+    assert on_nf4.chosen.placement == "attn" and "quantize=nf4" in on_nf4.chosen.size
+    assert on_nf4.runner_up.placement == "all" and on_nf4.distinguishable and "sweeps" not in on_nf4.reason
+    assert on_nf4.trial_spec["train"]["quantize"] == "nf4"  # what export-placement --from carries on
+    with pytest.raises(LoraplaceError, match="does not sweep 'lora_rank'.*sweeps quantize"):
+        recommend(analysis, specs, at={"lora_rank": "8"})
+    with pytest.raises(LoraplaceError, match="quantize takes none, nf4"):
+        recommend(analysis, specs, at={"quantize": "int8"})
+    bad = cli("recommend", str(tmp_path / "x.db"), "--at", "quantize")
+    assert bad.returncode == 2 and "is not axis=value" in bad.stderr

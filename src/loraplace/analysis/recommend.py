@@ -26,7 +26,7 @@ RECOMMEND_METRICS = ("eval_loss", "accuracy")
 
 
 def recommend_from_store(store_path: str, name: str | None = None, budget: int | None = None,
-                         metric: str = "eval_loss") -> Recommendation:
+                         metric: str = "eval_loss", at: dict[str, str] | None = None) -> Recommendation:
     """Read the study (read-only) and recommend; see :func:`recommend`."""
     from loraplace.store import Store
 
@@ -36,7 +36,7 @@ def recommend_from_store(store_path: str, name: str | None = None, budget: int |
         counts = store.counts(study.id)
     analysis = analyze_records(study, str(store_path), records, counts)
     specs = {rec.id: rec.spec for rec in records}
-    return recommend(analysis, specs, budget, metric)
+    return recommend(analysis, specs, budget, metric, at)
 
 
 def _presets(analysis: StudyAnalysis) -> set[str]:
@@ -84,12 +84,46 @@ def exact_placement_spec(sites: SiteMap, trial_placement: PlacementSpec) -> dict
     return exact | ({"eva_rho": 1.0} if trial_placement.variant == "eva" else {})
 
 
+def swept_axes(analysis: StudyAnalysis) -> dict[str, list[str]]:
+    """The axes the study sweeps (``axes:``; a tuned study's LR is selected, not swept) → their values as text, in
+    grid order."""
+    out: dict[str, list[str]] = {}
+    for row in analysis.trials:
+        for name, value in row.key.axes:
+            if not (analysis.tuned and name == "lr") and str(value) not in out.setdefault(name, []):
+                out[name].append(str(value))
+    return {name: values for name, values in out.items() if len(values) > 1}
+
+
+def _at_value(value: Any, wanted: str) -> bool:
+    """An axis value as a group key holds it against the text of ``--at`` (1e-3 and 0.001 are the same LR)."""
+    if str(value) == wanted:
+        return True
+    try:
+        return float(value) == float(wanted)
+    except (TypeError, ValueError):
+        return False
+
+
 def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget: int | None = None,
-              metric: str = "eval_loss") -> Recommendation:
+              metric: str = "eval_loss", at: dict[str, str] | None = None) -> Recommendation:
+    """``at``: recommend among the groups at these values of swept axes only (e.g. {"quantize": "nf4"}: the best
+    placement on the 4-bit base). Without it, a study that sweeps an axis is compared across its values, and the
+    reason says so."""
     if metric not in RECOMMEND_METRICS:
         raise LoraplaceError(f"--metric {metric!r}: one of {', '.join(RECOMMEND_METRICS)}")
     lower = METRICS[metric][1]
-    measured = [g for g in analysis.compared if metric in g.stats]
+    at = at or {}
+    swept = swept_axes(analysis)
+    problems = [f"--at {k}={v}: the study does not sweep {k!r}" + (
+        f" (it sweeps {', '.join(swept)})" if swept else " (it sweeps no axis)") for k, v in at.items()
+        if k not in swept]
+    problems += [f"--at {k}={v}: {k} takes {', '.join(swept[k])} in this study" for k, v in at.items()
+                 if k in swept and not any(_at_value(x, v) for x in swept[k])]
+    if problems:
+        raise LoraplaceError("; ".join(problems))
+    measured = [g for g in analysis.compared if metric in g.stats
+                and all(_at_value(dict(g.key.axes)[k], v) for k, v in at.items())]
     if not measured and analysis.tuned and any(metric in g.stats for g in analysis.groups):
         raise LoraplaceError(f"study {analysis.name!r} has finished trials, but no learning rate is selected yet: "
                              "a tuned study compares each placement at the LR its selection pass chose, and a "
@@ -151,6 +185,11 @@ def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget:
             reason = (reason.split(" The interval includes 0")[0] + f" The interval includes 0: {best.key.label} is "
                       f"not distinguishable from the best preset, so the search answers with the preset "
                       f"{runner.key.label} (simpler, and supported by every framework).")
+    across = {k: vs for k, vs in swept.items() if k not in at and len({dict(g.key.axes).get(k) for g in pool}) > 1}
+    if across:
+        reason += (" The study sweeps " + ", ".join(f"{k} ({', '.join(vs)})" for k, vs in across.items())
+                   + ": this compares placements across those values; --at " + ",".join(
+                       f"{k}={vs[-1]}" for k, vs in across.items()) + " recommends for one setting.")
     first_spec = specs[chosen.trials[0].id]
     placement = PlacementSpec.model_validate(first_spec["placement"])
     placement_spec = (exact_placement_spec(chosen.sites, placement) if chosen.sites is not None else
@@ -166,7 +205,7 @@ def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget:
         budget=budget, chosen=_candidate(chosen, metric, specs),
         runner_up=None if other is None else _candidate(other, metric, specs),
         distinguishable=distinguishable, difference=difference, difference_interval=interval, p_value=p_value,
-        reason=reason, placement_spec=placement_spec, tuned=analysis.tuned, trial_spec=first_spec)
+        reason=reason, placement_spec=placement_spec, tuned=analysis.tuned, trial_spec=first_spec, at=at)
 
 
 def _fmt(group: Group, metric: str) -> str:

@@ -82,6 +82,7 @@ def test_a_study_compares_bases_on_a_quantize_axis_and_never_fuses_a_quantized_o
     written = write_report(analyze_store(tmp_path / "s.db"), tmp_path / "report", formats=["md", "tex"])
     for name in ("results.md", "results.tex"):  # the paper's second table, and the Markdown's
         assert "Effect of each swept axis" in (tmp_path / "report" / name).read_text(), written
+    assert "figures/axis.png" in (tmp_path / "report" / "results.md").read_text()  # its figure: one line a placement
 
 
 def _bnb_bytes(model) -> int:

@@ -157,8 +157,8 @@ def test_at_recommends_on_one_value_of_a_swept_axis(cli, tmp_path):
     for quantize in ("none", "nf4"):
         for placement in ("all", "attn"):
             for seed in (0, 1, 2):
-                outcome = TrialOutcome(status="done", trainable_params=100, total_params=10_000,
-                                       metrics=Metrics(eval_loss=loss[quantize, placement] + 0.01 * seed, perplexity=2.0),
+                metrics = Metrics(eval_loss=loss[quantize, placement] + 0.01 * seed, perplexity=2.0)
+                outcome = TrialOutcome(status="done", trainable_params=100, total_params=10_000, metrics=metrics,
                                        sites=SiteMap(num_layers=1, roles=("attn.q",),
                                                      sites=(Site(layer=0, role="attn.q", rank=2),)))
                 group = GroupKey(placement=placement, size=Size(kind="rank", value=2),

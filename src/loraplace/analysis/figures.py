@@ -286,6 +286,47 @@ def lr_sensitivity_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | No
                      "test split.")
 
 
+def axis_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
+    """A swept axis (``axes:``, e.g. quantize none → nf4): test loss of each placement at every value of the axis,
+    one line per placement (and cell), so a change in the placements' order shows as crossing lines. The first
+    swept axis with an effect in the analysis (the table has them all)."""
+    effects = analysis.axis_effects
+    if not effects:
+        return None
+    axis = effects[0].axis
+    values: list = []  # the axis's values, the first (reference) value first
+    for e in (e for e in effects if e.axis == axis):
+        for key in (e.reference, e.group):
+            if dict(key.axes)[axis] not in values:
+                values.append(dict(key.axes)[axis])
+    loss = {g.key: g.stats["eval_loss"] for g in analysis.compared if "eval_loss" in g.stats}
+    lines: dict[str, dict] = {}  # placement (and the rest of its cell) → axis value → summary
+    for e in (e for e in effects if e.axis == axis):
+        rest = " ".join([e.group.placement, e.group.size.label] + [f"{k}={v}" for k, v in e.group.axes
+                                                                   if k != axis and k != "lr"])
+        lines.setdefault(rest, {})[dict(e.reference.axes)[axis]] = loss[e.reference]
+        lines[rest][dict(e.group.axes)[axis]] = loss[e.group]
+    colors = _colors(list(lines))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(4.6, 2.8))
+        for n, (label, by_value) in enumerate(lines.items()):
+            xs = [i for i, v in enumerate(values) if v in by_value]
+            dodge = 0.04 * (n - (len(lines) - 1) / 2)  # side by side, so the intervals do not hide each other
+            ax.errorbar([x + dodge for x in xs], [by_value[values[i]].mean for i in xs],
+                        yerr=[by_value[values[i]].ci_half or 0 for i in xs], fmt="-o", ms=3.5, capsize=2, lw=0.9,
+                        elinewidth=0.8, color=colors[label], label=label)
+        ax.set_xticks(range(len(values)), [f"{axis}={v}" for v in values])
+        ax.set_xlim(-0.4, len(values) - 0.6)
+        ax.set_ylabel("test loss (mean ± 95% CI)" if any("val_loss" in g.stats for g in analysis.groups)
+                      else "eval loss (mean ± 95% CI)")
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=6.5)
+        return _save(fig, out_dir, "axis", f"Effect of {axis}",
+                     f"Eval loss of each placement at every value of {axis}, mean over seeds with 95% t-intervals"
+                     + (", each at the learning rate selected for it at that value" if analysis.tuned else "")
+                     + ". Crossing lines: the placements' order changes with the axis; the table 'Effect of each "
+                     "swept axis' gives the seed-paired differences.")
+
+
 def rung_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
     """A search: validation loss against steps, one line per candidate, ending (×) where a rung cut it; the
     finalists' lines run on to their full-horizon trial (seed 0)."""
@@ -327,8 +368,8 @@ def rung_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
 
 def study_figures(analysis: StudyAnalysis, out_dir: Path) -> list[Figure]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    makers = (pareto_figure, rung_figure, lr_sensitivity_figure, curves_figure, efficiency_figure, placement_heatmap,
-              study_probe_figure)
+    makers = (pareto_figure, axis_figure, rung_figure, lr_sensitivity_figure, curves_figure, efficiency_figure,
+              placement_heatmap, study_probe_figure)
     with warnings.catch_warnings():
         # Names in scripts the bundled font lacks (CJK, …) are drawn as boxes; matplotlib would otherwise print a
         # warning with its source path per glyph and figure. The tables and the HTML show the names in full.

@@ -30,7 +30,7 @@ from loraplace.store import StudyRecord, TrialRecord
 
 if TYPE_CHECKING:
     from loraplace.analysis.search import SearchAnalysis
-from loraplace.tuning import Selection, selections_of, tuned_cell, tuned_lr
+from loraplace.tuning import TUNED_AXIS, Selection, selections_of, tuned_cell, tuned_lr
 
 # metric → (label, lower is better); the keys are :class:`Metrics` fields, the quantities a study compares
 METRICS: dict[str, tuple[str, bool]] = {
@@ -155,6 +155,7 @@ class StudyAnalysis:
     environment: EnvironmentSummary = field(default_factory=lambda: EnvironmentSummary((), (), {}))
     selections: dict[GroupKey, Selection] = field(default_factory=dict)  # tuned: cell → its selected LR
     search: SearchAnalysis | None = None  # a placement search: its rungs, decisions and cost
+    swept_axes: dict[str, tuple[AxisValue, ...]] = field(default_factory=dict)  # see :func:`swept_axes`
     axis_effects: tuple[AxisEffect, ...] = ()  # every swept axis's effect per placement (compared groups)
 
     @property
@@ -282,8 +283,10 @@ def analyze_records(study: StudyRecord, store: str, records: list[TrialRecord],
         warnings.append(f"the trials ran in {' and '.join(environment.dtypes)} (precision: auto on machines of "
                         "different kinds): a difference between arms of the size of the rounding difference is not "
                         "evidence")
+    swept = swept_axes(rows, bool(study.info.tune_lrs))
     return StudyAnalysis(study.name, store, study.spec, study.info, tuple(groups.values()), tuple(rows), counts,
-                         tuple(warnings), environment, selections, axis_effects=_axis_effects(groups, rows, cell))
+                         tuple(warnings), environment, selections, swept_axes=swept,
+                         axis_effects=_axis_effects(groups, swept, cell))
 
 
 def _plain_cell(key: GroupKey) -> tuple:
@@ -343,22 +346,35 @@ def _compare(groups: dict[GroupKey, Group], baseline: str, warnings: list[str],
     return out
 
 
-def _axis_effects(groups: dict[GroupKey, Group], rows: list[TrialRow], cell=_plain_cell) -> tuple[AxisEffect, ...]:
-    """Per swept axis (the cell's axes: a tuned study's LR is selected, not compared) and per compared group at
-    another value: the seed-paired eval-loss difference to the same placement and cell at the axis's first value.
-    The first value is the spec's first: trials are stored in grid order, which follows the spec's lists."""
-    first: dict[str, AxisValue] = {}
-    for row in rows:  # grid order
+def swept_axes(rows: list[TrialRow], tuned: bool) -> dict[str, tuple[AxisValue, ...]]:
+    """The axes the study sweeps (``axes:`` with more than one value; a tuned study's LR is selected, not swept) →
+    their values in the spec's order: trials are stored in grid order, which follows the spec's lists."""
+    out: dict[str, list[AxisValue]] = {}
+    for row in rows:
         for name, value in row.key.axes:
-            first.setdefault(name, value)
+            if not (tuned and name == TUNED_AXIS) and value not in out.setdefault(name, []):
+                out[name].append(value)
+    return {name: tuple(values) for name, values in out.items() if len(values) > 1}
+
+
+def axis_cell_label(key: GroupKey, axis: str, tuned: bool) -> str:
+    """What an axis comparison holds fixed for a group: its size and its other swept axes (not a tuned LR)."""
+    return " ".join([key.size.label] + [f"{k}={v}" for k, v in key.axes
+                                        if k != axis and not (tuned and k == TUNED_AXIS)])
+
+
+def _axis_effects(groups: dict[GroupKey, Group], swept: dict[str, tuple[AxisValue, ...]],
+                  cell=_plain_cell) -> tuple[AxisEffect, ...]:
+    """Per swept axis and per compared group at another value: the seed-paired eval-loss difference to the same
+    placement and cell at the axis's first value."""
     scored = [g for g in groups.values() if g.compared and "eval_loss" in g.stats]
     out = []
-    for axis in sorted({name for g in scored for name, _ in cell(g.key)[1]}):
+    for axis, values in swept.items():
         def rest(key: GroupKey, axis: str = axis) -> tuple:  # everything but this axis's value
             size, axes = cell(key)
             return key.placement, size, tuple((k, v) for k, v in axes if k != axis)
 
-        references = {rest(g.key): g for g in scored if dict(g.key.axes)[axis] == first[axis]}
+        references = {rest(g.key): g for g in scored if dict(g.key.axes)[axis] == values[0]}
         for g in scored:
             ref = references.get(rest(g.key))
             if ref is None or ref is g:

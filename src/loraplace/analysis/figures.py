@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from loraplace.analysis.core import StudyAnalysis  # noqa: E402
+from loraplace.analysis.core import StudyAnalysis, axis_cell_label  # noqa: E402
 from loraplace.analysis.stats import summarize  # noqa: E402
 from loraplace.formatting import human_count  # noqa: E402
 from loraplace.placement.roles import grid_roles, short_role  # noqa: E402
@@ -294,16 +294,11 @@ def axis_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
     if not effects:
         return None
     axis = effects[0].axis
-    values: list = []  # the axis's values, the first (reference) value first
-    for e in (e for e in effects if e.axis == axis):
-        for key in (e.reference, e.group):
-            if dict(key.axes)[axis] not in values:
-                values.append(dict(key.axes)[axis])
+    values = analysis.swept_axes[axis]  # the first (reference) value first
     loss = {g.key: g.stats["eval_loss"] for g in analysis.compared if "eval_loss" in g.stats}
     lines: dict[str, dict] = {}  # placement (and the rest of its cell) → axis value → summary
     for e in (e for e in effects if e.axis == axis):
-        rest = " ".join([e.group.placement, e.group.size.label] + [f"{k}={v}" for k, v in e.group.axes
-                                                                   if k != axis and k != "lr"])
+        rest = f"{e.group.placement} {axis_cell_label(e.group, axis, analysis.tuned)}"
         lines.setdefault(rest, {})[dict(e.reference.axes)[axis]] = loss[e.reference]
         lines[rest][dict(e.group.axes)[axis]] = loss[e.group]
     colors = _colors(list(lines))

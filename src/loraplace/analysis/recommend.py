@@ -84,17 +84,6 @@ def exact_placement_spec(sites: SiteMap, trial_placement: PlacementSpec) -> dict
     return exact | ({"eva_rho": 1.0} if trial_placement.variant == "eva" else {})
 
 
-def swept_axes(analysis: StudyAnalysis) -> dict[str, list[str]]:
-    """The axes the study sweeps (``axes:``; a tuned study's LR is selected, not swept) → their values as text, in
-    grid order."""
-    out: dict[str, list[str]] = {}
-    for row in analysis.trials:
-        for name, value in row.key.axes:
-            if not (analysis.tuned and name == "lr") and str(value) not in out.setdefault(name, []):
-                out[name].append(str(value))
-    return {name: values for name, values in out.items() if len(values) > 1}
-
-
 def _at_value(value: Any, wanted: str) -> bool:
     """An axis value as a group key holds it against the text of ``--at`` (1e-3 and 0.001 are the same LR)."""
     if str(value) == wanted:
@@ -114,7 +103,7 @@ def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget:
         raise LoraplaceError(f"--metric {metric!r}: one of {', '.join(RECOMMEND_METRICS)}")
     lower = METRICS[metric][1]
     at = at or {}
-    swept = swept_axes(analysis)
+    swept = {name: [str(v) for v in values] for name, values in analysis.swept_axes.items()}
     problems = [f"--at {k}={v}: the study does not sweep {k!r}" + (
         f" (it sweeps {', '.join(swept)})" if swept else " (it sweeps no axis)") for k, v in at.items()
         if k not in swept]

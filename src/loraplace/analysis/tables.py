@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from loraplace.analysis.core import Group, StudyAnalysis, compact_ranges
+from loraplace.analysis.core import Group, StudyAnalysis, axis_cell_label, compact_ranges
 from loraplace.analysis.stats import Summary
 from loraplace.formatting import one_line
 from loraplace.store import TrialRecord
@@ -187,9 +187,8 @@ def axis_table(analysis: StudyAnalysis) -> Table | None:
         lr = tuned_lr(key) if analysis.tuned else None
         return f"{dict(key.axes)[axis]}" + ("" if lr is None else f" (lr {lr:g})")
 
-    def cell_label(key, axis: str) -> str:  # the size and the other swept axes, held fixed
-        return " ".join([key.size.label] + [f"{k}={v}" for k, v in key.axes if k != axis and
-                                            not (analysis.tuned and k == "lr")])
+    def cell_label(key, axis: str) -> str:
+        return axis_cell_label(key, axis, analysis.tuned)
 
     loss = {g.key: g.stats["eval_loss"] for g in analysis.compared if "eval_loss" in g.stats}
     rows = []

@@ -40,21 +40,22 @@ from loraplace.train_config import DEFAULT_STEPS, TrainSpec
 FLAG = ""  # a flag takes no value: --help shows no "<bool>" type for it
 
 
-def _flag(option):
+class _HelpIsAFlag:
     """Typer builds each command's --help option itself: shown like our flags, with no "<bool>" type."""
-    if option is not None:
-        option.metavar = FLAG
-    return option
 
-
-class _Group(typer.core.TyperGroup):
     def get_help_option(self, ctx):
-        return _flag(super().get_help_option(ctx))
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = FLAG
+        return option
 
 
-class _Command(typer.core.TyperCommand):
-    def get_help_option(self, ctx):
-        return _flag(super().get_help_option(ctx))
+class _Group(_HelpIsAFlag, typer.core.TyperGroup):
+    pass
+
+
+class _Command(_HelpIsAFlag, typer.core.TyperCommand):
+    pass
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,

@@ -214,6 +214,18 @@ def require_linear_sites(arch: ArchitectureMap, method: str, how: str) -> None:
                              "use auto method probe or gradient for this model")
 
 
+def warmup_sites(arch: ArchitectureMap) -> list[AdaptableModule]:
+    """The sites the warmup measure adapts and scores — every linear site; routers are shown unscored and never
+    allocated — or a refusal, before anything trains, of a model whose experts carry one adapter each."""
+    require_linear_sites(arch, "warmup", "by their adapters' outputs")
+    experts = [s.path for s in arch.sites.values() if s.expert_paths]
+    if experts:
+        raise PlacementError(f"warmup scores one adapter per site; {len(experts)} site(s) of this model are expert "
+                             f"groups with one adapter per expert (e.g. {experts[0]})",
+                             "use auto method probe or gradient for this model")
+    return sorted((s for s in arch.sites.values() if not s.parameter), key=lambda s: (s.layer, s.role))
+
+
 class RealTokens:
     """No-grad forwards over padded batches for the forward-hook measures (nfn, warmup), whose hooks read real
     tokens only: :meth:`select` keeps the rows of the batch in flight that are not padding."""
@@ -281,15 +293,9 @@ def warmup_scores(peft_model, arch: ArchitectureMap, data: TokenizedSet, *, mode
     read after training has started, when B ≠ 0 and the sites have interacted."""
     if len(data) == 0:
         raise PlacementError("the probe needs data: the training set is empty")
-    require_linear_sites(arch, "warmup", "by their adapters' outputs")
-    experts = [s.path for s in arch.sites.values() if s.expert_paths]
-    if experts:
-        raise PlacementError(f"warmup scores one adapter per site; {len(experts)} site(s) of this model are expert "
-                             f"groups with one adapter per expert (e.g. {experts[0]})",
-                             "use auto method probe or gradient for this model")
+    scored = warmup_sites(arch)
     t0 = time.perf_counter()
     sites = sorted(arch.sites.values(), key=lambda s: (s.layer, s.role))
-    scored = [s for s in sites if not s.parameter]  # routers: shown unscored, never allocated
     modules = dict(peft_model.get_base_model().named_modules())  # the model's own paths, LoRA layers in place
     sums: dict[str, list[float]] = {s.path: [0.0, 0.0] for s in scored}  # site → [Σ‖ΔW·x‖, Σ‖W·x + b‖]
     real = RealTokens()

@@ -201,10 +201,9 @@ class Session:
         (seed 0, the probe's batch size), then scored by :func:`loraplace.probe.warmup_scores`; the adapters are
         removed afterwards, so the base is as it was."""
         from loraplace.placement.spec import SiteGroup
-        from loraplace.probe import require_linear_sites, warmup_scores
+        from loraplace.probe import warmup_scores, warmup_sites
 
-        require_linear_sites(self.arch, "warmup", "by their adapters' outputs")
-        roles = sorted({s.role for s in self.arch.sites.values() if not s.parameter})
+        roles = sorted({s.role for s in warmup_sites(self.arch)})
         plan = resolve_placement(self.arch, PlacementSpec(groups=[SiteGroup(roles=roles)], rank=rank),
                                  model=self.model_ref)
         spec = TrainSpec(steps=steps, lr=lr, batch=batch, schedule="constant", seed=0)

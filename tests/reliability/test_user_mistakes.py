@@ -226,6 +226,7 @@ def test_an_edited_spec_is_refused_with_its_differences(cli, workdir):
     # --extend cannot help here: group "all r=2" would mix lr 0.001 and 0.002
     extended = cli("run", "spec.yaml", "--store", "s.db", "--extend")
     assert extended.returncode == 2 and "would mix configurations inside group(s) all r=2" in extended.stderr
+    assert "In all r=2, stored → now:\n  train.lr: 0.001 → 0.002" in extended.stderr  # what differs, per trial
     assert snapshot(workdir) == before
 
 

@@ -1,4 +1,4 @@
-"""The numbers docs/validation.md quotes are what `loraplace report` computes from the committed store."""
+"""The numbers docs/validation.md and docs/probe.md quote are what `loraplace report` computes from the stores."""
 
 import re
 
@@ -35,3 +35,27 @@ def test_the_validation_table_is_the_store_s_analysis():
         assert (mean, ci) == (round(stats.mean, 4), round(stats.ci_half, 4)), group.placement
         val = group.stats["val_loss"]
         assert cells[4] == f"{val.mean:.4f} ± {val.ci_half:.4f}", group.placement
+
+
+PROBE_STORE = ROOT / "docs" / "probe-validation" / "probe-validation.db"
+PROBE_DOC = ROOT / "docs" / "probe.md"
+
+
+@pytest.mark.skipif(not PROBE_STORE.is_file(), reason="the probe-validation study's store is not in this checkout")
+def test_the_probe_validation_table_is_the_store_s_analysis():
+    """docs/probe.md's result table — every arm's parameters and eval loss at both budgets, the nfn and warmup
+    arms added with --extend included — is what the committed store gives."""
+    analysis = analyze_store(PROBE_STORE)
+    assert analysis.counts["done"] == 60 and analysis.counts["failed"] == 0
+    rows = {}
+    for line in PROBE_DOC.read_text().split("## Result", 1)[1].splitlines():
+        cells = [c.strip().replace("*", "") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[1][:1].isdigit():
+            rows[cells[0].split()[0]] = cells
+    for group in analysis.compared:
+        cells = rows[group.placement]
+        params, loss = (1, 2) if group.key.size.value == 620_000 else (4, 5)
+        stats = group.stats["eval_loss"]
+        assert cells[params] == f"{group.trainable_params:,}", group.key.label
+        assert cells[loss] == f"{stats.mean:.4f} ± {stats.ci_half:.4f}", group.key.label
+    assert {"nfn", "warmup", "auto", "all"} <= set(rows)

@@ -264,11 +264,13 @@ def probe(
     normalized feature norm (--measure nfn), or by how far rank-r adapters on every linear moved each module's
     output after a short warm-up (--measure warmup: the only one that trains, and keeps nothing)."""
     from pathlib import Path
+    from typing import get_args
 
+    from loraplace.records import ProbeMeasure
     from loraplace.report_terminal import print_probe
 
-    problems = [] if measure in ("gradient", "nfn", "warmup") else [
-        f"--measure: {measure!r} is not one of gradient, nfn, warmup"]
+    measures = get_args(ProbeMeasure)
+    problems = [] if measure in measures else [f"--measure: {measure!r} is not one of {', '.join(measures)}"]
     if warmup_lr <= 0:
         problems.append(f"--warmup-lr: {warmup_lr:g} is not positive")
     if problems:

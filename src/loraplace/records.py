@@ -231,10 +231,14 @@ class ProbeSite(Record):
         return (self.score / self.grad_norm) ** 2 if self.grad_norm > 0 else 0.0
 
 
+# What a probe measures (``ProbeScores.measure``): the auto methods probe and gradient read the gradient probe.
+ProbeMeasure = Literal["gradient", "nfn", "warmup"]
+
+
 class ProbeScores(Record):
     """The importance probe's scores of every (layer, role) site of a model on some data."""
 
-    measure: Literal["gradient", "nfn", "warmup"] = Field(
+    measure: ProbeMeasure = Field(
         default="gradient", description="gradient: ‖G_r‖_F of the loss gradient (forward + backward); nfn: PLoP's "
         "normalized feature norm (forward only); warmup: the relative update of rank-r adapters on every linear "
         "after a short warm-up (trains warmup_steps steps, then forward only)")

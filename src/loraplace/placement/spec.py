@@ -17,6 +17,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from loraplace.errors import ConfigError
 from loraplace.placement.selectors import LayerSelector
+from loraplace.records import ProbeMeasure
 from loraplace.specs import StrictModel, load_yaml, parse_yaml, validate
 
 DEFAULT_RANK = 16  # a site's rank when neither the placement, the command line nor a study gives one
@@ -90,7 +91,7 @@ class AutoPlacement(StrictModel):
     added_fields = frozenset({"top", "warmup_steps", "warmup_lr"})
 
     @property
-    def measure(self) -> Literal["gradient", "nfn", "warmup"]:
+    def measure(self) -> ProbeMeasure:
         """The probe a method reads (``ProbeScores.measure``): ``probe`` and ``gradient`` share the gradient probe."""
         return self.method if self.method in ("nfn", "warmup") else "gradient"
 

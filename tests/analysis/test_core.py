@@ -197,7 +197,8 @@ def test_a_swept_axis_is_compared_per_placement_against_its_first_value():
     value, not the alphabetical one), seed-paired; the table says when the placements' order changes."""
     import dataclasses
 
-    from loraplace.analysis.tables import axis_table
+    from loraplace.analysis.core import condition_label
+    from loraplace.analysis.tables import axis_table, comparison_table
 
     loss = {("none", "all"): 1.00, ("none", "attn"): 1.10, ("nf4", "all"): 1.20, ("nf4", "attn"): 1.15}
     recs = []
@@ -218,5 +219,21 @@ def test_a_swept_axis_is_compared_per_placement_against_its_first_value():
     assert [row[:5] for row in table.rows] == [("quantize", "all", "r=8", "none", "nf4"),
                                                ("quantize", "attn", "r=8", "none", "nf4")]
     assert any("quantize=none: all < attn; quantize=nf4: attn < all. The order changes." in n for n in table.notes)
+    # The frontier is per base: at equal size the fp32 `all` beats every nf4 arm, but a nf4 arm is dominated only
+    # by a nf4 arm (one frontier across both would list `all quantize=none` alone).
+    by = {g.key.label: g for g in a.groups}
+    assert by["attn r=8 quantize=nf4"].dominated_by is None
+    assert by["all r=8 quantize=nf4"].dominated_by == by["attn r=8 quantize=nf4"].key
+    assert by["attn r=8 quantize=none"].dominated_by == by["all r=8 quantize=none"].key
+    assert {condition_label(c): [g.placement for g in f] for c, f in a.frontiers.items()} == {
+        "quantize=none": ["all"], "quantize=nf4": ["attn"]}
+    assert any("each cost condition (quantize=none, quantize=nf4) has its own frontier" in n
+               for n in comparison_table(a).notes)
+    # Only axes that change the base or the compute split the frontier (an untuned lr sweep shares one: the v2
+    # fixture's report, below); every such axis is a real sweepable field.
+    from loraplace.analysis.core import COST_AXES
+    from loraplace.study import AXIS_FIELDS
+
+    assert set(AXIS_FIELDS) >= COST_AXES and "lr" not in COST_AXES
     # No swept axis: no effects, no table.
     assert analyze_records(study(), "s.db", records(), {"done": 5, "failed": 1}).axis_effects == ()

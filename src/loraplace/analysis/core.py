@@ -180,8 +180,18 @@ class StudyAnalysis:
 
     @property
     def frontier(self) -> list[Group]:
-        return sorted((g for g in self.compared if g.dominated_by is None and "eval_loss" in g.stats),
-                      key=lambda g: g.trainable_params)
+        """Every frontier's groups, condition by condition (see :attr:`frontiers`), fewest params first in each."""
+        return [g for front in self.frontiers.values() for g in front]
+
+    @property
+    def frontiers(self) -> dict[tuple[tuple[str, AxisValue], ...], list[Group]]:
+        """The Pareto frontier (trainable params vs eval loss) per cost condition (:func:`condition`: the values
+        of the swept quantize/steps/batch axes), fewest params first. One entry, key ``()``, when none is swept."""
+        out: dict[tuple[tuple[str, AxisValue], ...], list[Group]] = {}
+        for g in sorted((g for g in self.compared if g.dominated_by is None and "eval_loss" in g.stats),
+                        key=lambda g: g.trainable_params):
+            out.setdefault(condition(g.key), []).append(g)
+        return out
 
 
 def compact_ranges(values: list[int]) -> str:
@@ -385,19 +395,40 @@ def _axis_effects(groups: dict[GroupKey, Group], swept: dict[str, tuple[AxisValu
     return tuple(out)
 
 
+# Swept axes (study.AXIS_FIELDS) that change what a trial costs beyond its adapter — the base's memory (quantize)
+# or the compute (steps, batch) — so arms under different values do not share a Pareto frontier. The others (lr,
+# warmup, schedule, weight_decay) are free choices: the best arm at a size, whatever its LR, is on the frontier.
+COST_AXES = frozenset({"quantize", "steps", "batch"})
+
+
+def condition(key: GroupKey) -> tuple[tuple[str, AxisValue], ...]:
+    """The cost condition a group ran under: its values of :data:`COST_AXES`. No axis changes the adapter's size,
+    so one frontier across conditions would set a nf4 arm against an fp32 arm of equal size and call it
+    "dominated" for its base, not its placement: each condition has its own."""
+    return tuple((k, v) for k, v in key.axes if k in COST_AXES)
+
+
+def condition_label(cond: tuple[tuple[str, AxisValue], ...]) -> str:
+    return " ".join(f"{k}={v}" for k, v in cond) or "all runs"
+
+
 def _pareto(groups: dict[GroupKey, Group]) -> dict[GroupKey, Group]:
-    scored = [g for g in groups.values() if "eval_loss" in g.stats and g.compared]
-    dominators = pareto_front([(g.trainable_params, g.stats["eval_loss"].mean) for g in scored])
     out = dict(groups)
-    for g, d in zip(scored, dominators, strict=True):
-        if d is not None:
-            out[g.key] = replace(g, dominated_by=scored[d].key)
-    # The same frontier on task accuracy (higher is better: minimise −accuracy).
-    with_acc = [out[g.key] for g in scored if "accuracy" in g.stats]
-    on_acc = pareto_front([(g.trainable_params, -g.stats["accuracy"].mean) for g in with_acc])
-    for g, d in zip(with_acc, on_acc, strict=True):
-        if d is not None:
-            out[g.key] = replace(out[g.key], dominated_on_accuracy=with_acc[d].key)
+    by_condition: dict[tuple, list[Group]] = defaultdict(list)
+    for g in groups.values():
+        if "eval_loss" in g.stats and g.compared:
+            by_condition[condition(g.key)].append(g)
+    for scored in by_condition.values():
+        dominators = pareto_front([(g.trainable_params, g.stats["eval_loss"].mean) for g in scored])
+        for g, d in zip(scored, dominators, strict=True):
+            if d is not None:
+                out[g.key] = replace(g, dominated_by=scored[d].key)
+        # The same frontier on task accuracy (higher is better: minimise −accuracy).
+        with_acc = [out[g.key] for g in scored if "accuracy" in g.stats]
+        on_acc = pareto_front([(g.trainable_params, -g.stats["accuracy"].mean) for g in with_acc])
+        for g, d in zip(with_acc, on_acc, strict=True):
+            if d is not None:
+                out[g.key] = replace(out[g.key], dominated_on_accuracy=with_acc[d].key)
     return out
 
 

@@ -6,6 +6,7 @@ a paper at 100 % needs no rescaling.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from loraplace.analysis.core import StudyAnalysis, axis_cell_label  # noqa: E402
+from loraplace.analysis.core import StudyAnalysis, axis_cell_label, condition, condition_label  # noqa: E402
 from loraplace.analysis.stats import summarize  # noqa: E402
 from loraplace.formatting import human_count  # noqa: E402
 from loraplace.placement.roles import grid_roles, short_role  # noqa: E402
@@ -64,34 +65,46 @@ def pareto_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
         return None
     placements = list(dict.fromkeys(g.placement for g in groups))
     colors = _colors(placements)
+    # One frontier per cost condition (quantize=none, quantize=nf4, …): each its own marker and line style.
+    conditions = list(dict.fromkeys(condition(g.key) for g in groups))
+    markers = dict(zip(conditions, itertools.cycle("osD^v"), strict=False))
+    styles = dict(zip(conditions, itertools.cycle(("--", ":", "-.", (0, (5, 1, 1, 1)))), strict=False))
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(4.6, 2.8))
         for g in groups:
             s = g.stats["eval_loss"]
             on_front = g.dominated_by is None
-            ax.errorbar(g.trainable_params, s.mean, yerr=s.ci_half, fmt="o", ms=4.5, capsize=2, elinewidth=0.8,
-                        mfc=colors[g.placement] if on_front else "white", mec=colors[g.placement],
-                        ecolor=colors[g.placement], zorder=3 if on_front else 2)
+            ax.errorbar(g.trainable_params, s.mean, yerr=s.ci_half, fmt=markers[condition(g.key)], ms=4.5,
+                        capsize=2, elinewidth=0.8, mfc=colors[g.placement] if on_front else "white",
+                        mec=colors[g.placement], ecolor=colors[g.placement], zorder=3 if on_front else 2)
             if on_front:  # label the frontier only: dominated points are named in the legend and the table
                 ax.annotate(g.placement, (g.trainable_params, s.mean), xytext=(4, -9), textcoords="offset points",
                             fontsize=6.5, color=colors[g.placement])
-        front = analysis.frontier
-        if len(front) > 1:
-            xs = [g.trainable_params for g in front]
-            ys = [g.stats["eval_loss"].mean for g in front]
-            ax.step(xs, ys, where="post", color="0.35", lw=0.9, ls="--", zorder=1)
+        for cond, front in analysis.frontiers.items():
+            if len(front) > 1:
+                xs = [g.trainable_params for g in front]
+                ys = [g.stats["eval_loss"].mean for g in front]
+                ax.step(xs, ys, where="post", color="0.35", lw=0.9, ls=styles[cond], zorder=1)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log)")
         ax.set_ylabel("eval loss (mean ± 95% CI)")
         handles = [matplotlib.lines.Line2D([], [], marker="o", ls="", ms=4.5, color=colors[p], label=p)
                    for p in placements]
         handles += [matplotlib.lines.Line2D([], [], marker="o", ls="", ms=4.5, mfc="white", mec="0.3",
-                                            label="dominated"),
-                    matplotlib.lines.Line2D([], [], color="0.35", lw=0.9, ls="--", label="Pareto frontier")]
+                                            label="dominated")]
+        handles += [matplotlib.lines.Line2D([], [], marker=markers[c] if len(conditions) > 1 else None, ms=4.5,
+                                            color="0.35", lw=0.9, ls=styles[c],
+                                            label="Pareto frontier" + (f" ({condition_label(c)})"
+                                                                       if len(conditions) > 1 else ""))
+                    for c in conditions]
         ax.legend(handles=handles, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        per_condition = (" Each cost condition (" + ", ".join(condition_label(c) for c in conditions)
+                         + ") has its own marker and frontier: a point is dominated only by one under the same "
+                           "base and compute." if len(conditions) > 1 else "")
         return _save(fig, out_dir, "pareto", "Quality per trainable parameter",
                      "Eval loss against trainable parameters (log scale), mean over seeds with 95% t-intervals. "
-                     "Filled markers lie on the Pareto frontier (dashed); hollow markers are dominated.")
+                     "Filled markers lie on the Pareto frontier (dashed); hollow markers are dominated."
+                     + per_condition)
 
 
 def curves_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:

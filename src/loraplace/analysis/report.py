@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from loraplace.analysis.core import StudyAnalysis
+from loraplace.analysis.core import StudyAnalysis, condition_label
 from loraplace.analysis.figures import Figure, study_figures
 from loraplace.analysis.tables import (
     Table,
@@ -139,9 +139,11 @@ def render_html(analysis: StudyAnalysis, tables: list[Table], trials: Table, fig
         parts.append('<div class="warn"><b>Read with care</b><ul>'
                      + "".join(f"<li>{html.escape(w)}</li>" for w in analysis.warnings) + "</ul></div>")
     parts.append(f"<h2>{html.escape(tables[0].title)}</h2>" + _html_table(tables[0], classes, "comparison"))
-    front = analysis.frontier
-    if front:
-        parts.append("<p><b>Pareto frontier</b> (fewest params for the loss): "
+    fronts = analysis.frontiers  # one per cost condition (swept quantize/steps/batch values)
+    for cond, front in fronts.items():
+        parts.append("<p><b>Pareto frontier</b>"
+                     + (f" at {html.escape(condition_label(cond))}" if len(fronts) > 1 else "")
+                     + " (fewest params for the loss): "
                      + " → ".join(html.escape(g.key.label) for g in front) + "</p>")
     parts.append('<div class="figs">' + "".join(_img(f) for f in figures) + "</div>")
     for table in tables[1:]:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from loraplace.analysis.core import Group, StudyAnalysis, axis_cell_label, compact_ranges
+from loraplace.analysis.core import Group, StudyAnalysis, axis_cell_label, compact_ranges, condition_label
 from loraplace.analysis.stats import Summary
 from loraplace.formatting import one_line
 from loraplace.store import TrialRecord
@@ -94,6 +94,9 @@ def comparison_table(analysis: StudyAnalysis, name_dominator: bool = True) -> Ta
     notes += ("verdict and Pareto here: on eval loss" + (
         "; task accuracy has its own paired test, verdict and frontier in 'Task accuracy compared'."
         if any("accuracy" in g.stats for g in analysis.compared) else "."),)
+    if len(analysis.frontiers) > 1:
+        notes += ("Pareto: each cost condition (" + ", ".join(condition_label(c) for c in analysis.frontiers)
+                  + ") has its own frontier; a group is dominated only by one under the same base and compute.",)
     if with_val:
         notes += ("splits: eval loss, perplexity, accuracy and every Δ are on the test split, which selects "
                   "nothing; validation loss is on the validation split" + (", which selected each placement's LR "

@@ -199,6 +199,15 @@ def _header(plan: Plan, exp_params: int, lost: tuple[str, ...], fmt: str) -> str
 # --------------------------------------------------------------------------------------------- formats
 
 
+def bnb_config_source(quantize: str, double_quant: bool) -> str:
+    """Python source of the ``BitsAndBytesConfig`` that loads a base as a study quantized it (``quantize`` not
+    "none"; compute in bf16, what a GPU user runs; needs ``import torch``)."""
+    if quantize == "int8":
+        return "BitsAndBytesConfig(load_in_8bit=True)"
+    return (f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={quantize!r}, "
+            f"bnb_4bit_use_double_quant={double_quant!r}, bnb_4bit_compute_dtype=torch.bfloat16)")
+
+
 def _trl_script(plan: Plan, model_ref: str, hints: TrainingHints) -> str:
     """A runnable TRL script: the exact LoraConfig handed to ``SFTTrainer(peft_config=...)``; SFTConfig fields per
     TRL's docs (``output_dir``, ``learning_rate``, ``per_device_train_batch_size``, ``max_steps``,
@@ -222,9 +231,7 @@ def _trl_script(plan: Plan, model_ref: str, hints: TrainingHints) -> str:
     eva = plan.variant == "eva"
     quantized = hints.quantize != "none"
     if quantized:
-        bnb = ("BitsAndBytesConfig(load_in_8bit=True)" if hints.quantize == "int8" else
-               f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={hints.quantize!r}, "
-               f"bnb_4bit_use_double_quant={hints.double_quant!r}, bnb_4bit_compute_dtype=torch.bfloat16)")
+        bnb = bnb_config_source(hints.quantize, hints.double_quant)
         model_line = [f"# The base quantized as the study measured it (quantize: {hints.quantize}): QLoRA.",
                       f"model = AutoModelForCausalLM.from_pretrained({hub_id(model_ref)!r}, "
                       f"quantization_config={bnb})", ""]

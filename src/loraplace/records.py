@@ -446,6 +446,9 @@ class Recommendation(Record):
     adapter_seed: int | None = Field(default=None, description="the seed whose adapter that is")
     at: dict[str, str] = Field(default_factory=dict, description="recommended among the groups at these values of "
                                "the study's swept axes only (--at; empty: across every value)")
+    quantize: str = Field(default="none", description="how the chosen trials' frozen base was loaded (none | nf4 | "
+                          "fp4 | int8): the adapter is loaded onto the base quantized the same way")
+    bnb_4bit_use_double_quant: bool = Field(default=True, description="4-bit: the base's constants were quantized too")
 
 
 # --------------------------------------------------------------------------------------------- search

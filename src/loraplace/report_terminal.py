@@ -247,9 +247,19 @@ def print_recommendation(result, store: str, console: Console) -> None:
                       "the LRs it ran[/]", highlight=False)
     if result.adapter is not None:
         path = escape(repr(result.adapter))
-        console.print(f"trained adapter (seed {result.adapter_seed}): {escape(result.adapter)}\n  load it: "
-                      f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {path}); merge it "
-                      "into the base: .merge_and_unload()", highlight=False)
+        if result.quantize == "none":
+            how = (f"  load it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {path}); "
+                   "merge it into the base: .merge_and_unload()")
+        else:  # trained on a quantized base: load it onto the same one; QLoRA deploys by merging into 16-bit
+            from loraplace.exports import bnb_config_source
+
+            bnb = escape(bnb_config_source(result.quantize, result.bnb_4bit_use_double_quant))
+            how = (f"  trained on a {result.quantize} base; load it onto the same: PeftModel.from_pretrained("
+                   f"AutoModelForCausalLM.from_pretrained(BASE, quantization_config={bnb}), {path}); to deploy "
+                   "merged, load BASE in 16-bit (no quantization_config), then .merge_and_unload() — the adapter "
+                   "learned against the 4-bit weights, so check the merged model's loss")
+        console.print(f"trained adapter (seed {result.adapter_seed}): {escape(result.adapter)}\n{how}",
+                      highlight=False)
     at = f" --at {','.join(f'{k}={v}' for k, v in result.at.items())}" if result.at else ""
     console.print(f"use it: loraplace export-placement --from {escape(store)}{escape(at)} --to peft --out "
                   "adapter_config.json", highlight=False)

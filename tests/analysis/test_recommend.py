@@ -176,6 +176,19 @@ def test_at_recommends_on_one_value_of_a_swept_axis(cli, tmp_path):
     assert on_nf4.chosen.placement == "attn" and "quantize=nf4" in on_nf4.chosen.size
     assert on_nf4.runner_up.placement == "all" and on_nf4.distinguishable and "sweeps" not in on_nf4.reason
     assert on_nf4.trial_spec["train"]["quantize"] == "nf4"  # what export-placement --from carries on
+    assert (on_nf4.quantize, across.quantize) == ("nf4", "none")
+    # How to load the adapter: onto the base quantized as it was trained (a fp32-base one: plainly).
+    from rich.console import Console
+
+    from loraplace.report_terminal import print_recommendation
+
+    def said(result) -> str:
+        console = Console(record=True, width=400)
+        print_recommendation(result.model_copy(update={"adapter": "/a/adapter", "adapter_seed": 0}), "q.db", console)
+        return " ".join(console.export_text().split())
+    assert ("from_pretrained(BASE, quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
+            "bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True" in said(on_nf4))
+    assert "quantization_config" not in said(across) and "from_pretrained(BASE), '/a/adapter')" in said(across)
     with pytest.raises(LoraplaceError, match="does not sweep 'lora_rank'.*sweeps quantize"):
         recommend(analysis, specs, at={"lora_rank": "8"})
     with pytest.raises(LoraplaceError, match="quantize takes none, nf4"):

@@ -181,6 +181,7 @@ def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget:
                        f"{k}={vs[-1]}" for k, vs in across.items()) + " recommends for one setting.")
     first_spec = specs[chosen.trials[0].id]
     placement = PlacementSpec.model_validate(first_spec["placement"])
+    train = TrainSpec.model_validate(first_spec["train"])
     placement_spec = (exact_placement_spec(chosen.sites, placement) if chosen.sites is not None else
                       placement.model_dump(mode="json", exclude_none=True, exclude_defaults=True))
     # The chosen group's best seed whose adapter is on disk: what a user loads or merges right away.
@@ -194,7 +195,8 @@ def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget:
         budget=budget, chosen=_candidate(chosen, metric, specs),
         runner_up=None if other is None else _candidate(other, metric, specs),
         distinguishable=distinguishable, difference=difference, difference_interval=interval, p_value=p_value,
-        reason=reason, placement_spec=placement_spec, tuned=analysis.tuned, trial_spec=first_spec, at=at)
+        reason=reason, placement_spec=placement_spec, tuned=analysis.tuned, trial_spec=first_spec, at=at,
+        quantize=train.quantize, bnb_4bit_use_double_quant=train.bnb_4bit_use_double_quant)
 
 
 def _fmt(group: Group, metric: str) -> str:

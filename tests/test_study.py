@@ -200,3 +200,50 @@ def test_a_study_resumed_where_auto_means_another_precision_is_refused(tmp_path,
     assert ran.returncode == 0, ran.stderr
     warnings = analyze_store(tmp_path / "s.db", "p").warnings
     assert any("bfloat16 and float32" in w for w in warnings)
+
+
+@pytest.mark.parametrize(("fuse", "saved_at", "resumed_from"), [("off", 4, (5, 8)), (2, 5, (1, 3))],
+                         ids=["alone", "fused"])
+def test_a_trial_interrupted_mid_training_continues_from_its_saved_state(tmp_path, write_study, fuse, saved_at,
+                                                                         resumed_from):
+    """execution.save_state_every: 0 saves the trial's state at every step read back. Interrupted when step 5 of 8
+    is reported (alone: before that step's save; fused: after it), the rerun continues from the saved step — alone
+    its first step is step 5 of 8, fused the group's first of the 3 left — and every trial records what the
+    uninterrupted study records (the same curve and losses, bit for bit); each state is removed once its trial is
+    done."""
+    from loraplace.runner import STATE_DIR, RunHooks, trial_dir
+    from loraplace.stepper import TrainerState
+    from loraplace.study import artifacts_dir
+
+    extra = f"execution: {{save_state_every: 0, fuse: {fuse}}}\n"
+    reference = run_study(load_study(write_study("ref.yaml", name="ref", steps=8, seeds=[0], extra=extra)),
+                          tmp_path / "ref.db")
+    assert reference.done == 2
+    spec = load_study(write_study(steps=8, seeds=[0], extra=extra))
+    db = tmp_path / "s.db"
+
+    def interrupt(step, total, loss, tokens):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, db, hooks=RunHooks(progress=interrupt))
+    with Store.open_readonly(db) as store:
+        cut = [t.id for t in store.trials(store.study().id) if t.status == "interrupted"]
+    assert len(cut) == (1 if fuse == "off" else 2)
+    states = [trial_dir(artifacts_dir(db), tid) / STATE_DIR / TrainerState.FILE for tid in cut]
+    assert [TrainerState.load(path).progress.steps for path in states] == [saved_at] * len(cut)
+
+    seen = []
+    again = run_study(spec, db, hooks=RunHooks(progress=lambda step, total, loss, tokens: seen.append((step, total))))
+    assert again.done == 2 and seen[0] == resumed_from
+    assert not any(path.parent.exists() for path in states)
+
+    def outcomes(path):
+        with Store.open_readonly(path) as store:
+            return {str(t.labels.group.placement): t.outcome for t in store.trials(store.study().id)}
+    ref, now = outcomes(tmp_path / "ref.db"), outcomes(db)
+    for placement, outcome in now.items():
+        assert [p.loss for p in outcome.curve] == [p.loss for p in ref[placement].curve], placement
+        assert outcome.metrics.eval_loss == ref[placement].metrics.eval_loss, placement
+        assert [p.step for p in outcome.curve] == list(range(1, 9))

@@ -639,6 +639,12 @@ class _Group:
                 for m in active:
                     self.steppers[m.key].record(losses[m.key], *tokens[m.key], lrs[m.key], elapsed)
                 loss = self._sync() if sync_now else None
+                if sync_now:  # periodic saves of the members' states (execution.save_state_every)
+                    elapsed = clock.elapsed(synchronize=False)
+                    with clock.excluded():
+                        for m in active:
+                            if m.key not in self.failures and self.steppers[m.key].save_due(elapsed):
+                                self.steppers[m.key].save(elapsed)
                 due = [m for m in due if m.key not in self.failures]
                 if due:
                     with clock.excluded():

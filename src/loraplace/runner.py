@@ -10,6 +10,7 @@ executor, several at once on one base. Executors never touch the store; they get
 from __future__ import annotations
 
 import gc
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -164,9 +165,27 @@ def execute(store: Store, study_id: int, planned: dict[str, PlannedTrial], execu
         raise
 
 
+STATE_DIR = "state"  # under a trial's directory: its training state while it is unfinished
+
+
 def trial_dir(artifacts: Path, trial_id: str) -> Path:
-    """Where a trial's adapter and metrics.json go."""
+    """Where a trial's adapter and metrics.json go (and, while it is unfinished, its saved state)."""
     return artifacts / trial_id
+
+
+def trial_state(artifacts: Path, trial_id: str, every_s: float | None) -> Continuation | None:
+    """The continuation of a study trial (None when ``every_s`` is None): its training state is saved every
+    ``every_s`` seconds of training under its directory, so a killed run continues it from there — exactly: the
+    stepper restores adapters, AdamW, schedule, RNG and data position. :func:`drop_state` once the trial has an
+    outcome; an interrupted run leaves it for the next."""
+    return None if every_s is None else Continuation(trial_dir(artifacts, trial_id) / STATE_DIR,
+                                                     save_every_s=every_s)
+
+
+def drop_state(continuation: Continuation | None) -> None:
+    """A trial with an outcome, done or failed, is never continued (a failure must not be resumed into)."""
+    if continuation is not None:
+        shutil.rmtree(continuation.path, ignore_errors=True)
 
 
 class LocalExecutor:
@@ -175,10 +194,11 @@ class LocalExecutor:
     capacity = 1
 
     def __init__(self, model: str, *, device: str, precision: str, artifacts: Path,
-                 progress: ProgressFn | None = None):
+                 progress: ProgressFn | None = None, save_state_every: float | None = None):
         self.model, self.device, self.precision = model, device, precision
         self.artifacts = artifacts
         self.progress = progress
+        self.save_state_every = save_state_every  # seconds of training between saves of a trial's state (None: off)
         self._session: Session | None = None
         self._queue: list[tuple[PlannedTrial, Heartbeat]] = []
 
@@ -217,9 +237,14 @@ class LocalExecutor:
             if self.progress is not None:
                 self.progress(step, total, loss, tokens)
 
-        return run_trial(trial.spec, session=self._session, out_dir=trial_dir(self.artifacts, trial.id),
-                         progress=on_step, continuation=None if trial.state is None else Continuation(trial.state),
-                         notes=notes)
+        if trial.state is not None:  # a search finalist: its last rung's state, continued
+            return run_trial(trial.spec, session=self._session, out_dir=trial_dir(self.artifacts, trial.id),
+                             progress=on_step, continuation=Continuation(trial.state), notes=notes)
+        continuation = trial_state(self.artifacts, trial.id, self.save_state_every)
+        outcome = run_trial(trial.spec, session=self._session, out_dir=trial_dir(self.artifacts, trial.id),
+                            progress=on_step, continuation=continuation, notes=notes)
+        drop_state(continuation)  # (an interruption propagates from run_trial: its state stays)
+        return outcome
 
     def run_rung(self, tasks: list[RungTask]) -> Iterator[RungResult]:
         """A search rung's candidates, one at a time; each result as it is ready."""
@@ -334,7 +359,8 @@ class FusedExecutor(LocalExecutor):
                 self.progress(step, total, loss, tokens)
 
         members = [(trial.id, trial.spec, trial_dir(self.artifacts, trial.id)) for trial, _ in group]
-        yield from fused_outcomes(self._session, members, on_step, on_out_of_memory=self._shrink)
+        yield from fused_outcomes(self._session, members, on_step, on_out_of_memory=self._shrink,
+                                  save_state_every=self.save_state_every)
 
     def _shrink(self, failed: int) -> None:
         """A group of ``failed`` trials ran out of memory: later groups are at most half as large."""
@@ -346,22 +372,26 @@ class FusedExecutor(LocalExecutor):
 
 
 def fused_outcomes(session: Session, members: list[tuple[str, TrialSpec, Path]],
-                   on_step: ProgressFn | None = None, on_out_of_memory: Callable[[int], None] | None = None
-                   ) -> Iterator[tuple[str, TrialOutcome]]:
+                   on_step: ProgressFn | None = None, on_out_of_memory: Callable[[int], None] | None = None,
+                   save_state_every: float | None = None) -> Iterator[tuple[str, TrialOutcome]]:
     """(trial id, outcome) of each member. Members that read the same data (source, splits, max_len) are trained
     together by :func:`loraplace.fused.train_fused` and evaluated fused; a member that cannot be fused runs alone
     (the reason goes into its warnings), as does every member of a group that ran out of memory; every trial is
     then saved (and scored by generation) through ``run_trial``; ``on_out_of_memory(group size)`` hears of such a
-    group. The local fused executor and the Ray backend's group tasks both run groups through here."""
+    group. ``save_state_every``: each member's training state is saved that often under its directory and
+    continued by a later run (:func:`trial_state`; in a group or alone). The local fused executor and the Ray
+    backend's group tasks both run groups through here."""
     by_data: dict[str, list[tuple[str, TrialSpec, Path]]] = {}
     for member in members:
         by_data.setdefault(member[1].data.model_dump_json(), []).append(member)
     for part in by_data.values():
-        yield from _one_data_group(session, part, on_step, on_out_of_memory)
+        saved = {tid: trial_state(out_dir.parent, tid, save_state_every) for tid, _, out_dir in part}
+        yield from _one_data_group(session, part, on_step, on_out_of_memory, saved)
 
 
 def _one_data_group(session: Session, members: list[tuple[str, TrialSpec, Path]], on_step: ProgressFn | None,
-                    on_out_of_memory: Callable[[int], None] | None) -> Iterator[tuple[str, TrialOutcome]]:
+                    on_out_of_memory: Callable[[int], None] | None,
+                    saved: dict[str, Continuation | None]) -> Iterator[tuple[str, TrialOutcome]]:
     from loraplace.errors import ConfigError
     from loraplace.fused import FusedMember, fusion_problems, train_fused
     from loraplace.trial import plan_of
@@ -372,8 +402,8 @@ def _one_data_group(session: Session, members: list[tuple[str, TrialSpec, Path]]
     if len(members) > 1:
         fusable = []
         try:
-            fused = [FusedMember(tid, plan_of(session, spec), spec.train, spec.eval.every, spec.eval.batch)
-                     for tid, spec, _ in members]
+            fused = [FusedMember(tid, plan_of(session, spec), spec.train, spec.eval.every, spec.eval.batch,
+                                 saved[tid]) for tid, spec, _ in members]
             group, own = fusion_problems(session.model, fused)
             if group:
                 not_fused = {m.key: "not fused: " + "; ".join(group) for m in fused}
@@ -405,9 +435,13 @@ def _one_data_group(session: Session, members: list[tuple[str, TrialSpec, Path]]
     for tid, spec, out_dir in members:
         if tid in failed:
             yield tid, TrialOutcome.failed(failed[tid])
+            drop_state(saved[tid])
             continue
-        yield tid, run_trial(spec, session=session, out_dir=out_dir, trained_in_group=results.get(tid),
+        grouped = results.get(tid)
+        yield tid, run_trial(spec, session=session, out_dir=out_dir, trained_in_group=grouped,
+                             continuation=saved[tid] if grouped is None else None,
                              notes=(not_fused[tid],) if tid in not_fused else ())
+        drop_state(saved[tid])  # recorded (the caller resumes this generator after it stored the outcome)
 
 
 def _in_group(fusable: list, members: list[tuple[str, TrialSpec, Path]]) -> list[str]:

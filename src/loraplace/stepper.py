@@ -102,10 +102,13 @@ def batch_order(n: int, batch: int, steps: int, seed: int) -> list[np.ndarray]:
 @dataclass(frozen=True)
 class Continuation:
     """Where a trial keeps its training state between runs: train until ``stop_after`` steps (None: to the end),
-    then save the state in ``path``; a state already saved there is continued, not restarted."""
+    then save the state in ``path``; a state already saved there is continued, not restarted. ``save_every_s``:
+    also save it every that many seconds of training (at the first read-back after; 0: at every one), so a run
+    killed mid-trial continues from there (a study's ``execution.save_state_every``)."""
 
     path: Path
     stop_after: int | None = None
+    save_every_s: float | None = None
 
     @property
     def file(self) -> Path:
@@ -224,6 +227,8 @@ class TrialStepper:
         self.outcome = TrainOutcome(steps=0, train_s=0.0, real_tokens=0, label_tokens=0)  # what has been read back
         self._earlier_s = 0.0  # training time of the runs before a restore
         self._pending: list[_PendingStep] = []
+        self.continuation: Continuation | None = None  # where :meth:`save` writes (set by :meth:`resuming`)
+        self._saved_at = 0.0  # this run's training seconds at the last periodic save
 
     @classmethod
     def resuming(cls, params: list[torch.nn.Parameter], names: list[str], spec: TrainSpec, n_examples: int,
@@ -233,10 +238,24 @@ class TrialStepper:
         fresh one without a continuation)."""
         stepper = cls(params, names, spec, n_examples, device, eval_every=eval_every,
                       stop_after=continuation.stop_after if continuation is not None else None)
+        stepper.continuation = continuation
         saved = continuation.saved() if continuation is not None else None
         if saved is not None:
             stepper.restore(saved)
         return stepper
+
+    def save_due(self, elapsed: float) -> bool:
+        """After a read-back (nothing pending), ``elapsed`` seconds into this run's training: is a periodic save
+        of the state due (the continuation's ``save_every_s`` since the last one, or since the run began)? The
+        state at the stop is saved anyway, by the loop."""
+        every = None if self.continuation is None else self.continuation.save_every_s
+        return every is not None and not self._pending and not self.finished and elapsed - self._saved_at >= every
+
+    def save(self, elapsed: float) -> None:
+        """Save the state into the continuation's file now (after a read-back)."""
+        assert self.continuation is not None
+        self.state().save(self.continuation.file)
+        self._saved_at = elapsed
 
     # ----------------------------------------------------------------------------------------- per step
 

@@ -204,16 +204,16 @@ def test_a_study_resumed_where_auto_means_another_precision_is_refused(tmp_path,
 
 @pytest.mark.parametrize(("fuse", "saved_at", "resumed_from"), [("off", 4, (5, 8)), (2, 5, (1, 3))],
                          ids=["alone", "fused"])
-def test_a_trial_interrupted_mid_training_continues_from_its_saved_state(tmp_path, write_study, fuse, saved_at,
-                                                                         resumed_from):
+def test_a_trial_interrupted_mid_training_continues_from_its_saved_state(tmp_path, write_study, cli, fuse,
+                                                                         saved_at, resumed_from):
     """execution.save_state_every: 0 saves the trial's state at every step read back. Interrupted when step 5 of 8
     is reported (alone: before that step's save; fused: after it), the rerun continues from the saved step — alone
     its first step is step 5 of 8, fused the group's first of the 3 left — and every trial records what the
     uninterrupted study records (the same curve and losses, bit for bit); each state is removed once its trial is
-    done."""
-    from loraplace.runner import STATE_DIR, RunHooks, trial_dir
+    done. ``status`` says where an interrupted trial continues."""
+    from loraplace.runner import RunHooks
     from loraplace.stepper import TrainerState
-    from loraplace.study import artifacts_dir
+    from loraplace.store import STATE_DIR, artifacts_dir, trial_dir
 
     extra = f"execution: {{save_state_every: 0, fuse: {fuse}}}\n"
     reference = run_study(load_study(write_study("ref.yaml", name="ref", steps=8, seeds=[0], extra=extra)),
@@ -233,6 +233,8 @@ def test_a_trial_interrupted_mid_training_continues_from_its_saved_state(tmp_pat
     assert len(cut) == (1 if fuse == "off" else 2)
     states = [trial_dir(artifacts_dir(db), tid) / STATE_DIR / TrainerState.FILE for tid in cut]
     assert [TrainerState.load(path).progress.steps for path in states] == [saved_at] * len(cut)
+    shown = " ".join(cli("status", db).stdout.split())
+    assert f"its state is saved at step {saved_at} of 8: the next run continues it from there" in shown
 
     seen = []
     again = run_study(spec, db, hooks=RunHooks(progress=lambda step, total, loss, tokens: seen.append((step, total))))

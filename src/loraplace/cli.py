@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pathlib
 import sys
 import time
 import traceback
@@ -595,13 +596,37 @@ def run(
     return 1 if summary.failed or summary.failed_earlier else 0
 
 
+def _saved_steps(store_path, trials) -> dict[str, tuple[int, int]]:
+    """Unfinished trial id → (steps, total) of the training state it saved (execution.save_state_every): where
+    the next run continues it. torch is imported only when there is such a state."""
+    from loraplace.store import STATE_DIR, artifacts_dir, trial_dir
+
+    artifacts = artifacts_dir(pathlib.Path(store_path))
+    files = {t.id: trial_dir(artifacts, t.id) / STATE_DIR for t in trials if t.status != "done"}
+    files = {tid: path for tid, path in files.items() if path.is_dir()}
+    if not files:
+        return {}
+    from loraplace.stepper import Continuation
+
+    out = {}
+    for tid, path in files.items():
+        try:
+            saved = Continuation(path).saved()
+        except Exception:  # noqa: BLE001 - status reads; a state it cannot read is the run's to report
+            continue
+        if saved is not None:
+            out[tid] = (saved.progress.steps, saved.progress.total)
+    return out
+
+
 def _print_status(store_path, name: str | None = None) -> None:
     from loraplace.report_terminal import print_status
     from loraplace.store import Store
 
     with Store.open_readonly(store_path) as store:
         study = store.study(name)
-        print_status(study, store.trials(study.id), store.counts(study.id), out)
+        trials = store.trials(study.id)
+        print_status(study, trials, store.counts(study.id), out, _saved_steps(store_path, trials))
         if study.info.search:
             from loraplace.analysis.search import analyze_search
 

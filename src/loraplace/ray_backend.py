@@ -15,8 +15,8 @@ from typing import Any
 
 from loraplace.errors import LoraplaceError
 from loraplace.records import Failure, TrialOutcome
-from loraplace.runner import Heartbeat, PlannedTrial, trial_dir
-from loraplace.store import HEARTBEAT_EVERY_S
+from loraplace.runner import Heartbeat, PlannedTrial
+from loraplace.store import HEARTBEAT_EVERY_S, trial_dir
 
 RAY_WAIT_S = HEARTBEAT_EVERY_S  # how often the driver wakes to send heartbeats for the trials in flight
 

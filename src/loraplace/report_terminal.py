@@ -97,8 +97,10 @@ def print_trial(outcome: TrialOutcome, console: Console) -> None:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
-def print_status(study: StudyRecord, trials: list[TrialRecord], counts: dict[str, int], console: Console) -> None:
-    """The trials table, then the whole reason of every failed or interrupted trial (wrapped, never cut)."""
+def print_status(study: StudyRecord, trials: list[TrialRecord], counts: dict[str, int], console: Console,
+                 saved_steps: dict[str, tuple[int, int]] | None = None) -> None:
+    """The trials table, then the whole reason of every failed or interrupted trial (wrapped, never cut), and
+    where an unfinished trial with a saved training state (``saved_steps``: id → (steps, total)) continues."""
     table = Table(title=f"study {study.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v),
                   pad_edge=False)
     # With a validation split the validation loss comes first: it is what a tuned study selects on, and the test
@@ -124,10 +126,18 @@ def print_status(study: StudyRecord, trials: list[TrialRecord], counts: dict[str
                       num(params, ",d"), num(m.tokens_per_s if m else None, ",.0f"),
                       num(m.train_s if m else None, ".1f"))
     console.print(table)
+    saved_steps = saved_steps or {}
     for t in trials:
+        resumes = ""
+        if t.id in saved_steps:
+            steps, total = saved_steps[t.id]
+            resumes = f"; its state is saved at step {steps} of {total}: the next run continues it from there"
         if t.status in ("failed", "interrupted") and t.error:
             console.print(f"[{style[t.status]}]{t.status}[/] {t.id[:8]} {escape(t.labels.group.label)} seed "
-                          f"{t.labels.seed}: {escape(t.error)}", highlight=False)
+                          f"{t.labels.seed}: {escape(t.error)}{resumes}", highlight=False)
+        elif resumes:
+            console.print(f"[{style.get(t.status, '')}]{t.status}[/] {t.id[:8]} {escape(t.labels.group.label)} "
+                          f"seed {t.labels.seed}{resumes}", highlight=False)
 
 
 # The terminal keeps the columns that decide a placement; `loraplace report` writes the full table.

@@ -21,7 +21,7 @@ import torch
 
 from loraplace.records import Failure, RungResult, TrialLabels, TrialOutcome
 from loraplace.stepper import Continuation
-from loraplace.store import HEARTBEAT_EVERY_S, Owner, Store
+from loraplace.store import HEARTBEAT_EVERY_S, STATE_DIR, Owner, Store, trial_dir
 from loraplace.trial import Session, TrialSpec, failure_of, run_rung, run_trial
 
 
@@ -163,14 +163,6 @@ def execute(store: Store, study_id: int, planned: dict[str, PlannedTrial], execu
         for trial_id in in_flight:
             store.interrupt_trial(trial_id, "interrupted by the user", owner)
         raise
-
-
-STATE_DIR = "state"  # under a trial's directory: its training state while it is unfinished
-
-
-def trial_dir(artifacts: Path, trial_id: str) -> Path:
-    """Where a trial's adapter and metrics.json go (and, while it is unfinished, its saved state)."""
-    return artifacts / trial_id
 
 
 def trial_state(artifacts: Path, trial_id: str, every_s: float | None) -> Continuation | None:

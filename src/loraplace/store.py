@@ -69,6 +69,20 @@ from loraplace.records import (
 )
 
 SCHEMA_VERSION = 4
+
+# Beside a store its trials' files: STORE_artifacts/<trial id>/ holds a trial's adapter and metrics.json, and while
+# it is unfinished its saved training state (STATE_DIR; execution.save_state_every). The store points at them.
+STATE_DIR = "state"
+
+
+def artifacts_dir(store_path: Path) -> Path:
+    return store_path.with_name(store_path.stem + "_artifacts")
+
+
+def trial_dir(artifacts: Path, trial_id: str) -> Path:
+    """Where a trial's adapter and metrics.json go (and, while it is unfinished, its saved state)."""
+    return artifacts / trial_id
+
 TRIAL_STATUSES = ("pending", "running", "done", "failed", "interrupted")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 

@@ -31,7 +31,7 @@ from loraplace.runner import FusedExecutor, LocalExecutor, PlannedTrial, RungTas
 from loraplace.search import Candidate, SearchSpec, SearchState, describe, is_preset, run_rungs, rung_steps, rungs_of
 from loraplace.search import state_dir as search_state_dir
 from loraplace.specs import StrictModel, bare_on_off, load_yaml, validate
-from loraplace.store import Store, StoreError, StudyRecord, TrialRecord
+from loraplace.store import Store, StoreError, StudyRecord, TrialRecord, artifacts_dir
 from loraplace.tracking import Tracker, TrackingSpec, check_tracking
 from loraplace.train_config import TrainSpec
 from loraplace.trial import EvalSpec, TrialSpec, library_versions
@@ -456,10 +456,6 @@ def check_inputs(study: StudySpec) -> list[str]:
 
 def default_store(study: StudySpec) -> Path:
     return Path("runs") / f"{study.name}.db"
-
-
-def artifacts_dir(store_path: Path) -> Path:
-    return store_path.with_name(store_path.stem + "_artifacts")
 
 
 # --------------------------------------------------------------------------------------------- running

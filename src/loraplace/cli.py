@@ -356,7 +356,8 @@ class TrainProgress:
             self.t0, self.tokens0 = time.perf_counter(), tokens
             self.progress.update(self.task, completed=step)
             if self.plain:
-                self._line(f"{self.description}: training, {total} steps")
+                resumed = f", continuing its saved state from step {step - 1}" if step > 1 else ""
+                self._line(f"{self.description}: training, {total} steps{resumed}")
                 self.next_line = step + max(1, total // 10)
             return
         if loss is not None:

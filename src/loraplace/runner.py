@@ -165,13 +165,12 @@ def execute(store: Store, study_id: int, planned: dict[str, PlannedTrial], execu
         raise
 
 
-def trial_state(artifacts: Path, trial_id: str, every_s: float | None) -> Continuation | None:
-    """The continuation of a study trial (None when ``every_s`` is None): its training state is saved every
-    ``every_s`` seconds of training under its directory, so a killed run continues it from there — exactly: the
-    stepper restores adapters, AdamW, schedule, RNG and data position. :func:`drop_state` once the trial has an
+def trial_state(out_dir: Path, every_s: float | None) -> Continuation | None:
+    """The continuation of a study trial whose directory is ``out_dir`` (None when ``every_s`` is None): its
+    training state is saved every ``every_s`` seconds of training there, so a killed run continues it — exactly:
+    the stepper restores adapters, AdamW, schedule, RNG and data position. :func:`drop_state` once the trial has an
     outcome; an interrupted run leaves it for the next."""
-    return None if every_s is None else Continuation(trial_dir(artifacts, trial_id) / STATE_DIR,
-                                                     save_every_s=every_s)
+    return None if every_s is None else Continuation(out_dir / STATE_DIR, save_every_s=every_s)
 
 
 def drop_state(continuation: Continuation | None) -> None:
@@ -232,9 +231,10 @@ class LocalExecutor:
         if trial.state is not None:  # a search finalist: its last rung's state, continued
             return run_trial(trial.spec, session=self._session, out_dir=trial_dir(self.artifacts, trial.id),
                              progress=on_step, continuation=Continuation(trial.state), notes=notes)
-        continuation = trial_state(self.artifacts, trial.id, self.save_state_every)
-        outcome = run_trial(trial.spec, session=self._session, out_dir=trial_dir(self.artifacts, trial.id),
-                            progress=on_step, continuation=continuation, notes=notes)
+        out_dir = trial_dir(self.artifacts, trial.id)
+        continuation = trial_state(out_dir, self.save_state_every)
+        outcome = run_trial(trial.spec, session=self._session, out_dir=out_dir, progress=on_step,
+                            continuation=continuation, notes=notes)
         drop_state(continuation)  # (an interruption propagates from run_trial: its state stays)
         return outcome
 
@@ -377,7 +377,7 @@ def fused_outcomes(session: Session, members: list[tuple[str, TrialSpec, Path]],
     for member in members:
         by_data.setdefault(member[1].data.model_dump_json(), []).append(member)
     for part in by_data.values():
-        saved = {tid: trial_state(out_dir.parent, tid, save_state_every) for tid, _, out_dir in part}
+        saved = {tid: trial_state(out_dir, save_state_every) for tid, _, out_dir in part}
         yield from _one_data_group(session, part, on_step, on_out_of_memory, saved)
 
 

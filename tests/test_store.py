@@ -91,6 +91,16 @@ def test_add_trials_is_idempotent(store):
     assert store.trial("t0").status == "done"
 
 
+def test_trials_added_later_come_after_the_first(store):
+    """A tuned study's other seeds (or an --extend's cells) are added by a later call: they are claimed and listed
+    after every trial already there, in the order given — not interleaved by their index in their own call."""
+    study = _study(store, 3)
+    assert store.add_trials(study.id, [(f"x{i}", labels(i), {"x": i}) for i in range(2)]) == 2
+    assert [t.id for t in store.trials(study.id)] == ["t0", "t1", "t2", "x0", "x1"]
+    claimed = [store.claim_trial(study.id).id for _ in range(5)]
+    assert claimed == ["t0", "t1", "t2", "x0", "x1"]
+
+
 def test_only_owner_can_finish(store):
     study = _study(store)
     trial = store.claim_trial(study.id)

@@ -510,10 +510,15 @@ class Store:
         return StudyRecord(row[0], row[1], json.loads(row[2]), StudyInfo.model_validate_json(row[3]), row[4])
 
     def add_trials(self, study_id: int, trials: list[tuple[str, TrialLabels, dict[str, Any]]]) -> int:
-        """Register trials (id, labels, resolved spec) as pending; ids already present are kept as they are."""
+        """Register trials (id, labels, resolved spec) as pending; ids already present are kept as they are. New
+        trials come after every trial already there (a tuned study's other seeds, an --extend's cells), in the
+        order given: the order trials are claimed and listed in. (Before 2026-12-03 each call numbered its trials
+        from 0, so later additions interleaved with earlier ones; ties are listed in insertion order.)"""
         with self._tx() as db:
             before = db.total_changes
-            for position, (trial_id, labels, spec) in enumerate(trials):
+            start = db.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM trials WHERE study_id = ?",
+                               (study_id,)).fetchone()[0]
+            for position, (trial_id, labels, spec) in enumerate(trials, start=start):
                 config = {"labels": labels.model_dump(mode="json"), "trial": spec}
                 db.execute("INSERT OR IGNORE INTO trials (id, study_id, position, config_json) VALUES (?, ?, ?, ?)",
                            (trial_id, study_id, position, json.dumps(config, sort_keys=True)))
@@ -548,8 +553,8 @@ class Store:
         now = time.time()
         with self._tx() as db:
             marks = ",".join("?" * len(statuses))
-            rows = db.execute(f"SELECT id FROM trials WHERE study_id = ? AND status IN ({marks}) ORDER BY position",
-                              (study_id, *statuses)).fetchall()
+            rows = db.execute(f"SELECT id FROM trials WHERE study_id = ? AND status IN ({marks}) "
+                              "ORDER BY position, rowid", (study_id, *statuses)).fetchall()
             ids = [r[0] for r in rows if only is None or r[0] in only]
             if not ids:
                 return None
@@ -631,8 +636,8 @@ class Store:
         return self._record(row)
 
     def trials(self, study_id: int) -> list[TrialRecord]:
-        rows = self._conn.execute(f"SELECT {self._TRIAL_COLUMNS} FROM trials WHERE study_id = ? ORDER BY position",
-                                  (study_id,)).fetchall()
+        rows = self._conn.execute(f"SELECT {self._TRIAL_COLUMNS} FROM trials WHERE study_id = ? "
+                                  "ORDER BY position, rowid", (study_id,)).fetchall()
         return [self._record(r) for r in rows]
 
     def curve(self, trial_id: str) -> list[CurvePoint]:

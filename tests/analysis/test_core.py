@@ -229,6 +229,11 @@ def test_a_swept_axis_is_compared_per_placement_against_its_first_value():
         "quantize=none": ["all"], "quantize=nf4": ["attn"]}
     assert any("each cost condition (quantize=none, quantize=nf4) has its own frontier" in n
                for n in comparison_table(a).notes)
+    # Groups come in grid order (placements, then each axis in its first-shown order) whatever the store's row
+    # order: stores written before 2026-12-03 listed a tuned study's later seeds among the first trials.
+    mixed = analyze_records(study(("all", "attn")), "s.db", [recs[0], *reversed(recs[1:])], {"done": len(recs)})
+    assert [g.key.label for g in mixed.groups] == ["all r=8 quantize=none", "all r=8 quantize=nf4",
+                                                   "attn r=8 quantize=none", "attn r=8 quantize=nf4"]
     # Only axes that change the base or the compute split the frontier (an untuned lr sweep shares one: the v2
     # fixture's report, below); every such axis is a real sweepable field.
     from loraplace.analysis.core import COST_AXES

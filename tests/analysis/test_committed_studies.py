@@ -59,3 +59,43 @@ def test_the_probe_validation_table_is_the_store_s_analysis():
         assert cells[params] == f"{group.trainable_params:,}", group.key.label
         assert cells[loss] == f"{stats.mean:.4f} ± {stats.ci_half:.4f}", group.key.label
     assert {"nfn", "warmup", "auto", "all"} <= set(rows)
+
+
+QLORA_STORE = ROOT / "docs" / "qlora" / "qlora.db"
+QLORA_DOC = ROOT / "docs" / "qlora.md"
+
+
+@pytest.mark.skipif(not QLORA_STORE.is_file(), reason="the QLoRA study's store is not in this checkout")
+def test_the_qlora_table_is_the_store_s_analysis():
+    """docs/qlora.md's placement table — each placement's test loss (± CI), validation loss and selected LR on
+    the full-precision and the nf4 base, its Δ to `all` on each, and the nf4 − full-precision effect — is what
+    the committed store gives."""
+    analysis = analyze_store(QLORA_STORE)
+    assert analysis.counts["done"] == 36 and analysis.counts["failed"] == 0
+    table = QLORA_DOC.read_text().split("## Result", 1)[1].split("Every LR", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip().replace("*", "") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0].startswith("`"):
+            rows[cells[0].split("`")[1]] = cells
+
+    def numbers(text: str) -> list[float]:
+        return [float(x) for x in re.findall(r"[-+]?[0-9]*\.[0-9]+", text.replace("−", "-"))]
+
+    for group in analysis.compared:
+        axes = dict(group.key.axes)
+        cells = rows[group.placement]
+        loss, delta = (1, 2) if axes["quantize"] == "none" else (3, 4)
+        stats, val = group.stats["eval_loss"], group.stats["val_loss"]
+        assert numbers(cells[loss])[:3] == [round(stats.mean, 4), round(stats.ci_half, 4), round(val.mean, 4)]
+        assert cells[loss].endswith(f"at {axes['lr']:.0e}".replace("e-0", "e-")), group.key.label
+        if not group.is_baseline:
+            d = group.comparison.delta_loss
+            mean, ci, p = numbers(cells[delta])[:3]
+            assert (mean, ci) == (round(d.mean_diff, 4), round(d.ci_half, 4)), group.key.label
+            assert p == pytest.approx(d.p_value, abs=0.005), group.key.label  # as written: 2 significant digits
+    for effect in analysis.axis_effects:
+        d = effect.delta_loss
+        mean, ci, pct, p = numbers(rows[effect.group.placement][5])[:4]
+        assert (mean, ci, pct) == (round(d.mean_diff, 4), round(d.ci_half, 4), round(effect.delta_loss_pct, 1))
+        assert p == pytest.approx(d.p_value, abs=0.0005), effect.group.label

@@ -154,7 +154,7 @@ def test_a_field_added_since_the_store_was_written_is_not_a_change(tuned, tmp_pa
     root = tuned[False].parent
     current = load_study(root / "spec.yaml").model_dump(mode="json")
     assert spec_differences(_as_read_now(old), current) == []
-    assert spec_differences(old, current) == ['execution: added ({"fuse": "auto"})']  # without it, it would
+    assert spec_differences(old, current) == ['execution: added ({"fuse": "auto", "save_state_every": 600.0})']
     (tmp_path / "wider.yaml").write_text(_spec(root).replace(f"lr: {LRS}", f"lr: {LRS + [1.0e-5]}"))
     with pytest.raises(StudyChanged) as info:
         run_study(load_study(tmp_path / "wider.yaml"), db)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -265,7 +266,8 @@ def analyze_records(study: StudyRecord, store: str, records: list[TrialRecord],
         groups[key] = Group(key, tuple(done), first.trainable_params, first.total_params, stats, by_seed, sites,
                             first.probe)
 
-    groups = dict(sorted(groups.items(), key=lambda item: _grid_rank(item[0], study.info.placements, rows)))
+    rank = _grid_rank(study.info.placements, rows)
+    groups = dict(sorted(groups.items(), key=lambda item: rank(item[0])))
     for key, done in members.items():  # a group's trials may differ only by seed (run_study enforces it)
         configs = {json.dumps(config_without_seed(specs[r.id]), sort_keys=True) for r in done}
         if len(configs) > 1:
@@ -300,8 +302,8 @@ def analyze_records(study: StudyRecord, store: str, records: list[TrialRecord],
                          axis_effects=_axis_effects(groups, swept, cell))
 
 
-def _grid_rank(key: GroupKey, placements: tuple[str, ...], rows: list[TrialRow]) -> tuple:
-    """A group's place in the grid's order: placements in the spec's order, then sizes, then each axis's
+def _grid_rank(placements: tuple[str, ...], rows: list[TrialRow]) -> Callable[[GroupKey], tuple]:
+    """A group key → its place in the grid's order: placements in the spec's order, then sizes, then each axis's
     values in the order the trials first show them, then a tuned LR, smallest first — whatever order the store
     lists trials in (a store written before 2026-12-03 numbered each batch of added trials from 0, interleaving
     a tuned study's later seeds with the first)."""
@@ -311,10 +313,14 @@ def _grid_rank(key: GroupKey, placements: tuple[str, ...], rows: list[TrialRow])
         for name, value in r.key.axes:
             if value not in values[name]:
                 values[name].append(value)
-    placement = placements.index(key.placement) if key.placement in placements else len(placements)
-    axes = tuple(values[name].index(value) for name, value in key.axes if name != TUNED_AXIS)
-    lrs = tuple(float(value) for name, value in key.axes if name == TUNED_AXIS)  # a tuned LR: within its cell
-    return placement, sizes.index(key.size), axes, lrs
+
+    def rank(key: GroupKey) -> tuple:
+        placement = placements.index(key.placement) if key.placement in placements else len(placements)
+        axes = tuple(values[name].index(value) for name, value in key.axes if name != TUNED_AXIS)
+        lrs = tuple(float(value) for name, value in key.axes if name == TUNED_AXIS)  # a tuned LR: in its cell
+        return placement, sizes.index(key.size), axes, lrs
+
+    return rank
 
 
 def _plain_cell(key: GroupKey) -> tuple:

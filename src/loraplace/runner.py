@@ -228,9 +228,11 @@ class LocalExecutor:
             if self.progress is not None:
                 self.progress(step, total, loss, tokens)
 
-        if trial.state is not None:  # a search finalist: its last rung's state, continued
+        if trial.state is not None:  # a search finalist: its last rung's state, continued (and saved there)
             return run_trial(trial.spec, session=self._session, out_dir=trial_dir(self.artifacts, trial.id),
-                             progress=on_step, continuation=Continuation(trial.state), notes=notes)
+                             progress=on_step, continuation=Continuation(trial.state,
+                                                                         save_every_s=self.save_state_every),
+                             notes=notes)
         out_dir = trial_dir(self.artifacts, trial.id)
         continuation = trial_state(out_dir, self.save_state_every)
         outcome = run_trial(trial.spec, session=self._session, out_dir=out_dir, progress=on_step,

@@ -131,7 +131,9 @@ def print_status(study: StudyRecord, trials: list[TrialRecord], counts: dict[str
         resumes = ""
         if t.id in saved_steps:
             steps, total = saved_steps[t.id]
-            resumes = f"; its state is saved at step {steps} of {total}: the next run continues it from there"
+            resumes = f"; its state is saved at step {steps} of {total}: " + (
+                "a run killed now would continue it from there" if t.status == "running"
+                else "the next run continues it from there")
         if t.status in ("failed", "interrupted") and t.error:
             console.print(f"[{style[t.status]}]{t.status}[/] {t.id[:8]} {escape(t.labels.group.label)} seed "
                           f"{t.labels.seed}: {escape(t.error)}{resumes}", highlight=False)

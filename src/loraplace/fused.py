@@ -640,11 +640,9 @@ class _Group:
                     self.steppers[m.key].record(losses[m.key], *tokens[m.key], lrs[m.key], elapsed)
                 loss = self._sync() if sync_now else None
                 if sync_now:  # periodic saves of the members' states (execution.save_state_every)
-                    trained_s = clock.elapsed(synchronize=False)
-                    with clock.excluded():
-                        for m in active:
-                            if m.key not in self.failures and self.steppers[m.key].save_due(trained_s):
-                                self.steppers[m.key].save(trained_s)
+                    for m in active:
+                        if m.key not in self.failures:
+                            self.steppers[m.key].save_if_due(clock)
                 due = [m for m in due if m.key not in self.failures]
                 if due:
                     with clock.excluded():

@@ -128,18 +128,16 @@ def print_status(study: StudyRecord, trials: list[TrialRecord], counts: dict[str
     console.print(table)
     saved_steps = saved_steps or {}
     for t in trials:
+        reason = f": {escape(t.error)}" if t.status in ("failed", "interrupted") and t.error else ""
         resumes = ""
         if t.id in saved_steps:
             steps, total = saved_steps[t.id]
             resumes = f"; its state is saved at step {steps} of {total}: " + (
                 "a run killed now would continue it from there" if t.status == "running"
                 else "the next run continues it from there")
-        if t.status in ("failed", "interrupted") and t.error:
-            console.print(f"[{style[t.status]}]{t.status}[/] {t.id[:8]} {escape(t.labels.group.label)} seed "
-                          f"{t.labels.seed}: {escape(t.error)}{resumes}", highlight=False)
-        elif resumes:
+        if reason or resumes:
             console.print(f"[{style.get(t.status, '')}]{t.status}[/] {t.id[:8]} {escape(t.labels.group.label)} "
-                          f"seed {t.labels.seed}{resumes}", highlight=False)
+                          f"seed {t.labels.seed}{reason}{resumes}", highlight=False)
 
 
 # The terminal keeps the columns that decide a placement; `loraplace report` writes the full table.

@@ -244,18 +244,17 @@ class TrialStepper:
             stepper.restore(saved)
         return stepper
 
-    def save_due(self, elapsed: float) -> bool:
-        """After a read-back (nothing pending), ``elapsed`` seconds into this run's training: is a periodic save
-        of the state due (the continuation's ``save_every_s`` since the last one, or since the run began)? The
-        state at the stop is saved anyway, by the loop."""
+    def save_if_due(self, clock: TrainClock) -> None:
+        """After a read-back (nothing pending): save the state into the continuation's file when its
+        ``save_every_s`` of this run's training (``clock``) have passed since the last save, or since the run
+        began; the save's own time is not training time. The state at the stop is saved anyway, by the loop."""
         every = None if self.continuation is None else self.continuation.save_every_s
-        return every is not None and not self._pending and not self.finished and elapsed - self._saved_at >= every
-
-    def save(self, elapsed: float) -> None:
-        """Save the state into the continuation's file now (after a read-back)."""
-        assert self.continuation is not None
-        self.state().save(self.continuation.file)
-        self._saved_at = elapsed
+        trained_s = clock.elapsed(synchronize=False)
+        if every is None or self._pending or self.finished or trained_s - self._saved_at < every:
+            return
+        with clock.excluded():
+            self.state().save(self.continuation.file)
+        self._saved_at = trained_s
 
     # ----------------------------------------------------------------------------------------- per step
 

@@ -518,15 +518,15 @@ def _check_unchanged(study: StudySpec, store_path: Path, planned: list[PlannedTr
     by_group: dict[GroupKey, dict[str, Any]] = {}
     for trial in existing:
         by_group.setdefault(trial.labels.group, config_without_seed(trial.spec))
-    # group → what its stored trials ran with against what this spec gives it (seed aside)
-    clashes = {p.labels.group.label: spec_differences(by_group[p.labels.group], new)
+    # group → (what its stored trials ran with, what this spec gives it), seed aside
+    clashes = {p.labels.group.label: (by_group[p.labels.group], new)
                for p in planned if p.labels.group in by_group
                and by_group[p.labels.group] != (new := config_without_seed(p.spec.model_dump(mode="json")))}
     mixed = sorted(clashes)
     if mixed:
         # The trial-level difference can be a setting the spec never wrote (a field this version added, with a
         # default the stored trials did not run with): name it, not only the spec's own changes.
-        first = "\n".join(f"  {d}" for d in clashes[mixed[0]][:10])
+        first = "\n".join(f"  {d}" for d in spec_differences(*clashes[mixed[0]])[:10])
         raise StudyChanged(f"--extend would mix configurations inside group(s) {', '.join(mixed[:8])}"
                            f"{' …' if len(mixed) > 8 else ''}: their stored trials were run with other settings "
                            f"than this spec gives them. In {mixed[0]}, stored → now:\n{first}\nChanges to the "

@@ -289,9 +289,7 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
                            clock.elapsed(synchronize=sync_now or stepper.step == 1))
             if sync_now:
                 read_back()
-                if stepper.save_due(trained_s := clock.elapsed(synchronize=False)):
-                    with clock.excluded():  # a killed run continues from here (execution.save_state_every)
-                        stepper.save(trained_s)
+                stepper.save_if_due(clock)  # a killed run continues from here (execution.save_state_every)
             elif on_step is not None:
                 on_step(stepper.step, stepper.stop, None, stepper.tokens_taken)
             if stepper.eval_due():

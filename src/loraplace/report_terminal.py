@@ -169,10 +169,14 @@ def print_table(table, console: Console, columns: tuple[str, ...] | None = None)
 
 
 def print_comparison(analysis, console: Console) -> None:
-    from loraplace.analysis.tables import axis_table, comparison_table
+    from loraplace.analysis.tables import axis_table, comparison_table, pairwise_table
 
     # The terminal says "dominated"; the report names the dominating group.
     print_table(comparison_table(analysis, name_dominator=False), console, TERMINAL_COLUMNS)
+    pairs = pairwise_table(analysis)  # three or more placements: the best and those not told from it, per cell
+    if pairs is not None:
+        for note in pairs.notes[2:]:
+            console.print(escape(note) + " (every pair: the report's 'Every pair of placements')", highlight=False)
     axes = axis_table(analysis)  # a swept axis (e.g. quantize): each placement against itself at the first value
     if axes is not None:
         print_table(axes, console, ("axis", "placement", "cell", "from", "to", "Δ eval loss", "p (paired t)",

@@ -37,6 +37,25 @@ def test_the_validation_table_is_the_store_s_analysis():
         assert cells[4] == f"{val.mean:.4f} ± {val.ci_half:.4f}", group.placement
 
 
+@pytest.mark.skipif(not STORE.is_file(), reason="the validation study's store is not in this checkout")
+def test_the_validation_pairs_are_the_report_s_pair_table():
+    """docs/validation.md's "`auto` against the others" rows: the report's pairwise differences, sign turned so
+    that positive means `auto` worse."""
+    pairs = {frozenset((d.better.placement, d.other.placement)): d for d in analyze_store(STORE).pairwise}
+    number = r"([+−-][0-9.]+)"
+    rows = re.findall(rf"^\| auto − ([\w-]+)[^|]*\| \**{number} \[{number}, {number}\]\** \| ([0-9.]+) \|",
+                      DOC.read_text(), re.MULTILINE)
+    assert len(rows) == 5
+    for other, mean, low, high, p in rows:
+        d = pairs[frozenset(("auto", other))]
+        sign = -1 if d.better.placement == other else 1  # delta is better − other; the doc writes auto − other
+        delta = d.delta_loss
+        expected = sorted(sign * x for x in delta.ci)
+        assert [float(x.replace("−", "-")) for x in (mean, low, high)] == pytest.approx(
+            [sign * delta.mean_diff, *expected], abs=6e-5), other
+        assert float(p) == pytest.approx(delta.p_value, abs=6e-3 if delta.p_value > 0.1 else 6e-4), other
+
+
 PROBE_STORE = ROOT / "docs" / "probe-validation" / "probe-validation.db"
 PROBE_DOC = ROOT / "docs" / "probe.md"
 

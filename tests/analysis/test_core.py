@@ -242,3 +242,34 @@ def test_a_swept_axis_is_compared_per_placement_against_its_first_value():
     assert set(AXIS_FIELDS) >= COST_AXES and "lr" not in COST_AXES
     # No swept axis: no effects, no table.
     assert analyze_records(study(), "s.db", records(), {"done": 5, "failed": 1}).axis_effects == ()
+
+
+def test_every_pair_of_three_or_more_placements_is_compared_with_holm_adjusted_p_values():
+    """The report's pair table: every pair in the cell, the lower mean first (Δ ≤ 0), seed-paired, p-values
+    Holm-adjusted over the cell's pairs; the notes name the best placement and those not told from it."""
+    from loraplace.analysis.stats import holm, paired
+    from loraplace.analysis.tables import pairwise_table
+
+    loss = {"all": [1.00, 1.10, 1.05], "attn": [1.20, 1.31, 1.24], "mlp": [1.01, 1.08, 1.07]}
+    recs = [record(f"{p}{s}", p, s, eval_loss=v, trainable_params=100) for p, vs in loss.items()
+            for s, v in enumerate(vs)]
+    a = analyze_records(study(("all", "attn", "mlp")), "s.db", recs, {"done": 9})
+    pairs = [(d.better.placement, d.other.placement) for d in a.pairwise]
+    assert pairs == [("all", "mlp"), ("all", "attn"), ("mlp", "attn")]  # all: 1.050 < mlp: 1.053 < attn: 1.250
+    by_seed = {p: dict(enumerate(vs)) for p, vs in loss.items()}
+    raw = [paired(by_seed[b], by_seed[o]) for b, o in pairs]
+    assert [d.delta_loss.mean_diff for d in a.pairwise] == pytest.approx([r.mean_diff for r in raw])
+    assert all(d.delta_loss.mean_diff <= 0 for d in a.pairwise)
+    assert [d.p_holm for d in a.pairwise] == pytest.approx(holm([r.p_value for r in raw]))
+    table = pairwise_table(a)
+    assert [row[:2] for row in table.rows] == pairs and table.columns[0] == "placement"
+    assert [row[-1] for row in table.rows] == ["not distinguishable", "better", "better"]
+    assert table.notes[-1].startswith("r=8: best by mean all; not distinguishable from it: mlp")
+    # Two placements: the baseline comparison is the pair — no table. Cells never mix: a second size has its own.
+    assert analyze_records(study(("all", "attn")), "s.db", [r for r in recs if r.labels.group.placement != "mlp"],
+                           {"done": 6}).pairwise == ()
+    wide = recs + [record(f"{p}{s}w", p, s, rank=16, eval_loss=v - 0.1, trainable_params=200)
+                   for p, vs in loss.items() for s, v in enumerate(vs)]
+    a2 = analyze_records(study(("all", "attn", "mlp")), "s.db", wide, {"done": 18})
+    assert len(a2.pairwise) == 6 and all(d.better.size == d.other.size for d in a2.pairwise)
+    assert pairwise_table(a2).columns[0] == "cell"

@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy import stats
 
-from loraplace.analysis.stats import paired, pareto_front, summarize
+from loraplace.analysis.stats import holm, paired, pareto_front, summarize
 
 
 @pytest.mark.parametrize("values", [[1.0, 2.0], [0.41, 0.45, 0.43], [3.2, 3.1, 3.5, 2.9, 3.3]])
@@ -64,3 +64,12 @@ def test_pareto_front_by_hand():
     assert dom[2] == 0  # more params and more loss than point 0
     assert dom[3] in (1, 5)  # same loss with fewer params
     assert dom[1] is None and dom[5] is None  # exact ties do not dominate each other
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.02, 0.04, 0.30 (m=4): 4·0.01=0.04, 3·0.02=0.06, 2·0.04=0.08, 1·0.30=0.30 — in input order
+    assert holm([0.04, 0.01, 0.30, 0.02]) == pytest.approx([0.08, 0.04, 0.30, 0.06])
+    # monotone: a later, larger raw p never gets a smaller adjusted one; capped at 1
+    assert holm([0.02, 0.021, 0.5]) == pytest.approx([0.06, 0.06, 0.5])
+    assert holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
+    assert holm([]) == []

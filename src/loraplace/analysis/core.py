@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraplace.analysis.stats import Paired, Summary, paired, pareto_front, summarize
+from loraplace.analysis.stats import Paired, Summary, holm, paired, pareto_front, summarize
 from loraplace.formatting import one_line
 from loraplace.records import (
     AxisValue,
@@ -132,6 +132,17 @@ class AxisEffect:
 
 
 @dataclass(frozen=True)
+class PairDifference:
+    """Two compared placements of one cell (same size and axes; tuned: each at its own selected LR), seed-paired
+    on eval loss. ``better`` is the one with the lower mean, so ``delta_loss`` (better − other) is ≤ 0 in mean."""
+
+    better: GroupKey
+    other: GroupKey
+    delta_loss: Paired
+    p_holm: float | None  # Holm-adjusted over every pair of the cell (None: this pair has no test, n < 2)
+
+
+@dataclass(frozen=True)
 class EnvironmentSummary:
     devices: tuple[str, ...]
     dtypes: tuple[str, ...]
@@ -158,6 +169,7 @@ class StudyAnalysis:
     search: SearchAnalysis | None = None  # a placement search: its rungs, decisions and cost
     swept_axes: dict[str, tuple[AxisValue, ...]] = field(default_factory=dict)  # see :func:`swept_axes`
     axis_effects: tuple[AxisEffect, ...] = ()  # every swept axis's effect per placement (compared groups)
+    pairwise: tuple[PairDifference, ...] = ()  # every pair of placements in cells of three or more, best first
 
     @property
     def tuned(self) -> bool:
@@ -299,7 +311,7 @@ def analyze_records(study: StudyRecord, store: str, records: list[TrialRecord],
     swept = swept_axes(rows, bool(study.info.tune_lrs))
     return StudyAnalysis(study.name, store, study.spec, study.info, tuple(groups.values()), tuple(rows), counts,
                          tuple(warnings), environment, selections, swept_axes=swept,
-                         axis_effects=_axis_effects(groups, swept, cell))
+                         axis_effects=_axis_effects(groups, swept, cell), pairwise=_pairwise(groups, cell))
 
 
 def _grid_rank(placements: tuple[str, ...], rows: list[TrialRow]) -> Callable[[GroupKey], tuple]:
@@ -378,6 +390,26 @@ def _compare(groups: dict[GroupKey, Group], baseline: str, warnings: list[str],
     if missing:
         warnings.append(f"baseline {baseline!r} has no finished trial at {', '.join(missing)}: no comparison there")
     return out
+
+
+def _pairwise(groups: dict[GroupKey, Group], cell=_plain_cell) -> tuple[PairDifference, ...]:
+    """Every pair of compared placements within a cell that holds three or more (with two, the baseline comparison
+    is the pair), ordered by the better one's mean eval loss, then the other's; p-values Holm-adjusted per cell."""
+    by_cell: dict[tuple, list[Group]] = defaultdict(list)
+    for g in groups.values():
+        if g.compared and "eval_loss" in g.stats:
+            by_cell[cell(g.key)].append(g)
+    out: list[PairDifference] = []
+    for members in by_cell.values():
+        if len(members) < 3:
+            continue
+        ranked = sorted(members, key=lambda g: g.stats["eval_loss"].mean)
+        pairs = [(a, b, d) for i, a in enumerate(ranked) for b in ranked[i + 1:]
+                 if (d := paired(a.by_seed["eval_loss"], b.by_seed["eval_loss"])) is not None]
+        tested = [d.p_value for _, _, d in pairs if d.p_value is not None]
+        adjusted = iter(holm(tested))
+        out += [PairDifference(a.key, b.key, d, None if d.p_value is None else next(adjusted)) for a, b, d in pairs]
+    return tuple(out)
 
 
 def swept_axes(rows: list[TrialRow], tuned: bool) -> dict[str, tuple[AxisValue, ...]]:

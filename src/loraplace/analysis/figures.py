@@ -188,8 +188,9 @@ def site_heatmap(matrices: dict[str, list[list[float]]], roles: Sequence[str], o
         fig, axes = plt.subplots(1, len(panels), figsize=(width, 0.6 + 0.075 * n_layers + 0.3), squeeze=False,
                                  sharey=True)
         vmax = max((v for _, m in panels for row in m for v in row if math.isfinite(v)), default=1.0) or 1.0
-        cmap = ListedColormap(["#f2f2f2", "#c44e52"]) if binary_cmap else plt.get_cmap("viridis").copy()
-        cmap.set_bad("#f2f2f2")  # no site / no adapter: light grey, not the colour of a small value
+        # no site / no adapter (NaN): light grey, not the colour of a small value
+        cmap = (ListedColormap(["#f2f2f2", "#c44e52"]) if binary_cmap else plt.get_cmap("viridis")).with_extremes(
+            bad="#f2f2f2")
         image = None
         for ax, (label, matrix) in zip(axes[0], panels, strict=True):
             top = max((v for row in matrix for v in row if math.isfinite(v)), default=1.0) or 1.0

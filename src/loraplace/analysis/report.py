@@ -25,6 +25,7 @@ from loraplace.analysis.tables import (
     budget_table,
     comparison_table,
     lr_table,
+    pairwise_table,
     progress_table,
     rung_agreement_table,
     search_cost_table,
@@ -54,7 +55,8 @@ def write_report(analysis: StudyAnalysis, out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = study_figures(analysis, out / "figures") if {"html", "md", "tex"} & set(formats) else []
-    tables = [t for t in (comparison_table(analysis), accuracy_table(analysis), axis_table(analysis),
+    tables = [t for t in (comparison_table(analysis), pairwise_table(analysis), accuracy_table(analysis),
+                          axis_table(analysis),
                           search_table(analysis), search_cost_table(analysis), rung_agreement_table(analysis),
                           lr_table(analysis),
                           budget_table(analysis), site_table(analysis), progress_table(analysis)) if t is not None]

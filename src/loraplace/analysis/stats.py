@@ -1,4 +1,4 @@
-"""Statistics over seeds: t-based confidence intervals, paired tests against a baseline, the Pareto frontier.
+"""Statistics over seeds: t-based confidence intervals, paired tests, Holm's adjustment, the Pareto frontier.
 
 Pure functions over plain numbers, so each is checked against scipy by hand in the tests.
 """
@@ -81,6 +81,20 @@ def paired(candidate: dict[int, float], baseline: dict[int, float], confidence: 
     else:
         p_value = float(_scipy.ttest_rel([candidate[s] for s in seeds], [baseline[s] for s in seeds]).pvalue)
     return Paired(summary.n, summary.mean, summary.ci_half, p_value, seeds)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values, in the input order: with the m values sorted ascending,
+    adjusted_(i) = max over j ≤ i of min(1, (m − j + 1) · p_(j)). Controls the family-wise error rate of the m
+    tests without assuming they are independent (the pairs of one study share arms)."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    out = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        out[i] = running
+    return out
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int | None]:

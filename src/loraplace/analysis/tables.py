@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraplace.analysis.core import Group, StudyAnalysis, axis_cell_label, compact_ranges, condition_label
-from loraplace.analysis.stats import Summary
+from loraplace.analysis.stats import CONFIDENCE, Summary
 from loraplace.formatting import one_line
 from loraplace.store import TrialRecord
 
@@ -222,6 +222,53 @@ def axis_table(analysis: StudyAnalysis) -> Table | None:
     return Table("Effect of each swept axis", ("axis", "placement", "cell", "from", "to", "eval loss (from)",
                                                "eval loss (to)", "Δ eval loss", "Δ %", "p (paired t)", "verdict"),
                  tuple(rows), (False, False, False, False, False, True, True, True, True, True, False), tuple(notes))
+
+
+def pairwise_table(analysis: StudyAnalysis) -> Table | None:
+    """Every pair of placements in a cell of three or more, seed-paired on eval loss, with Holm-adjusted p-values;
+    the notes name each cell's best placement by mean and those that cannot be told from it."""
+    from loraplace.tuning import tuned_cell, tuned_lr
+
+    if not analysis.pairwise:
+        return None
+
+    def arm(key) -> str:
+        lr = tuned_lr(key) if analysis.tuned else None
+        return key.placement + ("" if lr is None else f" (lr {lr:g})")
+
+    def cell_of(key) -> str:
+        return (tuned_cell(key) if analysis.tuned else key).size_label
+
+    cells = list(dict.fromkeys(cell_of(d.better) for d in analysis.pairwise))
+    rows = []
+    for d in analysis.pairwise:
+        delta = d.delta_loss
+        interval = "—" if delta.ci is None else f"[{delta.ci[0]:+.4f}, {delta.ci[1]:+.4f}]"
+        rows.append(((cell_of(d.better),) if len(cells) > 1 else ()) + (
+            arm(d.better), arm(d.other), f"{delta.mean_diff:+.4f}", interval, fmt_p(delta.p_value),
+            fmt_p(d.p_holm), delta.verdict()))
+    notes = ["Δ: eval loss (test split) of the placement minus the one it is set against, over the seeds both ran "
+             "(seed-paired, 95% t-interval); the placement is the one with the lower mean, so Δ ≤ 0"
+             + (", each at its own selected LR." if analysis.tuned else "."),
+             "verdict: from the unadjusted interval, as in 'Placements compared'. p (Holm): the p-values adjusted "
+             "for the k(k−1)/2 pairs of the cell (Holm–Bonferroni) — the one to read when the question is which "
+             "of many placements is best."]
+    for cell in cells:
+        pairs = [d for d in analysis.pairwise if cell_of(d.better) == cell]
+        best = pairs[0].better  # pairs come best first
+        against_best = [d for d in pairs if d.better == best]
+        tied = [d.other.placement for d in against_best if d.delta_loss.verdict() != "better"]
+        tied_holm = [d.other.placement for d in against_best if d.delta_loss.verdict() == "better"
+                     and d.p_holm is not None and d.p_holm >= 1 - CONFIDENCE]
+        text = (f"{cell}: best by mean {best.placement}; "
+                + (f"not distinguishable from it: {', '.join(tied)}" if tied else
+                   "distinguishably better than every other placement (unadjusted)")
+                + (f"; after Holm's adjustment also {', '.join(tied_holm)} (p ≥ {1 - CONFIDENCE:.2f})"
+                   if tied_holm else "") + ".")
+        notes.append(text)
+    return Table("Every pair of placements", (("cell",) if len(cells) > 1 else ()) + (
+        "placement", "vs", "Δ eval loss", "95% interval", "p (paired t)", "p (Holm)", "verdict"), tuple(rows),
+        ((False,) if len(cells) > 1 else ()) + (False, False, True, True, True, True, False), tuple(notes))
 
 
 def lr_table(analysis: StudyAnalysis) -> Table | None:

@@ -153,6 +153,24 @@ def main() -> None:
     print(" ".join(f"{k.replace(' ', '_')}={v:.1f}" for k, v in med.items()) + f" cpu={cpu_kind()}")
 
 
+def matmul_shapes(prof, top: int = 16) -> None:
+    """The matmuls of the profiled steps by operand shapes, with the rate each achieved: which ones run far below
+    the peak the bench measures at its start (on the AVX2 EPYC, fp32: the base projections at ~87 % of the
+    2-thread peak, the LM head's forward at ~half; RESULTS.md 2026-12-03)."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key not in ("aten::mm", "aten::addmm", "aten::bmm") or not e.self_cpu_time_total:
+            continue
+        a, b = e.input_shapes[1:3] if e.key == "aten::addmm" else e.input_shapes[:2]
+        flops = 2 * a[-2] * a[-1] * b[-1] * (a[0] if e.key == "aten::bmm" else 1)
+        seconds = e.self_cpu_time_total / 1e6
+        rows.append((seconds, e.count, f"{e.key[6:]} {a} x {b}", flops * e.count / seconds / 1e12))
+    total = sum(r[0] for r in rows)
+    print(f"\nmatmuls by operand shapes ({total:.2f} s self CPU time; top {top}):")
+    for seconds, count, shapes, tflops in sorted(rows, reverse=True)[:top]:
+        print(f"  {seconds:6.2f} s {100 * seconds / total:5.1f} %  {count:5d} calls  {shapes:<38} {tflops:.3f} TFLOP/s")
+
+
 def profile(session, plan, splits, base, args) -> dict[str, float]:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -160,8 +178,10 @@ def profile(session, plan, splits, base, args) -> dict[str, float]:
     from loraplace.train import TrainSpec, train
 
     spec = TrainSpec(**(base | {"steps": 3}))
-    with session.adapter(plan, 0) as model, torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    with session.adapter(plan, 0) as model, torch_profile(activities=[ProfilerActivity.CPU],
+                                                          record_shapes=True) as prof:
         train(model, splits.train, spec, device=session.device, dtype=session.dtype, pad_id=session.pad_id)
+    matmul_shapes(prof)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     groups = {"matmul (mm/addmm/bmm/linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),

@@ -182,8 +182,9 @@ def profile(session, plan, splits, base, args) -> dict[str, float]:
     # profiled steps with shapes recorded took 12.7 GB of RSS, against 5.5 GB for one.)
     for steps, profiled in ((1, False), (1, True)):
         spec = TrainSpec(**(base | {"steps": steps}))
-        with session.adapter(plan, 0) as model, torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True,
-                                                              ) if profiled else contextlib.nullcontext() as prof:
+        recorder = (torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) if profiled
+                    else contextlib.nullcontext())
+        with session.adapter(plan, 0) as model, recorder as prof:
             train(model, splits.train, spec, device=session.device, dtype=session.dtype, pad_id=session.pad_id)
     matmul_shapes(prof)
     events = prof.key_averages()

@@ -265,6 +265,11 @@ def test_every_pair_of_three_or_more_placements_is_compared_with_holm_adjusted_p
     assert [row[:2] for row in table.rows] == pairs and table.columns[0] == "placement"
     assert [row[-1] for row in table.rows] == ["not distinguishable", "better", "better"]
     assert table.notes[-1].startswith("r=8: best by mean all; not distinguishable from it: mlp")
+    # A placement with one seed in common is listed, but not as "not distinguishable": it has no test.
+    lone = analyze_records(study(("all", "attn", "mlp", "big")), "s.db",
+                           recs + [record("big0", "big", 0, eval_loss=1.30, trainable_params=100)], {"done": 10})
+    assert pairwise_table(lone).notes[-1] == ("r=8: best by mean all; not distinguishable from it: mlp; "
+                                             "one shared seed, no test: big.")
     # Two placements: the baseline comparison is the pair — no table. Cells never mix: a second size has its own.
     assert analyze_records(study(("all", "attn")), "s.db", [r for r in recs if r.labels.group.placement != "mlp"],
                            {"done": 6}).pairwise == ()

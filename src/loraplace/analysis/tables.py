@@ -176,19 +176,24 @@ def progress_table(analysis: StudyAnalysis) -> Table | None:
                   "may change with longer training.",))
 
 
+def lr_suffix(analysis: StudyAnalysis, key) -> str:
+    """" (lr 0.003)" for a group of a tuned study (each placement at its own selected LR), else ""."""
+    from loraplace.tuning import tuned_lr
+
+    lr = tuned_lr(key) if analysis.tuned else None
+    return "" if lr is None else f" (lr {lr:g})"
+
+
 def axis_table(analysis: StudyAnalysis) -> Table | None:
     """Every swept axis's effect on each placement (``axes:``, e.g. quantize none → nf4): the seed-paired eval-loss
     difference to the same placement and cell at the axis's first value, and whether the placements' order by
     mean eval loss is the same at every value (the notes)."""
-    from loraplace.tuning import tuned_lr
-
     effects = analysis.axis_effects
     if not effects:
         return None
 
     def at(key, axis: str) -> str:
-        lr = tuned_lr(key) if analysis.tuned else None
-        return f"{dict(key.axes)[axis]}" + ("" if lr is None else f" (lr {lr:g})")
+        return f"{dict(key.axes)[axis]}" + lr_suffix(analysis, key)
 
     def cell_label(key, axis: str) -> str:
         return axis_cell_label(key, axis, analysis.tuned)
@@ -227,14 +232,13 @@ def axis_table(analysis: StudyAnalysis) -> Table | None:
 def pairwise_table(analysis: StudyAnalysis) -> Table | None:
     """Every pair of placements in a cell of three or more, seed-paired on eval loss, with Holm-adjusted p-values;
     the notes name each cell's best placement by mean and those that cannot be told from it."""
-    from loraplace.tuning import tuned_cell, tuned_lr
+    from loraplace.tuning import tuned_cell
 
     if not analysis.pairwise:
         return None
 
     def arm(key) -> str:
-        lr = tuned_lr(key) if analysis.tuned else None
-        return key.placement + ("" if lr is None else f" (lr {lr:g})")
+        return key.placement + lr_suffix(analysis, key)
 
     def cell_of(key) -> str:
         return (tuned_cell(key) if analysis.tuned else key).size_label

@@ -175,13 +175,13 @@ def print_comparison(analysis, console: Console) -> None:
     print_table(comparison_table(analysis, name_dominator=False), console, TERMINAL_COLUMNS)
     pairs = pairwise_table(analysis)  # three or more placements: the best and those not told from it, per cell
     if pairs is not None:
-        for note in pairs.notes[2:]:
+        for note in pairs.findings:
             console.print(escape(note) + " (every pair: the report's 'Every pair of placements')", highlight=False)
     axes = axis_table(analysis)  # a swept axis (e.g. quantize): each placement against itself at the first value
     if axes is not None:
         print_table(axes, console, ("axis", "placement", "cell", "from", "to", "Δ eval loss", "p (paired t)",
                                     "verdict"))
-        for note in axes.notes[1:]:  # the placements' order at each value
+        for note in axes.findings:  # the placements' order at each value
             console.print(escape(note), highlight=False)
     for warning in analysis.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)

@@ -1,6 +1,7 @@
 """The numbers docs/validation.md and docs/probe.md quote are what `loraplace report` computes from the stores."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,11 @@ from loraplace.analysis import analyze_store
 
 STORE = ROOT / "docs" / "validation" / "validation.db"
 DOC = ROOT / "docs" / "validation.md"
+
+
+def _section(heading: str) -> str:
+    """The text of docs/validation.md's section whose heading starts with ``heading``, up to the next one."""
+    return DOC.read_text().split(f"\n## {heading}", 1)[1].split("\n## ", 1)[0]
 
 
 def _row(label: str, text: str) -> list[str]:
@@ -20,11 +26,11 @@ def _row(label: str, text: str) -> list[str]:
     raise AssertionError(f"no row for {label} in {DOC}")
 
 
-@pytest.mark.skipif(not STORE.is_file(), reason="the validation study's store is not in this checkout")
-def test_the_validation_table_is_the_store_s_analysis():
-    analysis = analyze_store(STORE)
-    assert analysis.counts["done"] == 36 and analysis.counts["failed"] == 0
-    text = DOC.read_text()
+def _check_result_table(store: Path, text: str, trials: int) -> None:
+    """Every compared arm's row in ``text``: selected LR, trainable params, test loss ± CI, validation loss ± CI,
+    and (but for the baseline) its seed-paired Δ to the baseline ± CI and p."""
+    analysis = analyze_store(store)
+    assert analysis.counts["done"] == trials and analysis.counts["failed"] == 0
     for group in analysis.compared:
         cells = _row(group.placement, text)
         lr = dict(group.key.axes)["lr"]
@@ -35,6 +41,18 @@ def test_the_validation_table_is_the_store_s_analysis():
         assert (mean, ci) == (round(stats.mean, 4), round(stats.ci_half, 4)), group.placement
         val = group.stats["val_loss"]
         assert cells[4] == f"{val.mean:.4f} ± {val.ci_half:.4f}", group.placement
+        if group.is_baseline:
+            assert cells[5] == "baseline", group.placement
+            continue
+        d = group.comparison.delta_loss
+        delta_mean, delta_ci = (float(x) for x in re.findall(r"[-+−][0-9.]+|[0-9.]+", cells[5].replace("−", "-"))[:2])
+        assert (delta_mean, delta_ci) == (round(d.mean_diff, 4), round(d.ci_half, 4)), group.placement
+        assert float(cells[6]) == pytest.approx(d.p_value, abs=6e-4), group.placement
+
+
+@pytest.mark.skipif(not STORE.is_file(), reason="the validation study's store is not in this checkout")
+def test_the_validation_table_is_the_store_s_analysis():
+    _check_result_table(STORE, _section("Result"), trials=36)
 
 
 @pytest.mark.skipif(not STORE.is_file(), reason="the validation study's store is not in this checkout")

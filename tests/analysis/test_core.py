@@ -218,7 +218,7 @@ def test_a_swept_axis_is_compared_per_placement_against_its_first_value():
     table = axis_table(a)
     assert [row[:5] for row in table.rows] == [("quantize", "all", "r=8", "none", "nf4"),
                                                ("quantize", "attn", "r=8", "none", "nf4")]
-    assert any("quantize=none: all < attn; quantize=nf4: attn < all. The order changes." in n for n in table.notes)
+    assert any("quantize=none: all < attn; quantize=nf4: attn < all. The order changes." in n for n in table.findings)
     # The frontier is per base: at equal size the fp32 `all` beats every nf4 arm, but a nf4 arm is dominated only
     # by a nf4 arm (one frontier across both would list `all quantize=none` alone).
     by = {g.key.label: g for g in a.groups}
@@ -246,7 +246,7 @@ def test_a_swept_axis_is_compared_per_placement_against_its_first_value():
 
 def test_every_pair_of_three_or_more_placements_is_compared_with_holm_adjusted_p_values():
     """The report's pair table: every pair in the cell, the lower mean first (Δ ≤ 0), seed-paired, p-values
-    Holm-adjusted over the cell's pairs; the notes name the best placement and those not told from it."""
+    Holm-adjusted over the cell's pairs; the findings name the best placement and those not told from it."""
     from loraplace.analysis.stats import holm, paired
     from loraplace.analysis.tables import pairwise_table
 
@@ -264,12 +264,12 @@ def test_every_pair_of_three_or_more_placements_is_compared_with_holm_adjusted_p
     table = pairwise_table(a)
     assert [row[:2] for row in table.rows] == pairs and table.columns[0] == "placement"
     assert [row[-1] for row in table.rows] == ["not distinguishable", "better", "better"]
-    assert table.notes[-1].startswith("r=8: best by mean all; not distinguishable from it: mlp")
+    assert table.findings[-1].startswith("r=8: best by mean all; not distinguishable from it: mlp")
     # A placement with one seed in common is listed, but not as "not distinguishable": it has no test.
     lone = analyze_records(study(("all", "attn", "mlp", "big")), "s.db",
                            recs + [record("big0", "big", 0, eval_loss=1.30, trainable_params=100)], {"done": 10})
-    assert pairwise_table(lone).notes[-1] == ("r=8: best by mean all; not distinguishable from it: mlp; "
-                                             "one shared seed, no test: big.")
+    assert pairwise_table(lone).findings[-1] == ("r=8: best by mean all; not distinguishable from it: mlp; "
+                                                "one shared seed, no test: big.")
     # Two placements: the baseline comparison is the pair — no table. Cells never mix: a second size has its own.
     assert analyze_records(study(("all", "attn")), "s.db", [r for r in recs if r.labels.group.placement != "mlp"],
                            {"done": 6}).pairwise == ()

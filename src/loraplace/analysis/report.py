@@ -113,7 +113,7 @@ def _html_table(table: Table, row_classes: list[str] | None = None, table_id: st
         cells = "".join(f'<td class="num">{html.escape(v)}</td>' if right else f"<td>{html.escape(v)}</td>"
                         for v, right in zip(row, table.right, strict=True))
         body.append(f"<tr{cls}>{cells}</tr>")
-    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in table.notes)
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in table.footnotes)
     ident = f' id="{table_id}"' if table_id else ""
     return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{notes}"
 
@@ -172,7 +172,7 @@ def _md_table(table: Table) -> str:
     lines = ["| " + " | ".join(map(_md_cell, table.columns)) + " |",
              "|" + "|".join("---:" if r else ":---" for r in table.right) + "|"]
     lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in table.rows]
-    return "\n".join(lines) + "\n" + "".join(f"\n_{n}_\n" for n in table.notes)
+    return "\n".join(lines) + "\n" + "".join(f"\n_{n}_\n" for n in table.footnotes)
 
 
 def render_markdown(analysis: StudyAnalysis, tables: list[Table], figures: list[Figure], out: Path) -> str:
@@ -230,8 +230,8 @@ def render_latex(analysis: StudyAnalysis, figures: list[Figure], out: Path) -> s
                         f"{table.notes[0]}", label)
     axes = axis_table(analysis)
     if axes is not None:  # e.g. each placement on the 4-bit base against itself on the full-precision one
-        lines += _tex_table(axes, _TEX_AXIS_COLUMNS, f"{axes.title} (study {analysis.name}). " + " ".join(axes.notes),
-                            f"{label}-axes")
+        caption = f"{axes.title} (study {analysis.name}). " + " ".join(axes.footnotes)
+        lines += _tex_table(axes, _TEX_AXIS_COLUMNS, caption, f"{label}-axes")
     for figure in figures:
         rel = figure.files["pdf"].relative_to(out).as_posix()
         lines += ["\\begin{figure}[t]", "\\centering",

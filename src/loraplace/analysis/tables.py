@@ -18,7 +18,13 @@ class Table:
     columns: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
     right: tuple[bool, ...]  # right-align (numbers)
-    notes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # how to read the table (what Δ, p and the verdict mean)
+    findings: tuple[str, ...] = ()  # what it shows, a sentence per cell; the terminal prints these too
+
+    @property
+    def footnotes(self) -> tuple[str, ...]:
+        """Everything printed beneath the table in a report: the notes, then the findings."""
+        return self.notes + self.findings
 
 
 def fmt_mean(s: Summary | None, spec: str = ".4f") -> str:
@@ -187,7 +193,7 @@ def lr_suffix(analysis: StudyAnalysis, key) -> str:
 def axis_table(analysis: StudyAnalysis) -> Table | None:
     """Every swept axis's effect on each placement (``axes:``, e.g. quantize none → nf4): the seed-paired eval-loss
     difference to the same placement and cell at the axis's first value, and whether the placements' order by
-    mean eval loss is the same at every value (the notes)."""
+    mean eval loss is the same at every value (the findings)."""
     effects = analysis.axis_effects
     if not effects:
         return None
@@ -210,6 +216,7 @@ def axis_table(analysis: StudyAnalysis) -> Table | None:
     notes = ["Δ: eval loss (test split) at the value minus at the axis's first value, same placement and cell, "
              "seed-paired (± 95% t-interval); " + ("each side at its own selected LR." if analysis.tuned else
                                                     "everything else held.")]
+    findings = []
     for axis in dict.fromkeys(e.axis for e in effects):
         orders: dict[str, dict[str, list[str]]] = {}  # cell → value → placements, best first
         for g in sorted((g for g in analysis.compared if g.key in loss and axis in dict(g.key.axes)),
@@ -222,16 +229,17 @@ def axis_table(analysis: StudyAnalysis) -> Table | None:
             verdict = ("The same order" if same else "The order changes") + (
                 "" if all(len(order) == len(everywhere) for order in by_value.values())
                 else f" among the placements finished at every value: {', '.join(sorted(everywhere)) or 'none'}")
-            notes.append(f"{cell}: placements by mean eval loss, best first — " + "; ".join(
+            findings.append(f"{cell}: placements by mean eval loss, best first — " + "; ".join(
                 f"{axis}={value}: {' < '.join(order)}" for value, order in by_value.items()) + f". {verdict}.")
     return Table("Effect of each swept axis", ("axis", "placement", "cell", "from", "to", "eval loss (from)",
                                                "eval loss (to)", "Δ eval loss", "Δ %", "p (paired t)", "verdict"),
-                 tuple(rows), (False, False, False, False, False, True, True, True, True, True, False), tuple(notes))
+                 tuple(rows), (False, False, False, False, False, True, True, True, True, True, False), tuple(notes),
+                 tuple(findings))
 
 
 def pairwise_table(analysis: StudyAnalysis) -> Table | None:
     """Every pair of placements in a cell of three or more, seed-paired on eval loss, with Holm-adjusted p-values;
-    the notes name each cell's best placement by mean and those that cannot be told from it."""
+    the findings name each cell's best placement by mean and those that cannot be told from it."""
     from loraplace.tuning import tuned_cell
 
     if not analysis.pairwise:
@@ -257,6 +265,7 @@ def pairwise_table(analysis: StudyAnalysis) -> Table | None:
              "verdict: from the unadjusted interval, as in 'Placements compared'. p (Holm): the p-values adjusted "
              "for the k(k−1)/2 pairs of the cell (Holm–Bonferroni) — the one to read when the question is which "
              "of many placements is best."]
+    findings = []
     for cell in cells:
         pairs = [d for d in analysis.pairwise if cell_of(d.better) == cell]
         best = pairs[0].better  # pairs come best first
@@ -271,10 +280,11 @@ def pairwise_table(analysis: StudyAnalysis) -> Table | None:
                 + (f"; after Holm's adjustment also {', '.join(tied_holm)} (p ≥ {1 - CONFIDENCE:.2f})"
                    if tied_holm else "") + (f"; one shared seed, no test: {', '.join(untested)}" if untested else "")
                 + ".")
-        notes.append(text)
+        findings.append(text)
     return Table("Every pair of placements", (("cell",) if len(cells) > 1 else ()) + (
         "placement", "vs", "Δ eval loss", "95% interval", "p (paired t)", "p (Holm)", "verdict"), tuple(rows),
-        ((False,) if len(cells) > 1 else ()) + (False, False, True, True, True, True, False), tuple(notes))
+        ((False,) if len(cells) > 1 else ()) + (False, False, True, True, True, True, False), tuple(notes),
+        tuple(findings))
 
 
 def lr_table(analysis: StudyAnalysis) -> Table | None:

@@ -503,6 +503,9 @@ def run(
     allow_mixed_precision: bool = typer.Option(
         False, "--allow-mixed-precision", metavar=FLAG, help="resume a precision: auto study on a machine where "
         "auto means another dtype than the one its trials ran in (refused without this)"),
+    reuse_from: list[str] | None = typer.Option(
+        None, "--reuse-from", metavar="STORE", help="take finished trials over from another study's store instead "
+        "of training them: a trial of the same id has the same resolved spec (repeatable)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", metavar=FLAG),
 ) -> int:
     """Run a study: every unfinished trial of the grid, into a crash-safe store (resumable)."""
@@ -555,7 +558,7 @@ def run(
             hooks = RunHooks(on_start=start, on_end=end, progress=bar, on_note=note, on_rung_start=rung_start)
             summary = run_study(study, store_path, backend=backend, address=address, retry_failed=retry_failed,
                                 extend=extend, force=force, allow_mixed_precision=allow_mixed_precision,
-                                hooks=hooks)
+                                reuse_from=reuse_from or (), hooks=hooks)
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         in_flight = counts["started"] - counts["done"] - counts["failed"]
@@ -570,7 +573,9 @@ def run(
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if not quiet:
         err.print(f"ran {summary.ran} trial(s): {summary.done} done, {summary.failed} failed; "
-                  f"{summary.skipped} already done; {len(summary.recovered)} recovered from a dead run; "
+                  f"{summary.skipped} already done; " + (f"{summary.reused} reused from another store; "
+                                                          if reuse_from else "")
+                  + f"{len(summary.recovered)} recovered from a dead run; "
                   f"{summary.wall_s:.1f} s", highlight=False)
         if summary.execution:
             fused_note = "" if summary.fused or "fused in groups" not in summary.execution else (

@@ -299,6 +299,9 @@ class TrialOutcome(Record):
     init_examples: int | None = Field(default=None, ge=0, description="examples a data-driven init (EVA's SVD) ran "
                                       "forward for this trial (0: none, e.g. its saved state was continued); None: "
                                       "not measured (trained in a fused group, or by an older loraplace)")
+    reused_from: str | None = Field(default=None, description="the store this outcome was taken over from by "
+                                    "`run --reuse-from` (the trial was trained there, under the same id and spec; "
+                                    "its timings are that run's); None: trained in this store")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrialOutcome:

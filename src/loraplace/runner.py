@@ -70,6 +70,7 @@ class RunSummary:
     done: int = 0
     failed: int = 0
     skipped: int = 0  # already done before this run
+    reused: int = 0  # taken over, done, from another store (--reuse-from; loraplace.reuse)
     recovered: list[str] = field(default_factory=list)  # left running by a dead process, re-run now
     failed_earlier: int = 0  # failed in an earlier run and not retried in this one (see --retry-failed)
     warnings: list[str] = field(default_factory=list)  # about the inputs, found before anything ran

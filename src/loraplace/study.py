@@ -16,7 +16,7 @@ import json
 import time
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,6 +27,7 @@ from loraplace.errors import ConfigError, LoraplaceError
 from loraplace.formatting import plural
 from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill, PlacementSpec
 from loraplace.records import GroupKey, Size, StudyInfo, TrialLabels, TrialOutcome, config_without_seed
+from loraplace.reuse import check_sources, reuse_finished
 from loraplace.runner import FusedExecutor, LocalExecutor, PlannedTrial, RungTask, RunHooks, RunSummary, execute
 from loraplace.search import Candidate, SearchSpec, SearchState, describe, is_preset, run_rungs, rung_steps, rungs_of
 from loraplace.search import state_dir as search_state_dir
@@ -574,11 +575,9 @@ def _check_precision(study: StudySpec, store_path: Path) -> None:
     stored = _stored(study, store_path) if study.train.precision == "auto" else None
     if stored is None:
         return
-    from loraplace.train import resolve_device, resolve_dtype  # torch: only when there is a store to resume
-
     ran = [t.outcome.environment.dtype for t in stored[1]
            if t.status == "done" and t.outcome is not None and t.outcome.environment.dtype]
-    here = str(resolve_dtype("auto", resolve_device(study.train.device))).removeprefix("torch.")
+    here = _auto_dtype_here(study)  # torch is imported only now, when there is a store to resume
     if ran and here not in ran:
         kinds = " and ".join(f"{d} ({plural(n, 'trial')})" for d, n in sorted(collections.Counter(ran).items()))
         raise StudyChanged(
@@ -589,12 +588,23 @@ def _check_precision(study: StudySpec, store_path: Path) -> None:
             "names both); a new study can pin train.precision: fp32 to run the same everywhere")
 
 
+def _auto_dtype_here(study: StudySpec) -> str | None:
+    """What ``precision: auto`` resolves to on this machine ("float32" / "bfloat16"); None when it is pinned."""
+    if study.train.precision != "auto":
+        return None
+    from loraplace.train import resolve_device, resolve_dtype
+
+    return str(resolve_dtype("auto", resolve_device(study.train.device))).removeprefix("torch.")
+
+
 def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["local", "ray"] = "local",
               address: str | None = None, retry_failed: bool = False, extend: bool = False, force: bool = False,
-              allow_mixed_precision: bool = False, hooks: RunHooks = RunHooks()) -> RunSummary:
+              allow_mixed_precision: bool = False, reuse_from: Sequence[str | Path] = (),
+              hooks: RunHooks = RunHooks()) -> RunSummary:
     """Run every unfinished trial of ``study`` into ``store_path``. Everything checkable — backend, device, model,
     data, placements, an edited spec — is checked before the store is written. Ctrl-C marks the trials in flight
-    interrupted and re-raises ``KeyboardInterrupt``."""
+    interrupted and re-raises ``KeyboardInterrupt``. ``reuse_from``: other stores whose finished trials of the
+    same id are taken over instead of trained (:mod:`loraplace.reuse`)."""
     t0 = time.perf_counter()
     store_path = Path(store_path)
     if backend not in BACKENDS:
@@ -603,6 +613,12 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
     check_placements(study, force)
     if not allow_mixed_precision and backend == "local":  # Ray workers resolve auto on their own machines
         _check_precision(study, store_path)
+    sources = [Path(s) for s in reuse_from]
+    if sources:
+        if study.search is not None:
+            raise LoraplaceError("--reuse-from does not apply to a search (its rungs decide between steps of "
+                                 "trials it trains itself)", "run the search without it")
+        check_sources(sources, store_path)
     warnings = check_inputs(study)
     if study.tracking is not None:
         check_tracking(study.tracking)
@@ -626,6 +642,19 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
         summary = RunSummary(recovered=store.recover_stale(record.id), warnings=warnings)
         summary.skipped = sum(1 for t in store.trials(record.id) if t.id in by_id and t.status == "done")
         artifacts = artifacts_dir(store_path)
+        dtype_here = _auto_dtype_here(study) if sources and not allow_mixed_precision and backend == "local" else None
+
+        def take_over(trials: dict[str, PlannedTrial]) -> None:  # --reuse-from: before training any of them
+            if not sources:
+                return
+            reused = reuse_finished(store, record.id, trials, sources, artifacts, dtype_here=dtype_here,
+                                    retry_failed=retry_failed)
+            summary.reused += reused.count
+            summary.warnings.extend(reused.warnings)
+            for source, ids in reused.taken.items():
+                if hooks.on_note is not None:
+                    hooks.on_note(f"reused {plural(len(ids), 'finished trial')} from {source}")
+
         if backend == "ray":
             from loraplace.ray_backend import RayExecutor
 
@@ -653,6 +682,7 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
                 by_id = _search(study, store, record.id, planned, executor, artifacts, hooks, summary,
                                 retry_failed)
             else:
+                take_over(by_id)
                 execute(store, record.id, by_id, executor, retry_failed=retry_failed, hooks=hooks, summary=summary)
             if study.tune is not None and study.search is None:  # the other seeds at each cell's selected LR
                 selected = expand_grid(study, selections_of(study.info(), store.trials(record.id)))
@@ -661,6 +691,7 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
                     store.add_trials(record.id, [(p.id, p.labels, p.spec.model_dump(mode="json"))
                                                  for p in more.values()])
                     by_id |= more
+                    take_over(more)
                     execute(store, record.id, more, executor, retry_failed=retry_failed, hooks=hooks,
                             summary=summary)
         summary.execution = getattr(executor, "decision", None)

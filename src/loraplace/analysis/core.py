@@ -8,7 +8,7 @@ order and adapter init draw), so the test is the paired t-test and the interval 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -308,6 +308,12 @@ def analyze_records(study: StudyRecord, store: str, records: list[TrialRecord],
         warnings.append(f"the trials ran in {' and '.join(environment.dtypes)} (precision: auto on machines of "
                         "different kinds): a difference between arms of the size of the rounding difference is not "
                         "evidence")
+    reused = Counter(r.outcome.reused_from for r in rows if r.status == "done" and r.outcome is not None
+                                 and r.outcome.reused_from is not None)
+    if reused:
+        warnings.append("trials taken over from other stores (run --reuse-from), trained there under the same spec: "
+                        + ", ".join(f"{n} from {source}" for source, n in reused.items())
+                        + "; their timings and memory were measured in that run, on its machine")
     swept = swept_axes(rows, bool(study.info.tune_lrs))
     return StudyAnalysis(study.name, store, study.spec, study.info, tuple(groups.values()), tuple(rows), counts,
                          tuple(warnings), environment, selections, swept_axes=swept,

@@ -74,6 +74,37 @@ def test_the_validation_pairs_are_the_report_s_pair_table():
         assert float(p) == pytest.approx(delta.p_value, abs=6e-3 if delta.p_value > 0.1 else 6e-4), other
 
 
+FP32_STORE = ROOT / "docs" / "validation-fp32" / "validation-fp32.db"
+FP32_SECTION = "New probe arms"
+
+
+@pytest.mark.skipif(not FP32_STORE.is_file(), reason="the fp32 probe study's store is not in this checkout")
+def test_the_fp32_probe_table_is_the_store_s_analysis():
+    """docs/validation.md's fp32 study (nfn and warmup against all, ff-up and EVA): every arm's row is what the
+    committed store gives."""
+    _check_result_table(FP32_STORE, _section(FP32_SECTION), trials=30)
+
+
+@pytest.mark.skipif(not FP32_STORE.is_file(), reason="the fp32 probe study's store is not in this checkout")
+def test_the_fp32_probe_pairs_are_the_report_s_pair_table():
+    """Its comparison rows (new method − other: Δ [interval], p, p Holm) are the report's pairwise differences,
+    sign turned to read as written."""
+    pairs = {frozenset((d.better.placement, d.other.placement)): d for d in analyze_store(FP32_STORE).pairwise}
+    number = r"([+−-][0-9.]+)"
+    rows = re.findall(rf"^\| ([\w-]+) − ([\w-]+) \| {number} \[{number}, {number}\] \| ([0-9.]+) \| ([0-9.]+) \|",
+                      _section(FP32_SECTION), re.MULTILINE)
+    assert {(a, b) for a, b, *_ in rows} == {("nfn", "ff-up"), ("nfn", "eva"), ("warmup", "ff-up"),
+                                             ("warmup", "eva"), ("nfn", "warmup")}
+    for first, other, mean, low, high, p, p_holm in rows:
+        d = pairs[frozenset((first, other))]
+        sign = -1 if d.better.placement == other else 1  # delta is better − other; the doc writes first − other
+        delta = d.delta_loss
+        assert [float(x.replace("−", "-")) for x in (mean, low, high)] == pytest.approx(
+            [sign * delta.mean_diff, *sorted(sign * x for x in delta.ci)], abs=6e-5), (first, other)
+        assert float(p) == pytest.approx(delta.p_value, abs=6e-4), (first, other)
+        assert float(p_holm) == pytest.approx(d.p_holm, abs=6e-4), (first, other)
+
+
 PROBE_STORE = ROOT / "docs" / "probe-validation" / "probe-validation.db"
 PROBE_DOC = ROOT / "docs" / "probe.md"
 

@@ -308,8 +308,8 @@ def analyze_records(study: StudyRecord, store: str, records: list[TrialRecord],
         warnings.append(f"the trials ran in {' and '.join(environment.dtypes)} (precision: auto on machines of "
                         "different kinds): a difference between arms of the size of the rounding difference is not "
                         "evidence")
-    reused = Counter(r.outcome.reused_from for r in rows if r.status == "done" and r.outcome is not None
-                                 and r.outcome.reused_from is not None)
+    reused = Counter(r.outcome.reused_from for r in rows
+                     if r.status == "done" and r.outcome is not None and r.outcome.reused_from is not None)
     if reused:
         warnings.append("trials taken over from other stores (run --reuse-from), trained there under the same spec: "
                         + ", ".join(f"{n} from {source}" for source, n in reused.items())

@@ -50,6 +50,17 @@ def _check_result_table(store: Path, text: str, trials: int) -> None:
         assert float(cells[6]) == pytest.approx(d.p_value, abs=6e-4), group.placement
 
 
+def _pair_as_written(pairs: dict, first: str, other: str, written: tuple[str, str, str]):
+    """The report's difference between ``first`` and ``other``, checked against a doc row that writes it as
+    first − other: mean, interval low, interval high (the report's delta is better − other, so the sign may turn)."""
+    d = pairs[frozenset((first, other))]
+    sign = -1 if d.better.placement == other else 1
+    delta = d.delta_loss
+    assert [float(x.replace("−", "-")) for x in written] == pytest.approx(
+        [sign * delta.mean_diff, *sorted(sign * x for x in delta.ci)], abs=6e-5), (first, other)
+    return d
+
+
 @pytest.mark.skipif(not STORE.is_file(), reason="the validation study's store is not in this checkout")
 def test_the_validation_table_is_the_store_s_analysis():
     _check_result_table(STORE, _section("Result"), trials=36)
@@ -65,13 +76,8 @@ def test_the_validation_pairs_are_the_report_s_pair_table():
                       DOC.read_text(), re.MULTILINE)
     assert len(rows) == 5
     for other, mean, low, high, p in rows:
-        d = pairs[frozenset(("auto", other))]
-        sign = -1 if d.better.placement == other else 1  # delta is better − other; the doc writes auto − other
-        delta = d.delta_loss
-        expected = sorted(sign * x for x in delta.ci)
-        assert [float(x.replace("−", "-")) for x in (mean, low, high)] == pytest.approx(
-            [sign * delta.mean_diff, *expected], abs=6e-5), other
-        assert float(p) == pytest.approx(delta.p_value, abs=6e-3 if delta.p_value > 0.1 else 6e-4), other
+        d = _pair_as_written(pairs, "auto", other, (mean, low, high))
+        assert float(p) == pytest.approx(d.delta_loss.p_value, abs=6e-3 if d.delta_loss.p_value > 0.1 else 6e-4), other
 
 
 FP32_STORE = ROOT / "docs" / "validation-fp32" / "validation-fp32.db"
@@ -96,12 +102,8 @@ def test_the_fp32_probe_pairs_are_the_report_s_pair_table():
     assert {(a, b) for a, b, *_ in rows} == {("nfn", "ff-up"), ("nfn", "eva"), ("warmup", "ff-up"),
                                              ("warmup", "eva"), ("nfn", "warmup")}
     for first, other, mean, low, high, p, p_holm in rows:
-        d = pairs[frozenset((first, other))]
-        sign = -1 if d.better.placement == other else 1  # delta is better − other; the doc writes first − other
-        delta = d.delta_loss
-        assert [float(x.replace("−", "-")) for x in (mean, low, high)] == pytest.approx(
-            [sign * delta.mean_diff, *sorted(sign * x for x in delta.ci)], abs=6e-5), (first, other)
-        assert float(p) == pytest.approx(delta.p_value, abs=6e-4), (first, other)
+        d = _pair_as_written(pairs, first, other, (mean, low, high))
+        assert float(p) == pytest.approx(d.delta_loss.p_value, abs=6e-4), (first, other)
         assert float(p_holm) == pytest.approx(d.p_holm, abs=6e-4), (first, other)
 
 

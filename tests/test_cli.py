@@ -151,8 +151,8 @@ def test_report_errors(cli, tmp_path):
 
 
 def test_probe_shows_each_measure(tmp_path, capsys, monkeypatch):
-    """`loraplace probe` scores by gradient, nfn or warmup: the table, probe.json and the heatmap; bad options are
-    one clear error before the model loads."""
+    """`loraplace probe` scores by nfn (the default), gradient or warmup: the table, probe.json and the heatmap;
+    bad options are one clear error before the model loads."""
     monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
     common = ["probe", "tiny:llama", "--data", "builtin:arithmetic?n=32", "--batches", "2", "--batch", "4"]
     done = run_cli_in_process(*common, "--measure", "nfn", "--out", tmp_path / "nfn", capsys=capsys)
@@ -161,8 +161,10 @@ def test_probe_shows_each_measure(tmp_path, capsys, monkeypatch):
     saved = json.loads((tmp_path / "nfn" / "probe.json").read_text())
     assert saved["measure"] == "nfn" and all(s["actual"] is not None for s in saved["sites"])
     assert (tmp_path / "nfn" / "probe.png").is_file()
-    done = run_cli_in_process(*common, "--json", capsys=capsys)
+    done = run_cli_in_process(*common, "--measure", "gradient", "--json", capsys=capsys)
     assert done.returncode == 0 and json.loads(done.stdout)["measure"] == "gradient"
+    done = run_cli_in_process(*common, "--json", capsys=capsys)  # the default: what auto reads without a method
+    assert done.returncode == 0 and json.loads(done.stdout)["measure"] == "nfn"
     done = run_cli_in_process(*common, "--measure", "warmup", "--warmup-steps", "2", "--warmup-lr", "0.01",
                               "--out", tmp_path / "warmup", capsys=capsys)
     assert done.returncode == 0, done.stderr

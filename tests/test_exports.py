@@ -43,8 +43,8 @@ def auto_plan():
     """A per-site-rank auto placement of the tiny llama (the probe reads builtin arithmetic)."""
     session = Session("tiny:llama", precision="fp32")
     data = load_tokenized("builtin:arithmetic?n=64", session.tokenizer, DataSpec(train="x", max_len=160))[0]
-    plan = session.plan({"auto": {"budget": 6000, "batches": 2, "batch": 4, "rank": 2}}, data=data,
-                        data_key="arith64")
+    plan = session.plan({"auto": {"method": "probe", "budget": 6000, "batches": 2, "batch": 4, "rank": 2}},
+                        data=data, data_key="arith64")
     assert len({m.rank for m in plan.modules}) > 1 or len(plan.modules) < 14  # really selective
     return plan
 

@@ -103,8 +103,8 @@ def test_spectrum_prices_higher_ranks(probe):
 @pytest.mark.parametrize("granularity", ["site", "role", "layer"])
 def test_auto_placement_compiles_to_a_plan_within_budget(session, data, granularity):
     budget = 2500
-    spec = parse_placement({"auto": {"budget": budget, "granularity": granularity, "batches": 3, "batch": 4,
-                                     "rank": 2}})
+    spec = parse_placement({"auto": {"method": "probe", "budget": budget, "granularity": granularity, "batches": 3,
+                                     "batch": 4, "rank": 2}})
     plan = session.plan(spec, data=data, data_key="arith64")
     assert 0 < plan.trainable_params <= budget
     assert plan.placement["label"] == f"auto:{granularity}@{budget:,}"
@@ -117,8 +117,8 @@ def test_auto_placement_compiles_to_a_plan_within_budget(session, data, granular
 
 def test_site_granularity_fills_the_budget_closely(session, data):
     budget = 6000
-    plan = session.plan({"auto": {"budget": budget, "batches": 3, "batch": 4, "rank": 2}}, data=data,
-                        data_key="arith64")
+    plan = session.plan({"auto": {"method": "probe", "budget": budget, "batches": 3, "batch": 4, "rank": 2}},
+                        data=data, data_key="arith64")
     smallest = min(2 * (s.in_features + s.out_features) for s in session.arch.sites.values())
     assert budget - smallest < plan.trainable_params <= budget  # per-site ranks fill what a uniform rank cannot
     assert len(set(plan.rank_by_module.values())) > 1
@@ -140,7 +140,7 @@ def test_auto_placement_in_a_study_and_its_report(tmp_path, monkeypatch):
 
     monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
     text = tiny_study_yaml("auto", steps=2, size="budgets: [2100, 4500]", placements={
-        "all": "{preset: all}", "auto": "{auto: {batches: 2, batch: 4, rank: 2}}"})
+        "all": "{preset: all}", "auto": "{auto: {method: probe, batches: 2, batch: 4, rank: 2}}"})
     (tmp_path / "s.yaml").write_text(text)
     summary = run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db")
     assert (summary.done, summary.failed) == (8, 0)
@@ -258,6 +258,8 @@ def test_top_methods_adapt_their_top_roles_and_fill_the_budget_exactly(session, 
     # PLoP's defaults: roles, three of them.
     default = parse_placement({"auto": {"method": method}}).auto
     assert (default.granularity, default.top) == ("role", 3)
+    if method == "nfn":  # auto's default method, with the same defaults
+        assert parse_placement({"auto": {}}).auto == default
     with pytest.raises(PlacementError, match="only"):
         session.plan({"auto": {"method": method, "budget": budget, "batches": 2, "batch": 4, "rank": 2,
                                "top": 99}}, data=data, data_key="arith64")
@@ -271,7 +273,7 @@ def test_top_is_refused_where_it_cannot_take_effect():
     with pytest.raises(ConfigError, match="warmup_steps applies to method warmup"):
         parse_placement({"auto": {"method": "nfn", "warmup_steps": 5}})
     # probe placements dump as before (trial ids of stored studies do not move)
-    dumped = parse_placement({"auto": {}}).model_dump()["auto"]
+    dumped = parse_placement({"auto": {"method": "probe"}}).model_dump()["auto"]
     assert not {"top", "warmup_steps", "warmup_lr"} & set(dumped)
     warmup = parse_placement({"auto": {"method": "warmup"}}).auto
     assert (warmup.granularity, warmup.top, warmup.warmup_steps, warmup.warmup_lr) == ("role", 3, 10, 1e-3)

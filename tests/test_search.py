@@ -340,3 +340,21 @@ def test_status_recommend_and_export_read_a_search_store(planted, cli, tmp_path)
     exported = cli("export-placement", "--from", root / "s.db", "--to", "peft", "--out", out)
     assert exported.returncode == 0, exported.stderr
     assert out.is_file()
+
+
+def test_loraplace_run_of_a_search_shows_rungs_then_the_finalists_seeds(tmp_path, capsys, monkeypatch):
+    """The command line's progress over a search: rung bars come and go before the study bar exists, and the
+    study bar grows as the finalists' seeds join — it must look its own bar up by id, not by list position
+    (``make demo`` stopped with an IndexError there)."""
+    from helpers import run_cli_in_process
+
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "s.yaml").write_text(search_yaml("cli", lrs="[1.0e-3, 3.0e-2]", seeds=(0, 1), steps=4,
+                                                 search="{eta: 3, finalists: 2}"))
+    done = run_cli_in_process("run", tmp_path / "s.yaml", "--store", tmp_path / "s.db", capsys=capsys)
+    assert done.returncode == 0, done.stderr
+    shown = done.stdout + done.stderr
+    assert "rung 1/" in shown and "finalists:" in shown
+    with Store.open_readonly(tmp_path / "s.db") as store:
+        trials = store.trials(store.study().id)
+    assert sum(t.status == "done" for t in trials) == 4  # 2 finalists × 2 seeds

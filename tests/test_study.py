@@ -140,6 +140,34 @@ def test_stored_studies_keep_their_trial_ids(tmp_path):
     assert not {t.id for t in expand_grid(load_study(FIXTURES / "store_v2.yaml"))} & stored
 
 
+def test_auto_without_method_is_the_default_method_and_a_store_of_probe_says_how_to_resume(tmp_path):
+    """``auto`` without ``method`` meant probe when the v2 fixture was stored and means nfn now: its YAML as then
+    written (no method) is refused, with the one-line fix, and never re-runs the arm as something else."""
+    import shutil
+
+    from helpers import FIXTURES
+    from loraplace.placement.spec import DEFAULT_AUTO_METHOD
+    from loraplace.study import StudyChanged
+
+    assert DEFAULT_AUTO_METHOD == "nfn"
+    as_written = (FIXTURES / "store_v2.yaml").read_text().replace("method: probe, ", "") + "fill: uniform\n"
+    assert "auto: {auto: {batches" in as_written
+    (tmp_path / "s.yaml").write_text(as_written)
+    assert load_study(tmp_path / "s.yaml").placements["auto"].auto.method == "nfn"
+    shutil.copy(FIXTURES / "store_v2.db", tmp_path / "s.db")
+    with Store.open_readonly(tmp_path / "s.db") as store:
+        before = {t.id: t.status for t in store.trials(store.study().id)}
+    with pytest.raises(StudyChanged) as refused:
+        run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db")
+    assert 'placements.auto.auto.method: "probe" → "nfn"' in str(refused.value)
+    assert "write method: probe in them to resume" in refused.value.hint
+    with Store.open_readonly(tmp_path / "s.db") as store:
+        assert {t.id: t.status for t in store.trials(store.study().id)} == before
+    # Written out, the stored method resumes: nothing left to run.
+    (tmp_path / "s.yaml").write_text(as_written.replace("{auto: {", "{auto: {method: probe, "))
+    assert run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db").done == 0
+
+
 def test_allow_unassigned_in_a_study(tmp_path):
     """A model whose blocks hold weights no role claims (Jamba's Mamba mixers): `all` is refused up front, unless
     the study allows it; then every trial's placement carries the flag (and new trial ids)."""

@@ -29,12 +29,14 @@ from loraplace.data import DataSpec
 from loraplace.errors import ConfigError, LoraplaceError
 from loraplace.formatting import one_line
 from loraplace.placement.spec import (
+    DEFAULT_AUTO_METHOD,
     DEFAULT_FILL,
     DEFAULT_RANK,
     DEFAULT_WARMUP_LR,
     DEFAULT_WARMUP_STEPS,
     TOP_METHODS,
     Fill,
+    measure_of,
 )
 from loraplace.train_config import DEFAULT_STEPS, TrainSpec
 
@@ -249,9 +251,10 @@ def probe(
                              "warm-up's adapters; every measure prices a site at this rank"),
     quantize: str = typer.Option("none", "--quantize", help="none | nf4 | fp4 | int8: probe the base as "
                                  "bitsandbytes loads it"),
-    measure: str = typer.Option("gradient", "--measure", help="gradient (‖G_r‖_F: auto methods probe and "
-                                "gradient) | nfn (PLoP's normalized feature norm, forward only: auto method nfn) | "
-                                "warmup (relative update after a short all-linear warm-up: auto method warmup)"),
+    measure: str = typer.Option(measure_of(DEFAULT_AUTO_METHOD), "--measure", help="nfn (PLoP's normalized "
+                                "feature norm, forward only: auto method nfn, auto's default) | gradient (‖G_r‖_F: "
+                                "auto methods probe and gradient) | warmup (relative update after a short all-linear "
+                                "warm-up: auto method warmup)"),
     warmup_steps: int = typer.Option(DEFAULT_WARMUP_STEPS, "--warmup-steps", min=1, help="--measure warmup: "
                                      "training steps of the rank-r adapters on every linear"),
     warmup_lr: float = typer.Option(DEFAULT_WARMUP_LR, "--warmup-lr", min=0.0, help="--measure warmup: their "
@@ -260,10 +263,11 @@ def probe(
     out_dir: str | None = typer.Option(None, "--out", "-o", help="write probe.json and the heatmap here"),
     as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="print the scores as one JSON object"),
 ) -> None:
-    """Importance probe: score every (layer, role) site on a few batches of your data — by the top-r singular
-    values of its loss gradient and its efficiency per trainable parameter (--measure gradient), by PLoP's
-    normalized feature norm (--measure nfn), or by how far rank-r adapters on every linear moved each module's
-    output after a short warm-up (--measure warmup: the only one that trains, and keeps nothing)."""
+    """Importance probe: score every (layer, role) site on a few batches of your data — by PLoP's normalized
+    feature norm (--measure nfn, the default: what auto reads unless told otherwise), by the top-r singular values
+    of its loss gradient and its efficiency per trainable parameter (--measure gradient), or by how far rank-r
+    adapters on every linear moved each module's output after a short warm-up (--measure warmup: the only one that
+    trains, and keeps nothing)."""
     from pathlib import Path
     from typing import get_args
 
@@ -336,7 +340,9 @@ class TrainProgress:
         if self.study is None:
             self.study = self.progress.add_task("study", total=total, info="")
         else:  # more trials joined the run (a tuned study's other seeds)
-            self.progress.update(self.study, total=max(total, self.progress.tasks[self.study].total or 0))
+            # By id, not position: ``tasks`` is a list, and the rung and trial bars removed before it shift it.
+            shown = next(t.total for t in self.progress.tasks if t.id == self.study)
+            self.progress.update(self.study, total=max(total, shown or 0))
 
     def trial_done(self, done: int, failed: int) -> None:
         if self.progress is not None and self.study is not None:

@@ -25,7 +25,7 @@ from pydantic import Field, ValidationError, ValidationInfo, create_model, field
 from loraplace.data import DataSpec
 from loraplace.errors import ConfigError, LoraplaceError
 from loraplace.formatting import plural
-from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill, PlacementSpec
+from loraplace.placement.spec import DEFAULT_AUTO_METHOD, DEFAULT_FILL, DEFAULT_RANK, Fill, PlacementSpec
 from loraplace.records import GroupKey, Size, StudyInfo, TrialLabels, TrialOutcome, config_without_seed
 from loraplace.reuse import check_sources, reuse_finished
 from loraplace.runner import FusedExecutor, LocalExecutor, PlannedTrial, RungTask, RunHooks, RunSummary, execute
@@ -491,6 +491,16 @@ def _as_read_now(stored: dict[str, Any]) -> dict[str, Any]:
         return stored
 
 
+def _auto_default_hint(differences: list[str]) -> str:
+    """The likely cause when a stored ``auto`` arm read ``probe`` and the spec now reads the default: ``auto``
+    without ``method`` meant ``probe`` until 2026-12-04 and means ``DEFAULT_AUTO_METHOD`` since."""
+    moved = f'.auto.method: "probe" → "{DEFAULT_AUTO_METHOD}"'
+    if not any(d.endswith(moved) for d in differences):
+        return ""
+    return (f"auto without method means {DEFAULT_AUTO_METHOD} since 2026-12-04 (it meant probe): if this spec's "
+            "auto placements name no method, write method: probe in them to resume the stored study; ")
+
+
 def _check_unchanged(study: StudySpec, store_path: Path, planned: list[PlannedTrial], extend: bool) -> None:
     """A study's identity is its resolved spec, i.e. its trials. Re-running a spec with the same trials resumes; a
     spec whose trials differ is refused with the differences, or with ``extend`` adds cells as long as no group
@@ -514,8 +524,9 @@ def _check_unchanged(study: StudySpec, store_path: Path, planned: list[PlannedTr
                                                             if len(differences) > 20 else "")
     if not extend:
         raise StudyChanged(f"study {study.name!r} in {store_path} was run with a different spec:\n{shown}",
-                           "to compare new settings, use a new store (--store) or a new name:; to add placements, "
-                           "sizes, seeds or axis values to this study, run with --extend")
+                           _auto_default_hint(differences) + "to compare new settings, use a new store (--store) or "
+                           "a new name:; to add placements, sizes, seeds or axis values to this study, run with "
+                           "--extend")
     by_group: dict[GroupKey, dict[str, Any]] = {}
     for trial in existing:
         by_group.setdefault(trial.labels.group, config_without_seed(trial.spec))
@@ -527,13 +538,14 @@ def _check_unchanged(study: StudySpec, store_path: Path, planned: list[PlannedTr
     if mixed:
         # The trial-level difference can be a setting the spec never wrote (a field this version added, with a
         # default the stored trials did not run with): name it, not only the spec's own changes.
-        first = "\n".join(f"  {d}" for d in spec_differences(*clashes[mixed[0]])[:10])
+        clash = spec_differences(*clashes[mixed[0]])
+        first = "\n".join(f"  {d}" for d in clash[:10])
         raise StudyChanged(f"--extend would mix configurations inside group(s) {', '.join(mixed[:8])}"
                            f"{' …' if len(mixed) > 8 else ''}: their stored trials were run with other settings "
                            f"than this spec gives them. In {mixed[0]}, stored → now:\n{first}\nChanges to the "
                            f"spec:\n{shown}",
-                           "--extend only adds cells (placements, sizes, seeds, axis values); to change settings, "
-                           "use a new store (--store) or a new name:")
+                           _auto_default_hint(clash + differences) + "--extend only adds cells (placements, "
+                           "sizes, seeds, axis values); to change settings, use a new store (--store) or a new name:")
     dropped = sorted({t.labels.group.label for t in existing if t.id not in planned_ids
                       and not _in_spec(study, t.labels)})
     if dropped:  # the store would keep arms the spec no longer names, and report and recommend them

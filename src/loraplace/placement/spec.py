@@ -49,6 +49,10 @@ class SiteGroup(StrictModel):
 
 
 AutoMethod = Literal["probe", "random", "nfn", "gradient", "warmup"]
+# What `auto` does when it names no method: nfn, which tied the best preset on GSM8K where probe lost to it, and
+# costs one forward pass (docs/probe.md, "Which method should auto use by default?"). It was probe until
+# 2026-12-04; stored specs name their method, so no stored study changes meaning.
+DEFAULT_AUTO_METHOD: AutoMethod = "nfn"
 # Methods that adapt the k best-ranked units and fill the budget over them.
 TOP_METHODS = ("nfn", "gradient", "warmup")
 DEFAULT_TOP = 3  # PLoP adapts the three lowest-NFN module types
@@ -59,6 +63,12 @@ DEFAULT_WARMUP_STEPS = 10
 DEFAULT_WARMUP_LR = 1e-3
 
 
+def measure_of(method: AutoMethod) -> ProbeMeasure:
+    """The probe an auto method reads: ``probe`` and ``gradient`` share the gradient probe (``random`` reads none
+    and is priced like ``probe``)."""
+    return method if method in ("nfn", "warmup") else "gradient"
+
+
 class AutoPlacement(StrictModel):
     """Budget-aware automatic placement from site scores (see ``loraplace.probe``).
 
@@ -67,14 +77,14 @@ class AutoPlacement(StrictModel):
     ``gradient`` (‖G_r‖_F itself, not divided by a unit's size: the *highest*) and ``warmup`` (adapters on every
     linear trained ``warmup_steps`` steps, then each site's relative update ‖ΔW·x‖ / ‖W·x‖: the *highest*) adapt
     the ``top`` best-ranked units and spend the budget over them at one rank (the study's ``fill``), by role
-    unless ``granularity`` says otherwise."""
+    unless ``granularity`` says otherwise. Without ``method``: ``DEFAULT_AUTO_METHOD``."""
 
     budget: int | None = Field(default=None, gt=0, description="trainable params (default: the study's/CLI budget)")
     method: AutoMethod = Field(
-        default="probe", description="probe: gradient energy per parameter, greedy; random: seeded random sites (a "
-        "control); nfn: PLoP's normalized feature norm, the lowest `top` units; gradient: ‖G_r‖_F, the highest "
-        "`top` units; warmup: the relative update ‖ΔW·x‖/‖W·x‖ after a short all-linear warm-up, the highest `top` "
-        "units")
+        default=DEFAULT_AUTO_METHOD, description=f"default {DEFAULT_AUTO_METHOD}. nfn: PLoP's normalized feature "
+        "norm, the lowest `top` units; probe: gradient energy per parameter, greedy; random: seeded random sites (a "
+        "control); gradient: ‖G_r‖_F, the highest `top` units; warmup: the relative update ‖ΔW·x‖/‖W·x‖ after a "
+        "short all-linear warm-up, the highest `top` units")
     granularity: Literal["site", "role", "layer"] = Field(
         default="site", description="what is scored and chosen: a (layer, role) site, a role over all layers, or a "
         "layer (default: site; role for nfn, gradient and warmup)")
@@ -92,16 +102,17 @@ class AutoPlacement(StrictModel):
 
     @property
     def measure(self) -> ProbeMeasure:
-        """The probe a method reads (``ProbeScores.measure``): ``probe`` and ``gradient`` share the gradient probe."""
-        return self.method if self.method in ("nfn", "warmup") else "gradient"
+        """The probe a method reads (``ProbeScores.measure``)."""
+        return measure_of(self.method)
 
     @model_validator(mode="before")
     @classmethod
     def _method_defaults(cls, data: Any) -> Any:
         """nfn, gradient and warmup choose roles, three of them, unless told otherwise (PLoP's defaults)."""
-        if isinstance(data, dict) and data.get("method") in TOP_METHODS:
+        method = data.get("method", DEFAULT_AUTO_METHOD) if isinstance(data, dict) else None
+        if method in TOP_METHODS:
             data = {"granularity": "role", "top": DEFAULT_TOP} | data
-        if isinstance(data, dict) and data.get("method") == "warmup":
+        if method == "warmup":
             data = {"warmup_steps": DEFAULT_WARMUP_STEPS, "warmup_lr": DEFAULT_WARMUP_LR} | data
         return data
 

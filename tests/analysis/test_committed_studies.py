@@ -169,3 +169,23 @@ def test_the_qlora_table_is_the_store_s_analysis():
         mean, ci, pct, p = numbers(rows[effect.group.placement][5])[:4]
         assert (mean, ci, pct) == (round(d.mean_diff, 4), round(d.ci_half, 4), round(effect.delta_loss_pct, 1))
         assert p == pytest.approx(d.p_value, abs=0.0005), effect.group.label
+
+
+HORIZON_STORE = ROOT / "docs" / "horizon" / "horizon.db"
+
+
+@pytest.mark.skipif(not HORIZON_STORE.is_file(), reason="the horizon study's store is not in this checkout")
+def test_the_horizon_s_trial_table_is_the_store_s_done_trials():
+    """docs/validation.md's 160-step table lists every finished trial of the horizon study — arm, LR, seed — with
+    the test and validation loss the store holds, and nothing the store does not."""
+    analysis = analyze_store(HORIZON_STORE)
+    stored = {(t.placement, dict(t.key.axes)["lr"], t.seed): t.metrics for t in analysis.trials
+              if t.status == "done"}
+    written = {}
+    for line in _section("Longer horizon").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0].startswith("`") and cells[3] == "160":
+            written[(cells[0].strip("`"), float(cells[1]), int(cells[2]))] = (float(cells[4]), float(cells[5]))
+    assert written.keys() == stored.keys()
+    for key, (test, val) in written.items():
+        assert (test, val) == (round(stored[key]["eval_loss"], 4), round(stored[key]["val_loss"], 4)), key

@@ -87,7 +87,7 @@ class AutoPlacement(StrictModel):
         "short all-linear warm-up, the highest `top` units")
     granularity: Literal["site", "role", "layer"] = Field(
         default="site", description="what is scored and chosen: a (layer, role) site, a role over all layers, or a "
-        "layer (default: site; role for nfn, gradient and warmup)")
+        "layer (default: role for nfn, gradient and warmup; site for probe and random)")
     batches: int = Field(default=8, gt=0, description="batches of the training data the probe reads")
     batch: int = Field(default=8, gt=0, description="examples per probe batch")
     rank: int = Field(default=8, gt=0, description="rank at which sites are scored and priced")

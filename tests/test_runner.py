@@ -126,3 +126,18 @@ def test_an_interruption_marks_what_was_in_flight_and_keeps_what_finished(store)
     assert executor.cancelled
     resumed = execute(store, study_id, trials, FakeExecutor(2))
     assert resumed.ran == 1 and store.trial("t3").status == "done" and store.trial("t3").attempts == 2
+
+
+def test_once_stop_starting_says_so_nothing_more_is_claimed_and_what_is_in_flight_finishes(store):
+    """``loraplace run --timeout``: checked before every claim; the trials in flight are recorded, the others stay
+    pending for the next run, which runs only them."""
+    trials = planned(5)
+    study_id = register(store, trials)
+    executor = FakeExecutor(2)
+    summary = execute(store, study_id, trials, executor, stop_starting=lambda: len(executor.submitted) >= 3)
+    assert executor.batches == [["t0", "t1"], ["t2"]] and summary.timed_out
+    status = {t.id: t.status for t in store.trials(study_id)}
+    assert status == {"t0": "done", "t1": "done", "t2": "done", "t3": "pending", "t4": "pending"}
+    rest = execute(store, study_id, trials, FakeExecutor(2))
+    assert (rest.ran, rest.done, rest.timed_out) == (2, 2, False)
+    assert all(t.status == "done" and t.attempts == 1 for t in store.trials(study_id))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 
@@ -192,6 +193,32 @@ def test_a_rerun_of_a_finished_search_trains_nothing_and_decides_the_same(plante
     assert summary.rung_runs == 0 and summary.ran == 0
     with Store.open_readonly(root / "s.db") as store:
         assert store.rung_decisions(store.study().id) == before
+
+
+def test_a_search_stopped_by_its_timeout_between_rung_runs_continues_to_the_same_decisions(planted, tmp_path,
+                                                                                            monkeypatch):
+    """A timeout that passes after the first rung run (a clock that moves 100 s per result, timeout 50 s): no
+    other rung run starts, the search is left unfinished, and the next run ends it with the decisions of the
+    uninterrupted search."""
+    import loraplace.study
+    from loraplace.runner import RunHooks
+
+    root, study, _ = planted
+    clock = [0.0]
+    monkeypatch.setattr(loraplace.study, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+
+    def note(line: str) -> None:
+        if " @ " in line:  # a rung run's result
+            clock[0] += 100
+
+    cut = run_study(study, tmp_path / "s.db", timeout_s=50, hooks=RunHooks(on_note=note))
+    assert cut.timed_out and cut.rung_runs == 1 and cut.ran == 0
+    assert not analyze_store(tmp_path / "s.db").search.finished
+    rest = run_study(study, tmp_path / "s.db")
+    assert not rest.timed_out and rest.rung_runs == planted[2].rung_runs - 1
+    with Store.open_readonly(root / "s.db") as one, Store.open_readonly(tmp_path / "s.db") as two:
+        assert two.rung_decisions(two.study().id) == one.rung_decisions(one.study().id)
 
 
 def test_the_finalists_first_seed_continues_its_search_state_exactly(planted, tmp_path, monkeypatch):

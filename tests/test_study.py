@@ -85,6 +85,38 @@ def test_bad_specs_report_everything_and_write_nothing(tmp_path, cli, text, mess
     assert not (tmp_path / "s.db").exists()
 
 
+class SteppingClock:
+    """Stands in for loraplace.study's ``time`` module: every reading is ``step`` seconds after the one before."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def perf_counter(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_run_timeout_starts_nothing_after_it_and_exits_75_while_work_is_left(tmp_path, write_study, cli,
+                                                                            monkeypatch):
+    """--timeout 25m with a clock that moves 1000 s a reading: the run starts (reading 1), claims a trial
+    (reading 2: 1000 s in), and at the next claim (2000 s in) stops; the next run continues with the rest, and a
+    timeout that passes just as the last trial is claimed leaves nothing and says nothing."""
+    import loraplace.study
+
+    spec = write_study(seeds=[0])  # two trials: all and attn
+    monkeypatch.setattr(loraplace.study, "time", SteppingClock(1000))
+    first = cli("run", spec, "--store", tmp_path / "s.db", "--timeout", "25m")
+    assert first.returncode == 75, first.stderr
+    assert "--timeout 25m00s reached: nothing was started after it" in first.stderr
+    assert "run the same command to continue" in first.stderr
+    with Store.open_readonly(tmp_path / "s.db") as store:
+        assert sorted(t.status for t in store.trials(store.study().id)) == ["done", "pending"]
+    second = cli("run", spec, "--store", tmp_path / "s.db", "--timeout", "25m")
+    assert second.returncode == 0 and "reached" not in second.stderr, second.stderr
+    assert "ran 1 trial(s): 1 done, 0 failed; 1 already done" in second.stderr
+    assert cli("run", spec, "--store", tmp_path / "s.db", "--timeout", "soon").returncode == 2
+
+
 def test_run_then_resume_does_no_training(tmp_path, write_study):
     spec = load_study(write_study())
     first = run_study(spec, tmp_path / "s.db")

@@ -67,6 +67,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out = Console() if sys.stdout.isatty() else Console(width=140)
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=140)
 DEFAULT_PROBE_DATA = "builtin:arithmetic?n=256"  # offline default data for the importance probe
+EXIT_WORK_LEFT = 75  # run --timeout stopped with trials left (EX_TEMPFAIL: "try again later")
 _STATE = {"debug": False}
 _USAGE_ERRORS = tuple({click.ClickException, _typer_click.ClickException})
 _EXITS = tuple({click.exceptions.Exit, typer.Exit})
@@ -512,15 +513,24 @@ def run(
     reuse_from: list[str] | None = typer.Option(
         None, "--reuse-from", metavar="STORE", help="take finished trials over from another study's store instead "
         "of training them: a trial of the same id has the same resolved spec (repeatable)"),
+    timeout: str | None = typer.Option(
+        None, "--timeout", metavar="DURATION", help="start no trial (nor search rung run) after this long "
+        "(5400, 90m, 1.5h, 1h30m): those in flight finish, the rest waits for the same command; exits "
+        f"{EXIT_WORK_LEFT} when work is left. Under a hard time limit, give the limit less one trial's time"),
     quiet: bool = typer.Option(False, "--quiet", "-q", metavar=FLAG),
 ) -> int:
     """Run a study: every unfinished trial of the grid, into a crash-safe store (resumable)."""
     import signal
     from pathlib import Path
 
+    from loraplace.formatting import human_duration, parse_duration
     from loraplace.runner import RunHooks
     from loraplace.study import default_store, load_study, run_study
 
+    try:
+        timeout_s = parse_duration(timeout, "--timeout") if timeout is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     study = load_study(spec_path)  # invalid spec: error before anything is written
     if allow_unassigned:
         study = study.model_copy(update={"allow_unassigned": True})
@@ -564,7 +574,7 @@ def run(
             hooks = RunHooks(on_start=start, on_end=end, progress=bar, on_note=note, on_rung_start=rung_start)
             summary = run_study(study, store_path, backend=backend, address=address, retry_failed=retry_failed,
                                 extend=extend, force=force, allow_mixed_precision=allow_mixed_precision,
-                                reuse_from=reuse_from or (), hooks=hooks)
+                                reuse_from=reuse_from or (), hooks=hooks, timeout_s=timeout_s)
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         in_flight = counts["started"] - counts["done"] - counts["failed"]
@@ -605,7 +615,10 @@ def run(
         err.print(f"[red]{summary.failed_earlier} trial(s) failed in an earlier run and were not run again[/]; "
                   f"after fixing the cause: loraplace run {spec_path} --store {store_path} --retry-failed",
                   highlight=False)
-    return 1 if summary.failed or summary.failed_earlier else 0
+    if summary.timed_out:
+        err.print(f"[yellow]--timeout {human_duration(timeout_s or 0)} reached:[/] nothing was started after it; "
+                  f"the rest waits — run the same command to continue", highlight=False)
+    return 1 if summary.failed or summary.failed_earlier else EXIT_WORK_LEFT if summary.timed_out else 0
 
 
 def _saved_steps(store_path, trials) -> dict[str, tuple[int, int]]:

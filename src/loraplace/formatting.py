@@ -1,6 +1,8 @@
-"""Human-readable sizes and counts, for every output (terminal, figures, reports)."""
+"""Human-readable sizes, counts and durations, for every output (terminal, figures, reports)."""
 
 from __future__ import annotations
+
+import re
 
 
 def human_bytes(n: float) -> str:
@@ -27,6 +29,32 @@ def parse_bytes(text: str, option: str = "size") -> int:
     if not value >= 1:  # also NaN
         raise ValueError(f"{option} {text!r}: a size must be positive")
     return int(value)
+
+
+_DURATION = re.compile(r"(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m(?:in)?)?(?:(?P<s>\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(text: str, option: str = "duration") -> float:
+    """"5400", "90m", "1.5h", "1h30m", "45s", "2h 15m" → seconds. Anything that is not a positive duration is
+    refused (ValueError naming ``option``)."""
+    raw = text.strip().lower().replace(" ", "")
+    try:
+        seconds = float(raw)  # a bare number is seconds
+    except ValueError:
+        match = _DURATION.fullmatch(raw)
+        if not raw or match is None:
+            raise ValueError(f"{option} {text!r} is not a duration (e.g. 5400, 90m, 1.5h, 1h30m)") from None
+        seconds = sum(float(match[unit] or 0) * scale for unit, scale in (("h", 3600), ("m", 60), ("s", 1)))
+    if not seconds > 0:  # also NaN
+        raise ValueError(f"{option} {text!r}: a duration must be positive")
+    return seconds
+
+
+def human_duration(seconds: float) -> str:
+    """5400 → "1h30m", 90 → "1m30s", 12.3 → "12s"."""
+    s = round(seconds)
+    h, m, s = s // 3600, s % 3600 // 60, s % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def human_count(n: float) -> str:

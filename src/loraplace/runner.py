@@ -77,6 +77,7 @@ class RunSummary:
     execution: str | None = None  # how the trials ran, when fused or sized by execution.fuse: auto
     rung_runs: int = 0  # a search's candidate runs to a rung in this run
     fused: int = 0  # trials of this run that trained fused with others
+    timed_out: bool = False  # the run's --timeout passed: it stopped starting trials (and search rungs)
     wall_s: float = 0.0
 
 
@@ -119,9 +120,12 @@ class Executor(Protocol):
 
 
 def execute(store: Store, study_id: int, planned: dict[str, PlannedTrial], executor: Executor, *,
-            retry_failed: bool = False, hooks: RunHooks = RunHooks(), summary: RunSummary | None = None) -> RunSummary:
+            retry_failed: bool = False, hooks: RunHooks = RunHooks(), summary: RunSummary | None = None,
+            stop_starting: Callable[[], bool] | None = None) -> RunSummary:
     """Run every claimable trial of ``planned`` through ``executor``, each at most once in this run (a failing
-    retry is not looped). ``KeyboardInterrupt`` marks the trials in flight ``interrupted`` and is re-raised."""
+    retry is not looped). ``KeyboardInterrupt`` marks the trials in flight ``interrupted`` and is re-raised.
+    ``stop_starting`` is asked before each claim: once it says True nothing more is claimed, the trials in flight
+    finish and ``summary.timed_out`` is set (the unclaimed ones stay pending for the next run)."""
     summary = summary or RunSummary()
     owner = Owner.current()
     remaining = set(planned)
@@ -134,6 +138,9 @@ def execute(store: Store, study_id: int, planned: dict[str, PlannedTrial], execu
     try:
         while True:
             while len(in_flight) < executor.capacity:
+                if stop_starting is not None and stop_starting():
+                    summary.timed_out = True
+                    break
                 claimed = store.claim_trial(study_id, owner, retry_failed=retry_failed, only=remaining)
                 if claimed is None:
                     break

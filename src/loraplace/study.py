@@ -16,7 +16,7 @@ import json
 import time
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -612,12 +612,17 @@ def _auto_dtype_here(study: StudySpec) -> str | None:
 def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["local", "ray"] = "local",
               address: str | None = None, retry_failed: bool = False, extend: bool = False, force: bool = False,
               allow_mixed_precision: bool = False, reuse_from: Sequence[str | Path] = (),
-              hooks: RunHooks = RunHooks()) -> RunSummary:
+              hooks: RunHooks = RunHooks(), timeout_s: float | None = None) -> RunSummary:
     """Run every unfinished trial of ``study`` into ``store_path``. Everything checkable — backend, device, model,
     data, placements, an edited spec — is checked before the store is written. Ctrl-C marks the trials in flight
     interrupted and re-raises ``KeyboardInterrupt``. ``reuse_from``: other stores whose finished trials of the
-    same id are taken over instead of trained (:mod:`loraplace.reuse`)."""
+    same id are taken over instead of trained (:mod:`loraplace.reuse`). ``timeout_s``: seconds after which no
+    trial (or search rung run) starts; those in flight finish, ``timed_out`` is set when work is left, and the
+    next run continues with it."""
     t0 = time.perf_counter()
+
+    def stop_starting() -> bool:
+        return timeout_s is not None and time.perf_counter() - t0 >= timeout_s
     store_path = Path(store_path)
     if backend not in BACKENDS:
         raise LoraplaceError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
@@ -686,16 +691,21 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
         tracker = None if study.tracking is None else Tracker(study.tracking, study.name, record.spec)
         if tracker is not None:
             hooks = _tracked(hooks, tracker)
+        rungs_left = False
         with executor, contextlib.ExitStack() as stack:
             if tracker is not None:
                 stack.callback(lambda: summary.warnings.extend(tracker.warnings))
                 stack.callback(tracker.close)
             if study.search is not None:
-                by_id = _search(study, store, record.id, planned, executor, artifacts, hooks, summary,
-                                retry_failed)
+                try:
+                    by_id = _search(study, store, record.id, planned, executor, artifacts, hooks, summary,
+                                    retry_failed, stop_starting)
+                except _TimedOut:  # between two rung runs: the store holds every result so far
+                    summary.timed_out, rungs_left = True, True
             else:
                 take_over(by_id)
-                execute(store, record.id, by_id, executor, retry_failed=retry_failed, hooks=hooks, summary=summary)
+                execute(store, record.id, by_id, executor, retry_failed=retry_failed, hooks=hooks, summary=summary,
+                        stop_starting=stop_starting)
             if study.tune is not None and study.search is None:  # the other seeds at each cell's selected LR
                 selected = expand_grid(study, selections_of(study.info(), store.trials(record.id)))
                 more = {p.id: p for p in selected if p.id not in by_id}
@@ -705,8 +715,13 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
                     by_id |= more
                     take_over(more)
                     execute(store, record.id, more, executor, retry_failed=retry_failed, hooks=hooks,
-                            summary=summary)
+                            summary=summary, stop_starting=stop_starting)
         summary.execution = getattr(executor, "decision", None)
+        if summary.timed_out and not rungs_left:  # or did it pass just as the last trial was claimed?
+            # (a tuned study's other seeds were added above for every cell whose LR selection is complete; an
+            # incomplete one has a selection-pass trial left)
+            summary.timed_out = any(t.status in ("pending", "interrupted") for t in store.trials(record.id)
+                                    if t.id in by_id)
         summary.failed_earlier = sum(1 for t in store.trials(record.id) if t.id in by_id and t.status == "failed") \
             - summary.failed
     summary.wall_s = time.perf_counter() - t0
@@ -746,10 +761,16 @@ def _check_search_unchanged(study: StudySpec, store_path: Path) -> None:
                            "a search resumes only under its own spec: use a new store (--store) or a new name:")
 
 
+class _TimedOut(Exception):
+    """A search's rung run was not started: the run's timeout had passed."""
+
+
 def _search(study: StudySpec, store: Store, study_id: int, planned: list[PlannedTrial], executor, artifacts: Path,
-            hooks: RunHooks, summary: RunSummary, retry_failed: bool) -> dict[str, PlannedTrial]:
+            hooks: RunHooks, summary: RunSummary, retry_failed: bool,
+            stop_starting: Callable[[], bool]) -> dict[str, PlannedTrial]:
     """The rungs (each candidate's results and each rung's decision recorded in the store), then the finalists
-    at every seed as ordinary trials. Returns the finalists' trials."""
+    at every seed as ordinary trials. Returns the finalists' trials. Raises :class:`_TimedOut` instead of starting
+    a rung run once ``stop_starting`` says so."""
     assert study.search is not None
     search = study.search
     specs = study.placement_specs()
@@ -768,6 +789,8 @@ def _search(study: StudySpec, store: Store, study_id: int, planned: list[Planned
             hooks.on_note(f"rung {rung.index + 1}/{len(rungs)}: {len(tasks)} candidate(s) to {rung.steps} steps")
         step = max(1, executor.capacity)  # fused: the executor trains up to capacity candidates together
         for chunk in (tasks[i:i + step] for i in range(0, len(tasks), step)):
+            if stop_starting():
+                raise _TimedOut
             if hooks.on_rung_start is not None:
                 hooks.on_rung_start(f"rung {rung.index + 1} ({rung.steps} steps) " + " + ".join(
                     names[t.candidate] for t in chunk))
@@ -799,5 +822,6 @@ def _search(study: StudySpec, store: Store, study_id: int, planned: list[Planned
     if hooks.on_note is not None and len(trials) > summary.skipped:
         hooks.on_note(f"finalists: {', '.join(f'{c.placement} lr={c.lr:g}' for c in finalists)} "
                       f"at {len(study.seeds)} seed(s)")
-    execute(store, study_id, trials, executor, retry_failed=retry_failed, hooks=hooks, summary=summary)
+    execute(store, study_id, trials, executor, retry_failed=retry_failed, hooks=hooks, summary=summary,
+            stop_starting=stop_starting)
     return trials

@@ -717,13 +717,12 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
                     execute(store, record.id, more, executor, retry_failed=retry_failed, hooks=hooks,
                             summary=summary, stop_starting=stop_starting)
         summary.execution = getattr(executor, "decision", None)
+        statuses = [t.status for t in store.trials(record.id) if t.id in by_id]
         if summary.timed_out and not rungs_left:  # or did it pass just as the last trial was claimed?
             # (a tuned study's other seeds were added above for every cell whose LR selection is complete; an
             # incomplete one has a selection-pass trial left)
-            summary.timed_out = any(t.status in ("pending", "interrupted") for t in store.trials(record.id)
-                                    if t.id in by_id)
-        summary.failed_earlier = sum(1 for t in store.trials(record.id) if t.id in by_id and t.status == "failed") \
-            - summary.failed
+            summary.timed_out = any(status in ("pending", "interrupted") for status in statuses)
+        summary.failed_earlier = statuses.count("failed") - summary.failed
     summary.wall_s = time.perf_counter() - t0
     return summary
 

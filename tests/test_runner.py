@@ -141,3 +141,11 @@ def test_once_stop_starting_says_so_nothing_more_is_claimed_and_what_is_in_fligh
     rest = execute(store, study_id, trials, FakeExecutor(2))
     assert (rest.ran, rest.done, rest.timed_out) == (2, 2, False)
     assert all(t.status == "done" and t.attempts == 1 for t in store.trials(study_id))
+
+
+def test_a_stop_that_comes_once_every_trial_is_claimed_leaves_nothing_and_is_not_a_timeout(store):
+    trials = planned(2)
+    study_id = register(store, trials)
+    executor = FakeExecutor(1)
+    summary = execute(store, study_id, trials, executor, stop_starting=lambda: len(executor.submitted) >= 2)
+    assert summary.ran == 2 and not summary.timed_out

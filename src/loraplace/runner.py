@@ -125,7 +125,7 @@ def execute(store: Store, study_id: int, planned: dict[str, PlannedTrial], execu
     """Run every claimable trial of ``planned`` through ``executor``, each at most once in this run (a failing
     retry is not looped). ``KeyboardInterrupt`` marks the trials in flight ``interrupted`` and is re-raised.
     ``stop_starting`` is asked before each claim: once it says True nothing more is claimed, the trials in flight
-    finish and ``summary.timed_out`` is set (the unclaimed ones stay pending for the next run)."""
+    finish, and ``summary.timed_out`` is set when some of ``planned`` is left for the next run."""
     summary = summary or RunSummary()
     owner = Owner.current()
     remaining = set(planned)
@@ -139,7 +139,8 @@ def execute(store: Store, study_id: int, planned: dict[str, PlannedTrial], execu
         while True:
             while len(in_flight) < executor.capacity:
                 if stop_starting is not None and stop_starting():
-                    summary.timed_out = True
+                    summary.timed_out = summary.timed_out or any(  # or did it pass as the last one was claimed?
+                        t.status in runnable for t in store.trials(study_id) if t.id in remaining)
                     break
                 claimed = store.claim_trial(study_id, owner, retry_failed=retry_failed, only=remaining)
                 if claimed is None:

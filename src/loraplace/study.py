@@ -617,8 +617,9 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
     data, placements, an edited spec — is checked before the store is written. Ctrl-C marks the trials in flight
     interrupted and re-raises ``KeyboardInterrupt``. ``reuse_from``: other stores whose finished trials of the
     same id are taken over instead of trained (:mod:`loraplace.reuse`). ``timeout_s``: seconds after which no
-    trial (or search rung run) starts; those in flight finish, ``timed_out`` is set when work is left, and the
-    next run continues with it."""
+    trial (or search rung run) starts; those in flight finish, ``timed_out`` is set when work is left (a tuned
+    study's other seeds are added for every cell whose LR selection is complete, so they count), and the next run
+    continues with it."""
     t0 = time.perf_counter()
 
     def stop_starting() -> bool:
@@ -691,7 +692,6 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
         tracker = None if study.tracking is None else Tracker(study.tracking, study.name, record.spec)
         if tracker is not None:
             hooks = _tracked(hooks, tracker)
-        rungs_left = False
         with executor, contextlib.ExitStack() as stack:
             if tracker is not None:
                 stack.callback(lambda: summary.warnings.extend(tracker.warnings))
@@ -701,7 +701,7 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
                     by_id = _search(study, store, record.id, planned, executor, artifacts, hooks, summary,
                                     retry_failed, stop_starting)
                 except _TimedOut:  # between two rung runs: the store holds every result so far
-                    summary.timed_out, rungs_left = True, True
+                    summary.timed_out = True
             else:
                 take_over(by_id)
                 execute(store, record.id, by_id, executor, retry_failed=retry_failed, hooks=hooks, summary=summary,
@@ -717,12 +717,8 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
                     execute(store, record.id, more, executor, retry_failed=retry_failed, hooks=hooks,
                             summary=summary, stop_starting=stop_starting)
         summary.execution = getattr(executor, "decision", None)
-        statuses = [t.status for t in store.trials(record.id) if t.id in by_id]
-        if summary.timed_out and not rungs_left:  # or did it pass just as the last trial was claimed?
-            # (a tuned study's other seeds were added above for every cell whose LR selection is complete; an
-            # incomplete one has a selection-pass trial left)
-            summary.timed_out = any(status in ("pending", "interrupted") for status in statuses)
-        summary.failed_earlier = statuses.count("failed") - summary.failed
+        summary.failed_earlier = sum(1 for t in store.trials(record.id) if t.id in by_id and t.status == "failed") \
+            - summary.failed
     summary.wall_s = time.perf_counter() - t0
     return summary
 

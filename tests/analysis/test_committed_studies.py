@@ -95,12 +95,18 @@ def test_the_fp32_probe_table_is_the_store_s_analysis():
 def test_the_fp32_probe_pairs_are_the_report_s_pair_table():
     """Its comparison rows (new method − other: Δ [interval], p, p Holm) are the report's pairwise differences,
     sign turned to read as written."""
-    pairs = {frozenset((d.better.placement, d.other.placement)): d for d in analyze_store(FP32_STORE).pairwise}
+    _check_pair_rows(FP32_STORE, _section(FP32_SECTION), {("nfn", "ff-up"), ("nfn", "eva"), ("warmup", "ff-up"),
+                                                          ("warmup", "eva"), ("nfn", "warmup")})
+
+
+def _check_pair_rows(store: Path, text: str, expected: set[tuple[str, str]]) -> None:
+    """The comparison rows of ``text`` (`| a − b | Δ [low, high] | p | p (Holm) |`) are exactly the pairs
+    ``expected``, each the report's pairwise difference of the store, sign turned to read as written."""
+    pairs = {frozenset((d.better.placement, d.other.placement)): d for d in analyze_store(store).pairwise}
     number = r"([+−-][0-9.]+)"
     rows = re.findall(rf"^\| ([\w-]+) − ([\w-]+) \| {number} \[{number}, {number}\] \| ([0-9.]+) \| ([0-9.]+) \|",
-                      _section(FP32_SECTION), re.MULTILINE)
-    assert {(a, b) for a, b, *_ in rows} == {("nfn", "ff-up"), ("nfn", "eva"), ("warmup", "ff-up"),
-                                             ("warmup", "eva"), ("nfn", "warmup")}
+                      text, re.MULTILINE)
+    assert {(a, b) for a, b, *_ in rows} == expected
     for first, other, mean, low, high, p, p_holm in rows:
         d = _pair_as_written(pairs, first, other, (mean, low, high))
         assert float(p) == pytest.approx(d.delta_loss.p_value, abs=6e-4), (first, other)
@@ -189,3 +195,12 @@ def test_the_horizon_s_trial_table_is_the_store_s_done_trials():
     assert written.keys() == stored.keys()
     for key, (test, val) in written.items():
         assert (test, val) == (round(stored[key]["eval_loss"], 4), round(stored[key]["val_loss"], 4)), key
+
+
+@pytest.mark.skipif(not HORIZON_STORE.is_file(), reason="the horizon study's store is not in this checkout")
+def test_the_horizon_result_table_is_the_store_s_analysis():
+    """docs/validation.md's 160-step result table (each arm at the LR its two seeds' validation loss selected) and
+    its `nfn` comparison rows are what the committed store gives, all 16 trials in."""
+    section = _section("Longer horizon")
+    _check_result_table(HORIZON_STORE, section, trials=16)
+    _check_pair_rows(HORIZON_STORE, section, {("nfn", "mlp"), ("nfn", "all"), ("nfn", "attn"), ("mlp", "all")})

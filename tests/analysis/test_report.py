@@ -129,3 +129,23 @@ def test_a_two_layer_placement_map_has_whole_layer_ticks(tmp_path, monkeypatch):
     monkeypatch.setattr(figures, "_save", keep)
     figures.site_heatmap({"all": [[1.0, 0.0], [0.0, 1.0]]}, ("attn.q", "mlp.up"), tmp_path, "sites", "t", "c", "r")
     assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_a_report_written_twice_is_the_same_files(report, tmp_path, monkeypatch):
+    """Reports are committed beside their stores: writing one again from the same store must not churn a byte
+    (SVG element ids and PDF creation dates would otherwise change on every run; the HTML's "generated" time
+    follows SOURCE_DATE_EPOCH when it is set, the reproducible-builds convention)."""
+    analysis = report[0]
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    files = []
+    for name in ("first", "second"):
+        write_report(analysis, tmp_path / name)
+        files.append({p.relative_to(tmp_path / name): p.read_bytes() for p in (tmp_path / name).rglob("*")
+                      if p.is_file()})
+    first, second = files
+    assert first.keys() == second.keys() and len(first) > 10
+    assert [name for name in first if first[name] != second[name]] == []
+    assert "generated 2023-11-14 22:13 UTC" in (tmp_path / "first" / "report.html").read_text()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(LoraplaceError, match="SOURCE_DATE_EPOCH='yesterday' is not a Unix time"):
+        write_report(analysis, tmp_path / "third")

@@ -32,7 +32,10 @@ STYLE = {
     "legend.fontsize": 7, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
     "grid.alpha": 0.25, "grid.linewidth": 0.5, "lines.linewidth": 1.2, "savefig.bbox": "tight",
     "savefig.pad_inches": 0.03, "svg.fonttype": "none", "pdf.fonttype": 42, "figure.dpi": 100,
+    "svg.hashsalt": "loraplace",  # fixed element ids: a report written twice from one store is the same files
 }
+# No creation date in SVG or PDF either, for the same reason (PNG's metadata carries none).
+NO_DATE = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}
 PNG_DPI = 200
 
 
@@ -53,7 +56,7 @@ def _save(fig, out_dir: Path, name: str, title: str, caption: str) -> Figure:
     files = {}
     for fmt in FORMATS:
         path = out_dir / f"{name}.{fmt}"
-        fig.savefig(path, dpi=PNG_DPI if fmt == "png" else None, metadata={"Date": None} if fmt == "svg" else None)
+        fig.savefig(path, dpi=PNG_DPI if fmt == "png" else None, metadata=NO_DATE.get(fmt))
         files[fmt] = path
     plt.close(fig)
     return Figure(name, title, caption, files)
@@ -107,34 +110,81 @@ def pareto_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
                      + per_condition)
 
 
+CURVE_SMOOTHING = 20  # a training curve is smoothed over 1/CURVE_SMOOTHING of its steps (a trailing mean)
+
+
+@dataclass(frozen=True)
+class SeedBand:
+    """One placement's smoothed training curve over its seeds, step by step: the mean and a band around it."""
+
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+    kind: str  # "t-interval" (3+ seeds), "range" (2 seeds: min–max), "none" (1 seed: low = high = mean)
+
+
+def trailing_mean(values: Sequence[float], window: int) -> list[float]:
+    """values[i] replaced by the mean of the last ``window`` values up to i (fewer at the start). One step's loss
+    is one batch's (8 examples): it jumps by ±30 % step to step, which hides the trend the figure is for."""
+    # a fresh sum per point, not a running total: a NaN step (a diverged batch) spoils its window, not the rest
+    return [sum(values[max(0, i + 1 - window):i + 1]) / min(i + 1, window) for i in range(len(values))]
+
+
+def seed_band(per_seed: Sequence[Sequence[float]], window: int) -> SeedBand:
+    """Smooth each seed's curve (same steps in each, in order), then summarise across seeds at every step. The band
+    is the 95 % t-interval from 3 seeds on; with 2 it is their range — a t-interval on one degree of freedom is
+    12.7 × the half-range and would run far outside any loss either seed saw (below 0 for a loss near 1)."""
+    smoothed = [trailing_mean(curve, window) for curve in per_seed]
+    mean, low, high = [], [], []
+    for values in zip(*smoothed, strict=True):
+        finite = [v for v in values if math.isfinite(v)]  # a diverged seed leaves a gap, not a crash
+        summary = summarize(finite)
+        if summary is None:
+            centre = lo = hi = math.nan
+        elif summary.n >= 3:
+            centre, lo, hi = summary.mean, summary.mean - summary.ci_half, summary.mean + summary.ci_half
+        else:
+            centre, lo, hi = summary.mean, min(finite), max(finite)
+        mean.append(centre)
+        low.append(lo)
+        high.append(hi)
+    kind = "t-interval" if len(per_seed) >= 3 else "range" if len(per_seed) == 2 else "none"
+    return SeedBand(mean, low, high, kind)
+
+
 def curves_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:
     groups = [g for g in analysis.compared if any(t.curve for t in g.trials)]
     if not groups:
         return None
     colors = _colors([g.key.label for g in groups])
+    kinds, windows = set(), set()
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(3.4, 2.6))
         for g in groups:
             # Seeds share the step grid; tokens per step differ slightly with packing, so x is their mean.
-            steps = sorted(set.intersection(*[{p.step for p in t.curve} for t in g.trials if t.curve]))
-            xs, means, lows, highs = [], [], [], []
-            for step in steps:
-                points = [(p.tokens, p.loss) for t in g.trials for p in t.curve if p.step == step]
-                summary = summarize([loss for _, loss in points])
-                xs.append(sum(tok for tok, _ in points) / len(points))
-                means.append(summary.mean)
-                half = summary.ci_half or 0.0
-                lows.append(summary.mean - half)
-                highs.append(summary.mean + half)
-            ax.plot(xs, means, color=colors[g.key.label], label=f"{g.key.label} (n={g.n})")
-            if g.n > 1:
-                ax.fill_between(xs, lows, highs, color=colors[g.key.label], alpha=0.18, lw=0)
+            curves = [t.curve for t in g.trials if t.curve]
+            steps = sorted(set.intersection(*[{p.step for p in curve} for curve in curves]))
+            by_step = [{p.step: p for p in curve} for curve in curves]
+            xs = [sum(points[step].tokens for points in by_step) / len(by_step) for step in steps]
+            window = max(1, round(len(steps) / CURVE_SMOOTHING))
+            band = seed_band([[points[step].loss for step in steps] for points in by_step], window)
+            kinds.add(band.kind)
+            windows.add(window)
+            ax.plot(xs, band.mean, color=colors[g.key.label], label=f"{g.key.label} (n={len(curves)})")
+            if band.kind != "none":
+                ax.fill_between(xs, band.low, band.high, color=colors[g.key.label], alpha=0.18, lw=0)
         ax.set_xlabel("training tokens (non-pad)")
-        ax.set_ylabel("train loss")
+        ax.set_ylabel("train loss (smoothed)" if windows != {1} else "train loss")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: human_count(v)))
         ax.legend(frameon=False)
+        smoothing = ("" if windows == {1} else
+                     f" Each seed's curve is a trailing mean over {'/'.join(str(w) for w in sorted(windows))} steps "
+                     "(one step's loss is one batch's).")
+        bands = {"t-interval": "95% t-intervals over 3+ seeds", "range": "the range of 2 seeds"}
+        band_text = " and ".join(bands[k] for k in ("t-interval", "range") if k in kinds)
         return _save(fig, out_dir, "curves", "Training curves",
-                     "Train loss against non-pad training tokens, mean over seeds; bands are 95% t-intervals.")
+                     "Train loss against non-pad training tokens, mean over seeds."
+                     + smoothing + (f" Bands: {band_text}." if band_text else ""))
 
 
 def efficiency_figure(analysis: StudyAnalysis, out_dir: Path) -> Figure | None:

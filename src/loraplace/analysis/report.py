@@ -11,6 +11,7 @@ import datetime as _dt
 import html
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def parse_formats(text: str) -> list[str]:
 def write_report(analysis: StudyAnalysis, out_dir: str | Path,
                  formats: tuple[str, ...] | list[str] = FORMATS) -> dict[str, Path]:
     """Write the requested formats (and the figures they need) under ``out_dir``; returns format → main file."""
+    generated = _generated_at()  # first: a bad SOURCE_DATE_EPOCH is one clear error, before any file is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = study_figures(analysis, out / "figures") if {"html", "md", "tex"} & set(formats) else []
@@ -63,7 +65,7 @@ def write_report(analysis: StudyAnalysis, out_dir: str | Path,
     trials = trial_table(analysis)
     written: dict[str, Path] = {}
     if "html" in formats:
-        written["html"] = _write(out / "report.html", render_html(analysis, tables, trials, figures))
+        written["html"] = _write(out / "report.html", render_html(analysis, tables, trials, figures, generated))
     if "md" in formats:
         written["md"] = _write(out / "results.md", render_markdown(analysis, tables, figures, out))
     if "tex" in formats:
@@ -126,7 +128,20 @@ def _img(figure: Figure) -> str:
             f"{html.escape(figure.caption)}</figcaption></figure>")
 
 
-def render_html(analysis: StudyAnalysis, tables: list[Table], trials: Table, figures: list[Figure]) -> str:
+def _generated_at() -> _dt.datetime:
+    """When the report was written: now, or — the reproducible-builds convention — ``SOURCE_DATE_EPOCH`` (seconds,
+    UTC) when set, so a committed report regenerated from an unchanged store is byte for byte the same."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if epoch:
+        try:
+            return _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc)
+        except (ValueError, OverflowError, OSError) as e:
+            raise LoraplaceError(f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix time in seconds") from e
+    return _dt.datetime.now().astimezone()
+
+
+def render_html(analysis: StudyAnalysis, tables: list[Table], trials: Table, figures: list[Figure],
+                generated: _dt.datetime) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in analysis.counts.items() if v)
     classes = ["baseline" if g.is_baseline else ("muted" if g.dominated_by else "") for g in analysis.compared]
     parts = [f"<h1>Study {html.escape(analysis.name)}</h1>",
@@ -136,7 +151,7 @@ def render_html(analysis: StudyAnalysis, tables: list[Table], trials: Table, fig
              + " · baseline "
              f"<b>{html.escape(str(analysis.baseline))}</b> · trials: {html.escape(counts)} · store "
              f"<code>{html.escape(analysis.store)}</code> · generated "
-             f"{_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}</p>"]
+             f"{generated.strftime('%Y-%m-%d %H:%M %Z')}</p>"]
     if analysis.warnings:
         parts.append('<div class="warn"><b>Read with care</b><ul>'
                      + "".join(f"<li>{html.escape(w)}</li>" for w in analysis.warnings) + "</ul></div>")

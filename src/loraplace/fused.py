@@ -106,6 +106,8 @@ class FusedMember:
     eval_every: int | None = None  # eval.every: a fused eval of the watched split every that many steps
     eval_batch: int | None = None  # examples per eval batch (the trial's eval.batch); None: not evaluated fused
     continuation: Continuation | None = None  # continue a saved state, stop and save there (as alone)
+    eval_at: tuple[int, ...] = ()  # eval.at_steps: a fused eval of the watched split at these steps too
+    watch_examples: int | None = None  # eval.watch_examples: those evals read the watched split's first N
 
 
 @dataclass
@@ -397,7 +399,7 @@ def fusion_problems(model, members: list[FusedMember]) -> tuple[list[str], dict[
         if m.train.compile:
             own[m.key].append("train.compile is not fusable (the fused layers pick each trial's rows in Python: a "
                               "compiled graph would be specialised to one group's row layout)")
-        if m.eval_every and not m.eval_batch:
+        if (m.eval_every or m.eval_at) and not m.eval_batch:
             own[m.key].append("evals during training (eval.every) need an eval batch size")
         if m.plan.dropout:
             own[m.key].append(f"LoRA dropout {m.plan.dropout} is not fusable yet (each trial's dropout masks would "
@@ -593,7 +595,7 @@ class _Group:
         state restored when its continuation has one."""
         model, device = session.model, session.device
         watched = "validation" if "validation" in evals else "test"
-        if any(m.eval_every for m in members) and watched not in evals:
+        if any(m.eval_every or m.eval_at for m in members) and watched not in evals:
             raise ConfigError(["evals during training (eval.every) need the eval splits passed as evals"],
                               "these trials cannot be fused")
         steppers, step_batches, modes = {}, {}, {}
@@ -601,7 +603,7 @@ class _Group:
             params, names = named_tensors({pm.path: _site_weights(wrapped[pm.path], m.key)
                                            for pm in plans[m.key].modules})
             stepper = TrialStepper.resuming(params, names, m.train, len(data), device, eval_every=m.eval_every,
-                                            continuation=m.continuation)
+                                            eval_at=m.eval_at, continuation=m.continuation)
             modes[m.key] = batching_mode(model, m.train.packing)
             step_batches[m.key], stepper.outcome.static_shape = step_batcher(data, m.train, stepper.order,
                                                                              modes[m.key], pad_id)
@@ -647,8 +649,12 @@ class _Group:
                 if due:
                     with clock.excluded():
                         self.model.eval()
-                        for key, (value, _) in self._eval(self.evals[self.watched], due).items():
-                            self.steppers[key].add_eval(value, self.watched)
+                        for n in sorted({m.watch_examples or 0 for m in due}):  # 0: the whole split
+                            watched = self.evals[self.watched]
+                            watched = watched.subset(range(min(n, len(watched)))) if n else watched
+                            for key, (value, _) in self._eval(watched, [m for m in due
+                                                                        if (m.watch_examples or 0) == n]).items():
+                                self.steppers[key].add_eval(value, self.watched, len(watched) if n else None)
                         self.model.train()
                 if on_step is not None:
                     on_step(iteration, longest, loss, sum(st.tokens_taken for st in self.steppers.values()))

@@ -80,8 +80,10 @@ class EvalPoint(Record):
     looked at before the end), else on the test split (older specs)."""
 
     step: int = Field(ge=1)
-    eval_loss: float = Field(description="nats/token over the whole split")
+    eval_loss: float = Field(description="nats/token over the split's evaluated examples")
     split: Literal["validation", "test"] = "test"
+    examples: int | None = Field(default=None, ge=1, description="the split's first N examples were evaluated "
+                                 "(eval.watch_examples: what a search's rung reads); None: the whole split")
 
 
 class TrainerProgress(Record):

@@ -406,7 +406,8 @@ def _one_data_group(session: Session, members: list[tuple[str, TrialSpec, Path]]
         fusable = []
         try:
             fused = [FusedMember(tid, plan_of(session, spec), spec.train, spec.eval.every, spec.eval.batch,
-                                 saved[tid]) for tid, spec, _ in members]
+                                 saved[tid], tuple(spec.eval.at_steps or ()), spec.eval.watch_examples)
+                     for tid, spec, _ in members]
             group, own = fusion_problems(session.model, fused)
             if group:
                 not_fused = {m.key: "not fused: " + "; ".join(group) for m in fused}

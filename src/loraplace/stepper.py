@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,11 +206,12 @@ class _PendingStep:
 class TrialStepper:
     """One trial's optimisation state; see the module docstring. ``names`` name ``params`` (saved with the state
     and checked on restore: a state never lands on other tensors). ``eval_every``: a periodic eval is due every
-    that many steps, except at the last step (the final eval covers it). ``stop_after``: stop there (a
+    that many steps, and ``eval_at``: at these steps, except at the last step (the final eval covers it). ``stop_after``: stop there (a
     :class:`Continuation`); the schedule still runs to the spec's full length."""
 
     def __init__(self, params: list[torch.nn.Parameter], names: list[str], spec: TrainSpec, n_examples: int,
-                 device: torch.device, *, eval_every: int | None = None, stop_after: int | None = None):
+                 device: torch.device, *, eval_every: int | None = None, eval_at: Collection[int] = (),
+                 stop_after: int | None = None):
         if not params:
             raise TrialFailed("the model has no trainable parameters")
         if len(names) != len(params):
@@ -219,6 +220,7 @@ class TrialStepper:
         self.total = spec.total_steps(n_examples)
         self.stop = self.total if stop_after is None else min(stop_after, self.total)
         self.eval_every = eval_every
+        self.eval_at = frozenset(eval_at)
         self.opt, self.sched = optimizer(params, spec, device, self.total)
         self.order = batch_order(n_examples, spec.batch, self.total, spec.seed)
         self.sync_every = spec.resolved_sync_every(device.type)
@@ -232,11 +234,11 @@ class TrialStepper:
 
     @classmethod
     def resuming(cls, params: list[torch.nn.Parameter], names: list[str], spec: TrainSpec, n_examples: int,
-                 device: torch.device, *, eval_every: int | None = None,
+                 device: torch.device, *, eval_every: int | None = None, eval_at: Collection[int] = (),
                  continuation: Continuation | None = None) -> TrialStepper:
         """A stepper that stops where ``continuation`` says and starts from the state saved there, if any (a
         fresh one without a continuation)."""
-        stepper = cls(params, names, spec, n_examples, device, eval_every=eval_every,
+        stepper = cls(params, names, spec, n_examples, device, eval_every=eval_every, eval_at=eval_at,
                       stop_after=continuation.stop_after if continuation is not None else None)
         stepper.continuation = continuation
         saved = continuation.saved() if continuation is not None else None
@@ -288,10 +290,11 @@ class TrialStepper:
         return self.step % self.sync_every == 0 or self.finished
 
     def eval_due(self) -> bool:
-        return bool(self.eval_every) and self.step % self.eval_every == 0 and self.step != self.total
+        periodic = bool(self.eval_every) and self.step % self.eval_every == 0
+        return (periodic or self.step in self.eval_at) and self.step != self.total
 
-    def add_eval(self, eval_loss: float, split: str) -> None:
-        self.outcome.evals.append(EvalPoint(step=self.step, eval_loss=eval_loss, split=split))
+    def add_eval(self, eval_loss: float, split: str, examples: int | None = None) -> None:
+        self.outcome.evals.append(EvalPoint(step=self.step, eval_loss=eval_loss, split=split, examples=examples))
 
     def note(self, why: str | None) -> None:
         if why and why not in self.outcome.notes:  # a restored trial already carries it

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import random
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 import torch
@@ -210,7 +210,8 @@ def _prepare_compile(lm, shape: tuple[int, int] | None, dtype: torch.dtype) -> N
 
 def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, dtype: torch.dtype, pad_id: int,
           on_step: Callable[[int, int, float | None, float], None] | None = None,
-          eval_fn: Callable[[], float] | None = None, eval_every: int | None = None, eval_split: str = "test",
+          eval_fn: Callable[[], float] | None = None, eval_every: int | None = None, eval_at: Collection[int] = (),
+          eval_split: str = "test", eval_examples: int | None = None,
           fault: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
           params: tuple[list[torch.nn.Parameter], list[str]] | None = None,
           continuation: Continuation | None = None) -> TrainOutcome:
@@ -218,7 +219,8 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
     per-trial bookkeeping.
 
     ``on_step(step, steps of this run, loss_or_None, tokens_so_far)`` drives progress bars; ``fault`` lets tests
-    inject a non-finite loss. ``params``: (the adapter tensors, their names) in the order a saved state keeps them
+    inject a non-finite loss. ``eval_fn`` is called every ``eval_every`` steps and at the steps ``eval_at`` (recorded
+    as ``eval_split``'s loss on ``eval_examples`` examples, None: all). ``params``: (the adapter tensors, their names) in the order a saved state keeps them
     (``peft_io.site_parameters``; default: the model's trainable parameters in module order). ``continuation``:
     continue its saved state if there is one, stop at its ``stop_after`` and save the state there. Raises
     :class:`TrialFailed` at the first non-finite loss, with its step.
@@ -229,7 +231,8 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
     if not params[0]:  # before the data is looked at
         raise TrialFailed("the model has no trainable parameters")
     stepper = TrialStepper.resuming(*params, spec, len(data), device, continuation=continuation,
-                                    eval_every=eval_every if eval_fn is not None else None)
+                                    eval_every=eval_every if eval_fn is not None else None,
+                                    eval_at=eval_at if eval_fn is not None else ())
     step_batches, shape = step_batcher(data, spec, stepper.order, batching_mode(model, spec.packing), pad_id)
     stepper.outcome.static_shape = shape
 
@@ -295,7 +298,7 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
             if stepper.eval_due():
                 read_back()
                 with clock.excluded():
-                    stepper.add_eval(eval_fn(), eval_split)
+                    stepper.add_eval(eval_fn(), eval_split, eval_examples)
                     model.train()
         read_back()
     if continuation is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 
 from loraplace.atomic import write_json_atomic
 from loraplace.data import DataSpec, Splits, TokenizedSet, load_splits
@@ -62,10 +62,29 @@ from loraplace.train import (
 
 
 class EvalSpec(StrictModel):
+    """How a trial is evaluated: at the end on the validation and test splits; during training (``every``,
+    ``at_steps``) on the watched split — validation when there is one, else test — or its first ``watch_examples``."""
+
     batch: int = Field(default=16, gt=0)
     generate: int = Field(default=0, ge=0, description="greedy-generate N eval examples for task accuracy")
     max_new_tokens: int = Field(default=256, gt=0)
     every: int | None = Field(default=None, gt=0, description="also evaluate every N steps")
+    at_steps: list[PositiveInt] | None = Field(
+        default=None, min_length=1, description="also evaluate at these steps (increasing, below the last): "
+        "a grid that records the rung steps of a search can replay it without training (loraplace replay)")
+    watch_examples: PositiveInt | None = Field(
+        default=None, description="evaluate only the watched split's first N examples during training (every, "
+        "at_steps): what a search's rung evaluates with search.rung_examples: N. The final evals read the whole "
+        "splits")
+
+    added_fields = frozenset({"at_steps", "watch_examples"})
+
+    @field_validator("at_steps")
+    @classmethod
+    def _increasing(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError("eval.at_steps must be strictly increasing")
+        return value
 
 
 class TrialSpec(StrictModel):
@@ -78,6 +97,15 @@ class TrialSpec(StrictModel):
                        "spread subset of sites) or uniform (one rank)")
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_steps_in_run(cls, value: EvalSpec, info: ValidationInfo) -> EvalSpec:
+        train = info.data.get("train")
+        if value.at_steps and train is not None and train.steps is not None and value.at_steps[-1] >= train.steps:
+            raise ValueError(f"eval.at_steps must stay below train.steps ({train.steps}): the last step is "
+                             "evaluated anyway, on the whole splits")
+        return value
 
     def id_neutral(self) -> set[str]:
         # ``fill`` only means something with a budget; "uniform" is how budgets were filled before it existed, so
@@ -400,8 +428,7 @@ def run_rung(spec: TrialSpec, *, session: Session, state_dir: Path, steps: int, 
         if splits.validation is None:
             raise LoraplaceError("a search judges candidates on the validation split; the data has none",
                                  "give data.validation, validation_count or validation_fraction")
-        watched = splits.validation if val_examples is None else splits.validation.subset(
-            range(min(val_examples, len(splits.validation))))
+        watched = first_examples(splits.validation, val_examples)
         plan = plan_of(session, spec)
         init_before = session.init_forward_examples
         with session.adapter(plan, spec.train.seed, init_data=splits.train, state=state) as model:
@@ -424,6 +451,11 @@ def run_rung(spec: TrialSpec, *, session: Session, state_dir: Path, steps: int, 
         return RungResult(candidate=candidate, rung=rung, steps=steps, status="failed", failure=failure_of(exc),
                           trained_steps=known["trained_steps"],
                           trained_examples=known["trained_steps"] * spec.train.batch)
+
+
+def first_examples(split: TokenizedSet, n: int | None) -> TokenizedSet:
+    """The split's first ``n`` examples (all of them when None): what a rung and a grid's ``eval.at_steps`` read."""
+    return split if n is None else split.subset(range(min(n, len(split))))
 
 
 def plan_of(session: Session, spec: TrialSpec) -> Plan:
@@ -487,13 +519,16 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
 
         # Losses during training read the validation split when there is one: the test split is looked at once.
         watched = splits.validation if splits.validation is not None else splits.eval
+        watched_early = first_examples(watched, spec.eval.watch_examples)  # during training
         if grouped is not None:  # trained in a fused group (loraplace.fused): its weights, its curve
             load_weights(model, grouped.weights)
             trained: TrainOutcome = grouped.outcome
         else:
             trained = train(model, splits.train, spec.train, device=device, dtype=dtype, pad_id=session.pad_id,
-                            on_step=progress, eval_fn=lambda: evaluate_on(watched)[0], eval_every=spec.eval.every,
-                            eval_split="validation" if splits.validation is not None else "test", fault=fault,
+                            on_step=progress, eval_fn=lambda: evaluate_on(watched_early)[0],
+                            eval_every=spec.eval.every, eval_at=spec.eval.at_steps or (),
+                            eval_split="validation" if splits.validation is not None else "test",
+                            eval_examples=spec.eval.watch_examples and len(watched_early), fault=fault,
                             params=site_parameters(model, plan), continuation=continuation)
         t0 = time.perf_counter()
         fused_evals = grouped.eval_losses if grouped is not None else {}  # evaluated in the fused pass

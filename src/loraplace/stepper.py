@@ -206,8 +206,8 @@ class _PendingStep:
 class TrialStepper:
     """One trial's optimisation state; see the module docstring. ``names`` name ``params`` (saved with the state
     and checked on restore: a state never lands on other tensors). ``eval_every``: a periodic eval is due every
-    that many steps, and ``eval_at``: at these steps, except at the last step (the final eval covers it). ``stop_after``: stop there (a
-    :class:`Continuation`); the schedule still runs to the spec's full length."""
+    that many steps, and ``eval_at``: at these steps, except at the last step (the final eval covers it).
+    ``stop_after``: stop there (a :class:`Continuation`); the schedule still runs to the spec's full length."""
 
     def __init__(self, params: list[torch.nn.Parameter], names: list[str], spec: TrainSpec, n_examples: int,
                  device: torch.device, *, eval_every: int | None = None, eval_at: Collection[int] = (),

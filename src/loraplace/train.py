@@ -219,11 +219,12 @@ def train(model, data: TokenizedSet, spec: TrainSpec, *, device: torch.device, d
     per-trial bookkeeping.
 
     ``on_step(step, steps of this run, loss_or_None, tokens_so_far)`` drives progress bars; ``fault`` lets tests
-    inject a non-finite loss. ``eval_fn`` is called every ``eval_every`` steps and at the steps ``eval_at`` (recorded
-    as ``eval_split``'s loss on ``eval_examples`` examples, None: all). ``params``: (the adapter tensors, their names) in the order a saved state keeps them
-    (``peft_io.site_parameters``; default: the model's trainable parameters in module order). ``continuation``:
-    continue its saved state if there is one, stop at its ``stop_after`` and save the state there. Raises
-    :class:`TrialFailed` at the first non-finite loss, with its step.
+    inject a non-finite loss. ``eval_fn`` is called every ``eval_every`` steps and at the steps ``eval_at``
+    (recorded as ``eval_split``'s loss on ``eval_examples`` examples, None: all). ``params``: (the adapter
+    tensors, their names) in the order a saved state keeps them (``peft_io.site_parameters``; default: the model's
+    trainable parameters in module order). ``continuation``: continue its saved state if there is one, stop at its
+    ``stop_after`` and save the state there. Raises :class:`TrialFailed` at the first non-finite loss, with its
+    step.
     """
     if params is None:
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]

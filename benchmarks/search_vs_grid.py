@@ -87,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- total: {search.search_steps():.1f} step-equivalents; the grid: {search.grid_steps:,} steps "
           f"({search.grid_trials} trials); ratio {search.ratio():.3f} (forward at 1/2: "
           f"{search.ratio(FORWARD_COST_HIGH):.3f})")
-    for a, b, tau, n in search.kendall:
-        print(f"- Kendall τ rung {a + 1} vs {'full horizon' if b == -1 else f'rung {b + 1}'}: "
-              f"{'—' if tau is None else f'{tau:+.2f}'} over {n}")
+    for row in search.kendall:
+        later = "full horizon" if row.later_rung is None else f"rung {row.later_rung + 1}"
+        print(f"- Kendall τ rung {row.rung + 1} vs {later}: "
+              f"{'—' if row.tau is None else f'{row.tau:+.2f}'} over {row.candidates}")
     name = answer.chosen.placement
     print(f"\nsearch_steps={search.search_steps():.0f} grid_steps={search.grid_steps} ratio={search.ratio():.3f} "
           f"answer={name} delta_vs_grid_best={test.mean_diff:+.4f} ci_low={test.ci[0]:+.4f} "

@@ -645,7 +645,7 @@ def _saved_steps(store_path, trials) -> dict[str, tuple[int, int]]:
 
 
 def _print_status(store_path, name: str | None = None) -> None:
-    from loraplace.report_terminal import print_status
+    from loraplace.report_terminal import print_search, print_status
     from loraplace.store import Store
 
     with Store.open_readonly(store_path) as store:
@@ -657,27 +657,53 @@ def _print_status(store_path, name: str | None = None) -> None:
 
             search = analyze_search(study.spec, study.info, store.rung_results(study.id),
                                     store.rung_decisions(study.id), store.trials(study.id))
-            _print_search(search)
+            print_search(search, out)
 
 
-def _print_search(search) -> None:
-    """A search's progress: each decided rung (kept, cut) and the results of the rung in progress."""
-    for rung in search.rungs:
-        d = rung.decision
+@app.command(cls=_Command)
+def replay(store: str = typer.Argument(..., help="grid store (.db): a tuned study whose trials recorded the rung "
+                                       "steps (eval.at_steps, eval.watch_examples)"),
+           search: str = typer.Option(..., "--search", help="the policy: a search: block ('{eta: 4, rungs: [3, "
+                                      "10], rung_examples: 24}') or a YAML file holding one (a study spec: its "
+                                      "search:)"),
+           rung_seed: list[int] | None = typer.Option(None, "--rung-seed", help="the seed the rungs run on "
+                                                      "(repeatable; default: the grid's first seed)"),
+           all_seeds: bool = typer.Option(False, "--all-seeds", metavar=FLAG, help="replay with the rungs on each "
+                                          "of the grid's seeds"),
+           task: str | None = typer.Option(None, "--task", help="the task's name in the result line (default: "
+                                           "the grid study's name)"),
+           name: str | None = typer.Option(None, "--study", help="study name (default: the latest)")) -> None:
+    """Replay a search policy on a stored grid, with no training: each rung's decision, the compute ledger, the
+    answer, and its regret against the grid's answer (test loss, seed-paired 95 % interval). Read-only."""
+    from loraplace.analysis.replay import replay_store
+    from loraplace.report_terminal import print_replay
+    from loraplace.search import SearchSpec
+    from loraplace.specs import validate
+    from loraplace.store import Store
 
-        def named(keys, rung=rung) -> str:
-            return ", ".join(f"{search.names[k].label} ({rung.results[k].val_loss:.4f})"
-                             if k in rung.results and rung.results[k].val_loss is not None
-                             else f"{search.names[k].label} (failed)" for k in keys)
+    policy = validate(SearchSpec, _search_block(search), "invalid --search")
+    if all_seeds:
+        with Store.open_readonly(store) as opened:
+            seeds = list(opened.study(name).spec.get("seeds", [0]))
+    else:
+        seeds = rung_seed or [None]
+    for seed in seeds:
+        result = replay_store(store, policy, rung_seed=seed, name=name)
+        print_replay(result, task or result.grid, out)
 
-        out.print(f"rung {d.rung + 1} at {d.steps} steps: {len(d.ranked)} in; kept {named(d.kept)}"
-                  + (f" [{search.names[d.anchored].label}: best preset, kept]" if d.anchored else ""),
-                  highlight=False)
-        out.print(f"  cut: {named(rung.cut)}", highlight=False, style="dim")
-    for index, results in sorted(search.pending.items()):
-        out.print(f"rung {index + 1} in progress: {len(results)} candidate(s) measured", highlight=False)
-    out.print(f"search compute so far: {search.search_steps():.0f} step-equivalents; the full tuned grid: "
-              f"{search.grid_steps:,} steps ({search.ratio():.2f}×)", highlight=False)
+
+def _search_block(text: str) -> dict:
+    """``--search``: a YAML file (its ``search:`` when it is a study spec) or a YAML mapping given inline."""
+    from loraplace.specs import load_yaml, parse_yaml
+
+    path = pathlib.Path(text)
+    data = load_yaml(path) if path.suffix in (".yaml", ".yml", ".json") else parse_yaml(text, "--search")
+    if isinstance(data, dict) and isinstance(data.get("search"), dict):
+        data = data["search"]
+    if not isinstance(data, dict):
+        raise ConfigError([f"--search {text!r}: not a mapping (a search: block, e.g. '{{eta: 4}}')"],
+                          "invalid --search")
+    return data
 
 
 @app.command(cls=_Command)

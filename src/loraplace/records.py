@@ -496,5 +496,14 @@ class RungDecision(Record):
     steps: int = Field(ge=1)
     ranked: tuple[str, ...] = Field(description="the candidates in, best first (failed last)")
     kept: tuple[str, ...] = Field(description="promoted to the next rung (at the last rung: the finalists)")
-    anchored: str | None = Field(default=None, description="a preset kept only because it was the best preset "
-                                 "(never cut the best preset: the search's answer is never worse than it)")
+    anchored: str | None = Field(default=None, description="a preset kept only because it was the preset ranked "
+                                 "best at this rung (so a preset always reaches the finalists)")
+    last: bool = Field(default=False, description="the search's last rung: ``kept`` are its finalists (a decision "
+                       "stored before this field existed reads False; :meth:`same_as` compares it only when both "
+                       "have it)")
+
+    def same_as(self, other: RungDecision) -> bool:
+        """The same decision: ``last`` compared only when both records carry it (older stores do not)."""
+        if "last" not in self.model_fields_set or "last" not in other.model_fields_set:
+            return self.model_copy(update={"last": other.last}) == other
+        return self == other

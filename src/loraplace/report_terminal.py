@@ -277,3 +277,50 @@ def print_recommendation(result, store: str, console: Console) -> None:
     at = f" --at {','.join(f'{k}={v}' for k, v in result.at.items())}" if result.at else ""
     console.print(f"use it: loraplace export-placement --from {escape(store)}{escape(at)} --to peft --out "
                   "adapter_config.json", highlight=False)
+
+
+def print_search(search, console: Console) -> None:
+    """A search's progress: each decided rung (kept, cut) and the results of the rung in progress."""
+    for rung in search.rungs:
+        d = rung.decision
+
+        def named(keys, rung=rung) -> str:
+            return ", ".join(f"{search.names[k].label} ({rung.results[k].val_loss:.4f})"
+                             if k in rung.results and rung.results[k].val_loss is not None
+                             else f"{search.names[k].label} (failed)" for k in keys)
+
+        console.print(f"rung {d.rung + 1} at {d.steps} steps: {len(d.ranked)} in; "
+                      f"{'finalists' if d.last else 'kept'} {named(d.kept)}"
+                      + (f" [{search.names[d.anchored].label}: best preset at this rung, kept]" if d.anchored
+                         else ""), highlight=False)
+        console.print(f"  cut: {named(rung.cut)}", highlight=False, style="dim")
+    for index, results in sorted(search.pending.items()):
+        console.print(f"rung {index + 1} in progress: {len(results)} candidate(s) measured", highlight=False)
+    console.print(f"search compute so far: {search.search_steps():.0f} step-equivalents; the full tuned grid: "
+                  f"{search.grid_steps:,} steps ({search.ratio():.2f}×)", highlight=False)
+
+
+def print_replay(result, task: str, console: Console) -> None:
+    """A policy replayed on a grid (:class:`loraplace.analysis.replay.ReplayResult`): rungs, ledger, answer,
+    regret, and the one machine-readable line."""
+    search = result.search
+    console.print(f"[bold]replay on {escape(result.grid)}[/] — rungs on seed {result.rung_seed} at "
+                  f"{', '.join(map(str, result.rungs))} steps", highlight=False)
+    print_search(search, console)
+    ledger = Table(title="compute (step-equivalents: a forward-only example counts 1/3)", pad_edge=False)
+    for column in ("part", "step-equivalents"):
+        ledger.add_column(column, justify="right" if column != "part" else "left")
+    for item in search.ledger:
+        ledger.add_row(escape(item.what), f"{item.steps(search.batch):.1f}")
+    ledger.add_row("search, total", f"{search.search_steps():.1f}")
+    ledger.add_row(f"the tuned grid ({search.grid_trials} trials × {search.total_steps} steps)",
+                   f"{search.grid_steps:,}")
+    console.print(ledger)
+    a, g = result.answer.chosen, result.grid_answer.chosen
+    console.print(f"answer: {a.placement} lr={a.lr:g} (test {a.value:.4f}); the grid's: {g.placement} lr={g.lr:g} "
+                  f"(test {g.value:.4f}); Δ {result.delta:+.4f} [{result.ci[0]:+.4f}, {result.ci[1]:+.4f}]"
+                  + (f", p = {result.p_value:.3f}" if result.p_value is not None else "")
+                  + f" over seeds {', '.join(map(str, result.seeds))}", highlight=False)
+    console.print(f"the grid's best on validation (seed {result.rung_seed}), {result.grid_best}: "
+                  f"{'kept' if result.best_survived_first_rung else 'cut'} at rung 1", highlight=False)
+    console.print(result.line(task), highlight=False, soft_wrap=True)

@@ -9,10 +9,19 @@ at the last rung is the grid's trial itself. The last rung picks the ``finalists
 its own best LR. Those then run every seed at the full horizon (seed 0 continues its search state) as ordinary
 trials, and the usual seed-paired analysis on the **test** split compares them.
 
-**Never worse than the best preset.** Placements given as a bare ``preset:`` are the presets. At every rung the
-best-ranked preset candidate is kept even if it ranks below the cut (:attr:`RungDecision.anchored` records it), so
-a preset is always among the finalists; :func:`loraplace.analysis.recommend.recommend` answers with that preset
-whenever the winner is not distinguishable from it.
+**A preset always reaches the finalists.** Placements given as a bare ``preset:`` are the presets. At every
+rung the preset candidate ranked best *at that rung* is kept even if it ranks below the cut
+(:attr:`RungDecision.anchored` records it), so a preset is always among the finalists, and
+:func:`loraplace.analysis.recommend.recommend` answers with that preset whenever the winner is not distinguishable
+from it. What this does **not** promise: that the finalist preset is the preset that would rank best at the full
+horizon — a preset ranked below another preset at an early rung can be cut there (on GSM8K, ``mlp`` at 1e-2 was
+cut at step 3 of 40 because ``ff-up`` ranked higher; docs/search.md). The answer is never worse than the best
+preset *as the rungs ranked them*.
+
+**Cut rate.** Each rung but the last keeps the best 1/eta. When the floor of the first rung (the warm-up, or
+``min_fraction`` of the horizon) would push rungs together, they are spread between the floor and the first rung
+that is above it (:func:`rung_steps`); when they still cannot each have their own step count, every rung cuts by
+the same larger factor (:func:`keep_rate`), never one rung the whole excess.
 
 **The rule is native to the store, not Optuna's pruner.** Optuna's ``SuccessiveHalvingPruner`` is asynchronous
 (ASHA): whether a trial is pruned depends on which trials happened to report first, so a search resumed after a
@@ -32,7 +41,7 @@ import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator
 
 from loraplace.placement.spec import PlacementSpec
 from loraplace.records import GroupKey, RungDecision, RungResult
@@ -54,6 +63,12 @@ class SearchSpec(StrictModel):
     rung_examples: PositiveInt | None = Field(default=None, description="validation examples a rung evaluates "
                                               "(the split's first N, the same for every candidate; default: all). "
                                               "The finalists are always evaluated on the whole split")
+    min_fraction: float | None = Field(default=None, gt=0, lt=1, description="the first rung's least step count "
+                                       "as a fraction of train.steps (with min_steps: the later of the two); a "
+                                       "rung earlier than that ranks how fast a candidate starts, not where it ends")
+    screen_lrs: NonNegativeInt = Field(default=0, description="the first N rungs cut across learning rates only: "
+                                       "each placement keeps its best ceil(n/eta) LRs, and no placement is cut "
+                                       "before rung N+1 (diversity: a placement is not lost to its worst LRs)")
 
     @field_validator("rungs")
     @classmethod
@@ -91,29 +106,56 @@ def is_preset(spec: PlacementSpec) -> bool:
 
 
 def rung_steps(search: SearchSpec, candidates: int, total_steps: int, warmup: int) -> list[int]:
-    """The rungs' step counts. Default: enough rungs to go from ``candidates`` to ``finalists`` keeping 1/eta at
-    each, at total/eta^k steps (k = number of rungs … 1), none below ``min_steps``; rungs that coincide merge."""
+    """The rungs' step counts. Default: one rung per cut needed to go from ``candidates`` to ``finalists`` keeping
+    1/eta at each, at total/eta^k steps (k = cuts … 1). Rungs that would fall below the floor (``min_steps``, else
+    the warm-up; ``min_fraction`` of the horizon) move every rung: they are spread geometrically between the floor
+    and the last rung instead of merging, so each still cuts about eta; only when the steps in between are too
+    few to give every cut its own rung do rungs merge (and :func:`keep_rate` cuts faster at each)."""
     if search.rungs is not None:
         return list(search.rungs)
-    floor = search.min_steps if search.min_steps is not None else max(1, warmup)
+    floor = min(first_rung_floor(search, total_steps, warmup), total_steps - 1)
     cuts = max(1, math.ceil(math.log(max(candidates / search.finalists, 1.0)) / math.log(search.eta) - 1e-9))
-    steps: list[int] = []
-    for k in range(cuts, 0, -1):
-        s = min(max(floor, round(total_steps / search.eta ** k)), total_steps - 1)
-        if s >= 1 and (not steps or s > steps[-1]):
-            steps.append(s)
-    return steps or [max(1, total_steps - 1)]
+    ideal = [total_steps / search.eta ** k for k in range(cuts, 0, -1)]
+    top = min(max(floor, round(ideal[-1])), total_steps - 1)
+    if ideal[0] >= floor:
+        steps = [min(round(s), total_steps - 1) for s in ideal]
+    else:  # geometric from the floor to the last rung: the same ratio between consecutive rungs
+        steps = [round(floor * (top / floor) ** (i / (cuts - 1))) if cuts > 1 else top for i in range(cuts)]
+    out: list[int] = []
+    for s in steps:
+        if s >= 1 and (not out or s > out[-1]):
+            out.append(s)
+    return out or [max(1, total_steps - 1)]
+
+
+def first_rung_floor(search: SearchSpec, total_steps: int, warmup: int) -> int:
+    """The first rung's least step count: ``min_steps`` (default: the warm-up, at least 1), raised to
+    ``min_fraction`` of the horizon when that is given."""
+    floor = search.min_steps if search.min_steps is not None else max(1, warmup)
+    if search.min_fraction is not None:
+        floor = max(floor, math.ceil(search.min_fraction * total_steps - 1e-9))
+    return floor
+
+
+def keep_rate(search: SearchSpec, candidates: int, rungs: int) -> float:
+    """The cut rate of every rung but the last: eta, or faster when there are fewer rungs than cuts (rungs merged,
+    or given): then each rung cuts by the same factor, (candidates / finalists)^(1 / rungs), so no single rung
+    takes the whole excess (100 candidates, 2 rungs, 2 finalists: 100 → 15 → 2, not 100 → 34 → 2)."""
+    needed = max(candidates / search.finalists, 1.0) ** (1 / max(rungs, 1))
+    return max(float(search.eta), needed)
 
 
 def rungs_of(steps: list[int]) -> list[Rung]:
     return [Rung(i, s, i == len(steps) - 1) for i, s in enumerate(steps)]
 
 
-def decide(rung: Rung, candidates: list[Candidate], results: dict[str, RungResult], eta: int,
-           finalists: int) -> RungDecision:
+def decide(rung: Rung, candidates: list[Candidate], results: dict[str, RungResult], eta: float, finalists: int,
+           screen: bool = False) -> RungDecision:
     """The rung's decision from its results alone. Ranked by validation loss (failed last), ties in candidate
-    order. Not the last rung: keep the best ceil(n/eta). The last: the best candidate of each of the best
-    ``finalists`` placements. Either way the best preset candidate is kept (replacing the lowest kept one)."""
+    order. Not the last rung: keep the best ceil(n/eta) — or, ``screen``-ing LRs, each placement's best
+    ceil(n_p/eta). The last: the best candidate of each of the best ``finalists`` placements. Either way the
+    preset candidate ranked best *at this rung* is kept (replacing the lowest kept one): a preset always reaches
+    the finalists, though not necessarily the preset that would rank best at the full horizon."""
     order = {c.key: i for i, c in enumerate(candidates)}
 
     def rank(c: Candidate) -> tuple[float, int]:
@@ -129,8 +171,13 @@ def decide(rung: Rung, candidates: list[Candidate], results: dict[str, RungResul
             if c.placement not in seen and len(kept) < finalists:
                 kept.append(c)
                 seen.add(c.placement)
+    elif screen:
+        kept = []
+        for placement in dict.fromkeys(c.placement for c in candidates):
+            mine = [c for c in candidates if c.placement == placement]
+            kept += [c for c in alive if c.placement == placement][:max(1, math.ceil(len(mine) / eta - 1e-9))]
     else:
-        kept = alive[:max(1, math.ceil(len(candidates) / eta))]
+        kept = alive[:max(1, math.ceil(len(candidates) / eta - 1e-9))]
     anchored = None
     best_preset = next((c for c in alive if c.preset), None)
     if best_preset is not None and best_preset not in kept and kept:
@@ -139,7 +186,7 @@ def decide(rung: Rung, candidates: list[Candidate], results: dict[str, RungResul
         kept = kept[:-1] + [best_preset] if len(kept) >= 2 else kept + [best_preset]
     kept_keys = {c.key for c in kept}
     return RungDecision(rung=rung.index, steps=rung.steps, ranked=tuple(c.key for c in ranked),
-                        kept=tuple(c.key for c in ranked if c.key in kept_keys), anchored=anchored)
+                        kept=tuple(c.key for c in ranked if c.key in kept_keys), anchored=anchored, last=rung.last)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,19 +217,31 @@ RunRung = Callable[[list[Candidate], Rung], Iterator[RungResult]]  # an executor
 
 def run_rungs(candidates: list[Candidate], rungs: list[Rung], search: SearchSpec, state: SearchState,
               run: RunRung, record_result: Callable[[RungResult], None],
-              record_decision: Callable[[RungDecision], None]) -> list[Candidate]:
+              record_decision: Callable[[RungDecision], None], *, retry_failed: bool = False,
+              note: Callable[[str], None] | None = None) -> list[Candidate]:
     """Every rung in turn: run the candidates with no recorded result, then decide (and record the decision;
-    the store refuses one that differs from a recorded one). Returns the finalists, best first."""
+    the store refuses one that differs from a recorded one). A rung already decided runs nothing: its recorded
+    decision stands, whatever its failed candidates would give now. In a rung not decided yet a failed candidate
+    is run again only with ``retry_failed`` (a failure that repeats is otherwise not paid for on every resume).
+    Returns the finalists, best first."""
     decisions = dict(state.decisions)
+    rate = keep_rate(search, len(candidates), len(rungs))
     for rung in rungs:
         alive = alive_at(rung.index, candidates, decisions)
         results = dict(state.results.get(rung.index, {}))
-        pending = [c for c in alive if c.key not in results or results[c.key].status != "done"]
+        if rung.index in decisions:
+            failed = [c.key for c in alive if c.key in results and results[c.key].status == "failed"]
+            if failed and retry_failed and note is not None:
+                note(f"rung {rung.index + 1} is decided: its {len(failed)} failed candidate(s) are not retried "
+                     "(the recorded decision stands)")
+            continue
+        pending = [c for c in alive if c.key not in results
+                   or (retry_failed and results[c.key].status == "failed")]
         if pending:
             for result in run(pending, rung):
                 record_result(result)
                 results[result.candidate] = result
-        decision = decide(rung, alive, results, search.eta, search.finalists)
+        decision = decide(rung, alive, results, rate, search.finalists, screen=rung.index < search.screen_lrs)
         record_decision(decision)
         decisions[rung.index] = decision
     final = decisions[rungs[-1].index]
@@ -197,7 +256,10 @@ def state_dir(artifacts: Path, candidate: str) -> Path:
 
 def describe(candidates: list[Candidate], rungs: list[Rung], search: SearchSpec) -> str:
     """One line for the terminal: what the search will do."""
+    rate = keep_rate(search, len(candidates), len(rungs))
+    cut = f"eta {search.eta}" if rate == search.eta else f"keeping 1/{rate:.2f} at each rung: fewer rungs than cuts"
+    screen = f", the first {search.screen_lrs} cutting LRs within each placement" if search.screen_lrs else ""
     return (f"search: {len(candidates)} candidates ({len({c.placement for c in candidates})} placements × "
             f"{len({c.lr for c in candidates})} LRs), rungs at {', '.join(str(r.steps) for r in rungs)} steps "
-            f"(eta {search.eta}, validation: {search.rung_examples or 'all'} examples), then the best "
+            f"({cut}{screen}; validation: {search.rung_examples or 'all'} examples), then the best "
             f"{search.finalists} placement(s) at every seed")

@@ -678,7 +678,7 @@ class Store:
             row = db.execute("SELECT decision_json FROM rung_decisions WHERE study_id = ? AND rung = ?",
                              (study_id, decision.rung)).fetchone()
             if row is not None:
-                if RungDecision.model_validate_json(row[0]) != decision:
+                if not RungDecision.model_validate_json(row[0]).same_as(decision):
                     raise StoreError(f"rung {decision.rung} was decided differently before "
                                      f"(kept {', '.join(RungDecision.model_validate_json(row[0]).kept)}); the "
                                      f"results now give {', '.join(decision.kept)}",

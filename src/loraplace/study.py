@@ -799,7 +799,8 @@ def _search(study: StudySpec, store: Store, study_id: int, planned: list[Planned
 
     state = SearchState.of(store.rung_results(study_id), store.rung_decisions(study_id))
     finalists = run_rungs(candidates, rungs, search, state, run, lambda r: store.record_rung(study_id, r),
-                          lambda d: store.record_decision(study_id, d))
+                          lambda d: store.record_decision(study_id, d), retry_failed=retry_failed,
+                          note=hooks.on_note)
     trials: dict[str, PlannedTrial] = {}
     for c in finalists:
         for seed in study.seeds:

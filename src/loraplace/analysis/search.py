@@ -47,6 +47,20 @@ class RungSummary:
 
 
 @dataclass(frozen=True)
+class RankAgreement:
+    """Kendall's tau between a rung's ranking and a later one's, over the candidates both measured."""
+
+    rung: int  # the earlier rung, 0-based
+    later_rung: int | None  # the later rung, 0-based; None: the finalists' full-horizon validation loss (seed 0)
+    tau: float | None  # None: fewer than two candidates in both, or undefined
+    candidates: int
+
+    def against(self, total_steps: int, seed: int) -> str:
+        return f"full horizon ({total_steps} steps, seed {seed})" if self.later_rung is None \
+            else f"rung {self.later_rung + 1}"
+
+
+@dataclass(frozen=True)
 class SearchAnalysis:
     names: dict[str, Candidate]
     rungs: tuple[RungSummary, ...]
@@ -57,7 +71,7 @@ class SearchAnalysis:
     grid_steps: int  # training steps of the full tuned grid of the same spec
     grid_trials: int
     finalists: tuple[str, ...]
-    kendall: tuple[tuple[int, int, float | None, int], ...]  # (rung a, rung b, tau, candidates in both)
+    kendall: tuple[RankAgreement, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def search_steps(self, forward_cost: float = FORWARD_COST) -> float:
@@ -115,27 +129,29 @@ def analyze_search(spec: dict[str, Any], info: StudyInfo, results: list[RungResu
     for a, b in zip(rungs, rungs[1:], strict=False):
         both = [k for k in b.results if k in a.results and a.results[k].val_loss is not None
                 and b.results[k].val_loss is not None]
-        kendall.append((a.decision.rung, b.decision.rung,
-                        kendall_tau([a.results[k].val_loss for k in both], [b.results[k].val_loss for k in both]),
-                        len(both)))
+        kendall.append(RankAgreement(a.decision.rung, b.decision.rung, kendall_tau(
+            [a.results[k].val_loss for k in both], [b.results[k].val_loss for k in both]), len(both)))
     final_rung = rungs[-1] if rungs else None
-    last = max((r.index for r in _rungs(study, len(names))), default=-1)
-    finalists = final_rung.decision.kept if final_rung is not None and final_rung.decision.rung == last else ()
+    finalists = final_rung.decision.kept if final_rung is not None and _is_last(final_rung.decision, study,
+                                                                                  len(names)) else ()
     if finalists:  # the last rung against the finalists' full-horizon validation loss (seed 0)
         # a finalist's first-seed trial has its candidate's key as its id
         full = {r.id: r.metrics.val_loss for r in records if r.id in final_rung.results and r.metrics is not None}
         both = [k for k in finalists if full.get(k) is not None and final_rung.results[k].val_loss is not None]
-        kendall.append((final_rung.decision.rung, -1,
-                        kendall_tau([final_rung.results[k].val_loss for k in both], [full[k] for k in both]),
-                        len(both)))
+        kendall.append(RankAgreement(final_rung.decision.rung, None, kendall_tau(
+            [final_rung.results[k].val_loss for k in both], [full[k] for k in both]), len(both)))
     return SearchAnalysis(names, rungs, pending, tuple(ledger), batch, study.train.steps,
                           len(grid) * study.train.steps, len(grid), tuple(finalists), tuple(kendall), tuple(notes))
 
 
-def _rungs(study, n: int):
-    from loraplace.search import rung_steps, rungs_of
+def _is_last(decision: RungDecision, study, n: int) -> bool:
+    """Whether a recorded decision is the search's last (a decision stored before ``RungDecision.last`` existed:
+    from the spec's rung schedule)."""
+    if "last" in decision.model_fields_set:
+        return decision.last
+    from loraplace.search import rung_steps
 
-    return rungs_of(rung_steps(study.search, n, study.train.steps, study.train.warmup))
+    return decision.rung == len(rung_steps(study.search, n, study.train.steps, study.train.warmup)) - 1
 
 
 def _all_selected(study) -> dict:

@@ -407,7 +407,8 @@ def search_table(analysis: StudyAnalysis) -> Table | None:
                  (True, True, False, True, True, False),
                  (counts, "Each rung ranks its candidates by validation loss (failed last, ties in spec order) and "
                   "keeps the best 1/eta; the last rung keeps the best LR of each of the best placements (the "
-                  "finalists). The best preset is never cut. The test split played no part."))
+                  "finalists). The preset ranked best at each rung is never cut there. The test split played no "
+                  "part."))
 
 
 def search_cost_table(analysis: StudyAnalysis) -> Table | None:
@@ -439,10 +440,9 @@ def rung_agreement_table(analysis: StudyAnalysis) -> Table | None:
     if search is None or not search.kendall:
         return None
     rows = []
-    for a, b, tau, n in search.kendall:
-        later = f"full horizon ({search.total_steps} steps, seed {analysis.spec.get('seeds', [0])[0]})" \
-            if b == -1 else f"rung {b + 1}"
-        rows.append((f"rung {a + 1}", later, str(n), "—" if tau is None else f"{tau:+.2f}"))
+    for row in search.kendall:
+        rows.append((f"rung {row.rung + 1}", row.against(search.total_steps, analysis.spec.get('seeds', [0])[0]),
+                     str(row.candidates), "—" if row.tau is None else f"{row.tau:+.2f}"))
     return Table("Search: ranking agreement between rungs (Kendall τ)", ("rung", "against", "candidates", "τ"),
                  tuple(rows), (False, False, True, True),
                  ("τ = 1: the later rung ranks the candidates it shares with the earlier one in the same order.",))

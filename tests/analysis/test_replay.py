@@ -1,0 +1,128 @@
+"""Replaying a search policy on a stored grid (loraplace.analysis.replay): the same decisions as a live search."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import tiny_study_yaml
+from loraplace.analysis.replay import replay_store
+from loraplace.errors import LoraplaceError
+from loraplace.search import SearchSpec
+from loraplace.store import Store
+from loraplace.study import load_study, run_study
+
+PLACEMENTS = {"all": "{preset: all}", "attn": "{preset: attn}", "q": "{roles: [attn.q]}"}
+LRS = "[1.0e-3, 3.0e-2]"
+POLICY = "{eta: 2, rungs: [2, 4], rung_examples: 5, finalists: 2}"
+
+
+def grid_yaml(name: str, *, search: str | None = None) -> str:
+    """A tiny tuned grid: 3 placements × 2 LRs, every (placement, LR) at every seed, recording the validation
+    loss on the first 5 validation examples at steps 2 and 4 of 8; or, with ``search``, the same set-up searched."""
+    extra = f"tune: {{lr: {LRS}{'' if search else ', seeds: [0, 1, 2]'}}}\n"
+    extra += f"search: {search}\n" if search else ""
+    text = tiny_study_yaml(name, placements=PLACEMENTS, steps=8, seeds=[0, 1, 2], n=80, baseline=None,
+                           extra=extra)
+    text = text.replace("eval_count: 8,", "eval_count: 8, validation_count: 10,")
+    return text.replace("lr: 0.001, precision: fp32}", "lr: 0.001, precision: fp32}\n"
+                        "eval: {at_steps: [2, 4], watch_examples: 5}")
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("replay")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORAPLACE_CACHE", str(root / "cache"))
+    try:
+        (root / "grid.yaml").write_text(grid_yaml("grid"))
+        run_study(load_study(root / "grid.yaml"), root / "grid.db")
+        (root / "search.yaml").write_text(grid_yaml("live", search=POLICY))
+        run_study(load_study(root / "search.yaml"), root / "search.db")
+    finally:
+        mp.undo()
+    return root
+
+
+def test_the_replayed_decisions_are_the_live_search_s_exactly(stores):
+    from loraplace.analysis import analyze_store
+    from loraplace.analysis.recommend import recommend_from_store
+
+    policy = SearchSpec.model_validate({"eta": 2, "rungs": [2, 4], "rung_examples": 5, "finalists": 2})
+    replayed = replay_store(stores / "grid.db", policy)
+    with Store.open_readonly(stores / "search.db") as store:
+        live = store.rung_decisions(store.study().id)
+        live_results = {(r.rung, r.candidate): r.val_loss for r in store.rung_results(store.study().id)}
+    assert len(live) == 2
+    assert [(d.rung, d.steps, d.ranked, d.kept, d.anchored, d.last) for d in replayed.decisions] == \
+        [(d.rung, d.steps, d.ranked, d.kept, d.anchored, d.last) for d in live]
+    # The values behind them: the live rung's model is the grid trial's model at that step.
+    for summary in replayed.search.rungs:
+        for key, result in summary.results.items():
+            assert result.val_loss == pytest.approx(live_results[(summary.decision.rung, key)], abs=1e-5)
+    # The answer, the ledger and the grid's steps are what the live search's analysis says.
+    live_analysis = analyze_store(stores / "search.db")
+    assert replayed.answer.chosen.placement == recommend_from_store(str(stores / "search.db")).chosen.placement
+    assert replayed.search.finalists == live_analysis.search.finalists
+    assert replayed.search.grid_steps == live_analysis.search.grid_steps == (3 * 2 + 3 * 2) * 8
+    assert replayed.search.search_steps() == pytest.approx(live_analysis.search.search_steps(), rel=1e-9)
+    assert replayed.ratio < 1
+
+
+def test_the_regret_is_the_seed_paired_test_difference_of_the_two_answers(stores):
+    from loraplace.analysis.stats import paired
+
+    policy = SearchSpec.model_validate({"eta": 2, "rungs": [2, 4], "rung_examples": 5, "finalists": 3})
+    replayed = replay_store(stores / "grid.db", policy)
+    with Store.open_readonly(stores / "grid.db") as store:
+        trials = store.trials(store.study().id)
+
+    def test_losses(placement: str, lr: float) -> dict[int, float]:
+        return {t.labels.seed: t.metrics.eval_loss for t in trials if t.labels.group.placement == placement
+                and dict(t.labels.group.axes)["lr"] == pytest.approx(lr)}
+
+    ours = test_losses(replayed.answer.chosen.placement, replayed.answer.chosen.lr)
+    grid = test_losses(replayed.grid_answer.chosen.placement, replayed.grid_answer.chosen.lr)
+    assert len(ours) == len(grid) == 3
+    expected = paired(ours, grid)
+    assert replayed.delta == pytest.approx(expected.mean_diff, abs=1e-12)
+    if ours == grid:  # the same trials: no difference and no interval to speak of
+        assert replayed.ci == (0.0, 0.0)
+    else:
+        assert replayed.ci == pytest.approx((expected.mean_diff - expected.ci_half,
+                                             expected.mean_diff + expected.ci_half))
+    line = replayed.line("tiny")
+    assert line.startswith("task=tiny search_steps=") and f"grid_steps={(3 * 2 + 3 * 2) * 8}" in line
+
+
+def test_each_seed_can_carry_the_rungs(stores):
+    policy = SearchSpec.model_validate({"eta": 2, "rungs": [2, 4], "rung_examples": 5, "finalists": 2})
+    by_seed = {seed: replay_store(stores / "grid.db", policy, rung_seed=seed) for seed in (0, 1, 2)}
+    assert {r.seeds for r in by_seed.values()} == {(0, 1, 2)}
+    # Other seeds, other trials: the candidates' keys differ from seed to seed.
+    assert len({frozenset(r.decisions[0].ranked) for r in by_seed.values()}) == 3
+
+
+def test_a_policy_the_grid_cannot_replay_is_refused_with_the_reason(stores):
+    with pytest.raises(LoraplaceError, match="rung_examples"):
+        replay_store(stores / "grid.db", SearchSpec.model_validate({"rungs": [2, 4], "rung_examples": 6}))
+    with pytest.raises(LoraplaceError, match="not recorded") as exc:
+        replay_store(stores / "grid.db", SearchSpec.model_validate({"rungs": [3], "rung_examples": 5}))
+    assert "at recorded steps" in exc.value.hint
+    with pytest.raises(LoraplaceError, match="rung seed 7"):
+        replay_store(stores / "grid.db", SearchSpec.model_validate({"rungs": [2], "rung_examples": 5}), rung_seed=7)
+
+
+def test_loraplace_replay_prints_the_decisions_ledger_and_one_line_per_rung_seed(stores, capsys):
+    from helpers import run_cli_in_process
+
+    done = run_cli_in_process("replay", stores / "grid.db", "--search", POLICY, "--all-seeds", "--task", "tiny",
+                              capsys=capsys)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("task=tiny ")]
+    assert len(lines) == 3 and all("grid_steps=96" in line for line in lines)
+    assert "rung 1 at 2 steps" in done.stdout and "search, total" in done.stdout
+    (stores / "policy.yaml").write_text(f"search: {POLICY}\n")
+    from_file = run_cli_in_process("replay", stores / "grid.db", "--search", stores / "policy.yaml", capsys=capsys)
+    assert from_file.returncode == 0 and from_file.stdout.count("task=grid ") == 1
+    bad = run_cli_in_process("replay", stores / "grid.db", "--search", "{eta: 1}", capsys=capsys)
+    assert bad.returncode == 2 and "eta" in bad.stderr

@@ -32,13 +32,48 @@ def done(key: str, loss: float, rung: int = 0, steps: int = 1) -> RungResult:
 
 def test_default_rungs_halve_down_to_the_finalists_and_respect_the_floor():
     # 24 candidates, eta 3, 2 finalists: 24 → 8 → 3 → 2 needs 3 cuts at 40/27, 40/9, 40/3; the floor (warmup 4)
-    # lifts the first two to 4 and 4, which merge.
-    assert rung_steps(SearchSpec(), 24, 40, warmup=4) == [4, 13]
+    # is above the first: the three rungs spread geometrically from 4 to 13 instead of merging.
+    assert rung_steps(SearchSpec(), 24, 40, warmup=4) == [4, 7, 13]
     assert rung_steps(SearchSpec(), 24, 40, warmup=0) == [1, 4, 13]
     assert rung_steps(SearchSpec(eta=4), 24, 40, warmup=0) == [2, 10]
     assert rung_steps(SearchSpec(rungs=[3, 10]), 24, 40, warmup=4) == [3, 10]
     assert rung_steps(SearchSpec(), 2, 10, warmup=0) == [3]  # already at the finalists: one rung picks them
     assert all(s < 40 for s in rung_steps(SearchSpec(min_steps=39), 24, 40, warmup=0))
+
+
+def test_many_candidates_are_cut_at_about_eta_at_every_rung():
+    """100 candidates, 40 steps, warm-up 4: the rungs used to merge into [4, 13], so 100 → 34 → 2 (17× in one
+    rung). Now four rungs from the floor cut by 3 each; rungs given as two still share the cut evenly."""
+    from loraplace.search import keep_rate, rungs_of
+
+    assert rung_steps(SearchSpec(), 100, 40, warmup=4) == [4, 6, 9, 13]
+    assert keep_rate(SearchSpec(), 100, 4) == 3
+    assert keep_rate(SearchSpec(), 100, 2) == pytest.approx(50 ** 0.5)
+    assert rung_steps(SearchSpec(min_fraction=0.25), 20, 40, warmup=4)[0] == 10
+    cands = [candidate(f"c{i}", f"p{i // 2}", lr=(1e-3, 1e-2)[i % 2]) for i in range(100)]
+    for spec in (SearchSpec(), SearchSpec(rungs=[4, 13])):
+        rungs = rungs_of(rung_steps(spec, len(cands), 40, warmup=4))
+
+        def run(alive, rung):
+            for c in alive:
+                yield done(c.key, float(int(c.key[1:])), rung.index, rung.steps)
+
+        decisions: list[RungDecision] = []
+        run_rungs(cands, rungs, spec, SearchState.of([], []), run, lambda r: None, decisions.append)
+        sizes = [len(cands)] + [len(d.kept) for d in decisions]
+        rates = [a / b for a, b in zip(sizes[:-2], sizes[1:-1], strict=True)]  # the last rung picks finalists
+        assert sizes[-1] == 2 and all(rate <= 7.1 for rate in rates), sizes
+    assert sizes == [100, 15, 2]
+
+
+def test_screening_lrs_keeps_every_placement_at_its_best_lr():
+    cands = [candidate(f"{p}{i}", p, lr) for p in "ab" for i, lr in enumerate((1e-3, 1e-2, 3e-2))]
+    losses = {"a0": 1.0, "a1": 0.9, "a2": 0.8, "b0": 2.0, "b1": 1.9, "b2": 2.5}
+    results = {k: done(k, v) for k, v in losses.items()}
+    plain = decide(Rung(0, 1, last=False), cands, results, eta=3, finalists=1)
+    assert plain.kept == ("a2", "a1")  # both of a: b is gone
+    screened = decide(Rung(0, 1, last=False), cands, results, eta=3, finalists=1, screen=True)
+    assert screened.kept == ("a2", "b1")  # each placement's best LR
 
 
 def test_a_rung_keeps_the_best_third_and_failed_candidates_rank_last():
@@ -97,6 +132,86 @@ def test_run_rungs_resumes_from_recorded_results_and_runs_only_the_rest():
                           recorded.append)
     assert ran == [("c", 0), ("d", 0), ("d", 1), ("c", 1)] or ran == [("c", 0), ("d", 0), ("c", 1), ("d", 1)]
     assert [c.key for c in finalists] == ["d"]
+
+
+def _failed(key: str, rung: int = 0, steps: int = 1) -> RungResult:
+    return RungResult(candidate=key, rung=rung, steps=steps, status="failed", trained_steps=steps,
+                      failure={"kind": "error", "message": "OutOfMemoryError: CUDA out of memory"})
+
+
+@pytest.fixture
+def search_store(tmp_path):
+    from loraplace.records import StudyInfo
+
+    store = Store(tmp_path / "s.db").__enter__()
+    study = store.open_study(StudyInfo(name="x", model="m", placements=("a",), baseline="a", baseline_given=False),
+                             {"name": "x"})
+    yield store, study.id
+    store.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("retry_failed", [False, True])
+def test_a_decided_rung_with_a_failed_candidate_is_not_run_again(search_store, retry_failed):
+    """The bug: a candidate that failed (out of memory) at a decided rung was retrained on resume; when it then
+    succeeded, the rung's recomputed decision differed from the recorded one and the store refused it, so the
+    search could not go on. Now a decided rung runs nothing, with or without --retry-failed."""
+    store, sid = search_store
+    cands = [candidate(k, k) for k in "abcd"]
+    rungs = [Rung(0, 1, False), Rung(1, 3, True)]
+    spec = SearchSpec(eta=2, finalists=1)
+    first = {"a": done("a", 3.0), "b": done("b", 2.0), "c": _failed("c"), "d": done("d", 1.0)}
+    for r in first.values():
+        store.record_rung(sid, r)
+    store.record_decision(sid, decide(rungs[0], cands, first, eta=2, finalists=1))  # kept d, b; then killed
+    ran, notes = [], []
+
+    def run(alive, rung):  # c would now succeed and rank first
+        for c in alive:
+            ran.append((c.key, rung.index))
+            yield done(c.key, 0.1 if c.key == "c" else 1.0 + rung.index, rung.index, rung.steps)
+
+    state = SearchState.of(store.rung_results(sid), store.rung_decisions(sid))
+    finalists = run_rungs(cands, rungs, spec, state, run, lambda r: store.record_rung(sid, r),
+                          lambda d: store.record_decision(sid, d), retry_failed=retry_failed, note=notes.append)
+    assert sorted(ran) == [("b", 1), ("d", 1)]  # rung 0 (decided) ran nothing, c stays cut
+    assert [c.key for c in finalists] == ["b"] or [c.key for c in finalists] == ["d"]
+    assert [d.kept for d in store.rung_decisions(sid)][0] == ("d", "b")
+    assert bool(notes) == retry_failed and (not notes or "not retried" in notes[0])
+
+
+def test_a_failed_candidate_of_an_undecided_rung_is_retried_only_when_asked(search_store):
+    store, sid = search_store
+    cands = [candidate(k, k) for k in "abcd"]
+    rungs = [Rung(0, 1, False), Rung(1, 3, True)]
+    spec = SearchSpec(eta=2, finalists=1)
+    for r in (done("a", 3.0), done("b", 2.0), _failed("c")):  # killed before d ran and before the decision
+        store.record_rung(sid, r)
+    ran = []
+
+    def run(alive, rung):
+        for c in alive:
+            ran.append((c.key, rung.index))
+            yield done(c.key, 0.1 if c.key == "c" else 1.0 + rung.index, rung.index, rung.steps)
+
+    state = SearchState.of(store.rung_results(sid), store.rung_decisions(sid))
+    # Without --retry-failed: only d runs at rung 0; c, failed, ranks last and is cut (not retrained each resume).
+    run_rungs(cands, rungs, spec, state, run, lambda r: store.record_rung(sid, r), lambda d: None)
+    assert [k for k, rung in ran if rung == 0] == ["d"]
+    # With it (a fresh look at the same store, nothing decided): c runs again, succeeds, replaces its failure.
+    ran.clear()
+    state = SearchState.of(store.rung_results(sid), [])
+    finalists = run_rungs(cands, rungs, spec, state, run, lambda r: store.record_rung(sid, r),
+                          lambda d: store.record_decision(sid, d), retry_failed=True)
+    assert [k for k, rung in ran if rung == 0] == ["c"]
+    assert {r.candidate: r.status for r in store.rung_results(sid) if r.rung == 0}["c"] == "done"
+    assert store.rung_decisions(sid)[0].kept[0] == "c" and finalists[0].key == "c"
+
+
+def test_a_decision_stored_before_last_existed_reads_as_the_same_decision():
+    old = RungDecision.model_validate_json('{"rung": 1, "steps": 3, "ranked": ["a", "b"], "kept": ["a"]}')
+    new = RungDecision(rung=1, steps=3, ranked=("a", "b"), kept=("a",), last=True)
+    assert old.same_as(new) and new.same_as(old) and not old.last
+    assert not new.same_as(new.model_copy(update={"last": False}))
 
 
 def test_is_preset_means_a_bare_preset():
@@ -359,7 +474,7 @@ def test_status_recommend_and_export_read_a_search_store(planted, cli, tmp_path)
     root, _, _ = planted
     status = cli("status", root / "s.db")
     assert status.returncode == 0, status.stderr
-    assert "rung 1 at 3 steps: 6 in; kept" in status.stdout and "cut:" in status.stdout
+    assert "rung 1 at 3 steps: 6 in; finalists" in status.stdout and "cut:" in status.stdout
     assert "search compute so far" in status.stdout
     rec = cli("recommend", root / "s.db")
     assert rec.returncode == 0 and "recommended: wide" in rec.stdout

@@ -500,3 +500,20 @@ def test_loraplace_run_of_a_search_shows_rungs_then_the_finalists_seeds(tmp_path
     with Store.open_readonly(tmp_path / "s.db") as store:
         trials = store.trials(store.study().id)
     assert sum(t.status == "done" for t in trials) == 4  # 2 finalists × 2 seeds
+
+
+def test_a_finalist_at_an_edge_of_its_candidates_lrs_is_warned_about_as_in_a_grid(planted):
+    """The search's answer was never said to sit at the top of its LRs (make demo's two finalists both did). A
+    finalist's edge is its placement's candidate LRs, not the one LR it ran at the full horizon."""
+    from loraplace.records import GroupKey
+    from loraplace.tuning import Selection
+
+    root, _, _ = planted
+    analysis = analyze_store(root / "s.db")
+    edge = [w for w in analysis.warnings if "at the edge of the LRs tried" in w]
+    assert edge and all(f"{search.names[k].placement} " in edge[0] for search in [analysis.search]
+                        for k in search.finalists)  # two LRs each: every finalist sits at an edge
+    cell = GroupKey(placement="a", size=SIZE, axes=())
+    assert not Selection(cell, 1e-2, {1e-2: 0.5}, (0,), grid=(1e-3, 1e-2, 3e-2)).at_edge
+    assert Selection(cell, 3e-2, {3e-2: 0.5}, (0,), grid=(1e-3, 1e-2, 3e-2)).at_edge
+    assert not Selection(cell, 3e-2, {3e-2: 0.5}, (0,)).at_edge  # one LR and no grid: nothing to be at the edge of

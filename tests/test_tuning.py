@@ -238,3 +238,77 @@ def test_per_placement_lrs_name_every_placement(tmp_path):
     (tmp_path / "c.yaml").write_text(base + "tune: {lr: {all: [1.0e-3], attn: [1.0e-3, 2.0e-3]}}\n")
     with pytest.raises(ConfigError, match=r"tune.lr.all has 1 LR\(s\)"):
         load_study(tmp_path / "c.yaml")
+
+
+def test_the_lr_past_an_edge_and_the_cells_lrs_follow_the_selections():
+    from loraplace.tuning import cell_lrs, past_edge
+
+    assert past_edge([1e-3, 3e-3, 1e-2], upward=True) == pytest.approx(3.33e-2)
+    assert past_edge([1e-3, 3e-3, 1e-2], upward=False) == pytest.approx(3.33e-4)
+    cell = GroupKey(placement="a", size=Size(kind="rank", value=4))
+
+    def at(lr, loss, seed=0):
+        return TrialResult(cell.model_copy(update={"axes": (("lr", lr),)}), seed, loss)
+
+    base = [1e-3, 1e-2]
+    # 1e-2 best → 1e-1 (the same ratio past it); 1e-1 worse → interior: stop, one extension used of three.
+    results = [at(1e-3, 2.0), at(1e-2, 1.5), at(1e-1, 1.8)]
+    assert cell_lrs(base, 3, results, [0]) == [1e-3, 1e-2, 1e-1]
+    assert cell_lrs(base, 0, results, [0]) == base  # not asked: the list is the grid
+    # The extension not run yet: planned, and nothing past it until its result is in.
+    assert cell_lrs(base, 3, results[:2], [0]) == [1e-3, 1e-2, 1e-1]
+    # Still the best at the new edge: one more, up to extend.
+    better = [at(1e-3, 2.0), at(1e-2, 1.5), at(1e-1, 1.2), at(1.0, 1.1)]
+    assert cell_lrs(base, 2, better, [0]) == [1e-3, 1e-2, 1e-1, 1.0]
+    # The low edge extends downward.
+    low = [at(1e-3, 1.0), at(1e-2, 1.5)]
+    assert cell_lrs(base, 1, low, [0]) == [1e-4, 1e-3, 1e-2]
+    # An unfinished selection pass (seed 1 missing) extends nothing yet.
+    assert cell_lrs(base, 3, results, [0, 1]) == base
+
+
+def test_tune_extend_runs_past_the_edge_then_the_other_seeds(tmp_path):
+    """A grid whose selection lands on its highest LR: with tune.extend the cell tries the next LR past it (and on,
+    while the edge moves, at most `extend` times), selects among them all, then runs its other seeds there; the
+    analysis selects the same, and a rerun trains nothing."""
+    from loraplace.study import run_study
+    from loraplace.tuning import cell_lrs, extended_lrs
+
+    _write_splits(tmp_path)
+    text = _spec(tmp_path).replace(f"tune: {{lr: {LRS}, seeds: [0]}}", "tune: {lr: [1.0e-5, 1.0e-4], seeds: [0], "
+                                   "extend: 2}").replace("attn: {preset: attn}", "q: {roles: [attn.q]}")
+    (tmp_path / "s.yaml").write_text(text)
+    study = load_study(tmp_path / "s.yaml")
+    summary = run_study(study, tmp_path / "s.db")
+    assert summary.failed == 0
+    with Store.open_readonly(tmp_path / "s.db") as store:
+        trials = store.trials(store.study().id)
+        info = store.study().info
+    assert info.tune_extend == 2
+    lrs_of = extended_lrs(info, 2, trials)
+    for cell, lrs in lrs_of.items():
+        tried = sorted({dict(t.labels.group.axes)["lr"] for t in trials if t.labels.group.placement == cell.placement
+                        and t.labels.seed == 0})
+        assert tried == pytest.approx(lrs) and len(lrs) >= 3  # 1e-4 beats 1e-5 in 4 steps: at least 1e-3 ran
+        assert lrs == cell_lrs([1e-5, 1e-4], 2, [r for r in _results(trials) if r.key.placement == cell.placement],
+                               [0])
+    analysis = analyze_store(tmp_path / "s.db")
+    for cell, selection in analysis.selections.items():
+        assert set(selection.val_loss_by_lr) == set(lrs_of[cell])
+        other = [t for t in trials if t.labels.group.placement == cell.placement and t.labels.seed == 1]
+        assert [dict(t.labels.group.axes)["lr"] for t in other] == [selection.lr]  # seed 1 at the selected LR
+    again = run_study(study, tmp_path / "s.db")
+    assert again.ran == 0
+
+
+def _results(trials):
+    return [TrialResult(t.labels.group, t.labels.seed, t.metrics.val_loss if t.metrics is not None else None)
+            for t in trials]
+
+
+def test_tune_extend_is_refused_in_a_search(tmp_path):
+    _write_splits(tmp_path)
+    text = _spec(tmp_path).replace(f"tune: {{lr: {LRS}, seeds: [0]}}", "tune: {lr: [1.0e-4, 1.0e-3], extend: 1}")
+    (tmp_path / "s.yaml").write_text(text + "search: {}\n")
+    with pytest.raises(ConfigError, match="tune.extend"):
+        load_study(tmp_path / "s.yaml")

@@ -397,6 +397,8 @@ class StudyInfo(Record):
         default_factory=dict, description="tune with a list per placement: placement → the LRs its cells select "
         "from (tune_lrs is then their union); empty: every placement selects from tune_lrs")
     tune_seeds: tuple[int, ...] = Field(default=(), description="tune: the seeds of the selection pass")
+    tune_extend: int = Field(default=0, ge=0, description="tune.extend: LRs each cell may add past an edge of its "
+                             "list (loraplace.tuning.cell_lrs)")
     search: bool = Field(default=False, description="a placement search (loraplace.search): its trials are the "
                          "finalists, tune_lrs the LRs its candidates were drawn from")
 

@@ -36,7 +36,7 @@ from loraplace.store import Store, StoreError, StudyRecord, TrialRecord, artifac
 from loraplace.tracking import Tracker, TrackingSpec, check_tracking
 from loraplace.train_config import TrainSpec
 from loraplace.trial import EvalSpec, TrialSpec, library_versions
-from loraplace.tuning import TUNED_AXIS, Selection, TuneSpec, selections_of
+from loraplace.tuning import TUNED_AXIS, Selection, TuneSpec, extended_lrs, selections_of
 
 BACKENDS = ("local", "ray")
 MAX_NAME_LEN = 48  # a placement name is a column value in every table; longer ones break terminal layouts
@@ -167,6 +167,9 @@ class StudySpec(StrictModel):
                             "full horizon")
         if train is not None and train.steps < 2:
             problems.append("search needs train.steps ≥ 2 (a rung below the full horizon)")
+        if tune is not None and tune.extend:
+            problems.append("tune.extend adds LRs past an edge once a grid's selection reaches it; a search's "
+                            "candidates are fixed when it starts: add the LR past the edge to tune.lr instead")
         if tune is not None and tune.seeds is not None and seeds and tune.seeds != seeds[:1]:
             problems.append(f"search runs its rungs on the first seed ({seeds[0]}); tune.seeds {tune.seeds} would "
                             "not be used: leave it out")
@@ -316,6 +319,7 @@ class StudySpec(StrictModel):
                          if self.tune is not None and isinstance(self.tune.lr, dict) else {},
                          tune_seeds=(self.seeds[0],) if self.search is not None else
                          tuple(self.tune_seeds()) if self.tune is not None else (),
+                         tune_extend=self.tune.extend if self.tune is not None and self.search is None else 0,
                          search=self.search is not None)
 
     def search_lrs(self, placement: str | None = None) -> list[float]:
@@ -341,12 +345,15 @@ def load_study(path: str | Path) -> StudySpec:
     return validate(StudySpec, data, f"invalid study spec {path}")
 
 
-def expand_grid(study: StudySpec, selections: dict[GroupKey, Selection] | None = None) -> list[PlannedTrial]:
+def expand_grid(study: StudySpec, selections: dict[GroupKey, Selection] | None = None,
+                lrs: dict[GroupKey, list[float]] | None = None) -> list[PlannedTrial]:
     """Every trial of the grid, in spec order: placements × sizes × seeds × axes (axes sorted by name).
 
-    With ``tune:``, per cell (placement × size × axes): the selection pass (every tune LR × the selection seeds),
-    then — for the cells in ``selections`` (see :func:`loraplace.tuning.select_lrs`) — the other seeds at the
-    selected LR. The LR is an axis of the group key, so each (cell, LR) is a group."""
+    With ``tune:``, per cell (placement × size × axes): the selection pass (every tune LR × the selection seeds;
+    ``lrs``: a cell's LRs when they differ from its tune.lr list — the extensions past an edge that
+    ``tune.extend`` earned, :func:`loraplace.tuning.extended_lrs`), then — for the cells in ``selections`` (see
+    :func:`loraplace.tuning.select_lrs`) — the other seeds at the selected LR. The LR is an axis of the group key,
+    so each (cell, LR) is a group."""
     sweep = study.axis_values(study.axes)
     axis_names = list(sweep)
     placements = study.placement_specs().items()
@@ -362,9 +369,10 @@ def expand_grid(study: StudySpec, selections: dict[GroupKey, Selection] | None =
         def with_lr(lr: float, axes=axes) -> tuple:
             return tuple(sorted(axes + ((TUNED_AXIS, lr),)))
 
-        out += [_planned(study, pname, placement, size, seed, with_lr(lr)) for lr in study.tune.lrs_for(pname)
-                for seed in tune_seeds]
-        selection = (selections or {}).get(GroupKey(placement=pname, size=size, axes=axes))
+        cell = GroupKey(placement=pname, size=size, axes=axes)
+        out += [_planned(study, pname, placement, size, seed, with_lr(lr))
+                for lr in (lrs or {}).get(cell, study.tune.lrs_for(pname)) for seed in tune_seeds]
+        selection = (selections or {}).get(cell)
         if selection is not None:
             out += [_planned(study, pname, placement, size, seed, with_lr(selection.lr)) for seed in study.seeds
                     if seed not in tune_seeds]
@@ -400,10 +408,17 @@ def _stored(study: StudySpec, store_path: Path) -> tuple[StudyRecord, list[Trial
         return record, store.trials(record.id)
 
 
-def _stored_selections(study: StudySpec, store_path: Path) -> dict[GroupKey, Selection]:
-    """Selections already made in the store (read-only), so a resumed tuned study plans its follow-up trials."""
+def _stored_plan(study: StudySpec, store_path: Path) -> list[PlannedTrial]:
+    """The grid as the store's results so far make it (read-only): a resumed tuned study plans its follow-up
+    trials — the other seeds at each selection made, and the LRs past an edge that ``tune.extend`` earned."""
     stored = _stored(study, store_path) if study.tune is not None else None
-    return {} if stored is None else selections_of(study.info(), stored[1])
+    return expand_grid(study) if stored is None else _planned_from(study, stored[1])
+
+
+def _planned_from(study: StudySpec, records: list[TrialRecord]) -> list[PlannedTrial]:
+    info = study.info()
+    lrs = extended_lrs(info, info.tune_extend, records) if info.tune_extend else None
+    return expand_grid(study, selections_of(info, records), lrs)
 
 
 def check_placements(study: StudySpec, force: bool = False) -> None:
@@ -650,7 +665,7 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
         planned = search_candidates(study)
         _check_search_unchanged(study, store_path)
     else:
-        planned = expand_grid(study, _stored_selections(study, store_path))
+        planned = _stored_plan(study, store_path)
         _check_unchanged(study, store_path, planned, extend)
     by_id = {p.id: p for p in planned}
     with Store(store_path) as store:
@@ -706,16 +721,17 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
                 take_over(by_id)
                 execute(store, record.id, by_id, executor, retry_failed=retry_failed, hooks=hooks, summary=summary,
                         stop_starting=stop_starting)
-            if study.tune is not None and study.search is None:  # the other seeds at each cell's selected LR
-                selected = expand_grid(study, selections_of(study.info(), store.trials(record.id)))
-                more = {p.id: p for p in selected if p.id not in by_id}
-                if more:
-                    store.add_trials(record.id, [(p.id, p.labels, p.spec.model_dump(mode="json"))
-                                                 for p in more.values()])
-                    by_id |= more
-                    take_over(more)
-                    execute(store, record.id, more, executor, retry_failed=retry_failed, hooks=hooks,
-                            summary=summary, stop_starting=stop_starting)
+            while study.tune is not None and study.search is None and not summary.timed_out:
+                # the other seeds at each cell's selected LR; with tune.extend, first the LRs past an edge
+                more = {p.id: p for p in _planned_from(study, store.trials(record.id)) if p.id not in by_id}
+                if not more:
+                    break
+                store.add_trials(record.id, [(p.id, p.labels, p.spec.model_dump(mode="json"))
+                                             for p in more.values()])
+                by_id |= more
+                take_over(more)
+                execute(store, record.id, more, executor, retry_failed=retry_failed, hooks=hooks,
+                        summary=summary, stop_starting=stop_starting)
         summary.execution = getattr(executor, "decision", None)
         summary.failed_earlier = sum(1 for t in store.trials(record.id) if t.id in by_id and t.status == "failed") \
             - summary.failed

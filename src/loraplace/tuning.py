@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
-from pydantic import Discriminator, Field, PositiveFloat, Tag, field_validator
+from pydantic import Discriminator, Field, NonNegativeInt, PositiveFloat, Tag, field_validator
 
 from loraplace.records import GroupKey, StudyInfo
 from loraplace.specs import StrictModel, by_shape
@@ -39,6 +39,13 @@ class TuneSpec(StrictModel):
     on: Literal["validation"] = Field(default="validation", description="the split selection reads (only this)")
     seeds: list[int] | None = Field(default=None, min_length=1, description="seeds of the selection pass (default: "
                                     "every seed); the other seeds run at the selected LR only")
+    extend: NonNegativeInt = Field(default=0, description="LRs a cell may add past the edge of its list: while "
+                                   "its selected LR is the highest (lowest) it has tried, the next one beyond it "
+                                   "(the list's outermost ratio again, e.g. 1e-2 → 3e-2 after 3e-3, 1e-2) runs on the "
+                                   "selection seeds, at most this many per cell; the other seeds wait for the "
+                                   "selection this ends with (0: the list is the grid)")
+
+    added_fields = frozenset({"extend"})
 
     @field_validator("lr")
     @classmethod
@@ -89,11 +96,13 @@ class Selection:
     lr: float
     val_loss_by_lr: dict[float, float]
     seeds: tuple[int, ...]
+    grid: tuple[float, ...] = ()  # the LRs it selected among (a search's finalist: its candidates' LRs, of which
+    #                               it measured one at the full horizon); empty: those of val_loss_by_lr
 
     @property
     def at_edge(self) -> bool:
-        """The selected LR is the smallest or largest tried: the best may lie outside the grid."""
-        tried = sorted(self.val_loss_by_lr)
+        """The selected LR is the smallest or largest of its grid: the best may lie outside it."""
+        tried = sorted(self.grid or self.val_loss_by_lr)
         return len(tried) > 1 and self.lr in (tried[0], tried[-1])
 
 
@@ -134,14 +143,58 @@ def select_lrs(results: Iterable[TrialResult], lrs: Iterable[float], seeds: Iter
     return out
 
 
+def past_edge(lrs: list[float], upward: bool) -> float:
+    """The next LR past an edge of ``lrs``: beyond the outermost by the ratio of the two outermost on that side
+    (3 significant digits: 1e-2 after 3e-3 gives 3.33e-2)."""
+    ordered = sorted(lrs)
+    value = ordered[-1] ** 2 / ordered[-2] if upward else ordered[0] ** 2 / ordered[1]
+    return float(f"{value:.3g}")
+
+
+def cell_lrs(base: list[float], extend: int, results: list[TrialResult], seeds: Iterable[int]) -> list[float]:
+    """The LRs one cell tries (``results``: its trials'): ``base``, plus one past the edge for each time its
+    complete selection pass selected an edge LR, at most ``extend`` times. A function of the stored results, so
+    the runner (what to run next) and the analysis (what was selected among) agree."""
+    lrs = sorted(base)
+    seeds = list(seeds)
+    for _ in range(extend):
+        found = select_lrs(results, lrs, seeds)
+        if len(found) != 1:
+            break  # its selection pass over these LRs is not finished (or every LR failed)
+        selection = next(iter(found.values()))
+        if selection.lr not in (lrs[0], lrs[-1]):
+            break
+        lrs = sorted(lrs + [past_edge(lrs, upward=selection.lr == lrs[-1])])
+    return lrs
+
+
+def extended_lrs(info: StudyInfo, extend: int, records: list[TrialRecord]) -> dict[GroupKey, list[float]]:
+    """cell → the LRs it tries, for a tuned study with ``tune.extend``: its base list plus the extensions its
+    stored results have earned."""
+    results = [TrialResult(r.labels.group, r.labels.seed, r.metrics.val_loss if r.metrics is not None else None)
+               for r in records if r.status in ("done", "failed")]
+    by_cell: dict[GroupKey, list[TrialResult]] = defaultdict(list)
+    for r in results:
+        by_cell[tuned_cell(r.key)].append(r)
+    return {cell: cell_lrs(list(info.tune_lrs_by_placement.get(cell.placement, info.tune_lrs)), extend, found,
+                           info.tune_seeds) for cell, found in by_cell.items()}
+
+
 def selections_of(info: StudyInfo, records: list[TrialRecord]) -> dict[GroupKey, Selection]:
     """The LR each cell of a tuned study has selected so far, from its stored trials (a cell whose selection pass
     is unfinished has none)."""
     results = [TrialResult(r.labels.group, r.labels.seed, r.metrics.val_loss if r.metrics is not None else None)
                for r in records if r.status in ("done", "failed")]
     if info.search:  # a search's trials are its finalists, each placement at the one LR its rungs selected
-        return select_lrs(results, {lr for r in results if (lr := tuned_lr(r.key)) is not None}, info.tune_seeds,
-                          complete_only=False)
+        found = select_lrs(results, {lr for r in results if (lr := tuned_lr(r.key)) is not None}, info.tune_seeds,
+                           complete_only=False)
+        return {cell: replace(s, grid=tuple(info.tune_lrs_by_placement.get(cell.placement, info.tune_lrs)))
+                for cell, s in found.items()}
+    if info.tune_extend:  # each cell selects among its own LRs, the extensions it earned included
+        chosen: dict[GroupKey, Selection] = {}
+        for cell, lrs in extended_lrs(info, info.tune_extend, records).items():
+            chosen |= select_lrs([r for r in results if tuned_cell(r.key) == cell], lrs, info.tune_seeds)
+        return chosen
     if not info.tune_lrs_by_placement:
         return select_lrs(results, info.tune_lrs, info.tune_seeds)
     out: dict[GroupKey, Selection] = {}

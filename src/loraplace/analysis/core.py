@@ -354,8 +354,8 @@ def _tune_warnings(groups: dict[GroupKey, Group], selections: dict[GroupKey, Sel
     out = []
     edge = [f"{s.cell.label} (lr={s.lr:g})" for s in selections.values() if s.at_edge]
     if edge:
-        out.append(f"the selected LR is at the edge of the tuned grid for {', '.join(edge)}: the best LR may lie "
-                   "outside it; widen tune.lr")
+        out.append(f"the selected LR is at the edge of the LRs tried for {', '.join(edge)}: the best LR may lie "
+                   "outside them; widen tune.lr (or tune.extend: LRs past the edge, run when it is reached)")
     cells = {tuned_cell(k) for k in groups}
     unselected = sorted(c.label for c in cells if c not in selections)
     if unselected:

@@ -291,7 +291,9 @@ def lr_table(analysis: StudyAnalysis) -> Table | None:
     """Tuned studies: every cell's validation loss at each LR tried, and the LR it selected."""
     if not analysis.tuned or analysis.search is not None:  # a search's LRs are in its rung table
         return None
-    lrs = list(analysis.info.tune_lrs)
+    # tune.extend: a cell's LRs past an edge are columns too
+    lrs = sorted(set(analysis.info.tune_lrs)
+                 | {lr for sel in analysis.selections.values() for lr in sel.val_loss_by_lr})
     rows = []
     for cell, sel in analysis.selections.items():
         rows.append((cell.label, *["" if lr not in sel.val_loss_by_lr else  # not among this placement's LRs

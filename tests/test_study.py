@@ -9,14 +9,15 @@ from loraplace.records import Size
 from loraplace.store import Store
 from loraplace.study import check_placements, expand_grid, load_study, run_study
 
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_every_shipped_yaml_validates():
     assert {p.name for p in EXAMPLES} >= {"quickstart.yaml", "seed-study-gpt2-medium.yaml", "gsm8k.yaml",
-                                          "search-quickstart.yaml", "gsm8k-search.yaml"}
+                                          "search-quickstart.yaml", "gsm8k-search.yaml", "nl2bash-grid.yaml",
+                                          "e2e-grid.yaml", "gsm8k-grid.yaml"}
     for path in EXAMPLES:
         study = load_study(path)
         if study.search is not None:  # candidates: every placement at every LR, the grid's first-seed trials

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -69,6 +70,13 @@ class SearchSpec(StrictModel):
     screen_lrs: NonNegativeInt = Field(default=0, description="the first N rungs cut across learning rates only: "
                                        "each placement keeps its best ceil(n/eta) LRs, and no placement is cut "
                                        "before rung N+1 (diversity: a placement is not lost to its worst LRs)")
+    hedge: NonNegativeInt = Field(default=0, description="Hyperband's hedge bracket: this many candidates, drawn "
+                                  "at random (seeded by the first seed) before any rung, train straight to the full "
+                                  "horizon on the first seed with no early stop and join the finalists")
+    confirm: PositiveInt | None = Field(default=None, description="how many of the finalists (and hedge "
+                                        "candidates) run the other seeds: the best by full-horizon validation loss "
+                                        "on the first seed; the others stop at one seed and are not compared "
+                                        "(default: every finalist runs every seed)")
 
     @field_validator("rungs")
     @classmethod
@@ -247,6 +255,34 @@ def run_rungs(candidates: list[Candidate], rungs: list[Rung], search: SearchSpec
     final = decisions[rungs[-1].index]
     by_key = {c.key: c for c in candidates}
     return [by_key[k] for k in final.kept]
+
+
+def hedge_candidates(candidates: list[Candidate], search: SearchSpec, seed: int) -> list[Candidate]:
+    """The hedge bracket: ``search.hedge`` candidates drawn before any rung (a seeded draw: the same every run),
+    in candidate order."""
+    if not search.hedge:
+        return []
+    drawn = set(random.Random(f"hedge:{seed}").sample(range(len(candidates)), min(search.hedge, len(candidates))))
+    return [c for i, c in enumerate(candidates) if i in drawn]
+
+
+def confirmed(finalists: list[Candidate], val_loss: dict[str, float | None], search: SearchSpec) -> list[Candidate]:
+    """The finalists that run the other seeds: all of them (no ``confirm``), else the best ``confirm`` by their
+    full-horizon validation loss on the first seed (``val_loss``: candidate key → it; failed last, ties in
+    finalist order), one per placement."""
+    if search.confirm is None:
+        return list(finalists)
+    order = {c.key: i for i, c in enumerate(finalists)}
+
+    def rank(c: Candidate) -> tuple[float, int]:
+        value = val_loss.get(c.key)
+        return (value if value is not None and math.isfinite(value) else math.inf), order[c.key]
+
+    out: list[Candidate] = []
+    for c in sorted(finalists, key=rank):
+        if len(out) < search.confirm and c.placement not in {o.placement for o in out}:
+            out.append(c)
+    return [c for c in finalists if c in out]
 
 
 def state_dir(artifacts: Path, candidate: str) -> Path:

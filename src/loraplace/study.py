@@ -29,7 +29,18 @@ from loraplace.placement.spec import DEFAULT_AUTO_METHOD, DEFAULT_FILL, DEFAULT_
 from loraplace.records import GroupKey, Size, StudyInfo, TrialLabels, TrialOutcome, config_without_seed
 from loraplace.reuse import check_sources, reuse_finished
 from loraplace.runner import FusedExecutor, LocalExecutor, PlannedTrial, RungTask, RunHooks, RunSummary, execute
-from loraplace.search import Candidate, SearchSpec, SearchState, describe, is_preset, run_rungs, rung_steps, rungs_of
+from loraplace.search import (
+    Candidate,
+    SearchSpec,
+    SearchState,
+    confirmed,
+    describe,
+    hedge_candidates,
+    is_preset,
+    run_rungs,
+    rung_steps,
+    rungs_of,
+)
 from loraplace.search import state_dir as search_state_dir
 from loraplace.specs import StrictModel, bare_on_off, load_yaml, validate
 from loraplace.store import Store, StoreError, StudyRecord, TrialRecord, artifacts_dir
@@ -817,23 +828,53 @@ def _search(study: StudySpec, store: Store, study_id: int, planned: list[Planned
     finalists = run_rungs(candidates, rungs, search, state, run, lambda r: store.record_rung(study_id, r),
                           lambda d: store.record_decision(study_id, d), retry_failed=retry_failed,
                           note=hooks.on_note)
-    trials: dict[str, PlannedTrial] = {}
-    for c in finalists:
-        for seed in study.seeds:
-            p = _planned(study, c.placement, specs[c.placement], study.sizes()[0], seed, c.group.axes)
-            trials[p.id] = dataclasses.replace(p, state=search_state_dir(artifacts, c.key)) \
-                if seed == study.seeds[0] else p
-    # The finalists are compared with the best preset among them (a search always keeps one).
-    preset = next((c.placement for c in finalists if c.preset), None)
-    info = study.info()
-    if preset is not None:
-        info = info.model_copy(update={"baseline": preset, "baseline_given": True})
-    store.open_study(info, study.model_dump(mode="json"))
-    store.add_trials(study_id, [(p.id, p.labels, p.spec.model_dump(mode="json")) for p in trials.values()])
-    summary.skipped = sum(1 for t in store.trials(study_id) if t.id in trials and t.status == "done")
-    if hooks.on_note is not None and len(trials) > summary.skipped:
-        hooks.on_note(f"finalists: {', '.join(f'{c.placement} lr={c.lr:g}' for c in finalists)} "
-                      f"at {len(study.seeds)} seed(s)")
-    execute(store, study_id, trials, executor, retry_failed=retry_failed, hooks=hooks, summary=summary,
-            stop_starting=stop_starting)
+    first = study.seeds[0]
+    hedge = [c for c in hedge_candidates(candidates, search, first) if c not in finalists]
+    entrants = finalists + hedge  # every one runs the full horizon on the first seed
+    staged = search.confirm is not None or bool(hedge)
+
+    def trial_of(c: Candidate, seed: int) -> PlannedTrial:
+        p = _planned(study, c.placement, specs[c.placement], study.sizes()[0], seed, c.group.axes)
+        # a finalist's first seed continues its search state; a hedge candidate starts from scratch
+        return dataclasses.replace(p, state=search_state_dir(artifacts, c.key)) \
+            if seed == first and c in finalists else p
+
+    def compare_with(compared: list[Candidate]) -> None:
+        """The finalists are compared with the best preset among them (a search always keeps one)."""
+        preset = next((c.placement for c in compared if c.preset), None)
+        info = study.info()
+        if preset is not None:
+            info = info.model_copy(update={"baseline": preset, "baseline_given": True})
+        elif compared:
+            info = info.model_copy(update={"baseline": compared[0].placement, "baseline_given": True})
+        store.open_study(info, study.model_dump(mode="json"))
+
+    def run_trials(trials: dict[str, PlannedTrial]) -> None:
+        store.add_trials(study_id, [(p.id, p.labels, p.spec.model_dump(mode="json")) for p in trials.values()])
+        summary.skipped += sum(1 for t in store.trials(study_id) if t.id in trials and t.status == "done")
+        execute(store, study_id, trials, executor, retry_failed=retry_failed, hooks=hooks, summary=summary,
+                stop_starting=stop_starting)
+
+    seeds = [first] if staged else study.seeds
+    summary.skipped = 0  # the finalists' trials found done (run_trials adds them)
+    trials = {p.id: p for c in entrants for seed in seeds for p in [trial_of(c, seed)]}
+    compare_with(entrants)
+    if hooks.on_note is not None:
+        hooks.on_note(f"finalists: {', '.join(c.label for c in finalists)}"
+                      + (f"; hedge bracket: {', '.join(c.label for c in hedge)}" if hedge else "")
+                      + (f" at seed {first}, then the best {search.confirm} at every seed" if staged
+                         else f" at {len(study.seeds)} seed(s)"))
+    run_trials(trials)
+    if staged and not summary.timed_out:
+        done = {t.id: t for t in store.trials(study_id) if t.id in trials and t.status in ("done", "failed")}
+        if len(done) == len(trials):  # every first-seed trial has its result: the choice can be made
+            val = {c.key: done[c.key].metrics.val_loss if done[c.key].metrics is not None else None
+                   for c in entrants}
+            chosen = confirmed(entrants, val, search)
+            compare_with(chosen)
+            more = {p.id: p for c in chosen for seed in study.seeds[1:] for p in [trial_of(c, seed)]}
+            if hooks.on_note is not None:
+                hooks.on_note(f"confirmed: {', '.join(c.label for c in chosen)} at {len(study.seeds)} seed(s)")
+            run_trials(more)
+            trials |= more
     return trials

@@ -188,8 +188,14 @@ def selections_of(info: StudyInfo, records: list[TrialRecord]) -> dict[GroupKey,
     if info.search:  # a search's trials are its finalists, each placement at the one LR its rungs selected
         found = select_lrs(results, {lr for r in results if (lr := tuned_lr(r.key)) is not None}, info.tune_seeds,
                            complete_only=False)
+        # search.confirm: the finalists that were not confirmed stopped at the first seed; only those that run
+        # the most seeds are compared
+        seeds: dict[GroupKey, set[int]] = defaultdict(set)
+        for r in records:
+            seeds[tuned_cell(r.labels.group)].add(r.labels.seed)
+        most = max((len(v) for v in seeds.values()), default=0)
         return {cell: replace(s, grid=tuple(info.tune_lrs_by_placement.get(cell.placement, info.tune_lrs)))
-                for cell, s in found.items()}
+                for cell, s in found.items() if len(seeds[cell]) == most}
     if info.tune_extend:  # each cell selects among its own LRs, the extensions it earned included
         chosen: dict[GroupKey, Selection] = {}
         for cell, lrs in extended_lrs(info, info.tune_extend, records).items():

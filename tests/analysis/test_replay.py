@@ -14,6 +14,7 @@ from loraplace.study import load_study, run_study
 PLACEMENTS = {"all": "{preset: all}", "attn": "{preset: attn}", "q": "{roles: [attn.q]}"}
 LRS = "[1.0e-3, 3.0e-2]"
 POLICY = "{eta: 2, rungs: [2, 4], rung_examples: 5, finalists: 2}"
+STAGED = "{eta: 2, rungs: [2], rung_examples: 5, finalists: 1, hedge: 2, confirm: 1}"
 
 
 def grid_yaml(name: str, *, search: str | None = None) -> str:
@@ -38,6 +39,8 @@ def stores(tmp_path_factory):
         run_study(load_study(root / "grid.yaml"), root / "grid.db")
         (root / "search.yaml").write_text(grid_yaml("live", search=POLICY))
         run_study(load_study(root / "search.yaml"), root / "search.db")
+        (root / "staged.yaml").write_text(grid_yaml("staged", search=STAGED))
+        run_study(load_study(root / "staged.yaml"), root / "staged.db")
     finally:
         mp.undo()
     return root
@@ -66,6 +69,31 @@ def test_the_replayed_decisions_are_the_live_search_s_exactly(stores):
     assert replayed.search.grid_steps == live_analysis.search.grid_steps == (3 * 2 + 3 * 2) * 8
     assert replayed.search.search_steps() == pytest.approx(live_analysis.search.search_steps(), rel=1e-9)
     assert replayed.ratio < 1
+
+
+def test_a_hedge_bracket_and_confirmed_finalists_replay_as_they_run_live(stores):
+    """The staged end: the finalist and two hedge candidates at the full horizon on the first seed, then the other
+    seeds for the best one by validation. The replay runs the same trials and answers the same."""
+    from loraplace.analysis import analyze_store
+    from loraplace.analysis.recommend import recommend_from_store
+
+    policy = SearchSpec.model_validate({"eta": 2, "rungs": [2], "rung_examples": 5, "finalists": 1, "hedge": 2,
+                                        "confirm": 1})
+    replayed = replay_store(stores / "grid.db", policy)
+    with Store.open_readonly(stores / "staged.db") as store:
+        live_trials = store.trials(store.study().id)
+        live = store.rung_decisions(store.study().id)
+    assert [(d.ranked, d.kept) for d in replayed.decisions] == [(d.ranked, d.kept) for d in live]
+    assert replayed.trials == tuple(sorted(t.id for t in live_trials))
+    seeds_of = {}
+    for t in live_trials:
+        seeds_of.setdefault(t.labels.group, set()).add(t.labels.seed)
+    assert sorted(len(s) for s in seeds_of.values()) in ([1, 1, 3], [1, 3])  # one confirmed at every seed
+    live_answer = recommend_from_store(str(stores / "staged.db"))
+    assert (replayed.answer.chosen.placement, replayed.answer.chosen.lr) == (live_answer.chosen.placement,
+                                                                            live_answer.chosen.lr)
+    assert live_answer.chosen.seeds == 3  # the unconfirmed entrants are not compared
+    assert replayed.search.search_steps() == pytest.approx(analyze_store(stores / "staged.db").search.search_steps())
 
 
 def test_the_regret_is_the_seed_paired_test_difference_of_the_two_answers(stores):

@@ -28,7 +28,17 @@ from loraplace.analysis.search import SearchAnalysis, analyze_search
 from loraplace.analysis.stats import paired
 from loraplace.errors import LoraplaceError
 from loraplace.records import Recommendation, RungDecision, RungResult
-from loraplace.search import Candidate, Rung, SearchSpec, SearchState, run_rungs, rung_steps, rungs_of
+from loraplace.search import (
+    Candidate,
+    Rung,
+    SearchSpec,
+    SearchState,
+    confirmed,
+    hedge_candidates,
+    run_rungs,
+    rung_steps,
+    rungs_of,
+)
 from loraplace.store import Store, StudyRecord, TrialRecord
 
 
@@ -50,6 +60,7 @@ class ReplayResult:
     seeds: tuple[int, ...]
     best_survived_first_rung: bool  # the grid's validation-best candidate (rung seed, full horizon) was kept at rung 1
     grid_best: str  # that candidate's label
+    trials: tuple[str, ...] = ()  # the full-horizon trials the search runs (grid trial ids)
 
     @property
     def ratio(self) -> float:
@@ -114,19 +125,27 @@ def replay(grid: StudyRecord, records: list[TrialRecord], policy: SearchSpec, *,
             yield _rung_result(by_id[c.key], rung, previous, spec.train.batch)
 
     finalists = run_rungs(candidates, rungs, policy, SearchState.of([], []), run, results.append, decisions.append)
-    finalist_trials = [r for r in records if r.labels.seed in seeds
-                       and any(r.labels.group == c.group for c in finalists)]
-    incomplete = sorted({c.label for c in finalists for s in seeds
+    # As a live search goes on (study._search): the hedge bracket beside the finalists, all on the rung seed at
+    # the full horizon; then every seed for all of them, or for the best `confirm` by their validation loss.
+    hedge = [c for c in hedge_candidates(candidates, policy, seed) if c not in finalists]
+    entrants = finalists + hedge
+    compared = entrants
+    if policy.confirm is not None or hedge:
+        val = {c.key: by_id[c.key].metrics.val_loss if by_id[c.key].metrics is not None else None for c in entrants}
+        compared = confirmed(entrants, val, policy)
+    wanted = {(c.group, s) for c in entrants for s in ([seed] if c not in compared else seeds)}
+    finalist_trials = [r for r in records if (r.labels.group, r.labels.seed) in wanted]
+    incomplete = sorted({c.label for c in compared for s in seeds
                          if not any(r.labels.group == c.group and r.labels.seed == s and r.status == "done"
                                     for r in finalist_trials)})
     if incomplete:
         raise LoraplaceError(f"the grid lacks finished trials at every seed for the finalist(s) "
                              f"{', '.join(incomplete)}", "a replayable grid runs every (placement, LR) at every seed "
                              "(tune.seeds: all the seeds); let it finish")
-    preset = next((c.placement for c in finalists if c.preset), None)
+    preset = next((c.placement for c in compared if c.preset), None)
     info = searched.info().model_copy(update={"versions": grid.info.versions})
-    if preset is not None:
-        info = info.model_copy(update={"baseline": preset, "baseline_given": True})
+    if preset is not None or compared:
+        info = info.model_copy(update={"baseline": preset or compared[0].placement, "baseline_given": True})
     search_study = StudyRecord(id=grid.id, name=f"{grid.name} (replayed search)", spec=searched.model_dump(mode="json"),
                                info=info, created_at=grid.created_at)
     analysis = analyze_records(search_study, store, finalist_trials, _counts(finalist_trials))
@@ -154,7 +173,8 @@ def replay(grid: StudyRecord, records: list[TrialRecord], policy: SearchSpec, *,
     best = min((k for k, v in full_val.items() if v is not None), key=lambda k: full_val[k])
     labels = {c.key: c.label for c in candidates}
     return ReplayResult(grid.name, policy, seed, tuple(steps), tuple(decisions), search, answer, grid_answer,
-                        test.mean_diff, ci, test.p_value, test.seeds, best in decisions[0].kept, labels[best])
+                        test.mean_diff, ci, test.p_value, test.seeds, best in decisions[0].kept, labels[best],
+                        tuple(sorted(r.id for r in finalist_trials)))
 
 
 def _replayable(spec, policy: SearchSpec) -> list[str]:

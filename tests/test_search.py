@@ -517,3 +517,39 @@ def test_a_finalist_at_an_edge_of_its_candidates_lrs_is_warned_about_as_in_a_gri
     assert not Selection(cell, 1e-2, {1e-2: 0.5}, (0,), grid=(1e-3, 1e-2, 3e-2)).at_edge
     assert Selection(cell, 3e-2, {3e-2: 0.5}, (0,), grid=(1e-3, 1e-2, 3e-2)).at_edge
     assert not Selection(cell, 3e-2, {3e-2: 0.5}, (0,)).at_edge  # one LR and no grid: nothing to be at the edge of
+
+
+def test_pasha_stops_raising_the_rungs_once_the_finalists_stop_moving():
+    """stop_when_stable: rung k ends the search when the previous rung would have picked the same finalists."""
+    from loraplace.search import rungs_of
+
+    cands = [candidate(f"{p}{i}", p, lr) for p in "abcd" for i, lr in enumerate((1e-3, 1e-2))]
+    rungs = rungs_of([1, 2, 4, 8])
+    spec = SearchSpec(eta=2, finalists=1, stop_when_stable=True)
+
+    def runner(losses_at):
+        ran = []
+
+        def run(alive, rung):
+            for c in alive:
+                ran.append(rung.index)
+                yield done(c.key, losses_at(c.key, rung.index), rung.index, rung.steps)
+        return run, ran
+
+    # a1 leads from the first rung on: rung 2 picks what rung 1 would have picked → it is the last
+    stable, ran = runner(lambda key, r: (0.5 if key == "a1" else 1.0 + int(key[1]) + ord(key[0]) / 100))
+    decisions: list[RungDecision] = []
+    finalists = run_rungs(cands, rungs, spec, SearchState.of([], []), stable, lambda r: None, decisions.append)
+    assert [c.key for c in finalists] == ["a1"]
+    assert [d.last for d in decisions] == [False, True] and max(ran) == 1
+    # the lead changes at every rung: the rungs go on to the last one
+    moving, ran = runner(lambda key, r: (0.5 if key == "abcd"[r % 4] + "0" else 1.0 + ord(key[0]) / 100))
+    decisions = []
+    run_rungs(cands, rungs, SearchSpec(eta=2, finalists=1, stop_when_stable=True, screen_lrs=0),
+              SearchState.of([], []), moving, lambda r: None, decisions.append)
+    assert decisions[-1].last and len(decisions) > 2
+    # a resumed search stops where the recorded last decision says, running nothing
+    again: list[RungDecision] = []
+    state = SearchState.of([], decisions)
+    run_rungs(cands, rungs, spec, state, lambda alive, rung: iter(()), lambda r: None, again.append)
+    assert again == []

@@ -70,6 +70,9 @@ class SearchSpec(StrictModel):
     screen_lrs: NonNegativeInt = Field(default=0, description="the first N rungs cut across learning rates only: "
                                        "each placement keeps its best ceil(n/eta) LRs, and no placement is cut "
                                        "before rung N+1 (diversity: a placement is not lost to its worst LRs)")
+    stop_when_stable: bool = Field(default=False, description="PASHA: a rung whose finalists (the best LR of "
+                                   "each of the best placements) are the ones the previous rung would have "
+                                   "picked ends the rungs there; later rungs run only while that choice moves")
     hedge: NonNegativeInt = Field(default=0, description="Hyperband's hedge bracket: this many candidates, drawn "
                                   "at random (seeded by the first seed) before any rung, train straight to the full "
                                   "horizon on the first seed with no early stop and join the finalists")
@@ -234,14 +237,18 @@ def run_rungs(candidates: list[Candidate], rungs: list[Rung], search: SearchSpec
     Returns the finalists, best first."""
     decisions = dict(state.decisions)
     rate = keep_rate(search, len(candidates), len(rungs))
+    measured: dict[int, dict[str, RungResult]] = {}
     for rung in rungs:
         alive = alive_at(rung.index, candidates, decisions)
         results = dict(state.results.get(rung.index, {}))
+        measured[rung.index] = results
         if rung.index in decisions:
             failed = [c.key for c in alive if c.key in results and results[c.key].status == "failed"]
             if failed and retry_failed and note is not None:
                 note(f"rung {rung.index + 1} is decided: its {len(failed)} failed candidate(s) are not retried "
                      "(the recorded decision stands)")
+            if decisions[rung.index].last:
+                break
             continue
         pending = [c for c in alive if c.key not in results
                    or (retry_failed and results[c.key].status == "failed")]
@@ -250,9 +257,19 @@ def run_rungs(candidates: list[Candidate], rungs: list[Rung], search: SearchSpec
                 record_result(result)
                 results[result.candidate] = result
         decision = decide(rung, alive, results, rate, search.finalists, screen=rung.index < search.screen_lrs)
+        if search.stop_when_stable and not rung.last and rung.index > 0:
+            # PASHA: would the previous rung have picked the same finalists among these candidates?
+            previous = rungs[rung.index - 1]
+            now = decide(dataclasses.replace(rung, last=True), alive, results, rate, search.finalists)
+            before = decide(dataclasses.replace(previous, last=True), alive, measured[previous.index], rate,
+                            search.finalists)
+            if set(now.kept) == set(before.kept):
+                decision = now
         record_decision(decision)
         decisions[rung.index] = decision
-    final = decisions[rungs[-1].index]
+        if decision.last:
+            break
+    final = next(d for d in decisions.values() if d.last or d.rung == rungs[-1].index)
     by_key = {c.key: c for c in candidates}
     return [by_key[k] for k in final.kept]
 

@@ -203,10 +203,11 @@ def _ledger(study, names: dict[str, Candidate], results: list[RungResult],
             start = max((res.steps for res in results if res.candidate == r.id and res.status == "done"), default=0)
             trained += (r.outcome.steps - start) * study.train.batch
         test_examples = sum(_examples(r, study) for r in done)
-        val_examples = len(done) * (study.data.validation_count or 0)
-        if not study.data.validation_count:
-            notes.append("the finalists' validation evals are not counted: the validation split is not given "
-                         "as a count")
+        val_size = split_size(study.data, "validation")
+        val_examples = len(done) * (val_size or 0)
+        if not val_size:
+            notes.append("the finalists' validation evals are not counted: the validation split is neither a count "
+                         "nor a file")
         items.append(CostItem(f"finalists: training ({len(done)} trials at the full horizon)", trained, 0,
                               sum(r.metrics.train_s or 0.0 for r in done if r.metrics is not None)))
         items.append(CostItem("finalists: validation + test evals", 0, test_examples + val_examples,
@@ -225,10 +226,28 @@ def _ledger(study, names: dict[str, Candidate], results: list[RungResult],
     return items, notes
 
 
+def split_size(data, split: str) -> int | None:
+    """Examples of a held-out split: its count when the spec carves one, else the records of its file (read, not
+    tokenised; ``eval_limit`` applies to the test split); None when neither (a fraction, or unreadable)."""
+    from loraplace.data.sources import read_records
+
+    count = data.validation_count if split == "validation" else data.test_count or data.eval_count
+    if count:
+        return count
+    source = data.validation if split == "validation" else data.test_file
+    if source is None:
+        return None
+    try:
+        records, _ = read_records(source)
+    except Exception:  # noqa: BLE001 - moved or unreadable: the caller notes what it cannot count
+        return None
+    return min(len(records), data.eval_limit) if split == "test" and data.eval_limit else len(records)
+
+
 def _examples(record: TrialRecord, study) -> int:
-    """Test examples a finalist trial evaluated: the split's count when the spec gives one, else estimated from
-    its label tokens (per training example)."""
-    count = study.data.test_count or study.data.eval_count
+    """Test examples a finalist trial evaluated: the split's size (:func:`split_size`), else estimated from its
+    label tokens (per training example)."""
+    count = split_size(study.data, "test")
     if count:
         return count
     o = record.outcome

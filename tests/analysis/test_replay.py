@@ -154,3 +154,58 @@ def test_loraplace_replay_prints_the_decisions_ledger_and_one_line_per_rung_seed
     assert from_file.returncode == 0 and from_file.stdout.count("task=grid ") == 1
     bad = run_cli_in_process("replay", stores / "grid.db", "--search", "{eta: 1}", capsys=capsys)
     assert bad.returncode == 2 and "eta" in bad.stderr
+
+
+def _replay_policies():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "replay_policies.py"
+    spec = importlib.util.spec_from_file_location("replay_policies", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["replay_policies"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_policies_replayed_are_the_ones_docs_replay_md_fixed():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    bench = _replay_policies()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "replay.md").read_text()
+    table = dict(re.findall(r"^\| \*\*(\w+)\*\* \| `(\{.*?\})`", doc, flags=re.M))
+    assert set(table) == set(bench.POLICIES)
+    for name, text in table.items():
+        assert yaml.safe_load(text) == bench.POLICIES[name], name
+        SearchSpec.model_validate(bench.POLICIES[name] | {"rung_examples": bench.RUNG_EXAMPLES})
+
+
+def test_the_rule_that_chooses_the_default():
+    from types import SimpleNamespace
+
+    bench = _replay_policies()
+
+    def rows(name, deltas, ratios, ci_lows):
+        return [bench.Row(name, "t", i, SimpleNamespace(delta=d, ratio=r, ci=(lo, d + 0.01),
+                                                        best_survived_first_rung=True))
+                for i, (d, r, lo) in enumerate(zip(deltas, ratios, ci_lows, strict=True))]
+
+    base = {name: rows(name, [0.01] * 2, [0.2] * 2, [-0.01] * 2) for name in bench.POLICIES}
+    base["today"] = rows("today", [0.0, 0.0], [0.39, 0.39], [-0.01, -0.01])  # best Δ, over the ratio target
+    base["diverse"] = rows("diverse", [0.003, 0.003], [0.24, 0.24], [-0.01, -0.01])
+    base["hedge"] = rows("hedge", [0.002, 0.002], [0.25, 0.25], [-0.01, -0.01])  # a tie within 0.002 …
+    base["pasha"] = rows("pasha", [-0.001, 0.0], [0.2, 0.2], [0.001, -0.01])  # best eligible Δ, but ci_low > 0 once
+    chosen, summary = bench.choose([r for rs in base.values() for r in rs])
+    assert chosen == "diverse"  # … goes to the smaller largest ratio
+    assert not summary["today"]["ratio_ok"] and not summary["pasha"]["ci_ok"]
+    # nobody meets (a): the smallest mean Δ among those under the ratio target
+    for name in base:
+        base[name] = [bench.Row(r.policy, r.task, r.seed, SimpleNamespace(**{**vars(r.result), "ci": (0.001, 0.1)}))
+                      for r in base[name]]
+    assert bench.choose([r for rs in base.values() for r in rs])[0] == "pasha"
+    # a replay that could not run leaves the choice open
+    assert bench.choose([bench.Row("today", "t", 0, None, "unfinished")])[0] is None

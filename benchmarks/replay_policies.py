@@ -1,0 +1,125 @@
+"""Replay every search policy of docs/replay.md on the stored grids and apply the rule that chooses the default.
+
+    python benchmarks/replay_policies.py docs/replay/nl2bash/grid.db docs/replay/e2e/grid.db
+
+Prints the replay table (every policy × task × rung seed: ratio, answer, Δ with its 95 % interval, whether the
+grid's validation-best candidate survived the first rung), the summary per policy, and the policy the rule picks.
+No training: each replay reads the grids' recorded rung points (loraplace.analysis.replay). A grid that has not
+finished what a replay needs is reported as such, not guessed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# The policies, as fixed in docs/replay.md before any replay ("Rule that chooses the default"). Every one reads
+# the grids' 24-example rung points.
+POLICIES: dict[str, dict] = {
+    "today": {"rungs": [4, 13]},
+    "floor": {"rungs": [8, 20], "eta": 5, "finalists": 1},
+    "diverse": {"rungs": [2, 8], "screen_lrs": 1, "eta": 4, "finalists": 2, "confirm": 1},
+    "hedge": {"rungs": [2, 8], "eta": 4, "finalists": 1, "hedge": 1, "confirm": 1},
+    "pasha": {"rungs": [2, 4, 8, 13, 20], "eta": 2, "finalists": 1, "stop_when_stable": True},
+}
+RUNG_EXAMPLES = 24
+RATIO_TARGET = 0.25
+TIE = 0.002  # mean Δ within this: the smaller largest ratio wins
+
+
+@dataclass(frozen=True)
+class Row:
+    policy: str
+    task: str
+    seed: int
+    result: object | None  # ReplayResult, or None when the grid cannot answer yet
+    why: str = ""
+
+
+def replay_all(stores: list[Path]) -> list[Row]:
+    from loraplace.analysis.replay import replay_store
+    from loraplace.errors import LoraplaceError
+    from loraplace.search import SearchSpec
+    from loraplace.store import Store
+
+    rows = []
+    for store in stores:
+        with Store.open_readonly(store) as opened:
+            study = opened.study()
+        task = study.name.removesuffix("-grid")
+        for name, settings in POLICIES.items():
+            policy = SearchSpec.model_validate(settings | {"rung_examples": RUNG_EXAMPLES})
+            for seed in study.spec.get("seeds", [0]):
+                try:
+                    rows.append(Row(name, task, seed, replay_store(store, policy, rung_seed=seed)))
+                except LoraplaceError as exc:
+                    rows.append(Row(name, task, seed, None, str(exc).split(":")[0]))
+    return rows
+
+
+def choose(rows: list[Row]) -> tuple[str | None, dict[str, dict]]:
+    """The rule of docs/replay.md: over all replays, (a) ratio ≤ 0.25 and ci_low ≤ 0 in every one; among those
+    (b) the smallest mean Δ, ties within 0.002 to the smaller largest ratio. None of (a): the smallest mean Δ
+    among those with ratio ≤ 0.25 everywhere (the miss is said)."""
+    summary: dict[str, dict] = {}
+    for name in POLICIES:
+        mine = [r.result for r in rows if r.policy == name]
+        if not mine or any(r is None for r in mine):
+            summary[name] = {"complete": False}
+            continue
+        summary[name] = {"complete": True, "mean_delta": sum(r.delta for r in mine) / len(mine),
+                         "max_ratio": max(r.ratio for r in mine),
+                         "ratio_ok": all(r.ratio <= RATIO_TARGET for r in mine),
+                         "ci_ok": all(r.ci[0] <= 0 for r in mine),
+                         "survived": sum(r.best_survived_first_rung for r in mine), "replays": len(mine)}
+    complete = {k: v for k, v in summary.items() if v["complete"]}
+    if len(complete) < len(POLICIES):
+        return None, summary
+    eligible = {k: v for k, v in complete.items() if v["ratio_ok"] and v["ci_ok"]} or \
+        {k: v for k, v in complete.items() if v["ratio_ok"]}
+    if not eligible:
+        return None, summary
+    best = min(v["mean_delta"] for v in eligible.values())
+    near = {k: v for k, v in eligible.items() if v["mean_delta"] <= best + TIE}
+    return min(near, key=lambda k: (near[k]["max_ratio"], list(POLICIES).index(k))), summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stores", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    rows = replay_all(args.stores)
+    print("| policy | task | rung seed | ratio | answer | grid's answer | Δ test loss [95 % CI] | grid's val-best "
+          "kept at rung 1 |")
+    print("|---|---|---:|---:|---|---|---|---|")
+    for row in rows:
+        r = row.result
+        if r is None:
+            print(f"| {row.policy} | {row.task} | {row.seed} | — | not replayable yet: {row.why} | | | |")
+            continue
+        a, g = r.answer.chosen, r.grid_answer.chosen
+        print(f"| {row.policy} | {row.task} | {row.seed} | {r.ratio:.3f} | {a.placement} {a.lr:g} | "
+              f"{g.placement} {g.lr:g} | {r.delta:+.4f} [{r.ci[0]:+.4f}, {r.ci[1]:+.4f}] | "
+              f"{'yes' if r.best_survived_first_rung else 'no'} ({r.grid_best}) |")
+    chosen, summary = choose(rows)
+    print("\n| policy | replays | mean Δ | largest ratio | ratio ≤ 0.25 in all | ci_low ≤ 0 in all | val-best kept |")
+    print("|---|---:|---:|---:|---|---|---:|")
+    for name, s in summary.items():
+        if not s["complete"]:
+            print(f"| {name} | incomplete | | | | | |")
+            continue
+        print(f"| {name} | {s['replays']} | {s['mean_delta']:+.4f} | {s['max_ratio']:.3f} | "
+              f"{'yes' if s['ratio_ok'] else 'no'} | {'yes' if s['ci_ok'] else 'no'} | "
+              f"{s['survived']}/{s['replays']} |")
+    print(f"\nchosen default: {chosen if chosen is not None else 'none yet (replays incomplete or none eligible)'}")
+    for row in rows:
+        if row.result is not None and row.seed == 0:
+            print(row.result.line(row.task) + f" policy={row.policy}")
+    return 0 if not any(math.isnan(r.result.delta) for r in rows if r.result is not None) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

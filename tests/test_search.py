@@ -315,12 +315,12 @@ def test_a_search_stopped_by_its_timeout_between_rung_runs_continues_to_the_same
     """A timeout that passes after the first rung run (a clock that moves 100 s per result, timeout 50 s): no
     other rung run starts, the search is left unfinished, and the next run ends it with the decisions of the
     uninterrupted search."""
-    import loraplace.study
+    import loraplace.study.run
     from loraplace.runner import RunHooks
 
     root, study, _ = planted
     clock = [0.0]
-    monkeypatch.setattr(loraplace.study, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(loraplace.study.run, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
 
     def note(line: str) -> None:

@@ -102,10 +102,10 @@ def test_run_timeout_starts_nothing_after_it_and_exits_75_while_work_is_left(tmp
     """--timeout 25m with a clock that moves 1000 s a reading: the run starts (reading 1), claims a trial
     (reading 2: 1000 s in), and at the next claim (2000 s in) stops; the next run continues with the rest, and a
     timeout that passes just as the last trial is claimed leaves nothing and says nothing."""
-    import loraplace.study
+    import loraplace.study.run
 
     spec = write_study(seeds=[0])  # two trials: all and attn
-    monkeypatch.setattr(loraplace.study, "time", SteppingClock(1000))
+    monkeypatch.setattr(loraplace.study.run, "time", SteppingClock(1000))
     first = cli("run", spec, "--store", tmp_path / "s.db", "--timeout", "25m")
     assert first.returncode == 75, first.stderr
     assert "--timeout 25m00s reached: nothing was started after it" in first.stderr

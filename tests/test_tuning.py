@@ -141,7 +141,8 @@ def test_a_field_added_since_the_store_was_written_is_not_a_change(tuned, tmp_pa
     import shutil
     import sqlite3
 
-    from loraplace.study import _as_read_now, run_study, spec_differences
+    from loraplace.study import run_study, spec_differences
+    from loraplace.study.resume import _as_read_now
 
     db = tmp_path / "s.db"
     shutil.copy(tuned[False], db)

@@ -19,21 +19,11 @@ from typing import Literal, Protocol
 
 import torch
 
-from loraplace.records import Failure, RungResult, TrialLabels, TrialOutcome
+from loraplace.records import Failure, RungResult, TrialOutcome
 from loraplace.stepper import Continuation
 from loraplace.store import HEARTBEAT_EVERY_S, STATE_DIR, Owner, Store, trial_dir
-from loraplace.trial import Session, TrialSpec, failure_of, run_rung, run_trial
-
-
-@dataclass(frozen=True)
-class PlannedTrial:
-    """One trial of a study grid: its id (hash of the resolved spec), labels and resolved spec. ``state``: a saved
-    training state to continue (a search finalist's first seed continues where its last rung stopped)."""
-
-    id: str
-    labels: TrialLabels
-    spec: TrialSpec
-    state: Path | None = None
+from loraplace.trial import Session, failure_of, run_rung, run_trial
+from loraplace.trial_spec import PlannedTrial, TrialSpec
 
 
 @dataclass(frozen=True)

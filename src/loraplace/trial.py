@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 
 from loraplace.atomic import write_json_atomic
 from loraplace.data import DataSpec, Splits, TokenizedSet, load_splits
@@ -48,7 +46,6 @@ from loraplace.records import (
     Timings,
     TrialOutcome,
 )
-from loraplace.specs import StrictModel
 from loraplace.stepper import Continuation, TrainOutcome
 from loraplace.train import (
     TrainSpec,
@@ -59,69 +56,7 @@ from loraplace.train import (
     seed_everything,
     train,
 )
-
-
-class EvalSpec(StrictModel):
-    """How a trial is evaluated: at the end on the validation and test splits; during training (``every``,
-    ``at_steps``) on the watched split — validation when there is one, else test — or its first ``watch_examples``."""
-
-    batch: int = Field(default=16, gt=0)
-    generate: int = Field(default=0, ge=0, description="greedy-generate N eval examples for task accuracy")
-    max_new_tokens: int = Field(default=256, gt=0)
-    every: int | None = Field(default=None, gt=0, description="also evaluate every N steps")
-    at_steps: list[PositiveInt] | None = Field(
-        default=None, min_length=1, description="also evaluate at these steps (increasing, below the last): "
-        "a grid that records the rung steps of a search can replay it without training (loraplace replay)")
-    watch_examples: PositiveInt | None = Field(
-        default=None, description="evaluate only the watched split's first N examples during training (every, "
-        "at_steps): what a search's rung evaluates with search.rung_examples: N. The final evals read the whole "
-        "splits")
-
-    added_fields = frozenset({"at_steps", "watch_examples"})
-
-    @field_validator("at_steps")
-    @classmethod
-    def _increasing(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and any(b <= a for a, b in zip(value, value[1:], strict=False)):
-            raise ValueError("eval.at_steps must be strictly increasing")
-        return value
-
-
-class TrialSpec(StrictModel):
-    model: str
-    data: DataSpec
-    placement: PlacementSpec
-    rank: int | None = Field(default=None, gt=0)
-    budget: int | None = Field(default=None, gt=0)
-    fill: Fill = Field(default=DEFAULT_FILL, description="how a budget is filled: exact (rank r+1 on an evenly "
-                       "spread subset of sites) or uniform (one rank)")
-    train: TrainSpec = TrainSpec()
-    eval: EvalSpec = EvalSpec()
-
-    @field_validator("eval")
-    @classmethod
-    def _eval_steps_in_run(cls, value: EvalSpec, info: ValidationInfo) -> EvalSpec:
-        train = info.data.get("train")
-        if value.at_steps and train is not None and train.steps is not None and value.at_steps[-1] >= train.steps:
-            raise ValueError(f"eval.at_steps must stay below train.steps ({train.steps}): the last step is "
-                             "evaluated anyway, on the whole splits")
-        return value
-
-    def id_neutral(self) -> set[str]:
-        # ``fill`` only means something with a budget; "uniform" is how budgets were filled before it existed, so
-        # a study stored then resumes with fill: uniform under its old trial ids.
-        return super().id_neutral() | ({"fill"} if self.budget is None or self.fill == "uniform" else set())
-
-
-def library_versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    from loraplace import __version__
-
-    return {"loraplace": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
-
+from loraplace.trial_spec import EvalSpec, TrialSpec, library_versions  # noqa: F401 - re-exported
 
 # --------------------------------------------------------------------------------------------- session
 

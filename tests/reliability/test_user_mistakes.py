@@ -303,12 +303,12 @@ def test_cjk_and_long_names_render_without_warnings(cli, workdir, recwarn):
 
 
 def test_an_interrupt_before_any_trial_does_not_claim_one_was_interrupted(cli, workdir, monkeypatch):
-    from loraplace import study
+    from loraplace.study import checks
 
     def interrupted(_study):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(study, "check_inputs", interrupted)
+    monkeypatch.setattr(checks, "check_inputs", interrupted)
     (workdir / "new.yaml").write_text(GOOD)
     done = cli("run", "new.yaml", "--store", "new.db")
     assert done.returncode == 130 and "before any trial ran" in done.stderr and "marked" not in done.stderr

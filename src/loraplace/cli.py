@@ -884,7 +884,7 @@ def export_placement(
                                for opt in ignored], "options that would not take effect",
                               "drop them, or export a placement of your own: export-placement MODEL --placement …")
         from loraplace.analysis.recommend import recommend_from_store
-        from loraplace.trial import TrialSpec
+        from loraplace.trial_spec import TrialSpec
 
         rec = recommend_from_store(source, name, budget, metric or "eval_loss", _at(at))
         model, spec_placement = rec.model, rec.placement_spec

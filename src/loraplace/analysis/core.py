@@ -224,7 +224,7 @@ def _replan(trial_spec: dict[str, Any]) -> SiteMap | None:
     Best effort: a model that cannot be reached (hub, offline) or an auto placement just means no heatmap."""
     try:
         from loraplace.placement import plan_for_model
-        from loraplace.trial import TrialSpec
+        from loraplace.trial_spec import TrialSpec
 
         spec = TrialSpec.model_validate(trial_spec)
         return plan_for_model(spec.model, spec.placement, rank=spec.rank, budget=spec.budget).site_map()

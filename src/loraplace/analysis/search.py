@@ -96,13 +96,27 @@ class SearchAnalysis:
 
 
 def kendall_tau(a: list[float], b: list[float]) -> float | None:
-    """Kendall's tau-b of two paired lists (scipy), None when fewer than 2 pairs or undefined."""
-    if len(a) < 2:
+    """Kendall's tau-b of two paired lists (ties counted as scipy.stats.kendalltau counts them; pure Python, so
+    reading a search's status needs no scipy), None when fewer than 2 pairs or undefined."""
+    n = len(a)
+    if n < 2:
         return None
-    from scipy.stats import kendalltau
-
-    tau = kendalltau(a, b).statistic
-    return None if tau is None or not math.isfinite(tau) else float(tau)
+    concordant = discordant = tied_a = tied_b = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            da, db = a[i] - a[j], b[i] - b[j]
+            if da == 0:
+                tied_a += 1
+            if db == 0:
+                tied_b += 1
+            if da and db:
+                if (da > 0) == (db > 0):
+                    concordant += 1
+                else:
+                    discordant += 1
+    pairs = n * (n - 1) // 2
+    denominator = math.sqrt((pairs - tied_a) * (pairs - tied_b))
+    return (concordant - discordant) / denominator if denominator else None
 
 
 def analyze_search(spec: dict[str, Any], info: StudyInfo, results: list[RungResult], decisions: list[RungDecision],

@@ -9,8 +9,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scipy import stats as _scipy
-
 CONFIDENCE = 0.95
 
 
@@ -37,6 +35,8 @@ def summarize(values: Sequence[float], confidence: float = CONFIDENCE) -> Summar
     if n == 1:
         return Summary(1, mean, None, None)
     std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    from scipy import stats as _scipy  # 2 s to import: only once an interval is computed
+
     t = float(_scipy.t.ppf(0.5 + confidence / 2, n - 1))
     return Summary(n, mean, std, t * std / math.sqrt(n))
 
@@ -79,6 +79,8 @@ def paired(candidate: dict[int, float], baseline: dict[int, float], confidence: 
         # Every seed moved by exactly the same amount: the t statistic is undefined (0/0) or infinite.
         p_value = 1.0 if summary.mean == 0.0 else 0.0
     else:
+        from scipy import stats as _scipy
+
         p_value = float(_scipy.ttest_rel([candidate[s] for s in seeds], [baseline[s] for s in seeds]).pvalue)
     return Paired(summary.n, summary.mean, summary.ci_half, p_value, seeds)
 

@@ -515,15 +515,15 @@ def test_a_fused_trials_peak_memory_is_its_groups_training_peak(tmp_path, monkey
     """The peak a fused trial records is the one its group reached while training, not the (smaller) peak of its own
     evaluation afterwards. A fake meter stands in for the device's: a training forward (grad on) reaches 1000 MiB,
     an eval forward 10 MiB."""
-    import loraplace.fused
+    import loraplace.fused.loop
     import loraplace.trial
     from loraplace.runner import fused_outcomes
     from loraplace.trial import TrialSpec
 
     meter = {"peak": 0.0}
-    monkeypatch.setattr(loraplace.fused, "reset_peak_memory", lambda device: meter.update(peak=0.0))
+    monkeypatch.setattr(loraplace.fused.loop, "reset_peak_memory", lambda device: meter.update(peak=0.0))
     monkeypatch.setattr(loraplace.trial, "reset_peak_memory", lambda device: meter.update(peak=0.0))
-    monkeypatch.setattr(loraplace.fused, "peak_memory_mb", lambda device: meter["peak"])
+    monkeypatch.setattr(loraplace.fused.loop, "peak_memory_mb", lambda device: meter["peak"])
     monkeypatch.setattr(loraplace.trial, "peak_memory_mb", lambda device: meter["peak"])
     session = Session("tiny:llama", precision="fp32")
     layer = session.model.model.layers[0]

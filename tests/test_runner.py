@@ -70,7 +70,7 @@ def store(tmp_path):
 
 
 def register(store, trials):
-    study = store.open_study(INFO, {})
+    study = store.write_study(INFO, {})
     store.add_trials(study.id, [(t.id, t.labels, {"i": t.labels.seed}) for t in trials.values()])
     return study.id
 

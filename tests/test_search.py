@@ -144,7 +144,7 @@ def search_store(tmp_path):
     from loraplace.records import StudyInfo
 
     store = Store(tmp_path / "s.db").__enter__()
-    study = store.open_study(StudyInfo(name="x", model="m", placements=("a",), baseline="a", baseline_given=False),
+    study = store.write_study(StudyInfo(name="x", model="m", placements=("a",), baseline="a", baseline_given=False),
                              {"name": "x"})
     yield store, study.id
     store.__exit__(None, None, None)
@@ -395,7 +395,7 @@ def test_a_different_decision_for_a_recorded_rung_is_refused(tmp_path):
     from loraplace.records import StudyInfo
 
     with Store(tmp_path / "s.db") as store:
-        study = store.open_study(StudyInfo(name="x", model="m", placements=("a",), baseline="a",
+        study = store.write_study(StudyInfo(name="x", model="m", placements=("a",), baseline="a",
                                            baseline_given=False), {"name": "x"})
         decision = RungDecision(rung=0, steps=1, ranked=("a", "b"), kept=("a",))
         store.record_decision(study.id, decision)

@@ -39,7 +39,7 @@ def store(tmp_path):
 
 
 def _study(store, n=3):
-    study = store.open_study(INFO, {"name": "demo"})
+    study = store.write_study(INFO, {"name": "demo"})
     store.add_trials(study.id, [(f"t{i}", labels(i), {"i": i}) for i in range(n)])
     return study
 
@@ -60,7 +60,7 @@ def test_lifecycle_and_immutable_records(store):
     record = store.trial("t0")
     assert record.status == "done" and record.completions == 1
     assert record.outcome == outcome  # the typed record round-trips exactly
-    assert store.curve("t0") == [CurvePoint(step=1, loss=2.0, tokens=10, lr=1e-3)]
+    assert store.trial("t0").outcome.curve == (CurvePoint(step=1, loss=2.0, tokens=10, lr=1e-3),)
     with pytest.raises(AttributeError):
         record.status = "pending"  # frozen
     with pytest.raises(ValueError):

@@ -53,7 +53,7 @@ class _HelpIsAFlag:
         return option
 
 
-class _Group(_HelpIsAFlag, typer.core.TyperGroup):
+class _HelpGroup(_HelpIsAFlag, typer.core.TyperGroup):
     pass
 
 
@@ -61,7 +61,7 @@ class _Command(_HelpIsAFlag, typer.core.TyperCommand):
     pass
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_HelpGroup,
                   help="Selective LoRA placement studies: where should the adapters go, and at what rank?")
 # Piped output (make, CI logs) gets a readable width instead of rich's 80-column fallback.
 out = Console() if sys.stdout.isatty() else Console(width=140)

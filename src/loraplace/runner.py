@@ -211,7 +211,7 @@ class LocalExecutor:
         quantized otherwise — ``axes: {quantize: …}`` — the previous one released first)."""
         base = ("none", True) if spec is None else spec.train.base
         try:
-            if self._session is not None and self._session.base != base:
+            if self._session is not None and self._session.quantization != base:
                 self._session = None
                 gc.collect()
             if self._session is None:

@@ -65,39 +65,37 @@ class Session:
     """A loaded base model shared by many trials (plus tokenised data keyed by spec)."""
 
     def __init__(self, model_ref: str, *, device: str = "auto", precision: str = "auto", quantize: str = "none",
-                 double_quant: bool = True):
+                 double_quant: bool = True, model=None, tokenizer=None):
+        """Load ``model_ref`` (or hold ``model`` and ``tokenizer``, built in memory: a random config for
+        benchmarks, named ``model_ref``) on ``device`` in the compute dtype of ``precision``."""
         from loraplace.models import load_model, load_tokenizer
 
         self.model_ref = model_ref
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(precision, self.device)
         t0 = time.perf_counter()
-        # Frozen weights live in the compute dtype: autocast then never re-casts them step after step. Quantized
-        # (QLoRA): the blocks' linears are bitsandbytes layers computing in that dtype; PEFT's bnb LoRA layers sit
-        # on them.
-        self._hold(load_model(model_ref, dtype=self.dtype, device=self.device, quantize=quantize,
-                              double_quant=double_quant), load_tokenizer(model_ref), time.perf_counter() - t0)
-        self.base = (quantize, double_quant)
-
-    @classmethod
-    def from_model(cls, model, tokenizer, *, name: str, device: str = "auto", precision: str = "auto") -> Session:
-        """A session over a model built in memory (e.g. a randomly initialised config, for benchmarks)."""
-        session = cls.__new__(cls)
-        session.model_ref = name
-        session.device = resolve_device(device)
-        session.dtype = resolve_dtype(precision, session.device)
-        session._hold(model.to(device=session.device, dtype=session.dtype), tokenizer, 0.0)
-        return session
-
-    def _hold(self, model, tokenizer, load_s: float) -> None:
-        self.model, self.tokenizer, self.load_s = model, tokenizer, load_s
-        self.base = ("none", True)  # (TrainSpec.quantize, its double quantization) of the loaded base
+        if model is None:
+            # Frozen weights live in the compute dtype: autocast then never re-casts them step after step.
+            # Quantized (QLoRA): the blocks' linears are bitsandbytes layers computing in that dtype; PEFT's bnb LoRA
+            # layers sit on them.
+            model = load_model(model_ref, dtype=self.dtype, device=self.device, quantize=quantize,
+                               double_quant=double_quant)
+            tokenizer = load_tokenizer(model_ref)
+        else:
+            model = model.to(device=self.device, dtype=self.dtype)
+        self.model, self.tokenizer, self.load_s = model, tokenizer, time.perf_counter() - t0
+        self.quantization = (quantize, double_quant)  # (TrainSpec.quantize, its double quantization) of the base
         self.arch = map_architecture(self.model)
         self._data: dict[str, Splits] = {}
         self._probes: dict[tuple, ProbeScores] = {}
         self.init_forward_examples = 0  # examples a data-driven init (EVA) has run forward, over the session
         for p in self.model.parameters():
             p.requires_grad_(False)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, *, name: str, device: str = "auto", precision: str = "auto") -> Session:
+        """A session over a model built in memory (e.g. a randomly initialised config, for benchmarks)."""
+        return cls(name, device=device, precision=precision, model=model, tokenizer=tokenizer)
 
     @property
     def pad_id(self) -> int:
@@ -420,9 +418,9 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
     session = session or Session(spec.model, device=spec.train.device, precision=spec.train.precision,
                                  quantize=spec.train.quantize, double_quant=spec.train.bnb_4bit_use_double_quant)
     wanted = spec.train.base
-    if session.base[0] != wanted[0] or (wanted[0] in ("nf4", "fp4") and session.base != wanted):
+    if session.quantization[0] != wanted[0] or (wanted[0] in ("nf4", "fp4") and session.quantization != wanted):
         raise LoraplaceError(f"this trial trains on a base quantized {wanted[0]}, the session holds one quantized "
-                             f"{session.base[0]}", "run it in a session loaded with its quantize setting")
+                             f"{session.quantization[0]}", "run it in a session loaded with its quantize setting")
     device, dtype = session.device, session.dtype
     splits = session.data(spec.data)
     data_key = spec.data.model_dump_json()  # probe cache key: the same data → the same probe, every seed
@@ -499,7 +497,7 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
         timings=Timings(load_s=session.load_s, tokenize_s=splits.tokenize_s, eval_s=eval_s,
                         first_step_s=trained.first_step_s),
         environment=Environment(device=str(device), dtype=str(dtype).removeprefix("torch."),
-                                versions=library_versions(), quantize=session.base[0]),
+                                versions=library_versions(), quantize=session.quantization[0]),
         adapter=adapter, warnings=tuple(plan.warnings) + tuple(splits.warnings) + tuple(trained.notes) + notes,
         fused_with=0 if grouped is None else grouped.group_size - 1,
         init_examples=session.init_forward_examples - init_before if grouped is None else None)

@@ -24,7 +24,7 @@ def test_row_left_running_by_a_dead_process_is_rerun(tmp_path):
     db = tmp_path / "s.db"
     planned = expand_grid(spec)
     with Store(db) as store:  # a run that claimed a trial and died without a trace
-        study = store.open_study(spec.info(), spec.model_dump(mode="json"))
+        study = store.write_study(spec.info(), spec.model_dump(mode="json"))
         store.add_trials(study.id, [(p.id, p.labels, p.spec.model_dump(mode="json")) for p in planned])
         ghost = Owner(Owner.current().host, dead_pid())
         claimed = store.claim_trial(study.id, ghost)

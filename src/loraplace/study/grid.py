@@ -64,7 +64,7 @@ def search_candidates(study: StudySpec) -> list[PlannedTrial]:
     assert study.search is not None
     size = study.sizes()[0]
     return [_planned(study, pname, placement, size, study.seeds[0], ((TUNED_AXIS, lr),))
-            for pname, placement in study.placement_specs().items() for lr in study.search_lrs(pname)]
+            for pname, placement in study.placement_specs().items() for lr in study.tuned_lrs(pname)]
 
 
 def candidates_of(study: StudySpec, planned: list[PlannedTrial] | None = None) -> list[Candidate]:

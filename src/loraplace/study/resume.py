@@ -148,7 +148,7 @@ def _in_spec(study: StudySpec, labels: TrialLabels) -> bool:
     sweep = study.axis_values(study.axes)
     if group.placement not in study.placements:
         return False
-    tuned = study.search_lrs(group.placement) if study.tune is not None or study.search is not None else []
+    tuned = study.tuned_lrs(group.placement) if study.tune is not None or study.search is not None else []
     return (group.size in study.sizes() and labels.seed in study.seeds
             and all((v in tuned) if (k == TUNED_AXIS and tuned) else v in sweep.get(k, []) for k, v in group.axes))
 

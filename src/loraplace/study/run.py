@@ -83,7 +83,7 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
         check_unchanged(study, store_path, planned, extend)
     by_id = {p.id: p for p in planned}
     with Store(store_path) as store:
-        record = store.open_study(study.info(), study.model_dump(mode="json"))
+        record = store.write_study(study.info(), study.model_dump(mode="json"))
         if study.search is None:
             store.add_trials(record.id, [(p.id, p.labels, p.spec.model_dump(mode="json")) for p in planned])
         summary = RunSummary(recovered=store.recover_stale(record.id), warnings=warnings)

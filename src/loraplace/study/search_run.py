@@ -90,7 +90,7 @@ def run_search(study: StudySpec, store: Store, study_id: int, planned: list[Plan
             info = info.model_copy(update={"baseline": preset, "baseline_given": True})
         elif compared:
             info = info.model_copy(update={"baseline": compared[0].placement, "baseline_given": True})
-        store.open_study(info, study.model_dump(mode="json"))
+        store.write_study(info, study.model_dump(mode="json"))
 
     def run_trials(trials: dict[str, PlannedTrial]) -> None:
         store.add_trials(study_id, [(p.id, p.labels, p.spec.model_dump(mode="json")) for p in trials.values()])

@@ -296,7 +296,7 @@ class StudySpec(StrictModel):
         return StudyInfo(name=self.name, model=self.model, placements=tuple(self.placements),
                          baseline=self.baseline_placement(), baseline_given=self.baseline is not None,
                          versions=library_versions(),
-                         tune_lrs=tuple(self.search_lrs()) if self.search is not None else
+                         tune_lrs=tuple(self.tuned_lrs()) if self.search is not None else
                          tuple(self.tune.all_lrs()) if self.tune is not None else (),
                          tune_lrs_by_placement={p: tuple(self.tune.lrs_for(p)) for p in self.placements}
                          if self.tune is not None and isinstance(self.tune.lr, dict) else {},
@@ -305,7 +305,7 @@ class StudySpec(StrictModel):
                          tune_extend=self.tune.extend if self.tune is not None and self.search is None else 0,
                          search=self.search is not None)
 
-    def search_lrs(self, placement: str | None = None) -> list[float]:
+    def tuned_lrs(self, placement: str | None = None) -> list[float]:
         """The learning rates a search's (or a tuned grid's) candidates are drawn from: ``placement``'s tune.lr
         (every placement's: their union), else the one train.lr."""
         if self.tune is None:

@@ -51,7 +51,7 @@ def write_study(tmp_path):
 def cli(capsys, monkeypatch):
     """Run ``loraplace ARGS`` in process: ``cli("plan", "tiny:llama")`` → CompletedProcess(returncode, stdout, …)."""
     monkeypatch.setenv("COLUMNS", "200")
-    from loraplace import cli as cli_module
+    from loraplace.cli import common
 
-    monkeypatch.setitem(cli_module._STATE, "debug", False)  # --debug of an earlier call must not leak
+    monkeypatch.setitem(common.STATE, "debug", False)  # --debug of an earlier call must not leak
     return lambda *args: run_cli_in_process(*args, capsys=capsys)

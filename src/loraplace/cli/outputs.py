@@ -1,0 +1,82 @@
+"""Where a command writes: an output file or directory is never silently overwritten unless it holds an earlier
+output of the same kind (or the user says --force)."""
+
+from __future__ import annotations
+
+import click
+
+try:  # typer ≥ 0.20 raises its own vendored copy of click's exceptions
+    from typer._click import exceptions as _typer_click
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _typer_click = click.exceptions
+
+from loraplace.errors import LoraplaceError
+
+
+def output_file(path: str, kind: str, inputs: tuple[str, ...] = ()):
+    """An --out file path that can be written: its directory exists, it is not a directory, not one of the
+    command's ``inputs`` (the store, …), and not an existing file other than an earlier output of this ``kind``
+    (``export``'s csv/json/parquet, ``export-placement``'s formats) — a command never writes over what it did not
+    write itself."""
+    from pathlib import Path
+
+    from loraplace.store import SQLITE_MAGIC
+
+    target = Path(path)
+    if target.is_dir():
+        raise LoraplaceError(f"--out {target} is a directory", "give a file path, e.g. trials.csv")
+    if not target.parent.is_dir():
+        raise LoraplaceError(f"--out {target}: directory {target.parent} does not exist", "create it first")
+    for given in inputs:
+        if target.exists() and Path(given).exists() and target.samefile(given):
+            raise LoraplaceError(f"--out {target} is this command's input", "give another file path")
+    if target.exists():
+        with open(target, "rb") as fh:
+            head = fh.read(4096)
+        what = "a loraplace store (or another SQLite database)" if head.startswith(SQLITE_MAGIC) else None
+        if what is None and not _earlier_output(head, kind):
+            what = "a file loraplace did not write"
+        if what is not None:
+            raise LoraplaceError(f"--out {target} exists and is {what}; it is not an earlier {kind} output of "
+                                 "this command, so it is not overwritten", "give a new file name, or move that "
+                                 "file away first")
+    return target
+
+
+def output_dir(path: str, owned: dict[str, str]) -> None:
+    """An --out directory a command can write into, checked before any work: not a file, and each entry the
+    command writes there (``owned``: name → what it is) either absent or its own earlier output — a JSON record
+    it wrote, a directory holding an adapter — never a file of someone else's."""
+    from pathlib import Path
+
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise LoraplaceError(f"--out {target} is a file; this command writes a directory there",
+                             "give a directory path (it is created if missing)")
+    for name, what in owned.items():
+        entry = target / name
+        if not entry.exists():
+            continue
+        if what == "adapter":
+            ours = entry.is_dir() and (entry / "adapter_config.json").is_file()
+        else:
+            with open(entry, "rb") as fh:
+                head = fh.read(4096).decode("utf-8", errors="replace").lstrip()
+            ours = entry.is_file() and head.startswith("{") and f'"{what}"' in head
+        if not ours:
+            raise LoraplaceError(f"--out {target}: {entry} exists and is not an earlier output of this command, "
+                                 "so it is not overwritten", "give a new directory, or move that file away first")
+
+
+def _earlier_output(head: bytes, kind: str) -> bool:
+    """Whether the first bytes of an existing file are what this command writes for ``kind``."""
+    if kind == "parquet":
+        return head.startswith(b"PAR1")
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff").lstrip()
+    if kind == "csv":
+        return text.startswith("trial_id,")
+    if kind == "json":
+        return text.startswith("[") and ('"trial_id"' in text or text.rstrip() == "[]")
+    if kind == "peft":
+        return text.startswith("{") and '"peft_type"' in text
+    return "loraplace export-placement" in text  # every other format names its writer near its top

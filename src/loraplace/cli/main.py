@@ -16,7 +16,10 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     _typer_click = click.exceptions
 
 # the commands register themselves on the app when their modules are imported
-from loraplace.cli import plan, train, run, results  # noqa: E402, F401, I001 - the order of --help
+import loraplace.cli.plan  # noqa: E402, F401, I001 - in this order: the order of --help
+import loraplace.cli.train  # noqa: E402, F401, I001
+import loraplace.cli.run  # noqa: E402, F401, I001
+import loraplace.cli.results  # noqa: E402, F401, I001
 from loraplace.cli.common import STATE, Terminated, app, err
 from loraplace.errors import LoraplaceError
 

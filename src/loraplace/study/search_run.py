@@ -102,10 +102,12 @@ def run_search(study: StudySpec, store: Store, study_id: int, planned: list[Plan
     summary.skipped = 0  # the finalists' trials found done (run_trials adds them)
     trials = {p.id: p for c in entrants for seed in seeds for p in [trial_of(c, seed)]}
     compare_with(entrants)
-    if hooks.on_note is not None:
+    finished = {t.id for t in store.trials(study_id) if t.status == "done"}
+    if hooks.on_note is not None and not set(trials) <= finished:
+        then = f"the best {search.confirm}" if search.confirm is not None else "every one"
         hooks.on_note(f"finalists: {', '.join(c.label for c in finalists)}"
                       + (f"; hedge bracket: {', '.join(c.label for c in hedge)}" if hedge else "")
-                      + (f" at seed {first}, then the best {search.confirm} at every seed" if staged
+                      + (f" at seed {first}, then {then} at every seed" if staged
                          else f" at {len(study.seeds)} seed(s)"))
     run_trials(trials)
     if staged and not summary.timed_out:

@@ -492,11 +492,14 @@ def test_loraplace_run_of_a_search_shows_rungs_then_the_finalists_seeds(tmp_path
 
     monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
     (tmp_path / "s.yaml").write_text(search_yaml("cli", lrs="[1.0e-3, 3.0e-2]", seeds=(0, 1), steps=4,
-                                                 search="{eta: 3, finalists: 2}"))
+                                                 search="{eta: 3, finalists: 2, rungs: [1]}").replace(
+        "steps: 4,", "steps: 4, warmup: 2,"))
     done = run_cli_in_process("run", tmp_path / "s.yaml", "--store", tmp_path / "s.db", capsys=capsys)
     assert done.returncode == 0, done.stderr
     shown = done.stdout + done.stderr
     assert "rung 1/" in shown and "finalists:" in shown
+    # a rung before the warm-up ends is said to rank candidates that have not reached their LR
+    assert "rung(s) at 1 steps are inside the warm-up (2 steps)" in shown
     with Store.open_readonly(tmp_path / "s.db") as store:
         trials = store.trials(store.study().id)
     assert sum(t.status == "done" for t in trials) == 4  # 2 finalists × 2 seeds
@@ -553,3 +556,44 @@ def test_pasha_stops_raising_the_rungs_once_the_finalists_stop_moving():
     state = SearchState.of([], decisions)
     run_rungs(cands, rungs, spec, state, lambda alive, rung: iter(()), lambda r: None, again.append)
     assert again == []
+
+
+def test_a_rung_whose_every_candidate_failed_is_an_error_and_stays_undecided(search_store):
+    """It used to print an empty 'kept', run no trial and exit 0; then `recommend` said "run it first"."""
+    from loraplace.search import SearchFailed
+
+    store, sid = search_store
+    cands = [candidate(k, k) for k in "ab"]
+    rungs = [Rung(0, 1, False), Rung(1, 3, True)]
+
+    def failing(alive, rung):
+        for c in alive:
+            yield _failed(c.key, rung.index, rung.steps)
+
+    with pytest.raises(SearchFailed, match=r"every candidate failed at rung 1 \(1 steps\): OutOfMemoryError") as exc:
+        run_rungs(cands, rungs, SearchSpec(eta=2, finalists=1), SearchState.of([], []), failing,
+                  lambda r: store.record_rung(sid, r), lambda d: store.record_decision(sid, d))
+    assert "--retry-failed" in exc.value.hint
+    assert store.rung_decisions(sid) == []  # undecided: a retry runs them again
+    ran = []
+
+    def fine(alive, rung):
+        for c in alive:
+            ran.append((c.key, rung.index))
+            yield done(c.key, 1.0 if c.key == "a" else 2.0, rung.index, rung.steps)
+
+    state = SearchState.of(store.rung_results(sid), store.rung_decisions(sid))
+    finalists = run_rungs(cands, rungs, SearchSpec(eta=2, finalists=1), state, fine,
+                          lambda r: store.record_rung(sid, r), lambda d: store.record_decision(sid, d),
+                          retry_failed=True)
+    assert ("a", 0) in ran and ("b", 0) in ran and [c.key for c in finalists] == ["a"]
+
+
+def test_a_rung_examples_above_the_validation_split_is_announced_as_what_the_rungs_read():
+    from loraplace.search import describe, rungs_of
+
+    cands = [candidate("a", "a"), candidate("b", "b")]
+    assert "validation: all 12 examples (rung_examples 24 is more than the split holds)" in describe(
+        cands, rungs_of([1]), SearchSpec(rung_examples=24), validation_size=12)
+    assert "validation: the first 8 examples" in describe(cands, rungs_of([1]), SearchSpec(rung_examples=8), 12)
+    assert "validation: all 12 examples" in describe(cands, rungs_of([1]), SearchSpec(), 12)

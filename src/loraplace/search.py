@@ -44,6 +44,7 @@ from pathlib import Path
 
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator
 
+from loraplace.errors import LoraplaceError
 from loraplace.placement.spec import PlacementSpec
 from loraplace.records import GroupKey, RungDecision, RungResult
 from loraplace.specs import StrictModel
@@ -200,6 +201,18 @@ def decide(rung: Rung, candidates: list[Candidate], results: dict[str, RungResul
                         kept=tuple(c.key for c in ranked if c.key in kept_keys), anchored=anchored, last=rung.last)
 
 
+class SearchFailed(LoraplaceError):
+    """Every candidate of a rung failed: nothing to promote. The rung is left undecided."""
+
+    def __init__(self, rung: Rung, results: list[RungResult]):
+        causes = list(dict.fromkeys(r.failure.message for r in results if r.failure is not None))
+        shown = "; ".join(causes[:3]) + (f"; … {len(causes) - 3} more" if len(causes) > 3 else "")
+        super().__init__(f"every candidate failed at rung {rung.index + 1} ({rung.steps} steps): "
+                         f"{shown or 'no result'}",
+                         "the rung is left undecided: fix the cause (a non-finite loss: lower tune.lr; out of "
+                         "memory: a smaller train.batch or micro_batch), then run again with --retry-failed")
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchState:
     """Where a search stands, read from the store: results and decisions per rung."""
@@ -257,6 +270,8 @@ def run_rungs(candidates: list[Candidate], rungs: list[Rung], search: SearchSpec
                 record_result(result)
                 results[result.candidate] = result
         decision = decide(rung, alive, results, rate, search.finalists, screen=rung.index < search.screen_lrs)
+        if not decision.kept:  # not recorded: a run with --retry-failed tries this rung's candidates again
+            raise SearchFailed(rung, [results[c.key] for c in alive if c.key in results])
         if search.stop_when_stable and not rung.last and rung.index > 0:
             # PASHA: would the previous rung have picked the same finalists among these candidates?
             previous = rungs[rung.index - 1]
@@ -307,12 +322,23 @@ def state_dir(artifacts: Path, candidate: str) -> Path:
     return artifacts / SEARCH_DIR / candidate
 
 
-def describe(candidates: list[Candidate], rungs: list[Rung], search: SearchSpec) -> str:
-    """One line for the terminal: what the search will do."""
+def describe(candidates: list[Candidate], rungs: list[Rung], search: SearchSpec,
+             validation_size: int | None = None) -> str:
+    """One line for the terminal: what the search will do (``validation_size``: the split's examples, when known,
+    so that a ``rung_examples`` above it is not announced as what the rungs read)."""
     rate = keep_rate(search, len(candidates), len(rungs))
     cut = f"eta {search.eta}" if rate == search.eta else f"keeping 1/{rate:.2f} at each rung: fewer rungs than cuts"
     screen = f", the first {search.screen_lrs} cutting LRs within each placement" if search.screen_lrs else ""
     return (f"search: {len(candidates)} candidates ({len({c.placement for c in candidates})} placements × "
             f"{len({c.lr for c in candidates})} LRs), rungs at {', '.join(str(r.steps) for r in rungs)} steps "
-            f"({cut}{screen}; validation: {search.rung_examples or 'all'} examples), then the best "
+            f"({cut}{screen}; validation: {_rung_examples(search, validation_size)}), then the best "
             f"{search.finalists} placement(s) at every seed")
+
+
+def _rung_examples(search: SearchSpec, validation_size: int | None) -> str:
+    wanted = search.rung_examples
+    if wanted is None:
+        return "all examples" if validation_size is None else f"all {validation_size} examples"
+    if validation_size is not None and wanted > validation_size:
+        return f"all {validation_size} examples (rung_examples {wanted} is more than the split holds)"
+    return f"the first {wanted} examples"

@@ -86,6 +86,15 @@ class TrainSpec(StrictModel):
             raise ValueError("give steps or epochs, not both")
         return value
 
+    @field_validator("warmup")
+    @classmethod
+    def _warmup_within_the_run(cls, value: int, info: ValidationInfo) -> int:
+        steps = info.data.get("steps")
+        if value and steps is not None and value >= steps:
+            raise ValueError(f"warmup {value} is not below steps {steps}: the learning rate would never leave its "
+                             "warm-up ramp (a few percent of the steps is usual)")
+        return value
+
     @field_validator("micro_batch")
     @classmethod
     def _divides_batch(cls, value: int | None, info: ValidationInfo) -> int | None:

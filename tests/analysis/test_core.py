@@ -272,6 +272,10 @@ def test_every_pair_of_three_or_more_placements_is_compared_with_holm_adjusted_p
                            recs + [record("big0", "big", 0, eval_loss=1.30, trainable_params=100)], {"done": 10})
     assert pairwise_table(lone).findings[-1] == ("r=8: best by mean all; not distinguishable from it: mlp; "
                                                 "one shared seed, no test: big.")
+    # One seed everywhere: nothing was tested, so nothing is claimed (it used to say "distinguishably better").
+    single = analyze_records(study(("all", "attn", "mlp")), "s.db", [r for r in recs if r.labels.seed == 0],
+                             {"done": 3})
+    assert pairwise_table(single).findings[-1] == "r=8: best by mean all; one shared seed, no test: mlp, attn."
     # Two placements: the baseline comparison is the pair — no table. Cells never mix: a second size has its own.
     assert analyze_records(study(("all", "attn")), "s.db", [r for r in recs if r.labels.group.placement != "mlp"],
                            {"done": 6}).pairwise == ()

@@ -197,6 +197,17 @@ CASES = [
     ("a tune seed twice", ["run", "bad.yaml"], "tune.seeds has duplicates", spec_with(
         **{"seeds: [0]": "seeds: [0]\ntune: {lr: [1.0e-3, 3.0e-3], seeds: [0, 0]}",
            "eval_count: 8": "eval_count: 8, validation_count: 8"})),
+    # round 3: a section written empty is YAML null — `search:` alone ran the full tuned grid without a word
+    ("an empty search section", ["run", "bad.yaml"], "search: is empty (nothing after the colon reads as null) — "
+     "write search: {} for its defaults", spec_with(
+         **{"seeds: [0]": "seeds: [0]\ntune: {lr: [1.0e-3, 3.0e-3]}\nsearch:",
+            "eval_count: 8": "eval_count: 8, validation_count: 8"})),
+    ("warm-up longer than training", ["train", "--model", "tiny:llama", "--steps", "4", "--warmup", "100"],
+     "warmup 100 is not below steps 4: the learning rate would never leave its warm-up ramp"),
+    ("a study's warm-up longer than its steps", ["run", "bad.yaml"], "warmup 30 is not below steps 12",
+     spec_with(**{"train: {steps: 1,": "train: {steps: 12, warmup: 30,"})),
+    ("an empty tune section", ["run", "bad.yaml"], "tune: is empty (nothing after the colon reads as null) — give "
+     "its settings, or leave the key out", spec_with(**{"seeds: [0]": "seeds: [0]\ntune:"})),
 ]
 
 

@@ -217,7 +217,7 @@ def _ledger(study, names: dict[str, Candidate], results: list[RungResult],
             start = max((res.steps for res in results if res.candidate == r.id and res.status == "done"), default=0)
             trained += (r.outcome.steps - start) * study.train.batch
         test_examples = sum(_examples(r, study) for r in done)
-        val_size = split_size(study.data, "validation")
+        val_size = study.data.held_out_size("validation")
         val_examples = len(done) * (val_size or 0)
         if not val_size:
             notes.append("the finalists' validation evals are not counted: the validation split is neither a count "
@@ -240,28 +240,10 @@ def _ledger(study, names: dict[str, Candidate], results: list[RungResult],
     return items, notes
 
 
-def split_size(data, split: str) -> int | None:
-    """Examples of a held-out split: its count when the spec carves one, else the records of its file (read, not
-    tokenised; ``eval_limit`` applies to the test split); None when neither (a fraction, or unreadable)."""
-    from loraplace.data.sources import read_records
-
-    count = data.validation_count if split == "validation" else data.test_count or data.eval_count
-    if count:
-        return count
-    source = data.validation if split == "validation" else data.test_file
-    if source is None:
-        return None
-    try:
-        records, _ = read_records(source)
-    except Exception:  # noqa: BLE001 - moved or unreadable: the caller notes what it cannot count
-        return None
-    return min(len(records), data.eval_limit) if split == "test" and data.eval_limit else len(records)
-
-
 def _examples(record: TrialRecord, study) -> int:
-    """Test examples a finalist trial evaluated: the split's size (:func:`split_size`), else estimated from its
+    """Test examples a finalist trial evaluated: the split's size (``DataSpec.held_out_size``), else estimated from its
     label tokens (per training example)."""
-    count = split_size(study.data, "test")
+    count = study.data.held_out_size("test")
     if count:
         return count
     o = record.outcome

@@ -271,15 +271,17 @@ def pairwise_table(analysis: StudyAnalysis) -> Table | None:
         best = pairs[0].better  # pairs come best first
         against_best = [d for d in pairs if d.better == best]
         tied = [d.other.placement for d in against_best if d.delta_loss.verdict() == "not distinguishable"]
+        beaten = [d.other.placement for d in against_best if d.delta_loss.verdict() == "better"]
         untested = [d.other.placement for d in against_best if d.delta_loss.p_value is None]
         tied_holm = [d.other.placement for d in against_best if d.delta_loss.verdict() == "better"
                      and d.p_holm is not None and d.p_holm >= 1 - CONFIDENCE]
-        text = (f"{cell}: best by mean {best.placement}; "
-                + (f"not distinguishable from it: {', '.join(tied)}" if tied else
-                   "distinguishably better than every other placement tested (unadjusted)")
-                + (f"; after Holm's adjustment also {', '.join(tied_holm)} (p ≥ {1 - CONFIDENCE:.2f})"
-                   if tied_holm else "") + (f"; one shared seed, no test: {', '.join(untested)}" if untested else "")
-                + ".")
+        # A claim about the tested pairs only: with one shared seed nothing was tested, and nothing is claimed.
+        claims = ([f"not distinguishable from it: {', '.join(tied)}"] if tied else
+                  ["distinguishably better than every other placement tested (unadjusted)"] if beaten else [])
+        claims += [f"after Holm's adjustment also {', '.join(tied_holm)} (p ≥ {1 - CONFIDENCE:.2f})"] if tied_holm \
+            else []
+        claims += [f"one shared seed, no test: {', '.join(untested)}"] if untested else []
+        text = f"{cell}: best by mean {best.placement}; " + "; ".join(claims) + "."
         findings.append(text)
     return Table("Every pair of placements", (("cell",) if len(cells) > 1 else ()) + (
         "placement", "vs", "Δ eval loss", "95% interval", "p (paired t)", "p (Holm)", "verdict"), tuple(rows),

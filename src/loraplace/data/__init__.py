@@ -106,6 +106,21 @@ class DataSpec(StrictModel):
     def test_file(self) -> str | None:
         return self.test if self.test is not None else self.eval
 
+    def held_out_size(self, split: Literal["validation", "test"]) -> int | None:
+        """Examples of a held-out split without tokenising: its count when carved by count, else the records of its
+        file (``eval_limit`` applies to the test split); None when neither (a fraction, or a file not readable)."""
+        count = self.validation_count if split == "validation" else self.test_count or self.eval_count
+        if count:
+            return count
+        source = self.validation if split == "validation" else self.test_file
+        if source is None:
+            return None
+        try:
+            records, _ = read_records(source)
+        except Exception:  # noqa: BLE001 - moved or unreadable: the caller says what it cannot count
+            return None
+        return min(len(records), self.eval_limit) if split == "test" and self.eval_limit else len(records)
+
     @property
     def has_validation(self) -> bool:
         return any(v is not None for v in (self.validation, self.validation_count, self.validation_fraction))

@@ -43,7 +43,11 @@ def run_search(study: StudySpec, store: Store, study_id: int, planned: list[Plan
     by_key = {p.id: p for p in planned}
     rungs = rungs_of(rung_steps(search, len(candidates), study.train.steps, study.train.warmup))
     if hooks.on_note is not None:
-        hooks.on_note(describe(candidates, rungs, search))
+        hooks.on_note(describe(candidates, rungs, search, study.data.held_out_size("validation")))
+        early = [r.steps for r in rungs if r.steps < study.train.warmup]
+        if early:
+            hooks.on_note(f"warning: rung(s) at {', '.join(map(str, early))} steps are inside the warm-up "
+                          f"({study.train.warmup} steps): they rank candidates before each has reached its LR")
 
     def run(alive: list[Candidate], rung) -> Iterator:
         previous = rungs[rung.index - 1].steps if rung.index > 0 else 0

@@ -313,10 +313,21 @@ class StudySpec(StrictModel):
         return self.tune.all_lrs() if placement is None else self.tune.lrs_for(placement)
 
 
+OPTIONAL_SECTIONS = ("search", "tune", "tracking", "execution", "eval", "axes", "resources")
+DEFAULT_SECTIONS = ("search", "execution", "eval", "resources")  # `{}` is a valid value: every field has a default
+
+
 def load_study(path: str | Path) -> StudySpec:
     data = load_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: a study spec is a mapping at the top level"], "invalid study spec")
+    # `search:` with nothing after it is YAML null, which would mean "no search": the full grid would run without a
+    # word. An optional section written empty is refused instead, saying what {} does.
+    empty = [key for key in OPTIONAL_SECTIONS if key in data and data[key] is None]
+    if empty:
+        raise ConfigError([f"{path}: {key}: is empty (nothing after the colon reads as null) — "
+                           + (f"write {key}: {{}} for its defaults, or " if key in DEFAULT_SECTIONS else "give its "
+                              "settings, or ") + "leave the key out" for key in empty], "invalid study spec")
     # Data file paths are relative to the spec file, so a study runs the same from any directory.
     data_section = data.get("data")
     if isinstance(data_section, dict):

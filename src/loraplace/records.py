@@ -456,6 +456,9 @@ class Recommendation(Record):
     quantize: str = Field(default="none", description="how the chosen trials' frozen base was loaded (none | nf4 | "
                           "fp4 | int8): the adapter is loaded onto the base quantized the same way")
     bnb_4bit_use_double_quant: bool = Field(default=True, description="4-bit: the base's constants were quantized too")
+    incomplete: str | None = Field(default=None, description="what the study has not finished (trials pending, "
+                                   "running, interrupted or failed; seeds the chosen placement has not run): the "
+                                   "answer may change; None: finished")
 
 
 # --------------------------------------------------------------------------------------------- search

@@ -256,6 +256,8 @@ def print_recommendation(result, store: str, console: Console) -> None:
         console.print(f"runner-up: {escape(ru.placement)} ({escape(ru.size)}): {ru.value:.4f}{ru_int}, "
                       f"{ru.trainable_params:,} parameters — {verdict}", highlight=False)
     console.print(escape(result.reason), highlight=False)
+    if result.incomplete is not None:
+        console.print(f"[yellow]warning:[/] {escape(result.incomplete)}", highlight=False)
     if not result.tuned:
         console.print("[dim]the study did not tune the learning rate per placement (tune:); the comparison is at "
                       "the LRs it ran[/]", highlight=False)

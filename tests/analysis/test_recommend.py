@@ -195,3 +195,18 @@ def test_at_recommends_on_one_value_of_a_swept_axis(cli, tmp_path):
         recommend(analysis, specs, at={"quantize": "int8"})
     bad = cli("recommend", str(tmp_path / "x.db"), "--at", "quantize")
     assert bad.returncode == 2 and "is not axis=value" in bad.stderr
+
+
+def test_an_answer_from_an_unfinished_study_says_what_is_left(study_store):
+    """recommend (and export-placement --from, which prints the same) on a study with trials left: it answered
+    with no word that the study was not finished."""
+    analysis, specs = _analysis_and_specs(study_store)
+    assert recommend(analysis, specs).incomplete is None  # finished: nothing to say
+    left = replace(analysis, counts=dict(analysis.counts) | {"pending": 2, "running": 1})
+    rec = recommend(left, specs)
+    assert rec.incomplete.startswith(f"3 of {sum(left.counts.values())} trials not finished (2 pending, 1 running)")
+    assert rec.incomplete.endswith("the answer may change once the study finishes")
+    one = {"all": 1.0, "attn": 1.5, "top": 2.0}  # one seed measured of the spec's two
+    short = replace(analysis, groups=tuple(
+        replace(g, stats=dict(g.stats) | {"eval_loss": summarize([one[g.placement]])}) for g in analysis.groups))
+    assert "the chosen placement has 1 of its 2 seeds" in recommend(short, specs).incomplete

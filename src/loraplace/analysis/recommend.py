@@ -196,7 +196,25 @@ def recommend(analysis: StudyAnalysis, specs: dict[str, dict[str, Any]], budget:
         runner_up=None if other is None else _candidate(other, metric, specs),
         distinguishable=distinguishable, difference=difference, difference_interval=interval, p_value=p_value,
         reason=reason, placement_spec=placement_spec, tuned=analysis.tuned, trial_spec=first_spec, at=at,
-        quantize=train.quantize, bnb_4bit_use_double_quant=train.bnb_4bit_use_double_quant)
+        quantize=train.quantize, bnb_4bit_use_double_quant=train.bnb_4bit_use_double_quant,
+        incomplete=_incomplete(analysis, chosen, metric))
+
+
+def _incomplete(analysis: StudyAnalysis, chosen: Group, metric: str) -> str | None:
+    """What is left of the study, in words, or None: an answer from an unfinished study says so."""
+    open_ = {status: n for status, n in analysis.counts.items() if status in ("pending", "running", "interrupted")
+             and n}
+    parts = []
+    if open_:
+        total = sum(analysis.counts.values())
+        parts.append(f"{sum(open_.values())} of {total} trials not finished ("
+                     + ", ".join(f"{n} {status}" for status, n in open_.items()) + ")")
+    if analysis.counts.get("failed"):
+        parts.append(f"{analysis.counts['failed']} failed")
+    planned = len(analysis.spec.get("seeds", []))
+    if chosen.stats[metric].n < planned:
+        parts.append(f"the chosen placement has {chosen.stats[metric].n} of its {planned} seeds")
+    return "; ".join(parts) + ": the answer may change once the study finishes" if parts else None
 
 
 def _fmt(group: Group, metric: str) -> str:

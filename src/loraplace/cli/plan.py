@@ -287,6 +287,8 @@ def export_placement(
                               double_quant=measured.train.bnb_4bit_use_double_quant)
         err.print(f"recommended by {source}: {rec.chosen.placement} ({rec.chosen.size}), "
                   f"{rec.chosen.trainable_params:,} trainable parameters", highlight=False)
+        if rec.incomplete is not None:
+            err.print(f"[yellow]warning:[/] {escape(rec.incomplete)}", highlight=False)
         result, config = resolve_plan(model, spec_placement, None, None, fill, model_config, data, max_len,
                                        allow_unassigned, quiet=True)
         if result.trainable_params != rec.chosen.trainable_params:

@@ -120,6 +120,6 @@ def recommend(store: str = typer.Argument(..., help="study store (.db)"),
             "difference_interval": result.difference_interval, "p_value": result.p_value,
             "reason": result.reason, "placement_spec": result.placement_spec, "model": result.model,
             "study": result.study, "budget": result.budget, "tuned": result.tuned, "adapter": result.adapter,
-            "adapter_seed": result.adapter_seed, "at": result.at}))
+            "adapter_seed": result.adapter_seed, "at": result.at, "incomplete": result.incomplete}))
         return
     print_recommendation(result, store, out)

@@ -597,3 +597,43 @@ def test_a_rung_examples_above_the_validation_split_is_announced_as_what_the_run
         cands, rungs_of([1]), SearchSpec(rung_examples=24), validation_size=12)
     assert "validation: the first 8 examples" in describe(cands, rungs_of([1]), SearchSpec(rung_examples=8), 12)
     assert "validation: all 12 examples" in describe(cands, rungs_of([1]), SearchSpec(), 12)
+
+
+def test_a_search_resumes_with_state_saving_or_tracking_added(planted, tmp_path, monkeypatch):
+    """execution and tracking change no number: a killed search may gain state saving (it was refused as an
+    edited spec). Any other change is still refused."""
+    import shutil
+
+    from loraplace.study import StudyChanged
+
+    root, study, _ = planted
+    shutil.copy(root / "s.db", tmp_path / "s.db")
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    saving = study.model_copy(update={"execution": study.execution.model_copy(update={"save_state_every": 0.0})})
+    assert run_study(saving, tmp_path / "s.db").ran == 0
+    other = study.model_copy(update={"train": study.train.model_copy(update={"warmup": 1})})
+    with pytest.raises(StudyChanged, match="train.warmup"):
+        run_study(other, tmp_path / "s.db")
+
+
+def test_ctrl_c_during_a_search_s_rungs_says_the_rung_results_are_kept(tmp_path, capsys, monkeypatch):
+    """It said "interrupted before any trial ran" after twelve rung results."""
+    from helpers import run_cli_in_process
+    from loraplace.runner import LocalExecutor
+
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    real = LocalExecutor.run_rung
+    calls = []
+
+    def interrupted_second(self, tasks):
+        calls.append(len(tasks))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        yield from real(self, tasks)
+
+    monkeypatch.setattr(LocalExecutor, "run_rung", interrupted_second)
+    (tmp_path / "s.yaml").write_text(search_yaml("ctrlc", seeds=(0,), steps=4, search="{eta: 3}"))
+    done = run_cli_in_process("run", tmp_path / "s.yaml", "--store", tmp_path / "s.db", capsys=capsys)
+    assert done.returncode == 130
+    assert "during the search's rungs: every rung result so far is kept" in done.stderr
+    assert "before any trial ran" not in done.stderr

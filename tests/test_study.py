@@ -310,3 +310,12 @@ def test_a_trial_interrupted_mid_training_continues_from_its_saved_state(tmp_pat
         assert [p.loss for p in outcome.curve] == [p.loss for p in ref[placement].curve], placement
         assert outcome.metrics.eval_loss == ref[placement].metrics.eval_loss, placement
         assert [p.step for p in outcome.curve] == list(range(1, 9))
+
+
+def test_save_state_every_takes_a_duration_as_run_timeout_does():
+    from loraplace.study import ExecutionSpec
+
+    assert ExecutionSpec(save_state_every="10m").save_state_every_s == 600
+    assert ExecutionSpec(save_state_every="1h30m").save_state_every_s == 5400
+    assert ExecutionSpec(save_state_every=False).save_state_every_s is None  # YAML off
+    assert ExecutionSpec(save_state_every="off").save_state_every_s is None

@@ -206,6 +206,11 @@ CASES = [
      "warmup 100 is not below steps 4: the learning rate would never leave its warm-up ramp"),
     ("a study's warm-up longer than its steps", ["run", "bad.yaml"], "warmup 30 is not below steps 12",
      spec_with(**{"train: {steps: 1,": "train: {steps: 12, warmup: 30,"})),
+    ("save_state_every on", ["run", "bad.yaml"], "save_state_every takes seconds (600), a duration ('10m', '1h') "
+     "or off; on/true is not an interval",
+     spec_with(**{"seeds: [0]": "seeds: [0]\nexecution: {save_state_every: on}"})),
+    ("save_state_every not a duration", ["run", "bad.yaml"], "save_state_every 'soon' is not a duration",
+     spec_with(**{"seeds: [0]": "seeds: [0]\nexecution: {save_state_every: soon}"})),
     ("an empty tune section", ["run", "bad.yaml"], "tune: is empty (nothing after the colon reads as null) — give "
      "its settings, or leave the key out", spec_with(**{"seeds: [0]": "seeds: [0]\ntune:"})),
 ]

@@ -62,7 +62,7 @@ def run(
         study = study.model_copy(update={"allow_unassigned": True})
     store_path = Path(store) if store else default_store(study)
     bar = TrainProgress(quiet)
-    counts = {"started": 0, "done": 0, "failed": 0}
+    counts = {"started": 0, "done": 0, "failed": 0, "rung_runs": 0}
     in_flight: dict[str, int] = {}  # trial id → its index; several at once when trials are fused
 
     def start(trial, index: int, total: int) -> None:
@@ -89,6 +89,7 @@ def run(
             bar.progress.console.print(escape(line), highlight=False)
 
     def rung_start(label: str) -> None:
+        counts["rung_runs"] += 1
         bar.new_trial(label)
 
     def terminate(_signum, _frame):  # SIGTERM stops the run like Ctrl-C: the trial in flight is marked interrupted
@@ -103,9 +104,12 @@ def run(
                                 reuse_from=reuse_from or (), hooks=hooks, timeout_s=timeout_s)
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        in_flight = counts["started"] - counts["done"] - counts["failed"]
-        if in_flight:
+        unfinished = counts["started"] - counts["done"] - counts["failed"]
+        if unfinished:
             err.print(f"[red]{what}:[/] the trial in flight is marked interrupted; run the same command to resume")
+        elif counts["rung_runs"]:  # a search between or inside its rungs: no trial yet, but work done
+            err.print(f"[red]{what}[/] during the search's rungs: every rung result so far is kept (a candidate "
+                      "in flight continues from its last rung); run the same command to resume", highlight=False)
         else:
             err.print(f"[red]{what}[/] before any trial ran; run the same command to start", highlight=False)
         return 143 if isinstance(exc, Terminated) else 130

@@ -153,14 +153,20 @@ def _in_spec(study: StudySpec, labels: TrialLabels) -> bool:
             and all((v in tuned) if (k == TUNED_AXIS and tuned) else v in sweep.get(k, []) for k, v in group.axes))
 
 
+NUMBER_FREE_SECTIONS = ("execution", "tracking")  # spec sections that change no trial's numbers
+
+
 def check_search_unchanged(study: StudySpec, store_path: Path) -> None:
-    """A search resumes only under the spec it was started with (its rung decisions were made under it)."""
+    """A search resumes only under the spec it was started with (its rung decisions were made under it) — except
+    for the sections that change no number: how it runs (``execution``: state saves, fusion) and where it is logged
+    (``tracking``); a killed search may gain state saving."""
     stored = stored_study(study, store_path)
     if stored is None:
         return
     record = stored[0]
-    differences = spec_differences(_as_read_now({k: v for k, v in record.spec.items() if k != "versions"}),
-                                   study.model_dump(mode="json"))
+    differences = [d for d in spec_differences(
+        _as_read_now({k: v for k, v in record.spec.items() if k != "versions"}), study.model_dump(mode="json"))
+        if not d.startswith(NUMBER_FREE_SECTIONS)]
     if differences:
         shown = "\n".join(f"  {d}" for d in differences[:20])
         raise StudyChanged(f"search {study.name!r} in {store_path} was run with a different spec:\n{shown}",

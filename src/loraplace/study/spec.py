@@ -12,6 +12,7 @@ from pydantic import Field, ValidationError, ValidationInfo, create_model, field
 
 from loraplace.data import DataSpec
 from loraplace.errors import ConfigError
+from loraplace.formatting import parse_duration
 from loraplace.placement.spec import DEFAULT_FILL, DEFAULT_RANK, Fill, PlacementSpec
 from loraplace.records import Size, StudyInfo
 from loraplace.search import SearchSpec
@@ -78,7 +79,14 @@ class ExecutionSpec(StrictModel):
     @field_validator("save_state_every", mode="before")
     @classmethod
     def _yaml_off_state(cls, value: object) -> object:
-        return "off" if value is False else value
+        if value is False:
+            return "off"
+        if value is True:  # a bool is an int to pydantic: `on` would silently have meant every 1 s
+            raise ValueError("save_state_every takes seconds (600), a duration ('10m', '1h') or off; on/true is "
+                             f"not an interval (the default saves every {DEFAULT_SAVE_STATE_EVERY_S:g} s)")
+        if isinstance(value, str) and value.strip().lower() != "off":
+            return parse_duration(value, "save_state_every")  # "10m", as `run --timeout` takes
+        return value
 
     @property
     def save_state_every_s(self) -> float | None:

@@ -118,6 +118,19 @@ def test_run_timeout_starts_nothing_after_it_and_exits_75_while_work_is_left(tmp
     assert cli("run", spec, "--store", tmp_path / "s.db", "--timeout", "soon").returncode == 2
 
 
+def test_a_timeout_shorter_than_loading_still_lets_the_first_trial_run(tmp_path, write_study, cli, monkeypatch):
+    """--timeout 1s with a clock that moves 1000 s a reading: the first claim is long past the timeout, and it used
+    to exit 75 having started nothing, on every call (a job loop never ended). The first unit always starts."""
+    import loraplace.study.run
+
+    spec = write_study(seeds=[0])  # two trials
+    monkeypatch.setattr(loraplace.study.run, "time", SteppingClock(1000))
+    runs = [cli("run", spec, "--store", tmp_path / "s.db", "--timeout", "1s") for _ in range(2)]
+    assert [r.returncode for r in runs] == [75, 0], runs[-1].stderr
+    with Store.open_readonly(tmp_path / "s.db") as store:
+        assert [t.status for t in store.trials(store.study().id)] == ["done", "done"]
+
+
 def test_run_then_resume_does_no_training(tmp_path, write_study):
     spec = load_study(write_study())
     first = run_study(spec, tmp_path / "s.db")

@@ -41,7 +41,8 @@ def run(
         "of training them: a trial of the same id has the same resolved spec (repeatable)"),
     timeout: str | None = typer.Option(
         None, "--timeout", metavar="DURATION", help="start no trial (nor search rung run) after this long "
-        "(5400, 90m, 1.5h, 1h30m): those in flight finish, the rest waits for the same command; exits "
+        "(5400, 90m, 1.5h, 1h30m) — the first always starts, so every run makes progress: those in flight "
+        "finish, the rest waits for the same command; exits "
         f"{EXIT_WORK_LEFT} when work is left. Under a hard time limit, give the limit less one trial's time"),
     quiet: bool = typer.Option(False, "--quiet", "-q", metavar=FLAG),
 ) -> int:

@@ -51,8 +51,15 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
     continues with it."""
     t0 = time.perf_counter()
 
+    started: list[bool] = [False]
+
     def stop_starting() -> bool:
-        return timeout_s is not None and time.perf_counter() - t0 >= timeout_s
+        # The first unit of work always starts: a timeout shorter than loading the model would otherwise stop every
+        # run before it did anything, and a job loop that reruns it would never end.
+        if timeout_s is not None and time.perf_counter() - t0 >= timeout_s and started[0]:
+            return True
+        started[0] = True
+        return False
     store_path = Path(store_path)
     if backend not in BACKENDS:
         raise LoraplaceError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")

@@ -57,19 +57,45 @@ class TrialSpec(StrictModel):
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
 
+    @field_validator("train")
+    @classmethod
+    def _base_fits_variant(cls, value: TrainSpec, info: ValidationInfo) -> TrainSpec:
+        placement = info.data.get("placement")
+        problem = placement and variant_base_problem(placement.variant, value.quantize)
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("eval")
     @classmethod
     def _eval_steps_in_run(cls, value: EvalSpec, info: ValidationInfo) -> EvalSpec:
         train = info.data.get("train")
-        if value.at_steps and train is not None and train.steps is not None and value.at_steps[-1] >= train.steps:
-            raise ValueError(f"eval.at_steps must stay below train.steps ({train.steps}): the last step is "
-                             "evaluated anyway, on the whole splits")
+        problem = train is not None and eval_steps_problem(value, train.steps)
+        if problem:
+            raise ValueError(problem)
         return value
 
     def id_neutral(self) -> set[str]:
         # ``fill`` only means something with a budget; "uniform" is how budgets were filled before it existed, so
         # a study stored then resumes with fill: uniform under its old trial ids.
         return super().id_neutral() | ({"fill"} if self.budget is None or self.fill == "uniform" else set())
+
+
+def variant_base_problem(variant: str, quantize: str) -> str | None:
+    """PiSSA initialises from an SVD of the base weights and rewrites them: PEFT refuses it on a quantized base
+    (only when the trial starts, after the model has loaded); said up front instead."""
+    if variant == "pissa" and quantize != "none":
+        return (f"variant pissa rewrites the base weights from their SVD: not on a base quantized {quantize} (PEFT "
+                "initialises PiSSA in full precision only); use lora, rslora or dora on a quantized base, or "
+                "quantize: none")
+    return None
+
+
+def eval_steps_problem(spec: EvalSpec, steps: int | None) -> str | None:
+    if spec.at_steps and steps is not None and spec.at_steps[-1] >= steps:
+        return (f"eval.at_steps must stay below train.steps ({steps}): the last step is evaluated anyway, on the "
+                "whole splits")
+    return None
 
 
 def trial_id(spec: TrialSpec) -> str:

@@ -211,6 +211,12 @@ CASES = [
      spec_with(**{"seeds: [0]": "seeds: [0]\nexecution: {save_state_every: on}"})),
     ("save_state_every not a duration", ["run", "bad.yaml"], "save_state_every 'soon' is not a duration",
      spec_with(**{"seeds: [0]": "seeds: [0]\nexecution: {save_state_every: soon}"})),
+    ("PiSSA on a quantized base", ["run", "bad.yaml"], "placements.all: variant pissa rewrites the base weights "
+     "from their SVD: not on a base quantized nf4", spec_with(
+         **{"  all: {preset: all}": "  all: {preset: all, variant: pissa}",
+            "seeds: [0]": "seeds: [0]\naxes: {quantize: [none, nf4]}"})),
+    ("eval points past the last step", ["run", "bad.yaml"], "eval.at_steps must stay below train.steps (1)",
+     spec_with(**{"seeds: [0]": "seeds: [0]\neval: {at_steps: [2]}"})),
     ("an empty tune section", ["run", "bad.yaml"], "tune: is empty (nothing after the colon reads as null) — give "
      "its settings, or leave the key out", spec_with(**{"seeds: [0]": "seeds: [0]\ntune:"})),
 ]

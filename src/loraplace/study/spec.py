@@ -19,7 +19,7 @@ from loraplace.search import SearchSpec
 from loraplace.specs import StrictModel, bare_on_off, load_yaml, validate
 from loraplace.tracking import TrackingSpec
 from loraplace.train_config import TrainSpec
-from loraplace.trial_spec import EvalSpec, library_versions
+from loraplace.trial_spec import EvalSpec, eval_steps_problem, library_versions, variant_base_problem
 from loraplace.tuning import TuneSpec
 
 BACKENDS = ("local", "ray")
@@ -118,7 +118,8 @@ class StudySpec(StrictModel):
     budget: PositiveInt | None = None
     budgets: list[PositiveInt] | None = Field(default=None, min_length=1)
     seeds: list[int] = Field(default=[0], min_length=1)
-    axes: Axes = Field(default_factory=Axes, description=f"other train fields to sweep: {', '.join(AXIS_FIELDS)}")
+    axes: Axes = Field(default_factory=Axes, validate_default=True,  # its checks cover the grid without axes too
+                       description=f"other train fields to sweep: {', '.join(AXIS_FIELDS)}")
     baseline: str | None = None
     resources: Resources = Resources()
     allow_unassigned: bool = Field(
@@ -238,6 +239,31 @@ class StudySpec(StrictModel):
                     problems += [f"{name}[{i}]: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
         if problems:
             raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("axes")
+    @classmethod
+    def _every_trial_valid(cls, value, info: ValidationInfo):
+        """What a single trial refuses, checked here over every value the grid will give it (a trial spec refused
+        while the grid is expanded would be an internal error): PiSSA on a quantized base, eval points at or past
+        the last step."""
+        train, placements, eval_spec = (info.data.get(k) for k in ("train", "placements", "eval"))
+        if train is None:
+            return value
+        sweep = cls.axis_values(value)
+        problems = []
+        for name, placement in (placements or {}).items():
+            for quantize in dict.fromkeys(sweep.get("quantize", [train.quantize])):
+                problem = variant_base_problem(placement.variant, quantize)
+                if problem:
+                    problems.append(f"placements.{name}: {problem}")
+        if eval_spec is not None:
+            for steps in dict.fromkeys(sweep.get("steps", [train.steps])):
+                problem = eval_steps_problem(eval_spec, steps)
+                if problem:
+                    problems.append(problem)
+        if problems:
+            raise ValueError("; ".join(dict.fromkeys(problems)))
         return value
 
     @staticmethod

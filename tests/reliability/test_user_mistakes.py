@@ -54,6 +54,7 @@ def workdir(tmp_path, finished_store, monkeypatch):
     good_row = '{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\\n#### 4"}\n'
     (tmp_path / "broken.jsonl").write_text(good_row * 12 + '{"question": "no answer here"}\n' + good_row * 3)
     (tmp_path / "latin1.jsonl").write_bytes(b'{"question": "caf\xe9", "answer": "#### 1"}\n')
+    (tmp_path / "not.parquet").write_text("question,answer\nWhat is 2 + 2?,4\n")  # CSV under a .parquet name
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -217,6 +218,10 @@ CASES = [
             "seeds: [0]": "seeds: [0]\naxes: {quantize: [none, nf4]}"})),
     ("eval points past the last step", ["run", "bad.yaml"], "eval.at_steps must stay below train.steps (1)",
      spec_with(**{"seeds: [0]": "seeds: [0]\neval: {at_steps: [2]}"})),
+    ("a .parquet file that is not Parquet", ["run", "bad.yaml"], "not.parquet is not a readable Parquet file",
+     spec_with(**{'"builtin:arithmetic?n=60"': '"not.parquet"'})),
+    ("train on a .parquet file that is not Parquet", ["train", "--model", "tiny:llama", "--data", "not.parquet",
+     "--steps", "1"], "not.parquet is not a readable Parquet file"),
     ("an empty tune section", ["run", "bad.yaml"], "tune: is empty (nothing after the colon reads as null) — give "
      "its settings, or leave the key out", spec_with(**{"seeds: [0]": "seeds: [0]\ntune:"})),
 ]

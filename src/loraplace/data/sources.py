@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loraplace.data.builtin import load_builtin
 from loraplace.errors import DataError
+from loraplace.formatting import one_line
 
 
 def file_sha256(path: Path) -> str:
@@ -51,9 +52,7 @@ def read_records(source: str) -> tuple[list[dict], str]:
     fingerprint = f"file:{file_sha256(path)}"
     try:
         if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            records = pq.read_table(path).to_pylist()
+            records = _read_parquet(path)
         else:
             text = path.read_text(encoding="utf-8-sig")  # a leading BOM is read, as pandas and datasets do
             if suffix == ".csv":
@@ -72,6 +71,17 @@ def read_records(source: str) -> tuple[list[dict], str]:
     if not records:
         raise DataError(f"{path} holds no records", "check the file is the one you meant")
     return records, fingerprint
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowInvalid, OSError) as exc:  # not Parquet, or truncated: what pyarrow says, naming the file
+        raise DataError(f"{path} is not a readable Parquet file ({one_line(str(exc), 200)})",
+                        "check the file; a .parquet name with other content (CSV, JSON) needs its own suffix") from None
 
 
 def _read_hf(source: str) -> tuple[list[dict], str]:

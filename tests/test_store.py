@@ -238,3 +238,15 @@ def test_readonly_missing_store(tmp_path):
     with pytest.raises(StoreError, match="no store"):
         Store.open_readonly(tmp_path / "nope.db")
     assert not (tmp_path / "nope.db").exists()
+
+
+def test_a_full_disk_is_one_clear_error_naming_the_store_and_the_write_is_rolled_back(store):
+    """`internal error: OperationalError: database or disk is full` named neither the disk nor the file. SQLite's
+    max_page_count makes the file full as a full disk would."""
+    study = _study(store)
+    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StoreError, match=r"the disk holding .* is full .*; the write was rolled back") as exc:
+        store.add_trials(study.id, [(f"x{i}", labels(i), {"i": i, "pad": "x" * 4000}) for i in range(50)])
+    assert "run the same command" in exc.value.hint
+    assert len(store.trials(study.id)) == 3  # nothing of the failed write

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import time
@@ -78,6 +79,17 @@ def _read_only(path: Path) -> StoreError:
                       "another --store")
 
 
+def _disk_full(path: Path) -> StoreError:
+    folder = path.resolve().parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return StoreError(f"{path}: the disk holding {folder} is full ({free}); the write was rolled back",
+                      "free space there (or move the store: --store elsewhere) and run the same command: the study "
+                      "resumes from what the store holds")
+
+
 @contextlib.contextmanager
 def _unwritable(path: Path) -> Iterator[None]:
     """SQLite's own words for a store it may not write ("attempt to write a readonly database", "unable to open
@@ -88,6 +100,8 @@ def _unwritable(path: Path) -> Iterator[None]:
         text = str(exc).lower()
         if "readonly" in text or "unable to open database file" in text or "read-only" in text:
             raise _read_only(path) from None
+        if "database or disk is full" in text:
+            raise _disk_full(path) from None
         raise
 
 
@@ -284,7 +298,8 @@ class Store:
         try:
             yield self._conn
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:  # SQLite rolls back by itself on some errors (a full disk: SQLITE_FULL)
+                self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
 

@@ -332,3 +332,36 @@ def test_save_state_every_takes_a_duration_as_run_timeout_does():
     assert ExecutionSpec(save_state_every="1h30m").save_state_every_s == 5400
     assert ExecutionSpec(save_state_every=False).save_state_every_s is None  # YAML off
     assert ExecutionSpec(save_state_every="off").save_state_every_s is None
+
+
+def test_a_data_file_whose_content_changed_is_refused_naming_it(tmp_path, write_study):
+    """Its content was not part of what a trial is: a rerun after overwriting the file said "4 already done",
+    and --extend paired new-data seeds with old-data ones. Now the study records each source's content and refuses
+    to go on with other content under the same path; put back, it resumes; --reuse-from takes nothing over from a
+    store that ran on the old content."""
+    import json
+
+    from loraplace.runner import RunHooks
+    from loraplace.study import StudyChanged
+
+    rows = [{"question": f"What is {a} + 2?", "answer": f"#### {a + 2}"} for a in range(40)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = write_study(seeds=[0]).read_text().replace('"builtin:arithmetic?n=60"', str(data))
+    (tmp_path / "s.yaml").write_text(spec)
+    study = load_study(tmp_path / "s.yaml")
+    assert run_study(study, tmp_path / "a.db").done == 2
+    with Store.open_readonly(tmp_path / "a.db") as store:
+        assert store.study().info.data_fingerprints[str(data)].startswith("sha256:")
+    original = data.read_bytes()
+    data.write_text("".join(json.dumps(r | {"answer": "#### 0"}) + "\n" for r in rows))
+    for extend in (False, True):
+        with pytest.raises(StudyChanged, match=r"ran on other data: the content of 1 source\(s\) has changed") as exc:
+            run_study(study, tmp_path / "a.db", extend=extend)
+        assert str(data) in str(exc.value) and "put it back" in exc.value.hint
+    notes: list[str] = []
+    other = run_study(study, tmp_path / "b.db", reuse_from=[tmp_path / "a.db"], hooks=RunHooks(on_note=notes.append))
+    assert other.reused == 0 and other.done == 2
+    assert any("ran on other content of" in w for w in other.warnings), other.warnings
+    data.write_bytes(original)  # the old content back: the study resumes, nothing to train
+    assert run_study(study, tmp_path / "a.db").ran == 0

@@ -401,6 +401,9 @@ class StudyInfo(Record):
                              "list (loraplace.tuning.cell_lrs)")
     search: bool = Field(default=False, description="a placement search (loraplace.search): its trials are the "
                          "finalists, tune_lrs the LRs its candidates were drawn from")
+    data_fingerprints: dict[str, str] = Field(default_factory=dict, description="each data source → its content "
+                                              "when the study last ran (DataSpec.fingerprints): a resume on other "
+                                              "content is refused; empty: stored before this was recorded")
 
 
 

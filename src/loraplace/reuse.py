@@ -54,12 +54,14 @@ def check_sources(sources: list[Path], store_path: Path) -> None:
 
 
 def reuse_finished(store: Store, study_id: int, planned: dict[str, PlannedTrial], sources: list[Path],
-                   artifacts: Path, *, dtype_here: str | None, retry_failed: bool = False) -> Reused:
+                   artifacts: Path, *, dtype_here: str | None, retry_failed: bool = False,
+                   fingerprints: dict[str, str] | None = None) -> Reused:
     """Record, as done, every unfinished trial of ``planned`` that a source store finished under the same id.
 
     ``dtype_here``: what ``precision: auto`` means on this machine (``"float32"`` / ``"bfloat16"``), or None when
     the dtype is pinned by the spec (then it is part of the id) or mixing was allowed. Failed trials are taken
-    over only with ``retry_failed``, as they would only then be trained again."""
+    over only with ``retry_failed``, as they would only then be trained again. ``fingerprints``: this study's data
+    (``DataSpec.fingerprints``): a source store whose studies ran on other content of a file takes over nothing."""
     claimable = ("pending", "interrupted") + (("failed",) if retry_failed else ())
     wanted = [t.id for t in store.trials(study_id) if t.id in planned and t.status in claimable]
     taken: dict[Path, tuple[str, ...]] = {}
@@ -70,6 +72,14 @@ def reuse_finished(store: Store, study_id: int, planned: dict[str, PlannedTrial]
             break
         with Store.open_readonly(source) as other:
             found = [(trial_id, record) for trial_id in wanted if (record := _done(other, trial_id)) is not None]
+            theirs = {fp for study in other.studies() for fp in study.info.data_fingerprints.items()}
+        # The same ids, but trained on other content under the same path: not the same trials.
+        moved = {source_file for source_file, now in (fingerprints or {}).items()
+                 if any(k == source_file and v != now for k, v in theirs)}
+        if moved and found:
+            warnings.append(f"{source}: its trials ran on other content of {', '.join(sorted(moved))}; "
+                            f"{len(found)} trial(s) of the same id not reused (trained here instead)")
+            continue
         ids = []
         for trial_id, record in found:
             if record.spec != planned[trial_id].spec.model_dump(mode="json"):

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
 from loraplace.data.formats import FORMATS, check_columns, detect_format, render
-from loraplace.data.sources import read_records
+from loraplace.data.sources import file_sha256, read_records
 from loraplace.errors import DataError
 from loraplace.specs import StrictModel
 
@@ -105,6 +105,17 @@ class DataSpec(StrictModel):
     @property
     def test_file(self) -> str | None:
         return self.test if self.test is not None else self.eval
+
+    def fingerprints(self) -> dict[str, str]:
+        """Each split's source → what its content is: a file's SHA-256, or the source itself for builtin: and hf:
+        data (a builtin source is its content; a hub dataset is named by its revision there). A study records these
+        and refuses to resume on other content under the same path."""
+        out = {}
+        for source in dict.fromkeys(s for s in (self.train, self.test_file, self.validation) if s is not None):
+            path = Path(source).expanduser()
+            out[source] = f"sha256:{file_sha256(path)}" if ":" not in source.split("/")[0] and path.is_file() \
+                else source
+        return out
 
     def held_out_size(self, split: Literal["validation", "test"]) -> int | None:
         """Examples of a held-out split without tokenising: its count when carved by count, else the records of its

@@ -373,6 +373,11 @@ class Store:
                 raise StoreError(f"{self.path} holds no study named {name!r}")
         return StudyRecord(row[0], row[1], json.loads(row[2]), StudyInfo.model_validate_json(row[3]), row[4])
 
+    def studies(self) -> list[StudyRecord]:
+        """Every study in the store, oldest first."""
+        rows = self._conn.execute("SELECT id, name, spec_json, info_json, created_at FROM studies ORDER BY id")
+        return [StudyRecord(r[0], r[1], json.loads(r[2]), StudyInfo.model_validate_json(r[3]), r[4]) for r in rows]
+
     def add_trials(self, study_id: int, trials: list[tuple[str, TrialLabels, dict[str, Any]]]) -> int:
         """Register trials (id, labels, resolved spec) as pending; ids already present are kept as they are. New
         trials come after every trial already there (a tuned study's other seeds, an --extend's cells), in the

@@ -153,6 +153,24 @@ def _in_spec(study: StudySpec, labels: TrialLabels) -> bool:
             and all((v in tuned) if (k == TUNED_AXIS and tuned) else v in sweep.get(k, []) for k, v in group.axes))
 
 
+def check_data_unchanged(study: StudySpec, store_path: Path, fingerprints: dict[str, str]) -> None:
+    """The data a study's trials were trained and tested on is part of what they are: a source whose content has
+    changed since the study last ran (``DataSpec.fingerprints``) is refused like an edited spec, naming the file —
+    a rerun would otherwise call the old trials done, and --extend would pair new-data seeds with old-data ones.
+    A study stored before fingerprints were recorded is not checked (and records them on this run)."""
+    stored = stored_study(study, store_path)
+    if stored is None:
+        return
+    before = stored[0].info.data_fingerprints
+    changed = [source for source, now in fingerprints.items() if source in before and before[source] != now]
+    if changed:
+        shown = "\n".join(f"  {source}: {before[source][:19]}… → {fingerprints[source][:19]}…" for source in changed)
+        raise StudyChanged(f"study {study.name!r} in {store_path} ran on other data: the content of "
+                           f"{len(changed)} source(s) has changed since:\n{shown}",
+                           "its trials were trained and tested on the old content; put it back to continue the "
+                           "study, or run the new data as a new study (--store or a new name:)")
+
+
 NUMBER_FREE_SECTIONS = ("execution", "tracking")  # spec sections that change no trial's numbers
 
 

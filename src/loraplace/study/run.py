@@ -20,7 +20,13 @@ from loraplace.store import Store, artifacts_dir
 from loraplace.study import checks
 from loraplace.study.checks import auto_dtype_here, check_placements, check_precision
 from loraplace.study.grid import search_candidates
-from loraplace.study.resume import check_search_unchanged, check_unchanged, planned_from, stored_plan
+from loraplace.study.resume import (
+    check_data_unchanged,
+    check_search_unchanged,
+    check_unchanged,
+    planned_from,
+    stored_plan,
+)
 from loraplace.study.search_run import TimedOut, run_search
 from loraplace.study.spec import BACKENDS, StudySpec
 from loraplace.tracking import Tracker, check_tracking
@@ -88,9 +94,12 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
     else:
         planned = stored_plan(study, store_path)
         check_unchanged(study, store_path, planned, extend)
+    fingerprints = study.data.fingerprints()
+    check_data_unchanged(study, store_path, fingerprints)
     by_id = {p.id: p for p in planned}
     with Store(store_path) as store:
-        record = store.write_study(study.info(), study.model_dump(mode="json"))
+        record = store.write_study(study.info().model_copy(update={"data_fingerprints": fingerprints}),
+                                   study.model_dump(mode="json"))
         if study.search is None:
             store.add_trials(record.id, [(p.id, p.labels, p.spec.model_dump(mode="json")) for p in planned])
         summary = RunSummary(recovered=store.recover_stale(record.id), warnings=warnings)
@@ -102,7 +111,7 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
             if not sources:
                 return
             reused = reuse_finished(store, record.id, trials, sources, artifacts, dtype_here=dtype_here,
-                                    retry_failed=retry_failed)
+                                    retry_failed=retry_failed, fingerprints=fingerprints)
             summary.reused += reused.count
             summary.warnings.extend(reused.warnings)
             for source, ids in reused.taken.items():

@@ -89,7 +89,7 @@ def run_search(study: StudySpec, store: Store, study_id: int, planned: list[Plan
     def compare_with(compared: list[Candidate]) -> None:
         """The finalists are compared with the best preset among them (a search always keeps one)."""
         preset = next((c.placement for c in compared if c.preset), None)
-        info = study.info()
+        info = store.study(study.name).info  # as run_study wrote it (with its data fingerprints)
         if preset is not None:
             info = info.model_copy(update={"baseline": preset, "baseline_given": True})
         elif compared:

@@ -117,6 +117,10 @@ def test_plan_says_the_4bit_base_memory(cli):
     done = cli("plan", "tiny:llama", "--quantize", "nf4", "--json")
     data = json.loads(done.stdout)["training_memory"]
     assert data["quantize"] == "nf4" and data["base_weights_bytes"] < data["base_weights_bf16_bytes"]
+    # One plan, one answer: the plan's own estimate gave the bf16 figure under --quantize nf4
+    estimate = json.loads(done.stdout)["memory_estimate"]
+    assert (estimate["quantize"], estimate["base_weights_bytes"], estimate["base_weights_bf16_bytes"]) == \
+        ("nf4", data["base_weights_bytes"], data["base_weights_bf16_bytes"])
     text = cli("plan", "tiny:llama", "--quantize", "nf4").stdout
     assert "base weights quantized nf4 (double quantization)" in " ".join(text.split())
     bad = cli("plan", "tiny:llama", "--quantize", "nf3")

@@ -93,7 +93,11 @@ def plan(
     except ValueError as exc:
         raise ConfigError([str(exc)], "invalid plan options") from None
     if as_json:
-        out.print_json(json.dumps(result.to_dict() | {"training_memory": {
+        described = result.to_dict()
+        # One figure for the base as it is loaded (quantized or not): the plan alone knows only 16-bit weights.
+        described["memory_estimate"] |= {"base_weights_bytes": base_bytes, "base_weights_bf16_bytes": bf16_bytes,
+                                         "quantize": quantize}
+        out.print_json(json.dumps(described | {"training_memory": {
             "batch": batch, "max_len": max_len, "quantize": quantize, "base_weights_bytes": base_bytes,
             "base_weights_bf16_bytes": bf16_bytes, "activations_bytes": memory.activations_bytes,
             "checkpointed_activations_bytes": memory.checkpointed_bytes, "weights_and_optimizer_bytes":

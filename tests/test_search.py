@@ -637,3 +637,31 @@ def test_ctrl_c_during_a_search_s_rungs_says_the_rung_results_are_kept(tmp_path,
     assert done.returncode == 130
     assert "during the search's rungs: every rung result so far is kept" in done.stderr
     assert "before any trial ran" not in done.stderr
+
+
+def test_a_second_runner_of_one_search_is_refused_before_it_trains(tmp_path, monkeypatch):
+    """Two `loraplace run` processes on one search store both trained the same rung candidate; the second then
+    exited with "already recorded". The lock is an advisory file lock: another process holds it here."""
+    import subprocess
+    import sys
+
+    from loraplace.errors import LoraplaceError
+    from loraplace.store import artifacts_dir
+
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "s.yaml").write_text(search_yaml("locked", seeds=(0,), steps=4))
+    lock = artifacts_dir(tmp_path / "s.db") / "search" / "runner.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({str(lock)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 4242 on elsewhere'); f.flush()\n"
+        "print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LoraplaceError, match=r"another loraplace run is running this search \(pid 4242"):
+            run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db")
+        with Store.open_readonly(tmp_path / "s.db") as store:
+            assert store.rung_results(store.study().id) == []  # refused before any rung ran
+    finally:
+        holder.kill()
+        holder.wait()

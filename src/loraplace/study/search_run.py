@@ -4,12 +4,17 @@ steps, decisions, hedge draw, confirmation) is :mod:`loraplace.search`; this is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from loraplace.errors import LoraplaceError
 from loraplace.runner import RungTask, RunHooks, RunSummary, execute
 from loraplace.search import (
+    SEARCH_DIR,
     Candidate,
     SearchState,
     confirmed,
@@ -36,6 +41,44 @@ def run_search(study: StudySpec, store: Store, study_id: int, planned: list[Plan
     """The rungs (each candidate's results and each rung's decision recorded in the store), then the finalists
     at every seed as ordinary trials. Returns the finalists' trials. Raises :class:`TimedOut` instead of starting
     a rung run once ``stop_starting`` says so."""
+    assert study.search is not None
+    with one_runner(artifacts):
+        return _run_search(study, store, study_id, planned, executor, artifacts, hooks, summary, retry_failed,
+                           stop_starting)
+
+
+@contextlib.contextmanager
+def one_runner(artifacts: Path) -> Iterator[None]:
+    """One process runs a search at a time: a second `loraplace run` of it is refused before it trains (the two
+    trained the same rung candidates, and the second then failed with "already recorded"). An advisory lock on a
+    file under the store's artifacts, released when the process ends, however it ends."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks to take
+        yield
+        return
+    folder = artifacts / SEARCH_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "runner.lock", "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "owner unknown"
+            raise LoraplaceError(f"another loraplace run is running this search ({owner}): its rungs decide once "
+                                 "every candidate's result is in, in one process",
+                                 "wait for it to finish (loraplace status shows its progress), or stop it first") \
+                from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
+
+
+def _run_search(study: StudySpec, store: Store, study_id: int, planned: list[PlannedTrial], executor,
+                artifacts: Path, hooks: RunHooks, summary: RunSummary, retry_failed: bool,
+                stop_starting: Callable[[], bool]) -> dict[str, PlannedTrial]:
     assert study.search is not None
     search = study.search
     specs = study.placement_specs()

@@ -7,14 +7,8 @@ import sys
 import typing
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
-
-try:  # typer ≥ 0.20 raises its own vendored copy of click's exceptions
-    from typer._click import exceptions as _typer_click
-except ImportError:  # pragma: no cover - older typer uses click itself
-    _typer_click = click.exceptions
 
 from loraplace.errors import ConfigError
 from loraplace.placement.spec import (

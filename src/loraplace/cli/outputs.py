@@ -3,13 +3,6 @@ output of the same kind (or the user says --force)."""
 
 from __future__ import annotations
 
-import click
-
-try:  # typer ≥ 0.20 raises its own vendored copy of click's exceptions
-    from typer._click import exceptions as _typer_click
-except ImportError:  # pragma: no cover - older typer uses click itself
-    _typer_click = click.exceptions
-
 from loraplace.errors import LoraplaceError
 
 

@@ -5,13 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-import click
 from rich.markup import escape
-
-try:  # typer ≥ 0.20 raises its own vendored copy of click's exceptions
-    from typer._click import exceptions as _typer_click
-except ImportError:  # pragma: no cover - older typer uses click itself
-    _typer_click = click.exceptions
 
 from loraplace.cli.common import err
 

@@ -5,14 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import click
 import typer
 from rich.markup import escape
-
-try:  # typer ≥ 0.20 raises its own vendored copy of click's exceptions
-    from typer._click import exceptions as _typer_click
-except ImportError:  # pragma: no cover - older typer uses click itself
-    _typer_click = click.exceptions
 
 from loraplace.cli.common import (
     ALLOW_UNASSIGNED_HELP,

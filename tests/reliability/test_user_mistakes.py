@@ -222,6 +222,10 @@ CASES = [
      spec_with(**{'"builtin:arithmetic?n=60"': '"not.parquet"'})),
     ("train on a .parquet file that is not Parquet", ["train", "--model", "tiny:llama", "--data", "not.parquet",
      "--steps", "1"], "not.parquet is not a readable Parquet file"),
+    # round 3: messages that named the wrong cause
+    ("a directory as the training data", ["run", "bad.yaml"], "is a directory, not a data file",
+     spec_with(**{'"builtin:arithmetic?n=60"': '"a-dir"'})),
+    ("an empty spec file", ["run", "empty.jsonl"], "empty.jsonl: the file is empty (or only comments)"),
     ("an empty tune section", ["run", "bad.yaml"], "tune: is empty (nothing after the colon reads as null) — give "
      "its settings, or leave the key out", spec_with(**{"seeds: [0]": "seeds: [0]\ntune:"})),
 ]

@@ -45,6 +45,10 @@ def read_records(source: str) -> tuple[list[dict], str]:
     if source.startswith("hf:"):
         return _read_hf(source)
     path = Path(source).expanduser()
+    if path.is_dir():  # not "not found": it is there, and it is not a file
+        raise DataError(f"{source} is a directory, not a data file",
+                        "give a .jsonl/.json/.csv/.parquet file inside it, hf:NAME[:CONFIG][@SPLIT] or "
+                        "builtin:arithmetic")
     if not path.is_file():
         raise DataError(f"data file not found: {source}",
                         "give a .jsonl/.json/.csv/.parquet path, hf:NAME[:CONFIG][@SPLIT] or builtin:arithmetic")

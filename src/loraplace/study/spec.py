@@ -353,6 +353,9 @@ DEFAULT_SECTIONS = ("search", "execution", "eval", "resources")  # `{}` is a val
 
 def load_study(path: str | Path) -> StudySpec:
     data = load_yaml(path)
+    if data is None:  # not "not a mapping": there is nothing in it
+        raise ConfigError([f"{path}: the file is empty (or only comments)"], "invalid study spec",
+                          "a study spec names at least model, data and placements: see examples/quickstart.yaml")
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: a study spec is a mapping at the top level"], "invalid study spec")
     # `search:` with nothing after it is YAML null, which would mean "no search": the full grid would run without a

@@ -225,6 +225,8 @@ CASES = [
     # round 3: messages that named the wrong cause
     ("a directory as the training data", ["run", "bad.yaml"], "is a directory, not a data file",
      spec_with(**{'"builtin:arithmetic?n=60"': '"a-dir"'})),
+    ("a directory as a placement file", ["plan", "tiny:llama", "--placement", "a-dir"],
+     "a-dir is a directory, not a placement file"),
     ("an empty spec file", ["run", "empty.jsonl"], "empty.jsonl: the file is empty (or only comments)"),
     ("an empty tune section", ["run", "bad.yaml"], "tune: is empty (nothing after the colon reads as null) — give "
      "its settings, or leave the key out", spec_with(**{"seeds: [0]": "seeds: [0]\ntune:"})),

@@ -125,7 +125,7 @@ def replay(grid: StudyRecord, records: list[TrialRecord], policy: SearchSpec, *,
             yield _rung_result(by_id[c.key], rung, previous, spec.train.batch)
 
     finalists = run_rungs(candidates, rungs, policy, SearchState.of([], []), run, results.append, decisions.append)
-    # As a live search goes on (study._search): the hedge bracket beside the finalists, all on the rung seed at
+    # As a live search goes on (study.search_run): the hedge bracket beside the finalists, all on the rung seed at
     # the full horizon; then every seed for all of them, or for the best `confirm` by their validation loss.
     hedge = [c for c in hedge_candidates(candidates, policy, seed) if c not in finalists]
     entrants = finalists + hedge

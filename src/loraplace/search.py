@@ -19,9 +19,16 @@ cut at step 3 of 40 because ``ff-up`` ranked higher; docs/search.md). The answer
 preset *as the rungs ranked them*.
 
 **Cut rate.** Each rung but the last keeps the best 1/eta. When the floor of the first rung (the warm-up, or
-``min_fraction`` of the horizon) would push rungs together, they are spread between the floor and the first rung
-that is above it (:func:`rung_steps`); when they still cannot each have their own step count, every rung cuts by
+``min_fraction`` of the horizon) would push rungs together, every rung is spread geometrically between the floor
+and the last rung (:func:`rung_steps`); when they still cannot each have their own step count, every rung cuts by
 the same larger factor (:func:`keep_rate`), never one rung the whole excess.
+
+**Policies** (``docs/replay.md``, compared by replaying them on stored grids): ``screen_lrs`` (the first rungs
+cut across LRs within each placement), ``min_fraction`` (no rung before that share of the horizon),
+``stop_when_stable`` (PASHA: the rungs end once the finalists stop changing), ``hedge`` (Hyperband's bracket
+with no early stop: a seeded draw of candidates straight to the full horizon beside the finalists) and
+``confirm`` (only the best N of those, by their full-horizon validation loss on the first seed, run the other
+seeds). A rung whose every candidate failed raises :class:`SearchFailed` and stays undecided.
 
 **The rule is native to the store, not Optuna's pruner.** Optuna's ``SuccessiveHalvingPruner`` is asynchronous
 (ASHA): whether a trial is pruned depends on which trials happened to report first, so a search resumed after a

@@ -365,3 +365,30 @@ def test_a_data_file_whose_content_changed_is_refused_naming_it(tmp_path, write_
     assert any("ran on other content of" in w for w in other.warnings), other.warnings
     data.write_bytes(original)  # the old content back: the study resumes, nothing to train
     assert run_study(study, tmp_path / "a.db").ran == 0
+
+
+def test_a_placement_s_own_rank_in_a_study_without_ranks_is_kept_and_labelled(tmp_path, write_study):
+    """`placements: {a: {roles: [all], rank: 8}, b: {preset: attn}}` and no `ranks:` was refused ("the placement
+    says rank 8 and the command line or study says rank 16"), though plan and train accept it; per-group ranks were
+    labelled r=16. Now each placement keeps its own size (the others the default rank) in one compared cell."""
+    from loraplace.analysis import analyze_store
+
+    spec = write_study(placements={"a": "{roles: [all], rank: 8}", "b": "{preset: attn}",
+                                   "c": "{groups: [{roles: [attn.q], rank: 4}]}"}, size="", baseline="b",
+                       seeds=[0])
+    study = load_study(spec)
+    assert [s.label for s in study.sizes()] == ["own size"]
+    summary = run_study(study, tmp_path / "s.db")
+    assert summary.failed == 0 and summary.done == 3
+    analysis = analyze_store(tmp_path / "s.db")
+    ranks = {g.placement: {site.rank for site in g.sites.sites} for g in analysis.groups}
+    assert ranks == {"a": {8}, "b": {16}, "c": {4}}
+    assert {g.key.size_label for g in analysis.groups} == {"own size"}
+    assert len({g.key.cell for g in analysis.groups}) == 1  # one cell: compared with each other
+    # a study that gives ranks still refuses a placement whose own rank says otherwise
+    clash = write_study("clash.yaml", placements={"a": "{roles: [all], rank: 8}", "b": "{preset: attn}"},
+                        baseline="b", seeds=[0])
+    from loraplace.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rank 8"):
+        run_study(load_study(clash), tmp_path / "clash.db")

@@ -343,14 +343,16 @@ class TrialOutcome(Record):
 
 
 class Size(Record):
-    """A size point of the grid: a fixed rank, or a trainable-parameter budget the rank is solved for."""
+    """A size point of the grid: a fixed rank, a trainable-parameter budget the rank is solved for, or (``own``,
+    a study that sets no size while some placement sets its own rank, ranks or budget) each placement's own size,
+    ``value`` being the rank of those that set none."""
 
-    kind: Literal["rank", "budget"]
+    kind: Literal["rank", "budget", "own"]
     value: int = Field(gt=0)
 
     @property
     def label(self) -> str:
-        return f"r={self.value}" if self.kind == "rank" else f"B={self.value:,}"
+        return {"rank": f"r={self.value}", "budget": f"B={self.value:,}", "own": "own size"}[self.kind]
 
 
 AxisValue = int | float | str

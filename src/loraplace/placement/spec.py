@@ -160,6 +160,12 @@ class PlacementSpec(StrictModel):
     added_fields = frozenset({"allow_unassigned", "variant", "eva_rho"})
     _split = field_validator("roles", mode="before")(_split_roles)
 
+    @property
+    def sets_own_size(self) -> bool:
+        """It says its own rank(s) or budget: a study that gives no size takes the placement's own."""
+        return (self.rank is not None or bool(self.ranks) or self.budget is not None
+                or any(g.rank is not None for g in self.groups or ()))
+
     # Field validators (not one model validator), so these problems are reported together with type errors.
     @field_validator("layers")
     @classmethod

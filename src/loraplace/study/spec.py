@@ -320,6 +320,10 @@ class StudySpec(StrictModel):
             return [Size(kind="budget", value=b) for b in self.budgets]
         if self.budget is not None:
             return [Size(kind="budget", value=self.budget)]
+        if self.ranks is None and any(p.sets_own_size for p in self.placements.values()):
+            # No size in the study, some placement sets its own: each keeps its own (the others: the default
+            # rank), all in one cell so that they are compared — not a study-wide rank that clashes with theirs.
+            return [Size(kind="own", value=DEFAULT_RANK)]
         return [Size(kind="rank", value=r) for r in (self.ranks or [DEFAULT_RANK])]
 
     def baseline_placement(self) -> str:

@@ -41,7 +41,7 @@ class TuneSpec(StrictModel):
                                     "every seed); the other seeds run at the selected LR only")
     extend: NonNegativeInt = Field(default=0, description="LRs a cell may add past the edge of its list: while "
                                    "its selected LR is the highest (lowest) it has tried, the next one beyond it "
-                                   "(the list's outermost ratio again, e.g. 1e-2 → 3e-2 after 3e-3, 1e-2) runs on the "
+                                   "(the list's outermost ratio again: 3.33e-2 after 3e-3, 1e-2) runs on the "
                                    "selection seeds, at most this many per cell; the other seeds wait for the "
                                    "selection this ends with (0: the list is the grid)")
 

@@ -458,7 +458,7 @@ def fused_rung(session: Session, tasks: list[RungTask], on_step: ProgressFn | No
         if splits.validation is None or any(t.spec.data != tasks[0].spec.data for t in tasks):
             raise ValueError("the candidates do not share one validation split")
         n = tasks[0].val_examples
-        watched = splits.validation if n is None else splits.validation.subset(range(min(n, len(splits.validation))))
+        watched = splits.validation.first(n)
         before = {t.candidate: _saved(t.state) for t in tasks}  # (steps, train_s) of each saved state
         members = [FusedMember(t.candidate, plan_of(session, t.spec), t.spec.train, None, t.spec.eval.batch,
                                continuation=Continuation(t.state, stop_after=t.steps)) for t in tasks]

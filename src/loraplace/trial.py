@@ -361,7 +361,7 @@ def run_rung(spec: TrialSpec, *, session: Session, state_dir: Path, steps: int, 
         if splits.validation is None:
             raise LoraplaceError("a search judges candidates on the validation split; the data has none",
                                  "give data.validation, validation_count or validation_fraction")
-        watched = first_examples(splits.validation, val_examples)
+        watched = splits.validation.first(val_examples)
         plan = plan_of(session, spec)
         init_before = session.init_forward_examples
         with session.adapter(plan, spec.train.seed, init_data=splits.train, state=state) as model:
@@ -384,11 +384,6 @@ def run_rung(spec: TrialSpec, *, session: Session, state_dir: Path, steps: int, 
         return RungResult(candidate=candidate, rung=rung, steps=steps, status="failed", failure=failure_of(exc),
                           trained_steps=known["trained_steps"],
                           trained_examples=known["trained_steps"] * spec.train.batch)
-
-
-def first_examples(split: TokenizedSet, n: int | None) -> TokenizedSet:
-    """The split's first ``n`` examples (all of them when None): what a rung and a grid's ``eval.at_steps`` read."""
-    return split if n is None else split.subset(range(min(n, len(split))))
 
 
 def plan_of(session: Session, spec: TrialSpec) -> Plan:
@@ -452,7 +447,7 @@ def _run_trial(spec: TrialSpec, session: Session | None, out_dir: str | Path | N
 
         # Losses during training read the validation split when there is one: the test split is looked at once.
         watched = splits.validation if splits.validation is not None else splits.eval
-        watched_early = first_examples(watched, spec.eval.watch_examples)  # during training
+        watched_early = watched.first(spec.eval.watch_examples)  # during training
         if grouped is not None:  # trained in a fused group (loraplace.fused): its weights, its curve
             load_weights(model, grouped.weights)
             trained: TrainOutcome = grouped.outcome

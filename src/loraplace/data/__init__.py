@@ -170,6 +170,11 @@ class TokenizedSet:
         prompt = max(int(self.prompt_lens[i]), 1)
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * prompt + ids[prompt:]}
 
+    def first(self, n: int | None) -> TokenizedSet:
+        """The first ``n`` examples (all of them when None or more than there are): what a search rung, a grid's
+        ``eval.at_steps`` and ``limit`` read."""
+        return self if n is None else self.subset(range(min(n, len(self))))
+
     def subset(self, index: np.ndarray | list[int]) -> TokenizedSet:
         index = list(index)
         return TokenizedSet([self.ids[i] for i in index], self.prompt_lens[index], [self.answers[i] for i in index],
@@ -352,9 +357,9 @@ def load_splits(spec: DataSpec, tokenizer) -> Splits:
     elif n_val:
         validation = train_all.subset(np.sort(order[n_test:n_test + n_val]))
     if spec.limit is not None:
-        train_set = train_set.subset(range(min(spec.limit, len(train_set))))
+        train_set = train_set.first(spec.limit)
     if spec.eval_limit is not None:
-        eval_set = eval_set.subset(range(min(spec.eval_limit, len(eval_set))))
+        eval_set = eval_set.first(spec.eval_limit)
     warnings = _guard_warnings("train", train_all.stats)
     if spec.test_file is not None:
         warnings += _guard_warnings("test", eval_set.stats)

@@ -227,8 +227,7 @@ class _FusedPass:
                     with clock.excluded():
                         self.model.eval()
                         for n in sorted({m.watch_examples or 0 for m in due}):  # 0: the whole split
-                            watched = self.evals[self.watched]
-                            watched = watched.subset(range(min(n, len(watched)))) if n else watched
+                            watched = self.evals[self.watched].first(n or None)
                             for key, (value, _) in self._eval(watched, [m for m in due
                                                                         if (m.watch_examples or 0) == n]).items():
                                 self.steppers[key].add_eval(value, self.watched, len(watched) if n else None)

@@ -179,7 +179,8 @@ def test_a_fused_study_stores_what_the_sequential_study_stores(tmp_path):
         root = tmp_path / mode
         root.mkdir()
         (root / "s.yaml").write_text(tiny_study_yaml("fz", steps=4, extra=f"execution: {{fuse: {mode}}}\n"
-                                                                          "eval: {every: 2}\n"))
+                                                                          "eval: {every: 2, at_steps: [1, 3], "
+                                                                          "watch_examples: 3}\n"))
         summary = run_study(load_study(root / "s.yaml"), root / "s.db")
         assert summary.done == 4 and summary.failed == 0
         with Store.open_readonly(root / "s.db") as store:
@@ -203,8 +204,10 @@ def test_a_fused_study_stores_what_the_sequential_study_stores(tmp_path):
         fused = results["4"][tid]
         assert fused.metrics.eval_loss == pytest.approx(alone.metrics.eval_loss, rel=1e-4)
         assert [p.loss for p in fused.curve] == pytest.approx([p.loss for p in alone.curve], rel=1e-4)
-        assert [e.step for e in fused.evals] == [e.step for e in alone.evals] == [2]  # eval.every: fused too
-        assert fused.evals[0].eval_loss == pytest.approx(alone.evals[0].eval_loss, rel=1e-4)
+        # eval.every and eval.at_steps on the first eval.watch_examples: fused too
+        assert [e.step for e in fused.evals] == [e.step for e in alone.evals] == [1, 2, 3]
+        assert [e.examples for e in fused.evals] == [e.examples for e in alone.evals] == [3, 3, 3]
+        assert [e.eval_loss for e in fused.evals] == pytest.approx([e.eval_loss for e in alone.evals], rel=1e-4)
 
 
 def test_groups_fusion_does_not_cover_are_refused_with_every_reason(setup):

@@ -94,6 +94,29 @@ def test_tracking_that_cannot_work_is_refused_before_any_trial(tmp_path, trackin
     assert time.perf_counter() - t0 < 30 and not (tmp_path / "s.db").exists()
 
 
+@pytest.mark.parametrize("target", ["not-a-database", "deleted-experiment"])
+def test_an_mlflow_target_that_cannot_open_is_refused_before_the_store(tmp_path, target):
+    """What passes the up-front checks but can only fail (a file that is not an SQLite database; an experiment
+    deleted in MLflow) is refused before the store exists, naming the experiment and URI — not found after the
+    first trial and switched off for the rest of the study."""
+    from mlflow.tracking import MlflowClient
+
+    from loraplace.errors import ConfigError
+
+    if target == "not-a-database":
+        (tmp_path / "runs.db").write_text("these are my notes, not an MLflow database\n" * 50)
+        before = (tmp_path / "runs.db").read_bytes()
+    else:
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/runs.db")
+        client.delete_experiment(client.create_experiment("exp"))
+    with pytest.raises(ConfigError, match="tracking cannot work") as info:
+        _run(tmp_path, f"{{mlflow: {{tracking_uri: 'sqlite:///{tmp_path}/runs.db', experiment: exp}}}}")
+    assert f"tracking.mlflow: experiment 'exp' at 'sqlite:///{tmp_path}/runs.db' cannot be opened" in str(info.value)
+    assert not (tmp_path / "s.db").exists()
+    if target == "not-a-database":
+        assert (tmp_path / "runs.db").read_bytes() == before
+
+
 def test_train_command_tracks_its_trial(cli, tmp_path):
     from mlflow.tracking import MlflowClient
 

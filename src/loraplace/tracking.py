@@ -3,7 +3,10 @@
 The contract: tracking happens on the driver, after the store has recorded a trial's outcome, from that outcome
 (its curve, evals, metrics, adapter), so every backend (local, Ray) is tracked alike and nothing a tracker does can
 fail a trial or lose store data — every tracker error becomes a warning, and a tracker that failed once is switched
-off for the rest of the run. MLflow: one parent run per study (found again by its tags on resume), one child run per
+off for the rest of the run. What can be checked or opened before the first trial is, and refused when it fails
+(``check_tracking``; MLflow's experiment and parent run, opened by ``Tracker`` before the store is written).
+
+MLflow: one parent run per study (found again by its tags on resume), one child run per
 trial with its resolved config as params, per-step ``train_loss``/``lr``/``tokens``, ``eval_loss`` at each eval,
 the final metrics, tags (placement, size, seed, study, trial id) and the adapter directory as an artifact.
 TensorBoard: one event-file directory per trial under ``dir/STUDY/``, the same curves as scalars. Weights &
@@ -180,6 +183,11 @@ def _unwritable_dir(path: Path) -> str | None:
     return None
 
 
+def _first_line(exc: Exception) -> str:
+    """MLflow's and SQLAlchemy's messages run to many lines (SQL, background links): the first says what failed."""
+    return (str(exc).strip().splitlines() or [""])[0][:300]
+
+
 def _flat(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
     if isinstance(value, dict):
         for key, item in value.items():
@@ -198,11 +206,20 @@ class Tracker:
     """Logs finished trials to the configured trackers; see the module docstring for the contract."""
 
     def __init__(self, spec: TrackingSpec, study: str, study_spec: dict[str, Any] | None = None):
+        """Opens what can be opened before any trial (MLflow's experiment and the study's parent run): a target
+        that fails here can only fail later, so it is refused (``ConfigError``) instead of found after the first
+        trial and switched off for the rest of the study."""
         self.spec, self.study = spec, study
         self.warnings: list[str] = []
         self._mlflow = None  # (client, experiment id, parent run id)
         if spec.mlflow is not None:
-            self._guard("mlflow", lambda: self._open_mlflow(spec.mlflow, study_spec or {}))
+            try:
+                self._open_mlflow(spec.mlflow, study_spec or {})
+            except Exception as exc:  # noqa: BLE001 - whatever MLflow or its database raises, named for the user
+                raise ConfigError([f"tracking.mlflow: experiment {spec.mlflow.experiment!r} at "
+                                   f"{spec.mlflow.tracking_uri!r} cannot be opened: {type(exc).__name__}: "
+                                   f"{_first_line(exc)}"], "tracking cannot work",
+                                  "fix the tracking settings, or leave tracking out") from None
 
     # ----------------------------------------------------------------------------------------- plumbing
 

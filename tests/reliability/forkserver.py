@@ -49,7 +49,10 @@ def _child(argv: list[str], env: dict[str, str], cwd: str, stdout: str | None, s
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:  # noqa: BLE001 - an internal error: exit 1, as the command does
+    except BaseException:  # noqa: BLE001 - escaped the command's own handling: exit 1, with the traceback for the test
+        import traceback
+
+        traceback.print_exc()
         code = 1
     finally:
         with contextlib.suppress(Exception):  # what the command printed reaches its files before _exit

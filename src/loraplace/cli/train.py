@@ -113,19 +113,20 @@ def train(
 
         plan_for_model(spec.model, spec.placement, rank=spec.rank, budget=spec.budget,
                        fill=spec.fill).check_size(force)
-    tracking = None
+    tracker = None
     if mlflow_uri or tensorboard_dir or wandb_project:
-        from loraplace.tracking import TrackingSpec, check_tracking
+        from loraplace.tracking import Tracker, TrackingSpec, check_tracking
 
         tracking = TrackingSpec.model_validate(
             ({"mlflow": {"tracking_uri": mlflow_uri, "experiment": mlflow_experiment}} if mlflow_uri else {})
             | ({"tensorboard": {"dir": tensorboard_dir}} if tensorboard_dir else {})
             | ({"wandb": {"project": wandb_project}} if wandb_project else {}))
         check_tracking(tracking)
+        tracker = Tracker(tracking, "train")  # opened before training: a target that cannot work is refused now
     with TrainProgress(quiet or as_json) as progress:
         outcome = run_trial(spec, out_dir=out_dir, progress=progress)
-    if tracking is not None:
-        _track_single_trial(tracking, spec, outcome)
+    if tracker is not None:
+        _track_single_trial(tracker, spec, outcome)
     if outcome.failure is not None and outcome.failure.user_error:  # bad input, not a training failure: exit 2
         raise LoraplaceError(outcome.failure.message, outcome.failure.hint)
     if as_json:
@@ -137,17 +138,15 @@ def train(
     return 0 if outcome.status == "done" else 1
 
 
-def _track_single_trial(tracking, spec, outcome) -> None:
-    """``train --mlflow-uri/--tensorboard-dir``: the trial as a run under a parent named "train"."""
+def _track_single_trial(tracker, spec, outcome) -> None:
+    """``train --mlflow-uri/--tensorboard-dir/--wandb-project``: the trial as a run under a parent named "train"."""
     from loraplace.records import GroupKey, Size, TrialLabels
-    from loraplace.study import trial_id
-    from loraplace.tracking import Tracker
+    from loraplace.trial_spec import trial_id
 
     size = Size(kind="budget", value=spec.budget) if spec.budget else Size(kind="rank", value=spec.rank or
                                                                            DEFAULT_RANK)
     label = spec.placement.preset or "+".join(spec.placement.roles or []) or "placement"
     labels = TrialLabels(group=GroupKey(placement=label, size=size), seed=spec.train.seed)
-    tracker = Tracker(tracking, "train")
     tracker.log_trial(trial_id(spec), labels, spec.model_dump(mode="json"), outcome)
     tracker.close()
     for warning in tracker.warnings:

@@ -97,6 +97,8 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
     fingerprints = study.data.fingerprints()
     check_data_unchanged(study, store_path, fingerprints)
     by_id = {p.id: p for p in planned}
+    # Opened before the store exists: a tracking target that cannot work is refused, not found after a trial.
+    tracker = None if study.tracking is None else Tracker(study.tracking, study.name, study.model_dump(mode="json"))
     with Store(store_path) as store:
         record = store.write_study(study.info().model_copy(update={"data_fingerprints": fingerprints}),
                                    study.model_dump(mode="json"))
@@ -134,7 +136,6 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
             executor = LocalExecutor(study.model, device=study.train.device, precision=study.train.precision,
                                      artifacts=artifacts, progress=hooks.progress,
                                      save_state_every=study.execution.save_state_every_s)
-        tracker = None if study.tracking is None else Tracker(study.tracking, study.name, record.spec)
         if tracker is not None:
             hooks = _tracked(hooks, tracker)
         with executor, contextlib.ExitStack() as stack:

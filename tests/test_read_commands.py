@@ -19,6 +19,7 @@ READ_COMMANDS = [
     ["recommend", "{search}", "--json"],
     ["export", "{grid}", "--format", "csv", "--out", "{tmp}/trials.csv"],
     ["report", "{search}", "--out", "{tmp}/report", "--format", "md,csv", "--quiet"],
+    ["compare", "{grid}", "{search}", "--out", "{tmp}/compare", "--format", "md,csv", "--quiet"],
 ]
 
 # Runs every command with the CLI's own entry point in one fresh interpreter, and reports after each which of the

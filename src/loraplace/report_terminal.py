@@ -146,7 +146,10 @@ TERMINAL_COLUMNS = ("placement", "size", "seeds", "trainable params", "eval loss
 
 
 SHORT_HEADERS = {"trainable params": "params", "Δ eval loss vs baseline": "Δ loss vs base", "p (paired t)": "p",
-                 "seeds": "n", "params saved (% of baseline)": "saved"}
+                 "seeds": "n", "params saved (% of baseline)": "saved",
+                 # compare's summary
+                 "vs best other preset W/T/L": "vs preset W/T/L", "pooled Δ % [95% CI]": "pooled Δ %",
+                 "tasks better/worse/all": "tasks +/−/n", "SD across tasks": "SD", "mean rank": "rank"}
 
 
 def print_table(table, console: Console, columns: tuple[str, ...] | None = None) -> None:
@@ -326,3 +329,35 @@ def print_replay(result, task: str, console: Console) -> None:
     console.print(f"the grid's best on validation (seed {result.rung_seed}), {result.grid_best}: "
                   f"{'kept' if result.best_survived_first_rung else 'cut'} at rung 1", highlight=False)
     console.print(result.line(task), highlight=False, soft_wrap=True)
+
+
+def print_compare(cs, console: Console) -> None:
+    """``loraplace compare``: Δ % vs each study's baseline (* where its interval excludes 0) and the rank, one
+    column per study (numbered; the legend below names them), then the per-placement summary; intervals are in the
+    report files."""
+    from loraplace.analysis.compare_report import column_notes, summary_table
+
+    grid = Table(title="Δ test loss vs each study's baseline (%), * interval excludes 0 · rank", pad_edge=False)
+    grid.add_column("placement", no_wrap=True)
+    for i in range(len(cs.columns)):
+        grid.add_column(f"[{i + 1}]", justify="right", no_wrap=True)
+    for placement in cs.placements:
+        cells = []
+        for i in range(len(cs.columns)):
+            e = cs.entry(placement, i)
+            if e is None:
+                cells.append("—")
+            elif e.is_baseline or e.delta_pct is None:
+                cells.append(f"[dim]{'base' if e.is_baseline else 'n/a'}[/] {e.rank}/{e.of}")
+            else:
+                verdict = e.delta_pct.verdict()
+                style = {"better": "green", "worse": "red"}.get(verdict)
+                text = f"{e.delta_pct.mean_diff:+.2f}{'*' if style else ''}"
+                cells.append((f"[{style}]{text}[/]" if style else text) + f" {e.rank}/{e.of}")
+        grid.add_row(escape(placement), *cells)
+    console.print(grid)
+    for i, note in enumerate(column_notes(cs)):
+        console.print(f"[{i + 1}] {escape(note)}", highlight=False, style="dim")
+    print_table(summary_table(cs), console)
+    for note in cs.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

@@ -1,4 +1,4 @@
-"""Result commands over a store (read-only): ``export``, ``report``, ``recommend``."""
+"""Result commands over stores (read-only): ``export``, ``report``, ``recommend``, ``compare``."""
 
 from __future__ import annotations
 
@@ -117,3 +117,34 @@ def recommend(store: str = typer.Argument(..., help="study store (.db)"),
             "adapter_seed": result.adapter_seed, "at": result.at, "incomplete": result.incomplete}))
         return
     print_recommendation(result, store, out)
+
+
+@app.command(cls=_Command)
+def compare(stores: list[str] = typer.Argument(..., help="study stores (.db), one study each (the latest)"),
+            out_dir: str = typer.Option("compare_report", "--out", "-o", help="directory for the report"),
+            formats: str = typer.Option("html,md,tex,csv", "--format", help="comma-separated: html,md,tex,csv"),
+            quiet: bool = typer.Option(False, "--quiet", "-q", metavar=FLAG, help="print only the report's path")
+            ) -> None:
+    """The same placements across studies (tasks, horizons, bases), each at its own selected LRs: Δ test loss
+    against each study's baseline with its seed-paired interval and rank, wins/ties/losses, a pooled
+    random-effects estimate, a heatmap; HTML, Markdown, LaTeX, CSV. Says where a "same" placement or baseline
+    differs between studies."""
+    from pathlib import Path
+
+    from loraplace.analysis.compare import compare_stores
+    from loraplace.analysis.compare_report import write_compare_report
+    from loraplace.analysis.report import parse_formats
+    from loraplace.report_terminal import print_compare
+
+    chosen = parse_formats(formats)
+    target = Path(out_dir)
+    if target.exists() and not target.is_dir():
+        raise LoraplaceError(f"--out {target} is a file; a report is a directory", "give a directory path")
+    cross = compare_stores(stores)
+    written = write_compare_report(cross, target, chosen)
+    if not quiet:
+        print_compare(cross, out)
+        for fmt, path in written.items():
+            err.print(f"{fmt}: {path}", highlight=False)
+    main_file = written.get("html") or next(iter(written.values()))
+    out.print(f"report: {main_file}", highlight=False)

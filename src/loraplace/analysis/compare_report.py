@@ -91,7 +91,7 @@ def heatmap(cs: CrossStudy, out_dir: Path) -> Figure:
     interval excludes 0; grey: not in that study."""
     import matplotlib.pyplot as plt
     import numpy as np
-    from matplotlib.colors import SymLogNorm
+    from matplotlib.colors import Normalize, SymLogNorm
 
     from loraplace.analysis.figures import STYLE, _save
 
@@ -104,8 +104,11 @@ def heatmap(cs: CrossStudy, out_dir: Path) -> Figure:
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(min(7.0, 1.6 + 1.05 * len(cs.columns)), 0.9 + 0.32 * len(cs.placements)))
         cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#eeeeee")  # grey: not in that study
-        # symmetric log scale, linear within ±1 %: a 2 % gap on one task stays visible beside 30 % on another
-        norm = SymLogNorm(linthresh=1.0, vmin=-max(limit, 1.0), vmax=max(limit, 1.0), base=10)
+        # past ±5 %, a symmetric log scale (linear within ±1 %): a 2 % gap on one task stays visible beside 30 %
+        # on another; below, linear
+        log = limit > 5.0
+        norm = SymLogNorm(linthresh=1.0, vmin=-limit, vmax=limit, base=10) if log else \
+            Normalize(vmin=-max(limit, 0.5), vmax=max(limit, 0.5))
         image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto")
         for e in cs.entries:
             row = cs.placements.index(e.placement)
@@ -122,10 +125,12 @@ def heatmap(cs: CrossStudy, out_dir: Path) -> Figure:
         ax.set_xticks(range(len(cs.columns)), [c.label for c in cs.columns], rotation=30, ha="right")
         ax.set_yticks(range(len(cs.placements)), list(cs.placements))
         ax.grid(False)
-        fig.colorbar(image, ax=ax, label="Δ test loss vs baseline (%, symmetric log scale)", fraction=0.05, pad=0.02)
+        fig.colorbar(image, ax=ax, label="Δ test loss vs baseline (%" + (", symmetric log scale)" if log else ")"),
+                     fraction=0.05, pad=0.02)
         seeds = sorted({e.n for e in cs.entries})
-        caption = (f"Each placement's test loss against its study's baseline, in % of the baseline's mean "
-                   f"(blue: lower than the baseline; colour on a symmetric log scale, linear within ±1 %), at each "
+        caption = ("Each placement's test loss against its study's baseline, in % of the baseline's mean "
+                   "(blue: lower than the baseline" + ("; colour on a symmetric log scale, linear within ±1 %"
+                                                       if log else "") + "), at each "
                    f"study's selected LRs; {'/'.join(map(str, seeds))} "
                    f"seeds per placement, seed-paired; bold where the {PCT} t-interval excludes 0; #: rank by mean "
                    "test loss within the study; grey: not in that study. "

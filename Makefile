@@ -36,16 +36,16 @@ browser:
 
 # Everything, slow tests included: what CI runs.
 test: $(STAMP) browser
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # The inner loop: everything but the tests marked slow (real subprocess kills, signals, Ray, the builtin model).
 test-fast: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -392,3 +392,43 @@ def test_a_placement_s_own_rank_in_a_study_without_ranks_is_kept_and_labelled(tm
 
     with pytest.raises(ConfigError, match="rank 8"):
         run_study(load_study(clash), tmp_path / "clash.db")
+
+
+def test_the_committed_schema_is_the_generated_one_and_every_example_points_at_it_and_validates(cli):
+    """`loraplace schema` prints what docs/study.schema.json holds; each shipped spec's first line points an editor
+    at it (relative to the spec) and the spec validates against it."""
+    import json
+
+    import jsonschema
+    import yaml
+
+    from loraplace.study.spec import SCHEMA_FILE
+
+    committed = (ROOT / SCHEMA_FILE).read_text()
+    done = cli("schema")
+    assert done.returncode == 0 and done.stdout == committed, "run: loraplace schema -o docs/study.schema.json"
+    schema = json.loads(committed)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for path in EXAMPLES:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# yaml-language-server: $schema="), path
+        assert (path.parent / first.split("=", 1)[1]).resolve() == (ROOT / SCHEMA_FILE).resolve(), path
+        spec = yaml.safe_load(path.read_text())
+        errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(spec)]
+        assert not errors, (path, errors)
+    # the schema checks what an editor can: an unknown key, a wrong type
+    assert any(validator.iter_errors({"name": "x", "model": "m", "data": {"train": "t"}, "placements": {},
+                                      "seedz": [0]}))
+    assert any(validator.iter_errors({"name": "x", "model": "m", "data": {"train": "t", "max_len": "long"},
+                                      "placements": {"a": {"preset": "all"}}}))
+
+
+def test_every_field_of_the_study_spec_is_described():
+    """The YAML reference is generated from these descriptions: a field without one would be a blank row."""
+    from loraplace.study.spec import study_json_schema
+
+    schema = study_json_schema()
+    missing = [f"{name}.{key}" for name, model in [("StudySpec", schema), *schema["$defs"].items()]
+               for key, prop in model.get("properties", {}).items() if "description" not in prop]
+    assert not missing, missing

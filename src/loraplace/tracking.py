@@ -72,8 +72,10 @@ class TrackingSpec(StrictModel):
     """``tracking:`` in a study spec (and ``--mlflow-uri``/``--tensorboard-dir``/``--wandb-project`` on
     ``train``)."""
 
-    mlflow: MlflowSpec | None = None
-    tensorboard: TensorBoardSpec | None = None
+    mlflow: MlflowSpec | None = Field(default=None, description="MLflow: a parent run per study, a child run per "
+                                      "trial")
+    tensorboard: TensorBoardSpec | None = Field(default=None, description="TensorBoard: event files per trial "
+                                                "under dir/STUDY/")
     wandb: WandbSpec | None = Field(default=None, description="Weights & Biases: one run per trial, grouped by study")
 
 

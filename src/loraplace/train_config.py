@@ -28,9 +28,10 @@ class TrainSpec(StrictModel):
     batch: int = Field(default=8, gt=0, description="examples per optimizer step")
     micro_batch: int | None = Field(default=None, gt=0, description="examples per forward (default: batch)")
     lr: float = Field(default=2e-4, gt=0, description="peak learning rate (AdamW)")
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        default="linear", description="learning-rate decay after the warm-up (to 0 at the last step; constant: none)")
     warmup: int = Field(default=0, ge=0, description="linear warm-up steps")
-    weight_decay: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW's decoupled weight decay on the adapters")
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="clip the global gradient norm (None: off)")
     seed: int = Field(default=0, description="adapter init and data order")
     precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -103,12 +104,13 @@ class TrainSpec(StrictModel):
             raise ValueError(f"batch {batch} is not a multiple of micro_batch {value}")
         return value
 
-    @field_validator("checkpointing", "base_dropout", mode="before")
+    @field_validator("checkpointing", "base_dropout", mode="before",  # YAML's bare on/off read as booleans
+                     json_schema_input_type=str | bool)
     @classmethod
     def _yaml_on_off(cls, value: Any, info: ValidationInfo) -> Any:
         return bare_on_off(value, on="on" if info.field_name == "checkpointing" else "keep")
 
-    @field_validator("loss_chunk", mode="before")
+    @field_validator("loss_chunk", mode="before", json_schema_input_type=int | Literal["auto"] | None)
     @classmethod
     def _none_is_whole(cls, value: Any) -> Any:
         return 0 if value is None else value  # the setting's earlier spelling of "all at once"

@@ -24,9 +24,10 @@ class EvalSpec(StrictModel):
     """How a trial is evaluated: at the end on the validation and test splits; during training (``every``,
     ``at_steps``) on the watched split — validation when there is one, else test — or its first ``watch_examples``."""
 
-    batch: int = Field(default=16, gt=0)
+    batch: int = Field(default=16, gt=0, description="examples per evaluation forward")
     generate: int = Field(default=0, ge=0, description="greedy-generate N eval examples for task accuracy")
-    max_new_tokens: int = Field(default=256, gt=0)
+    max_new_tokens: int = Field(default=256, gt=0, description="token limit of each greedy generation "
+                                "(generate)")
     every: int | None = Field(default=None, gt=0, description="also evaluate every N steps")
     at_steps: list[PositiveInt] | None = Field(
         default=None, min_length=1, description="also evaluate at these steps (increasing, below the last): "

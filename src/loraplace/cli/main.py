@@ -20,6 +20,7 @@ import loraplace.cli.plan  # noqa: E402, F401, I001 - in this order: the order o
 import loraplace.cli.train  # noqa: E402, F401, I001
 import loraplace.cli.run  # noqa: E402, F401, I001
 import loraplace.cli.results  # noqa: E402, F401, I001
+import loraplace.cli.schema  # noqa: E402, F401, I001
 from loraplace.cli.common import STATE, Terminated, app, err
 from loraplace.errors import LoraplaceError
 

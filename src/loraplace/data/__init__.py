@@ -28,8 +28,11 @@ CACHE_VERSION = 1
 
 
 class TemplateSpec(StrictModel):
-    prompt: str
-    response: str
+    """A prompt/response template over a JSONL record's fields (``{field}`` placeholders)."""
+
+    prompt: str = Field(description="the prompt, e.g. 'Q: {question}\\nA: ' (not trained on unless "
+                        "train_on_prompt)")
+    response: str = Field(description="the response the loss is computed on, e.g. '{answer}'")
 
 
 def _at_most_one(earlier: tuple[str, ...], name: str, value: Any, info: ValidationInfo, message: str) -> None:
@@ -57,17 +60,22 @@ class DataSpec(StrictModel):
     ``eval``/``eval_count``/``eval_fraction`` are the older names of the test split.
     """
 
-    train: str
+    train: str = Field(description="training examples: a .jsonl/.json/.csv/.parquet/.txt file (relative to the "
+                       "spec file), builtin:NAME, or hf:DATASET[:CONFIG][@SPLIT]")
     eval: str | None = Field(default=None, description="older name of test")
     eval_fraction: float | None = Field(default=None, gt=0, lt=1, description="older name of test_fraction")
     eval_count: int | None = Field(default=None, gt=0, description="older name of test_count")
     limit: int | None = Field(default=None, gt=0, description="use the first N training examples")
     eval_limit: int | None = Field(default=None, gt=0, description="use the first N test examples")
-    format: Literal["auto", "alpaca", "gsm8k", "messages", "prompt_completion", "text"] = "auto"
-    template: TemplateSpec | None = None
-    max_len: int = Field(default=512, gt=8)
-    train_on_prompt: bool = False
-    split_seed: int = 0
+    format: Literal["auto", "alpaca", "gsm8k", "messages", "prompt_completion", "text"] = Field(
+        default="auto", description="how a record reads as prompt and response; auto: from its keys")
+    template: TemplateSpec | None = Field(default=None, description="prompt/response templates over the record's "
+                                          "fields, instead of a format")
+    max_len: int = Field(default=512, gt=8, description="token limit per example; longer ones are truncated "
+                         "(counted and warned about)")
+    train_on_prompt: bool = Field(default=False, description="also compute the loss on the prompt's tokens "
+                                  "(default: the response only)")
+    split_seed: int = Field(default=0, description="the shuffle that carves held-out splits from train")
     test: str | None = Field(default=None, description="test split: a file")
     test_fraction: float | None = Field(default=None, gt=0, lt=1, description="test split: carved, a fraction")
     test_count: int | None = Field(default=None, gt=0, validate_default=True,

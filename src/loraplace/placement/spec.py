@@ -40,12 +40,13 @@ def _split_roles(value: Any) -> Any:
 class SiteGroup(StrictModel):
     """Some roles on some layers, optionally with their own rank/alpha."""
 
-    roles: list[str] = Field(min_length=1)
-    layers: LayerSelector = "all"
-    rank: int | None = Field(default=None, gt=0)
-    alpha: float | None = Field(default=None, gt=0)
+    roles: list[str] = Field(min_length=1, description="roles or role groups (attn.q, mlp, …) of this group")
+    layers: LayerSelector = Field(default="all", description="all, a range '0-11', a list [0, 2], top-half, "
+                                  "bottom-half, or every-2")
+    rank: int | None = Field(default=None, gt=0, description="this group's rank (default: the placement's)")
+    alpha: float | None = Field(default=None, gt=0, description="this group's lora_alpha (default: ratio × rank)")
 
-    _split = field_validator("roles", mode="before")(_split_roles)
+    _split = field_validator("roles", mode="before", json_schema_input_type=list[str] | str | None)(_split_roles)
 
 
 AutoMethod = Literal["probe", "random", "nfn", "gradient", "warmup"]
@@ -137,18 +138,23 @@ _KINDS = ("preset", "roles", "groups", "target_modules", "auto")  # "auto" last:
 
 
 class PlacementSpec(StrictModel):
-    preset: str | None = None
-    roles: list[str] | None = None
-    layers: LayerSelector = "all"
-    groups: list[SiteGroup] | None = None
+    preset: str | None = Field(default=None, description="a named placement: all, attn, mlp, mlp.up, q+v, "
+                               "top-half, … (loraplace plan --help lists them)")
+    roles: list[str] | None = Field(default=None, description="roles to adapt, e.g. [attn.q, attn.v] or 'mlp'")
+    layers: LayerSelector = Field(default="all", description="with roles: all, a range '0-11', a list [0, 2], "
+                                  "top-half, bottom-half, or every-2")
+    groups: list[SiteGroup] | None = Field(default=None, description="several role × layer groups, each with "
+                                           "its own rank/alpha")
     target_modules: list[str] | None = Field(
         default=None, description="raw PEFT-style names, suffix-matched exactly as PEFT does (flagged)")
-    auto: AutoPlacement | None = Field(default=None, validate_default=True)
-    rank: int | None = Field(default=None, gt=0)
+    auto: AutoPlacement | None = Field(default=None, validate_default=True, description="let an importance "
+                                       "probe choose the sites (method nfn by default)")
+    rank: int | None = Field(default=None, gt=0, description="LoRA rank of every site (default 16; a study's "
+                             "ranks/budget override it)")
     ranks: dict[str, int] | None = Field(default=None, description="per-role (or role group) ranks")
     alpha: float | None = Field(default=None, gt=0, description="lora_alpha for every site (default: ratio × rank)")
-    alpha_ratio: float = Field(default=2.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
+    alpha_ratio: float = Field(default=2.0, gt=0, description="lora_alpha = ratio × rank where alpha is not given")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="LoRA dropout on each adapter's input")
     budget: int | None = Field(default=None, gt=0, description="trainable-parameter budget; the rank is solved")
     allow_unassigned: bool = Field(
         default=False, description="let a group (all, mlp, attn, moe) resolve although weights in the blocks have "
@@ -158,7 +164,7 @@ class PlacementSpec(StrictModel):
                            "redistribution)")
 
     added_fields = frozenset({"allow_unassigned", "variant", "eva_rho"})
-    _split = field_validator("roles", mode="before")(_split_roles)
+    _split = field_validator("roles", mode="before", json_schema_input_type=list[str] | str | None)(_split_roles)
 
     @property
     def sets_own_size(self) -> bool:

@@ -52,8 +52,10 @@ Axes = _axes_model()
 
 
 class Resources(StrictModel):
-    cpus: float = Field(default=1, gt=0)
-    gpus: float = Field(default=0, ge=0)
+    """What one trial asks of a Ray cluster (--backend ray)."""
+
+    cpus: float = Field(default=1, gt=0, description="CPUs per Ray task")
+    gpus: float = Field(default=0, ge=0, description="GPUs per Ray task (fractions share a GPU)")
 
 
 class ExecutionSpec(StrictModel):
@@ -71,12 +73,13 @@ class ExecutionSpec(StrictModel):
         "killed mid-trial continues it from there with the same numbers; removed when the trial ends; 0: at every "
         "step read back; off: a killed trial starts again. Local backend")
 
-    @field_validator("fuse", mode="before")
+    @field_validator("fuse", mode="before", json_schema_input_type=int | Literal["auto", "off"] | bool)
     @classmethod
     def _yaml_off(cls, value: object) -> object:
         return bare_on_off(value, on="auto")
 
-    @field_validator("save_state_every", mode="before")
+    @field_validator("save_state_every", mode="before",  # seconds, a duration ("10m") or off (YAML: false)
+                     json_schema_input_type=Annotated[float, Field(ge=0)] | str | Literal[False])
     @classmethod
     def _yaml_off_state(cls, value: object) -> object:
         if value is False:
@@ -108,20 +111,26 @@ PositiveInt = Annotated[int, Field(gt=0)]
 
 
 class StudySpec(StrictModel):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    model: str
-    data: DataSpec
-    train: TrainSpec = TrainSpec()
-    eval: EvalSpec = EvalSpec()
-    placements: dict[str, PlacementSpec] = Field(min_length=1)
-    ranks: list[PositiveInt] | None = Field(default=None, min_length=1)
-    budget: PositiveInt | None = None
-    budgets: list[PositiveInt] | None = Field(default=None, min_length=1)
-    seeds: list[int] = Field(default=[0], min_length=1)
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="the study's name in its store "
+                      "(default store: runs/NAME.db)")
+    model: str = Field(description="hub id, checkpoint directory, builtin:smollm2-135m or tiny:FAMILY")
+    data: DataSpec = Field(description="the examples and their train / validation / test splits")
+    train: TrainSpec = Field(default=TrainSpec(), description="how every trial trains")
+    eval: EvalSpec = Field(default=EvalSpec(), description="how every trial is evaluated")
+    placements: dict[str, PlacementSpec] = Field(min_length=1, description="name → placement: the arms compared")
+    ranks: list[PositiveInt] | None = Field(default=None, min_length=1, description="ranks to compare every "
+                                            "placement at (one size each)")
+    budget: PositiveInt | None = Field(default=None, description="one trainable-parameter budget: each "
+                                       "placement's rank is solved to it")
+    budgets: list[PositiveInt] | None = Field(default=None, min_length=1, description="several budgets, each a "
+                                              "compared size")
+    seeds: list[int] = Field(default=[0], min_length=1, description="seeds of every compared cell (3 for an "
+                             "interval)")
     axes: Axes = Field(default_factory=Axes, validate_default=True,  # its checks cover the grid without axes too
                        description=f"other train fields to sweep: {', '.join(AXIS_FIELDS)}")
-    baseline: str | None = None
-    resources: Resources = Resources()
+    baseline: str | None = Field(default=None, description="the placement every other is compared with (default: "
+                                 "the first, with a warning)")
+    resources: Resources = Field(default=Resources(), description="per-trial resources on Ray")
     allow_unassigned: bool = Field(
         default=False, description="every placement may leave out weights that have no role (`run "
         "--allow-unassigned`); their trials and the report warn")
@@ -378,6 +387,21 @@ def load_study(path: str | Path) -> StudySpec:
             if isinstance(value, str) and ":" not in value.split("/")[0] and not Path(value).is_absolute():
                 data_section[key] = str((base / value).resolve())
     return validate(StudySpec, data, f"invalid study spec {path}")
+
+
+SCHEMA_FILE = "docs/study.schema.json"  # the committed copy of study_json_schema(), beside the docs
+
+
+def study_json_schema() -> dict[str, Any]:
+    """The study YAML's JSON Schema (draft 2020-12), from :class:`StudySpec` itself: every key, type, default and
+    description, so an editor (yaml-language-server: ``# yaml-language-server: $schema=…`` on a spec's first
+    line) completes and checks keys as the user types. What the schema cannot say (one of several keys, a
+    data file that must exist) ``load_study`` still checks."""
+    schema = StudySpec.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "loraplace study spec",
+            "description": "A loraplace study: placements × sizes × seeds (× axes) trained on one model and "
+            "data and compared on the test split; `loraplace run SPEC.yaml`."} | {
+                k: v for k, v in schema.items() if k not in ("title", "description")}
 
 
 def default_store(study: StudySpec) -> Path:

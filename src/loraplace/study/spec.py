@@ -139,8 +139,8 @@ class StudySpec(StrictModel):
     tune: TuneSpec | None = Field(default=None, description="per-placement LR selection on the validation split "
                                   "(see loraplace.tuning)")
 
-    tracking: TrackingSpec | None = Field(default=None, description="log every trial to MLflow and/or TensorBoard "
-                                          "(loraplace.tracking); changes no trial")
+    tracking: TrackingSpec | None = Field(default=None, description="log every trial to MLflow, TensorBoard and/or "
+                                          "Weights & Biases (loraplace.tracking); changes no trial")
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec, description="fused trials (local and Ray)")
     search: SearchSpec | None = Field(default=None, description="successive halving over placements × tune.lr "
                                       "instead of the full grid (loraplace.search); search: {} for the defaults")

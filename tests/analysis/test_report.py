@@ -149,3 +149,53 @@ def test_a_report_written_twice_is_the_same_files(report, tmp_path, monkeypatch)
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
     with pytest.raises(LoraplaceError, match="SOURCE_DATE_EPOCH='yesterday' is not a Unix time"):
         write_report(analysis, tmp_path / "third")
+
+
+LAYOUT_PROBE = """<script>
+window.addEventListener("load", () => {
+  // a header is broken inside a word when one of its words spans two lines (its range has two line boxes)
+  const broken = [];
+  for (const th of document.querySelectorAll("th")) {
+    const walker = document.createTreeWalker(th, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      const re = /\\S+/g; let m;
+      while ((m = re.exec(node.textContent))) {
+        const range = document.createRange();
+        range.setStart(node, m.index); range.setEnd(node, m.index + m[0].length);
+        const tops = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+        if (tops.size > 1) broken.push(m[0]);
+      }
+    }
+  }
+  const narrowScrolls = [...document.querySelectorAll(".scroll")].filter(box => {
+    const table = box.querySelector("table");
+    return table && table.rows[0].cells.length <= 6 && box.scrollWidth > box.clientWidth + 1;
+  }).map(box => box.querySelector("table").rows[0].textContent.slice(0, 60));
+  const out = {broken: broken, pageWidth: document.documentElement.scrollWidth, viewport: window.innerWidth,
+               narrowScrolls: narrowScrolls, headers: document.querySelectorAll("th").length};
+  const pre = document.createElement("pre"); pre.id = "layout-result"; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def test_report_tables_are_readable_at_1400_pixels(report, tmp_path):
+    """At 1,400 px no table header breaks inside a word, the page never scrolls sideways (a wide table scrolls in
+    its own box), and a table of at most six columns fits without scrolling at all."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium on this machine (make test installs Debian's chromium where it can: "
+                    "scripts/install-browser.sh)")
+    _, written, _ = report
+    probed = tmp_path / "layout.html"
+    probed.write_text(written["html"].read_text().replace("</body>", LAYOUT_PROBE + "</body>"))
+    dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                          "--window-size=1400,2400", "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    match = re.search(r'<pre id="layout-result">(.*?)</pre>', dom.stdout, re.S)
+    assert match, f"probe did not run; chromium said: {dom.stderr[-2000:]}"
+    result = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert result["headers"] > 20
+    assert result["broken"] == [], result
+    assert result["pageWidth"] <= result["viewport"], result
+    assert result["narrowScrolls"] == [], result

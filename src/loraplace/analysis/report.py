@@ -95,10 +95,11 @@ body{font:14px/1.45 -apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-
  max-width:1180px;margin:2em auto;padding:0 1.2em;background:#fff}
 h1{font-size:1.6em;margin:.2em 0}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 .meta{color:#555}.warn{background:#fff7e0;border-left:4px solid #f0b400;padding:.5em 1em;margin:1em 0}
-.warn li{margin:.2em 0}table{border-collapse:collapse;font-size:12.5px;margin:.6em 0;display:block;overflow-x:auto}
-th,td{padding:.3em .6em;border-bottom:1px solid #e6e6e6;text-align:left;white-space:nowrap}
-td:not(.num),th{white-space:normal;overflow-wrap:anywhere;min-width:4em}th{max-width:10em}
-th{background:#f6f6f8;font-weight:600;position:sticky;top:0}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.warn li{margin:.2em 0}.scroll{overflow-x:auto;margin:.6em 0}table{border-collapse:collapse;font-size:12.5px}
+th,td{padding:.3em .5em;border-bottom:1px solid #e6e6e6;text-align:left}
+th{white-space:normal;overflow-wrap:normal;word-break:normal;hyphens:manual;vertical-align:bottom}
+td{overflow-wrap:break-word}td.num{white-space:nowrap}
+th{background:#f6f6f8;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.baseline td{background:#f3f6fb}tr.muted td{color:#777}.note{color:#666;font-size:12px;margin:.2em 0}
 .figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:0 1.5em}
 .figs figure.wide{grid-column:1/-1}figure{margin:1.2em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
@@ -117,7 +118,9 @@ def _html_table(table: Table, row_classes: list[str] | None = None, table_id: st
         body.append(f"<tr{cls}>{cells}</tr>")
     notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in table.footnotes)
     ident = f' id="{table_id}"' if table_id else ""
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{notes}"
+    # headers wrap between words only; a table wider than the page scrolls inside its own box, never the page
+    return (f'<div class="scroll"><table{ident}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+            f"</table></div>{notes}")
 
 
 def _img(figure: Figure) -> str:

@@ -83,9 +83,6 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
     if study.tracking is not None:
         check_tracking(study.tracking)
     if study.search is not None:
-        if backend != "local":
-            raise LoraplaceError("a search runs on the local backend (its rungs decide between steps)",
-                                 "run it without --backend ray; execution.fuse still fuses its candidates")
         if extend:
             raise LoraplaceError("--extend does not apply to a search: its candidates and rungs come from the spec",
                                  "to search other placements or LRs, use a new store (--store) or a new name:")
@@ -99,6 +96,12 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
     by_id = {p.id: p for p in planned}
     # Opened before the store exists: a tracking target that cannot work is refused, not found after a trial.
     tracker = None if study.tracking is None else Tracker(study.tracking, study.name, study.model_dump(mode="json"))
+    ray_started = None
+    if backend == "ray":  # the cluster answers and shares the artifacts directory: checked before the store exists
+        from loraplace.ray_backend import check_cluster
+
+        ray_started = check_cluster(address, artifacts_dir(store_path), cpus=study.resources.cpus,
+                                    gpus=study.resources.gpus)
     with Store(store_path) as store:
         record = store.write_study(study.info().model_copy(update={"data_fingerprints": fingerprints}),
                                    study.model_dump(mode="json"))
@@ -123,8 +126,10 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
         if backend == "ray":
             from loraplace.ray_backend import RayExecutor
 
-            executor = RayExecutor(cpus=study.resources.cpus, gpus=study.resources.gpus, artifacts=artifacts,
-                                   address=address, fuse=study.execution.ray_group_size())
+            executor = RayExecutor(study.model, device=study.train.device, precision=study.train.precision,
+                                   cpus=study.resources.cpus, gpus=study.resources.gpus, artifacts=artifacts,
+                                   address=address, fuse=study.execution.ray_group_size(),
+                                   save_state_every=study.execution.save_state_every_s, started_here=ray_started)
         elif study.execution.fuse != "off":
             widest = max(planned, key=lambda p: (p.spec.train.micro_batch or p.spec.train.batch)
                          * p.spec.data.max_len).spec  # the most tokens one forward holds

@@ -71,7 +71,7 @@ class ExecutionSpec(StrictModel):
         default=DEFAULT_SAVE_STATE_EVERY_S, description="seconds of training between saves of a running "
         "trial's state (adapters, AdamW, schedule, RNG, data position) under its artifacts directory, so a run "
         "killed mid-trial continues it from there with the same numbers; removed when the trial ends; 0: at every "
-        "step read back; off: a killed trial starts again. Local backend")
+        "step read back; off: a killed trial starts again. On Ray the directory must be shared with the workers")
 
     @field_validator("fuse", mode="before", json_schema_input_type=int | Literal["auto", "off"] | bool)
     @classmethod

@@ -143,6 +143,12 @@ def load_yaml(path: str | Path) -> Any:
     """Parse a YAML file; a syntax error reports file:line:col."""
     path = Path(path)
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+        if head == b"SQLite format 3\x00":  # a study store given where its spec belongs (it said "not UTF-8 text")
+            raise ConfigError([f"{path}: a study store (SQLite database), not a YAML spec"], "cannot read spec",
+                              f"give the spec that wrote it (loraplace run SPEC.yaml --store {path}); "
+                              f"loraplace status {path} shows what it holds")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file"], "cannot read spec") from None

@@ -89,6 +89,10 @@ CASES = [
     ("export onto a directory", ["export", "s.db", "--out", "a-dir"], "is a directory"),
     ("report onto a file", ["report", "s.db", "--out", "report-file"], "is a file"),
     ("spec path is a directory", ["run", "a-dir"], "is a directory"),
+    # a store where the spec belongs said "not UTF-8 text (invalid start byte …)"; a spec where a store belongs
+    # said only "not an SQLite database"
+    ("a store given as the spec", ["run", "s.db"], "s.db: a study store (SQLite database), not a YAML spec"),
+    ("a spec given as the store", ["report", "spec.yaml"], "it looks like a study spec"),
     ("train on CUDA without CUDA", ["train", "--model", "tiny:llama", "--device", "cuda", "--steps", "1"],
      "has no CUDA"),
     # 5. bad data, model reference and device: refused before the store is written

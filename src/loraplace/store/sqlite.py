@@ -172,7 +172,11 @@ def _check_store_file(path: Path) -> None:
     if path.is_dir():
         raise StoreError(f"{path} is a directory, not a store file", "give a file path such as runs/x.db")
     if path.stat().st_size == 0 or not _is_sqlite_file(path):
-        raise StoreError(f"{path} is not a loraplace store (not an SQLite database); left untouched",
+        spec = path.suffix.lower() in (".yaml", ".yml")
+        raise StoreError(f"{path} is not a loraplace store (not an SQLite database"
+                         + ("; it looks like a study spec" if spec else "") + "); left untouched",
+                         f"run the spec with loraplace run {path} (its store: --store PATH, default runs/NAME.db), "
+                         "then give that .db here" if spec else
                          "give a new path, or the .db file a study wrote (loraplace run SPEC --store PATH)")
 
 

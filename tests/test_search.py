@@ -429,14 +429,14 @@ def test_fused_rungs_match_rungs_run_alone(tmp_path, monkeypatch):
         assert losses["3"][key] == pytest.approx(value, abs=2e-4)
 
 
-def test_a_search_refuses_the_ray_backend_and_extend(tmp_path, monkeypatch):
+def test_a_search_refuses_extend(tmp_path, monkeypatch):
+    """--extend adds seeds to a grid; a search decides its own trials, so it is refused before any store exists.
+    (The search on Ray is allowed and tested against the local search in tests/test_ray_backend.py.)"""
     from loraplace.errors import LoraplaceError
 
     monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
     (tmp_path / "s.yaml").write_text(search_yaml())
     study = load_study(tmp_path / "s.yaml")
-    with pytest.raises(LoraplaceError, match="local backend"):
-        run_study(study, tmp_path / "s.db", backend="ray")
     with pytest.raises(LoraplaceError, match="--extend"):
         run_study(study, tmp_path / "s.db", extend=True)
     assert not (tmp_path / "s.db").exists()

@@ -8,7 +8,7 @@ from loraplace.runner import RunHooks
 from loraplace.store import Store
 from loraplace.study import load_study, run_study
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("isolated_cache")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("isolated_cache"), pytest.mark.xdist_group("ray")]
 
 
 def test_an_unreachable_cluster_is_one_error_and_no_store(tmp_path):
@@ -110,20 +110,16 @@ def _search_record(db):
 
 
 def test_a_search_on_ray_decides_and_answers_as_on_the_local_backend_even_when_a_worker_dies(tmp_path, ray_runtime):
-    """The rungs' candidates spread over two warm workers; the decisions, rung losses and finalists' test losses
-    equal the local backend's. A second run SIGKILLs one worker's process mid-search: Ray restarts it, the call is
-    retried from the candidate's previous rung state, and everything still equals the local run."""
+    """The rungs' candidates spread over two warm workers, and one worker's process is SIGKILLed mid-search: Ray
+    restarts it, the call is retried from the candidate's previous rung state, and the decisions, rung losses and
+    finalists' test losses still equal the local backend's. (A search on Ray without a kill runs the same calls
+    minus the retry: the retry is the harder case, so it is the one run here.)"""
     import time
 
     (tmp_path / "s.yaml").write_text(_search_yaml("raysearch"))
     run_study(load_study(tmp_path / "s.yaml"), tmp_path / "local.db")
     local = _search_record(tmp_path / "local.db")
     assert local[0] and local[2]
-    summary = run_study(load_study(tmp_path / "s.yaml"), tmp_path / "ray.db", backend="ray")
-    assert "warm Ray worker" in (summary.execution or "")
-    remote = _search_record(tmp_path / "ray.db")
-    assert remote[0] == local[0]
-    assert remote[1] == pytest.approx(local[1], rel=1e-6) and remote[2] == pytest.approx(local[2], rel=1e-6)
 
     thread, box = _run_in_thread(tmp_path / "s.yaml", tmp_path / "killed.db", backend="ray")
     deadline = time.monotonic() + 240
@@ -142,6 +138,7 @@ def test_a_search_on_ray_decides_and_answers_as_on_the_local_backend_even_when_a
     thread.join(timeout=600)
     assert "error" not in box, box.get("error")
     assert killed is not None, "the search ended before a worker could be killed"
+    assert "warm Ray worker" in (box["summary"].execution or "")
     after = _search_record(tmp_path / "killed.db")
     assert after[0] == local[0]
     assert after[1] == pytest.approx(local[1], rel=1e-6) and after[2] == pytest.approx(local[2], rel=1e-6)
@@ -155,7 +152,7 @@ def test_a_killed_worker_s_trial_continues_from_its_saved_state(tmp_path, ray_ru
     from helpers import tiny_study_yaml
     from loraplace.store import STATE_DIR, artifacts_dir
 
-    (tmp_path / "s.yaml").write_text(tiny_study_yaml("raystate", steps=40, seeds=[0],
+    (tmp_path / "s.yaml").write_text(tiny_study_yaml("raystate", steps=20, seeds=[0],
                                                      extra="execution: {save_state_every: 0}\n"))
     run_study(load_study(tmp_path / "s.yaml"), tmp_path / "local.db")
     thread, box = _run_in_thread(tmp_path / "s.yaml", tmp_path / "ray.db", backend="ray")

@@ -599,6 +599,19 @@ def test_a_rung_examples_above_the_validation_split_is_announced_as_what_the_run
     assert "validation: all 12 examples" in describe(cands, rungs_of([1]), SearchSpec(), 12)
 
 
+def test_the_announced_shape_counts_each_placement_s_own_lrs():
+    """tune.lr per placement: 2 placements with 3 LRs each of 4 distinct LRs is not "2 placements × 4 LRs"."""
+    from loraplace.search import describe, rungs_of
+
+    same = [candidate(f"{p}{lr}", p, lr) for p in "ab" for lr in (1e-3, 1e-2)]
+    assert "4 candidates (2 placements × 2 LRs)" in describe(same, rungs_of([1]), SearchSpec())
+    own = [candidate(f"a{lr}", "a", lr) for lr in (1e-3, 3e-3, 1e-2)] + \
+        [candidate(f"b{lr}", "b", lr) for lr in (3e-3, 1e-2, 3e-2)]
+    assert "6 candidates (2 placements × their own 3 LRs)" in describe(own, rungs_of([1]), SearchSpec())
+    uneven = own[:2] + own[3:]
+    assert "5 candidates (2 placements × their own 2–3 LRs)" in describe(uneven, rungs_of([1]), SearchSpec())
+
+
 def test_a_search_resumes_with_state_saving_or_tracking_added(planted, tmp_path, monkeypatch):
     """execution and tracking change no number: a killed search may gain state saving (it was refused as an
     edited spec). Any other change is still refused."""

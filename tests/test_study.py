@@ -25,7 +25,7 @@ def test_every_shipped_yaml_validates():
             from loraplace.study import search_candidates
 
             candidates = search_candidates(study)
-            assert len(candidates) == len(study.placements) * len(study.tuned_lrs())
+            assert len(candidates) == sum(len(study.tune.lrs_for(p)) for p in study.placements)  # own LRs
             assert {c.id for c in candidates} <= {t.id for t in expand_grid(study)}
             steps = rung_steps(study.search, len(candidates), study.train.steps, study.train.warmup)
             assert steps == sorted(set(steps)) and steps[-1] < study.train.steps

@@ -336,10 +336,23 @@ def describe(candidates: list[Candidate], rungs: list[Rung], search: SearchSpec,
     rate = keep_rate(search, len(candidates), len(rungs))
     cut = f"eta {search.eta}" if rate == search.eta else f"keeping 1/{rate:.2f} at each rung: fewer rungs than cuts"
     screen = f", the first {search.screen_lrs} cutting LRs within each placement" if search.screen_lrs else ""
-    return (f"search: {len(candidates)} candidates ({len({c.placement for c in candidates})} placements × "
-            f"{len({c.lr for c in candidates})} LRs), rungs at {', '.join(str(r.steps) for r in rungs)} steps "
+    return (f"search: {len(candidates)} candidates ({_candidate_shape(candidates)}), "
+            f"rungs at {', '.join(str(r.steps) for r in rungs)} steps "
             f"({cut}{screen}; validation: {_rung_examples(search, validation_size)}), then the best "
             f"{search.finalists} placement(s) at every seed")
+
+
+def _candidate_shape(candidates: list[Candidate]) -> str:
+    """"4 placements × 3 LRs" when every placement tries the same LRs; else each placement's own count, e.g.
+    "4 placements × their own 3 LRs" or "3 placements × their own 2–4 LRs" (tune.lr given per placement)."""
+    lrs: dict[str, set[float]] = {}
+    for c in candidates:
+        lrs.setdefault(c.placement, set()).add(c.lr)
+    if len({frozenset(v) for v in lrs.values()}) <= 1:
+        return f"{len(lrs)} placements × {len({c.lr for c in candidates})} LRs"
+    counts = sorted({len(v) for v in lrs.values()})
+    each = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    return f"{len(lrs)} placements × their own {each} LRs"
 
 
 def _rung_examples(search: SearchSpec, validation_size: int | None) -> str:

@@ -59,7 +59,7 @@ def test_two_live_runners_never_run_the_same_trial(tmp_path, fork_server):
 def test_status_and_report_while_a_study_writes(tmp_path, fork_server):
     """The writer is a `loraplace run` process and the commands are `loraplace status|report` processes, all forked
     from the fork server; in-process analysis/report calls read as fast as they go."""
-    spec = write_study(tmp_path / "s.yaml", steps=12, seeds=2)
+    spec = write_study(tmp_path / "s.yaml", steps=6, seeds=2)
     db = tmp_path / "s.db"
     env = cli_env(tmp_path)
     runner = start_run(spec, db, env, server=fork_server)

@@ -227,8 +227,8 @@ def test_the_guidelines_are_what_the_stores_give_today():
 
 
 def test_the_readme_s_opening_quotes_the_stores():
-    """The README's two sentences on the evidence: attn's range against all, over how many studies, and that no
-    study told mlp or ff-up from all."""
+    """The README's sentences on the evidence: attn's range against all per task, over how many studies; that no
+    study told mlp from all; that ff-up tied on GSM8K and was worse on NL→bash."""
     import os
 
     from loraplace.analysis.compare import compare_stores
@@ -237,14 +237,48 @@ def test_the_readme_s_opening_quotes_the_stores():
     os.chdir(ROOT)
     try:
         cross = compare_stores(["docs/validation/validation.db", "docs/validation-fp32/validation-fp32.db",
-                                "docs/horizon/horizon.db", "docs/qlora/qlora.db"])
+                                "docs/horizon/horizon.db", "docs/qlora/qlora.db", "docs/replay/nl2bash/grid.db"])
     finally:
         os.chdir(here)
-    attn = [e.delta_pct for e in cross.entries if e.placement == "attn" and e.repeats is None and e.delta_pct]
-    assert all(d.verdict() == "worse" for d in attn)
-    low, high = min(d.mean_diff for d in attn), max(d.mean_diff for d in attn)
+    task = dict(enumerate(c.task for c in cross.columns))
+    attn = [e for e in cross.entries if e.placement == "attn" and e.repeats is None and e.delta_pct]
+    assert all(e.delta_pct.verdict() == "worse" for e in attn)
+    gsm8k = [e.delta_pct.mean_diff for e in attn if task[e.column] == "gsm8k"]
+    nl2bash = [e.delta_pct.mean_diff for e in attn if task[e.column] == "nl2bash"]
     readme = " ".join((ROOT / "README.md").read_text().split())
-    assert f"in all {len(attn)} GSM8K studies (+{low:.1f} % to +{high:.1f} %;" in readme
-    mlp_like = [e.delta for e in cross.entries if e.placement in ("mlp", "ff-up") and e.delta is not None]
-    assert mlp_like and all(d.verdict() == "not distinguishable" for d in mlp_like)
-    assert "could not be told from `all` in any study" in readme
+    assert f"in all {len(attn)} studies on two tasks (GSM8K: +{min(gsm8k):.1f} % to +{max(gsm8k):.1f} %," in readme
+    assert len(nl2bash) == 1 and f"NL→bash: +{nl2bash[0]:.1f} %)" in readme
+    mlp = [e.delta for e in cross.entries if e.placement == "mlp" and e.delta is not None]
+    assert mlp and all(d.verdict() == "not distinguishable" for d in mlp)
+    assert "`mlp` could not be told from `all` in any study" in readme
+    ff_up = {task[e.column]: e for e in cross.entries if e.placement == "ff-up" and e.delta is not None}
+    assert ff_up["gsm8k"].delta.verdict() == "not distinguishable"
+    assert ff_up["nl2bash"].delta.verdict() == "worse"
+    assert f"worse on NL→bash (+{ff_up['nl2bash'].delta_pct.mean_diff:.1f} %)" in readme
+
+
+REPLAY_DOC = ROOT / "docs" / "replay.md"
+NL2BASH_GRID = ROOT / "docs" / "replay" / "nl2bash" / "grid.db"
+
+
+def test_the_nl2bash_replay_table_is_what_the_replays_give_today(monkeypatch):
+    """docs/replay.md's nl2bash replay tables (every policy × rung seed, and the summary per policy) and its
+    machine lines are what benchmarks/replay_policies.py prints from the committed grid: a changed store or a
+    changed replay fails here."""
+    import contextlib
+    import importlib.util
+    import io
+    import sys
+
+    spec = importlib.util.spec_from_file_location("replay_policies", ROOT / "benchmarks" / "replay_policies.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        module.main([str(NL2BASH_GRID)])
+    block = REPLAY_DOC.read_text().split("<!-- replay:nl2bash -->", 1)[1].split("<!-- /replay:nl2bash -->", 1)[0]
+    expected = [line for line in printed.getvalue().splitlines() if line.startswith(("|", "task="))]
+    written = [line for line in block.splitlines() if line.startswith(("|", "task="))]
+    assert len(expected) == 3 * 5 + 2 + 2 + 5 + 5  # 15 replays, two headers each table, 5 policies, 5 lines
+    assert written == expected

@@ -7,9 +7,9 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 # Test processes (pytest-xdist): two on CI's 2-core machine cut the suite from ~460 s to ~310 s — many tests wait
-# on subprocesses (kills, signals, Ray); three gave no more (386 vs 374 s, 2026-12-07). Each worker keeps one
-# intra-op thread (tests/conftest.py), the slow tests start first and the Ray tests share one worker
-# (--dist loadgroup), so that no long test starts last beside an idle worker.
+# on subprocesses (kills, signals, Ray); three gave no more (386 vs 374 s, 2026-12-07), nor did starting the slow
+# tests first (432 s: the multi-process tests then contend with each other). Each worker keeps one intra-op thread
+# (tests/conftest.py).
 TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast lint clean browser docs
@@ -45,12 +45,12 @@ docs: $(STAMP)
 # Everything, slow tests included: what CI runs.
 test: $(STAMP) browser docs
 	$(VENV)/bin/ruff check src tests benchmarks scripts
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # The inner loop: everything but the tests marked slow (real subprocess kills, signals, Ray, the builtin model).
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts

@@ -20,13 +20,6 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(items):
-    """The tests marked slow run first (a stable sort: the order within each kind is kept). With two workers, a
-    long test that starts last leaves the other worker idle at the end; started first, the short tests fill in
-    around it. The Ray tests share one runtime and stay on one worker (xdist_group "ray", `--dist loadgroup`)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     """Tokenised data goes to a per-test cache. Converted checkpoints (the builtin model, ~25 s to convert from its

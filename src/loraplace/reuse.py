@@ -45,6 +45,9 @@ class Reused:
 def check_sources(sources: list[Path], store_path: Path) -> None:
     """Every source is an existing loraplace store other than the one being run (read-only; before any work)."""
     for source in sources:
+        if source.is_dir():
+            raise LoraplaceError(f"--reuse-from {source} is a directory, not a store file",
+                                 "give the path of another study's .db file")
         if not source.is_file():
             raise LoraplaceError(f"--reuse-from {source}: no such file", "give the path of another study's store")
         if source.resolve() == store_path.resolve():

@@ -174,9 +174,11 @@ def _unwritable_dir(path: Path) -> str | None:
     """Why files cannot be written in directory ``path`` (created if missing, as the tracker would), or None."""
     import tempfile
 
+    from loraplace.paths import folder_problem
+
+    if (problem := folder_problem(path)) is not None:  # notes.txt/tb: names the file in the way
+        return problem
     try:
-        if path.exists() and not path.is_dir():
-            return f"{path} is a file, not a directory"
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".loraplace-write-check-"):
             pass

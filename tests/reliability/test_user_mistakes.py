@@ -232,6 +232,20 @@ CASES = [
     ("a directory as a placement file", ["plan", "tiny:llama", "--placement", "a-dir"],
      "a-dir is a directory, not a placement file"),
     ("an empty spec file", ["run", "empty.jsonl"], "empty.jsonl: the file is empty (or only comments)"),
+    # a file where a folder is expected said "permission denied", "does not exist" or an internal NotADirectoryError
+    ("a store under a file", ["run", "spec.yaml", "--store", "notes.txt/x.db"],
+     "notes.txt/x.db: notes.txt is a file, not a folder"),
+    ("export under a file", ["export", "s.db", "--out", "notes.txt/trials.csv"],
+     "--out notes.txt/trials.csv: notes.txt is a file, not a folder"),
+    ("export-placement onto a directory", ["export-placement", "--from", "s.db", "--to", "axolotl", "--lossy",
+     "--out", "a-dir"], "e.g. axolotl.yaml"),
+    ("a report under a file", ["report", "s.db", "--out", "notes.txt/report", "-q"],
+     "--out notes.txt/report: notes.txt is a file, not a folder"),
+    ("train --out under a file", ["train", "--model", "tiny:llama", "--data", "builtin:arithmetic?n=24", "--steps",
+     "1", "--out", "notes.txt/run1"], "--out notes.txt/run1: notes.txt is a file, not a folder"),
+    ("a text file as the model", ["plan", "notes.txt", "-p", "attn"], "notes.txt is a file but not a config.json"),
+    ("a directory to reuse from", ["run", "spec.yaml", "--store", "new.db", "--reuse-from", "a-dir"],
+     "--reuse-from a-dir is a directory, not a store file"),
     ("an empty tune section", ["run", "bad.yaml"], "tune: is empty (nothing after the colon reads as null) — give "
      "its settings, or leave the key out", spec_with(**{"seeds: [0]": "seeds: [0]\ntune:"})),
 ]
@@ -249,6 +263,46 @@ def test_a_mistake_is_one_clear_error_and_changes_nothing(cli, workdir, case):
     assert expected in output, output
     assert "Traceback" not in output and "internal error" not in output
     assert snapshot(workdir) == before  # not a byte changed, nothing created (no store for a refused run)
+
+
+def test_a_store_folder_the_file_system_refuses_is_named_with_the_os_reason(cli, workdir, monkeypatch):
+    """`--store /proc/x/y.db` (root may write /proc, yet no folder can be made there) ended in "internal error:
+    FileNotFoundError". Any file system that refuses the folder — read-only, full — is named with the OS's words."""
+    import errno
+    import pathlib
+
+    real_mkdir = pathlib.Path.mkdir
+
+    def refused(self, *args, **kwargs):
+        if self.name == "fresh":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", refused)
+    before = snapshot(workdir)
+    done = cli("run", "spec.yaml", "--store", "fresh/x.db")
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2, output
+    assert "fresh/x.db: its folder cannot be created (fresh: Read-only file system)" in output, output
+    assert "internal error" not in output and snapshot(workdir) == before
+
+
+def test_an_os_error_on_a_named_path_is_a_clear_error_not_an_internal_one(cli, workdir, monkeypatch):
+    """The last line of defence for the file system: an OSError that names a path (one no check foresaw) is exit 2
+    with the path and the OS's reason; an error naming no path stays an internal error (exit 1)."""
+    import errno
+
+    def fails(*args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), "s_report/figure.png")
+
+    monkeypatch.setattr("loraplace.analysis.report.write_report", fails)  # report imports it at call time
+    done = cli("report", "s.db", "-q")
+    output = " ".join(done.stderr.split())
+    assert done.returncode == 2 and "error: s_report/figure.png: Input/output error" in output, output
+    assert "internal error" not in output
+    monkeypatch.setattr("loraplace.analysis.report.write_report", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+    done = cli("report", "s.db", "-q")
+    assert done.returncode == 1 and "internal error: OSError" in done.stderr
 
 
 def test_an_edited_spec_is_refused_with_its_differences(cli, workdir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from typing import NoReturn
 
 import click
 import typer
@@ -23,6 +24,7 @@ import loraplace.cli.results  # noqa: E402, F401, I001
 import loraplace.cli.schema  # noqa: E402, F401, I001
 from loraplace.cli.common import STATE, Terminated, app, err
 from loraplace.errors import LoraplaceError
+from loraplace.paths import os_error_text
 
 _USAGE_ERRORS = tuple({click.ClickException, _typer_click.ClickException})
 
@@ -53,6 +55,15 @@ def main(argv: list[str] | None = None) -> None:
                   "needs access to that path; run it where you may write, or point its --out/--store elsewhere",
                   highlight=False)
         sys.exit(2)
+    except OSError as exc:  # the file system refused a named path: say which and why (the OS's words), exit 2
+        if exc.filename is None:
+            _internal(exc)
+        if STATE["debug"]:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {escape(os_error_text(exc))}\n  hint: check that path (a file where a "
+                  "folder should be, a full disk, a file system that refuses writes) or point the command "
+                  "elsewhere", highlight=False)
+        sys.exit(2)
     except _USAGE_ERRORS as exc:  # a mistyped command, option or value: click's own message, exit 2
         exc.show()
         sys.exit(exc.exit_code)
@@ -65,10 +76,16 @@ def main(argv: list[str] | None = None) -> None:
         err.print("[red]interrupted[/]")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, traceback on --debug
-        if STATE["debug"]:
-            traceback.print_exc()
-        hint = ("the traceback is above: please report it" if STATE["debug"] else
-                "run with --debug for the traceback and report it")
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n  hint: {hint}", highlight=False)
-        sys.exit(1)
+        _internal(exc)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _internal(exc: BaseException) -> NoReturn:
+    """An error loraplace did not foresee: one line and exit 1; the traceback with --debug."""
+    if STATE["debug"]:
+        traceback.print_exc()
+    hint = ("the traceback is above: please report it" if STATE["debug"] else
+            "run with --debug for the traceback and report it")
+    err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n  hint: {hint}",
+              highlight=False)
+    sys.exit(1)

@@ -4,6 +4,7 @@ output of the same kind (or the user says --force)."""
 from __future__ import annotations
 
 from loraplace.errors import LoraplaceError
+from loraplace.paths import folder_problem, nearest_existing
 
 
 def output_file(path: str, kind: str, inputs: tuple[str, ...] = ()):
@@ -17,9 +18,13 @@ def output_file(path: str, kind: str, inputs: tuple[str, ...] = ()):
 
     target = Path(path)
     if target.is_dir():
-        raise LoraplaceError(f"--out {target} is a directory", "give a file path, e.g. trials.csv")
+        raise LoraplaceError(f"--out {target} is a directory", f"give a file path, e.g. {_example_file(kind)}")
     if not target.parent.is_dir():
-        raise LoraplaceError(f"--out {target}: directory {target.parent} does not exist", "create it first")
+        existing = nearest_existing(target.parent)
+        if not existing.is_dir():  # notes.txt/x.csv: the file in the way is the cause
+            raise LoraplaceError(f"--out {target}: {existing} is a file, not a folder",
+                                 f"give a file path inside a folder, e.g. {_example_file(kind)}")
+        raise LoraplaceError(f"--out {target}: folder {target.parent} does not exist", "create it first")
     for given in inputs:
         if target.exists() and Path(given).exists() and target.samefile(given):
             raise LoraplaceError(f"--out {target} is this command's input", "give another file path")
@@ -46,6 +51,10 @@ def output_dir(path: str, owned: dict[str, str]) -> None:
     if target.exists() and not target.is_dir():
         raise LoraplaceError(f"--out {target} is a file; this command writes a directory there",
                              "give a directory path (it is created if missing)")
+    problem = folder_problem(target)  # notes.txt/run1, or a folder this process may not write
+    if problem is not None:
+        raise LoraplaceError(f"--out {target}: {problem}", "give a directory path where you may write (it is "
+                             "created if missing)")
     for name, what in owned.items():
         entry = target / name
         if not entry.exists():
@@ -59,6 +68,15 @@ def output_dir(path: str, owned: dict[str, str]) -> None:
         if not ours:
             raise LoraplaceError(f"--out {target}: {entry} exists and is not an earlier output of this command, "
                                  "so it is not overwritten", "give a new directory, or move that file away first")
+
+
+def _example_file(kind: str) -> str:
+    """A file name that fits what a command writes for ``kind``, for hints."""
+    if kind in ("csv", "json", "parquet"):  # export's formats
+        return f"trials.{kind}"
+    from loraplace.exports import DEFAULT_FILENAMES  # export-placement's (that command loads the model anyway)
+
+    return DEFAULT_FILENAMES.get(kind, "out.txt")
 
 
 def _earlier_output(head: bytes, kind: str) -> bool:

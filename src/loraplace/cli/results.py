@@ -10,6 +10,7 @@ import typer
 from loraplace.cli.common import AT_HELP, FLAG, _Command, app, at_values, err, out
 from loraplace.cli.outputs import output_file
 from loraplace.errors import LoraplaceError
+from loraplace.paths import folder_problem
 
 
 @app.command(cls=_Command)
@@ -79,6 +80,10 @@ def report(store: str = typer.Argument(..., help="study store (.db)"),
     target = Path(out_dir) if out_dir else Path(store).with_name(Path(store).stem + "_report")
     if target.exists() and not target.is_dir():
         raise LoraplaceError(f"--out {target} is a file; a report is a directory", "give a directory path")
+    problem = folder_problem(target)  # before any figure is drawn: notes.txt/report, a read-only folder
+    if problem is not None:
+        raise LoraplaceError(f"{'--out ' if out_dir else 'report folder '}{target}: {problem}",
+                             "give --out a directory where you may write (it is created if missing)")
     written = write_report(analysis, target, chosen)
     if not quiet:
         print_comparison(analysis, out)
@@ -140,6 +145,10 @@ def compare(stores: list[str] = typer.Argument(..., help="study stores (.db), on
     target = Path(out_dir)
     if target.exists() and not target.is_dir():
         raise LoraplaceError(f"--out {target} is a file; a report is a directory", "give a directory path")
+    problem = folder_problem(target)  # before any figure is drawn: notes.txt/report, a read-only folder
+    if problem is not None:
+        raise LoraplaceError(f"{'--out ' if out_dir else 'report folder '}{target}: {problem}",
+                             "give --out a directory where you may write (it is created if missing)")
     cross = compare_stores(stores)
     written = write_compare_report(cross, target, chosen)
     if not quiet:

@@ -46,6 +46,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from loraplace.errors import LoraplaceError
+from loraplace.paths import nearest_existing, os_error_text
 from loraplace.records import (
     Metrics,
     RungDecision,
@@ -77,6 +78,11 @@ def _read_only(path: Path) -> StoreError:
                       "a run needs write access to the store file and its folder (SQLite keeps -wal and -shm files "
                       "beside it); status, report and export only read it. Copy it somewhere writable, or give "
                       "another --store")
+
+
+def _not_a_folder(path: Path, file: Path) -> StoreError:
+    return StoreError(f"{path}: {file} is a file, not a folder", "give a --store path inside a folder (missing "
+                      "folders are created), e.g. runs/NAME.db")
 
 
 def _disk_full(path: Path) -> StoreError:
@@ -203,6 +209,14 @@ class Store:
             _check_store_file(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except PermissionError:
+            raise _read_only(self.path) from None
+        except OSError as exc:  # a file where a folder should be, a file system that refuses folders (/proc)
+            existing = nearest_existing(self.path.parent)
+            raise (_not_a_folder(self.path, existing) if not existing.is_dir() else StoreError(
+                f"{self.path}: its folder cannot be created ({os_error_text(exc)})",
+                "give a --store path on a writable file system")) from None
+        try:
             with _unwritable(self.path):
                 self._open_writable(busy_timeout_s)
         except PermissionError:
@@ -230,9 +244,9 @@ class Store:
         that gets its -wal/-shm files (or, for a new store, the nearest existing folder above it). Touches
         nothing; opening the store stays the authority (this is the early, cheap answer)."""
         path = Path(path)
-        folder = path.parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
+        folder = nearest_existing(path.parent)
+        if not folder.is_dir():  # notes.txt/x.db: the cause is the file in the way, not a permission
+            raise _not_a_folder(path, folder)
         if (path.exists() and not os.access(path, os.W_OK)) or not os.access(folder, os.W_OK | os.X_OK):
             raise _read_only(path)
 

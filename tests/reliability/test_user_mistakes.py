@@ -246,6 +246,10 @@ CASES = [
     ("a text file as the model", ["plan", "notes.txt", "-p", "attn"], "notes.txt is a file but not a config.json"),
     ("a directory to reuse from", ["run", "spec.yaml", "--store", "new.db", "--reuse-from", "a-dir"],
      "--reuse-from a-dir is a directory, not a store file"),
+    ("a text file as a placement", ["plan", "tiny:llama", "--placement", "notes.txt"],
+     "notes.txt is a file, but a placement file is .yaml, .yml or .json"),
+    ("a Ray address without the Ray backend", ["run", "spec.yaml", "--store", "new.db", "--address", "10.0.0.1:6379"],
+     "--address 10.0.0.1:6379 is a Ray cluster's address, but the backend is local"),
     ("an empty tune section", ["run", "bad.yaml"], "tune: is empty (nothing after the colon reads as null) — give "
      "its settings, or leave the key out", spec_with(**{"seeds: [0]": "seeds: [0]\ntune:"})),
 ]

@@ -234,6 +234,10 @@ def parse_placement(value: str | dict | PlacementSpec, context: str = "invalid p
         if not text.startswith(("{", "[")) and text not in PRESETS and path.is_dir():
             raise ConfigError([f"{text} is a directory, not a placement file"], context,
                               "give a YAML or JSON placement file, a preset (all, attn, mlp, …), roles or {…}")
+        if (not text.startswith(("{", "[")) and text not in PRESETS and path.is_file()
+                and path.suffix not in (".yaml", ".yml", ".json")):  # not "unknown role 'notes.txt'"
+            raise ConfigError([f"{text} is a file, but a placement file is .yaml, .yml or .json"], context,
+                              "give a YAML or JSON placement file, a preset (all, attn, mlp, …), roles or {…}")
         if not text.startswith(("{", "[")) and (path.suffix in (".yaml", ".yml", ".json") or "/" in text):
             if not path.is_file():  # it names a file: say the file is missing, not that it is an unknown role
                 raise ConfigError([f"{text}: no such placement file"], context)

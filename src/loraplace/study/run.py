@@ -69,6 +69,9 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
     store_path = Path(store_path)
     if backend not in BACKENDS:
         raise LoraplaceError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
+    if address is not None and backend != "ray":  # it would run here, on this machine, without a word
+        raise LoraplaceError(f"--address {address} is a Ray cluster's address, but the backend is {backend}",
+                             "add --backend ray to run on that cluster, or leave --address out")
     Store.check_writable(store_path)  # before the model and the data are read: seconds, not a minute
     check_placements(study, force)
     if not allow_mixed_precision and backend == "local":  # Ray workers resolve auto on their own machines

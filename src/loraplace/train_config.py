@@ -33,7 +33,8 @@ class TrainSpec(StrictModel):
     warmup: int = Field(default=0, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW's decoupled weight decay on the adapters")
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="clip the global gradient norm (None: off)")
-    seed: int = Field(default=0, description="adapter init and data order")
+    seed: int = Field(default=0, ge=0, description="adapter init and data order (NumPy's seeding takes no "
+                      "negative seed)")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")

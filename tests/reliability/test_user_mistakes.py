@@ -250,6 +250,13 @@ CASES = [
      "notes.txt is a file, but a placement file is .yaml, .yml or .json"),
     ("a Ray address without the Ray backend", ["run", "spec.yaml", "--store", "new.db", "--address", "10.0.0.1:6379"],
      "--address 10.0.0.1:6379 is a Ray cluster's address, but the backend is local"),
+    # work done, then an error: every trial failed at run time, after the store was written
+    ("a negative seed", ["run", "bad.yaml"], "seeds[0]: Input should be greater than or equal to 0",
+     spec_with(**{"seeds: [0]": "seeds: [-1]"})),
+    ("train with a negative seed", ["train", "--model", "tiny:llama", "--seed", "-1", "--steps", "1"],
+     "train.seed: Input should be greater than or equal to 0"),
+    ("a budget below rank 1 for every cell", ["run", "bad.yaml"], "no cell of the grid can run",
+     spec_with(**{"ranks: [2]": "budget: 10"})),
     ("an empty tune section", ["run", "bad.yaml"], "tune: is empty (nothing after the colon reads as null) — give "
      "its settings, or leave the key out", spec_with(**{"seeds: [0]": "seeds: [0]\ntune:"})),
 ]

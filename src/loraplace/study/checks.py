@@ -15,20 +15,24 @@ from loraplace.study.spec import StudySpec
 def check_placements(study: StudySpec, force: bool = False) -> None:
     """Resolve every placement on the meta-device model (no weights) before anything is written or trained:
     an unknown or absent role, an empty layer selection, a fused-qkv request, a size given twice or adapters
-    bigger than the model fail the whole spec at once. A budget too small for rank 1 is not checked here: that
-    is one trial's failure, the others still run."""
+    bigger than the model fail the whole spec at once. A budget too small for rank 1 fails only its own cells
+    (the others still run) — unless it is every cell of the grid: then nothing could run, and the spec is refused."""
     from loraplace.errors import PlacementError
     from loraplace.placement import meta_architecture, resolve_placement
 
     arch = meta_architecture(study.model)
     problems: list[str] = []
+    too_small: list[str] = []  # cells whose budget is below rank 1 on every site
+    fixed_cells, auto = 0, False
     for name, placement in study.placement_specs().items():
         if placement.auto is not None:  # its sites are chosen by the probe when the trial runs
+            auto = True
             if placement.auto.budget is None and study.budget is None and study.budgets is None:
                 problems.append(f"placements.{name}: an auto placement needs a budget (auto: {{budget: N}} or the "
                                 "study's budget:/budgets:)")
             continue
         for size in study.sizes():
+            fixed_cells += 1
             try:
                 plan = resolve_placement(arch, placement, model=study.model,
                                          rank=size.value if size.kind == "rank" else None,
@@ -39,6 +43,12 @@ def check_placements(study: StudySpec, force: bool = False) -> None:
                 problem = f"placements.{name}: {exc}"
                 if problem not in problems:
                     problems.append(problem)
+                continue
+            if size.kind == "budget" and plan.trainable_params > size.value:  # rank 1 everywhere is over it
+                too_small.append(f"placements.{name}: budget {size.value:,} is smaller than rank 1 allows "
+                                 f"({plan.trainable_params:,} trainable parameters)")
+    if not problems and not auto and fixed_cells and len(too_small) == fixed_cells:
+        problems = too_small + ["no cell of the grid can run: give a budget at least the smallest of these"]
     if problems:
         raise ConfigError(problems, f"placements that do not resolve on {study.model}",
                           f"see the roles of this model with: loraplace plan {study.model} --placement all")

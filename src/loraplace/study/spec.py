@@ -108,6 +108,7 @@ class ExecutionSpec(StrictModel):
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 class StudySpec(StrictModel):
@@ -124,8 +125,8 @@ class StudySpec(StrictModel):
                                        "placement's rank is solved to it")
     budgets: list[PositiveInt] | None = Field(default=None, min_length=1, description="several budgets, each a "
                                               "compared size")
-    seeds: list[int] = Field(default=[0], min_length=1, description="seeds of every compared cell (3 for an "
-                             "interval)")
+    seeds: list[NonNegativeInt] = Field(default=[0], min_length=1, description="seeds of every compared cell "
+                                        "(3 for an interval; NumPy's seeding takes no negative seed)")
     axes: Axes = Field(default_factory=Axes, validate_default=True,  # its checks cover the grid without axes too
                        description=f"other train fields to sweep: {', '.join(AXIS_FIELDS)}")
     baseline: str | None = Field(default=None, description="the placement every other is compared with (default: "

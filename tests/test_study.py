@@ -173,6 +173,17 @@ def test_a_failing_trial_does_not_stop_the_study(tmp_path, write_study):
     assert (summary.done, summary.failed) == (1, 1)
 
 
+def test_resources_on_a_local_run_are_said_to_do_nothing_here(tmp_path, write_study):
+    """resources: is what a trial asks of a Ray cluster; a local run uses the machine as it is. It says so (the
+    same spec may go to a cluster later, so it is not refused); a spec without it hears nothing."""
+    said = "is what a trial asks of a Ray cluster; this local run uses this machine as it is"
+    plain = run_study(load_study(write_study("plain.yaml", seeds=[0], steps=1)), tmp_path / "plain.db")
+    assert not any(said in w for w in plain.warnings)
+    asked = run_study(load_study(write_study("asked.yaml", seeds=[0], steps=1, extra="resources: {gpus: 1}\n")),
+                      tmp_path / "asked.db")
+    assert asked.done == 2 and any(f"resources: (gpus) {said}" in w for w in asked.warnings), asked.warnings
+
+
 def test_stored_studies_keep_their_trial_ids(tmp_path):
     """The v2 fixture store (a budget study) was written by an older loraplace, which filled budgets with one
     uniform rank. With ``fill: uniform`` the same spec expands to its trial ids: fields added to the specs since

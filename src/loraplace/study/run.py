@@ -83,6 +83,9 @@ def run_study(study: StudySpec, store_path: str | Path, *, backend: Literal["loc
                                  "trials it trains itself)", "run the search without it")
         check_sources(sources, store_path)
     warnings = checks.check_inputs(study)
+    if backend != "ray" and study.resources.model_fields_set:  # the same spec may run on Ray later: said, not refused
+        warnings.append(f"resources: ({', '.join(sorted(study.resources.model_fields_set))}) is what a trial asks "
+                        f"of a Ray cluster; this {backend} run uses this machine as it is (--backend ray reads it)")
     if study.tracking is not None:
         check_tracking(study.tracking)
     if study.search is not None:

@@ -121,6 +121,43 @@ def test_bad_files(tmp_path, tok, content, message):
         load_splits(DataSpec(train=str(path), eval_count=1), tok)
 
 
+def test_every_record_is_read_as_its_author_wrote_it(tmp_path):
+    """A CSV field quoted over several lines keeps its line breaks (the file was split into lines before, so GSM8K's
+    "2 + 2 = 4\n#### 4" became "2 + 2 = 4#### 4"), and a pretty-printed JSON document under a .jsonl name is read
+    as the JSON it is (it said "invalid JSON" at line 1)."""
+    from loraplace.data.sources import read_records
+
+    records = [{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"},
+               {"question": 'A "quoted", comma', "answer": "line one\r\nline two\n#### 2"}]
+    with open(tmp_path / "d.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["question", "answer"])
+        writer.writeheader()
+        writer.writerows(records)
+    assert read_records(str(tmp_path / "d.csv"))[0] == records
+    (tmp_path / "pretty.jsonl").write_text(json.dumps(records, indent=2))
+    assert read_records(str(tmp_path / "pretty.jsonl"))[0] == records
+    (tmp_path / "one.jsonl").write_text(json.dumps(records[0], indent=2))
+    assert read_records(str(tmp_path / "one.jsonl"))[0] == records[:1]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("bad.jsonl", '{"question": "a", "answer": "b"}\n[1, 2]\n', "bad.jsonl: record 2 is a JSON array, not an object"),
+    ("bad.jsonl", '{"question": "a", "answer": "b"}\n"text"\n', "record 2 is a JSON string, not an object"),
+    ("bad.json", '"just text"', "bad.json: record 1 is a JSON string, not an object"),
+    ("bad.json", '{"data": 3}', "bad.json: expected a list of objects (records), got a JSON number"),
+    ("bad.csv", 'question,answer\n"a,#### 1\n', "bad.csv:2: invalid CSV (unexpected end of data)"),
+])
+def test_a_malformed_record_is_named(tmp_path, name, content, message):
+    """Not "expected a list of objects" for the whole file, nor a CSV row swallowed by an unclosed quote (it read
+    as one long field, and the error blamed the format's guards): the record or line at fault."""
+    from loraplace.data.sources import read_records
+
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError) as info:
+        read_records(str(tmp_path / name))
+    assert message in str(info.value)
+
+
 def test_wrong_declared_format(tmp_path, tok):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"question": "q", "answer": "a"}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -34,8 +35,25 @@ def _read_json(path: Path, text: str) -> list[dict]:
                 try:
                     data.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})", "one JSON object per line") from None
+                    try:  # one JSON document over several lines (pretty-printed) under a .jsonl name: read it
+                        whole = json.loads(text)
+                    except json.JSONDecodeError:
+                        raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})",
+                                        "one JSON object per line") from None
+                    return whole if isinstance(whole, list) else [whole]
     return data
+
+
+def _read_csv(path: Path, text: str) -> list[dict]:
+    """Rows of a CSV file by its header. Read as one stream (newline=""), so a quoted field keeps its line breaks
+    (GSM8K's answers span lines); strict, so an unclosed quote is an error, not one long field."""
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    try:
+        return list(reader)
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.reader.line_num}: invalid CSV ({exc})",
+                        "check the quoting: a field with a comma, quote or line break is quoted, and a quote "
+                        "inside it is doubled (\"\")") from None
 
 
 def read_records(source: str) -> tuple[list[dict], str]:
@@ -58,9 +76,11 @@ def read_records(source: str) -> tuple[list[dict], str]:
         if suffix == ".parquet":
             records = _read_parquet(path)
         else:
-            text = path.read_text(encoding="utf-8-sig")  # a leading BOM is read, as pandas and datasets do
+            # a leading BOM is read, as pandas and datasets do; newline="": a CSV field keeps its own \r\n
+            with open(path, encoding="utf-8-sig", newline="") as fh:
+                text = fh.read()
             if suffix == ".csv":
-                records = list(csv.DictReader(text.splitlines()))
+                records = _read_csv(path, text)
             elif suffix in (".json", ".jsonl", ".ndjson"):
                 records = _read_json(path, text)
             else:
@@ -70,11 +90,21 @@ def read_records(source: str) -> tuple[list[dict], str]:
                         "re-encode the file as UTF-8") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg})") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise DataError(f"{path}: expected a list of objects (records)")
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a list of objects (records), got a JSON {_json_type(records)}")
+    bad = next((i for i, r in enumerate(records, 1) if not isinstance(r, dict)), None)
+    if bad is not None:  # name the record, not just the file
+        raise DataError(f"{path}: record {bad} is a JSON {_json_type(records[bad - 1])}, not an object",
+                        'each record is one JSON object, e.g. {"question": "…", "answer": "…"}')
     if not records:
         raise DataError(f"{path} holds no records", "check the file is the one you meant")
     return records, fingerprint
+
+
+def _json_type(value: object) -> str:
+    """JSON's name for a parsed value's type (array, string, …), as the file's author wrote it."""
+    names = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def _read_parquet(path: Path) -> list[dict]:

@@ -24,7 +24,8 @@ from loraplace.data.sources import file_sha256, read_records
 from loraplace.errors import DataError
 from loraplace.specs import StrictModel
 
-CACHE_VERSION = 1
+# 2 (2026-12-07): a quoted CSV field keeps its line breaks; version 1 caches of such files hold them joined.
+CACHE_VERSION = 2
 
 
 class TemplateSpec(StrictModel):

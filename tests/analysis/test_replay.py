@@ -138,6 +138,25 @@ def test_a_policy_the_grid_cannot_replay_is_refused_with_the_reason(stores):
     assert "at recorded steps" in exc.value.hint
     with pytest.raises(LoraplaceError, match="rung seed 7"):
         replay_store(stores / "grid.db", SearchSpec.model_validate({"rungs": [2], "rung_examples": 5}), rung_seed=7)
+    # every problem at once, each saying what to give (it said "the policy's rungs all the (search.rung_examples)")
+    with pytest.raises(LoraplaceError) as exc:
+        replay_store(stores / "grid.db", SearchSpec.model_validate({"rungs": [2]}), rung_seed=7)
+    assert ("its rung points read 5 validation examples but the policy's rungs read all of them (rung_examples "
+            "unset): give the policy rung_examples: 5; rung seed 7 is not one of the grid's seeds") in str(exc.value)
+
+
+def test_replay_search_option_names_a_spec_without_a_search_block(stores, tmp_path, capsys):
+    """--search spec.yaml on a study spec with no search: listed its keys as unknown search settings; a text file
+    was read as an inline block."""
+    from helpers import run_cli_in_process, tiny_study_yaml
+
+    (tmp_path / "spec.yaml").write_text(tiny_study_yaml("nosearch"))
+    (tmp_path / "notes.txt").write_text("eta: 4\n")
+    for given, said in ((tmp_path / "spec.yaml", "a study spec with no search: block"),
+                        (tmp_path / "notes.txt", "a file, but not a .yaml, .yml or .json one")):
+        done = run_cli_in_process("replay", stores / "grid.db", "--search", given, capsys=capsys)
+        output = " ".join(done.stderr.split())
+        assert done.returncode == 2 and f"--search {given}: {said}" in output, output
 
 
 def test_loraplace_replay_prints_the_decisions_ledger_and_one_line_per_rung_seed(stores, capsys):

@@ -89,13 +89,13 @@ def replay(grid: StudyRecord, records: list[TrialRecord], policy: SearchSpec, *,
 
     spec = StudySpec.model_validate({k: v for k, v in grid.spec.items() if k != "versions"})
     problems = _replayable(spec, policy)
+    seed = spec.seeds[0] if rung_seed is None else rung_seed
+    if seed not in spec.seeds:  # said with the others: every problem at once
+        problems.append(f"rung seed {seed} is not one of the grid's seeds ({', '.join(map(str, spec.seeds))})")
     if problems:
         raise LoraplaceError(f"cannot replay a search on {grid.name!r}: " + "; ".join(problems),
                              "a replayable grid is a tuned study (tune:) whose eval.at_steps include every rung "
                              "step and whose eval.watch_examples equal the policy's rung_examples (docs/replay.md)")
-    seed = spec.seeds[0] if rung_seed is None else rung_seed
-    if seed not in spec.seeds:
-        raise LoraplaceError(f"rung seed {seed} is not one of the grid's seeds ({', '.join(map(str, spec.seeds))})")
     seeds = [seed] + [s for s in spec.seeds if s != seed]
     # The study a user would run: the grid's spec, its rungs on `seed`, the policy as its search.
     searched = spec.model_copy(update={"search": policy, "seeds": seeds,
@@ -184,8 +184,13 @@ def _replayable(spec, policy: SearchSpec) -> list[str]:
     if not spec.eval.at_steps:
         problems.append("its trials recorded no rung points (eval.at_steps)")
     if policy.rung_examples != spec.eval.watch_examples:
-        problems.append(f"its rung points read {spec.eval.watch_examples or 'all the'} validation examples, the "
-                        f"policy's rungs {policy.rung_examples or 'all the'} (search.rung_examples)")
+        policy_reads = f"{policy.rung_examples}" if policy.rung_examples else "all of them (rung_examples unset)"
+        if spec.eval.watch_examples:
+            problems.append(f"its rung points read {spec.eval.watch_examples} validation examples but the policy's "
+                            f"rungs read {policy_reads}: give the policy rung_examples: {spec.eval.watch_examples}")
+        else:
+            problems.append(f"its rung points read all the validation examples but the policy's rungs read "
+                            f"{policy_reads}: leave the policy's rung_examples out")
     if len(spec.sizes()) > 1 or spec.axis_values(spec.axes):
         problems.append("it sweeps more than placements × LRs (sizes or axes): a search compares placements at one "
                         "setting")

@@ -230,9 +230,15 @@ def _search_block(text: str) -> dict:
     from loraplace.specs import load_yaml, parse_yaml
 
     path = pathlib.Path(text)
+    if path.is_file() and path.suffix not in (".yaml", ".yml", ".json"):
+        raise ConfigError([f"--search {text}: a file, but not a .yaml, .yml or .json one"], "invalid --search",
+                          "give a YAML file holding a search: block (or a study spec with one), or the block inline")
     data = load_yaml(path) if path.suffix in (".yaml", ".yml", ".json") else parse_yaml(text, "--search")
     if isinstance(data, dict) and isinstance(data.get("search"), dict):
         data = data["search"]
+    elif isinstance(data, dict) and {"model", "placements"} <= data.keys():  # a study spec: its search: is missing
+        raise ConfigError([f"--search {text}: a study spec with no search: block"], "invalid --search",
+                          "add a search: block to it, or give the policy inline, e.g. --search '{eta: 4}'")
     if not isinstance(data, dict):
         raise ConfigError([f"--search {text!r}: not a mapping (a search: block, e.g. '{{eta: 4}}')"],
                           "invalid --search")

@@ -46,8 +46,8 @@ def run(
     from pathlib import Path
 
     from loraplace.formatting import human_duration, parse_duration
-    from loraplace.runner import RunHooks
-    from loraplace.study import default_store, load_study, run_study
+    from loraplace.store import Store
+    from loraplace.study import default_store, load_study
 
     try:
         timeout_s = parse_duration(timeout, "--timeout") if timeout is not None else None
@@ -57,6 +57,12 @@ def run(
     if allow_unassigned:
         study = study.model_copy(update={"allow_unassigned": True})
     store_path = Path(store) if store else default_store(study)
+    # Before torch, transformers and peft are imported (~5 s): a store this run could not write is refused at once.
+    # run_study checks it again for callers of the API.
+    Store.check_writable(store_path)
+    from loraplace.runner import RunHooks
+    from loraplace.study import run_study
+
     bar = TrainProgress(quiet)
     counts = {"started": 0, "done": 0, "failed": 0, "rung_runs": 0}
     in_flight: dict[str, int] = {}  # trial id → its index; several at once when trials are fused

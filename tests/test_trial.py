@@ -114,6 +114,13 @@ def test_every_failure_is_one_typed_outcome():
                     fault=lambda step, loss: loss * float("nan") if step == 2 else loss)
     assert (nan.status, nan.failure.kind, nan.failure.step) == ("failed", "non_finite", 2)
     assert nan.trainable_params > 0 and not nan.failure.user_error
+    # max_len past GPT-2's learned positions: a user error naming the limit (it was "IndexError: index out of range
+    # in self" from the position embedding, once an example that long came along)
+    long = run_trial(TrialSpec(model="tiny:gpt2", data=data.model_copy(update={"max_len": 600}),
+                               placement=parse_placement("attn"), rank=2, train=TrainSpec(steps=1, batch=4,
+                                                                                            precision="fp32")))
+    assert long.status == "failed" and long.failure.user_error, long.failure
+    assert "max_len 600 is above the 512 positions of tiny:gpt2" in long.failure.message
 
 
 def test_variants_leave_the_shared_base_model_untouched_and_eva_reports_its_ranks():

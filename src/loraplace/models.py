@@ -273,6 +273,22 @@ def _for_model(model_type: str, kwargs: dict[str, Any], source: str = "--model-c
         raise ModelError(f"{source}: invalid {model_type} config: {_first_line(exc)}") from None
 
 
+# Families whose positions are a learned embedding table (GPT-2's wpe, OPT's embed_positions): an example longer
+# than the table cannot be fed to them — it ends in an IndexError deep in the forward pass. Rotary and ALiBi
+# models have no such wall (past their trained length they only degrade).
+LEARNED_POSITIONS = {"gpt2": "n_positions", "gpt_bigcode": "n_positions", "opt": "max_position_embeddings"}
+
+
+def check_max_len(config, max_len: int, model: str) -> None:
+    """Refuse a ``max_len`` above the positions a learned-position model has, before any weight loads."""
+    attr = LEARNED_POSITIONS.get(getattr(config, "model_type", ""))
+    limit = getattr(config, attr, None) if attr else None
+    if isinstance(limit, int) and max_len > limit:
+        raise ModelError(f"max_len {max_len} is above the {limit:,} positions of {model} ({config.model_type} learns "
+                         f"one embedding per position: {attr}={limit}), so a longer example could not be fed to it",
+                         f"set max_len to {limit} or less")
+
+
 def meta_model(config) -> nn.Module:
     """Build the causal LM on the meta device: shapes and module tree, no memory, no weights."""
     from transformers import AutoModelForCausalLM

@@ -23,7 +23,7 @@ from loraplace.data import DataSpec, Splits, TokenizedSet, load_splits
 from loraplace.errors import LoraplaceError, PlacementError, TrialFailed
 from loraplace.evaluate import eval_loss, perplexity, task_accuracy
 from loraplace.formatting import plural
-from loraplace.models import pad_token_id
+from loraplace.models import check_max_len, pad_token_id
 from loraplace.peft_io import TrainedAdapters, load_weights, site_parameters
 from loraplace.placement import (
     PlacementSpec,
@@ -183,6 +183,7 @@ class Session:
         """The tokenised splits of ``spec``, loaded once per session."""
         key = spec.model_dump_json()
         if key not in self._data:
+            check_max_len(self.model.config, spec.max_len, self.model_ref)  # not an IndexError mid-forward
             self._data[key] = load_splits(spec, self.tokenizer)
         return self._data[key]
 

@@ -257,6 +257,11 @@ CASES = [
      "train.seed: Input should be greater than or equal to 0"),
     ("a budget below rank 1 for every cell", ["run", "bad.yaml"], "no cell of the grid can run",
      spec_with(**{"ranks: [2]": "budget: 10"})),
+    # an example longer than GPT-2's learned positions failed its trial with "IndexError: index out of range in self"
+    ("max_len above a learned-position model's positions", ["train", "--model", "tiny:gpt2", "--max-len", "600",
+     "--steps", "1"], "max_len 600 is above the 512 positions of tiny:gpt2"),
+    ("a study's max_len above GPT-2's positions", ["run", "bad.yaml"], "set max_len to 512 or less",
+     spec_with(**{"model: tiny:llama": "model: tiny:gpt2", "max_len: 160": "max_len: 600"})),
     ("an empty tune section", ["run", "bad.yaml"], "tune: is empty (nothing after the colon reads as null) — give "
      "its settings, or leave the key out", spec_with(**{"seeds: [0]": "seeds: [0]\ntune:"})),
 ]

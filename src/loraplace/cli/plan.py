@@ -150,8 +150,10 @@ def resolve_plan(model: str, placement: str | dict, rank: int | None, budget: in
 def probe_session(model: str, data: str, max_len: int, quiet: bool, quantize: str = "none"):
     """The loaded model and the tokenised probe data (the whole source: the probe only reads it)."""
     from loraplace.data import load_tokenized
+    from loraplace.models import check_max_len, load_config
     from loraplace.trial import Session
 
+    check_max_len(load_config(model), max_len, model)  # before the weights load
     if not quiet:
         err.print(f"loading {model} and tokenising {data} for the importance probe …", highlight=False)
     session = Session(model, quantize=quantize)

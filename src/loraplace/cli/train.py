@@ -110,6 +110,9 @@ def train(
     spec = validate(TrialSpec, raw, "invalid trial options")
     if out_dir is not None:  # before any work: a trial must not train and then fail to save
         output_dir(out_dir, {"metrics.json": "status", "adapter": "adapter", "probe.json": "sites"})
+    from loraplace.models import check_max_len, load_config
+
+    check_max_len(load_config(spec.model), spec.data.max_len, spec.model)  # before any weight loads
     if spec.placement.auto is None:  # on the meta model, before any weight loads
         from loraplace.placement import plan_for_model
 

@@ -60,10 +60,11 @@ def check_inputs(study: StudySpec) -> list[str]:
     one trainable example in every split after tokenisation) and the placements.
     Returns warnings (e.g. eval examples that are also training examples)."""
     from loraplace.data import check_data, load_splits
-    from loraplace.models import load_tokenizer
+    from loraplace.models import check_max_len, load_config, load_tokenizer
     from loraplace.train import resolve_device
 
     resolve_device(study.train.device)
+    check_max_len(load_config(study.model), study.data.max_len, study.model)
     warnings = check_data(study.data)
     # Tokenised once here (cached on disk, so the trials read it back): data that leaves no trainable example,
     # e.g. every one longer than max_len, is refused now rather than failing every trial after the store exists.

@@ -38,21 +38,6 @@ def ray_runtime(tmp_path_factory):
     ray.shutdown()
 
 
-def test_ray_backend_runs_the_same_hooks_and_records(tmp_path, write_study, ray_runtime):
-    path = write_study(seeds=[0], steps=2)
-    started, ended = [], []
-    summary = run_study(load_study(path), tmp_path / "s.db", backend="ray",
-                        hooks=RunHooks(on_start=lambda t, i, n: started.append((t.id, i, n)),
-                                       on_end=lambda t, o: ended.append((t.id, o.status))))
-    assert ray_runtime.is_initialized()  # the backend used the running runtime and left it running
-    assert (summary.ran, summary.done) == (2, 2)
-    assert sorted(i for _, i, _ in started) == [1, 2] and {n for _, _, n in started} == {2}
-    assert sorted(ended) == sorted((tid, "done") for tid, _, _ in started)
-    with Store(tmp_path / "s.db") as store:
-        trials = store.trials(store.study().id)
-        assert all(t.status == "done" and t.metrics.eval_loss > 0 and t.outcome.sites is not None for t in trials)
-
-
 def test_the_ray_backend_runs_a_fused_group_on_one_worker(tmp_path, ray_runtime):
     from helpers import tiny_study_yaml
 
@@ -146,7 +131,9 @@ def test_a_search_on_ray_decides_and_answers_as_on_the_local_backend_even_when_a
 
 def test_a_killed_worker_s_trial_continues_from_its_saved_state(tmp_path, ray_runtime):
     """A plain study saving states every step: a worker killed mid-trial is restarted and its trial continues from
-    the last saved state; every trial ends with the losses of an uninterrupted local run, recorded once."""
+    the last saved state; every trial ends with the losses of an uninterrupted local run, recorded once. The
+    driver runs the same hooks as the local backend (each trial started and ended once, the retry unseen), and
+    leaves a Ray runtime it did not start running."""
     import time
 
     from helpers import tiny_study_yaml
@@ -155,7 +142,10 @@ def test_a_killed_worker_s_trial_continues_from_its_saved_state(tmp_path, ray_ru
     (tmp_path / "s.yaml").write_text(tiny_study_yaml("raystate", steps=20, seeds=[0],
                                                      extra="execution: {save_state_every: 0}\n"))
     run_study(load_study(tmp_path / "s.yaml"), tmp_path / "local.db")
-    thread, box = _run_in_thread(tmp_path / "s.yaml", tmp_path / "ray.db", backend="ray")
+    started, ended = [], []
+    hooks = RunHooks(on_start=lambda t, i, n: started.append((t.id, i, n)),
+                     on_end=lambda t, o: ended.append((t.id, o.status)))
+    thread, box = _run_in_thread(tmp_path / "s.yaml", tmp_path / "ray.db", backend="ray", hooks=hooks)
     deadline, killed = time.monotonic() + 240, None
     while time.monotonic() < deadline and killed is None and thread.is_alive():
         if list(artifacts_dir(tmp_path / "ray.db").glob(f"*/{STATE_DIR}/*.pt")):
@@ -164,6 +154,10 @@ def test_a_killed_worker_s_trial_continues_from_its_saved_state(tmp_path, ray_ru
     thread.join(timeout=600)
     assert "error" not in box, box.get("error")
     assert killed is not None, "no trial saved a state before the study ended"
+    assert ray_runtime.is_initialized()  # the backend used the running runtime and left it running
+    assert (box["summary"].ran, box["summary"].done) == (2, 2)
+    assert sorted(i for _, i, _ in started) == [1, 2] and {n for _, _, n in started} == {2}
+    assert sorted(ended) == sorted((tid, "done") for tid, _, _ in started)
 
     def losses(db):
         with Store.open_readonly(db) as store:
@@ -171,6 +165,8 @@ def test_a_killed_worker_s_trial_continues_from_its_saved_state(tmp_path, ray_ru
             assert all(t.status == "done" and t.completions == 1 for t in trials)
             return {t.id: (t.metrics.eval_loss, [p.loss for p in t.outcome.curve]) for t in trials}
 
+    with Store.open_readonly(tmp_path / "ray.db") as store:
+        assert all(t.outcome.sites is not None for t in store.trials(store.study().id))
     local, remote = losses(tmp_path / "local.db"), losses(tmp_path / "ray.db")
     assert remote.keys() == local.keys()
     for tid, (loss, curve) in remote.items():

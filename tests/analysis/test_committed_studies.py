@@ -254,22 +254,31 @@ def test_the_readme_s_opening_quotes_the_stores():
 
 
 REPLAY_DOC = ROOT / "docs" / "replay.md"
-NL2BASH_GRID = ROOT / "docs" / "replay" / "nl2bash" / "grid.db"
+REPLAY_BLOCKS = re.findall(r"<!-- replay:([a-z0-9+-]+) -->", REPLAY_DOC.read_text())
 
 
-def test_the_nl2bash_replay_table_is_what_the_replays_give_today():
-    """docs/replay.md's nl2bash replay tables (every policy × rung seed, and the summary per policy) and its
-    machine lines are what benchmarks/replay_policies.py prints from the committed grid: a changed store or a
-    changed replay fails here."""
+@pytest.mark.parametrize("block", REPLAY_BLOCKS)
+def test_each_replay_table_is_what_the_replays_give_today(block):
+    """Each replay block of docs/replay.md (``<!-- replay:nl2bash -->``, ``<!-- replay:nl2bash+e2e -->``: the
+    tasks whose grids it replays) — the tables of every policy × task × rung seed and the summary per policy, and
+    the machine lines — is what benchmarks/replay_policies.py prints from the committed grids today: a changed
+    store or a changed replay fails here."""
     import contextlib
     import io
 
+    tasks = block.split("+")
     module = load_script("benchmarks/replay_policies.py")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        module.main([str(NL2BASH_GRID)])
-    block = REPLAY_DOC.read_text().split("<!-- replay:nl2bash -->", 1)[1].split("<!-- /replay:nl2bash -->", 1)[0]
+        module.main([str(ROOT / "docs" / "replay" / task / "grid.db") for task in tasks])
+    text = REPLAY_DOC.read_text().split(f"<!-- replay:{block} -->", 1)[1].split(f"<!-- /replay:{block} -->", 1)[0]
     expected = [line for line in printed.getvalue().splitlines() if line.startswith(("|", "task="))]
-    written = [line for line in block.splitlines() if line.startswith(("|", "task="))]
-    assert len(expected) == 3 * 5 + 2 + 2 + 5 + 5  # 15 replays, two headers each table, 5 policies, 5 lines
+    written = [line for line in text.splitlines() if line.startswith(("|", "task="))]
+    policies, seeds = len(module.POLICIES), 3
+    # every replay, two table headers, one summary row a policy, one machine line a policy and task
+    assert len(expected) == policies * seeds * len(tasks) + 2 + 2 + policies + policies * len(tasks)
     assert written == expected
+
+
+def test_the_replay_doc_has_its_nl2bash_block():
+    assert "nl2bash" in REPLAY_BLOCKS  # the parametrized test above cannot pass by finding no block

@@ -210,3 +210,10 @@ def test_an_answer_from_an_unfinished_study_says_what_is_left(study_store):
     short = replace(analysis, groups=tuple(
         replace(g, stats=dict(g.stats) | {"eval_loss": summarize([one[g.placement]])}) for g in analysis.groups))
     assert "the chosen placement has 1 of its 2 seeds" in recommend(short, specs).incomplete
+    # a failed trial is finished: only --retry-failed can change the answer (it said "once the study finishes")
+    failed = replace(analysis, counts=dict(analysis.counts) | {"failed": 1})
+    assert recommend(failed, specs).incomplete == ("1 failed: the answer may change only if the failed trials are "
+                                                   "run again (loraplace run SPEC --retry-failed)")
+    both = replace(left, counts=dict(left.counts) | {"failed": 1})
+    assert recommend(both, specs).incomplete.endswith("once the study finishes and its failed trials are run again "
+                                                      "(--retry-failed)")

@@ -214,7 +214,17 @@ def _incomplete(analysis: StudyAnalysis, chosen: Group, metric: str) -> str | No
     planned = len(analysis.spec.get("seeds", []))
     if chosen.stats[metric].n < planned:
         parts.append(f"the chosen placement has {chosen.stats[metric].n} of its {planned} seeds")
-    return "; ".join(parts) + ": the answer may change once the study finishes" if parts else None
+    if not parts:
+        return None
+    # A failed trial is finished: it changes the answer only when it is run again, and that takes a flag.
+    failed = analysis.counts.get("failed", 0)
+    if open_ and failed:
+        until = "once the study finishes and its failed trials are run again (--retry-failed)"
+    elif failed:
+        until = "only if the failed trials are run again (loraplace run SPEC --retry-failed)"
+    else:
+        until = "once the study finishes"
+    return "; ".join(parts) + f": the answer may change {until}"
 
 
 def _fmt(group: Group, metric: str) -> str:

@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 # Test processes (pytest-xdist): two on CI's 2-core machine cut the suite from ~460 s to ~310 s — many tests wait
 # on subprocesses (kills, signals, Ray); three gave no more (386 vs 374 s, 2026-12-07), nor did starting the slow
 # tests first (432 s: the multi-process tests then contend with each other). Each worker keeps one intra-op thread
-# (tests/conftest.py).
+# (tests/conftest.py); OMP_NUM_THREADS=1 for every child as well changed nothing (425 vs 432 s). With two workers
+# the suite is CPU-bound: 98 % of both cores busy from start to end (840 tests, 454 s, 2026-12-07, AVX2).
 TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast lint clean browser docs

@@ -41,19 +41,20 @@ def output_file(path: str, kind: str, inputs: tuple[str, ...] = ()):
     return target
 
 
-def output_dir(path: str, owned: dict[str, str]) -> None:
-    """An --out directory a command can write into, checked before any work: not a file, and each entry the
-    command writes there (``owned``: name → what it is) either absent or its own earlier output — a JSON record
-    it wrote, a directory holding an adapter — never a file of someone else's."""
+def output_dir(path: str, owned: dict[str, str], *, what: str = "this command writes a directory there",
+               option: str = "--out") -> None:
+    """An --out directory a command can write into, checked before any work: not a file, nothing in the way of
+    creating it, writable, and each entry the command writes there (``owned``: name → what it is) either absent
+    or its own earlier output — a JSON record it wrote, a directory holding an adapter — never a file of someone
+    else's. ``option`` names the directory in messages (a report's default folder is no option the user gave)."""
     from pathlib import Path
 
     target = Path(path)
     if target.exists() and not target.is_dir():
-        raise LoraplaceError(f"--out {target} is a file; this command writes a directory there",
-                             "give a directory path (it is created if missing)")
+        raise LoraplaceError(f"{option} {target} is a file; {what}", "give a directory path (it is created if missing)")
     problem = folder_problem(target)  # notes.txt/run1, or a folder this process may not write
     if problem is not None:
-        raise LoraplaceError(f"--out {target}: {problem}", "give a directory path where you may write (it is "
+        raise LoraplaceError(f"{option} {target}: {problem}", "give a directory path where you may write (it is "
                              "created if missing)")
     for name, what in owned.items():
         entry = target / name

@@ -8,9 +8,8 @@ import sys
 import typer
 
 from loraplace.cli.common import AT_HELP, FLAG, _Command, app, at_values, err, out
-from loraplace.cli.outputs import output_file
+from loraplace.cli.outputs import output_dir, output_file
 from loraplace.errors import LoraplaceError
-from loraplace.paths import folder_problem
 
 
 @app.command(cls=_Command)
@@ -78,12 +77,8 @@ def report(store: str = typer.Argument(..., help="study store (.db)"),
         raise LoraplaceError(f"study {analysis.name!r} has no finished trial yet",
                              f"run it first (loraplace run SPEC --store {store}) or check loraplace status {store}")
     target = Path(out_dir) if out_dir else Path(store).with_name(Path(store).stem + "_report")
-    if target.exists() and not target.is_dir():
-        raise LoraplaceError(f"--out {target} is a file; a report is a directory", "give a directory path")
-    problem = folder_problem(target)  # before any figure is drawn: notes.txt/report, a read-only folder
-    if problem is not None:
-        raise LoraplaceError(f"{'--out ' if out_dir else 'report folder '}{target}: {problem}",
-                             "give --out a directory where you may write (it is created if missing)")
+    # before any figure is drawn: a file there or in the way (notes.txt/report), a read-only folder
+    output_dir(str(target), {}, what="a report is a directory", option="--out" if out_dir else "report folder")
     written = write_report(analysis, target, chosen)
     if not quiet:
         print_comparison(analysis, out)
@@ -143,12 +138,7 @@ def compare(stores: list[str] = typer.Argument(..., help="study stores (.db), on
 
     chosen = parse_formats(formats)
     target = Path(out_dir)
-    if target.exists() and not target.is_dir():
-        raise LoraplaceError(f"--out {target} is a file; a report is a directory", "give a directory path")
-    problem = folder_problem(target)  # before any figure is drawn: notes.txt/report, a read-only folder
-    if problem is not None:
-        raise LoraplaceError(f"{'--out ' if out_dir else 'report folder '}{target}: {problem}",
-                             "give --out a directory where you may write (it is created if missing)")
+    output_dir(str(target), {}, what="a report is a directory")  # before any figure is drawn
     cross = compare_stores(stores)
     written = write_compare_report(cross, target, chosen)
     if not quiet:

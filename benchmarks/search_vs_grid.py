@@ -5,7 +5,9 @@ best arm (seed-paired), its compute against the grid's, and every candidate it c
 
 Prints Markdown tables (for docs/search.md) and, last, the machine-readable line
 ``search_steps=N grid_steps=G ratio=R answer=NAME delta_vs_grid_best=D ci_low=L ci_high=H`` (Δ = the search's
-answer − the grid's best arm, test eval loss, 95 % seed-paired interval over the seeds both ran).
+answer − the grid's best arm, test eval loss, 95 % seed-paired interval over the seeds both ran). With
+``--task NAME`` it prints, after it, the same figures as the replays' line (docs/replay.md, docs/search.md):
+``task=NAME search_steps=N grid_steps=G ratio=R answer=NAME grid_answer=NAME delta=D ci_low=L ci_high=H``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("search_store")
     parser.add_argument("grid_store")
+    parser.add_argument("--task", help="also print the line in the replays' format, naming this task")
     args = parser.parse_args(argv)
 
     searched = analyze_store(args.search_store)
@@ -95,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nsearch_steps={search.search_steps():.0f} grid_steps={search.grid_steps} ratio={search.ratio():.3f} "
           f"answer={name} delta_vs_grid_best={test.mean_diff:+.4f} ci_low={test.ci[0]:+.4f} "
           f"ci_high={test.ci[1]:+.4f}")
+    if args.task:
+        print(f"task={args.task} search_steps={search.search_steps():.0f} grid_steps={search.grid_steps} "
+              f"ratio={search.ratio():.3f} answer={name} grid_answer={grid_best.placement} "
+              f"delta={test.mean_diff:+.4f} ci_low={test.ci[0]:+.4f} ci_high={test.ci[1]:+.4f}")
     return 0
 
 

@@ -282,3 +282,23 @@ def test_each_replay_table_is_what_the_replays_give_today(block):
 
 def test_the_replay_doc_has_its_nl2bash_block():
     assert "nl2bash" in REPLAY_BLOCKS  # the parametrized test above cannot pass by finding no block
+
+
+def test_the_search_line_of_docs_search_md_is_what_the_stores_give_today():
+    """docs/search.md's run-2 line is benchmarks/search_vs_grid.py's last lines on the committed search and grid:
+    a changed store or a changed computation fails here (the pattern the live GSM8K line of docs/replay.md's
+    chosen default is checked by, too)."""
+    import contextlib
+    import io
+
+    module = load_script("benchmarks/search_vs_grid.py")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert module.main([str(ROOT / "docs" / "search" / "search.db"), str(ROOT / "docs" / "validation" /
+                                                                              "validation.db"), "--task", "gsm8k"]) == 0
+    *_, old_format, task_line = printed.getvalue().splitlines()
+    assert f"`{old_format}`" in (ROOT / "docs" / "search.md").read_text()
+    # the same figures in the replays' format; docs/search.md says the answer is the grid's best arm, ff-up
+    assert task_line == "task=gsm8k " + old_format.replace("answer=ff-up delta_vs_grid_best=",
+                                                           "answer=ff-up grid_answer=ff-up delta=")
+

@@ -34,6 +34,11 @@ def saved_states(db) -> int:
     return len(list(artifacts_dir(db).glob(f"*/{STATE_DIR}/*.pt")))
 
 
+def saved_since(db, moment: float) -> bool:
+    """Whether some trial's training state was written after ``moment`` (time.time())."""
+    return any(p.stat().st_mtime > moment for p in artifacts_dir(db).glob(f"*/{STATE_DIR}/*.pt"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("execution", ["", "execution: {fuse: 4}\n", "execution: {save_state_every: 0}\n"],
                          ids=["one-at-a-time", "fused", "saved-states"])
@@ -58,12 +63,16 @@ def test_twenty_random_kills_lose_and_duplicate_nothing(tmp_path, execution, for
         db = tmp_path / f"s{rounds}.db"
         seen: dict[str, str] = {}
         while True:
-            before = attempts(db)
+            before, started = attempts(db), time.time()
             proc = start_run(spec, db, env, server=fork_server)
             runs += 1
             # Wait until this run has claimed a trial (past imports and set-up), then kill it at a random moment:
             # inside training, around record_outcome, or in the next claim.
             assert wait_for(lambda b=before, p=proc, d=db: attempts(d) > b or p.poll() is not None), "no trial claimed"
+            if "save_state_every" in execution and runs % 2:
+                # Every other run waits for a save first: on a slow or busy machine (CI) the model's set-up alone can
+                # outlast the random delay, and then no kill would ever test continuing from a saved state.
+                wait_for(lambda p=proc, d=db, t=started: saved_since(d, t) or p.poll() is not None)
             if proc.poll() is None:
                 time.sleep(rng.uniform(0.0, 1.5))
             if proc.poll() is None:

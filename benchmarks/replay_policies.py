@@ -1,11 +1,15 @@
 """Replay every search policy of docs/replay.md on the stored grids and apply the rule that chooses the default.
 
     python benchmarks/replay_policies.py docs/replay/nl2bash/grid.db docs/replay/e2e/grid.db
+    python benchmarks/replay_policies.py … --write-search examples/replay/gsm8k-search.yaml \
+        --base examples/replay/gsm8k-grid.yaml
 
 Prints the replay table (every policy × task × rung seed: ratio, answer, Δ with its 95 % interval, whether the
 grid's validation-best candidate survived the first rung), the summary per policy, and the policy the rule picks.
 No training: each replay reads the grids' recorded rung points (loraplace.analysis.replay). A grid that has not
-finished what a replay needs is reported as such, not guessed.
+finished what a replay needs is reported as such, not guessed. ``--write-search OUT --base SPEC``: once the rule
+has chosen, write OUT, the study SPEC with the chosen policy as its ``search:`` (the live confirmation of
+docs/replay.md; an OUT already there must hold the same policy). Exit 3 when asked to write and nothing is chosen.
 """
 
 from __future__ import annotations
@@ -88,10 +92,60 @@ def choose(rows: list[Row]) -> tuple[str | None, dict[str, dict]]:
     return min(near, key=lambda k: (near[k]["max_ratio"], list(POLICIES).index(k))), summary
 
 
+def search_block(name: str) -> str:
+    """The chosen policy as the one-line ``search:`` of a study spec (flow YAML, the form docs/replay.md gives)."""
+    settings = POLICIES[name] | {"rung_examples": RUNG_EXAMPLES}
+
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(map(str, v)) + "]"
+        return str(v)
+
+    return "search: {" + ", ".join(f"{k}: {value(v)}" for k, v in settings.items()) + "}"
+
+
+def write_search_spec(name: str, base: Path, out: Path) -> None:
+    """``out``: the study ``base`` (the task's grid) with the chosen policy as its search, named ``*-search``, without
+    the grid's recorded rung points (``eval.at_steps``: a replay's, not a search's). The
+    data paths stay valid because ``out`` lives beside ``base``; an existing ``out`` is kept if it holds the same
+    policy (a rerun), refused otherwise (the choice is made once)."""
+    import yaml
+
+    if out.resolve().parent != base.resolve().parent:
+        raise SystemExit(f"--write-search {out}: write it beside --base {base} (its data paths are relative)")
+    block = search_block(name)
+    if out.exists():
+        spec = yaml.safe_load(out.read_text())
+        if spec.get("search") != yaml.safe_load(block)["search"]:
+            raise SystemExit(f"{out} already holds another search: {spec.get('search')}; the choice is {block}")
+        return
+    # The grid's `eval:` records the rung points for replays; a user's search has no use for them, and they would
+    # cost its finalists evals a search does not make (the rungs read search.rung_examples on their own).
+    body = [line for line in base.read_text().splitlines() if not line.startswith(("#", "eval:"))]
+    grid_name = yaml.safe_load(base.read_text())["name"]
+    body = [f"name: {grid_name.removesuffix('-grid')}-search" if line == f"name: {grid_name}" else line
+            for line in body]
+    header = [
+        "# yaml-language-server: $schema=../../docs/study.schema.json",
+        f"# The live confirmation of docs/replay.md: {base.name} searched with the default chosen by replay",
+        f"# ({name}: written by benchmarks/replay_policies.py --write-search from the rule of docs/replay.md).",
+        f"# Compared with its grid: python benchmarks/search_vs_grid.py SEARCH.db GRID.db --task "
+        f"{grid_name.removesuffix('-grid')}",
+    ]
+    out.write_text("\n".join(header + body + [block]) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stores", nargs="+", type=Path)
+    parser.add_argument("--write-search", type=Path, metavar="OUT",
+                        help="once a default is chosen, write OUT: --base with the chosen policy as its search")
+    parser.add_argument("--base", type=Path, metavar="SPEC", help="the study --write-search starts from")
     args = parser.parse_args(argv)
+    if (args.write_search is None) != (args.base is None):
+        parser.error("--write-search and --base go together")
     rows = replay_all(args.stores)
     print("| policy | task | rung seed | ratio | answer | grid's answer | Δ test loss [95 % CI] | grid's val-best "
           "kept at rung 1 |")
@@ -120,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         if row.result is not None and row.seed == 0:
             print(row.result.line(row.task) + f" policy={row.policy}")
+    if args.write_search is not None:
+        if chosen is None:
+            print(f"--write-search: nothing written to {args.write_search}: no default is chosen yet", file=sys.stderr)
+            return 3
+        write_search_spec(chosen, args.base, args.write_search)
+        print(f"wrote {args.write_search}: {search_block(chosen)}")
     return 0 if not any(math.isnan(r.result.delta) for r in rows if r.result is not None) else 1
 
 

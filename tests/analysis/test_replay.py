@@ -222,3 +222,31 @@ def test_the_rule_that_chooses_the_default():
     assert bench.choose(one_task)[0] is None
     # a replay that could not run leaves the choice open
     assert bench.choose([bench.Row("today", "t", 0, None, "unfinished")])[0] is None
+
+
+@pytest.mark.parametrize("name", ["today", "diverse", "pasha"])
+def test_the_chosen_policy_is_written_as_the_search_of_the_task_s_grid(tmp_path, name):
+    """--write-search: the live confirmation's spec is the grid's spec with the chosen policy as its search: the
+    same study in every other field but the grid's recorded rung points, the policy exactly as replayed
+    (rung_examples included)."""
+    import shutil
+
+    import yaml
+
+    bench = _replay_policies()
+    base = tmp_path / "gsm8k-grid.yaml"
+    shutil.copy("examples/replay/gsm8k-grid.yaml", base)
+    out = tmp_path / "gsm8k-search.yaml"
+    bench.write_search_spec(name, base, out)
+    grid, searched = yaml.safe_load(base.read_text()), yaml.safe_load(out.read_text())
+    assert searched.pop("name") == "gsm8k-search" and grid.pop("name") == "gsm8k-grid"
+    policy = searched.pop("search")
+    assert grid.pop("eval") == {"at_steps": [2, 3, 4, 5, 8, 10, 13, 20, 27], "watch_examples": 24}
+    assert searched == grid
+    assert SearchSpec.model_validate(policy) == SearchSpec.model_validate(bench.POLICIES[name] | {"rung_examples": 24})
+    bench.write_search_spec(name, base, out)  # a rerun with the same choice keeps the file
+    other = "floor" if name != "floor" else "today"
+    with pytest.raises(SystemExit, match="already holds another search"):
+        bench.write_search_spec(other, base, out)
+    with pytest.raises(SystemExit, match="beside --base"):
+        bench.write_search_spec(name, base, tmp_path / "elsewhere" / "s.yaml")

@@ -41,6 +41,21 @@ def test_default_rungs_halve_down_to_the_finalists_and_respect_the_floor():
     assert all(s < 40 for s in rung_steps(SearchSpec(min_steps=39), 24, 40, warmup=0))
 
 
+def test_rungs_given_as_fractions_of_the_horizon_scale_with_it():
+    """One policy for any horizon: fractions round to the nearest step (half up), stay in [1, steps − 1] and merge
+    when they round to the same step; the replayed policies' step counts on 40 steps are their fractions."""
+    pasha = SearchSpec(rungs=[0.05, 0.1, 0.2, 0.325, 0.5])
+    assert rung_steps(pasha, 20, 40, warmup=4) == [2, 4, 8, 13, 20]
+    assert rung_steps(pasha, 20, 160, warmup=4) == [8, 16, 32, 52, 80]
+    assert rung_steps(pasha, 20, 10, warmup=4) == [1, 2, 3, 5]  # 0.5 and 1.0 both give step 1: one rung
+    assert rung_steps(SearchSpec(rungs=[0.9, 0.99]), 20, 4, warmup=0) == [3]  # below the horizon, merged
+    assert rung_steps(SearchSpec(rungs=[4.0, 13.0]), 20, 40, warmup=4) == [4, 13]  # whole floats are step counts
+    for bad, why in (([2, 0.5], "not both"), ([0.5, 0.2], "strictly increasing"), ([0.5, 1.5], "1.5 is neither"),
+                     ([0.0, 0.5], "not both"), ([0], "greater than 0")):
+        with pytest.raises(ValueError, match=why):
+            SearchSpec(rungs=bad)
+
+
 def test_many_candidates_are_cut_at_about_eta_at_every_rung():
     """100 candidates, 40 steps, warm-up 4: the rungs used to merge into [4, 13], so 100 → 34 → 2 (17× in one
     rung). Now four rungs from the floor cut by 3 each; rungs given as two still share the cut evenly."""

@@ -48,6 +48,7 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator
 
@@ -55,6 +56,9 @@ from loraplace.errors import LoraplaceError
 from loraplace.placement.spec import PlacementSpec
 from loraplace.records import GroupKey, RungDecision, RungResult
 from loraplace.specs import StrictModel
+
+# A rung as a fraction of the horizon (train.steps): the same policy at any number of steps.
+RungFraction = Annotated[float, Field(gt=0, lt=1)]
 
 SEARCH_DIR = "search"  # under the store's artifacts: one folder of saved training state per candidate
 
@@ -64,9 +68,10 @@ class SearchSpec(StrictModel):
 
     eta: int = Field(default=3, ge=2, description="each rung keeps the best 1/eta of its candidates (rounded up)")
     finalists: PositiveInt = Field(default=2, description="placements that run every seed at the full horizon")
-    rungs: list[PositiveInt] | None = Field(default=None, min_length=1, description="the rungs' step counts, "
-                                            "increasing, each below train.steps (default: train.steps / eta^k, "
-                                            "never below min_steps)")
+    rungs: list[PositiveInt] | list[RungFraction] | None = Field(
+        default=None, min_length=1, description="the rungs, increasing: step counts, each below train.steps, or "
+        "fractions of train.steps (0 < f < 1: [0.05, 0.2] is steps 2 and 8 of 40, 8 and 32 of 160), rounded to "
+        "the nearest step (default: train.steps / eta^k, never below min_steps)")
     min_steps: PositiveInt | None = Field(default=None, description="the first rung's least step count (default: "
                                           "train.warmup, at least 1: before that the ranking is mostly the LR)")
     rung_examples: PositiveInt | None = Field(default=None, description="validation examples a rung evaluates "
@@ -89,9 +94,24 @@ class SearchSpec(StrictModel):
                                         "on the first seed; the others stop at one seed and are not compared "
                                         "(default: every finalist runs every seed)")
 
+    @field_validator("rungs", mode="before")
+    @classmethod
+    def _one_kind(cls, value: object) -> object:
+        # A list mixing both kinds would fail both branches of the union with two unrelated messages; one says why.
+        if isinstance(value, list | tuple):
+            fractions = [v for v in value if isinstance(v, float) and not v.is_integer()]
+            odd = [v for v in fractions if not 0 < v < 1]
+            if odd:
+                raise ValueError(f"search.rungs: {odd[0]:g} is neither a step count (a whole number) nor a "
+                                 "fraction of train.steps (0 < f < 1)")
+            if fractions and len(fractions) < len(value):
+                raise ValueError("search.rungs are step counts (whole numbers) or fractions of train.steps "
+                                 f"(0 < f < 1), not both: {list(value)}")
+        return value
+
     @field_validator("rungs")
     @classmethod
-    def _increasing(cls, value: list[int] | None) -> list[int] | None:
+    def _increasing(cls, value: list[int] | list[float] | None) -> list[int] | list[float] | None:
         if value is not None and any(b <= a for a, b in zip(value, value[1:], strict=False)):
             raise ValueError("search.rungs must be strictly increasing")
         return value
@@ -131,7 +151,7 @@ def rung_steps(search: SearchSpec, candidates: int, total_steps: int, warmup: in
     and the last rung instead of merging, so each still cuts about eta; only when the steps in between are too
     few to give every cut its own rung do rungs merge (and :func:`keep_rate` cuts faster at each)."""
     if search.rungs is not None:
-        return list(search.rungs)
+        return given_rung_steps(search.rungs, total_steps)
     floor = min(first_rung_floor(search, total_steps, warmup), total_steps - 1)
     cuts = max(1, math.ceil(math.log(max(candidates / search.finalists, 1.0)) / math.log(search.eta) - 1e-9))
     ideal = [total_steps / search.eta ** k for k in range(cuts, 0, -1)]
@@ -145,6 +165,19 @@ def rung_steps(search: SearchSpec, candidates: int, total_steps: int, warmup: in
         if s >= 1 and (not out or s > out[-1]):
             out.append(s)
     return out or [max(1, total_steps - 1)]
+
+
+def given_rung_steps(rungs: list[int] | list[float], total_steps: int) -> list[int]:
+    """``search.rungs`` as step counts: step counts as given; fractions of the horizon to the nearest step (half
+    up), at least 1 and below ``total_steps``. Fractions that round to the same step make one rung."""
+    if not any(isinstance(r, float) for r in rungs):
+        return [int(r) for r in rungs]
+    out: list[int] = []
+    for fraction in rungs:
+        step = min(max(1, math.floor(fraction * total_steps + 0.5 + 1e-9)), total_steps - 1)
+        if not out or step > out[-1]:
+            out.append(step)
+    return out
 
 
 def first_rung_floor(search: SearchSpec, total_steps: int, warmup: int) -> int:

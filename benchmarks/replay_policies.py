@@ -44,6 +44,15 @@ class Row:
     why: str = ""
 
 
+def rung_seeds(spec: dict) -> list[int]:
+    """The seeds a replay can put the rungs on: those every (placement, LR) ran on — every seed of the two replay
+    grids, the tuned GSM8K grid's first seed only (its other seeds ran at each placement's selected LR)."""
+    from loraplace.study import StudySpec
+
+    study = StudySpec.model_validate({k: v for k, v in spec.items() if k != "versions"})
+    return list(study.tune.seeds) if study.tune is not None and study.tune.seeds is not None else list(study.seeds)
+
+
 def replay_all(stores: list[Path]) -> list[Row]:
     from loraplace.analysis.replay import replay_store
     from loraplace.errors import LoraplaceError
@@ -57,7 +66,7 @@ def replay_all(stores: list[Path]) -> list[Row]:
         task = study.name.removesuffix("-grid")
         for name, settings in POLICIES.items():
             policy = SearchSpec.model_validate(settings | {"rung_examples": RUNG_EXAMPLES})
-            for seed in study.spec.get("seeds", [0]):
+            for seed in rung_seeds(study.spec):
                 try:
                     rows.append(Row(name, task, seed, replay_store(store, policy, rung_seed=seed)))
                 except LoraplaceError as exc:

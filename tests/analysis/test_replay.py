@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import load_script, tiny_study_yaml
-from loraplace.analysis.replay import replay_store
+from loraplace.analysis.replay import replay, replay_store
 from loraplace.errors import LoraplaceError
 from loraplace.search import SearchSpec
 from loraplace.store import Store
@@ -138,6 +138,16 @@ def test_a_policy_the_grid_cannot_replay_is_refused_with_the_reason(stores):
     assert "at recorded steps" in exc.value.hint
     with pytest.raises(LoraplaceError, match="rung seed 7"):
         replay_store(stores / "grid.db", SearchSpec.model_validate({"rungs": [2], "rung_examples": 5}), rung_seed=7)
+    # a tuned grid's other seeds ran at the selected LR only: not "trials the grid has not finished"
+    import dataclasses
+
+    with Store.open_readonly(stores / "grid.db") as store:
+        study, records = store.study(), store.trials(store.study().id)
+    tuned = dataclasses.replace(study, spec=study.spec | {"tune": study.spec["tune"] | {"seeds": [0]}})
+    with pytest.raises(LoraplaceError, match=r"rung seed 1 ran only at each placement's selected LR.*tune.seeds \(0\)"):
+        replay(tuned, records, SearchSpec.model_validate({"rungs": [2], "rung_examples": 5}), rung_seed=1)
+    assert _replay_policies().rung_seeds(tuned.spec) == [0]
+    assert _replay_policies().rung_seeds(study.spec) == [0, 1, 2]
     # every problem at once, each saying what to give (it said "the policy's rungs all the (search.rung_examples)")
     with pytest.raises(LoraplaceError) as exc:
         replay_store(stores / "grid.db", SearchSpec.model_validate({"rungs": [2]}), rung_seed=7)

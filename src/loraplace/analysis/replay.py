@@ -92,6 +92,11 @@ def replay(grid: StudyRecord, records: list[TrialRecord], policy: SearchSpec, *,
     seed = spec.seeds[0] if rung_seed is None else rung_seed
     if seed not in spec.seeds:  # said with the others: every problem at once
         problems.append(f"rung seed {seed} is not one of the grid's seeds ({', '.join(map(str, spec.seeds))})")
+    elif spec.tune is not None and spec.tune.seeds is not None and seed not in spec.tune.seeds:
+        # A tuned grid runs its other seeds only at each placement's selected LR: the rungs' candidates (every
+        # placement × LR) exist only on tune.seeds. Said as such, not as trials the grid has yet to finish.
+        problems.append(f"rung seed {seed} ran only at each placement's selected LR: the candidates (every "
+                        f"placement × LR) ran on tune.seeds ({', '.join(map(str, spec.tune.seeds))})")
     if problems:
         raise LoraplaceError(f"cannot replay a search on {grid.name!r}: " + "; ".join(problems),
                              "a replayable grid is a tuned study (tune:) whose eval.at_steps include every rung "

@@ -7,7 +7,8 @@ Prints Markdown tables (for docs/search.md) and, last, the machine-readable line
 ``search_steps=N grid_steps=G ratio=R answer=NAME delta_vs_grid_best=D ci_low=L ci_high=H`` (Δ = the search's
 answer − the grid's best arm, test eval loss, 95 % seed-paired interval over the seeds both ran). With
 ``--task NAME`` it prints, after it, the same figures as the replays' line (docs/replay.md, docs/search.md):
-``task=NAME search_steps=N grid_steps=G ratio=R answer=NAME grid_answer=NAME delta=D ci_low=L ci_high=H``.
+``task=NAME search_steps=N grid_steps=G ratio=R answer=NAME grid_answer=NAME delta=D ci_low=L ci_high=H``, where
+the grid's answer is what ``recommend`` answers on the grid (as in the replays), Δ against it.
 """
 
 from __future__ import annotations
@@ -99,9 +100,16 @@ def main(argv: list[str] | None = None) -> int:
           f"answer={name} delta_vs_grid_best={test.mean_diff:+.4f} ci_low={test.ci[0]:+.4f} "
           f"ci_high={test.ci[1]:+.4f}")
     if args.task:
+        # The grid's answer as the replays read it (loraplace.analysis.replay): what `recommend` answers on the
+        # grid — the best mean, or the smaller of two it cannot tell apart — not always the best mean.
+        grid_answer = recommend_from_store(args.grid_store).chosen.placement
+        answer_group = next(g for g in grid.compared if g.placement == grid_answer)
+        vs = paired(chosen.by_seed["eval_loss"], answer_group.by_seed["eval_loss"])
+        assert vs is not None
+        low, high = vs.ci if vs.ci is not None else (vs.mean_diff, vs.mean_diff)
         print(f"task={args.task} search_steps={search.search_steps():.0f} grid_steps={search.grid_steps} "
-              f"ratio={search.ratio():.3f} answer={name} grid_answer={grid_best.placement} "
-              f"delta={test.mean_diff:+.4f} ci_low={test.ci[0]:+.4f} ci_high={test.ci[1]:+.4f}")
+              f"ratio={search.ratio():.3f} answer={name} grid_answer={grid_answer} "
+              f"delta={vs.mean_diff:+.4f} ci_low={low:+.4f} ci_high={high:+.4f}")
     return 0
 
 

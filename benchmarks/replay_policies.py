@@ -103,16 +103,10 @@ def choose(rows: list[Row]) -> tuple[str | None, dict[str, dict]]:
 
 def search_block(name: str) -> str:
     """The chosen policy as the one-line ``search:`` of a study spec (flow YAML, the form docs/replay.md gives)."""
+    import yaml
+
     settings = POLICIES[name] | {"rung_examples": RUNG_EXAMPLES}
-
-    def value(v: object) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, list):
-            return "[" + ", ".join(map(str, v)) + "]"
-        return str(v)
-
-    return "search: {" + ", ".join(f"{k}: {value(v)}" for k, v in settings.items()) + "}"
+    return "search: " + yaml.safe_dump(settings, default_flow_style=True, sort_keys=False, width=1000).strip()
 
 
 def write_search_spec(name: str, base: Path, out: Path) -> None:

@@ -30,13 +30,17 @@ def by_cell(db) -> dict[tuple[str, int], tuple[float, list[float]]]:
                 for t in store.trials(store.study().id) if t.status == "done"}
 
 
+def state_files(db) -> list:
+    return list(artifacts_dir(db).glob(f"*/{STATE_DIR}/*.pt"))
+
+
 def saved_states(db) -> int:
-    return len(list(artifacts_dir(db).glob(f"*/{STATE_DIR}/*.pt")))
+    return len(state_files(db))
 
 
 def saved_since(db, moment: float) -> bool:
     """Whether some trial's training state was written after ``moment`` (time.time())."""
-    return any(p.stat().st_mtime > moment for p in artifacts_dir(db).glob(f"*/{STATE_DIR}/*.pt"))
+    return any(p.stat().st_mtime > moment for p in state_files(db))
 
 
 @pytest.mark.slow

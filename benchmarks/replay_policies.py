@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The policies, as fixed in docs/replay.md before any replay ("Rule that chooses the default"). Every one reads
-# the grids' 24-example rung points.
+# the grids' 24-example rung points. A field a policy leaves out takes its value from FIXED_DEFAULTS, the
+# SearchSpec defaults of the day the policies were fixed, so that the replays do not move when `search: {}` does.
+FIXED_DEFAULTS: dict[str, object] = {"eta": 3, "finalists": 2, "min_steps": None, "min_fraction": None,
+                                     "screen_lrs": 0, "stop_when_stable": False, "hedge": 0, "confirm": None}
 POLICIES: dict[str, dict] = {
     "today": {"rungs": [4, 13]},
     "floor": {"rungs": [8, 20], "eta": 5, "finalists": 1},
@@ -56,7 +59,6 @@ def rung_seeds(spec: dict) -> list[int]:
 def replay_all(stores: list[Path]) -> list[Row]:
     from loraplace.analysis.replay import replay_store
     from loraplace.errors import LoraplaceError
-    from loraplace.search import SearchSpec
     from loraplace.store import Store
 
     rows = []
@@ -64,8 +66,8 @@ def replay_all(stores: list[Path]) -> list[Row]:
         with Store.open_readonly(store) as opened:
             study = opened.study()
         task = study.name.removesuffix("-grid")
-        for name, settings in POLICIES.items():
-            policy = SearchSpec.model_validate(settings | {"rung_examples": RUNG_EXAMPLES})
+        for name in POLICIES:
+            policy = policy_spec(name)
             for seed in rung_seeds(study.spec):
                 try:
                     rows.append(Row(name, task, seed, replay_store(store, policy, rung_seed=seed)))
@@ -101,11 +103,23 @@ def choose(rows: list[Row]) -> tuple[str | None, dict[str, dict]]:
     return min(near, key=lambda k: (near[k]["max_ratio"], list(POLICIES).index(k))), summary
 
 
+def policy_spec(name: str):
+    """The policy ``name`` as the SearchSpec it was replayed as."""
+    from loraplace.search import SearchSpec
+
+    return SearchSpec.model_validate(FIXED_DEFAULTS | POLICIES[name] | {"rung_examples": RUNG_EXAMPLES})
+
+
 def search_block(name: str) -> str:
-    """The chosen policy as the one-line ``search:`` of a study spec (flow YAML, the form docs/replay.md gives)."""
+    """The chosen policy as the one-line ``search:`` of a study spec (flow YAML, the form docs/replay.md gives): its
+    own settings, plus any fixed default that today's ``search: {}`` no longer has (the same SearchSpec either way)."""
     import yaml
 
-    settings = POLICIES[name] | {"rung_examples": RUNG_EXAMPLES}
+    from loraplace.search import SearchSpec
+
+    today = SearchSpec().model_dump()
+    settings = POLICIES[name] | {k: v for k, v in FIXED_DEFAULTS.items()
+                                 if k not in POLICIES[name] and today[k] != v} | {"rung_examples": RUNG_EXAMPLES}
     return "search: " + yaml.safe_dump(settings, default_flow_style=True, sort_keys=False, width=1000).strip()
 
 

@@ -234,6 +234,31 @@ def test_newer_store_is_refused(tmp_path):
         Store(path)
 
 
+def test_v4_search_reads_the_fields_it_left_out_as_they_were_then(tmp_path):
+    """A search stored before a SearchSpec field existed lacks that field: v5 writes it out at the value it read as
+    then, so a later change of ``search: {}``'s defaults does not change what a stored search was. Read-only opens
+    see the same, and write nothing."""
+    from loraplace.store.migrations import SEARCH_DEFAULTS_V4
+
+    path = tmp_path / "v4.db"
+    with Store(path) as s:
+        s.write_study(INFO, {"name": "demo", "search": {"eta": 4, "rungs": [3, 10], "rung_examples": 24}})
+        s.write_study(INFO.model_copy(update={"name": "grid"}), {"name": "grid", "search": None})
+    db = sqlite3.connect(path)
+    db.execute("UPDATE schema_version SET version = 4")
+    db.commit()
+    db.close()
+    before = path.read_bytes()
+    expected = SEARCH_DEFAULTS_V4 | {"eta": 4, "rungs": [3, 10], "rung_examples": 24}
+    with Store.open_readonly(path) as s:
+        assert s.study("demo").spec["search"] == expected and s.study("grid").spec["search"] is None
+    assert path.read_bytes() == before
+    with Store(path) as s:
+        assert s.schema_version() == SCHEMA_VERSION
+        assert s.study("demo").spec["search"] == expected
+        assert expected["stop_when_stable"] is False and expected["finalists"] == 2
+
+
 def test_readonly_missing_store(tmp_path):
     with pytest.raises(StoreError, match="no store"):
         Store.open_readonly(tmp_path / "nope.db")

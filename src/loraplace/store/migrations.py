@@ -113,6 +113,24 @@ def _outcome_v2(status: str, error: str | None, failed_step: int | None, result:
         warnings=tuple(result.get("warnings", ())))
 
 
+# What a stored ``search:`` read as for each field it may leave out: the SearchSpec defaults until 2026-12-07, when
+# ``search: {}`` became the policy chosen by replay (docs/replay.md). Specs are stored as full dumps, but a search
+# stored before a field existed lacks it, and would otherwise read it at today's default.
+SEARCH_DEFAULTS_V4: dict[str, Any] = {"eta": 3, "finalists": 2, "rungs": None, "min_steps": None,
+                                      "rung_examples": None, "min_fraction": None, "screen_lrs": 0,
+                                      "stop_when_stable": False, "hedge": 0, "confirm": None}
+
+
+def _v5_search_defaults_written_out(db: sqlite3.Connection) -> None:
+    """v4 → v5: every stored ``search:`` holds every field, at the value it was stored under (so that a change of
+    ``search: {}``'s defaults never changes what a stored search was)."""
+    for study_id, spec_json in db.execute("SELECT id, spec_json FROM studies").fetchall():
+        spec = json.loads(spec_json)
+        if isinstance(spec.get("search"), dict):
+            spec["search"] = SEARCH_DEFAULTS_V4 | spec["search"]
+            db.execute("UPDATE studies SET spec_json = ? WHERE id = ?", (json.dumps(spec), study_id))
+
+
 # version → steps that bring a store from version-1 to version (SQL statements or Python functions)
 MIGRATIONS: dict[int, list[Migration]] = {
     1: [
@@ -150,6 +168,7 @@ MIGRATIONS: dict[int, list[Migration]] = {
             study_id INTEGER NOT NULL REFERENCES studies(id), rung INTEGER NOT NULL, decision_json TEXT NOT NULL,
             recorded_at REAL NOT NULL, PRIMARY KEY (study_id, rung))""",
     ],
+    5: [_v5_search_defaults_written_out],
 }
 
 SCHEMA_VERSION = max(MIGRATIONS)

@@ -187,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{'yes' if s['ratio_ok'] else 'no'} | {'yes' if s['ci_ok'] else 'no'} | "
               f"{s['survived']}/{s['replays']} |")
     none = "none yet (replays incomplete, fewer than both replay grids, or none eligible)"
-    print(f"\nchosen default: {chosen if chosen is not None else none}")
+    met = chosen is not None and summary[chosen]["ratio_ok"] and summary[chosen]["ci_ok"]
+    how = "" if chosen is None or met else (" — no policy met (a) (ratio ≤ 0.25 and ci_low ≤ 0 in every replay): "
+                                            "the smallest mean Δ among those with ratio ≤ 0.25 in every replay")
+    print(f"\nchosen default: {chosen if chosen is not None else none}{how}")
     for row in rows:
         if row.result is not None and row.seed == 0:
             print(row.result.line(row.task) + f" policy={row.policy}")

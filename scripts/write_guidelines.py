@@ -16,7 +16,7 @@ COMMAND = "python scripts/write_guidelines.py"
 # The studies built to compare placements at equal budget. docs/probe-validation (a synthetic arithmetic task,
 # 10 steps, built to validate the probe at two other budgets) is left out: docs/probe.md reports it.
 STORES = ["docs/validation/validation.db", "docs/validation-fp32/validation-fp32.db", "docs/horizon/horizon.db",
-          "docs/qlora/qlora.db", "docs/replay/nl2bash/grid.db"]
+          "docs/qlora/qlora.db", "docs/replay/nl2bash/grid.db", "docs/replay/e2e/grid.db"]
 DOC = ROOT / "docs" / "guidelines.md"
 FIGURES = ROOT / "docs" / "guidelines"
 

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from helpers import tiny_study_yaml
+from helpers import load_script, tiny_study_yaml
 from loraplace.analysis import analyze_store
 from loraplace.analysis.recommend import recommend_from_store
 from loraplace.errors import ConfigError
@@ -30,15 +30,41 @@ def done(key: str, loss: float, rung: int = 0, steps: int = 1) -> RungResult:
 # --------------------------------------------------------------------------------------------- the rule
 
 
-def test_default_rungs_halve_down_to_the_finalists_and_respect_the_floor():
+# The computed ladder (rungs: null) with the other defaults search: {} had until 2026-12-07.
+LADDER = SearchSpec(rungs=None, eta=3, finalists=2, screen_lrs=0, confirm=None, rung_examples=None)
+# Plain successive halving to one finalist on every seed: no LR screening, no confirmation.
+HALVING = SearchSpec(eta=2, finalists=1, screen_lrs=0, confirm=None)
+
+
+def test_search_defaults_are_the_policy_chosen_by_replay():
+    """search: {} is docs/replay.md's chosen policy ("diverse" in benchmarks/replay_policies.py): the same
+    SearchSpec, field for field, with its rungs as fractions of the grids' 40 steps, so the replays that chose it
+    replayed exactly what a user gets."""
+    chosen = load_script("benchmarks/replay_policies.py").policy_spec("diverse")
+    assert SearchSpec().model_dump() == chosen.model_dump() | {"rungs": [0.05, 0.2]}
+    assert rung_steps(SearchSpec(), 20, 40, warmup=4) == chosen.rungs  # the fractions are its steps at 40
+    assert rung_steps(SearchSpec(), 20, 160, warmup=16) == [8, 32]
+
+
+def test_a_first_rung_floor_asks_for_the_computed_ladder():
+    """min_steps / min_fraction place the computed ladder's first rung: without rungs they select it; beside given
+    rungs (where they used to be ignored without a word) they are refused."""
+    assert SearchSpec(min_fraction=0.2).rungs is None and SearchSpec(min_steps=4).rungs is None
+    assert rung_steps(SearchSpec(min_steps=4), 20, 40, warmup=0)[0] == 4
+    for given in ({"rungs": [2, 8], "min_steps": 4}, {"min_fraction": 0.2, "rungs": [0.1, 0.5]}):
+        with pytest.raises(ValueError, match="computed ladder's first rung"):
+            SearchSpec(**given)
+
+
+def test_the_computed_ladder_halves_down_to_the_finalists_and_respects_the_floor():
     # 24 candidates, eta 3, 2 finalists: 24 → 8 → 3 → 2 needs 3 cuts at 40/27, 40/9, 40/3; the floor (warmup 4)
     # is above the first: the three rungs spread geometrically from 4 to 13 instead of merging.
-    assert rung_steps(SearchSpec(), 24, 40, warmup=4) == [4, 7, 13]
-    assert rung_steps(SearchSpec(), 24, 40, warmup=0) == [1, 4, 13]
-    assert rung_steps(SearchSpec(eta=4), 24, 40, warmup=0) == [2, 10]
+    assert rung_steps(LADDER, 24, 40, warmup=4) == [4, 7, 13]
+    assert rung_steps(LADDER, 24, 40, warmup=0) == [1, 4, 13]
+    assert rung_steps(LADDER.model_copy(update={"eta": 4}), 24, 40, warmup=0) == [2, 10]
     assert rung_steps(SearchSpec(rungs=[3, 10]), 24, 40, warmup=4) == [3, 10]
-    assert rung_steps(SearchSpec(), 2, 10, warmup=0) == [3]  # already at the finalists: one rung picks them
-    assert all(s < 40 for s in rung_steps(SearchSpec(min_steps=39), 24, 40, warmup=0))
+    assert rung_steps(LADDER, 2, 10, warmup=0) == [3]  # already at the finalists: one rung picks them
+    assert all(s < 40 for s in rung_steps(SearchSpec(min_steps=39, eta=3, finalists=2), 24, 40, warmup=0))
 
 
 def test_rungs_given_as_fractions_of_the_horizon_scale_with_it():
@@ -61,12 +87,12 @@ def test_many_candidates_are_cut_at_about_eta_at_every_rung():
     rung). Now four rungs from the floor cut by 3 each; rungs given as two still share the cut evenly."""
     from loraplace.search import keep_rate, rungs_of
 
-    assert rung_steps(SearchSpec(), 100, 40, warmup=4) == [4, 6, 9, 13]
-    assert keep_rate(SearchSpec(), 100, 4) == 3
-    assert keep_rate(SearchSpec(), 100, 2) == pytest.approx(50 ** 0.5)
+    assert rung_steps(LADDER, 100, 40, warmup=4) == [4, 6, 9, 13]
+    assert keep_rate(LADDER, 100, 4) == 3
+    assert keep_rate(LADDER, 100, 2) == pytest.approx(50 ** 0.5)
     assert rung_steps(SearchSpec(min_fraction=0.25), 20, 40, warmup=4)[0] == 10
     cands = [candidate(f"c{i}", f"p{i // 2}", lr=(1e-3, 1e-2)[i % 2]) for i in range(100)]
-    for spec in (SearchSpec(), SearchSpec(rungs=[4, 13])):
+    for spec in (LADDER, SearchSpec(rungs=[4, 13], eta=3, finalists=2, screen_lrs=0)):
         rungs = rungs_of(rung_steps(spec, len(cands), 40, warmup=4))
 
         def run(alive, rung):
@@ -143,7 +169,7 @@ def test_run_rungs_resumes_from_recorded_results_and_runs_only_the_rest():
 
     recorded: list = []
     state = SearchState.of([done("a", 4.0), done("b", 3.0)], [])  # a kill after two results of rung 0
-    finalists = run_rungs(cands, rungs, SearchSpec(eta=2, finalists=1), state, run, recorded.append,
+    finalists = run_rungs(cands, rungs, HALVING, state, run, recorded.append,
                           recorded.append)
     assert ran == [("c", 0), ("d", 0), ("d", 1), ("c", 1)] or ran == [("c", 0), ("d", 0), ("c", 1), ("d", 1)]
     assert [c.key for c in finalists] == ["d"]
@@ -173,7 +199,7 @@ def test_a_decided_rung_with_a_failed_candidate_is_not_run_again(search_store, r
     store, sid = search_store
     cands = [candidate(k, k) for k in "abcd"]
     rungs = [Rung(0, 1, False), Rung(1, 3, True)]
-    spec = SearchSpec(eta=2, finalists=1)
+    spec = HALVING
     first = {"a": done("a", 3.0), "b": done("b", 2.0), "c": _failed("c"), "d": done("d", 1.0)}
     for r in first.values():
         store.record_rung(sid, r)
@@ -198,7 +224,7 @@ def test_a_failed_candidate_of_an_undecided_rung_is_retried_only_when_asked(sear
     store, sid = search_store
     cands = [candidate(k, k) for k in "abcd"]
     rungs = [Rung(0, 1, False), Rung(1, 3, True)]
-    spec = SearchSpec(eta=2, finalists=1)
+    spec = HALVING
     for r in (done("a", 3.0), done("b", 2.0), _failed("c")):  # killed before d ran and before the decision
         store.record_rung(sid, r)
     ran = []
@@ -291,7 +317,8 @@ def planted(tmp_path_factory):
         (root / "s.yaml").write_text(search_yaml(
             "planted", placements={"q": "{preset: attn.q+attn.v}", "up": "{preset: mlp.up}",
                                    "wide": "{roles: [all]}"},
-            lrs="[1.0e-5, 3.0e-2]", seeds=(0, 1, 2), steps=8, search="{eta: 3, finalists: 2}"))
+            lrs="[1.0e-5, 3.0e-2]", seeds=(0, 1, 2), steps=8,
+            search="{eta: 3, finalists: 2, rungs: null, screen_lrs: 0, confirm: null}"))
         study = load_study(root / "s.yaml")
         summary = run_study(study, root / "s.db")
     finally:
@@ -397,7 +424,8 @@ def test_all_candidates_tied_answers_with_the_preset(tmp_path, monkeypatch):
     train identically: a tie everywhere. The search must answer with the preset."""
     monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
     (tmp_path / "s.yaml").write_text(search_yaml("tie", placements={"same": "{roles: [all]}", "all": "{preset: all}"},
-                                                 lrs="[1.0e-3, 1.0e-2]", steps=4, search="{eta: 2}"))
+                                                 lrs="[1.0e-3, 1.0e-2]", steps=4,
+                                                 search="{eta: 2, rungs: null, screen_lrs: 0, confirm: null}"))
     run_study(load_study(tmp_path / "s.yaml"), tmp_path / "s.db")
     analysis = analyze_store(tmp_path / "s.db")
     assert {analysis.search.names[k].placement for k in analysis.search.finalists} == {"same", "all"}
@@ -506,8 +534,9 @@ def test_loraplace_run_of_a_search_shows_rungs_then_the_finalists_seeds(tmp_path
     from helpers import run_cli_in_process
 
     monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "s.yaml").write_text(search_yaml("cli", lrs="[1.0e-3, 3.0e-2]", seeds=(0, 1), steps=4,
-                                                 search="{eta: 3, finalists: 2, rungs: [1]}").replace(
+    (tmp_path / "s.yaml").write_text(search_yaml(
+        "cli", lrs="[1.0e-3, 3.0e-2]", seeds=(0, 1), steps=4,
+        search="{eta: 3, finalists: 2, rungs: [1], screen_lrs: 0, confirm: null}").replace(
         "steps: 4,", "steps: 4, warmup: 2,"))
     done = run_cli_in_process("run", tmp_path / "s.yaml", "--store", tmp_path / "s.db", capsys=capsys)
     assert done.returncode == 0, done.stderr
@@ -586,7 +615,7 @@ def test_a_rung_whose_every_candidate_failed_is_an_error_and_stays_undecided(sea
             yield _failed(c.key, rung.index, rung.steps)
 
     with pytest.raises(SearchFailed, match=r"every candidate failed at rung 1 \(1 steps\): OutOfMemoryError") as exc:
-        run_rungs(cands, rungs, SearchSpec(eta=2, finalists=1), SearchState.of([], []), failing,
+        run_rungs(cands, rungs, HALVING, SearchState.of([], []), failing,
                   lambda r: store.record_rung(sid, r), lambda d: store.record_decision(sid, d))
     assert "--retry-failed" in exc.value.hint
     assert store.rung_decisions(sid) == []  # undecided: a retry runs them again
@@ -598,7 +627,7 @@ def test_a_rung_whose_every_candidate_failed_is_an_error_and_stays_undecided(sea
             yield done(c.key, 1.0 if c.key == "a" else 2.0, rung.index, rung.steps)
 
     state = SearchState.of(store.rung_results(sid), store.rung_decisions(sid))
-    finalists = run_rungs(cands, rungs, SearchSpec(eta=2, finalists=1), state, fine,
+    finalists = run_rungs(cands, rungs, HALVING, state, fine,
                           lambda r: store.record_rung(sid, r), lambda d: store.record_decision(sid, d),
                           retry_failed=True)
     assert ("a", 0) in ran and ("b", 0) in ran and [c.key for c in finalists] == ["a"]
@@ -642,6 +671,34 @@ def test_a_search_resumes_with_state_saving_or_tracking_added(planted, tmp_path,
     other = study.model_copy(update={"train": study.train.model_copy(update={"warmup": 1})})
     with pytest.raises(StudyChanged, match="train.warmup"):
         run_study(other, tmp_path / "s.db")
+
+
+def test_a_search_stored_under_the_old_defaults_says_how_to_resume_it(planted, tmp_path, monkeypatch):
+    """search: {} changed meaning on 2026-12-07: a search stored with the defaults before then, run again with
+    search: {}, is refused (its rungs were decided under the old policy) with the old values to write."""
+    import json
+    import shutil
+    import sqlite3
+
+    from loraplace.store.migrations import SEARCH_DEFAULTS_V4
+    from loraplace.study import StudyChanged
+
+    root, study, _ = planted
+    shutil.copy(root / "s.db", tmp_path / "s.db")
+    db = sqlite3.connect(tmp_path / "s.db")
+    spec = json.loads(db.execute("SELECT spec_json FROM studies").fetchone()[0])
+    db.execute("UPDATE studies SET spec_json = ?", (json.dumps(spec | {"search": SEARCH_DEFAULTS_V4}),))
+    db.commit()
+    db.close()
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(StudyChanged) as exc:
+        run_study(study.model_copy(update={"search": SearchSpec()}), tmp_path / "s.db")
+    assert "search.eta: 3 → 4" in str(exc.value)
+    assert "write search: {rungs: null, eta: 3, finalists: 2, screen_lrs: 0, confirm: null" in exc.value.hint
+    shutil.copy(root / "s.db", tmp_path / "own.db")  # a search stored with values of its own: no word on defaults
+    with pytest.raises(StudyChanged) as exc:
+        run_study(study.model_copy(update={"search": SearchSpec()}), tmp_path / "own.db")
+    assert "search.eta: 3 → 4" in str(exc.value) and "2026-12-07" not in exc.value.hint
 
 
 def test_ctrl_c_during_a_search_s_rungs_says_the_rung_results_are_kept(tmp_path, capsys, monkeypatch):

@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, NonNegativeInt, PositiveInt, field_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from loraplace.errors import LoraplaceError
 from loraplace.placement.spec import PlacementSpec
@@ -62,25 +62,39 @@ RungFraction = Annotated[float, Field(gt=0, lt=1)]
 
 SEARCH_DIR = "search"  # under the store's artifacts: one folder of saved training state per candidate
 
+# ``search: {}`` is the policy chosen by replay on the nl2bash and e2e grids (docs/replay.md, "diverse"): a first
+# rung at 5 % of the horizon that cuts LRs within each placement (each keeps its best), a second at 20 % that cuts
+# placements (eta 4) down to two finalists, of which the better by full-horizon validation loss runs every seed;
+# each rung reads the first 24 validation examples.
+DEFAULT_RUNGS: tuple[float, ...] = (0.05, 0.2)
+DEFAULT_RUNG_EXAMPLES = 24
+
 
 class SearchSpec(StrictModel):
-    """``search:`` in a study. Every field has a default: ``search: {}`` is a search."""
+    """``search:`` in a study. Every field has a default: ``search: {}`` is the policy chosen by replaying
+    policies on stored grids of two tasks (docs/replay.md): rungs at 5 and 20 % of the horizon, the first cutting
+    LRs within each placement, eta 4, two finalists of which the better confirms at every seed, 24 validation
+    examples a rung."""
 
-    eta: int = Field(default=3, ge=2, description="each rung keeps the best 1/eta of its candidates (rounded up)")
-    finalists: PositiveInt = Field(default=2, description="placements that run every seed at the full horizon")
+    eta: int = Field(default=4, ge=2, description="each rung keeps the best 1/eta of its candidates (rounded up); "
+                     "faster when the rungs are fewer than the cuts to the finalists need")
+    finalists: PositiveInt = Field(default=2, description="placements that reach the full horizon on the first "
+                                   "seed (and every seed, unless confirm picks among them)")
     rungs: list[PositiveInt] | list[RungFraction] | None = Field(
-        default=None, min_length=1, description="the rungs, increasing: step counts, each below train.steps, or "
-        "fractions of train.steps (0 < f < 1: [0.05, 0.2] is steps 2 and 8 of 40, 8 and 32 of 160), rounded to "
-        "the nearest step (default: train.steps / eta^k, never below min_steps)")
-    min_steps: PositiveInt | None = Field(default=None, description="the first rung's least step count (default: "
-                                          "train.warmup, at least 1: before that the ranking is mostly the LR)")
-    rung_examples: PositiveInt | None = Field(default=None, description="validation examples a rung evaluates "
-                                              "(the split's first N, the same for every candidate; default: all). "
-                                              "The finalists are always evaluated on the whole split")
-    min_fraction: float | None = Field(default=None, gt=0, lt=1, description="the first rung's least step count "
-                                       "as a fraction of train.steps (with min_steps: the later of the two); a "
-                                       "rung earlier than that ranks how fast a candidate starts, not where it ends")
-    screen_lrs: NonNegativeInt = Field(default=0, description="the first N rungs cut across learning rates only: "
+        default=list(DEFAULT_RUNGS), min_length=1, description="the rungs, increasing: step counts, each below "
+        "train.steps, or fractions of train.steps (0 < f < 1: [0.05, 0.2] is steps 2 and 8 of 40, 8 and 32 of "
+        "160), rounded to the nearest step (default: [0.05, 0.2]); null: the computed ladder, "
+        "train.steps / eta^k from min_steps / min_fraction up — what min_steps or min_fraction without rungs gives")
+    min_steps: PositiveInt | None = Field(default=None, description="the computed ladder's first rung's least step "
+                                          "count (default: train.warmup, at least 1)")
+    rung_examples: PositiveInt | None = Field(default=DEFAULT_RUNG_EXAMPLES, description="validation examples a "
+                                              "rung evaluates (the split's first N, the same for every candidate; "
+                                              "null: all). The finalists are always evaluated on the whole split")
+    min_fraction: float | None = Field(default=None, gt=0, lt=1, description="the computed ladder's first rung's "
+                                       "least step count as a fraction of train.steps (with min_steps: the later "
+                                       "of the two); a rung earlier than that ranks how fast a candidate starts, "
+                                       "not where it ends")
+    screen_lrs: NonNegativeInt = Field(default=1, description="the first N rungs cut across learning rates only: "
                                        "each placement keeps its best ceil(n/eta) LRs, and no placement is cut "
                                        "before rung N+1 (diversity: a placement is not lost to its worst LRs)")
     stop_when_stable: bool = Field(default=False, description="PASHA: a rung whose finalists (the best LR of "
@@ -89,10 +103,26 @@ class SearchSpec(StrictModel):
     hedge: NonNegativeInt = Field(default=0, description="Hyperband's hedge bracket: this many candidates, drawn "
                                   "at random (seeded by the first seed) before any rung, train straight to the full "
                                   "horizon on the first seed with no early stop and join the finalists")
-    confirm: PositiveInt | None = Field(default=None, description="how many of the finalists (and hedge "
+    confirm: PositiveInt | None = Field(default=1, description="how many of the finalists (and hedge "
                                         "candidates) run the other seeds: the best by full-horizon validation loss "
                                         "on the first seed; the others stop at one seed and are not compared "
-                                        "(default: every finalist runs every seed)")
+                                        "(null: every finalist runs every seed)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _floor_means_the_ladder(cls, data: object) -> object:
+        # min_steps / min_fraction place the computed ladder's first rung: given without rungs, they ask for it.
+        if isinstance(data, dict) and "rungs" not in data and (data.get("min_steps") is not None
+                                                               or data.get("min_fraction") is not None):
+            return {**data, "rungs": None}
+        return data
+
+    @model_validator(mode="after")
+    def _floor_with_given_rungs(self) -> SearchSpec:
+        if self.rungs is not None and (self.min_steps is not None or self.min_fraction is not None):
+            raise ValueError("search.min_steps and search.min_fraction place the computed ladder's first rung: "
+                             "with rungs given, put the first rung where you want it (or write rungs: null)")
+        return self
 
     @field_validator("rungs", mode="before")
     @classmethod

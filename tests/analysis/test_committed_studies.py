@@ -225,7 +225,7 @@ def test_the_guidelines_are_what_the_stores_give_today():
 
 def test_the_readme_s_opening_quotes_the_stores():
     """The README's sentences on the evidence: attn's range against all per task, over how many studies; that no
-    study told mlp from all; that ff-up tied on GSM8K and was worse on NL→bash."""
+    study told mlp from all; that ff-up tied on GSM8K and E2E and was worse on NL→bash."""
     import os
 
     from loraplace.analysis.compare import compare_stores
@@ -241,15 +241,19 @@ def test_the_readme_s_opening_quotes_the_stores():
     assert all(e.delta_pct.verdict() == "worse" for e in attn)
     gsm8k = [e.delta_pct.mean_diff for e in attn if task[e.column] == "gsm8k"]
     nl2bash = [e.delta_pct.mean_diff for e in attn if task[e.column] == "nl2bash"]
+    e2e = [e.delta_pct.mean_diff for e in attn if task[e.column] == "e2e"]
     readme = " ".join((ROOT / "README.md").read_text().split())
-    assert f"in all {len(attn)} studies on two tasks (GSM8K: +{min(gsm8k):.1f} % to +{max(gsm8k):.1f} %," in readme
-    assert len(nl2bash) == 1 and f"NL→bash: +{nl2bash[0]:.1f} %)" in readme
+    assert len(set(task.values())) == 3
+    assert f"in all {len(attn)} studies on three tasks (GSM8K: +{min(gsm8k):.1f} % to +{max(gsm8k):.1f} %," in readme
+    assert len(nl2bash) == 1 and f"NL→bash: +{nl2bash[0]:.1f} %;" in readme
+    assert len(e2e) == 1 and f"E2E data-to-text: +{e2e[0]:.1f} %)" in readme
     mlp = [e.delta for e in cross.entries if e.placement == "mlp" and e.delta is not None]
     assert mlp and all(d.verdict() == "not distinguishable" for d in mlp)
     assert "`mlp` could not be told from `all` in any study" in readme
     ff_up = {task[e.column]: e for e in cross.entries if e.placement == "ff-up" and e.delta is not None}
-    assert ff_up["gsm8k"].delta.verdict() == "not distinguishable"
+    assert ff_up["gsm8k"].delta.verdict() == ff_up["e2e"].delta.verdict() == "not distinguishable"
     assert ff_up["nl2bash"].delta.verdict() == "worse"
+    assert "`ff-up` (MLP up only) tied on GSM8K and E2E but was worse" in readme
     assert f"worse on NL→bash (+{ff_up['nl2bash'].delta_pct.mean_diff:.1f} %)" in readme
 
 
@@ -282,6 +286,32 @@ def test_each_replay_table_is_what_the_replays_give_today(block):
 
 def test_the_replay_doc_has_its_nl2bash_block():
     assert "nl2bash" in REPLAY_BLOCKS  # the parametrized test above cannot pass by finding no block
+
+
+def test_the_default_search_s_task_lines_of_docs_search_md_are_what_the_replays_give_today():
+    """docs/search.md's line per replay task for the chosen default (docs/replay.md's rule, rungs on seed 0) is
+    what benchmarks/replay_policies.py prints for that policy from the committed grids."""
+    import contextlib
+    import io
+
+    module = load_script("benchmarks/replay_policies.py")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        module.main([str(ROOT / "docs" / "replay" / task / "grid.db") for task in ("nl2bash", "e2e")])
+    chosen = next(line.split(": ", 1)[1].split()[0] for line in printed.getvalue().splitlines()
+                  if line.startswith("chosen default: "))
+    expected = [line.removesuffix(f" policy={chosen}") for line in printed.getvalue().splitlines()
+                if line.startswith("task=") and line.endswith(f" policy={chosen}")]
+    text = (ROOT / "docs" / "search.md").read_text().split("<!-- search-lines -->", 1)[1].split(
+        "<!-- /search-lines -->", 1)[0]
+    written = [line.strip() for line in text.splitlines() if line.strip().startswith("task=")]
+    assert len(expected) == 2 and written[:2] == expected
+    # and search: {} is that policy, its rungs as fractions of the grids' 40 steps
+    from loraplace.search import DEFAULT_RUNGS, SearchSpec, given_rung_steps
+
+    policy = module.policy_spec(chosen)
+    assert SearchSpec().model_dump() == policy.model_dump() | {"rungs": list(DEFAULT_RUNGS)}
+    assert given_rung_steps(list(DEFAULT_RUNGS), 40) == policy.rungs
 
 
 def test_the_search_line_of_docs_search_md_is_what_the_stores_give_today():

@@ -150,9 +150,9 @@ def test_a_policy_the_grid_cannot_replay_is_refused_with_the_reason(stores):
     assert _replay_policies().rung_seeds(study.spec) == [0, 1, 2]
     # every problem at once, each saying what to give (it said "the policy's rungs all the (search.rung_examples)")
     with pytest.raises(LoraplaceError) as exc:
-        replay_store(stores / "grid.db", SearchSpec.model_validate({"rungs": [2]}), rung_seed=7)
-    assert ("its rung points read 5 validation examples but the policy's rungs read all of them (rung_examples "
-            "unset): give the policy rung_examples: 5; rung seed 7 is not one of the grid's seeds") in str(exc.value)
+        replay_store(stores / "grid.db", SearchSpec.model_validate({"rungs": [2], "rung_examples": None}), rung_seed=7)
+    assert ("its rung points read 5 validation examples but the policy's rungs read all of them (rung_examples: "
+            "null): give the policy rung_examples: 5; rung seed 7 is not one of the grid's seeds") in str(exc.value)
 
 
 def test_replay_search_option_names_a_spec_without_a_search_block(stores, tmp_path, capsys):

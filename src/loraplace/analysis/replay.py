@@ -189,7 +189,7 @@ def _replayable(spec, policy: SearchSpec) -> list[str]:
     if not spec.eval.at_steps:
         problems.append("its trials recorded no rung points (eval.at_steps)")
     if policy.rung_examples != spec.eval.watch_examples:
-        policy_reads = f"{policy.rung_examples}" if policy.rung_examples else "all of them (rung_examples unset)"
+        policy_reads = f"{policy.rung_examples}" if policy.rung_examples else "all of them (rung_examples: null)"
         if spec.eval.watch_examples:
             problems.append(f"its rung points read {spec.eval.watch_examples} validation examples but the policy's "
                             f"rungs read {policy_reads}: give the policy rung_examples: {spec.eval.watch_examples}")

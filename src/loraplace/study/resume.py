@@ -14,6 +14,7 @@ from loraplace.errors import LoraplaceError
 from loraplace.placement.spec import DEFAULT_AUTO_METHOD
 from loraplace.records import GroupKey, TrialLabels, config_without_seed
 from loraplace.store import Store, StoreError, StudyRecord, TrialRecord
+from loraplace.store.migrations import SEARCH_DEFAULTS_V4
 from loraplace.study.grid import expand_grid
 from loraplace.study.spec import StudySpec
 from loraplace.trial_spec import PlannedTrial
@@ -83,6 +84,16 @@ def _auto_default_hint(differences: list[str]) -> str:
         return ""
     return (f"auto without method means {DEFAULT_AUTO_METHOD} since 2026-12-04 (it meant probe): if this spec's "
             "auto placements name no method, write method: probe in them to resume the stored study; ")
+
+
+def _search_default_hint(stored: dict[str, Any], differences: list[str]) -> str:
+    """The likely cause when a search stored with the defaults ``search: {}`` had until 2026-12-07 meets today's:
+    since then ``search: {}`` is the policy chosen by replay (docs/replay.md)."""
+    if stored.get("search") != SEARCH_DEFAULTS_V4 or not any(d.startswith("search.") for d in differences):
+        return ""
+    old = "{rungs: null, eta: 3, finalists: 2, screen_lrs: 0, confirm: null, rung_examples: null}"
+    return (f"search: {{}} means the policy chosen by replay since 2026-12-07 (docs/replay.md); this search ran "
+            f"with the defaults before it: write search: {old} to resume it; ")
 
 
 def check_unchanged(study: StudySpec, store_path: Path, planned: list[PlannedTrial], extend: bool) -> None:
@@ -188,4 +199,5 @@ def check_search_unchanged(study: StudySpec, store_path: Path) -> None:
     if differences:
         shown = "\n".join(f"  {d}" for d in differences[:20])
         raise StudyChanged(f"search {study.name!r} in {store_path} was run with a different spec:\n{shown}",
-                           "a search resumes only under its own spec: use a new store (--store) or a new name:")
+                           _search_default_hint(record.spec, differences)
+                           + "a search resumes only under its own spec: use a new store (--store) or a new name:")

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The policies, as fixed in docs/replay.md before any replay ("Rule that chooses the default"). Every one reads
-# the grids' 24-example rung points. A field a policy leaves out takes its value from FIXED_DEFAULTS, the
-# SearchSpec defaults of the day the policies were fixed, so that the replays do not move when `search: {}` does.
-FIXED_DEFAULTS: dict[str, object] = {"eta": 3, "finalists": 2, "min_steps": None, "min_fraction": None,
-                                     "screen_lrs": 0, "stop_when_stable": False, "hedge": 0, "confirm": None}
+# the grids' 24-example rung points. A field a policy leaves out takes its value from the SearchSpec defaults of
+# the day the policies were fixed (store.migrations.SEARCH_DEFAULTS_V4), so that the replays do not move when
+# `search: {}` does.
 POLICIES: dict[str, dict] = {
     "today": {"rungs": [4, 13]},
     "floor": {"rungs": [8, 20], "eta": 5, "finalists": 1},
@@ -106,8 +105,9 @@ def choose(rows: list[Row]) -> tuple[str | None, dict[str, dict]]:
 def policy_spec(name: str):
     """The policy ``name`` as the SearchSpec it was replayed as."""
     from loraplace.search import SearchSpec
+    from loraplace.store.migrations import SEARCH_DEFAULTS_V4
 
-    return SearchSpec.model_validate(FIXED_DEFAULTS | POLICIES[name] | {"rung_examples": RUNG_EXAMPLES})
+    return SearchSpec.model_validate(SEARCH_DEFAULTS_V4 | POLICIES[name] | {"rung_examples": RUNG_EXAMPLES})
 
 
 def search_block(name: str) -> str:
@@ -116,9 +116,10 @@ def search_block(name: str) -> str:
     import yaml
 
     from loraplace.search import SearchSpec
+    from loraplace.store.migrations import SEARCH_DEFAULTS_V4
 
     today = SearchSpec().model_dump()
-    settings = POLICIES[name] | {k: v for k, v in FIXED_DEFAULTS.items()
+    settings = POLICIES[name] | {k: v for k, v in SEARCH_DEFAULTS_V4.items()
                                  if k not in POLICIES[name] and today[k] != v} | {"rung_examples": RUNG_EXAMPLES}
     return "search: " + yaml.safe_dump(settings, default_flow_style=True, sort_keys=False, width=1000).strip()
 

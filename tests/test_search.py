@@ -680,6 +680,8 @@ def test_a_search_stored_under_the_old_defaults_says_how_to_resume_it(planted, t
     import shutil
     import sqlite3
 
+    import yaml
+
     from loraplace.store.migrations import SEARCH_DEFAULTS_V4
     from loraplace.study import StudyChanged
 
@@ -694,7 +696,8 @@ def test_a_search_stored_under_the_old_defaults_says_how_to_resume_it(planted, t
     with pytest.raises(StudyChanged) as exc:
         run_study(study.model_copy(update={"search": SearchSpec()}), tmp_path / "s.db")
     assert "search.eta: 3 → 4" in str(exc.value)
-    assert "write search: {rungs: null, eta: 3, finalists: 2, screen_lrs: 0, confirm: null" in exc.value.hint
+    written = exc.value.hint.split("write search: ", 1)[1].split(" to resume it", 1)[0]
+    assert SearchSpec.model_validate(yaml.safe_load(written)) == SearchSpec.model_validate(SEARCH_DEFAULTS_V4)
     shutil.copy(root / "s.db", tmp_path / "own.db")  # a search stored with values of its own: no word on defaults
     with pytest.raises(StudyChanged) as exc:
         run_study(study.model_copy(update={"search": SearchSpec()}), tmp_path / "own.db")

@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import ValidationError
 
 from loraplace.errors import LoraplaceError
 from loraplace.placement.spec import DEFAULT_AUTO_METHOD
 from loraplace.records import GroupKey, TrialLabels, config_without_seed
+from loraplace.search import SearchSpec
 from loraplace.store import Store, StoreError, StudyRecord, TrialRecord
 from loraplace.store.migrations import SEARCH_DEFAULTS_V4
 from loraplace.study.grid import expand_grid
@@ -91,7 +93,9 @@ def _search_default_hint(stored: dict[str, Any], differences: list[str]) -> str:
     since then ``search: {}`` is the policy chosen by replay (docs/replay.md)."""
     if stored.get("search") != SEARCH_DEFAULTS_V4 or not any(d.startswith("search.") for d in differences):
         return ""
-    old = "{rungs: null, eta: 3, finalists: 2, screen_lrs: 0, confirm: null, rung_examples: null}"
+    today = SearchSpec().model_dump()
+    moved = {k: v for k, v in SEARCH_DEFAULTS_V4.items() if today[k] != v}  # what search: {} no longer says
+    old = yaml.safe_dump(moved, default_flow_style=True, sort_keys=False, width=1000).strip()
     return (f"search: {{}} means the policy chosen by replay since 2026-12-07 (docs/replay.md); this search ran "
             f"with the defaults before it: write search: {old} to resume it; ")
 

@@ -133,11 +133,15 @@ def write_search_spec(name: str, base: Path, out: Path) -> None:
 
     if out.resolve().parent != base.resolve().parent:
         raise SystemExit(f"--write-search {out}: write it beside --base {base} (its data paths are relative)")
+    from loraplace.search import SearchSpec
+
     block = search_block(name)
-    if out.exists():
+    if out.exists():  # the same policy whichever fields spell it out (search_block's follow today's defaults)
         spec = yaml.safe_load(out.read_text())
-        if spec.get("search") != yaml.safe_load(block)["search"]:
-            raise SystemExit(f"{out} already holds another search: {spec.get('search')}; the choice is {block}")
+        held, chosen = spec.get("search"), yaml.safe_load(block)["search"]
+        if held is None or SearchSpec.model_validate(held) != SearchSpec.model_validate(chosen):
+            raise SystemExit(f"{out} already holds another search: {held}; the choice is {block}")
+        print(f"kept {out}: it holds the choice, {block}")
         return
     # The grid's `eval:` records the rung points for replays; a user's search has no use for them, and they would
     # cost its finalists evals a search does not make (the rungs read search.rung_examples on their own).
@@ -153,6 +157,7 @@ def write_search_spec(name: str, base: Path, out: Path) -> None:
         f"{grid_name.removesuffix('-grid')}",
     ]
     out.write_text("\n".join(header + body + [block]) + "\n")
+    print(f"wrote {out}: {block}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--write-search: nothing written to {args.write_search}: no default is chosen yet", file=sys.stderr)
             return 3
         write_search_spec(chosen, args.base, args.write_search)
-        print(f"wrote {args.write_search}: {search_block(chosen)}")
     return 0 if not any(math.isnan(r.result.delta) for r in rows if r.result is not None) else 1
 
 

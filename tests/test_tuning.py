@@ -313,3 +313,38 @@ def test_tune_extend_is_refused_in_a_search(tmp_path):
     (tmp_path / "s.yaml").write_text(text + "search: {}\n")
     with pytest.raises(ConfigError, match="tune.extend"):
         load_study(tmp_path / "s.yaml")
+
+
+def test_a_search_compares_only_its_confirmed_entrants():
+    """search.confirm: the confirmed entrant ran every seed, the others stopped at the first. The selection reads
+    the confirmed ones only — also where an unconfirmed LR of the same placement scored better on its one seed than
+    the confirmed LR's mean — and the placement with no confirmed trial is named as unconfirmed."""
+    from types import SimpleNamespace
+
+    from loraplace.records import StudyInfo, TrialLabels
+    from loraplace.tuning import selections_of, tuned_cell, unconfirmed_finalists
+
+    size = Size(kind="rank", value=4)
+
+    def record(placement, lr, seed, val_loss, status="done"):
+        group = GroupKey(placement=placement, size=size, axes=(("lr", lr),))
+        return SimpleNamespace(labels=TrialLabels(group=group, seed=seed), status=status,
+                               metrics=SimpleNamespace(val_loss=val_loss))
+
+    info = StudyInfo(name="s", model="tiny:llama", placements=("a", "b"), baseline="a", baseline_given=True,
+                     tune_lrs=(1e-3, 1e-2), tune_seeds=(0,), search=True)
+    confirmed = [record("a", 1e-2, 0, 1.0), record("a", 1e-2, 1, 1.4), record("a", 1e-2, 2, 1.3)]
+    records = confirmed + [record("a", 1e-3, 0, 1.1),  # hedge entrant: one seed, better than a@1e-2's mean
+                           record("b", 1e-3, 0, 0.9)]  # a finalist not confirmed
+    chosen = selections_of(info, records)
+    assert {s.cell.placement: s.lr for s in chosen.values()} == {"a": 1e-2}
+    assert {c.placement for c in unconfirmed_finalists(info, records)} == {"b"}
+    # While the confirmation seeds are pending they count: the decision is already made.
+    pending = [record("a", 1e-2, s, None, status="pending") for s in (1, 2)]
+    assert {c.placement for c in unconfirmed_finalists(info, confirmed[:1] + pending + records[3:])} == {"b"}
+    # The entrants' first-seed pass, before any confirmation: every cell selects among its LRs, none unconfirmed.
+    first = [confirmed[0], *records[3:]]
+    assert {s.cell.placement: s.lr for s in selections_of(info, first).values()} == {"a": 1e-2, "b": 1e-3}
+    assert unconfirmed_finalists(info, first) == set()
+    assert unconfirmed_finalists(info.model_copy(update={"search": False}), records) == set()
+    assert tuned_cell(records[-1].labels.group) in unconfirmed_finalists(info, records)

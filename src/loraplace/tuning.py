@@ -180,22 +180,40 @@ def extended_lrs(info: StudyInfo, extend: int, records: list[TrialRecord]) -> di
                            info.tune_seeds) for cell, found in by_cell.items()}
 
 
+def _confirmed_groups(records: list[TrialRecord]) -> set[GroupKey]:
+    """A search's trials that ``search.confirm`` ran at every seed: the groups (placement at one LR) with the most
+    seeds, pending trials counted — every group while the entrants' first-seed pass runs, only the confirmed ones
+    once their seeds are added."""
+    seeds: dict[GroupKey, set[int]] = defaultdict(set)
+    for r in records:
+        seeds[r.labels.group].add(r.labels.seed)
+    most = max((len(v) for v in seeds.values()), default=0)
+    return {group for group, v in seeds.items() if len(v) == most}
+
+
+def unconfirmed_finalists(info: StudyInfo, records: list[TrialRecord]) -> set[GroupKey]:
+    """A search's cells (tuned LR dropped) that ``search.confirm`` left at the first seed: none of their trials was
+    confirmed. Not a search: none."""
+    if not info.search:
+        return set()
+    confirmed = {tuned_cell(group) for group in _confirmed_groups(records)}
+    return {cell for r in records if (cell := tuned_cell(r.labels.group)) not in confirmed}
+
+
 def selections_of(info: StudyInfo, records: list[TrialRecord]) -> dict[GroupKey, Selection]:
     """The LR each cell of a tuned study has selected so far, from its stored trials (a cell whose selection pass
     is unfinished has none)."""
     results = [TrialResult(r.labels.group, r.labels.seed, r.metrics.val_loss if r.metrics is not None else None)
                for r in records if r.status in ("done", "failed")]
     if info.search:  # a search's trials are its finalists, each placement at the one LR its rungs selected
+        # search.confirm: an entrant that was not confirmed stopped at the first seed and is not compared, even
+        # where its one seed scored better than the mean of a confirmed entrant's seeds
+        confirmed = _confirmed_groups(records)
+        results = [r for r in results if r.key in confirmed]
         found = select_lrs(results, {lr for r in results if (lr := tuned_lr(r.key)) is not None}, info.tune_seeds,
                            complete_only=False)
-        # search.confirm: the finalists that were not confirmed stopped at the first seed; only those that run
-        # the most seeds are compared
-        seeds: dict[GroupKey, set[int]] = defaultdict(set)
-        for r in records:
-            seeds[tuned_cell(r.labels.group)].add(r.labels.seed)
-        most = max((len(v) for v in seeds.values()), default=0)
         return {cell: replace(s, grid=tuple(info.tune_lrs_by_placement.get(cell.placement, info.tune_lrs)))
-                for cell, s in found.items() if len(seeds[cell]) == most}
+                for cell, s in found.items()}
     if info.tune_extend:  # each cell selects among its own LRs, the extensions it earned included
         chosen: dict[GroupKey, Selection] = {}
         for cell, lrs in extended_lrs(info, info.tune_extend, records).items():

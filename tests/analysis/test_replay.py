@@ -93,7 +93,16 @@ def test_a_hedge_bracket_and_confirmed_finalists_replay_as_they_run_live(stores)
     assert (replayed.answer.chosen.placement, replayed.answer.chosen.lr) == (live_answer.chosen.placement,
                                                                             live_answer.chosen.lr)
     assert live_answer.chosen.seeds == 3  # the unconfirmed entrants are not compared
-    assert replayed.search.search_steps() == pytest.approx(analyze_store(stores / "staged.db").search.search_steps())
+    staged = analyze_store(stores / "staged.db")
+    assert replayed.search.search_steps() == pytest.approx(staged.search.search_steps())
+    # ... and the report says why: not confirmed, by name, rather than "no LR selected yet" (a selection pass
+    # that is unfinished or failed)
+    confirmed = {t.labels.group.placement for t in live_trials if len(seeds_of[t.labels.group]) == 3}
+    unconfirmed = sorted({t.labels.group.placement for t in live_trials} - confirmed)
+    assert unconfirmed
+    said = [w for w in staged.warnings if "not confirmed" in w]
+    assert len(said) == 1 and all(f"finalist {p} " in said[0] or f", {p} " in said[0] for p in unconfirmed), said
+    assert not any("no LR selected" in w for w in staged.warnings), staged.warnings
 
 
 def test_the_regret_is_the_seed_paired_test_difference_of_the_two_answers(stores):
@@ -255,6 +264,11 @@ def test_the_chosen_policy_is_written_as_the_search_of_the_task_s_grid(tmp_path,
     assert searched == grid
     assert SearchSpec.model_validate(policy) == bench.policy_spec(name)  # under today's defaults, as replayed
     bench.write_search_spec(name, base, out)  # a rerun with the same choice keeps the file
+    # ... spelled with fields today's default no longer needs (written when the defaults differed): the same policy
+    written = out.read_text()
+    out.write_text(written.replace("search: {", "search: {stop_when_stable: false, "))
+    bench.write_search_spec(name, base, out)
+    assert "stop_when_stable: false" in out.read_text()  # kept, not rewritten
     other = "floor" if name != "floor" else "today"
     with pytest.raises(SystemExit, match="already holds another search"):
         bench.write_search_spec(other, base, out)

@@ -31,7 +31,7 @@ from loraplace.store import StudyRecord, TrialRecord
 
 if TYPE_CHECKING:
     from loraplace.analysis.search import SearchAnalysis
-from loraplace.tuning import TUNED_AXIS, Selection, selections_of, tuned_cell, tuned_lr
+from loraplace.tuning import TUNED_AXIS, Selection, selections_of, tuned_cell, tuned_lr, unconfirmed_finalists
 
 # metric → (label, lower is better); the keys are :class:`Metrics` fields, the quantities a study compares
 METRICS: dict[str, tuple[str, bool]] = {
@@ -295,7 +295,7 @@ def analyze_records(study: StudyRecord, store: str, records: list[TrialRecord],
         chosen = {s.cell: s.lr for s in selections.values()}
         groups = {k: replace(g, selected=chosen.get(tuned_cell(k)) == tuned_lr(k)) for k, g in groups.items()}
         cell = _tuned_cell
-        warnings += _tune_warnings(groups, selections)
+        warnings += _tune_warnings(groups, selections, unconfirmed_finalists(study.info, records))
     elif groups and not any("val_loss" in g.stats for g in groups.values()):
         warnings.append("no validation split: every number here is on the test (eval) split, and nothing was "
                         "selected on a separate split; to pick a winner or an LR without selection bias, add "
@@ -350,14 +350,19 @@ def _tuned_cell(key: GroupKey) -> tuple:
     return tuned_cell(key).cell
 
 
-def _tune_warnings(groups: dict[GroupKey, Group], selections: dict[GroupKey, Selection]) -> list[str]:
+def _tune_warnings(groups: dict[GroupKey, Group], selections: dict[GroupKey, Selection],
+                   unconfirmed: set[GroupKey]) -> list[str]:
     out = []
     edge = [f"{s.cell.label} (lr={s.lr:g})" for s in selections.values() if s.at_edge]
     if edge:
         out.append(f"the selected LR is at the edge of the LRs tried for {', '.join(edge)}: the best LR may lie "
                    "outside them; widen tune.lr (or tune.extend: LRs past the edge, run when it is reached)")
     cells = {tuned_cell(k) for k in groups}
-    unselected = sorted(c.label for c in cells if c not in selections)
+    left_at_one_seed = sorted(c.label for c in cells if c in unconfirmed)
+    if left_at_one_seed:
+        out.append(f"finalist {', '.join(left_at_one_seed)} not confirmed: search.confirm ran every seed only "
+                   "for the best finalist(s) by validation loss; one seed, not compared")
+    unselected = sorted(c.label for c in cells if c not in selections and c not in unconfirmed)
     if unselected:
         out.append(f"no LR selected yet for {', '.join(unselected)} (its selection pass is unfinished, or every LR "
                    "failed): not compared")

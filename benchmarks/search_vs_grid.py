@@ -23,6 +23,16 @@ from loraplace.analysis.stats import paired
 from loraplace.store import Store
 
 
+def unfinished_grid(counts: dict[str, int], compared: set[str], placements: tuple[str, ...]) -> str | None:
+    """Why a grid's answer is not known yet (None: it is): a trial not done, or a placement not compared."""
+    left = {status: n for status, n in counts.items() if status != "done" and n}
+    if left:
+        # not "of N": a tuned grid adds its other seeds' trials when its selection pass ends
+        return f"unfinished: {counts.get('done', 0)} trials done, " + ", ".join(f"{n} {s}" for s, n in left.items())
+    missing = [p for p in placements if p not in compared]
+    return f"no placement compared for {', '.join(missing)}" if missing else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("search_store")
@@ -38,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     grid = analyze_store(args.grid_store)
     with Store.open_readonly(args.grid_store) as store:
         grid_records = store.trials(store.study().id)
+    unfinished = unfinished_grid(grid.counts, {g.placement for g in grid.compared}, grid.info.placements)
+    if unfinished:
+        print(f"{args.grid_store}: {unfinished}: its answer is not known yet", file=sys.stderr)
+        return 2
 
     answer = recommend_from_store(args.search_store)
     chosen = next(g for g in searched.compared if g.placement == answer.chosen.placement)

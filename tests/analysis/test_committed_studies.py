@@ -342,3 +342,31 @@ def test_the_search_line_of_docs_search_md_is_what_the_stores_give_today():
     assert task_line == "task=gsm8k " + old_format.replace("answer=ff-up delta_vs_grid_best=",
                                                            "answer=ff-up grid_answer=ff-up delta=")
 
+
+
+def test_the_gsm8k_line_of_docs_search_md_is_the_live_search_against_its_grid(capsys):
+    """docs/search.md's gsm8k line (the chosen default run live on GSM8K, which took no part in the choice) is
+    benchmarks/search_vs_grid.py's task line on the committed search and grid — or, while the committed grid is
+    unfinished, says it is pending, and the script refuses to give a line (an unfinished grid's answer can still
+    change)."""
+    module = load_script("benchmarks/search_vs_grid.py")
+    replay = ROOT / "docs" / "replay" / "gsm8k"
+    code = module.main([str(replay / "search.db"), str(replay / "grid.db"), "--task", "gsm8k"])
+    printed = capsys.readouterr()
+    text = (ROOT / "docs" / "search.md").read_text().split("<!-- search-lines -->", 1)[1].split(
+        "<!-- /search-lines -->", 1)[0]
+    written = [line.strip() for line in text.splitlines() if line.strip().startswith("task=gsm8k")]
+    assert len(written) == 1
+    if code == 0:
+        assert written[0] == printed.out.splitlines()[-1]
+    else:
+        assert code == 2 and "unfinished" in printed.err and "pending" in written[0]
+
+
+def test_a_grid_with_a_trial_left_or_a_placement_not_compared_has_no_answer_yet():
+    unfinished = load_script("benchmarks/search_vs_grid.py").unfinished_grid
+    done = {"done": 30, "pending": 0, "running": 0, "failed": 0, "interrupted": 0}
+    assert unfinished(done, {"all", "mlp"}, ("all", "mlp")) is None
+    assert unfinished(done | {"done": 29, "failed": 1}, {"all", "mlp"}, ("all", "mlp")) == \
+        "unfinished: 29 trials done, 1 failed"
+    assert unfinished(done, {"all"}, ("all", "mlp")) == "no placement compared for mlp"

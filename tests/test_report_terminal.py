@@ -68,3 +68,40 @@ def test_status_shows_the_whole_failure_reason(width):
     text = render(print_status, StudyRecord(1, "s", {}, info, 0.0), [trial], {"failed": 1}, width=width)
     assert "abcdef01" in text and "r=4 lr=0.001" in text and "failed" in text
     assert "".join(text.split()).count("failedabcdef01allr=4lr=0.001seed1:" + "".join(reason.split())) == 1
+
+
+def _timed(tid: str, placement: str, seed: int, status: str, lr: float = 0.001, started: float | None = None,
+           finished: float | None = None) -> TrialRecord:
+    key = GroupKey(placement=placement, size=Size(kind="rank", value=4), axes=(("lr", lr),))
+    return TrialRecord(tid, 1, 0, TrialLabels(group=key, seed=seed), {}, status, 1, 0, None, None, None, None, None,
+                       started, finished, None)
+
+
+def test_status_says_how_long_a_running_trial_has_run_and_the_time_left():
+    """The median done trial's wall time × what is left (a running trial: less what it has run), at the trials
+    running at once now; a tuned grid's other seeds counted from its spec before they are in the store."""
+    from loraplace.study.time_left import time_left, trials_to_add
+
+    info = StudyInfo(name="s", model="m", placements=("a", "b"), baseline="a", baseline_given=True,
+                     tune_lrs=(1e-3, 1e-2), tune_seeds=(0,))
+    trials = [_timed("d1", "a", 0, "done", 1e-3, 0.0, 600.0), _timed("d2", "a", 0, "done", 1e-2, 1000.0, 1900.0),
+              _timed("d3", "b", 0, "done", 1e-3, 2000.0, 2700.0),  # median 700 s
+              _timed("r1", "b", 0, "running", 1e-2, started=3000.0), _timed("f1", "b", 0, "failed", 3e-2)]
+    to_add = trials_to_add(info, [0, 1, 2], trials)
+    assert to_add == 2 * 2  # cells a and b, seeds 1 and 2
+    estimate = time_left(trials, now=3200.0, to_add=to_add)
+    assert estimate is not None and (estimate.trial_s, estimate.done, estimate.left) == (700.0, 3, 1)
+    assert estimate.seconds == 500.0 + 4 * 700.0  # the running trial's 500 s left; the failed one is not rerun
+    assert trials_to_add(info, [0, 1, 2], [*trials, _timed("s1", "a", 1, "pending", 1e-2)]) == 3
+    assert trials_to_add(info.model_copy(update={"search": True}), [0, 1, 2], trials) == 0
+    assert trials_to_add(info.model_copy(update={"tune_lrs": ()}), [0, 1, 2], trials) == 0
+    # two running at once: the work is shared
+    two = time_left([*trials, _timed("r2", "a", 1, "running", 1e-2, started=3100.0)], now=3200.0)
+    assert two is not None and two.seconds == (500.0 + 600.0) / 2
+    assert time_left(trials[3:], now=3200.0) is None  # nothing done to time
+    assert time_left(trials[:3], now=3200.0) is None  # nothing left
+    text = render(lambda *a: print_status(*a, now=3200.0, estimate=estimate), StudyRecord(1, "s", {}, info, 0.0),
+                  trials, {"done": 3, "running": 1, "failed": 1})
+    assert "running 3m20s" in text
+    assert ("time left: ≈ 55m00s at one trial at a time (1 trial left, and the other seeds' 4 trials once the "
+            "selection pass ends; a trial takes 11m40s of wall time, the median of 3 done)") in " ".join(text.split())

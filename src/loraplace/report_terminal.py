@@ -8,11 +8,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from loraplace.formatting import human_bytes
+from loraplace.formatting import human_bytes, human_duration
 from loraplace.placement.plan import Plan
 from loraplace.placement.roles import short_role
 from loraplace.records import TrialOutcome
 from loraplace.store import StudyRecord, TrialRecord
+from loraplace.study.time_left import TimeLeft
 
 
 def print_plan(plan: Plan, console: Console) -> None:
@@ -98,9 +99,11 @@ def print_trial(outcome: TrialOutcome, console: Console) -> None:
 
 
 def print_status(study: StudyRecord, trials: list[TrialRecord], counts: dict[str, int], console: Console,
-                 saved_steps: dict[str, tuple[int, int]] | None = None) -> None:
-    """The trials table, then the whole reason of every failed or interrupted trial (wrapped, never cut), and
-    where an unfinished trial with a saved training state (``saved_steps``: id → (steps, total)) continues."""
+                 saved_steps: dict[str, tuple[int, int]] | None = None, *, now: float | None = None,
+                 estimate: TimeLeft | None = None) -> None:
+    """The trials table (a running trial with how long it has run, given ``now``), then the whole reason of
+    every failed or interrupted trial (wrapped, never cut), where an unfinished trial with a saved training state
+    (``saved_steps``: id → (steps, total)) continues, and the ``estimate`` of the time left."""
     table = Table(title=f"study {study.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v),
                   pad_edge=False)
     # With a validation split the validation loss comes first: it is what a tuned study selects on, and the test
@@ -121,7 +124,7 @@ def print_status(study: StudyRecord, trials: list[TrialRecord], counts: dict[str
         params = t.outcome.trainable_params if t.outcome is not None and t.outcome.trainable_params else None
         val = (num(m.val_loss if m else None, ".4f"),) if with_val else ()
         table.add_row(t.id[:8], escape(group.placement), group.size_label, str(t.labels.seed),
-                      f"[{style.get(t.status, '')}]{t.status}[/]", *val,
+                      f"[{style.get(t.status, '')}]{t.status}[/]{_running_for(t, now)}", *val,
                       num(m.eval_loss if m else None, ".4f"), num(m.perplexity if m else None, ".3f"),
                       num(params, ",d"), num(m.tokens_per_s if m else None, ",.0f"),
                       num(m.train_s if m else None, ".1f"))
@@ -138,6 +141,25 @@ def print_status(study: StudyRecord, trials: list[TrialRecord], counts: dict[str
         if reason or resumes:
             console.print(f"[{style.get(t.status, '')}]{t.status}[/] {t.id[:8]} {escape(t.labels.group.label)} "
                           f"seed {t.labels.seed}{reason}{resumes}", highlight=False)
+    if estimate is not None:
+        console.print(_time_left_line(estimate), highlight=False)
+
+
+def _running_for(trial: TrialRecord, now: float | None) -> str:
+    if trial.status != "running" or now is None or trial.started_at is None:
+        return ""
+    return f" {human_duration(max(0.0, now - trial.started_at))}"
+
+
+def _time_left_line(e: TimeLeft) -> str:
+    """"time left: ≈ 5h12m at one trial at a time (18 pending …, and 10 trials …); a trial takes 16m20s …"."""
+    at_once = "one trial at a time" if e.parallel == 1 else f"{e.parallel} trials at a time, as now"
+    what = f"{e.left} trial{'s' if e.left != 1 else ''} left"
+    if e.to_add:
+        what += (f", and the other seeds' {e.to_add} trial{'s' if e.to_add != 1 else ''} once the selection pass "
+                 "ends")
+    return (f"time left: ≈ {human_duration(e.seconds)} at {at_once} ({what}; a trial takes "
+            f"{human_duration(e.trial_s)} of wall time, the median of {e.done} done)")
 
 
 # The terminal keeps the columns that decide a placement; `loraplace report` writes the full table.

@@ -4,6 +4,7 @@ stored grid)."""
 from __future__ import annotations
 
 import pathlib
+import time
 
 import typer
 from rich.markup import escape
@@ -176,14 +177,33 @@ def _saved_steps(store_path, trials) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _trials_to_add(study, trials) -> int:
+    """A tuned study's other seeds' trials not in the store yet, its seeds read from the stored spec (0 where
+    that spec no longer validates: a store written by an older loraplace)."""
+    from pydantic import ValidationError
+
+    from loraplace.study.spec import StudySpec
+    from loraplace.study.time_left import trials_to_add
+
+    try:
+        seeds = StudySpec.model_validate(study.spec).seeds
+    except ValidationError:
+        return 0
+    return trials_to_add(study.info, seeds, trials)
+
+
 def print_store_status(store_path, name: str | None = None) -> None:
     from loraplace.report_terminal import print_search, print_status
     from loraplace.store import Store
+    from loraplace.study.time_left import time_left
 
     with Store.open_readonly(store_path) as store:
         study = store.study(name)
         trials = store.trials(study.id)
-        print_status(study, trials, store.counts(study.id), out, _saved_steps(store_path, trials))
+        now = time.time()
+        estimate = None if study.info.search else time_left(trials, now, _trials_to_add(study, trials))
+        print_status(study, trials, store.counts(study.id), out, _saved_steps(store_path, trials), now=now,
+                     estimate=estimate)
         if study.info.search:
             from loraplace.analysis.search import analyze_search
 

@@ -152,7 +152,8 @@ def _running_for(trial: TrialRecord, now: float | None) -> str:
 
 
 def _time_left_line(e: TimeLeft) -> str:
-    """"time left: ≈ 5h12m at one trial at a time (18 pending …, and 10 trials …); a trial takes 16m20s …"."""
+    """"time left: ≈ 5h12m at one trial at a time (18 trials left, and the other seeds' 10 trials once the
+    selection pass ends; a trial takes 16m20s of wall time, the median of 2 done)"."""
     at_once = "one trial at a time" if e.parallel == 1 else f"{e.parallel} trials at a time, as now"
     what = f"{e.left} trial{'s' if e.left != 1 else ''} left"
     if e.to_add:

@@ -443,3 +443,14 @@ def test_every_field_of_the_study_spec_is_described():
     missing = [f"{name}.{key}" for name, model in [("StudySpec", schema), *schema["$defs"].items()]
                for key, prop in model.get("properties", {}).items() if "description" not in prop]
     assert not missing, missing
+
+
+def test_a_stored_spec_reads_back_as_the_study_with_or_without_the_old_versions_key(write_study):
+    """v1 and v2 stores kept the library versions inside the spec: every reader of a stored spec drops them."""
+    from loraplace.study.spec import spec_as_written, study_from_store
+
+    study = load_study(write_study())
+    stored = study.model_dump(mode="json")
+    assert study_from_store(stored) == study
+    assert study_from_store(stored | {"versions": {"torch": "2.1.0"}}) == study
+    assert spec_as_written(stored | {"versions": {}}) == stored

@@ -303,6 +303,13 @@ def test_the_replay_doc_has_its_nl2bash_block():
     assert "nl2bash" in REPLAY_BLOCKS  # the parametrized test above cannot pass by finding no block
 
 
+def _search_lines() -> list[str]:
+    """The lines of docs/search.md's ``search-lines`` block (one per task), unindented."""
+    text = (ROOT / "docs" / "search.md").read_text().split("<!-- search-lines -->", 1)[1].split(
+        "<!-- /search-lines -->", 1)[0]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def test_the_default_search_s_task_lines_of_docs_search_md_are_what_the_replays_give_today(replays):
     """docs/search.md's line per replay task for the chosen default (docs/replay.md's rule, rungs on seed 0) is
     what benchmarks/replay_policies.py prints for that policy from the committed grids; and search: {} is the
@@ -312,9 +319,7 @@ def test_the_default_search_s_task_lines_of_docs_search_md_are_what_the_replays_
     chosen = next(line.split(": ", 1)[1].split()[0] for line in lines if line.startswith("chosen default: "))
     expected = [line.removesuffix(f" policy={chosen}") for line in lines
                 if line.startswith("task=") and line.endswith(f" policy={chosen}")]
-    text = (ROOT / "docs" / "search.md").read_text().split("<!-- search-lines -->", 1)[1].split(
-        "<!-- /search-lines -->", 1)[0]
-    written = [line.strip() for line in text.splitlines() if line.strip().startswith("task=")]
+    written = [line for line in _search_lines() if line.startswith("task=")]
     assert len(expected) == 2 and written[:2] == expected
     # and search: {} is that policy, its rungs as fractions of the grids' 40 steps
     from loraplace.search import DEFAULT_RUNGS, SearchSpec, given_rung_steps
@@ -343,7 +348,6 @@ def test_the_search_line_of_docs_search_md_is_what_the_stores_give_today():
                                                            "answer=ff-up grid_answer=ff-up delta=")
 
 
-
 def test_the_gsm8k_line_of_docs_search_md_is_the_live_search_against_its_grid(capsys):
     """docs/search.md's gsm8k line (the chosen default run live on GSM8K, which took no part in the choice) is
     benchmarks/search_vs_grid.py's task line on the committed search and grid — or, while the committed grid is
@@ -353,9 +357,7 @@ def test_the_gsm8k_line_of_docs_search_md_is_the_live_search_against_its_grid(ca
     replay = ROOT / "docs" / "replay" / "gsm8k"
     code = module.main([str(replay / "search.db"), str(replay / "grid.db"), "--task", "gsm8k"])
     printed = capsys.readouterr()
-    text = (ROOT / "docs" / "search.md").read_text().split("<!-- search-lines -->", 1)[1].split(
-        "<!-- /search-lines -->", 1)[0]
-    written = [line.strip() for line in text.splitlines() if line.strip().startswith("task=gsm8k")]
+    written = [line for line in _search_lines() if line.startswith("task=gsm8k")]
     assert len(written) == 1
     if code == 0:
         assert written[0] == printed.out.splitlines()[-1]

@@ -86,8 +86,9 @@ def replay_store(grid_store: str | Path, policy: SearchSpec, *, rung_seed: int |
 def replay(grid: StudyRecord, records: list[TrialRecord], policy: SearchSpec, *, rung_seed: int | None = None,
            store: str = "") -> ReplayResult:
     from loraplace.study import StudySpec, candidates_of
+    from loraplace.study.spec import study_from_store
 
-    spec = StudySpec.model_validate({k: v for k, v in grid.spec.items() if k != "versions"})
+    spec = study_from_store(grid.spec)
     problems = _replayable(spec, policy)
     seed = spec.seeds[0] if rung_seed is None else rung_seed
     if seed not in spec.seeds:  # said with the others: every problem at once

@@ -36,6 +36,7 @@ from loraplace.analysis.tables import (
 )
 from loraplace.atomic import write_text_atomic
 from loraplace.errors import LoraplaceError
+from loraplace.study.spec import spec_as_written
 
 FORMATS = ("html", "md", "tex", "csv")
 WIDE_FIGURES = ("efficiency", "sites", "probe")  # full text width; the others are single-column figures
@@ -170,7 +171,7 @@ def render_html(analysis: StudyAnalysis, tables: list[Table], trials: Table, fig
         parts.append(f"<h2>{html.escape(table.title)}</h2>" + _html_table(table))
     parts.append(f"<h2>{html.escape(trials.title)}</h2>"
                  + _html_table(trials, ["" if r[3] == "done" else "muted" for r in trials.rows], "trials"))
-    spec = {k: v for k, v in analysis.spec.items() if k != "versions"}
+    spec = spec_as_written(analysis.spec)
     parts.append("<h2>Study spec</h2><pre>" + html.escape(yaml.safe_dump(spec, sort_keys=False)) + "</pre>")
     environment = json.dumps(analysis.environment.to_dict(), indent=2)
     parts.append("<h2>Environment</h2><pre>" + html.escape(environment) + "</pre>")

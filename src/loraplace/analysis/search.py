@@ -122,9 +122,10 @@ def kendall_tau(a: list[float], b: list[float]) -> float | None:
 def analyze_search(spec: dict[str, Any], info: StudyInfo, results: list[RungResult], decisions: list[RungDecision],
                    records: list[TrialRecord]) -> SearchAnalysis:
     """The search of a stored study: ``spec`` as stored, its rung results and decisions, its (finalist) trials."""
-    from loraplace.study import StudySpec, candidates_of, expand_grid
+    from loraplace.study import candidates_of, expand_grid
+    from loraplace.study.spec import study_from_store
 
-    study = StudySpec.model_validate({k: v for k, v in spec.items() if k != "versions"})
+    study = study_from_store(spec)
     names = {c.key: c for c in candidates_of(study)}
     by_rung: dict[int, dict[str, RungResult]] = {}
     for r in results:

@@ -182,11 +182,11 @@ def _trials_to_add(study, trials) -> int:
     that spec no longer validates: a store written by an older loraplace)."""
     from pydantic import ValidationError
 
-    from loraplace.study.spec import StudySpec
+    from loraplace.study.spec import study_from_store
     from loraplace.study.time_left import trials_to_add
 
     try:
-        seeds = StudySpec.model_validate(study.spec).seeds
+        seeds = study_from_store(study.spec).seeds
     except ValidationError:
         return 0
     return trials_to_add(study.info, seeds, trials)

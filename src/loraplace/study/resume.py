@@ -18,7 +18,7 @@ from loraplace.search import SearchSpec
 from loraplace.store import Store, StoreError, StudyRecord, TrialRecord
 from loraplace.store.migrations import SEARCH_DEFAULTS_V4
 from loraplace.study.grid import expand_grid
-from loraplace.study.spec import StudySpec
+from loraplace.study.spec import StudySpec, spec_as_written
 from loraplace.trial_spec import PlannedTrial
 from loraplace.tuning import TUNED_AXIS, extended_lrs, selections_of
 
@@ -112,7 +112,7 @@ def check_unchanged(study: StudySpec, store_path: Path, planned: list[PlannedTri
     existing_ids, planned_ids = {t.id for t in existing}, {p.id for p in planned}
     if existing_ids == planned_ids:
         return  # the same trials: a resume (a change that touches no trial, e.g. the baseline, is kept)
-    old = _as_read_now({k: v for k, v in record.spec.items() if k != "versions"})
+    old = _as_read_now(spec_as_written(record.spec))
     differences = spec_differences(old, study.model_dump(mode="json"))
     if not differences and existing_ids <= planned_ids:
         return  # the same spec, its grid registered in part (another runner of it is starting right now)
@@ -198,7 +198,7 @@ def check_search_unchanged(study: StudySpec, store_path: Path) -> None:
         return
     record = stored[0]
     differences = [d for d in spec_differences(
-        _as_read_now({k: v for k, v in record.spec.items() if k != "versions"}), study.model_dump(mode="json"))
+        _as_read_now(spec_as_written(record.spec)), study.model_dump(mode="json"))
         if not d.startswith(NUMBER_FREE_SECTIONS)]
     if differences:
         shown = "\n".join(f"  {d}" for d in differences[:20])

@@ -365,6 +365,17 @@ OPTIONAL_SECTIONS = ("search", "tune", "tracking", "execution", "eval", "axes", 
 DEFAULT_SECTIONS = ("search", "execution", "eval", "resources")  # `{}` is a valid value: every field has a default
 
 
+def spec_as_written(stored: dict[str, Any]) -> dict[str, Any]:
+    """A study spec as its store holds it, less the library ``versions`` that v1 and v2 stores kept inside it (they
+    live in ``StudyInfo.versions`` since): the spec as the user wrote it."""
+    return {k: v for k, v in stored.items() if k != "versions"}
+
+
+def study_from_store(stored: dict[str, Any]) -> StudySpec:
+    """A store's study spec (``StudyRecord.spec``) validated as this loraplace reads it."""
+    return StudySpec.model_validate(spec_as_written(stored))
+
+
 def load_study(path: str | Path) -> StudySpec:
     data = load_yaml(path)
     if data is None:  # not "not a mapping": there is nothing in it
